@@ -1,0 +1,98 @@
+//! Devices: list, inspect, rename and delete (deletion needs user-interactive auth).
+
+use ruma::{
+    MilliSecondsSinceUnixEpoch, OwnedDeviceId, UInt,
+    api::client::device::{
+        Device, delete_device::v3 as delete_device, delete_devices::v3 as delete_devices,
+        get_device::v3 as get_device, get_devices::v3 as get_devices,
+        update_device::v3 as update_device,
+    },
+};
+
+use crate::{
+    api::{Ruma, State},
+    error::{Error, Result},
+    service::{
+        sessions::DeviceRecord,
+        uiaa::{self, PASSWORD},
+    },
+};
+
+/// Most devices deleted in one request.
+const MAX_DELETE: usize = 1000;
+
+fn to_device(device_id: OwnedDeviceId, record: DeviceRecord) -> Device {
+    let mut device = Device::new(device_id);
+    device.display_name = record.display_name;
+    device.last_seen_ip = record.last_seen_ip;
+    device.last_seen_ts = record.last_seen_ms.and_then(UInt::new).map(MilliSecondsSinceUnixEpoch);
+    device
+}
+
+/// `GET /_matrix/client/v3/devices`
+pub async fn list(
+    services: State,
+    req: Ruma<get_devices::Request>,
+) -> Result<get_devices::Response> {
+    let caller = req.caller()?.clone();
+    let devices = services.sessions.devices(&caller.user_id)?;
+    Ok(get_devices::Response::new(devices.into_iter().map(|(id, r)| to_device(id, r)).collect()))
+}
+
+/// `GET /_matrix/client/v3/devices/{deviceId}`
+pub async fn get(services: State, req: Ruma<get_device::Request>) -> Result<get_device::Response> {
+    let caller = req.caller()?.clone();
+    let record = services
+        .sessions
+        .device(&caller.user_id, &req.body.device_id)?
+        .ok_or_else(|| Error::not_found("No such device"))?;
+    Ok(get_device::Response::new(to_device(req.body.device_id, record)))
+}
+
+/// `PUT /_matrix/client/v3/devices/{deviceId}`
+pub async fn update(
+    services: State,
+    req: Ruma<update_device::Request>,
+) -> Result<update_device::Response> {
+    let caller = req.caller()?.clone();
+    services.sessions.rename(&caller.user_id, &req.body.device_id, req.body.display_name)?;
+    Ok(update_device::Response::new())
+}
+
+/// `DELETE /_matrix/client/v3/devices/{deviceId}`
+pub async fn delete(
+    services: State,
+    req: Ruma<delete_device::Request>,
+) -> Result<delete_device::Response> {
+    let caller = req.caller()?.clone();
+    if services.sessions.device(&caller.user_id, &req.body.device_id)?.is_none() {
+        return Err(Error::not_found("No such device"));
+    }
+    uiaa::authorize(&services, req.body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id))
+        .await?;
+    let mut batch = services.db.batch();
+    services.sessions.delete_devices(&mut batch, &caller.user_id, [&*req.body.device_id])?;
+    services.db.write(batch)?;
+    Ok(delete_device::Response::new())
+}
+
+/// `POST /_matrix/client/v3/delete_devices`
+pub async fn delete_many(
+    services: State,
+    req: Ruma<delete_devices::Request>,
+) -> Result<delete_devices::Response> {
+    let caller = req.caller()?.clone();
+    if req.body.devices.len() > MAX_DELETE {
+        return Err(Error::invalid_param(format!("At most {MAX_DELETE} devices per request")));
+    }
+    uiaa::authorize(&services, req.body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id))
+        .await?;
+    let mut batch = services.db.batch();
+    services.sessions.delete_devices(
+        &mut batch,
+        &caller.user_id,
+        req.body.devices.iter().map(|d| &**d),
+    )?;
+    services.db.write(batch)?;
+    Ok(delete_devices::Response::new())
+}

@@ -1,0 +1,10 @@
+//! Client-server API handlers, one file per area of the spec.
+
+pub mod account;
+pub mod account_data;
+pub mod devices;
+pub mod discovery;
+pub mod profile;
+pub mod register;
+pub mod session;
+pub mod voip;

@@ -1,0 +1,131 @@
+//! Account registration: `register`, `register/available` and registration-token validity.
+
+use ruma::api::client::account::{
+    check_registration_token_validity::v1 as token_validity,
+    get_username_availability::v3 as availability,
+    register::{RegistrationKind, v3 as register},
+};
+
+use crate::{
+    api::{Ruma, State},
+    config::RegistrationMode,
+    error::{Error, ErrorKind, Result},
+    service::{
+        random_string,
+        uiaa::{self, DUMMY, REGISTRATION_TOKEN, Stage},
+        users::{self, Users},
+    },
+};
+
+/// The UIA flows registration currently offers, or `M_FORBIDDEN` when it is closed.
+fn flows(services: &State) -> Result<&'static [&'static [Stage]]> {
+    match services.config.registration.mode {
+        RegistrationMode::Open => Ok(&[&[DUMMY]]),
+        RegistrationMode::Token => Ok(&[&[REGISTRATION_TOKEN]]),
+        RegistrationMode::Disabled if services.registration.first_admin_token()?.is_some() => {
+            Ok(&[&[REGISTRATION_TOKEN]])
+        }
+        RegistrationMode::Disabled => {
+            Err(Error::forbidden("Registration is disabled on this server"))
+        }
+    }
+}
+
+/// `POST /_matrix/client/v3/register`
+pub async fn register(services: State, req: Ruma<register::Request>) -> Result<register::Response> {
+    let body = req.body;
+    let guest = body.kind == RegistrationKind::Guest;
+    if guest && !services.config.registration.allow_guests {
+        return Err(Error::new(ErrorKind::GuestAccessForbidden, "Guest access is disabled"));
+    }
+    let flows = if guest { None } else { Some(flows(&services)?) };
+
+    let localpart = match (&body.username, guest) {
+        (Some(name), false) => name.to_lowercase(),
+        _ => random_string(12).to_lowercase(),
+    };
+    let user_id = Users::new_user_id(&localpart, services.server_name())?;
+    if services.users.get(&user_id)?.is_some() {
+        return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
+    }
+    let password = match (body.password, guest) {
+        (Some(password), false) => {
+            users::check_password_strength(
+                &password,
+                services.config.registration.min_password_length,
+            )?;
+            Some(password)
+        }
+        (None, false) => return Err(Error::new(ErrorKind::MissingParam, "A password is required")),
+        (_, true) => None,
+    };
+
+    let authorized = match flows {
+        Some(flows) => uiaa::authorize(&services, body.auth.as_ref(), flows, None).await?,
+        None => uiaa::Authorized::default(),
+    };
+    let password_hash = match password {
+        Some(password) => Some(users::hash_password(password).await?),
+        None => None,
+    };
+
+    let _guard = services.registration.lock.lock().await;
+    if services.users.get(&user_id)?.is_some() {
+        return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
+    }
+    let mut batch = services.db.batch();
+    let mut admin = false;
+    if let Some(token) = &authorized.registration_token {
+        admin = services.registration.consume(&mut batch, &services.config, token)?.ok_or_else(
+            || Error::new(ErrorKind::Unauthorized, "Registration token is no longer valid"),
+        )?;
+    }
+    services.registration.retire_first_admin_token(&mut batch);
+    services.users.create(&mut batch, &user_id, password_hash, admin, guest, None);
+    let issued = if body.inhibit_login {
+        None
+    } else {
+        Some(services.sessions.issue(
+            &mut batch,
+            &user_id,
+            body.device_id.as_deref(),
+            body.initial_device_display_name,
+            body.refresh_token,
+        )?)
+    };
+    services.db.write(batch)?;
+    tracing::info!(%user_id, admin, guest, "registered account");
+
+    let mut response = register::Response::new(user_id);
+    if let Some(issued) = issued {
+        response.access_token = Some(issued.access_token);
+        response.device_id = Some(issued.device_id);
+        response.refresh_token = issued.refresh_token;
+        response.expires_in = issued.expires_in;
+    }
+    Ok(response)
+}
+
+/// `GET /_matrix/client/v3/register/available`
+pub async fn username_available(
+    services: State,
+    req: Ruma<availability::Request>,
+) -> Result<availability::Response> {
+    let user_id = Users::new_user_id(&req.body.username.to_lowercase(), services.server_name())?;
+    if services.users.get(&user_id)?.is_some() {
+        return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
+    }
+    Ok(availability::Response::new(true))
+}
+
+/// `GET /_matrix/client/v1/register/m.login.registration_token/validity`
+pub async fn token_validity(
+    services: State,
+    req: Ruma<token_validity::Request>,
+) -> Result<token_validity::Response> {
+    if flows(&services).ok() != Some(&[&[REGISTRATION_TOKEN][..]][..]) {
+        return Err(Error::forbidden("Registration tokens are not in use on this server"));
+    }
+    let valid = services.registration.token_is_valid(&services.config, &req.body.token)?;
+    Ok(token_validity::Response::new(valid))
+}

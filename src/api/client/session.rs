@@ -1,0 +1,101 @@
+//! Logging in and out, and refreshing tokens.
+
+use ruma::api::client::{
+    session::{
+        get_login_types::v3::{self as login_types, LoginType, PasswordLoginType},
+        login::v3::{self as login, LoginInfo},
+        logout::v3 as logout,
+        logout_all::v3 as logout_all,
+        refresh_token::v3 as refresh,
+    },
+    uiaa::UserIdentifier,
+};
+
+use crate::{
+    api::{Ruma, State},
+    error::{Error, ErrorKind, Result},
+    service::users::{self, Users},
+};
+
+/// `GET /_matrix/client/v3/login`
+pub async fn login_types(_: State, _: Ruma<login_types::Request>) -> Result<login_types::Response> {
+    Ok(login_types::Response::new(vec![LoginType::Password(PasswordLoginType::default())]))
+}
+
+/// `POST /_matrix/client/v3/login`
+pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::Response> {
+    let body = req.body;
+    let LoginInfo::Password(info) = body.login_info else {
+        return Err(Error::new(ErrorKind::Unknown, "Unsupported login type"));
+    };
+    #[allow(deprecated)]
+    let name = match (&info.identifier, &info.user) {
+        (Some(UserIdentifier::Matrix(id)), _) => id.user.as_str(),
+        (None, Some(user)) => user.as_str(),
+        (Some(_), _) => {
+            return Err(Error::new(ErrorKind::Unknown, "Only user id identifiers are supported"));
+        }
+        (None, None) => return Err(Error::new(ErrorKind::MissingParam, "Missing identifier")),
+    };
+    let forbidden = || Error::forbidden("Invalid username or password");
+    let user_id = Users::parse_local_user(name, services.server_name()).map_err(|_| forbidden())?;
+    let record = services.users.get(&user_id)?;
+    let hash = record.as_ref().and_then(|r| r.password_hash.clone());
+    // Verify even for unknown users so timing does not reveal which accounts exist.
+    let verified = users::verify_password(info.password, hash).await;
+    let record = record.filter(|_| verified).ok_or_else(|| {
+        tracing::info!(%user_id, ip = ?req.ip, "failed login");
+        forbidden()
+    })?;
+    if record.deactivated {
+        return Err(Error::new(ErrorKind::UserDeactivated, "This account has been deactivated"));
+    }
+    if record.locked {
+        return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
+    }
+    let mut batch = services.db.batch();
+    let issued = services.sessions.issue(
+        &mut batch,
+        &user_id,
+        body.device_id.as_deref(),
+        body.initial_device_display_name,
+        body.refresh_token,
+    )?;
+    services.db.write(batch)?;
+    tracing::info!(%user_id, device_id = %issued.device_id, ip = ?req.ip, "logged in");
+
+    let mut response = login::Response::new(user_id, issued.access_token, issued.device_id);
+    response.refresh_token = issued.refresh_token;
+    response.expires_in = issued.expires_in;
+    Ok(response)
+}
+
+/// `POST /_matrix/client/v3/logout`: ends this session and deletes its device.
+pub async fn logout(services: State, req: Ruma<logout::Request>) -> Result<logout::Response> {
+    let caller = req.caller()?;
+    let mut batch = services.db.batch();
+    services.sessions.delete_devices(&mut batch, &caller.user_id, [&*caller.device_id])?;
+    services.db.write(batch)?;
+    Ok(logout::Response::new())
+}
+
+/// `POST /_matrix/client/v3/logout/all`: ends every session of the account.
+pub async fn logout_all(
+    services: State,
+    req: Ruma<logout_all::Request>,
+) -> Result<logout_all::Response> {
+    let caller = req.caller()?;
+    let mut batch = services.db.batch();
+    services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
+    services.db.write(batch)?;
+    Ok(logout_all::Response::new())
+}
+
+/// `POST /_matrix/client/v3/refresh`
+pub async fn refresh(services: State, req: Ruma<refresh::Request>) -> Result<refresh::Response> {
+    let issued = services.sessions.refresh(&req.body.refresh_token)?;
+    let mut response = refresh::Response::new(issued.access_token);
+    response.refresh_token = issued.refresh_token;
+    response.expires_in_ms = issued.expires_in;
+    Ok(response)
+}

@@ -1,0 +1,258 @@
+//! The HTTP edge: turns requests into ruma request types with an authenticated caller, hands
+//! them to services, and turns results back into responses. No Matrix logic lives here.
+
+pub mod admin;
+pub mod client;
+pub mod router;
+pub mod well_known;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request},
+    response::{IntoResponse, Response},
+};
+use bytes::{Bytes, BytesMut};
+use http::{Method, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use ruma::{
+    OwnedDeviceId, OwnedUserId,
+    api::{
+        IncomingRequest, OutgoingResponse,
+        auth_scheme::{
+            AccessToken, AccessTokenOptional, AppserviceTokenOptional, NoAccessToken,
+            NoAuthentication,
+        },
+        error::{DeserializationError, FromHttpRequestError},
+    },
+};
+
+use crate::{
+    error::{Error, ErrorKind, Result},
+    service::Services,
+};
+
+/// The state every handler receives.
+pub type State = Arc<Services>;
+
+/// How an endpoint authenticates its caller, derived from ruma's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// No authentication.
+    None,
+    /// An access token is required.
+    Required,
+    /// An access token is used when present.
+    Optional,
+}
+
+/// Maps a ruma authentication scheme to what the extractor must do.
+pub trait AuthKind {
+    /// The mode for endpoints declaring this scheme.
+    const MODE: AuthMode;
+}
+
+impl AuthKind for NoAuthentication {
+    const MODE: AuthMode = AuthMode::None;
+}
+impl AuthKind for NoAccessToken {
+    const MODE: AuthMode = AuthMode::None;
+}
+impl AuthKind for AccessToken {
+    const MODE: AuthMode = AuthMode::Required;
+}
+impl AuthKind for AccessTokenOptional {
+    const MODE: AuthMode = AuthMode::Optional;
+}
+// Application services are not supported yet: their optional token is ignored.
+impl AuthKind for AppserviceTokenOptional {
+    const MODE: AuthMode = AuthMode::None;
+}
+
+/// The authenticated account and device making a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The account.
+    pub user_id: OwnedUserId,
+    /// The device whose token was presented.
+    pub device_id: OwnedDeviceId,
+    /// Whether the account is a server admin.
+    pub admin: bool,
+}
+
+impl Caller {
+    /// `M_FORBIDDEN` unless the caller is `user_id`: for endpoints that act on one's own data.
+    pub fn must_be(&self, user_id: &ruma::UserId) -> Result<()> {
+        if self.user_id != user_id {
+            return Err(Error::forbidden("Cannot act on another user's data"));
+        }
+        Ok(())
+    }
+}
+
+/// A parsed ruma request with who sent it and from where.
+pub struct Ruma<T> {
+    /// The request itself.
+    pub body: T,
+    /// The caller, when a valid access token was presented.
+    pub caller: Option<Caller>,
+    /// The client's address.
+    pub ip: Option<SocketAddr>,
+    /// The client's user agent.
+    pub user_agent: Option<String>,
+}
+
+impl<T> Ruma<T> {
+    /// The caller of an endpoint that requires authentication.
+    pub fn caller(&self) -> Result<&Caller> {
+        self.caller
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))
+    }
+}
+
+/// The access token of a request: `Authorization: Bearer` first, then `?access_token=`.
+pub fn access_token(parts: &http::request::Parts) -> Result<Option<String>> {
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let token =
+            value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
+                Error::new(ErrorKind::MissingToken, "Malformed Authorization header")
+            })?;
+        return Ok(Some(token.trim().to_owned()));
+    }
+    let query = parts.uri.query().unwrap_or_default();
+    Ok(form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "access_token")
+        .map(|(_, value)| value.into_owned()))
+}
+
+/// Authenticates `token`, refusing locked and deactivated accounts.
+pub fn authenticate(
+    services: &Services,
+    token: &str,
+    ip: Option<SocketAddr>,
+    user_agent: Option<&str>,
+) -> Result<Caller> {
+    let record = services.sessions.authenticate(token)?;
+    let user = services.users.get(&record.user_id)?.ok_or_else(|| {
+        Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown access token")
+    })?;
+    if user.deactivated {
+        return Err(Error::new(
+            ErrorKind::UnknownToken { soft_logout: false },
+            "Account deactivated",
+        ));
+    }
+    if user.locked {
+        return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
+    }
+    services.sessions.touch(&record, ip.map(|a| a.ip().to_string()), user_agent.map(str::to_owned));
+    Ok(Caller { user_id: record.user_id, device_id: record.device_id, admin: user.admin })
+}
+
+/// Reads a request body up to the configured limit, answering `M_TOO_LARGE` past it.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<LengthLimitError>() => {
+            Err(Error::new(ErrorKind::TooLarge, "Request body is too large"))
+        }
+        Err(err) => {
+            Err(Error::new(ErrorKind::Unknown, format!("Could not read request body: {err}")))
+        }
+    }
+}
+
+/// Parses a JSON body for endpoints ruma does not describe: `M_NOT_JSON` if it is not JSON at
+/// all, `M_BAD_JSON` if it does not have the expected shape.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|_| Error::new(ErrorKind::NotJson, "Request body is not valid JSON"))?;
+    serde_json::from_value(value).map_err(|e| Error::bad_json(format!("Invalid request body: {e}")))
+}
+
+fn map_parse_error(err: FromHttpRequestError) -> Error {
+    match err {
+        FromHttpRequestError::Deserialization(DeserializationError::Json(e)) => {
+            Error::bad_json(format!("Invalid request body: {e}"))
+        }
+        FromHttpRequestError::Deserialization(DeserializationError::Ident(e)) => {
+            Error::invalid_param(format!("Invalid identifier: {e}"))
+        }
+        FromHttpRequestError::Deserialization(e) => {
+            Error::invalid_param(format!("Invalid request: {e}"))
+        }
+        FromHttpRequestError::MethodMismatch { .. } => Error::new(
+            ErrorKind::Unrecognized(StatusCode::METHOD_NOT_ALLOWED),
+            "Method not allowed",
+        ),
+        _ => Error::invalid_param("Invalid request"),
+    }
+}
+
+impl<T> FromRequest<State> for Ruma<T>
+where
+    T: IncomingRequest + Send,
+    T::Authentication: AuthKind,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, services: &State) -> Result<Self> {
+        let (mut parts, body) = req.into_parts();
+        let path_args: Vec<String> = RawPathParams::from_request_parts(&mut parts, services)
+            .await
+            .map_err(|_| Error::invalid_param("Invalid path parameter encoding"))?
+            .iter()
+            .map(|(_, value)| value.to_owned())
+            .collect();
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.chars().take(512).collect::<String>());
+
+        let caller = match (<T::Authentication as AuthKind>::MODE, access_token(&parts)?) {
+            (AuthMode::None, _) | (AuthMode::Optional, None) => None,
+            (AuthMode::Required, None) => {
+                return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
+            }
+            (_, Some(token)) => Some(authenticate(services, &token, ip, user_agent.as_deref())?),
+        };
+
+        if T::RATE_LIMITED {
+            let key = match &caller {
+                Some(caller) => caller.user_id.to_string(),
+                None => ip.map(|a| a.ip().to_string()).unwrap_or_default(),
+            };
+            services.rate_limiter.check(&key)?;
+        }
+
+        let mut bytes = read_body(body, services.config.limits.max_request_bytes).await?;
+        if parts.method != Method::GET && parts.method != Method::HEAD {
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                bytes = Bytes::from_static(b"{}");
+            } else if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+                return Err(Error::new(ErrorKind::NotJson, "Request body is not valid JSON"));
+            }
+        }
+        let request = http::Request::from_parts(parts, bytes);
+        let body = T::try_from_http_request(request, &path_args).map_err(map_parse_error)?;
+        Ok(Self { body, caller, ip, user_agent })
+    }
+}
+
+/// A ruma response on its way out.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<BytesMut>() {
+            Ok(response) => response.map(|body| Body::from(body.freeze())),
+            Err(err) => {
+                Error::internal(format!("could not serialize response: {err}")).into_response()
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The whole HTTP surface as one table, plus the layers every request passes through (CORS,
+//! tracing, timeouts, Matrix-shaped errors for anything the framework answers itself).
+
+use std::{future::Future, time::Duration};
+
+use axum::{
+    Router,
+    extract::Request,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{MethodFilter, get, on},
+};
+use http::{HeaderValue, Method, StatusCode, header};
+use ruma::api::{IncomingRequest, OutgoingResponse, path_builder::PathBuilder};
+use tower::ServiceBuilder;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{Any, CorsLayer},
+    timeout::TimeoutLayer,
+    trace::TraceLayer,
+};
+
+use super::{AuthKind, Ruma, RumaResponse, State, admin, client, well_known};
+use crate::error::{Error, ErrorKind, Result};
+
+/// A handler for the ruma request `T`: registered at every path ruma knows for it.
+pub trait RumaHandler<T> {
+    /// Adds the handler's routes to `router`.
+    fn add_to(self, router: Router<State>) -> Router<State>;
+}
+
+impl<T, F, Fut, R> RumaHandler<T> for F
+where
+    T: IncomingRequest + Send + 'static,
+    T::Authentication: AuthKind,
+    F: Fn(State, Ruma<T>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<R>> + Send + 'static,
+    R: OutgoingResponse + 'static,
+{
+    fn add_to(self, mut router: Router<State>) -> Router<State> {
+        let filter =
+            MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
+        for path in T::PATH_BUILDER.all_paths() {
+            let handler = self.clone();
+            router = router.route(
+                path,
+                on(
+                    filter,
+                    move |axum::extract::State(state): axum::extract::State<State>,
+                          req: Ruma<T>| async move {
+                        handler(state, req).await.map(RumaResponse)
+                    },
+                ),
+            );
+        }
+        router
+    }
+}
+
+trait RouterExt {
+    fn ruma<T>(self, handler: impl RumaHandler<T>) -> Self;
+}
+
+impl RouterExt for Router<State> {
+    fn ruma<T>(self, handler: impl RumaHandler<T>) -> Self {
+        handler.add_to(self)
+    }
+}
+
+/// Builds the application with every route and layer.
+pub fn build(state: State) -> Router {
+    use client::{account, account_data, devices, discovery, profile, register, session, voip};
+    use ruma::api::client::account::{
+        add_3pid, bind_3pid, request_3pid_management_token_via_email,
+        request_3pid_management_token_via_msisdn, request_password_change_token_via_email,
+        request_password_change_token_via_msisdn, request_registration_token_via_email,
+        request_registration_token_via_msisdn,
+    };
+
+    let request_timeout = Duration::from_secs(state.config.limits.request_timeout_secs);
+    let router = Router::new()
+        // Discovery
+        .ruma(discovery::versions)
+        .ruma(discovery::capabilities)
+        .route("/.well-known/matrix/client", get(well_known::client))
+        .route("/.well-known/matrix/server", get(well_known::server))
+        // Registration and sessions
+        .ruma(register::register)
+        .ruma(register::username_available)
+        .ruma(register::token_validity)
+        .ruma(session::login_types)
+        .ruma(session::login)
+        .ruma(session::logout)
+        .ruma(session::logout_all)
+        .ruma(session::refresh)
+        // Account
+        .ruma(account::whoami)
+        .ruma(account::change_password)
+        .ruma(account::deactivate)
+        .ruma(account::get_3pids)
+        .ruma(account::delete_3pid)
+        .ruma(account::unbind_3pid)
+        .ruma(account::threepid_denied::<add_3pid::v3::Request>)
+        .ruma(account::threepid_denied::<bind_3pid::v3::Request>)
+        .ruma(account::threepid_denied::<request_3pid_management_token_via_email::v3::Request>)
+        .ruma(account::threepid_denied::<request_3pid_management_token_via_msisdn::v3::Request>)
+        .ruma(account::threepid_denied::<request_password_change_token_via_email::v3::Request>)
+        .ruma(account::threepid_denied::<request_password_change_token_via_msisdn::v3::Request>)
+        .ruma(account::threepid_denied::<request_registration_token_via_email::v3::Request>)
+        .ruma(account::threepid_denied::<request_registration_token_via_msisdn::v3::Request>)
+        // Devices
+        .ruma(devices::list)
+        .ruma(devices::get)
+        .ruma(devices::update)
+        .ruma(devices::delete)
+        .ruma(devices::delete_many)
+        // Profile and account data
+        .ruma(profile::get_profile)
+        .ruma(profile::get_field)
+        .ruma(profile::set_field)
+        .ruma(profile::delete_field)
+        .ruma(account_data::get_global)
+        .ruma(account_data::set_global)
+        .ruma(account_data::get_room)
+        .ruma(account_data::set_room)
+        .ruma(voip::turn_server)
+        // Synapse-compatible admin
+        .route(
+            "/_synapse/admin/v1/register",
+            get(admin::register::nonce).post(admin::register::register),
+        )
+        .route("/_synapse/admin/v1/server_version", get(admin::server_version))
+        .route("/_plaza/health", get(|| async { "OK" }))
+        .route("/health", get(|| async { "OK" }))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+
+    router.with_state(state).layer(
+        ServiceBuilder::new()
+            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+            }))
+            .layer(middleware::from_fn(matrix_errors))
+            .layer(cors())
+            .layer(CatchPanicLayer::new())
+            .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, request_timeout)),
+    )
+}
+
+/// CORS as the client-server spec asks, so browser clients (Element Web) can talk to us.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::HeaderName::from_static("x-requested-with"),
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+        ])
+        .max_age(Duration::from_secs(86_400))
+}
+
+async fn not_found() -> Error {
+    Error::new(ErrorKind::Unrecognized(StatusCode::NOT_FOUND), "Unrecognized request")
+}
+
+async fn method_not_allowed() -> Error {
+    Error::new(ErrorKind::Unrecognized(StatusCode::METHOD_NOT_ALLOWED), "Method not allowed")
+}
+
+/// Replaces any error answer that is not already a Matrix error (framework rejections,
+/// timeouts) with one, so clients always get `errcode` + `error`.
+async fn matrix_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    let kind = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::TooLarge,
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => ErrorKind::Unrecognized(status),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::UNPROCESSABLE_ENTITY => ErrorKind::NotJson,
+        _ => ErrorKind::Unknown,
+    };
+    let reason = status.canonical_reason().unwrap_or("Request failed");
+    let mut matrix = Error::new(kind, reason).into_response();
+    *matrix.status_mut() = status;
+    matrix.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    matrix
+}

@@ -1,0 +1,24 @@
+//! `/.well-known/matrix/{client,server}`: where clients and other servers find this one.
+
+use axum::{Json, extract::State as AxumState};
+use serde_json::{Value as JsonValue, json};
+
+use super::State;
+use crate::error::{Error, Result};
+
+/// `GET /.well-known/matrix/client`: answered only when `public_baseurl` is configured, since
+/// a guessed address (a bind address like `0.0.0.0`) would send clients astray.
+pub async fn client(AxumState(services): AxumState<State>) -> Result<Json<JsonValue>> {
+    match services.config.client_base_url() {
+        Some(base_url) => Ok(Json(json!({ "m.homeserver": { "base_url": base_url } }))),
+        None => Err(Error::not_found("No public_baseurl is configured")),
+    }
+}
+
+/// `GET /.well-known/matrix/server`: answered only when a federation endpoint is configured.
+pub async fn server(AxumState(services): AxumState<State>) -> Result<Json<JsonValue>> {
+    match &services.config.federation_endpoint {
+        Some(endpoint) => Ok(Json(json!({ "m.server": endpoint }))),
+        None => Err(Error::not_found("No server delegation is configured")),
+    }
+}

@@ -1,0 +1,394 @@
+//! Server configuration: built-in defaults, then a TOML file, then `PLAZA_*` environment
+//! variables (nested keys joined with `__`). Unknown keys and bad values stop start-up with a
+//! message naming the key, so a typo never silently falls back to a default.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use ipnet::IpNet;
+use ruma::{OwnedServerName, RoomVersionId};
+use serde::{Deserialize, Serialize};
+
+/// The environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "PLAZA_CONFIG";
+
+/// The whole configuration, as read at start-up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The server name in user ids (`@alice:server_name`); cannot change once data exists.
+    pub server_name: OwnedServerName,
+    /// Addresses the HTTP listener binds to.
+    pub listen: Vec<SocketAddr>,
+    /// The URL clients reach this server at; drives `/.well-known/matrix/client`.
+    pub public_baseurl: Option<String>,
+    /// The federation endpoint (`host:port`) advertised by `/.well-known/matrix/server`.
+    pub federation_endpoint: Option<String>,
+    /// Storage settings.
+    pub database: DatabaseConfig,
+    /// Who may create accounts, and how.
+    pub registration: RegistrationConfig,
+    /// The address policy for every outgoing request.
+    pub outbound: OutboundConfig,
+    /// Request size, time and rate limits.
+    pub limits: LimitsConfig,
+    /// Log filter.
+    pub log: LogConfig,
+    /// TURN servers handed to clients for calls.
+    pub turn: TurnConfig,
+    /// Room defaults.
+    pub rooms: RoomsConfig,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Directory of the RocksDB database.
+    pub path: PathBuf,
+    /// Size of the block cache shared by all column families, in MiB.
+    pub cache_mb: usize,
+}
+
+/// How accounts come to exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistrationMode {
+    /// Only admins (CLI, admin API, shared secret) create accounts.
+    Disabled,
+    /// Anyone holding a registration token may register.
+    Token,
+    /// Anyone may register.
+    Open,
+}
+
+/// Registration settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// Who may register through the client API.
+    pub mode: RegistrationMode,
+    /// Registration tokens accepted in `token` mode (besides those created by admins).
+    pub tokens: Vec<String>,
+    /// Enables `/_synapse/admin/v1/register` (nonce + HMAC) when set.
+    pub shared_secret: Option<String>,
+    /// Whether guests may register.
+    pub allow_guests: bool,
+    /// Minimum password length for new passwords.
+    pub min_password_length: usize,
+    /// Lifetime of access tokens issued with a refresh token, in seconds.
+    pub access_token_ttl_secs: u64,
+}
+
+/// The single policy that every outgoing request (federation, previews, push) obeys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Whether loopback, private, link-local and other non-public addresses may be reached.
+    pub allow_private_addresses: bool,
+    /// Ranges never reached, whatever else says.
+    pub deny: Vec<IpNet>,
+    /// Ranges reached even when non-public (takes precedence over the private-range rule).
+    pub allow: Vec<IpNet>,
+    /// Connect timeout in seconds.
+    pub connect_timeout_secs: u64,
+    /// Whole-request timeout in seconds.
+    pub request_timeout_secs: u64,
+    /// Maximum redirects followed.
+    pub max_redirects: usize,
+}
+
+/// Bounds on what clients may ask of the server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted request body for JSON endpoints, in bytes.
+    pub max_request_bytes: usize,
+    /// Time after which a request is abandoned, in seconds.
+    pub request_timeout_secs: u64,
+    /// Sustained requests per second on rate-limited endpoints (login, register, ...), counted
+    /// per user when signed in and per client address otherwise.
+    pub rate_per_second: u32,
+    /// Burst allowed above the sustained rate.
+    pub rate_burst: u32,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing env-filter expression, e.g. `info,plaza=debug`.
+    pub filter: String,
+}
+
+/// TURN credentials for `/voip/turnServer`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// TURN URIs handed to clients; empty disables the endpoint's answer.
+    pub uris: Vec<String>,
+    /// The secret shared with the TURN server (coturn `static-auth-secret`).
+    pub shared_secret: Option<String>,
+    /// Lifetime of issued credentials, in seconds.
+    pub ttl_secs: u64,
+}
+
+/// Room defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Room version of new rooms (`"12"`; a bare number is accepted too).
+    #[serde(deserialize_with = "room_version_from_string_or_number")]
+    pub default_version: RoomVersionId,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".try_into().expect("valid default server name"),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8008))],
+            public_baseurl: None,
+            federation_endpoint: None,
+            database: DatabaseConfig::default(),
+            registration: RegistrationConfig::default(),
+            outbound: OutboundConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+            turn: TurnConfig::default(),
+            rooms: RoomsConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { path: PathBuf::from("./data"), cache_mb: 256 }
+    }
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            mode: RegistrationMode::Disabled,
+            tokens: Vec::new(),
+            shared_secret: None,
+            allow_guests: false,
+            min_password_length: 8,
+            access_token_ttl_secs: 3600,
+        }
+    }
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            allow_private_addresses: false,
+            deny: Vec::new(),
+            allow: Vec::new(),
+            connect_timeout_secs: 10,
+            request_timeout_secs: 30,
+            max_redirects: 5,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 1024 * 1024,
+            request_timeout_secs: 120,
+            rate_per_second: 10,
+            rate_burst: 50,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info".to_owned() }
+    }
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self { uris: Vec::new(), shared_secret: None, ttl_secs: 86_400 }
+    }
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { default_version: RoomVersionId::V12 }
+    }
+}
+
+/// Environment variables like `PLAZA_ROOMS__DEFAULT_VERSION=12` arrive as numbers.
+fn room_version_from_string_or_number<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<RoomVersionId, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Version {
+        Text(String),
+        Number(u64),
+    }
+    let text = match Version::deserialize(deserializer)? {
+        Version::Text(text) => text,
+        Version::Number(number) => number.to_string(),
+    };
+    RoomVersionId::try_from(text).map_err(serde::de::Error::custom)
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A provider or key failed to parse; figment's message names the key and its source.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// A value parsed but makes no sense.
+    #[error("invalid configuration: `{key}`: {reason}")]
+    Value {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// The layered configuration sources: defaults, then `file` (if any), then `PLAZA_*`.
+    pub fn figment(file: Option<&std::path::Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Env::prefixed("PLAZA_").split("__").ignore(&["config"]))
+    }
+
+    /// Loads and checks the configuration from its layered sources.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let config: Config = Self::figment(file).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad_url = |url: &Option<String>| {
+            url.as_ref().is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")))
+        };
+        let checks: [(bool, &'static str, &str); 9] = [
+            (self.listen.is_empty(), "listen", "at least one address is needed"),
+            (bad_url(&self.public_baseurl), "public_baseurl", "must be an http(s) URL"),
+            (
+                self.registration.tokens.iter().any(|t| t.is_empty() || t.len() > 64),
+                "registration.tokens",
+                "tokens must be 1 to 64 characters",
+            ),
+            (
+                self.registration.shared_secret.as_deref() == Some(""),
+                "registration.shared_secret",
+                "must not be empty (leave it out to disable)",
+            ),
+            (
+                self.turn.shared_secret.as_deref() == Some(""),
+                "turn.shared_secret",
+                "must not be empty (leave it out to disable)",
+            ),
+            (self.limits.rate_per_second == 0, "limits.rate_per_second", "must be positive"),
+            (self.limits.rate_burst == 0, "limits.rate_burst", "must be positive"),
+            (
+                self.limits.max_request_bytes < 1024,
+                "limits.max_request_bytes",
+                "must be at least 1024",
+            ),
+            (
+                self.rooms.default_version.rules().is_none(),
+                "rooms.default_version",
+                "not a stable room version",
+            ),
+        ];
+        if let Some((_, key, reason)) = checks.into_iter().find(|(failed, ..)| *failed) {
+            return Err(ConfigError::Value { key, reason: reason.to_owned() });
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| ConfigError::Value { key: "log.filter", reason: e.to_string() })?;
+        Ok(())
+    }
+
+    /// The base URL clients should use, when one is configured.
+    pub fn client_base_url(&self) -> Option<&str> {
+        self.public_baseurl.as_deref().map(|url| url.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's test jail returns its own error type
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "plaza.toml",
+                r#"
+                server_name = "file.example"
+                [database]
+                path = "/from/file"
+                cache_mb = 64
+                "#,
+            )?;
+            jail.set_env("PLAZA_DATABASE__PATH", "/from/env");
+            jail.set_env("PLAZA_LISTEN", r#"["0.0.0.0:8008", "[::1]:8009"]"#);
+            let config = Config::load(Some("plaza.toml".as_ref())).map_err(|e| e.to_string())?;
+            assert_eq!(config.server_name.as_str(), "file.example");
+            assert_eq!(config.database.path, PathBuf::from("/from/env"));
+            assert_eq!(config.database.cache_mb, 64);
+            assert_eq!(config.listen.len(), 2);
+            assert_eq!(config.listen[0].to_string(), "0.0.0.0:8008");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn shipped_example_config_loads_and_matches_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/plaza.toml");
+        let config = Config::load(Some(&path)).unwrap();
+        let defaults = Config::default();
+        assert_eq!(config.listen, defaults.listen);
+        assert_eq!(config.database.path, defaults.database.path);
+        assert_eq!(config.registration.mode, RegistrationMode::Disabled);
+    }
+
+    #[test]
+    fn numeric_room_version_from_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PLAZA_ROOMS__DEFAULT_VERSION", "11");
+            assert_eq!(Config::load(None).unwrap().rooms.default_version, RoomVersionId::V11);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("plaza.toml", "[database]\npaht = \"x\"\n")?;
+            let err = Config::load(Some("plaza.toml".as_ref())).unwrap_err().to_string();
+            assert!(err.contains("paht"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_value_is_rejected_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PLAZA_REGISTRATION__MODE", "sometimes");
+            let err = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(err.contains("mode"), "{err}");
+            Ok(())
+        });
+    }
+}

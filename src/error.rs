@@ -1,0 +1,225 @@
+//! The one error type of the server. Services return it; the HTTP edge turns it into a Matrix
+//! error body (`errcode` + `error`) with the status the spec gives that code.
+
+use std::borrow::Cow;
+
+use axum::{
+    Json,
+    response::{IntoResponse, Response},
+};
+use http::StatusCode;
+use serde_json::{Value as JsonValue, json};
+
+/// Shorthand for results carrying [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A Matrix error code, with the extra fields some codes carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// `M_FORBIDDEN` (403).
+    Forbidden,
+    /// `M_UNKNOWN_TOKEN` (401); `soft_logout` tells the client it may log in again keeping state.
+    UnknownToken {
+        /// Whether the token expired rather than being revoked.
+        soft_logout: bool,
+    },
+    /// `M_MISSING_TOKEN` (401).
+    MissingToken,
+    /// `M_BAD_JSON` (400).
+    BadJson,
+    /// `M_NOT_JSON` (400).
+    NotJson,
+    /// `M_NOT_FOUND` (404).
+    NotFound,
+    /// `M_LIMIT_EXCEEDED` (429).
+    LimitExceeded {
+        /// How long the client should wait.
+        retry_after_ms: u64,
+    },
+    /// `M_UNRECOGNIZED` with the given status (404 unknown endpoint, 405 wrong method).
+    Unrecognized(StatusCode),
+    /// `M_UNKNOWN` (400) for bad requests without a better code.
+    Unknown,
+    /// `M_TOO_LARGE` (413).
+    TooLarge,
+    /// `M_USER_IN_USE` (400).
+    UserInUse,
+    /// `M_INVALID_USERNAME` (400).
+    InvalidUsername,
+    /// `M_WEAK_PASSWORD` (400).
+    WeakPassword,
+    /// `M_INVALID_PARAM` (400).
+    InvalidParam,
+    /// `M_MISSING_PARAM` (400).
+    MissingParam,
+    /// `M_USER_DEACTIVATED` (403).
+    UserDeactivated,
+    /// `M_USER_LOCKED` (401).
+    UserLocked,
+    /// `M_GUEST_ACCESS_FORBIDDEN` (403).
+    GuestAccessForbidden,
+    /// `M_THREEPID_DENIED` (403) for third-party identifiers this server does not handle.
+    ThreepidDenied,
+    /// `M_UNAUTHORIZED` (401).
+    Unauthorized,
+    /// `M_UNSUPPORTED_ROOM_VERSION` (400).
+    UnsupportedRoomVersion,
+    /// `M_RESOURCE_LIMIT_EXCEEDED` (403).
+    ResourceLimitExceeded,
+    /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The `errcode` string.
+    pub fn errcode(&self) -> &'static str {
+        match self {
+            Self::Forbidden => "M_FORBIDDEN",
+            Self::UnknownToken { .. } => "M_UNKNOWN_TOKEN",
+            Self::MissingToken => "M_MISSING_TOKEN",
+            Self::BadJson => "M_BAD_JSON",
+            Self::NotJson => "M_NOT_JSON",
+            Self::NotFound => "M_NOT_FOUND",
+            Self::LimitExceeded { .. } => "M_LIMIT_EXCEEDED",
+            Self::Unrecognized(_) => "M_UNRECOGNIZED",
+            Self::Unknown | Self::Internal => "M_UNKNOWN",
+            Self::TooLarge => "M_TOO_LARGE",
+            Self::UserInUse => "M_USER_IN_USE",
+            Self::InvalidUsername => "M_INVALID_USERNAME",
+            Self::WeakPassword => "M_WEAK_PASSWORD",
+            Self::InvalidParam => "M_INVALID_PARAM",
+            Self::MissingParam => "M_MISSING_PARAM",
+            Self::UserDeactivated => "M_USER_DEACTIVATED",
+            Self::UserLocked => "M_USER_LOCKED",
+            Self::GuestAccessForbidden => "M_GUEST_ACCESS_FORBIDDEN",
+            Self::ThreepidDenied => "M_THREEPID_DENIED",
+            Self::Unauthorized => "M_UNAUTHORIZED",
+            Self::UnsupportedRoomVersion => "M_UNSUPPORTED_ROOM_VERSION",
+            Self::ResourceLimitExceeded => "M_RESOURCE_LIMIT_EXCEEDED",
+        }
+    }
+
+    /// The HTTP status the spec pairs with this code.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Forbidden
+            | Self::UserDeactivated
+            | Self::GuestAccessForbidden
+            | Self::ThreepidDenied
+            | Self::ResourceLimitExceeded => StatusCode::FORBIDDEN,
+            Self::UnknownToken { .. }
+            | Self::MissingToken
+            | Self::UserLocked
+            | Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unrecognized(status) => *status,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::BadJson
+            | Self::NotJson
+            | Self::Unknown
+            | Self::UserInUse
+            | Self::InvalidUsername
+            | Self::WeakPassword
+            | Self::InvalidParam
+            | Self::MissingParam
+            | Self::UnsupportedRoomVersion => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// A failure to hand back to a client.
+#[derive(Debug)]
+pub enum Error {
+    /// A Matrix error with a human-readable reason.
+    Matrix(ErrorKind, Cow<'static, str>),
+    /// User-interactive auth is needed: the body is the flows/session document, status 401.
+    Uiaa(JsonValue),
+}
+
+impl Error {
+    /// A Matrix error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::Matrix(kind, message.into())
+    }
+
+    /// `M_FORBIDDEN`.
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::Forbidden, message)
+    }
+
+    /// `M_NOT_FOUND`.
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// `M_BAD_JSON`.
+    pub fn bad_json(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::BadJson, message)
+    }
+
+    /// `M_INVALID_PARAM`.
+    pub fn invalid_param(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::InvalidParam, message)
+    }
+
+    /// An internal failure: logged in full, reported to the client without detail.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(%detail, "internal error");
+        Self::new(ErrorKind::Internal, "Internal server error")
+    }
+
+    /// The Matrix error kind, if this is not a UIA challenge.
+    pub fn kind(&self) -> Option<&ErrorKind> {
+        match self {
+            Self::Matrix(kind, _) => Some(kind),
+            Self::Uiaa(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Matrix(kind, message) => write!(f, "{}: {message}", kind.errcode()),
+            Self::Uiaa(_) => f.write_str("user-interactive authentication required"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<crate::storage::StorageError> for Error {
+    fn from(err: crate::storage::StorageError) -> Self {
+        Self::internal(err)
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, Json(body)).into_response(),
+            Self::Matrix(kind, message) => {
+                let mut body = json!({ "errcode": kind.errcode(), "error": message });
+                match kind {
+                    ErrorKind::UnknownToken { soft_logout } => {
+                        body["soft_logout"] = soft_logout.into();
+                    }
+                    ErrorKind::LimitExceeded { retry_after_ms } => {
+                        body["retry_after_ms"] = retry_after_ms.into();
+                    }
+                    _ => {}
+                }
+                let mut response = (kind.status(), Json(body)).into_response();
+                if let ErrorKind::LimitExceeded { retry_after_ms } = kind {
+                    let secs = retry_after_ms.div_ceil(1000).max(1);
+                    if let Ok(value) = http::HeaderValue::from_str(&secs.to_string()) {
+                        response.headers_mut().insert(http::header::RETRY_AFTER, value);
+                    }
+                }
+                response
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The `plaza` command: serve, create users, print the version.
+
+use std::{io::BufRead, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use plaza::{
+    Config,
+    server::{self, Server},
+    service::users::{self, Users},
+};
+
+/// A Matrix homeserver for companies' group chat.
+#[derive(Parser)]
+#[command(name = "plaza", version, about)]
+struct Cli {
+    /// Configuration file (TOML); defaults to $PLAZA_CONFIG, then built-in defaults.
+    #[arg(long, global = true, env = plaza::config::CONFIG_ENV)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Create an account; works while the server is stopped.
+    CreateUser {
+        /// The user name (localpart), e.g. `alice`.
+        name: String,
+        /// Make the account a server admin.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from this file (first line); otherwise from standard input.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("plaza: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.filter);
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("plaza: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(config).await,
+            Command::CreateUser { name, admin, password_file } => {
+                create_user(config, &name, admin, password_file).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("plaza: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let server = Server::start(config).await.map_err(|e| e.to_string())?;
+    server.run_until_signal().await;
+    Ok(())
+}
+
+async fn create_user(
+    config: Config,
+    name: &str,
+    admin: bool,
+    password_file: Option<PathBuf>,
+) -> Result<(), String> {
+    let password = match password_file {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    let services = server::open_services(config).map_err(|e| e.to_string())?;
+    let user_id = Users::new_user_id(&name.to_lowercase(), services.server_name())
+        .map_err(|e| e.to_string())?;
+    users::check_password_strength(&password, services.config.registration.min_password_length)
+        .map_err(|e| e.to_string())?;
+    if services.users.get(&user_id).map_err(|e| e.to_string())?.is_some() {
+        return Err(format!("{user_id} already exists"));
+    }
+    let hash = users::hash_password(password).await.map_err(|e| e.to_string())?;
+    let mut batch = services.db.batch();
+    services.registration.retire_first_admin_token(&mut batch);
+    services.users.create(&mut batch, &user_id, Some(hash), admin, false, None);
+    services.db.write(batch).map_err(|e| e.to_string())?;
+    println!("created {user_id}{}", if admin { " (admin)" } else { "" });
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Starting and stopping the server: open storage, build services, bind listeners, serve until
+//! asked to stop, then drain in-flight requests.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+
+use crate::{
+    api::router,
+    config::Config,
+    service::Services,
+    storage::{Db, StorageError, Table, tables},
+};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database could not be opened (locked, damaged, unreadable).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Start-up work failed.
+    #[error("start-up failed: {0}")]
+    Init(String),
+}
+
+/// A running server.
+pub struct Server {
+    addrs: Vec<SocketAddr>,
+    services: Arc<Services>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Opens the database in `config` and builds the services over it.
+pub fn open_services(config: Config) -> Result<Services, StartError> {
+    let path = &config.database.path;
+    std::fs::create_dir_all(path)
+        .map_err(|source| StartError::DataDir { path: path.display().to_string(), source })?;
+    let db = Db::open(path, config.database.cache_mb)?;
+    check_server_name(&db, &config)?;
+    Ok(Services::new(config, db)?)
+}
+
+/// User ids embed the server name, so a database belongs to one name for life: the first
+/// start records it and later starts under another name are refused.
+fn check_server_name(db: &Db, config: &Config) -> Result<(), StartError> {
+    let global: Table<String> = db.table(tables::GLOBAL);
+    match global.get("server_name")? {
+        Some(name) if name == config.server_name.as_str() => Ok(()),
+        Some(name) => Err(StartError::Init(format!(
+            "this database belongs to server_name `{name}`, but the configuration says `{}`",
+            config.server_name
+        ))),
+        None => {
+            let mut batch = db.batch();
+            global.put(&mut batch, "server_name", &config.server_name.to_string());
+            Ok(db.write(batch)?)
+        }
+    }
+}
+
+impl Server {
+    /// Starts serving on every configured address.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let services = Arc::new(open_services(config)?);
+        let no_users = services.users.is_empty().map_err(|e| StartError::Init(e.to_string()))?;
+        let first_token = services
+            .registration
+            .ensure_first_admin_token(&services.config, no_users)
+            .map_err(|e| StartError::Init(e.to_string()))?;
+        if let Some(token) = first_token {
+            tracing::warn!(
+                "No accounts exist yet and registration is disabled. Register the first admin \
+                 account from any Matrix client with this one-time registration token: {token}"
+            );
+        }
+
+        let app = router::build(services.clone());
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut addrs = Vec::new();
+        for addr in &services.config.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr: *addr, source })?;
+            let local =
+                listener.local_addr().map_err(|source| StartError::Bind { addr: *addr, source })?;
+            addrs.push(local);
+            let mut stopped = stopped.clone();
+            let app = app.clone().into_make_service_with_connect_info::<SocketAddr>();
+            tasks.spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+                {
+                    tracing::error!(%err, "listener failed");
+                }
+            });
+            tracing::info!(address = %local, server_name = %services.config.server_name, "listening");
+        }
+        Ok(Self { addrs, services, stop, tasks })
+    }
+
+    /// The bound addresses (with real ports when the config asked for port 0).
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The services, for in-process tests and tooling.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
+    /// Stops accepting requests, finishes those in flight, and closes the database.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Serves until SIGINT or SIGTERM, then stops gracefully.
+    pub async fn run_until_signal(self) {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        self.stop().await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,77 @@
+//! Account data: per-user JSON documents, global or per room, each change recorded at a stream
+//! position so sync can send what changed since a token.
+
+use ruma::{RoomId, UserId};
+use serde_json::Value as JsonValue;
+
+use super::Services;
+use crate::{
+    error::{Error, ErrorKind, Result},
+    storage::{Db, Table, tables},
+};
+
+/// Largest account data document accepted, in bytes.
+pub const MAX_ACCOUNT_DATA_BYTES: usize = 64 * 1024;
+
+/// Account data storage.
+pub struct AccountData {
+    data: Table<JsonValue>,
+    changes: Table<(String, String)>,
+}
+
+impl AccountData {
+    pub(super) fn new(db: &Db) -> Self {
+        Self {
+            data: db.table(tables::ACCOUNT_DATA),
+            changes: db.table(tables::ACCOUNT_DATA_CHANGES),
+        }
+    }
+
+    /// The content of `event_type` for `user_id` (in `room_id`, or global).
+    pub fn get(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        event_type: &str,
+    ) -> Result<Option<JsonValue>> {
+        let room = room_id.map_or("", RoomId::as_str);
+        Ok(self.data.get(&(user_id.as_str(), room, event_type))?)
+    }
+
+    /// Stores `content` as `event_type` for `user_id`, durably, at a new stream position.
+    pub fn set(
+        &self,
+        services: &Services,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        event_type: &str,
+        content: JsonValue,
+    ) -> Result<u64> {
+        if !content.is_object() {
+            return Err(Error::bad_json("Account data content must be a JSON object"));
+        }
+        if event_type.is_empty() || event_type.len() > 255 {
+            return Err(Error::bad_json("Event types are 1 to 255 bytes"));
+        }
+        if matches!(event_type, "m.fully_read" | "m.push_rules") {
+            return Err(Error::new(
+                ErrorKind::BadJson,
+                format!("{event_type} cannot be set through the account data API"),
+            ));
+        }
+        if serde_json::to_vec(&content).map_or(0, |v| v.len()) > MAX_ACCOUNT_DATA_BYTES {
+            return Err(Error::new(ErrorKind::TooLarge, "Account data is too large"));
+        }
+        let room = room_id.map_or("", RoomId::as_str);
+        let mut batch = services.db.batch();
+        let position = services.stream.next(&mut batch);
+        self.data.put(&mut batch, &(user_id.as_str(), room, event_type), &content);
+        self.changes.put(
+            &mut batch,
+            &(user_id.as_str(), position),
+            &(room.to_owned(), event_type.to_owned()),
+        );
+        services.db.write(batch)?;
+        Ok(position)
+    }
+}

@@ -1,0 +1,99 @@
+//! All Matrix behaviour. `Services` is built once at start and handed to every handler; each
+//! service owns its tables and talks to the others only through it.
+
+pub mod account_data;
+pub mod ratelimit;
+pub mod registration;
+pub mod sessions;
+pub mod uiaa;
+pub mod users;
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    config::Config,
+    storage::{Batch, Db, StorageError},
+};
+
+/// The name of the global stream position counter.
+const STREAM_COUNTER: &str = "stream";
+
+/// Every service, built once at start.
+pub struct Services {
+    /// The configuration the server started with.
+    pub config: Config,
+    /// The database.
+    pub db: Db,
+    /// The global stream position every user-visible change is recorded at.
+    pub stream: Stream,
+    /// Accounts, passwords and profiles.
+    pub users: users::Users,
+    /// Devices and their access and refresh tokens.
+    pub sessions: sessions::Sessions,
+    /// Per-user and per-room account data.
+    pub account_data: account_data::AccountData,
+    /// Registration tokens and shared-secret nonces.
+    pub registration: registration::Registration,
+    /// User-interactive authentication sessions.
+    pub uiaa: uiaa::Uiaa,
+    /// Limits on rate-limited endpoints.
+    pub rate_limiter: ratelimit::RateLimiter,
+}
+
+impl Services {
+    /// Builds every service over `db`.
+    pub fn new(config: Config, db: Db) -> Result<Self, StorageError> {
+        let stream = Stream { db: db.clone(), last: AtomicU64::new(db.counter(STREAM_COUNTER)?) };
+        Ok(Self {
+            users: users::Users::new(&db),
+            sessions: sessions::Sessions::new(&db, config.registration.access_token_ttl_secs),
+            account_data: account_data::AccountData::new(&db),
+            registration: registration::Registration::new(&db),
+            uiaa: uiaa::Uiaa::default(),
+            rate_limiter: ratelimit::RateLimiter::new(&config.limits),
+            stream,
+            config,
+            db,
+        })
+    }
+
+    /// The server name user ids and room ids end in.
+    pub fn server_name(&self) -> &ruma::ServerName {
+        &self.config.server_name
+    }
+}
+
+/// Hands out global stream positions; the highest handed out is persisted with the change
+/// that uses it, so positions never repeat across restarts.
+pub struct Stream {
+    db: Db,
+    last: AtomicU64,
+}
+
+impl Stream {
+    /// A new position, recorded in `batch` so it survives a restart once the batch is written.
+    pub fn next(&self, batch: &mut Batch) -> u64 {
+        let position = self.last.fetch_add(1, Ordering::SeqCst) + 1;
+        batch.raise_counter(&self.db, STREAM_COUNTER, position);
+        position
+    }
+
+    /// The highest position handed out so far.
+    pub fn current(&self) -> u64 {
+        self.last.load(Ordering::SeqCst)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A random string of `len` characters from `[A-Za-z0-9]`.
+pub fn random_string(len: usize) -> String {
+    use rand::{Rng, distributions::Alphanumeric};
+    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+}

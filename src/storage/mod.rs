@@ -1,0 +1,335 @@
+//! RocksDB behind typed tables. This module knows keys, values and batches, nothing of Matrix:
+//! services describe a logical change as one [`Batch`] and [`Db::write`] makes it durable (WAL
+//! synced) before returning, so an acknowledged change survives a crash.
+
+pub mod tables;
+
+use std::{marker::PhantomData, path::Path, sync::Arc};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, IteratorMode,
+    MergeOperands, Options, PrefixRange, ReadOptions, WriteBatch, WriteOptions,
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Separates the parts of a composite key; no Matrix identifier contains this byte.
+pub const SEP: u8 = 0xFF;
+
+/// Why the database could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Another process (a running server) holds the database lock.
+    #[error(
+        "the database at {0} is in use by another process (is the server running?); stop it first"
+    )]
+    Locked(String),
+    /// RocksDB reported a failure (I/O, corruption, ...).
+    #[error("database error: {0}")]
+    Engine(#[from] rocksdb::Error),
+    /// A stored value did not decode: the data is damaged or from an incompatible version.
+    #[error("corrupt value in table {table}: {source}")]
+    Corrupt {
+        /// The table holding the value.
+        table: &'static str,
+        /// The decoding failure.
+        source: serde_json::Error,
+    },
+}
+
+/// An open database. Cheap to clone; all clones share one RocksDB instance.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<rocksdb::DB>,
+    write_options: Arc<WriteOptions>,
+}
+
+fn max_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let decode = |bytes: &[u8]| bytes.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    let max = operands.iter().map(decode).chain(existing.map(decode)).max().unwrap_or(0);
+    Some(max.to_be_bytes().to_vec())
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path` with a block cache of `cache_mb` MiB.
+    pub fn open(path: &Path, cache_mb: usize) -> Result<Self, StorageError> {
+        let cache = Cache::new_lru_cache(cache_mb.max(8) * 1024 * 1024);
+        let mut table_options = BlockBasedOptions::default();
+        table_options.set_block_cache(&cache);
+        table_options.set_bloom_filter(10.0, false);
+
+        let mut cf_options = Options::default();
+        cf_options.set_block_based_table_factory(&table_options);
+        cf_options.set_compression_type(DBCompressionType::Lz4);
+
+        let mut db_options = cf_options.clone();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_background_jobs(2);
+        db_options.set_keep_log_file_num(4);
+
+        // Column families left by a newer version must be opened too, or RocksDB refuses.
+        let existing = rocksdb::DB::list_cf(&Options::default(), path).unwrap_or_default();
+        let extra = existing
+            .into_iter()
+            .filter(|name| name != "default" && !tables::ALL.contains(&name.as_str()));
+        let descriptors = tables::ALL
+            .iter()
+            .map(|name| {
+                let mut options = cf_options.clone();
+                if *name == tables::COUNTERS {
+                    options.set_merge_operator_associative("max_u64", max_merge);
+                }
+                ColumnFamilyDescriptor::new(*name, options)
+            })
+            .chain(extra.map(|name| ColumnFamilyDescriptor::new(name, cf_options.clone())));
+
+        let db = rocksdb::DB::open_cf_descriptors(&db_options, path, descriptors).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("lock") && (text.contains("unavailable") || text.contains("hold")) {
+                StorageError::Locked(path.display().to_string())
+            } else {
+                StorageError::Engine(e)
+            }
+        })?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(true);
+        Ok(Self { inner: Arc::new(db), write_options: Arc::new(write_options) })
+    }
+
+    /// A typed handle on the column family `name` (one of [`tables`]).
+    pub fn table<V>(&self, name: &'static str) -> Table<V> {
+        assert!(self.inner.cf_handle(name).is_some(), "table {name} is listed in tables::ALL");
+        Table { db: self.clone(), name, _types: PhantomData }
+    }
+
+    /// An empty batch of changes.
+    pub fn batch(&self) -> Batch {
+        Batch { inner: WriteBatch::default() }
+    }
+
+    /// Applies `batch` atomically and durably (the WAL is synced before this returns).
+    pub fn write(&self, batch: Batch) -> Result<(), StorageError> {
+        self.inner.write_opt(batch.inner, &self.write_options)?;
+        Ok(())
+    }
+
+    /// Reads the counter `name` (0 if never written).
+    pub fn counter(&self, name: &str) -> Result<u64, StorageError> {
+        let cf = self.cf(tables::COUNTERS);
+        let value = self.inner.get_pinned_cf(cf, name)?;
+        Ok(value.and_then(|v| v.as_ref().try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.inner.cf_handle(name).expect("column family opened at start")
+    }
+}
+
+/// Encodes a key into bytes whose order is the order scans should follow.
+pub trait Key {
+    /// Appends the encoded key to `out`.
+    fn encode(&self, out: &mut Vec<u8>);
+
+    /// The encoded key as a fresh buffer.
+    fn to_key_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        self.encode(&mut out);
+        out
+    }
+}
+
+impl Key for str {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl Key for String {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl Key for [u8] {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self);
+    }
+}
+
+impl Key for u64 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_be_bytes());
+    }
+}
+
+impl<K: Key + ?Sized> Key for &K {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (**self).encode(out);
+    }
+}
+
+impl<A: Key, B: Key> Key for (A, B) {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.0.encode(out);
+        out.push(SEP);
+        self.1.encode(out);
+    }
+}
+
+impl<A: Key, B: Key, C: Key> Key for (A, B, C) {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.0.encode(out);
+        out.push(SEP);
+        self.1.encode(out);
+        out.push(SEP);
+        self.2.encode(out);
+    }
+}
+
+/// Builds the scan prefix "`part` followed by the separator".
+pub fn prefix(part: &(impl Key + ?Sized)) -> Vec<u8> {
+    let mut out = part.to_key_bytes();
+    out.push(SEP);
+    out
+}
+
+/// Splits an encoded composite key into its parts.
+pub fn split_key(key: &[u8]) -> impl Iterator<Item = &[u8]> {
+    key.split(|b| *b == SEP)
+}
+
+/// A column family whose keys are [`Key`]s and whose values are JSON-encoded `V`.
+pub struct Table<V> {
+    db: Db,
+    name: &'static str,
+    _types: PhantomData<fn() -> V>,
+}
+
+impl<V> Clone for Table<V> {
+    fn clone(&self) -> Self {
+        Self { db: self.db.clone(), name: self.name, _types: PhantomData }
+    }
+}
+
+impl<V: Serialize + DeserializeOwned> Table<V> {
+    fn decode(&self, bytes: &[u8]) -> Result<V, StorageError> {
+        serde_json::from_slice(bytes)
+            .map_err(|source| StorageError::Corrupt { table: self.name, source })
+    }
+
+    /// The value at `key`, if any.
+    pub fn get(&self, key: &(impl Key + ?Sized)) -> Result<Option<V>, StorageError> {
+        let cf = self.db.cf(self.name);
+        match self.db.inner.get_pinned_cf(cf, key.to_key_bytes())? {
+            Some(bytes) => self.decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `key` holds a value.
+    pub fn contains(&self, key: &(impl Key + ?Sized)) -> Result<bool, StorageError> {
+        let cf = self.db.cf(self.name);
+        Ok(self.db.inner.get_pinned_cf(cf, key.to_key_bytes())?.is_some())
+    }
+
+    /// Queues `key = value` in `batch`.
+    pub fn put(&self, batch: &mut Batch, key: &(impl Key + ?Sized), value: &V) {
+        let bytes = serde_json::to_vec(value).expect("table values always serialize");
+        batch.inner.put_cf(self.db.cf(self.name), key.to_key_bytes(), bytes);
+    }
+
+    /// Queues the removal of `key` in `batch`.
+    pub fn delete(&self, batch: &mut Batch, key: &(impl Key + ?Sized)) {
+        batch.inner.delete_cf(self.db.cf(self.name), key.to_key_bytes());
+    }
+
+    /// Queues the removal of the raw encoded `key` in `batch` (for keys read back from a scan).
+    pub fn delete_raw(&self, batch: &mut Batch, key: &[u8]) {
+        batch.inner.delete_cf(self.db.cf(self.name), key);
+    }
+
+    /// Every `(raw key, value)` whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(
+        &self,
+        prefix: Vec<u8>,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, V), StorageError>> + '_ {
+        let mut options = ReadOptions::default();
+        options.set_iterate_range(PrefixRange(prefix));
+        self.db.inner.iterator_cf_opt(self.db.cf(self.name), options, IteratorMode::Start).map(
+            move |item| {
+                let (key, value) = item?;
+                Ok((key, self.decode(&value)?))
+            },
+        )
+    }
+
+    /// Every `(raw key, value)` of the table, in key order, starting at `from` (inclusive).
+    pub fn scan_from(
+        &self,
+        from: Vec<u8>,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, V), StorageError>> + '_ {
+        self.db
+            .inner
+            .iterator_cf(
+                self.db.cf(self.name),
+                IteratorMode::From(&from, rocksdb::Direction::Forward),
+            )
+            .map(move |item| {
+                let (key, value) = item?;
+                Ok((key, self.decode(&value)?))
+            })
+    }
+}
+
+/// Changes applied together by [`Db::write`]: all of them or none.
+pub struct Batch {
+    inner: WriteBatch,
+}
+
+impl Batch {
+    /// Raises the counter `name` to at least `value`.
+    pub fn raise_counter(&mut self, db: &Db, name: &str, value: u64) {
+        self.inner.merge_cf(db.cf(tables::COUNTERS), name, value.to_be_bytes());
+    }
+
+    /// Whether nothing was queued.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_counters_and_scans_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            let table: Table<u32> = db.table(tables::DEVICES);
+            let mut batch = db.batch();
+            table.put(&mut batch, &("@a:x", "D1"), &1);
+            table.put(&mut batch, &("@a:x", "D2"), &2);
+            table.put(&mut batch, &("@ab:x", "D3"), &3);
+            batch.raise_counter(&db, "stream", 7);
+            batch.raise_counter(&db, "stream", 5);
+            db.write(batch).unwrap();
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        let table: Table<u32> = db.table(tables::DEVICES);
+        let values: Vec<u32> =
+            table.scan_prefix(prefix("@a:x")).map(|item| item.unwrap().1).collect();
+        assert_eq!(values, vec![1, 2]);
+        assert_eq!(db.counter("stream").unwrap(), 7);
+        assert_eq!(table.get(&("@ab:x", "D3")).unwrap(), Some(3));
+    }
+
+    #[test]
+    fn second_open_reports_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let _db = Db::open(dir.path(), 8).unwrap();
+        let err = Db::open(dir.path(), 8).err().expect("second open fails");
+        assert!(matches!(err, StorageError::Locked(_)), "{err}");
+    }
+}

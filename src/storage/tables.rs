@@ -1,0 +1,37 @@
+//! Every column family of the database, and what each maps to what. Adding a table means adding
+//! a line here; nothing else opens column families.
+
+/// `key name` -> JSON value: server-wide singletons (server name, first-admin token, ...).
+pub const GLOBAL: &str = "global";
+/// `counter name` -> u64 big-endian, merged with `max` so concurrent writers never go backwards.
+pub const COUNTERS: &str = "counters";
+/// `user id` -> `UserRecord` (password hash, admin flag, deactivation, ...).
+pub const USERS: &str = "users";
+/// `user id` -> profile fields (`displayname`, `avatar_url`, custom fields) as a JSON object.
+pub const PROFILES: &str = "profiles";
+/// `user id 0xFF device id` -> `DeviceRecord`.
+pub const DEVICES: &str = "devices";
+/// `sha256(access token)` -> `TokenRecord` (user, device, expiry).
+pub const ACCESS_TOKENS: &str = "access_tokens";
+/// `sha256(refresh token)` -> `TokenRecord`.
+pub const REFRESH_TOKENS: &str = "refresh_tokens";
+/// `user id 0xFF room id (empty for global) 0xFF event type` -> account data content.
+pub const ACCOUNT_DATA: &str = "account_data";
+/// `user id 0xFF stream position` -> `(room id, event type)` of the account data changed then.
+pub const ACCOUNT_DATA_CHANGES: &str = "account_data_changes";
+/// `registration token` -> `RegistrationToken` (uses allowed, completed, expiry).
+pub const REGISTRATION_TOKENS: &str = "registration_tokens";
+
+/// All column families, opened together at start.
+pub const ALL: &[&str] = &[
+    GLOBAL,
+    COUNTERS,
+    USERS,
+    PROFILES,
+    DEVICES,
+    ACCESS_TOKENS,
+    REFRESH_TOKENS,
+    ACCOUNT_DATA,
+    ACCOUNT_DATA_CHANGES,
+    REGISTRATION_TOKENS,
+];

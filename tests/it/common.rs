@@ -1,0 +1,135 @@
+//! Shared helpers: start a server, make requests, register users.
+
+use std::path::PathBuf;
+
+use plaza::{Config, Server, config::RegistrationMode};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// A server running in-process on a free loopback port with a fresh database.
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub base: String,
+    pub http: reqwest::Client,
+    dir: TempDir,
+}
+
+/// A config for tests: loopback port 0, open registration, database in `dir`.
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut config = Config { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Config::default() };
+    config.database.path = dir.join("db");
+    config.database.cache_mb = 8;
+    config.registration.mode = RegistrationMode::Open;
+    config.outbound.allow_private_addresses = true;
+    config
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let server = Server::start(config).await.expect("server starts");
+        let base = format!("http://{}", server.addrs()[0]);
+        Self { server: Some(server), base, http: reqwest::Client::new(), dir }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    /// Sends a request with an optional token and JSON body; returns status and JSON body.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let response = req.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, json)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.call(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, token, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PUT, path, token, Some(body)).await
+    }
+
+    /// Registers `name` with `password` through the dummy flow; returns (user id, token, device).
+    pub async fn register(&self, name: &str, password: &str) -> (String, String, String) {
+        let (status, body) = self
+            .post(
+                "/_matrix/client/v3/register",
+                None,
+                json!({ "username": name, "password": password, "auth": { "type": "m.login.dummy" } }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (
+            body["user_id"].as_str().unwrap().to_owned(),
+            body["access_token"].as_str().unwrap().to_owned(),
+            body["device_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Logs `user` in with a password; returns the whole response.
+    pub async fn login(&self, user: &str, password: &str) -> (StatusCode, Value) {
+        self.post(
+            "/_matrix/client/v3/login",
+            None,
+            json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user }, "password": password }),
+        )
+        .await
+    }
+
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+        self.dir
+    }
+}
+
+/// Asserts a Matrix error with `status` and `errcode`.
+#[track_caller]
+pub fn assert_error(result: &(StatusCode, Value), status: StatusCode, errcode: &str) {
+    assert_eq!(result.0, status, "{}", result.1);
+    assert_eq!(result.1["errcode"], errcode, "{}", result.1);
+    assert!(result.1["error"].is_string(), "{}", result.1);
+}
+
+/// The built `plaza` binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_plaza"))
+}
+
+/// Parses a user id.
+pub fn user_id(id: &str) -> matrix_sdk::ruma::OwnedUserId {
+    matrix_sdk::ruma::UserId::parse(id).unwrap()
+}

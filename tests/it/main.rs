@@ -1,0 +1,9 @@
+//! Integration tests: each starts a real server on a loopback port with its own RocksDB in a
+//! temp dir and talks HTTP to it. One test binary, so the crate is built once.
+
+mod accounts;
+mod common;
+mod errors;
+mod process;
+mod sdk;
+mod shared_secret;
