@@ -40,7 +40,15 @@ where
     fn add_to(self, mut router: Router<State>) -> Router<State> {
         let filter =
             MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
-        for path in T::PATH_BUILDER.all_paths() {
+        // An empty state key may be left out, with or without the trailing slash.
+        let paths: Vec<&'static str> = T::PATH_BUILDER
+            .all_paths()
+            .flat_map(|path| {
+                let short = [path.strip_suffix("/{state_key}"), path.strip_suffix("{state_key}")];
+                std::iter::once(path).chain(short.into_iter().flatten())
+            })
+            .collect();
+        for path in paths {
             let handler = self.clone();
             router = router.route(
                 path,
@@ -69,7 +77,9 @@ impl RouterExt for Router<State> {
 
 /// Builds the application with every route and layer.
 pub fn build(state: State) -> Router {
-    use client::{account, account_data, devices, discovery, profile, register, session, voip};
+    use client::{
+        account, account_data, devices, discovery, events, profile, register, rooms, session, voip,
+    };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
         request_3pid_management_token_via_msisdn, request_password_change_token_via_email,
@@ -124,6 +134,25 @@ pub fn build(state: State) -> Router {
         .ruma(account_data::get_room)
         .ruma(account_data::set_room)
         .ruma(voip::turn_server)
+        // Rooms
+        .ruma(rooms::create)
+        .ruma(rooms::join_by_id)
+        .ruma(rooms::join_by_id_or_alias)
+        .ruma(rooms::invite)
+        .ruma(rooms::leave)
+        .ruma(rooms::kick)
+        .ruma(rooms::ban)
+        .ruma(rooms::unban)
+        .ruma(rooms::forget)
+        .ruma(rooms::joined)
+        .ruma(events::send)
+        .ruma(events::send_state)
+        .ruma(events::state_for_key)
+        .ruma(events::state)
+        .ruma(events::members)
+        .ruma(events::joined)
+        .ruma(events::event)
+        .ruma(events::redact)
         // Synapse-compatible admin
         .route(
             "/_synapse/admin/v1/register",

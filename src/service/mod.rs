@@ -2,8 +2,10 @@
 //! service owns its tables and talks to the others only through it.
 
 pub mod account_data;
+pub mod keys;
 pub mod ratelimit;
 pub mod registration;
+pub mod rooms;
 pub mod sessions;
 pub mod uiaa;
 pub mod users;
@@ -28,7 +30,7 @@ pub struct Services {
     /// The database.
     pub db: Db,
     /// The global stream position every user-visible change is recorded at.
-    pub stream: Stream,
+    pub stream: Counter,
     /// Accounts, passwords and profiles.
     pub users: users::Users,
     /// Devices and their access and refresh tokens.
@@ -41,13 +43,20 @@ pub struct Services {
     pub uiaa: uiaa::Uiaa,
     /// Limits on rate-limited endpoints.
     pub rate_limiter: ratelimit::RateLimiter,
+    /// The server's signing key.
+    pub keys: keys::ServerKeys,
+    /// Rooms: events, state, membership.
+    pub rooms: rooms::Rooms,
 }
 
 impl Services {
     /// Builds every service over `db`.
     pub fn new(config: Config, db: Db) -> Result<Self, StorageError> {
-        let stream = Stream { db: db.clone(), last: AtomicU64::new(db.counter(STREAM_COUNTER)?) };
+        let stream = Counter::new(&db, STREAM_COUNTER)?;
         Ok(Self {
+            keys: keys::ServerKeys::load_or_create(&db)
+                .map_err(|e| StorageError::Init(e.to_string()))?,
+            rooms: rooms::Rooms::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             users: users::Users::new(&db),
             sessions: sessions::Sessions::new(&db, config.registration.access_token_ttl_secs),
             account_data: account_data::AccountData::new(&db),
@@ -66,22 +75,28 @@ impl Services {
     }
 }
 
-/// Hands out global stream positions; the highest handed out is persisted with the change
-/// that uses it, so positions never repeat across restarts.
-pub struct Stream {
+/// Hands out increasing numbers (stream positions, short ids); the highest handed out is
+/// persisted with the change that uses it, so numbers never repeat across restarts.
+pub struct Counter {
     db: Db,
+    name: &'static str,
     last: AtomicU64,
 }
 
-impl Stream {
-    /// A new position, recorded in `batch` so it survives a restart once the batch is written.
-    pub fn next(&self, batch: &mut Batch) -> u64 {
-        let position = self.last.fetch_add(1, Ordering::SeqCst) + 1;
-        batch.raise_counter(&self.db, STREAM_COUNTER, position);
-        position
+impl Counter {
+    /// The counter `name`, continuing from its persisted value.
+    pub fn new(db: &Db, name: &'static str) -> Result<Self, StorageError> {
+        Ok(Self { db: db.clone(), name, last: AtomicU64::new(db.counter(name)?) })
     }
 
-    /// The highest position handed out so far.
+    /// A new number, recorded in `batch` so it survives a restart once the batch is written.
+    pub fn next(&self, batch: &mut Batch) -> u64 {
+        let value = self.last.fetch_add(1, Ordering::SeqCst) + 1;
+        batch.raise_counter(&self.db, self.name, value);
+        value
+    }
+
+    /// The highest number handed out so far.
     pub fn current(&self) -> u64 {
         self.last.load(Ordering::SeqCst)
     }

@@ -26,6 +26,9 @@ pub enum StorageError {
     /// RocksDB reported a failure (I/O, corruption, ...).
     #[error("database error: {0}")]
     Engine(#[from] rocksdb::Error),
+    /// Start-up work on stored data failed.
+    #[error("cannot initialise from the database: {0}")]
+    Init(String),
     /// A stored value did not decode: the data is damaged or from an incompatible version.
     #[error("corrupt value in table {table}: {source}")]
     Corrupt {

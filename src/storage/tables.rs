@@ -22,6 +22,23 @@ pub const ACCOUNT_DATA_CHANGES: &str = "account_data_changes";
 /// `registration token` -> `RegistrationToken` (uses allowed, completed, expiry).
 pub const REGISTRATION_TOKENS: &str = "registration_tokens";
 
+/// `room id` -> `RoomRecord` (short id, version, forward extremities, current state).
+pub const ROOMS: &str = "rooms";
+/// `short event id` -> `StoredPdu` (the signed event and where it sits).
+pub const PDUS: &str = "pdus";
+/// `event id` -> short event id.
+pub const EVENT_IDS: &str = "event_ids";
+/// `short room id 0xFF stream position` -> short event id: each room's timeline in order.
+pub const TIMELINE: &str = "timeline";
+/// `snapshot id` -> `Snapshot` (a parent and the state entries that differ from it).
+pub const STATE_SNAPSHOTS: &str = "state_snapshots";
+/// `user id 0xFF room id` -> membership (`join`, `invite`, `leave`, `ban`, `knock`).
+pub const USER_ROOMS: &str = "user_rooms";
+/// `room id 0xFF user id` -> membership.
+pub const ROOM_MEMBERS: &str = "room_members";
+/// `user id 0xFF device id 0xFF transaction id` -> event id, for idempotent sends.
+pub const TRANSACTIONS: &str = "transactions";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -34,4 +51,12 @@ pub const ALL: &[&str] = &[
     ACCOUNT_DATA,
     ACCOUNT_DATA_CHANGES,
     REGISTRATION_TOKENS,
+    ROOMS,
+    PDUS,
+    EVENT_IDS,
+    TIMELINE,
+    STATE_SNAPSHOTS,
+    USER_ROOMS,
+    ROOM_MEMBERS,
+    TRANSACTIONS,
 ];

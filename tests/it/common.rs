@@ -133,3 +133,40 @@ pub fn binary() -> PathBuf {
 pub fn user_id(id: &str) -> matrix_sdk::ruma::OwnedUserId {
     matrix_sdk::ruma::UserId::parse(id).unwrap()
 }
+
+impl TestServer {
+    /// Creates a room with `body`; returns its id.
+    pub async fn create_room(&self, token: &str, body: Value) -> String {
+        let (status, body) = self.post("/_matrix/client/v3/createRoom", Some(token), body).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["room_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends an `m.room.message` with `text`; returns the status and body.
+    pub async fn send_text(
+        &self,
+        token: &str,
+        room_id: &str,
+        txn: &str,
+        text: &str,
+    ) -> (StatusCode, Value) {
+        let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}");
+        self.put(&path, Some(token), json!({ "msgtype": "m.text", "body": text })).await
+    }
+
+    /// POSTs a membership action (`join`, `invite`, `kick`, ...) in `room_id`.
+    pub async fn membership(
+        &self,
+        token: &str,
+        room_id: &str,
+        action: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        self.post(&format!("/_matrix/client/v3/rooms/{room_id}/{action}"), Some(token), body).await
+    }
+}
+
+/// Percent-encodes an id for use in a URL path (v3 event ids contain `/` and `+`).
+pub fn enc(id: &str) -> String {
+    form_urlencoded::byte_serialize(id.as_bytes()).collect()
+}

@@ -5,5 +5,6 @@ mod accounts;
 mod common;
 mod errors;
 mod process;
+mod rooms;
 mod sdk;
 mod shared_secret;

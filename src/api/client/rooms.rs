@@ -1,0 +1,219 @@
+//! Creating rooms and changing membership.
+
+use ruma::{
+    RoomId,
+    api::client::{
+        membership::{
+            ban_user::v3 as ban_user, forget_room::v3 as forget_room,
+            invite_user::v3 as invite_user, join_room_by_id::v3 as join_by_id,
+            join_room_by_id_or_alias::v3 as join_by_id_or_alias, joined_rooms::v3 as joined_rooms,
+            kick_user::v3 as kick_user, leave_room::v3 as leave_room, unban_user::v3 as unban_user,
+        },
+        room::{Visibility, create_room::v3 as create_room},
+    },
+};
+use serde_json::{Map, Value as JsonValue};
+
+use crate::{
+    api::{Ruma, State},
+    error::{Error, Result},
+    service::rooms::{
+        create::{self, CreateRoom, Preset},
+        membership,
+    },
+};
+
+fn object(raw: &str, what: &str) -> Result<Map<String, JsonValue>> {
+    match serde_json::from_str(raw) {
+        Ok(JsonValue::Object(map)) => Ok(map),
+        _ => Err(Error::bad_json(format!("{what} must be a JSON object"))),
+    }
+}
+
+/// `POST /_matrix/client/v3/createRoom`
+pub async fn create(
+    services: State,
+    req: Ruma<create_room::Request>,
+) -> Result<create_room::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    if body.room_alias_name.is_some() {
+        return Err(Error::invalid_param("Room aliases are not supported yet"));
+    }
+    let preset = body.preset.as_ref().map(|preset| match preset.as_str() {
+        "public_chat" => Ok(Preset::PublicChat),
+        "trusted_private_chat" => Ok(Preset::TrustedPrivateChat),
+        "private_chat" => Ok(Preset::PrivateChat),
+        other => Err(Error::bad_json(format!("Unknown preset {other}"))),
+    });
+    let mut initial_state = Vec::with_capacity(body.initial_state.len());
+    for raw in &body.initial_state {
+        let event = object(raw.json().get(), "initial_state events")?;
+        let kind = event
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| Error::bad_json("initial_state events need a type"))?;
+        let state_key = event.get("state_key").and_then(|k| k.as_str()).unwrap_or_default();
+        let content =
+            event.get("content").cloned().unwrap_or_else(|| JsonValue::Object(Map::new()));
+        initial_state.push((kind.to_owned(), state_key.to_owned(), content));
+    }
+    let request = CreateRoom {
+        preset: preset.transpose()?,
+        public: body.visibility == Visibility::Public,
+        version: body.room_version,
+        creation_content: body
+            .creation_content
+            .map(|c| object(c.json().get(), "creation_content"))
+            .transpose()?,
+        power_level_override: body
+            .power_level_content_override
+            .map(|c| object(c.json().get(), "power_level_content_override"))
+            .transpose()?,
+        initial_state,
+        name: body.name,
+        topic: body.topic,
+        invite: body.invite,
+        is_direct: body.is_direct,
+    };
+    let room_id = create::create_room(&services, &caller.user_id, request).await?;
+    Ok(create_room::Response::new(room_id))
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/join`
+pub async fn join_by_id(
+    services: State,
+    req: Ruma<join_by_id::Request>,
+) -> Result<join_by_id::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    membership::join(&services, &body.room_id, &caller.user_id, body.reason.as_deref(), None)
+        .await?;
+    Ok(join_by_id::Response::new(body.room_id))
+}
+
+/// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
+pub async fn join_by_id_or_alias(
+    services: State,
+    req: Ruma<join_by_id_or_alias::Request>,
+) -> Result<join_by_id_or_alias::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let room_id: &RoomId = <&RoomId>::try_from(&*body.room_id_or_alias)
+        .map_err(|_| Error::not_found("Room alias not found"))?;
+    let room_id = room_id.to_owned();
+    membership::join(&services, &room_id, &caller.user_id, body.reason.as_deref(), None).await?;
+    Ok(join_by_id_or_alias::Response::new(room_id))
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/invite`
+pub async fn invite(
+    services: State,
+    req: Ruma<invite_user::Request>,
+) -> Result<invite_user::Response> {
+    let caller = req.caller()?.clone();
+    let invite_user::InvitationRecipient::UserId(recipient) = req.body.recipient else {
+        return Err(Error::new(
+            crate::error::ErrorKind::ThreepidDenied,
+            "Third-party invites are not supported",
+        ));
+    };
+    membership::invite(
+        &services,
+        &req.body.room_id,
+        &caller.user_id,
+        &recipient.user_id,
+        recipient.reason.as_deref(),
+        false,
+    )
+    .await?;
+    Ok(invite_user::Response::new())
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/leave`
+pub async fn leave(
+    services: State,
+    req: Ruma<leave_room::Request>,
+) -> Result<leave_room::Response> {
+    let caller = req.caller()?.clone();
+    membership::leave(&services, &req.body.room_id, &caller.user_id, req.body.reason.as_deref())
+        .await?;
+    Ok(leave_room::Response::new())
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/kick`
+pub async fn kick(services: State, req: Ruma<kick_user::Request>) -> Result<kick_user::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    membership::kick(
+        &services,
+        &body.room_id,
+        &caller.user_id,
+        &body.user_id,
+        body.reason.as_deref(),
+    )
+    .await?;
+    Ok(kick_user::Response::new())
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/ban`
+pub async fn ban(services: State, req: Ruma<ban_user::Request>) -> Result<ban_user::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    membership::ban(
+        &services,
+        &body.room_id,
+        &caller.user_id,
+        &body.user_id,
+        body.reason.as_deref(),
+    )
+    .await?;
+    Ok(ban_user::Response::new())
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/unban`
+pub async fn unban(
+    services: State,
+    req: Ruma<unban_user::Request>,
+) -> Result<unban_user::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    membership::unban(
+        &services,
+        &body.room_id,
+        &caller.user_id,
+        &body.user_id,
+        body.reason.as_deref(),
+    )
+    .await?;
+    Ok(unban_user::Response::new())
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/forget`: only rooms one has left.
+pub async fn forget(
+    services: State,
+    req: Ruma<forget_room::Request>,
+) -> Result<forget_room::Response> {
+    let caller = req.caller()?.clone();
+    match services.rooms.membership(&req.body.room_id, &caller.user_id)?.as_deref() {
+        Some("leave" | "ban") => {}
+        Some(_) => {
+            return Err(Error::new(
+                crate::error::ErrorKind::Unknown,
+                "Leave the room before forgetting it",
+            ));
+        }
+        None => return Err(Error::not_found("Unknown room")),
+    }
+    services.rooms.forget(&req.body.room_id, &caller.user_id)?;
+    Ok(forget_room::Response::new())
+}
+
+/// `GET /_matrix/client/v3/joined_rooms`
+pub async fn joined(
+    services: State,
+    req: Ruma<joined_rooms::Request>,
+) -> Result<joined_rooms::Response> {
+    let caller = req.caller()?;
+    Ok(joined_rooms::Response::new(services.rooms.rooms_of(&caller.user_id, "join")?))
+}

@@ -1,0 +1,215 @@
+//! Membership changes: join, invite, leave, kick, ban, unban. Each is an `m.room.member` event
+//! that the room's auth rules accept or refuse; reasons travel in the content.
+
+use ruma::{OwnedEventId, RoomId, UserId};
+use serde_json::{Value as JsonValue, json};
+
+use super::NewEvent;
+use crate::{
+    error::{Error, Result},
+    service::Services,
+};
+
+/// Longest reason accepted.
+const MAX_REASON: usize = 1024;
+
+fn member_content(
+    services: &Services,
+    user_id: &UserId,
+    membership: &str,
+    reason: Option<&str>,
+) -> Result<JsonValue> {
+    let mut content = json!({ "membership": membership });
+    if let Some(reason) = reason {
+        if reason.len() > MAX_REASON {
+            return Err(Error::invalid_param("Reason is too long"));
+        }
+        content["reason"] = json!(reason);
+    }
+    if matches!(membership, "join" | "invite") && user_id.server_name() == services.server_name() {
+        let profile = services.users.profile(user_id)?;
+        for field in ["displayname", "avatar_url"] {
+            if let Some(value) = profile.get(field) {
+                content[field] = value.clone();
+            }
+        }
+    }
+    Ok(content)
+}
+
+async fn send_member(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    content: JsonValue,
+) -> Result<OwnedEventId> {
+    let event = NewEvent::state("m.room.member", target.as_str(), content);
+    services.rooms.append(services, room_id, sender, event, None).await
+}
+
+fn require_known_room(services: &Services, room_id: &RoomId) -> Result<()> {
+    if services.rooms.room(room_id)?.is_none() {
+        return Err(Error::not_found(
+            "Unknown room (joining rooms on other servers needs federation)",
+        ));
+    }
+    Ok(())
+}
+
+/// `user_id` joins `room_id` (allowed by join rules, an invite, or an earlier join).
+pub async fn join(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+    reason: Option<&str>,
+    third_party_signed: Option<JsonValue>,
+) -> Result<OwnedEventId> {
+    require_known_room(services, room_id)?;
+    if third_party_signed.is_some() {
+        return Err(Error::invalid_param("Third-party invites are not supported"));
+    }
+    let mut content = member_content(services, user_id, "join", reason)?;
+    if let Some(via) = restricted_join_authoriser(services, room_id, user_id)? {
+        content["join_authorised_via_users_server"] = json!(via);
+    }
+    send_member(services, room_id, user_id, user_id, content).await
+}
+
+/// For `restricted` rooms the joining user must be vouched for by a local member who can
+/// invite, once the user belongs to one of the allowed rooms.
+fn restricted_join_authoriser(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+) -> Result<Option<ruma::OwnedUserId>> {
+    let rooms = &services.rooms;
+    let state = rooms.current_state(room_id)?;
+    let Some(rules) = rooms.state_content(&state, "m.room.join_rules", "")? else {
+        return Ok(None);
+    };
+    let join_rule = rules.get("join_rule").and_then(|r| r.as_str()).unwrap_or_default();
+    if !matches!(join_rule, "restricted" | "knock_restricted") {
+        return Ok(None);
+    }
+    if matches!(rooms.membership_in(&state, user_id)?.as_str(), "join" | "invite") {
+        return Ok(None);
+    }
+    let allowed = rules.get("allow").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+    let in_allowed_room = allowed.iter().any(|entry| {
+        entry.get("type").and_then(|t| t.as_str()) == Some("m.room_membership")
+            && entry
+                .get("room_id")
+                .and_then(|r| r.as_str())
+                .and_then(|r| RoomId::parse(r).ok())
+                .and_then(|r| rooms.membership(&r, user_id).ok().flatten())
+                .as_deref()
+                == Some("join")
+    });
+    if !in_allowed_room {
+        return Ok(None);
+    }
+    let power = rooms.state_content(&state, "m.room.power_levels", "")?.unwrap_or_default();
+    let invite_level = power.get("invite").and_then(|v| v.as_i64()).unwrap_or(0);
+    let users_default = power.get("users_default").and_then(|v| v.as_i64()).unwrap_or(0);
+    for (member, membership) in rooms.members(room_id)? {
+        if membership != "join" || member.server_name() != services.server_name() {
+            continue;
+        }
+        let level = power
+            .get("users")
+            .and_then(|u| u.get(member.as_str()))
+            .and_then(|v| v.as_i64())
+            .unwrap_or(users_default);
+        let creator = rooms.is_creator(&state, &member)?;
+        if creator || level >= invite_level {
+            return Ok(Some(member));
+        }
+    }
+    Ok(None)
+}
+
+/// `sender` invites `target`.
+pub async fn invite(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    reason: Option<&str>,
+    is_direct: bool,
+) -> Result<OwnedEventId> {
+    require_known_room(services, room_id)?;
+    if target.server_name() != services.server_name() {
+        return Err(Error::forbidden("Inviting users of other servers needs federation"));
+    }
+    if services.users.get(target)?.is_none_or(|u| u.deactivated) {
+        return Err(Error::not_found("No such user"));
+    }
+    let mut content = member_content(services, target, "invite", reason)?;
+    if is_direct {
+        content["is_direct"] = json!(true);
+    }
+    send_member(services, room_id, sender, target, content).await
+}
+
+/// `user_id` leaves (or rejects an invite, or withdraws a knock).
+pub async fn leave(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+    reason: Option<&str>,
+) -> Result<OwnedEventId> {
+    require_known_room(services, room_id)?;
+    match services.rooms.membership(room_id, user_id)?.as_deref() {
+        Some("join" | "invite" | "knock") => {}
+        _ => return Err(Error::forbidden("You are not in this room")),
+    }
+    let content = member_content(services, user_id, "leave", reason)?;
+    send_member(services, room_id, user_id, user_id, content).await
+}
+
+/// `sender` kicks `target` (who must be joined, invited or knocking).
+pub async fn kick(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    reason: Option<&str>,
+) -> Result<OwnedEventId> {
+    require_known_room(services, room_id)?;
+    match services.rooms.membership(room_id, target)?.as_deref() {
+        Some("join" | "invite" | "knock") => {}
+        _ => return Err(Error::forbidden("The user is not in this room")),
+    }
+    let content = member_content(services, target, "leave", reason)?;
+    send_member(services, room_id, sender, target, content).await
+}
+
+/// `sender` bans `target`.
+pub async fn ban(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    reason: Option<&str>,
+) -> Result<OwnedEventId> {
+    require_known_room(services, room_id)?;
+    let content = member_content(services, target, "ban", reason)?;
+    send_member(services, room_id, sender, target, content).await
+}
+
+/// `sender` lifts the ban on `target`.
+pub async fn unban(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    reason: Option<&str>,
+) -> Result<OwnedEventId> {
+    require_known_room(services, room_id)?;
+    if services.rooms.membership(room_id, target)?.as_deref() != Some("ban") {
+        return Err(Error::forbidden("The user is not banned"));
+    }
+    let content = member_content(services, target, "leave", reason)?;
+    send_member(services, room_id, sender, target, content).await
+}

@@ -1,0 +1,634 @@
+//! Rooms: building, authorising and storing events, room state, and membership indexes.
+//!
+//! Every event appended to a room goes through [`Rooms::append`] under that room's lock: auth
+//! events come from the current state, prev events from the forward extremities, and the event,
+//! its state snapshot, its timeline entry and its indexes are written in one batch.
+
+pub mod create;
+pub mod membership;
+pub mod pdu;
+pub mod state;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId, OwnedRoomId, RoomId,
+    RoomVersionId, UserId,
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersion, RoomVersionRules},
+    state_res,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value as JsonValue, value::to_raw_value};
+
+use self::{
+    pdu::{Pdu, StoredPdu},
+    state::{StateMap, States},
+};
+use super::{Counter, Services, now_ms, random_string};
+use crate::{
+    error::{Error, ErrorKind, Result},
+    storage::{Db, Table, prefix, split_key, tables},
+};
+
+/// Largest event accepted, in bytes of canonical JSON (the spec's limit).
+pub const MAX_PDU_BYTES: usize = 65_536;
+
+/// What is stored for a room.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomRecord {
+    /// Short id used in keys.
+    pub short_id: u64,
+    /// Room version.
+    pub version: RoomVersionId,
+    /// The events new events follow.
+    pub extremities: Vec<OwnedEventId>,
+    /// Depth of the deepest event.
+    pub depth: u64,
+    /// Snapshot of the current state.
+    pub current_state: u64,
+}
+
+/// An event to append, before it is hashed, signed and authorised.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Event type.
+    pub kind: TimelineEventType,
+    /// Content.
+    pub content: JsonValue,
+    /// State key, for state events.
+    pub state_key: Option<String>,
+    /// The redacted event, for redactions.
+    pub redacts: Option<OwnedEventId>,
+}
+
+impl NewEvent {
+    /// A state event.
+    pub fn state(
+        kind: impl Into<String>,
+        state_key: impl Into<String>,
+        content: JsonValue,
+    ) -> Self {
+        Self { kind: kind.into().into(), content, state_key: Some(state_key.into()), redacts: None }
+    }
+}
+
+/// Rooms and their events.
+pub struct Rooms {
+    db: Db,
+    rooms: Table<RoomRecord>,
+    pdus: Table<StoredPdu>,
+    event_ids: Table<u64>,
+    timeline: Table<u64>,
+    user_rooms: Table<String>,
+    room_members: Table<String>,
+    transactions: Table<OwnedEventId>,
+    /// State snapshots.
+    pub states: States,
+    short_event: Counter,
+    short_room: Counter,
+    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Where an event goes: an existing room, or a new room of a version (its create event).
+enum Target<'a> {
+    Existing(&'a RoomId, RoomRecord),
+    New(&'a RoomVersionId),
+}
+
+fn forbidden(reason: impl std::fmt::Display) -> Error {
+    Error::forbidden(format!("Event not authorised: {reason}"))
+}
+
+impl Rooms {
+    pub(super) fn new(db: &Db) -> Result<Self> {
+        Ok(Self {
+            db: db.clone(),
+            rooms: db.table(tables::ROOMS),
+            pdus: db.table(tables::PDUS),
+            event_ids: db.table(tables::EVENT_IDS),
+            timeline: db.table(tables::TIMELINE),
+            user_rooms: db.table(tables::USER_ROOMS),
+            room_members: db.table(tables::ROOM_MEMBERS),
+            transactions: db.table(tables::TRANSACTIONS),
+            states: States::new(db)?,
+            short_event: Counter::new(db, "short_event")?,
+            short_room: Counter::new(db, "short_room")?,
+            locks: Mutex::default(),
+        })
+    }
+
+    /// The lock serialising appends to `room_id`.
+    fn lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.len() > 10_000 {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    /// The room record, if this server knows the room.
+    pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>> {
+        Ok(self.rooms.get(room_id.as_str())?)
+    }
+
+    /// The stored event `event_id`.
+    pub fn stored(&self, event_id: &EventId) -> Result<Option<StoredPdu>> {
+        match self.event_ids.get(event_id.as_str())? {
+            Some(short) => Ok(self.pdus.get(&short)?),
+            None => Ok(None),
+        }
+    }
+
+    fn stored_by_short(&self, short: u64) -> Result<StoredPdu> {
+        self.pdus.get(&short)?.ok_or_else(|| Error::internal(format!("missing event {short}")))
+    }
+
+    /// The stored event with short id `short`, if any.
+    pub fn stored_by_short_public(&self, short: u64) -> Result<Option<StoredPdu>> {
+        Ok(self.pdus.get(&short)?)
+    }
+
+    fn pdu(&self, event_id: &EventId) -> Option<Pdu> {
+        self.stored(event_id).ok().flatten().and_then(|s| Pdu::from_stored(&s).ok())
+    }
+
+    /// The current state of a room.
+    pub fn current_state(&self, room_id: &RoomId) -> Result<Arc<StateMap>> {
+        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        self.states.load(record.current_state)
+    }
+
+    /// The state event `(kind, state_key)` in `state`, if set.
+    pub fn state_event(
+        &self,
+        state: &StateMap,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<StoredPdu>> {
+        match state.get(&(kind.to_owned(), state_key.to_owned())) {
+            Some(short) => Ok(Some(self.stored_by_short(*short)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The content of the state event `(kind, state_key)` in `state`, if set.
+    pub fn state_content(
+        &self,
+        state: &StateMap,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<JsonValue>> {
+        Ok(self
+            .state_event(state, kind, state_key)?
+            .and_then(|e| e.wire.get("content").map(|c| c.clone().into())))
+    }
+
+    /// Every event of a state map, loaded.
+    pub fn state_events(&self, state: &StateMap) -> Result<Vec<StoredPdu>> {
+        state.values().map(|short| self.stored_by_short(*short)).collect()
+    }
+
+    /// The membership of `user_id` in `state` (`"leave"` when none).
+    pub fn membership_in(&self, state: &StateMap, user_id: &UserId) -> Result<String> {
+        Ok(self
+            .state_content(state, "m.room.member", user_id.as_str())?
+            .and_then(|c| c.get("membership").and_then(|m| m.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "leave".to_owned()))
+    }
+
+    /// Whether `user_id` created the room (or is an additional creator, from room version 12).
+    pub fn is_creator(&self, state: &StateMap, user_id: &UserId) -> Result<bool> {
+        let Some(create) = self.state_event(state, "m.room.create", "")? else { return Ok(false) };
+        let sender = create.wire.get("sender").and_then(|s| s.as_str());
+        let additional = create
+            .wire
+            .get("content")
+            .and_then(|c| c.as_object())
+            .and_then(|c| c.get("additional_creators"))
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| a.iter().any(|u| u.as_str() == Some(user_id.as_str())));
+        Ok(sender == Some(user_id.as_str()) || additional)
+    }
+
+    /// The power level of `user_id` in `state`; room creators rank above everyone from room
+    /// version 12.
+    pub fn power_level(
+        &self,
+        state: &StateMap,
+        version: &RoomVersionId,
+        user_id: &UserId,
+    ) -> Result<i64> {
+        let privileged =
+            version.rules().is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
+        if privileged && self.is_creator(state, user_id)? {
+            return Ok(i64::MAX);
+        }
+        let Some(power) = self.state_content(state, "m.room.power_levels", "")? else {
+            // Without power levels the creator has 100 and everyone else 0.
+            return Ok(if self.is_creator(state, user_id)? { 100 } else { 0 });
+        };
+        let level = |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+        Ok(power
+            .get("users")
+            .and_then(|u| u.get(user_id.as_str()))
+            .and_then(level)
+            .or_else(|| power.get("users_default").and_then(level))
+            .unwrap_or(0))
+    }
+
+    /// The level a power-levels key (`redact`, `kick`, ...) requires in `state`.
+    pub fn required_level(&self, state: &StateMap, key: &str, default: i64) -> Result<i64> {
+        let power = self.state_content(state, "m.room.power_levels", "")?;
+        Ok(power
+            .as_ref()
+            .and_then(|p| p.get(key))
+            .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .unwrap_or(default))
+    }
+
+    /// The state `user_id` may read in `room_id`: the current state while joined (or when the
+    /// room is world-readable), the state when they left after leaving.
+    pub fn readable_state(&self, room_id: &RoomId, user_id: &UserId) -> Result<Arc<StateMap>> {
+        let not_member = || Error::forbidden("You are not a member of this room");
+        let record = self.room(room_id)?.ok_or_else(not_member)?;
+        let current = self.states.load(record.current_state)?;
+        match self.membership(room_id, user_id)?.as_deref() {
+            Some("join") => Ok(current),
+            Some("leave" | "ban") => {
+                let event = self
+                    .state_event(&current, "m.room.member", user_id.as_str())?
+                    .ok_or_else(not_member)?;
+                self.states.load(event.state_after)
+            }
+            _ => {
+                let visibility = self.state_content(&current, "m.room.history_visibility", "")?;
+                let world_readable = visibility
+                    .and_then(|v| {
+                        v.get("history_visibility")
+                            .and_then(|h| h.as_str())
+                            .map(|h| h == "world_readable")
+                    })
+                    .unwrap_or(false);
+                if world_readable { Ok(current) } else { Err(not_member()) }
+            }
+        }
+    }
+
+    /// The current membership of `user_id` in `room_id`, from the index.
+    pub fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<String>> {
+        Ok(self.room_members.get(&(room_id.as_str(), user_id.as_str()))?)
+    }
+
+    /// Rooms `user_id` has the given membership in.
+    pub fn rooms_of(&self, user_id: &UserId, membership: &str) -> Result<Vec<OwnedRoomId>> {
+        let mut rooms = Vec::new();
+        for item in self.user_rooms.scan_prefix(prefix(user_id.as_str())) {
+            let (key, value) = item?;
+            if value == membership
+                && let Some(room) = split_key(&key)
+                    .nth(1)
+                    .and_then(|r| RoomId::parse(std::str::from_utf8(r).ok()?).ok())
+            {
+                rooms.push(room);
+            }
+        }
+        Ok(rooms)
+    }
+
+    /// Members of `room_id` with their membership.
+    pub fn members(&self, room_id: &RoomId) -> Result<Vec<(ruma::OwnedUserId, String)>> {
+        let mut members = Vec::new();
+        for item in self.room_members.scan_prefix(prefix(room_id.as_str())) {
+            let (key, membership) = item?;
+            if let Some(user) = split_key(&key)
+                .nth(1)
+                .and_then(|u| UserId::parse(std::str::from_utf8(u).ok()?).ok())
+            {
+                members.push((user, membership));
+            }
+        }
+        Ok(members)
+    }
+
+    /// Drops `room_id` from the rooms listed for `user_id` (forget).
+    pub fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let mut batch = self.db.batch();
+        self.user_rooms.delete(&mut batch, &(user_id.as_str(), room_id.as_str()));
+        Ok(self.db.write(batch)?)
+    }
+
+    /// The event a device already sent with `txn_id`, if any.
+    pub fn transaction(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        txn_id: &str,
+    ) -> Result<Option<OwnedEventId>> {
+        Ok(self.transactions.get(&(user_id.as_str(), device_id, txn_id))?)
+    }
+
+    /// Appends an event from `sender` to an existing room. `txn` is `(device id, transaction
+    /// id)` for idempotent client sends: a repeat returns the first event.
+    pub async fn append(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        sender: &UserId,
+        event: NewEvent,
+        txn: Option<(&str, &str)>,
+    ) -> Result<OwnedEventId> {
+        let lock = self.lock(room_id);
+        let _guard = lock.lock().await;
+        if let Some((device, txn_id)) = txn
+            && let Some(existing) = self.transaction(sender, device, txn_id)?
+        {
+            return Ok(existing);
+        }
+        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        self.build_and_store(services, Target::Existing(room_id, record), sender, event, txn)
+    }
+
+    /// Creates a room of `version` from its create event; returns the room id. Later events go
+    /// through [`Rooms::append`].
+    pub fn append_create(
+        &self,
+        services: &Services,
+        sender: &UserId,
+        version: &RoomVersionId,
+        content: JsonValue,
+    ) -> Result<OwnedRoomId> {
+        let event = NewEvent::state("m.room.create", "", content);
+        let event_id = self.build_and_store(services, Target::New(version), sender, event, None)?;
+        let stored = self.stored(&event_id)?.ok_or_else(|| Error::internal("create event lost"))?;
+        Ok(stored.room_id)
+    }
+
+    fn build_and_store(
+        &self,
+        services: &Services,
+        target: Target<'_>,
+        sender: &UserId,
+        event: NewEvent,
+        txn: Option<(&str, &str)>,
+    ) -> Result<OwnedEventId> {
+        let (room, version) = match target {
+            Target::Existing(room_id, record) => {
+                let version = record.version.clone();
+                (Some((room_id, record)), version)
+            }
+            Target::New(version) => (None, version.clone()),
+        };
+        let rules = version.rules().ok_or_else(|| {
+            Error::new(ErrorKind::UnsupportedRoomVersion, "Unsupported room version")
+        })?;
+        let (record, state) = match &room {
+            Some((_, record)) => (Some(record.clone()), self.states.load(record.current_state)?),
+            None => (None, Arc::default()),
+        };
+        let is_create = event.kind == TimelineEventType::RoomCreate;
+
+        let content = to_raw_value(&event.content).map_err(|e| Error::bad_json(e.to_string()))?;
+        let auth_types = state_res::auth_types_for_event(
+            &event.kind,
+            sender,
+            event.state_key.as_deref(),
+            &content,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let auth_events: Vec<OwnedEventId> = auth_types
+            .iter()
+            .filter_map(|(kind, key)| state.get(&(kind.to_string(), key.clone())))
+            .map(|short| self.stored_by_short(*short).map(|s| s.event_id))
+            .collect::<Result<_>>()?;
+        let prev_events = record.as_ref().map(|r| r.extremities.clone()).unwrap_or_default();
+        let depth = record.as_ref().map_or(1, |r| r.depth + 1);
+
+        let mut wire = CanonicalJsonObject::new();
+        let to_canonical = |value: JsonValue| -> Result<CanonicalJsonValue> {
+            CanonicalJsonValue::try_from(value)
+                .map_err(|e| Error::bad_json(format!("Invalid JSON for an event: {e}")))
+        };
+        wire.insert("auth_events".into(), to_canonical(self.event_refs(&auth_events, &rules)?)?);
+        wire.insert("prev_events".into(), to_canonical(self.event_refs(&prev_events, &rules)?)?);
+        wire.insert("content".into(), to_canonical(event.content.clone())?);
+        wire.insert(
+            "depth".into(),
+            CanonicalJsonValue::Integer(ruma::Int::new_saturating(depth as i64)),
+        );
+        wire.insert(
+            "origin".into(),
+            CanonicalJsonValue::String(services.server_name().to_string()),
+        );
+        wire.insert(
+            "origin_server_ts".into(),
+            CanonicalJsonValue::Integer(ruma::Int::new_saturating(now_ms() as i64)),
+        );
+        wire.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
+        wire.insert("type".into(), CanonicalJsonValue::String(event.kind.to_string()));
+        if let Some(state_key) = &event.state_key {
+            wire.insert("state_key".into(), CanonicalJsonValue::String(state_key.clone()));
+        }
+        if let Some(redacts) = &event.redacts
+            && !rules.redaction.content_field_redacts
+        {
+            wire.insert("redacts".into(), CanonicalJsonValue::String(redacts.to_string()));
+        }
+        let explicit_room_id = !(is_create && rules.authorization.room_create_event_id_as_room_id);
+        if explicit_room_id {
+            let room_id = match &room {
+                Some((room_id, _)) => room_id.to_string(),
+                None => format!("!{}:{}", random_string(18), services.server_name()),
+            };
+            wire.insert("room_id".into(), CanonicalJsonValue::String(room_id));
+        }
+        let v1_event_id = (rules.event_id_format == EventIdFormatVersion::V1)
+            .then(|| format!("${}:{}", random_string(18), services.server_name()));
+        if let Some(id) = &v1_event_id {
+            wire.insert("event_id".into(), CanonicalJsonValue::String(id.clone()));
+        }
+
+        let too_large = || Error::new(ErrorKind::TooLarge, "Event is larger than 65536 bytes");
+        if serde_json::to_vec(&wire).map_or(usize::MAX, |v| v.len()) > MAX_PDU_BYTES {
+            return Err(too_large());
+        }
+        ruma::signatures::hash_and_sign_event(
+            services.server_name().as_str(),
+            services.keys.key_pair(),
+            &mut wire,
+            &rules.redaction,
+        )
+        .map_err(|e| {
+            if e.to_string().contains("larger") {
+                too_large()
+            } else {
+                Error::bad_json(format!("Cannot sign event: {e}"))
+            }
+        })?;
+        let event_id: OwnedEventId = match v1_event_id {
+            Some(id) => id.try_into().map_err(Error::internal)?,
+            None => {
+                let hash =
+                    ruma::signatures::reference_hash(&wire, &rules).map_err(Error::internal)?;
+                format!("${hash}").try_into().map_err(Error::internal)?
+            }
+        };
+        let room_id: OwnedRoomId = match (&room, wire.get("room_id")) {
+            (Some((room_id, _)), _) => (*room_id).to_owned(),
+            (None, Some(CanonicalJsonValue::String(id))) => {
+                id.clone().try_into().map_err(Error::internal)?
+            }
+            (None, _) => {
+                format!("!{}", &event_id.as_str()[1..]).try_into().map_err(Error::internal)?
+            }
+        };
+
+        let mut stored = StoredPdu {
+            event_id: event_id.clone(),
+            room_id: room_id.clone(),
+            position: 0,
+            state_before: record.as_ref().map_or(0, |r| r.current_state),
+            state_after: 0,
+            wire,
+            redacted_because: None,
+            transaction: txn.map(|(device, txn_id)| (device.to_owned(), txn_id.to_owned())),
+        };
+        let pdu = Pdu::from_stored(&stored)
+            .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
+        state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
+            self.pdu(id)
+        })
+        .map_err(forbidden)?;
+        state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |kind: &StateEventType, key: &str| {
+                state.get(&(kind.to_string(), key.to_owned())).and_then(|short| {
+                    self.pdus.get(short).ok().flatten().and_then(|s| Pdu::from_stored(&s).ok())
+                })
+            },
+        )
+        .map_err(forbidden)?;
+
+        // Authorised: write the event, its state, its indexes and the room in one batch.
+        let mut batch = self.db.batch();
+        let short = self.short_event.next(&mut batch);
+        stored.position = services.stream.next(&mut batch);
+        let mut record = match record {
+            Some(record) if record.short_id != 0 => record,
+            _ => RoomRecord {
+                short_id: self.short_room.next(&mut batch),
+                version: version.clone(),
+                extremities: Vec::new(),
+                depth: 0,
+                current_state: 0,
+            },
+        };
+        let mut new_state = None;
+        if let Some(state_key) = &event.state_key {
+            let (id, map) = self.states.extend(
+                &mut batch,
+                record.current_state,
+                &state,
+                &event.kind.to_string(),
+                state_key,
+                short,
+            )?;
+            record.current_state = id;
+            new_state = Some((id, map));
+        }
+        if event.kind == TimelineEventType::RoomMember
+            && let (Some(target), Some(membership)) =
+                (&event.state_key, event.content.get("membership").and_then(|m| m.as_str()))
+        {
+            let membership = membership.to_owned();
+            self.user_rooms.put(&mut batch, &(target.as_str(), room_id.as_str()), &membership);
+            self.room_members.put(&mut batch, &(room_id.as_str(), target.as_str()), &membership);
+        }
+        if let Some(target) = &pdu.redacts {
+            self.apply_redaction(&mut batch, &room_id, target, &event_id, &rules)?;
+        }
+        stored.state_after = record.current_state;
+        record.extremities = vec![event_id.clone()];
+        record.depth = depth;
+        self.pdus.put(&mut batch, &short, &stored);
+        self.event_ids.put(&mut batch, event_id.as_str(), &short);
+        self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
+        self.rooms.put(&mut batch, room_id.as_str(), &record);
+        if let Some((device, txn_id)) = txn {
+            self.transactions.put(&mut batch, &(sender.as_str(), device, txn_id), &event_id);
+        }
+        self.db.write(batch)?;
+        if let Some((id, map)) = new_state {
+            self.states.remember(id, Arc::new(map));
+        }
+        Ok(event_id)
+    }
+
+    /// References to `ids` in the room version's format: bare ids, or `[id, hashes]` pairs.
+    fn event_refs(&self, ids: &[OwnedEventId], rules: &RoomVersionRules) -> Result<JsonValue> {
+        if rules.events_reference_format != EventsReferenceFormatVersion::V1 {
+            return Ok(serde_json::json!(ids));
+        }
+        let mut refs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let stored =
+                self.stored(id)?.ok_or_else(|| Error::internal("missing referenced event"))?;
+            let hash =
+                ruma::signatures::reference_hash(&stored.wire, rules).map_err(Error::internal)?;
+            refs.push(serde_json::json!([id, { "sha256": hash }]));
+        }
+        Ok(JsonValue::Array(refs))
+    }
+
+    /// Queues the redaction of `target` (if it is in this room) by `redaction`.
+    fn apply_redaction(
+        &self,
+        batch: &mut crate::storage::Batch,
+        room_id: &RoomId,
+        target: &EventId,
+        redaction: &EventId,
+        rules: &RoomVersionRules,
+    ) -> Result<()> {
+        let Some(short) = self.event_ids.get(target.as_str())? else { return Ok(()) };
+        let mut stored = self.stored_by_short(short)?;
+        if stored.room_id != room_id {
+            return Ok(());
+        }
+        ruma::canonical_json::redact_in_place(&mut stored.wire, &rules.redaction, None)
+            .map_err(Error::internal)?;
+        stored.redacted_because = Some(redaction.to_owned());
+        self.pdus.put(batch, &short, &stored);
+        Ok(())
+    }
+
+    /// Whether `user_id` may see `event` under the room's history visibility.
+    pub fn can_see(&self, user_id: &UserId, event: &StoredPdu) -> Result<bool> {
+        let state = self.states.load(event.state_before)?;
+        let visibility = self
+            .state_content(&state, "m.room.history_visibility", "")?
+            .and_then(|c| c.get("history_visibility").and_then(|v| v.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "shared".to_owned());
+        if visibility == "world_readable" {
+            return Ok(true);
+        }
+        // One's own membership changes are always visible to oneself.
+        let own_member_event = event.wire.get("type").and_then(|t| t.as_str())
+            == Some("m.room.member")
+            && event.wire.get("state_key").and_then(|k| k.as_str()) == Some(user_id.as_str());
+        if own_member_event {
+            return Ok(true);
+        }
+        let then = self.membership_in(&state, user_id)?;
+        Ok(match (visibility.as_str(), then.as_str()) {
+            (_, "join") => true,
+            ("invited", "invite") => true,
+            ("shared", _) => self.membership(&event.room_id, user_id)?.as_deref() == Some("join"),
+            _ => false,
+        })
+    }
+}

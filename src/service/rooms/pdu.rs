@@ -1,0 +1,221 @@
+//! Persistent data units: the signed events rooms are made of, as stored, as state resolution
+//! sees them, and as clients receive them.
+
+use ruma::{
+    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId,
+    RoomId, UserId, events::TimelineEventType,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value as JsonValue, json, value::RawValue as RawJsonValue};
+
+/// An event as stored: its wire form (exactly what was signed) plus where it sits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredPdu {
+    /// The event id (derived from the reference hash since room version 3).
+    pub event_id: OwnedEventId,
+    /// The room (derived from the create event in room version 12).
+    pub room_id: OwnedRoomId,
+    /// The global stream position it was accepted at.
+    pub position: u64,
+    /// The snapshot of the room state before this event.
+    pub state_before: u64,
+    /// The snapshot after it (differs from `state_before` for state events only).
+    #[serde(default)]
+    pub state_after: u64,
+    /// The signed PDU (redacted in place once a redaction applies).
+    pub wire: CanonicalJsonObject,
+    /// The event that redacted this one, if any.
+    #[serde(default)]
+    pub redacted_because: Option<OwnedEventId>,
+    /// The transaction id the sending device used, shown to that device only.
+    #[serde(default)]
+    pub transaction: Option<(String, String)>,
+}
+
+/// A reference to another event: a bare id (v3+) or `[id, hashes]` (v1, v2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum EventRef {
+    Id(OwnedEventId),
+    Pair(OwnedEventId, serde::de::IgnoredAny),
+}
+
+impl EventRef {
+    fn into_id(self) -> OwnedEventId {
+        match self {
+            Self::Id(id) | Self::Pair(id, _) => id,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireFields {
+    sender: OwnedUserId,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
+    #[serde(rename = "type")]
+    kind: TimelineEventType,
+    content: Box<RawJsonValue>,
+    state_key: Option<String>,
+    #[serde(default)]
+    prev_events: Vec<EventRef>,
+    #[serde(default)]
+    auth_events: Vec<EventRef>,
+    redacts: Option<OwnedEventId>,
+    #[serde(default)]
+    depth: u64,
+}
+
+/// The parsed view of an event that auth rules and handlers work with.
+#[derive(Debug, Clone)]
+pub struct Pdu {
+    /// The event id.
+    pub event_id: OwnedEventId,
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// Whether the wire form names the room (not for room version 12 create events).
+    pub has_room_id: bool,
+    /// Who sent it.
+    pub sender: OwnedUserId,
+    /// When the origin server says it was sent.
+    pub origin_server_ts: MilliSecondsSinceUnixEpoch,
+    /// The event type.
+    pub kind: TimelineEventType,
+    /// The content, as sent.
+    pub content: Box<RawJsonValue>,
+    /// The state key, for state events.
+    pub state_key: Option<String>,
+    /// Events this one follows in the DAG.
+    pub prev_events: Vec<OwnedEventId>,
+    /// Events that authorise this one.
+    pub auth_events: Vec<OwnedEventId>,
+    /// The redacted event (from the top level, or from `content` since room version 11).
+    pub redacts: Option<OwnedEventId>,
+    /// Depth in the DAG.
+    pub depth: u64,
+}
+
+impl Pdu {
+    /// Parses the view of a stored event.
+    pub fn from_stored(stored: &StoredPdu) -> serde_json::Result<Self> {
+        let wire: WireFields = serde_json::from_value(serde_json::to_value(&stored.wire)?)?;
+        let redacts = wire.redacts.or_else(|| {
+            #[derive(Deserialize)]
+            struct Redacts {
+                redacts: Option<OwnedEventId>,
+            }
+            serde_json::from_str::<Redacts>(wire.content.get()).ok().and_then(|c| c.redacts)
+        });
+        Ok(Self {
+            event_id: stored.event_id.clone(),
+            room_id: stored.room_id.clone(),
+            has_room_id: stored.wire.contains_key("room_id"),
+            sender: wire.sender,
+            origin_server_ts: wire.origin_server_ts,
+            kind: wire.kind,
+            content: wire.content,
+            state_key: wire.state_key,
+            prev_events: wire.prev_events.into_iter().map(EventRef::into_id).collect(),
+            auth_events: wire.auth_events.into_iter().map(EventRef::into_id).collect(),
+            redacts: if stored.wire.get("type").and_then(|t| t.as_str()) == Some("m.room.redaction")
+            {
+                redacts
+            } else {
+                None
+            },
+            depth: wire.depth,
+        })
+    }
+
+    /// The content as a JSON value.
+    pub fn content_value(&self) -> JsonValue {
+        serde_json::from_str(self.content.get()).unwrap_or(JsonValue::Null)
+    }
+}
+
+/// The client-server format of a stored event, for the member `viewer` (who sees their own
+/// transaction ids).
+pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> JsonValue {
+    let wire = &stored.wire;
+    let mut event = json!({
+        "event_id": stored.event_id,
+        "room_id": stored.room_id,
+        "sender": wire.get("sender"),
+        "origin_server_ts": wire.get("origin_server_ts"),
+        "type": wire.get("type"),
+        "content": wire.get("content"),
+    });
+    if let Some(state_key) = wire.get("state_key") {
+        event["state_key"] = json!(state_key);
+    }
+    if let Some(redacts) = wire.get("redacts") {
+        event["redacts"] = json!(redacts);
+    }
+    let mut unsigned = serde_json::Map::new();
+    let now = crate::service::now_ms();
+    if let Some(ts) = wire
+        .get("origin_server_ts")
+        .and_then(|t| serde_json::to_value(t).ok())
+        .and_then(|t| t.as_u64())
+    {
+        unsigned.insert("age".into(), json!(now.saturating_sub(ts)));
+    }
+    if let Some(because) = &stored.redacted_because {
+        unsigned.insert("redacted_because".into(), json!({ "event_id": because }));
+    }
+    if let (Some((user, device)), Some((sender_device, txn))) = (viewer, &stored.transaction)
+        && wire.get("sender").and_then(|s| s.as_str()) == Some(user.as_str())
+        && device == sender_device
+    {
+        unsigned.insert("transaction_id".into(), json!(txn));
+    }
+    event["unsigned"] = JsonValue::Object(unsigned);
+    event
+}
+
+impl ruma::state_res::Event for Pdu {
+    type Id = OwnedEventId;
+
+    fn event_id(&self) -> &Self::Id {
+        &self.event_id
+    }
+
+    fn room_id(&self) -> Option<&RoomId> {
+        self.has_room_id.then_some(&*self.room_id)
+    }
+
+    fn sender(&self) -> &UserId {
+        &self.sender
+    }
+
+    fn origin_server_ts(&self) -> MilliSecondsSinceUnixEpoch {
+        self.origin_server_ts
+    }
+
+    fn event_type(&self) -> &TimelineEventType {
+        &self.kind
+    }
+
+    fn content(&self) -> &RawJsonValue {
+        &self.content
+    }
+
+    fn state_key(&self) -> Option<&str> {
+        self.state_key.as_deref()
+    }
+
+    fn prev_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.prev_events.iter())
+    }
+
+    fn auth_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.auth_events.iter())
+    }
+
+    fn redacts(&self) -> Option<&Self::Id> {
+        self.redacts.as_ref()
+    }
+
+    fn rejected(&self) -> bool {
+        false
+    }
+}
