@@ -1,7 +1,7 @@
 //! Creating rooms and changing membership.
 
 use ruma::{
-    RoomId,
+    RoomId, UserId,
     api::client::{
         membership::{
             ban_user::v3 as ban_user, forget_room::v3 as forget_room,
@@ -15,11 +15,11 @@ use ruma::{
 use serde_json::{Map, Value as JsonValue};
 
 use crate::{
-    api::{Ruma, State},
-    error::{Error, Result},
+    api::{Caller, Ruma, State},
+    error::{Error, ErrorKind, Result},
     service::rooms::{
         create::{self, CreateRoom, Preset},
-        membership,
+        membership::{self, Moderation},
     },
 };
 
@@ -113,10 +113,7 @@ pub async fn invite(
 ) -> Result<invite_user::Response> {
     let caller = req.caller()?.clone();
     let invite_user::InvitationRecipient::UserId(recipient) = req.body.recipient else {
-        return Err(Error::new(
-            crate::error::ErrorKind::ThreepidDenied,
-            "Third-party invites are not supported",
-        ));
+        return Err(Error::new(ErrorKind::ThreepidDenied, "Third-party invites are not supported"));
     };
     membership::invite(
         &services,
@@ -141,33 +138,31 @@ pub async fn leave(
     Ok(leave_room::Response::new())
 }
 
+async fn moderate(
+    services: &State,
+    caller: Option<&Caller>,
+    (room_id, user_id, reason): (&RoomId, &UserId, Option<&str>),
+    action: Moderation,
+) -> Result<()> {
+    let caller =
+        caller.ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
+    membership::moderate(services, room_id, &caller.user_id, user_id, action, reason).await?;
+    Ok(())
+}
+
 /// `POST /_matrix/client/v3/rooms/{roomId}/kick`
 pub async fn kick(services: State, req: Ruma<kick_user::Request>) -> Result<kick_user::Response> {
-    let caller = req.caller()?.clone();
-    let body = req.body;
-    membership::kick(
-        &services,
-        &body.room_id,
-        &caller.user_id,
-        &body.user_id,
-        body.reason.as_deref(),
-    )
-    .await?;
+    let b = &req.body;
+    let target = (&*b.room_id, &*b.user_id, b.reason.as_deref());
+    moderate(&services, req.caller.as_ref(), target, Moderation::Kick).await?;
     Ok(kick_user::Response::new())
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/ban`
 pub async fn ban(services: State, req: Ruma<ban_user::Request>) -> Result<ban_user::Response> {
-    let caller = req.caller()?.clone();
-    let body = req.body;
-    membership::ban(
-        &services,
-        &body.room_id,
-        &caller.user_id,
-        &body.user_id,
-        body.reason.as_deref(),
-    )
-    .await?;
+    let b = &req.body;
+    let target = (&*b.room_id, &*b.user_id, b.reason.as_deref());
+    moderate(&services, req.caller.as_ref(), target, Moderation::Ban).await?;
     Ok(ban_user::Response::new())
 }
 
@@ -176,16 +171,9 @@ pub async fn unban(
     services: State,
     req: Ruma<unban_user::Request>,
 ) -> Result<unban_user::Response> {
-    let caller = req.caller()?.clone();
-    let body = req.body;
-    membership::unban(
-        &services,
-        &body.room_id,
-        &caller.user_id,
-        &body.user_id,
-        body.reason.as_deref(),
-    )
-    .await?;
+    let b = &req.body;
+    let target = (&*b.room_id, &*b.user_id, b.reason.as_deref());
+    moderate(&services, req.caller.as_ref(), target, Moderation::Unban).await?;
     Ok(unban_user::Response::new())
 }
 
@@ -198,10 +186,7 @@ pub async fn forget(
     match services.rooms.membership(&req.body.room_id, &caller.user_id)?.as_deref() {
         Some("leave" | "ban") => {}
         Some(_) => {
-            return Err(Error::new(
-                crate::error::ErrorKind::Unknown,
-                "Leave the room before forgetting it",
-            ));
+            return Err(Error::new(ErrorKind::Unknown, "Leave the room before forgetting it"));
         }
         None => return Err(Error::not_found("Unknown room")),
     }

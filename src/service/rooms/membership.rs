@@ -168,48 +168,35 @@ pub async fn leave(
     send_member(services, room_id, user_id, user_id, content).await
 }
 
-/// `sender` kicks `target` (who must be joined, invited or knocking).
-pub async fn kick(
-    services: &Services,
-    room_id: &RoomId,
-    sender: &UserId,
-    target: &UserId,
-    reason: Option<&str>,
-) -> Result<OwnedEventId> {
-    require_known_room(services, room_id)?;
-    match services.rooms.membership(room_id, target)?.as_deref() {
-        Some("join" | "invite" | "knock") => {}
-        _ => return Err(Error::forbidden("The user is not in this room")),
-    }
-    let content = member_content(services, target, "leave", reason)?;
-    send_member(services, room_id, sender, target, content).await
+/// What a moderator does to another member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moderation {
+    /// Remove a joined, invited or knocking member.
+    Kick,
+    /// Ban (from any membership).
+    Ban,
+    /// Lift a ban.
+    Unban,
 }
 
-/// `sender` bans `target`.
-pub async fn ban(
+/// `sender` kicks, bans or unbans `target`; the room's power levels decide.
+pub async fn moderate(
     services: &Services,
     room_id: &RoomId,
     sender: &UserId,
     target: &UserId,
+    action: Moderation,
     reason: Option<&str>,
 ) -> Result<OwnedEventId> {
     require_known_room(services, room_id)?;
-    let content = member_content(services, target, "ban", reason)?;
-    send_member(services, room_id, sender, target, content).await
-}
-
-/// `sender` lifts the ban on `target`.
-pub async fn unban(
-    services: &Services,
-    room_id: &RoomId,
-    sender: &UserId,
-    target: &UserId,
-    reason: Option<&str>,
-) -> Result<OwnedEventId> {
-    require_known_room(services, room_id)?;
-    if services.rooms.membership(room_id, target)?.as_deref() != Some("ban") {
-        return Err(Error::forbidden("The user is not banned"));
-    }
-    let content = member_content(services, target, "leave", reason)?;
+    let current = services.rooms.membership(room_id, target)?;
+    let membership = match (action, current.as_deref()) {
+        (Moderation::Kick, Some("join" | "invite" | "knock")) => "leave",
+        (Moderation::Kick, _) => return Err(Error::forbidden("The user is not in this room")),
+        (Moderation::Ban, _) => "ban",
+        (Moderation::Unban, Some("ban")) => "leave",
+        (Moderation::Unban, _) => return Err(Error::forbidden("The user is not banned")),
+    };
+    let content = member_content(services, target, membership, reason)?;
     send_member(services, room_id, sender, target, content).await
 }
