@@ -66,6 +66,12 @@ pub enum ErrorKind {
     UnsupportedRoomVersion,
     /// `M_RESOURCE_LIMIT_EXCEEDED` (403).
     ResourceLimitExceeded,
+    /// `M_ROOM_IN_USE` (400): a room alias asked for at room creation is taken.
+    RoomInUse,
+    /// `M_BAD_ALIAS` (400): a canonical alias does not point to the room.
+    BadAlias,
+    /// `M_UNKNOWN` with 409: the resource already exists (an alias, ...).
+    Conflict,
     /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
     Internal,
 }
@@ -96,6 +102,9 @@ impl ErrorKind {
             Self::Unauthorized => "M_UNAUTHORIZED",
             Self::UnsupportedRoomVersion => "M_UNSUPPORTED_ROOM_VERSION",
             Self::ResourceLimitExceeded => "M_RESOURCE_LIMIT_EXCEEDED",
+            Self::RoomInUse => "M_ROOM_IN_USE",
+            Self::BadAlias => "M_BAD_ALIAS",
+            Self::Conflict => "M_UNKNOWN",
         }
     }
 
@@ -116,6 +125,7 @@ impl ErrorKind {
             Self::Unrecognized(status) => *status,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Conflict => StatusCode::CONFLICT,
             Self::BadJson
             | Self::NotJson
             | Self::Unknown
@@ -124,7 +134,9 @@ impl ErrorKind {
             | Self::WeakPassword
             | Self::InvalidParam
             | Self::MissingParam
-            | Self::UnsupportedRoomVersion => StatusCode::BAD_REQUEST,
+            | Self::UnsupportedRoomVersion
+            | Self::RoomInUse
+            | Self::BadAlias => StatusCode::BAD_REQUEST,
         }
     }
 }

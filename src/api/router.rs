@@ -78,7 +78,8 @@ impl RouterExt for Router<State> {
 /// Builds the application with every route and layer.
 pub fn build(state: State) -> Router {
     use client::{
-        account, account_data, devices, discovery, events, profile, register, rooms, session, voip,
+        account, account_data, devices, directory, discovery, events, profile, register, rooms,
+        session, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -153,6 +154,14 @@ pub fn build(state: State) -> Router {
         .ruma(events::joined)
         .ruma(events::event)
         .ruma(events::redact)
+        .ruma(directory::create)
+        .ruma(directory::get)
+        .ruma(directory::delete)
+        .ruma(directory::aliases)
+        .ruma(directory::visibility)
+        .ruma(directory::set_visibility)
+        .ruma(directory::public)
+        .ruma(directory::public_filtered)
         // Synapse-compatible admin
         .route(
             "/_synapse/admin/v1/register",

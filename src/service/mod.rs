@@ -47,6 +47,8 @@ pub struct Services {
     pub keys: keys::ServerKeys,
     /// Rooms: events, state, membership.
     pub rooms: rooms::Rooms,
+    /// Room aliases and the public room directory.
+    pub directory: rooms::directory::Directory,
 }
 
 impl Services {
@@ -56,6 +58,7 @@ impl Services {
         Ok(Self {
             keys: keys::ServerKeys::load_or_create(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
+            directory: rooms::directory::Directory::new(&db),
             rooms: rooms::Rooms::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             users: users::Users::new(&db),
             sessions: sessions::Sessions::new(&db, config.registration.access_token_ttl_secs),

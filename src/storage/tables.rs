@@ -39,6 +39,13 @@ pub const ROOM_MEMBERS: &str = "room_members";
 /// `user id 0xFF device id 0xFF transaction id` -> event id, for idempotent sends.
 pub const TRANSACTIONS: &str = "transactions";
 
+/// `room alias` -> `AliasRecord` (room id, creator).
+pub const ALIASES: &str = "aliases";
+/// `room id 0xFF room alias` -> nothing: the aliases of each room.
+pub const ROOM_ALIASES: &str = "room_aliases";
+/// `room id` -> nothing: rooms listed in the public directory.
+pub const PUBLISHED_ROOMS: &str = "published_rooms";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -59,4 +66,7 @@ pub const ALL: &[&str] = &[
     USER_ROOMS,
     ROOM_MEMBERS,
     TRANSACTIONS,
+    ALIASES,
+    ROOM_ALIASES,
+    PUBLISHED_ROOMS,
 ];

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod common;
+mod directory;
 mod errors;
 mod process;
 mod rooms;

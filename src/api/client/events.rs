@@ -70,6 +70,9 @@ pub async fn send_state(
     if kind == "m.room.member" {
         return Err(Error::forbidden("Use the membership endpoints to change membership"));
     }
+    if kind == "m.room.canonical_alias" {
+        services.directory.check_canonical_alias(&services, &body.room_id, &content)?;
+    }
     let event = NewEvent::state(kind, body.state_key, content);
     let event_id =
         services.rooms.append(&services, &body.room_id, &caller.user_id, event, None).await?;

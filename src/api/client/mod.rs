@@ -3,6 +3,7 @@
 pub mod account;
 pub mod account_data;
 pub mod devices;
+pub mod directory;
 pub mod discovery;
 pub mod events;
 pub mod profile;

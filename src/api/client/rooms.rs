@@ -1,7 +1,7 @@
 //! Creating rooms and changing membership.
 
 use ruma::{
-    RoomId, UserId,
+    RoomAliasId, RoomId, UserId,
     api::client::{
         membership::{
             ban_user::v3 as ban_user, forget_room::v3 as forget_room,
@@ -37,9 +37,13 @@ pub async fn create(
 ) -> Result<create_room::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    if body.room_alias_name.is_some() {
-        return Err(Error::invalid_param("Room aliases are not supported yet"));
-    }
+    let alias = match &body.room_alias_name {
+        Some(name) => Some(
+            RoomAliasId::parse(format!("#{name}:{}", services.server_name()))
+                .map_err(|e| Error::invalid_param(format!("Invalid room alias name: {e}")))?,
+        ),
+        None => None,
+    };
     let preset = body.preset.as_ref().map(|preset| match preset.as_str() {
         "public_chat" => Ok(Preset::PublicChat),
         "trusted_private_chat" => Ok(Preset::TrustedPrivateChat),
@@ -75,6 +79,7 @@ pub async fn create(
         topic: body.topic,
         invite: body.invite,
         is_direct: body.is_direct,
+        alias,
     };
     let room_id = create::create_room(&services, &caller.user_id, request).await?;
     Ok(create_room::Response::new(room_id))
@@ -99,9 +104,13 @@ pub async fn join_by_id_or_alias(
 ) -> Result<join_by_id_or_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let room_id: &RoomId = <&RoomId>::try_from(&*body.room_id_or_alias)
-        .map_err(|_| Error::not_found("Room alias not found"))?;
-    let room_id = room_id.to_owned();
+    let room_id = match <&RoomId>::try_from(&*body.room_id_or_alias) {
+        Ok(room_id) => room_id.to_owned(),
+        Err(alias) => {
+            let record = services.directory.resolve(alias)?;
+            record.ok_or_else(|| Error::not_found("Room alias not found"))?.room_id
+        }
+    };
     membership::join(&services, &room_id, &caller.user_id, body.reason.as_deref(), None).await?;
     Ok(join_by_id_or_alias::Response::new(room_id))
 }

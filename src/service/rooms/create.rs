@@ -1,7 +1,7 @@
 //! `createRoom`: the create event, the creator's join, power levels, presets, initial state,
 //! name, topic and invites, in the order the spec gives.
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{NewEvent, membership};
@@ -44,6 +44,8 @@ pub struct CreateRoom {
     pub invite: Vec<OwnedUserId>,
     /// Whether this is a direct chat (flags the invites).
     pub is_direct: bool,
+    /// A local alias to create and make canonical.
+    pub alias: Option<OwnedRoomAliasId>,
 }
 
 /// Creates a room for `sender`; returns its id.
@@ -62,6 +64,11 @@ pub async fn create_room(
     })?;
     if req.invite.len() > 100 || req.initial_state.len() > 100 {
         return Err(Error::invalid_param("At most 100 invites and 100 initial state events"));
+    }
+    if let Some(alias) = &req.alias
+        && services.directory.resolve(alias)?.is_some()
+    {
+        return Err(Error::new(ErrorKind::RoomInUse, "Room alias already taken"));
     }
     let preset =
         req.preset.unwrap_or(if req.public { Preset::PublicChat } else { Preset::PrivateChat });
@@ -138,6 +145,12 @@ pub async fn create_room(
     let append = |event: NewEvent| services.rooms.append(services, &room_id, sender, event, None);
     append(NewEvent::state("m.room.power_levels", "", power_levels)).await?;
 
+    if let Some(alias) = &req.alias {
+        let taken = || Error::new(ErrorKind::RoomInUse, "Room alias already taken");
+        services.directory.create_alias(services, alias, &room_id, sender, taken)?;
+        append(NewEvent::state("m.room.canonical_alias", "", json!({ "alias": alias }))).await?;
+    }
+
     // Preset state.
     let join_rule = if preset == Preset::PublicChat { "public" } else { "invite" };
     append(NewEvent::state("m.room.join_rules", "", json!({ "join_rule": join_rule }))).await?;
@@ -165,6 +178,9 @@ pub async fn create_room(
     }
     for invitee in &req.invite {
         membership::invite(services, &room_id, sender, invitee, None, req.is_direct).await?;
+    }
+    if req.public {
+        services.directory.set_published(&room_id, true)?;
     }
     tracing::info!(%room_id, %sender, %version, "room created");
     Ok(room_id)

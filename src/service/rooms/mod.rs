@@ -5,6 +5,7 @@
 //! its state snapshot, its timeline entry and its indexes are written in one batch.
 
 pub mod create;
+pub mod directory;
 pub mod membership;
 pub mod pdu;
 pub mod state;
@@ -276,6 +277,23 @@ impl Rooms {
                 if world_readable { Ok(current) } else { Err(not_member()) }
             }
         }
+    }
+
+    /// Whether `user_id` (joined) has the power to send the state event `kind` in `room_id`.
+    pub fn may_send_state(&self, room_id: &RoomId, user_id: &UserId, kind: &str) -> Result<bool> {
+        if self.membership(room_id, user_id)?.as_deref() != Some("join") {
+            return Ok(false);
+        }
+        let Some(record) = self.room(room_id)? else { return Ok(false) };
+        let state = self.states.load(record.current_state)?;
+        let power = self.state_content(&state, "m.room.power_levels", "")?.unwrap_or_default();
+        let required = power
+            .get("events")
+            .and_then(|e| e.get(kind))
+            .and_then(|v| v.as_i64())
+            .or_else(|| power.get("state_default").and_then(|v| v.as_i64()))
+            .unwrap_or(50);
+        Ok(self.power_level(&state, &record.version, user_id)? >= required)
     }
 
     /// The current membership of `user_id` in `room_id`, from the index.
