@@ -79,7 +79,7 @@ impl RouterExt for Router<State> {
 pub fn build(state: State) -> Router {
     use client::{
         account, account_data, devices, directory, discovery, events, profile, register, rooms,
-        session, voip,
+        session, space, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -154,6 +154,13 @@ pub fn build(state: State) -> Router {
         .ruma(events::joined)
         .ruma(events::event)
         .ruma(events::redact)
+        .ruma(rooms::knock)
+        .ruma(rooms::upgrade)
+        .ruma(space::get_hierarchy)
+        .ruma(space::room_summary)
+        .ruma(events::timestamp_to_event)
+        .ruma(events::report_event)
+        .ruma(events::report_room)
         .ruma(directory::create)
         .ruma(directory::get)
         .ruma(directory::delete)

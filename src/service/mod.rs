@@ -49,6 +49,8 @@ pub struct Services {
     pub rooms: rooms::Rooms,
     /// Room aliases and the public room directory.
     pub directory: rooms::directory::Directory,
+    /// Reports of events and rooms.
+    pub reports: rooms::reports::Reports,
 }
 
 impl Services {
@@ -59,6 +61,8 @@ impl Services {
             keys: keys::ServerKeys::load_or_create(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             directory: rooms::directory::Directory::new(&db),
+            reports: rooms::reports::Reports::new(&db)
+                .map_err(|e| StorageError::Init(e.to_string()))?,
             rooms: rooms::Rooms::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             users: users::Users::new(&db),
             sessions: sessions::Sessions::new(&db, config.registration.access_token_ttl_secs),

@@ -266,6 +266,21 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         )
     }
 
+    /// Every `(raw key, value)` whose key starts with `prefix`, in reverse key order.
+    pub fn scan_prefix_rev(
+        &self,
+        prefix: Vec<u8>,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, V), StorageError>> + '_ {
+        let mut options = ReadOptions::default();
+        options.set_iterate_range(PrefixRange(prefix));
+        self.db.inner.iterator_cf_opt(self.db.cf(self.name), options, IteratorMode::End).map(
+            move |item| {
+                let (key, value) = item?;
+                Ok((key, self.decode(&value)?))
+            },
+        )
+    }
+
     /// Every `(raw key, value)` of the table, in key order, starting at `from` (inclusive).
     pub fn scan_from(
         &self,

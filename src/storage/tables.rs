@@ -46,6 +46,9 @@ pub const ROOM_ALIASES: &str = "room_aliases";
 /// `room id` -> nothing: rooms listed in the public directory.
 pub const PUBLISHED_ROOMS: &str = "published_rooms";
 
+/// `report id` -> `Report`: content and room reports for admins.
+pub const REPORTS: &str = "reports";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -69,4 +72,5 @@ pub const ALL: &[&str] = &[
     ALIASES,
     ROOM_ALIASES,
     PUBLISHED_ROOMS,
+    REPORTS,
 ];

@@ -9,3 +9,4 @@ mod process;
 mod rooms;
 mod sdk;
 mod shared_secret;
+mod spaces;

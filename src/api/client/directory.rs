@@ -14,8 +14,8 @@ use ruma::{
         },
         room::{Visibility, aliases::v3 as room_aliases},
     },
-    directory::{PublicRoomsChunk, PublicRoomsChunkInit, RoomTypeFilter},
-    room::{JoinRuleKind, RoomType},
+    directory::{PublicRoomsChunk, RoomTypeFilter},
+    room::RoomType,
 };
 
 use crate::{
@@ -124,32 +124,9 @@ struct Page {
     total: usize,
 }
 
-fn summary(services: &Services, room_id: &RoomId) -> Result<PublicRoomsChunk> {
-    let rooms = &services.rooms;
-    let state = rooms.current_state(room_id)?;
-    let text = |kind: &str, field: &str| -> Result<Option<String>> {
-        Ok(rooms
-            .state_content(&state, kind, "")?
-            .and_then(|c| c.get(field).and_then(|v| v.as_str()).map(str::to_owned)))
-    };
-    let joined = rooms.members(room_id)?.into_iter().filter(|(_, m)| m == "join").count();
-    let mut chunk: PublicRoomsChunk = PublicRoomsChunkInit {
-        num_joined_members: UInt::try_from(joined).unwrap_or_default(),
-        room_id: room_id.to_owned(),
-        world_readable: text("m.room.history_visibility", "history_visibility")?.as_deref()
-            == Some("world_readable"),
-        guest_can_join: text("m.room.guest_access", "guest_access")?.as_deref() == Some("can_join"),
-    }
-    .into();
-    chunk.name = text("m.room.name", "name")?;
-    chunk.topic = text("m.room.topic", "topic")?;
-    chunk.avatar_url = text("m.room.avatar", "url")?.map(Into::into);
-    chunk.canonical_alias =
-        text("m.room.canonical_alias", "alias")?.and_then(|a| a.try_into().ok());
-    chunk.join_rule =
-        text("m.room.join_rules", "join_rule")?.map_or(JoinRuleKind::Invite, |r| r.as_str().into());
-    chunk.room_type = text("m.room.create", "type")?.map(|t| RoomType::from(t.as_str()));
-    Ok(chunk)
+fn chunk(services: &Services, room_id: &RoomId) -> Result<PublicRoomsChunk> {
+    let summary = crate::service::rooms::summary::summary(services, room_id)?;
+    serde_json::from_value(summary).map_err(Error::internal)
 }
 
 fn page(
@@ -169,7 +146,7 @@ fn page(
     let search = search.map(str::to_lowercase);
     let mut rooms = Vec::new();
     for room_id in services.directory.published_rooms()? {
-        let chunk = summary(services, &room_id)?;
+        let chunk = chunk(services, &room_id)?;
         let matches_search = search.as_ref().is_none_or(|term| {
             [
                 chunk.name.as_deref(),

@@ -3,11 +3,16 @@
 use std::collections::BTreeMap;
 
 use ruma::{
+    MilliSecondsSinceUnixEpoch, UInt,
+    api::Direction,
     api::client::{
         membership::{get_member_events::v3 as get_members, joined_members::v3 as joined_members},
         message::send_message_event::v3 as send_message,
         redact::redact_event::v3 as redact,
-        room::get_room_event::v3 as get_event,
+        room::{
+            get_event_by_timestamp::v1 as timestamp_to_event, get_room_event::v3 as get_event,
+            report_content::v3 as report_content, report_room::v3 as report_room,
+        },
         state::{
             get_state_event_for_key::v3::{self as get_state_for_key, StateEventFormat},
             get_state_events::v3 as get_state,
@@ -22,7 +27,11 @@ use serde_json::{Value as JsonValue, json, value::to_raw_value};
 use crate::{
     api::{Ruma, State},
     error::{Error, Result},
-    service::rooms::{NewEvent, pdu::client_event},
+    service::rooms::{
+        NewEvent,
+        pdu::{StoredPdu, client_event},
+        reports::Report,
+    },
 };
 
 fn content_object(raw: &str) -> Result<JsonValue> {
@@ -218,4 +227,85 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
     let txn = Some((caller.device_id.as_str(), body.txn_id.as_str()));
     let event_id = rooms.append(&services, &body.room_id, &caller.user_id, event, txn).await?;
     Ok(redact::Response::new(event_id))
+}
+
+/// Most events looked at by one timestamp lookup.
+const MAX_TIMESTAMP_SCAN: usize = 1_000_000;
+
+/// `GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event`: the closest visible event at or
+/// after (`dir=f`) or at or before (`dir=b`) the timestamp.
+pub async fn timestamp_to_event(
+    services: State,
+    req: Ruma<timestamp_to_event::Request>,
+) -> Result<timestamp_to_event::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let rooms = &services.rooms;
+    rooms.readable_state(&body.room_id, &caller.user_id)?;
+    let record = rooms.room(&body.room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let forward = body.dir == Direction::Forward;
+    let target = u64::from(body.ts.0);
+    let ts_of = |e: &StoredPdu| -> u64 {
+        e.wire
+            .get("origin_server_ts")
+            .and_then(|t| t.as_integer())
+            .map_or(0, |t| u64::try_from(i64::from(t)).unwrap_or(0))
+    };
+    // Scan from the end nearest the answer: oldest first going forward, newest first going back.
+    for event in rooms.timeline(&record, forward).take(MAX_TIMESTAMP_SCAN) {
+        let event = event?;
+        let ts = ts_of(&event);
+        let hit = if forward { ts >= target } else { ts <= target };
+        if hit && rooms.can_see(&caller.user_id, &event)? {
+            let ts = MilliSecondsSinceUnixEpoch(UInt::try_from(ts).unwrap_or_default());
+            return Ok(timestamp_to_event::Response::new(event.event_id, ts));
+        }
+    }
+    Err(Error::not_found("No event found in that direction"))
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/report/{eventId}`: only events the reporter can see.
+pub async fn report_event(
+    services: State,
+    req: Ruma<report_content::Request>,
+) -> Result<report_content::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let not_found = || Error::not_found("Event not found");
+    let stored = services
+        .rooms
+        .stored(&body.event_id)?
+        .filter(|e| e.room_id == body.room_id)
+        .ok_or_else(not_found)?;
+    if !services.rooms.can_see(&caller.user_id, &stored)? {
+        return Err(not_found());
+    }
+    services.reports.add(Report {
+        room_id: body.room_id,
+        event_id: Some(body.event_id),
+        reporter: caller.user_id,
+        reason: body.reason,
+        received_ms: 0,
+    })?;
+    Ok(report_content::Response::new())
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/report`
+pub async fn report_room(
+    services: State,
+    req: Ruma<report_room::Request>,
+) -> Result<report_room::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    if services.rooms.room(&body.room_id)?.is_none() {
+        return Err(Error::not_found("Unknown room"));
+    }
+    services.reports.add(Report {
+        room_id: body.room_id,
+        event_id: None,
+        reporter: caller.user_id,
+        reason: Some(body.reason),
+        received_ms: 0,
+    })?;
+    Ok(report_room::Response::new())
 }

@@ -10,4 +10,5 @@ pub mod profile;
 pub mod register;
 pub mod rooms;
 pub mod session;
+pub mod space;
 pub mod voip;

@@ -1,15 +1,16 @@
 //! Creating rooms and changing membership.
 
 use ruma::{
-    RoomAliasId, RoomId, UserId,
+    OwnedRoomId, RoomAliasId, RoomId, RoomOrAliasId, UserId,
     api::client::{
+        knock::knock_room::v3 as knock_room,
         membership::{
             ban_user::v3 as ban_user, forget_room::v3 as forget_room,
             invite_user::v3 as invite_user, join_room_by_id::v3 as join_by_id,
             join_room_by_id_or_alias::v3 as join_by_id_or_alias, joined_rooms::v3 as joined_rooms,
             kick_user::v3 as kick_user, leave_room::v3 as leave_room, unban_user::v3 as unban_user,
         },
-        room::{Visibility, create_room::v3 as create_room},
+        room::{Visibility, create_room::v3 as create_room, upgrade_room::v3 as upgrade_room},
     },
 };
 use serde_json::{Map, Value as JsonValue};
@@ -104,15 +105,32 @@ pub async fn join_by_id_or_alias(
 ) -> Result<join_by_id_or_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let room_id = match <&RoomId>::try_from(&*body.room_id_or_alias) {
-        Ok(room_id) => room_id.to_owned(),
-        Err(alias) => {
-            let record = services.directory.resolve(alias)?;
-            record.ok_or_else(|| Error::not_found("Room alias not found"))?.room_id
-        }
-    };
+    let room_id = resolve_room(&services, &body.room_id_or_alias)?;
     membership::join(&services, &room_id, &caller.user_id, body.reason.as_deref(), None).await?;
     Ok(join_by_id_or_alias::Response::new(room_id))
+}
+
+/// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`
+pub async fn knock(
+    services: State,
+    req: Ruma<knock_room::Request>,
+) -> Result<knock_room::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let room_id = resolve_room(&services, &body.room_id_or_alias)?;
+    membership::knock(&services, &room_id, &caller.user_id, body.reason.as_deref()).await?;
+    Ok(knock_room::Response::new(room_id))
+}
+
+/// The room a `roomIdOrAlias` parameter names.
+pub fn resolve_room(services: &State, room_id_or_alias: &RoomOrAliasId) -> Result<OwnedRoomId> {
+    match <&RoomId>::try_from(room_id_or_alias) {
+        Ok(room_id) => Ok(room_id.to_owned()),
+        Err(alias) => {
+            let record = services.directory.resolve(alias)?;
+            Ok(record.ok_or_else(|| Error::not_found("Room alias not found"))?.room_id)
+        }
+    }
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/invite`
@@ -210,4 +228,22 @@ pub async fn joined(
 ) -> Result<joined_rooms::Response> {
     let caller = req.caller()?;
     Ok(joined_rooms::Response::new(services.rooms.rooms_of(&caller.user_id, "join")?))
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/upgrade`
+pub async fn upgrade(
+    services: State,
+    req: Ruma<upgrade_room::Request>,
+) -> Result<upgrade_room::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let new_room = crate::service::rooms::upgrade::upgrade_room(
+        &services,
+        &body.room_id,
+        &caller.user_id,
+        &body.new_version,
+        body.additional_creators,
+    )
+    .await?;
+    Ok(upgrade_room::Response::new(new_room))
 }

@@ -78,7 +78,6 @@ pub async fn create_room(
     let mut create = req.creation_content.clone().unwrap_or_default();
     create.remove("creator");
     create.remove("room_version");
-    create.insert("room_version".into(), json!(version));
     if !rules.authorization.use_room_create_sender {
         create.insert("creator".into(), json!(sender));
     }

@@ -102,6 +102,17 @@ impl Directory {
         Ok(self.db.write(batch)?)
     }
 
+    /// Points `alias` at `room_id` (room upgrades move aliases to the replacement room).
+    pub fn move_alias(&self, alias: &RoomAliasId, room_id: &RoomId) -> Result<()> {
+        let Some(mut record) = self.resolve(alias)? else { return Ok(()) };
+        let mut batch = self.db.batch();
+        self.room_aliases.delete(&mut batch, &(record.room_id.as_str(), alias.as_str()));
+        record.room_id = room_id.to_owned();
+        self.aliases.put(&mut batch, alias.as_str(), &record);
+        self.room_aliases.put(&mut batch, &(room_id.as_str(), alias.as_str()), &());
+        Ok(self.db.write(batch)?)
+    }
+
     /// The local aliases of `room_id`.
     pub fn aliases_of(&self, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
         let mut aliases = Vec::new();

@@ -129,6 +129,22 @@ fn restricted_join_authoriser(
     Ok(None)
 }
 
+/// `user_id` asks to be let in (rooms whose join rule is `knock` or `knock_restricted`).
+pub async fn knock(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+    reason: Option<&str>,
+) -> Result<OwnedEventId> {
+    require_known_room(services, room_id)?;
+    let mut content = member_content(services, user_id, "knock", reason)?;
+    let profile = services.users.profile(user_id)?;
+    if let Some(name) = profile.get("displayname") {
+        content["displayname"] = name.clone();
+    }
+    send_member(services, room_id, user_id, user_id, content).await
+}
+
 /// `sender` invites `target`.
 pub async fn invite(
     services: &Services,

@@ -8,7 +8,10 @@ pub mod create;
 pub mod directory;
 pub mod membership;
 pub mod pdu;
+pub mod reports;
 pub mod state;
+pub mod summary;
+pub mod upgrade;
 
 use std::{
     collections::HashMap,
@@ -370,15 +373,17 @@ impl Rooms {
         self.build_and_store(services, Target::Existing(room_id, record), sender, event, txn)
     }
 
-    /// Creates a room of `version` from its create event; returns the room id. Later events go
+    /// Creates a room of `version` from its create event (whose `room_version` this sets);
+    /// returns the room id. Later events go
     /// through [`Rooms::append`].
     pub fn append_create(
         &self,
         services: &Services,
         sender: &UserId,
         version: &RoomVersionId,
-        content: JsonValue,
+        mut content: JsonValue,
     ) -> Result<OwnedRoomId> {
+        content["room_version"] = serde_json::json!(version);
         let event = NewEvent::state("m.room.create", "", content);
         let event_id = self.build_and_store(services, Target::New(version), sender, event, None)?;
         let stored = self.stored(&event_id)?.ok_or_else(|| Error::internal("create event lost"))?;
@@ -622,6 +627,21 @@ impl Rooms {
         stored.redacted_because = Some(redaction.to_owned());
         self.pdus.put(batch, &short, &stored);
         Ok(())
+    }
+
+    /// The room's events in timeline order (`forward`) or newest first, as stored.
+    pub fn timeline(
+        &self,
+        record: &RoomRecord,
+        forward: bool,
+    ) -> impl Iterator<Item = Result<StoredPdu>> + '_ {
+        let prefix = prefix(&record.short_id);
+        let entries: Box<dyn Iterator<Item = _>> = if forward {
+            Box::new(self.timeline.scan_prefix(prefix))
+        } else {
+            Box::new(self.timeline.scan_prefix_rev(prefix))
+        };
+        entries.map(move |item| self.stored_by_short(item?.1))
     }
 
     /// Whether `user_id` may see `event` under the room's history visibility.
