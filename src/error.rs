@@ -72,6 +72,8 @@ pub enum ErrorKind {
     BadAlias,
     /// `M_UNKNOWN` with 409: the resource already exists (an alias, ...).
     Conflict,
+    /// `M_UNKNOWN_POS` (400): a sync or pagination token this server never issued.
+    UnknownPos,
     /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
     Internal,
 }
@@ -105,6 +107,7 @@ impl ErrorKind {
             Self::RoomInUse => "M_ROOM_IN_USE",
             Self::BadAlias => "M_BAD_ALIAS",
             Self::Conflict => "M_UNKNOWN",
+            Self::UnknownPos => "M_UNKNOWN_POS",
         }
     }
 
@@ -136,7 +139,8 @@ impl ErrorKind {
             | Self::MissingParam
             | Self::UnsupportedRoomVersion
             | Self::RoomInUse
-            | Self::BadAlias => StatusCode::BAD_REQUEST,
+            | Self::BadAlias
+            | Self::UnknownPos => StatusCode::BAD_REQUEST,
         }
     }
 }

@@ -243,6 +243,23 @@ where
     }
 }
 
+/// A JSON body for endpoints whose response is assembled directly (sync), sent as a ruma
+/// response so it routes like every other endpoint.
+pub struct JsonResponse(pub serde_json::Value);
+
+impl OutgoingResponse for JsonResponse {
+    fn try_into_http_response<T: Default + bytes::BufMut>(
+        self,
+    ) -> Result<http::Response<T>, ruma::api::error::IntoHttpError> {
+        let mut body = T::default();
+        serde_json::to_writer(bytes::BufMut::writer(&mut body), &self.0)?;
+        http::Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(ruma::api::error::IntoHttpError::from)
+    }
+}
+
 /// A ruma response on its way out.
 pub struct RumaResponse<T>(pub T);
 

@@ -79,7 +79,7 @@ impl RouterExt for Router<State> {
 pub fn build(state: State) -> Router {
     use client::{
         account, account_data, devices, directory, discovery, events, profile, register, rooms,
-        session, space, voip,
+        session, space, sync, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -135,6 +135,11 @@ pub fn build(state: State) -> Router {
         .ruma(account_data::get_room)
         .ruma(account_data::set_room)
         .ruma(voip::turn_server)
+        // Sync and history
+        .ruma(sync::sync)
+        .ruma(sync::create)
+        .ruma(sync::get)
+        .ruma(sync::messages)
         // Rooms
         .ruma(rooms::create)
         .ruma(rooms::join_by_id)

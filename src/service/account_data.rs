@@ -7,7 +7,7 @@ use serde_json::Value as JsonValue;
 use super::Services;
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Db, Table, tables},
+    storage::{Db, Key, Table, tables},
 };
 
 /// Largest account data document accepted, in bytes.
@@ -38,6 +38,26 @@ impl AccountData {
         Ok(self.data.get(&(user_id.as_str(), room, event_type))?)
     }
 
+    /// The `(room id or "", event type)` pairs of `user_id` changed in `(after, upto]`,
+    /// each once.
+    pub fn changed(
+        &self,
+        user_id: &UserId,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<(String, String)>> {
+        let lower = (user_id.as_str(), after.saturating_add(1)).to_key_bytes();
+        let upper = (user_id.as_str(), upto.saturating_add(1)).to_key_bytes();
+        let mut changed = Vec::new();
+        for item in self.changes.scan_range(lower, upper, false) {
+            let (_, entry) = item?;
+            if !changed.contains(&entry) {
+                changed.push(entry);
+            }
+        }
+        Ok(changed)
+    }
+
     /// Stores `content` as `event_type` for `user_id`, durably, at a new stream position.
     pub fn set(
         &self,
@@ -64,7 +84,8 @@ impl AccountData {
         }
         let room = room_id.map_or("", RoomId::as_str);
         let mut batch = services.db.batch();
-        let position = services.stream.next(&mut batch);
+        let pending = services.stream.next(&mut batch);
+        let position = pending.position;
         self.data.put(&mut batch, &(user_id.as_str(), room, event_type), &content);
         self.changes.put(
             &mut batch,
@@ -72,6 +93,8 @@ impl AccountData {
             &(room.to_owned(), event_type.to_owned()),
         );
         services.db.write(batch)?;
+        drop(pending);
+        services.stream.wake([user_id]);
         Ok(position)
     }
 }

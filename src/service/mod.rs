@@ -2,11 +2,14 @@
 //! service owns its tables and talks to the others only through it.
 
 pub mod account_data;
+pub mod filters;
 pub mod keys;
 pub mod ratelimit;
 pub mod registration;
 pub mod rooms;
 pub mod sessions;
+pub mod stream;
+pub mod sync;
 pub mod uiaa;
 pub mod users;
 
@@ -20,9 +23,6 @@ use crate::{
     storage::{Batch, Db, StorageError},
 };
 
-/// The name of the global stream position counter.
-const STREAM_COUNTER: &str = "stream";
-
 /// Every service, built once at start.
 pub struct Services {
     /// The configuration the server started with.
@@ -30,7 +30,7 @@ pub struct Services {
     /// The database.
     pub db: Db,
     /// The global stream position every user-visible change is recorded at.
-    pub stream: Counter,
+    pub stream: stream::Stream,
     /// Accounts, passwords and profiles.
     pub users: users::Users,
     /// Devices and their access and refresh tokens.
@@ -51,16 +51,19 @@ pub struct Services {
     pub directory: rooms::directory::Directory,
     /// Reports of events and rooms.
     pub reports: rooms::reports::Reports,
+    /// Stored event filters.
+    pub filters: filters::Filters,
 }
 
 impl Services {
     /// Builds every service over `db`.
     pub fn new(config: Config, db: Db) -> Result<Self, StorageError> {
-        let stream = Counter::new(&db, STREAM_COUNTER)?;
+        let stream = stream::Stream::new(&db)?;
         Ok(Self {
             keys: keys::ServerKeys::load_or_create(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             directory: rooms::directory::Directory::new(&db),
+            filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             rooms: rooms::Rooms::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,

@@ -266,6 +266,22 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         )
     }
 
+    /// Every `(raw key, value)` with `lower <= key < upper`, in key order or reversed.
+    pub fn scan_range(
+        &self,
+        lower: Vec<u8>,
+        upper: Vec<u8>,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, V), StorageError>> + '_ {
+        let mut options = ReadOptions::default();
+        options.set_iterate_range(lower..upper);
+        let mode = if reverse { IteratorMode::End } else { IteratorMode::Start };
+        self.db.inner.iterator_cf_opt(self.db.cf(self.name), options, mode).map(move |item| {
+            let (key, value) = item?;
+            Ok((key, self.decode(&value)?))
+        })
+    }
+
     /// Every `(raw key, value)` whose key starts with `prefix`, in reverse key order.
     pub fn scan_prefix_rev(
         &self,

@@ -49,6 +49,9 @@ pub const PUBLISHED_ROOMS: &str = "published_rooms";
 /// `report id` -> `Report`: content and room reports for admins.
 pub const REPORTS: &str = "reports";
 
+/// `user id 0xFF filter id` -> filter definition (JSON) stored with `/user/{id}/filter`.
+pub const FILTERS: &str = "filters";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -73,4 +76,5 @@ pub const ALL: &[&str] = &[
     ROOM_ALIASES,
     PUBLISHED_ROOMS,
     REPORTS,
+    FILTERS,
 ];

@@ -10,3 +10,4 @@ mod rooms;
 mod sdk;
 mod shared_secret;
 mod spaces;
+mod sync;

@@ -11,4 +11,5 @@ pub mod register;
 pub mod rooms;
 pub mod session;
 pub mod space;
+pub mod sync;
 pub mod voip;

@@ -35,7 +35,7 @@ use self::{
 use super::{Counter, Services, now_ms, random_string};
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Db, Table, prefix, split_key, tables},
+    storage::{Db, Key, Table, prefix, split_key, tables},
 };
 
 /// Largest event accepted, in bytes of canonical JSON (the spec's limit).
@@ -540,7 +540,8 @@ impl Rooms {
         // Authorised: write the event, its state, its indexes and the room in one batch.
         let mut batch = self.db.batch();
         let short = self.short_event.next(&mut batch);
-        stored.position = services.stream.next(&mut batch);
+        let pending = services.stream.next(&mut batch);
+        stored.position = pending.position;
         let mut record = match record {
             Some(record) if record.short_id != 0 => record,
             _ => RoomRecord {
@@ -586,8 +587,16 @@ impl Rooms {
             self.transactions.put(&mut batch, &(sender.as_str(), device, txn_id), &event_id);
         }
         self.db.write(batch)?;
+        drop(pending);
         if let Some((id, map)) = new_state {
             self.states.remember(id, Arc::new(map));
+        }
+        let members = self.members(&room_id)?;
+        services.stream.wake(members.iter().filter(|(_, m)| m != "leave").map(|(u, _)| &**u));
+        if let Some(target) =
+            event.state_key.as_deref().filter(|_| event.kind == TimelineEventType::RoomMember)
+        {
+            services.stream.wake(UserId::parse(target).ok().as_deref());
         }
         Ok(event_id)
     }
@@ -642,6 +651,29 @@ impl Rooms {
             Box::new(self.timeline.scan_prefix_rev(prefix))
         };
         entries.map(move |item| self.stored_by_short(item?.1))
+    }
+
+    /// The room's events with `after < position <= upto`, oldest first or newest first.
+    pub fn timeline_range(
+        &self,
+        record: &RoomRecord,
+        after: u64,
+        upto: u64,
+        forward: bool,
+    ) -> impl Iterator<Item = Result<StoredPdu>> + '_ {
+        let lower = (record.short_id, after.saturating_add(1)).to_key_bytes();
+        let upper = (record.short_id, upto.saturating_add(1)).to_key_bytes();
+        self.timeline
+            .scan_range(lower, upper, !forward)
+            .map(move |item| self.stored_by_short(item?.1))
+    }
+
+    /// The room state as of stream position `position` (after every event up to it).
+    pub fn state_at_position(&self, record: &RoomRecord, position: u64) -> Result<Arc<StateMap>> {
+        match self.timeline_range(record, 0, position, false).next() {
+            Some(event) => self.states.load(event?.state_after_or_before()),
+            None => Ok(Arc::default()),
+        }
     }
 
     /// Whether `user_id` may see `event` under the room's history visibility.

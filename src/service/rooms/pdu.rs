@@ -32,6 +32,28 @@ pub struct StoredPdu {
     pub transaction: Option<(String, String)>,
 }
 
+impl StoredPdu {
+    /// The state after this event (the state before it for non-state events).
+    pub fn state_after_or_before(&self) -> u64 {
+        if self.state_after != 0 { self.state_after } else { self.state_before }
+    }
+
+    /// The event type.
+    pub fn kind(&self) -> &str {
+        self.wire.get("type").and_then(|t| t.as_str()).unwrap_or_default()
+    }
+
+    /// The sender.
+    pub fn sender(&self) -> &str {
+        self.wire.get("sender").and_then(|t| t.as_str()).unwrap_or_default()
+    }
+
+    /// The state key, for state events.
+    pub fn state_key(&self) -> Option<&str> {
+        self.wire.get("state_key").and_then(|t| t.as_str())
+    }
+}
+
 /// A reference to another event: a bare id (v3+) or `[id, hashes]` (v1, v2).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

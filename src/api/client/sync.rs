@@ -1,0 +1,180 @@
+//! `/sync`, stored filters and `/messages`: how devices catch up and page back through history.
+
+use std::time::Duration;
+
+use ruma::api::{
+    Direction,
+    client::{
+        filter::{
+            FilterDefinition, create_filter::v3 as create_filter, get_filter::v3 as get_filter,
+        },
+        message::get_message_events::v3 as messages,
+        sync::sync_events::v3::{self as sync_events, Filter},
+    },
+};
+use serde_json::{Value as JsonValue, json};
+
+use crate::{
+    api::{JsonResponse, Ruma, State},
+    error::{Error, ErrorKind, Result},
+    service::{
+        filters,
+        rooms::pdu::{StoredPdu, client_event},
+        sync::{SyncRequest, sync as build_sync},
+    },
+};
+
+/// Longest a sync may wait for something to happen.
+const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest `/messages` page.
+const MAX_MESSAGES: usize = 1000;
+/// Most events looked at (hidden or filtered ones included) for one `/messages` page.
+const MAX_MESSAGES_SCAN: usize = 20_000;
+
+/// Parses a stream token (`s<position>`), refusing tokens from the future.
+fn parse_token(services: &State, token: &str) -> Result<u64> {
+    let position = token
+        .strip_prefix('s')
+        .and_then(|p| p.parse::<u64>().ok())
+        .ok_or_else(|| Error::new(ErrorKind::UnknownPos, "Unknown pagination token"))?;
+    if position > services.stream.current() {
+        return Err(Error::new(ErrorKind::UnknownPos, "Token is from the future"));
+    }
+    Ok(position)
+}
+
+/// `GET /_matrix/client/v3/sync`: answers at once when there is news (or on an initial or
+/// full-state sync), otherwise waits up to `timeout` for the user's next change.
+pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<JsonResponse> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let filter = match body.filter {
+        None => FilterDefinition::default(),
+        Some(Filter::FilterDefinition(definition)) => definition,
+        Some(Filter::FilterId(id)) => services.filters.get(&caller.user_id, &id)?,
+        Some(_) => return Err(Error::bad_json("Unsupported filter")),
+    };
+    let since = body.since.as_deref().map(|s| parse_token(&services, s)).transpose()?;
+    let request = SyncRequest {
+        user_id: &caller.user_id,
+        device_id: caller.device_id.as_str(),
+        since,
+        full_state: body.full_state,
+        filter: &filter,
+    };
+    let request_limit =
+        Duration::from_secs(services.config.limits.request_timeout_secs.saturating_sub(5).max(1));
+    let timeout = body.timeout.unwrap_or_default().min(MAX_SYNC_TIMEOUT).min(request_limit);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let waiter = services.stream.waiter(&caller.user_id);
+    loop {
+        let notified = waiter.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let upto = services.stream.current();
+        let response = build_sync(&services, &request, upto)?;
+        let done = since.is_none() || body.full_state || response.has_changes;
+        if done || tokio::time::Instant::now() >= deadline {
+            return Ok(JsonResponse(response.body));
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// `POST /_matrix/client/v3/user/{userId}/filter`
+pub async fn create(
+    services: State,
+    req: Ruma<create_filter::Request>,
+) -> Result<create_filter::Response> {
+    let caller = req.caller()?.clone();
+    caller.must_be(&req.body.user_id)?;
+    let id = services.filters.create(&caller.user_id, &req.body.filter)?;
+    Ok(create_filter::Response::new(id))
+}
+
+/// `GET /_matrix/client/v3/user/{userId}/filter/{filterId}`
+pub async fn get(services: State, req: Ruma<get_filter::Request>) -> Result<get_filter::Response> {
+    let caller = req.caller()?.clone();
+    caller.must_be(&req.body.user_id)?;
+    Ok(get_filter::Response::new(services.filters.get(&caller.user_id, &req.body.filter_id)?))
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/messages`: a page of history in either direction,
+/// only what history visibility lets the caller see.
+pub async fn messages(services: State, req: Ruma<messages::Request>) -> Result<JsonResponse> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let rooms = &services.rooms;
+    rooms.readable_state(&body.room_id, &caller.user_id)?;
+    let record = rooms.room(&body.room_id)?.ok_or_else(|| Error::forbidden("Unknown room"))?;
+    let forward = body.dir == Direction::Forward;
+    let from = match body.from.as_deref() {
+        Some(token) => parse_token(&services, token)?,
+        None if forward => 0,
+        None => services.stream.current(),
+    };
+    let to = body.to.as_deref().map(|t| parse_token(&services, t)).transpose()?;
+    let limit = (u64::from(body.limit) as usize).clamp(1, MAX_MESSAGES);
+    let (after, upto) = if forward {
+        (from, to.unwrap_or_else(|| services.stream.current()))
+    } else {
+        (to.unwrap_or(0), from)
+    };
+
+    let mut chunk: Vec<StoredPdu> = Vec::with_capacity(limit);
+    let mut last_scanned = None;
+    let mut exhausted = true;
+    for (scanned, event) in rooms.timeline_range(&record, after, upto, forward).enumerate() {
+        let event = event?;
+        if chunk.len() == limit || scanned == MAX_MESSAGES_SCAN {
+            exhausted = false;
+            break;
+        }
+        last_scanned = Some(event.position);
+        if filters::matches(&body.filter, &event) && rooms.can_see(&caller.user_id, &event)? {
+            chunk.push(event);
+        }
+    }
+    let end = match (exhausted, last_scanned) {
+        (false, Some(position)) => {
+            Some(if forward { position } else { position.saturating_sub(1) })
+        }
+        _ => None,
+    };
+    let state = lazy_members(&services, &body.filter, &chunk)?;
+    let events: Vec<JsonValue> = chunk
+        .iter()
+        .map(|e| client_event(e, Some((&caller.user_id, caller.device_id.as_str()))))
+        .collect();
+    let mut response = json!({ "start": format!("s{from}"), "chunk": events, "state": state });
+    if let Some(end) = end {
+        response["end"] = json!(format!("s{end}"));
+    }
+    Ok(JsonResponse(response))
+}
+
+/// With lazy loading, the member events of the page's senders (as of each event).
+fn lazy_members(
+    services: &State,
+    filter: &ruma::api::client::filter::RoomEventFilter,
+    chunk: &[StoredPdu],
+) -> Result<Vec<JsonValue>> {
+    if filter.lazy_load_options.is_disabled() {
+        return Ok(Vec::new());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut members = Vec::new();
+    for event in chunk {
+        if !seen.insert(event.sender().to_owned()) {
+            continue;
+        }
+        let state = services.rooms.states.load(event.state_after_or_before())?;
+        if let Some(member) = services.rooms.state_event(&state, "m.room.member", event.sender())? {
+            members.push(client_event(&member, None));
+        }
+    }
+    Ok(members)
+}

@@ -1,0 +1,357 @@
+//! `/sync` (v3): everything a user's device must learn between two stream positions, built
+//! from prefix scans of each room's timeline and the per-user change logs.
+
+use std::collections::{BTreeMap, HashSet};
+
+use ruma::{
+    RoomId, UserId,
+    api::client::filter::{FilterDefinition, RoomEventFilter},
+};
+use serde_json::{Map, Value as JsonValue, json};
+
+use super::{
+    Services, filters,
+    rooms::{
+        RoomRecord,
+        pdu::{StoredPdu, client_event},
+        state::StateMap,
+    },
+};
+use crate::error::Result;
+
+/// Timeline events per room when the filter does not say.
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// Most timeline events per room in one response.
+const MAX_TIMELINE_LIMIT: usize = 500;
+/// State event types shown to invitees before they join.
+const INVITE_STATE: &[&str] = &[
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
+/// One sync request, parsed.
+pub struct SyncRequest<'a> {
+    /// The user.
+    pub user_id: &'a UserId,
+    /// The device (for transaction ids).
+    pub device_id: &'a str,
+    /// The position of the `since` token, if any.
+    pub since: Option<u64>,
+    /// Send the full state of every room.
+    pub full_state: bool,
+    /// The filter in force.
+    pub filter: &'a FilterDefinition,
+}
+
+/// A sync response and whether it carries anything (long-polls wait while it does not).
+pub struct SyncResponse {
+    /// The response body.
+    pub body: JsonValue,
+    /// Whether anything changed.
+    pub has_changes: bool,
+}
+
+/// Builds the sync response for changes in `(since, upto]`.
+pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<SyncResponse> {
+    let rooms = &services.rooms;
+    let since = req.since.unwrap_or(0);
+    let initial = req.since.is_none();
+    let room_filter = &req.filter.room;
+    let room_allowed = |room_id: &RoomId| {
+        !room_filter.not_rooms.iter().any(|r| r == room_id)
+            && room_filter.rooms.as_ref().is_none_or(|rooms| rooms.iter().any(|r| r == room_id))
+    };
+    let mut has_changes = false;
+
+    let mut join = Map::new();
+    for room_id in rooms.rooms_of(req.user_id, "join")? {
+        if !room_allowed(&room_id) {
+            continue;
+        }
+        if let Some(room) = joined_room(services, req, &room_id, since, upto, initial)? {
+            has_changes = true;
+            join.insert(room_id.to_string(), room);
+        }
+    }
+
+    let ignored = ignored_users(services, req.user_id)?;
+    let mut invite = Map::new();
+    for room_id in rooms.rooms_of(req.user_id, "invite")? {
+        let Some(record) = rooms.room(&room_id)? else { continue };
+        let state = rooms.states.load(record.current_state)?;
+        let Some(invite_event) =
+            rooms.state_event(&state, "m.room.member", req.user_id.as_str())?
+        else {
+            continue;
+        };
+        let stale = !initial && invite_event.position <= since || invite_event.position > upto;
+        if stale || !room_allowed(&room_id) || ignored.contains(invite_event.sender()) {
+            continue;
+        }
+        let mut events: Vec<JsonValue> = Vec::new();
+        for kind in INVITE_STATE {
+            if let Some(event) = rooms.state_event(&state, kind, "")? {
+                events.push(stripped(&event));
+            }
+        }
+        if let Some(inviter) = rooms.state_event(&state, "m.room.member", invite_event.sender())? {
+            events.push(stripped(&inviter));
+        }
+        events.push(stripped(&invite_event));
+        has_changes = true;
+        invite.insert(room_id.to_string(), json!({ "invite_state": { "events": events } }));
+    }
+
+    let mut leave = Map::new();
+    if !initial || room_filter.include_leave {
+        for membership in ["leave", "ban"] {
+            for room_id in rooms.rooms_of(req.user_id, membership)? {
+                if !room_allowed(&room_id) {
+                    continue;
+                }
+                if let Some(room) = left_room(services, req, &room_id, since, upto, initial)? {
+                    has_changes = true;
+                    leave.insert(room_id.to_string(), room);
+                }
+            }
+        }
+    }
+
+    let mut global_account_data = Vec::new();
+    for (room, kind) in
+        services.account_data.changed(req.user_id, if initial { 0 } else { since }, upto)?
+    {
+        if room.is_empty()
+            && let Some(content) = services.account_data.get(req.user_id, None, &kind)?
+        {
+            global_account_data.push(json!({ "type": kind, "content": content }));
+        }
+    }
+    has_changes |= !global_account_data.is_empty();
+
+    let body = json!({
+        "next_batch": format!("s{upto}"),
+        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
+        "account_data": { "events": global_account_data },
+        "presence": { "events": [] },
+        "to_device": { "events": [] },
+        "device_lists": { "changed": [], "left": [] },
+        "device_one_time_keys_count": {},
+    });
+    Ok(SyncResponse { body, has_changes })
+}
+
+/// The stripped form of a state event shown to invitees.
+fn stripped(event: &StoredPdu) -> JsonValue {
+    json!({
+        "type": event.kind(),
+        "state_key": event.state_key().unwrap_or_default(),
+        "sender": event.sender(),
+        "content": event.wire.get("content"),
+    })
+}
+
+fn timeline_limit(filter: &RoomEventFilter) -> usize {
+    filter
+        .limit
+        .map_or(DEFAULT_TIMELINE_LIMIT, |l| u64::from(l) as usize)
+        .clamp(1, MAX_TIMELINE_LIMIT)
+}
+
+/// The newest visible timeline events in `(after, upto]`, oldest first, and whether more
+/// were left out.
+fn timeline(
+    services: &Services,
+    req: &SyncRequest<'_>,
+    record: &RoomRecord,
+    after: u64,
+    upto: u64,
+) -> Result<(Vec<StoredPdu>, bool)> {
+    let filter = &req.filter.room.timeline;
+    let limit = timeline_limit(filter);
+    let ignored = ignored_users(services, req.user_id)?;
+    let mut events = Vec::with_capacity(limit);
+    let mut limited = false;
+    for event in services.rooms.timeline_range(record, after, upto, false) {
+        let event = event?;
+        if !services.rooms.can_see(req.user_id, &event)? {
+            continue;
+        }
+        if !filters::matches(filter, &event) || ignored.contains(event.sender()) {
+            continue;
+        }
+        if events.len() == limit {
+            limited = true;
+            break;
+        }
+        events.push(event);
+    }
+    events.reverse();
+    Ok((events, limited))
+}
+
+/// Users whose events `user_id` does not want (`m.ignored_user_list`).
+fn ignored_users(services: &Services, user_id: &UserId) -> Result<HashSet<String>> {
+    let list = services.account_data.get(user_id, None, "m.ignored_user_list")?;
+    Ok(list
+        .as_ref()
+        .and_then(|l| l.get("ignored_users"))
+        .and_then(|u| u.as_object())
+        .map(|users| users.keys().cloned().collect())
+        .unwrap_or_default())
+}
+
+/// State events to send with a timeline: all of `at_start` (initial, full or newly joined) or
+/// what changed since `since_state` (gappy), minus what the timeline carries itself, with
+/// lazily loaded members cut down to the timeline's senders.
+fn state_section(
+    services: &Services,
+    req: &SyncRequest<'_>,
+    at_start: &StateMap,
+    since_state: Option<&StateMap>,
+    timeline: &[StoredPdu],
+) -> Result<Vec<JsonValue>> {
+    let in_timeline: HashSet<&str> = timeline.iter().map(|e| e.event_id.as_str()).collect();
+    let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
+    let senders: HashSet<&str> =
+        timeline.iter().map(StoredPdu::sender).chain([req.user_id.as_str()]).collect();
+    let mut events = Vec::new();
+    for ((kind, key), short) in at_start {
+        if since_state.is_some_and(|since| since.get(&(kind.clone(), key.clone())) == Some(short)) {
+            continue;
+        }
+        if lazy && kind == "m.room.member" && !senders.contains(key.as_str()) {
+            continue;
+        }
+        let Some(event) = services.rooms.stored_by_short_public(*short)? else { continue };
+        if in_timeline.contains(event.event_id.as_str())
+            || !filters::matches(&req.filter.room.state, &event)
+        {
+            continue;
+        }
+        events.push(client_event(&event, None));
+    }
+    Ok(events)
+}
+
+fn joined_room(
+    services: &Services,
+    req: &SyncRequest<'_>,
+    room_id: &RoomId,
+    since: u64,
+    upto: u64,
+    initial: bool,
+) -> Result<Option<JsonValue>> {
+    let rooms = &services.rooms;
+    let Some(record) = rooms.room(room_id)? else { return Ok(None) };
+    let current = rooms.states.load(record.current_state)?;
+    let joined_at = rooms
+        .state_event(&current, "m.room.member", req.user_id.as_str())?
+        .map_or(0, |e| e.position);
+    let newly_joined = !initial && joined_at > since;
+    let (events, limited) = timeline(services, req, &record, since, upto)?;
+    let mut account_data = Vec::new();
+    for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {
+        if room == room_id.as_str()
+            && let Some(content) = services.account_data.get(req.user_id, Some(room_id), &kind)?
+        {
+            account_data.push(json!({ "type": kind, "content": content }));
+        }
+    }
+    if !initial && !req.full_state && events.is_empty() && account_data.is_empty() && !newly_joined
+    {
+        return Ok(None);
+    }
+
+    let at_start = match events.first() {
+        Some(first) => rooms.states.load(first.state_before)?,
+        None => rooms.state_at_position(&record, upto)?,
+    };
+    let since_state = if initial || newly_joined || req.full_state {
+        None
+    } else if limited {
+        Some(rooms.state_at_position(&record, since)?)
+    } else {
+        // Not gappy: the timeline itself carries every state change.
+        Some(at_start.clone())
+    };
+    let state = state_section(services, req, &at_start, since_state.as_deref(), &events)?;
+    let prev_batch = events.first().map_or(upto, |e| e.position.saturating_sub(1));
+    let timeline: Vec<JsonValue> =
+        events.iter().map(|e| client_event(e, Some((req.user_id, req.device_id)))).collect();
+
+    Ok(Some(json!({
+        "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
+        "state": { "events": state },
+        "account_data": { "events": account_data },
+        "ephemeral": { "events": [] },
+        "summary": summary(services, room_id, &current, req.user_id)?,
+        "unread_notifications": { "notification_count": 0, "highlight_count": 0 },
+    })))
+}
+
+fn left_room(
+    services: &Services,
+    req: &SyncRequest<'_>,
+    room_id: &RoomId,
+    since: u64,
+    upto: u64,
+    initial: bool,
+) -> Result<Option<JsonValue>> {
+    let rooms = &services.rooms;
+    let Some(record) = rooms.room(room_id)? else { return Ok(None) };
+    let current = rooms.states.load(record.current_state)?;
+    let Some(left) = rooms.state_event(&current, "m.room.member", req.user_id.as_str())? else {
+        return Ok(None);
+    };
+    if (!initial && left.position <= since) || left.position > upto {
+        return Ok(None);
+    }
+    let (events, limited) = timeline(services, req, &record, since, left.position)?;
+    let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
+    let timeline: Vec<JsonValue> =
+        events.iter().map(|e| client_event(e, Some((req.user_id, req.device_id)))).collect();
+    Ok(Some(json!({
+        "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
+        "state": { "events": [] },
+        "account_data": { "events": [] },
+    })))
+}
+
+/// Heroes and member counts, so clients can name rooms without a name.
+fn summary(
+    services: &Services,
+    room_id: &RoomId,
+    state: &StateMap,
+    user_id: &UserId,
+) -> Result<JsonValue> {
+    let members = services.rooms.members(room_id)?;
+    let count = |membership: &str| members.iter().filter(|(_, m)| m == membership).count();
+    let named = services
+        .rooms
+        .state_content(state, "m.room.name", "")?
+        .is_some_and(|c| c.get("name").is_some())
+        || services
+            .rooms
+            .state_content(state, "m.room.canonical_alias", "")?
+            .is_some_and(|c| c.get("alias").is_some());
+    let mut summary = BTreeMap::from([
+        ("m.joined_member_count", json!(count("join"))),
+        ("m.invited_member_count", json!(count("invite"))),
+    ]);
+    if !named {
+        let heroes: Vec<&str> = members
+            .iter()
+            .filter(|(u, m)| u != user_id && (m == "join" || m == "invite"))
+            .map(|(u, _)| u.as_str())
+            .take(5)
+            .collect();
+        summary.insert("m.heroes", json!(heroes));
+    }
+    Ok(json!(summary))
+}
