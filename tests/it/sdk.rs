@@ -44,3 +44,79 @@ async fn matrix_sdk_registers_logs_in_and_manages_profile() {
     phone.logout().await.unwrap();
     assert_eq!(client.devices().await.unwrap().devices.len(), 1);
 }
+
+async fn sdk_client(base: &str, user: &str) -> Client {
+    let client = Client::builder().homeserver_url(base).build().await.unwrap();
+    let mut request = register::v3::Request::new();
+    request.username = Some(user.to_owned());
+    request.password = Some("sdk password 1".to_owned());
+    request.auth = Some(uiaa::AuthData::Dummy(uiaa::Dummy::new()));
+    client.matrix_auth().register(request).await.unwrap();
+    client
+}
+
+async fn member_ids(room: &matrix_sdk::Room) -> Vec<String> {
+    let mut ids: Vec<String> = room
+        .members(matrix_sdk::RoomMemberships::JOIN)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.user_id().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn matrix_sdk_rooms_membership_state_and_sync() {
+    use matrix_sdk::{
+        config::SyncSettings,
+        ruma::{api::client::room::create_room, events::room::message::RoomMessageEventContent},
+    };
+
+    let s = TestServer::start().await;
+    let alice = sdk_client(&s.base, "alice").await;
+    let bob = sdk_client(&s.base, "bob").await;
+    let bob_id = bob.user_id().unwrap().to_owned();
+    let settings = || SyncSettings::default().timeout(std::time::Duration::from_millis(0));
+
+    let mut request = create_room::v3::Request::new();
+    request.name = Some("Launch".to_owned());
+    let room = alice.create_room(request).await.unwrap();
+    room.invite_user_by_id(&bob_id).await.unwrap();
+
+    bob.sync_once(settings()).await.unwrap();
+    let invited = bob.get_room(room.room_id()).expect("bob sees the invite");
+    assert_eq!(invited.state(), matrix_sdk::RoomState::Invited);
+    bob.join_room_by_id(room.room_id()).await.unwrap();
+
+    room.send(RoomMessageEventContent::text_plain("hello from alice")).await.unwrap();
+    let bob_room = bob.get_room(room.room_id()).unwrap();
+    bob_room.send(RoomMessageEventContent::text_plain("hello from bob")).await.unwrap();
+    room.set_name("Launch v2".to_owned()).await.unwrap();
+    bob_room.set_room_topic("bob may not").await.expect_err("power 0 cannot set the topic");
+    room.set_room_topic("Shipping Friday").await.unwrap();
+
+    alice.sync_once(settings()).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    for client_room in [&room, &bob_room] {
+        assert_eq!(client_room.name().as_deref(), Some("Launch v2"));
+        assert_eq!(client_room.topic().as_deref(), Some("Shipping Friday"));
+        assert_eq!(client_room.state(), matrix_sdk::RoomState::Joined);
+    }
+    assert_eq!(member_ids(&room).await, member_ids(&bob_room).await);
+    assert_eq!(member_ids(&room).await.len(), 2);
+
+    room.kick_user(&bob_id, Some("timeout")).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    assert_eq!(bob.get_room(room.room_id()).unwrap().state(), matrix_sdk::RoomState::Left);
+    room.ban_user(&bob_id, Some("for real")).await.unwrap();
+    room.unban_user(&bob_id, None).await.unwrap();
+    room.invite_user_by_id(&bob_id).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    bob.join_room_by_id(room.room_id()).await.unwrap();
+    alice.sync_once(settings()).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    let bob_room = bob.get_room(room.room_id()).unwrap();
+    assert_eq!(member_ids(&room).await, member_ids(&bob_room).await);
+}

@@ -59,6 +59,26 @@ async fn initial_and_incremental_sync_with_invites_joins_and_leaves() {
     let quiet = sync(&s, &bob, &format!("since={token}&timeout=0")).await;
     assert!(quiet["rooms"]["join"].as_object().unwrap().is_empty(), "{quiet}");
 
+    // Members as of an older token.
+    let (_, carol, _) = s.register("carol", "correct horse").await;
+    s.membership(&alice, &room, "invite", json!({ "user_id": "@carol:localhost" })).await;
+    s.membership(&carol, &room, "join", json!({})).await;
+    let members = |at: String| {
+        let (s, bob) = (&s, &bob);
+        let room = room.clone();
+        async move {
+            let (_, body) = s
+                .get(
+                    &format!("/_matrix/client/v3/rooms/{room}/members?membership=join{at}"),
+                    Some(bob),
+                )
+                .await;
+            body["chunk"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(members(String::new()).await, 3);
+    assert_eq!(members(format!("&at={token}")).await, 2, "carol joined after the token");
+
     s.membership(&bob, &room, "leave", json!({})).await;
     let left = sync(&s, &bob, &format!("since={token}")).await;
     assert!(left["rooms"]["leave"].get(&room).is_some(), "{left}");

@@ -26,7 +26,7 @@ use serde_json::{Value as JsonValue, json, value::to_raw_value};
 
 use crate::{
     api::{Ruma, State},
-    error::{Error, Result},
+    error::{Error, ErrorKind, Result},
     service::rooms::{
         NewEvent,
         pdu::{StoredPdu, client_event},
@@ -123,7 +123,25 @@ pub async fn members(
 ) -> Result<get_members::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let state = services.rooms.readable_state(&body.room_id, &caller.user_id)?;
+    let mut state = services.rooms.readable_state(&body.room_id, &caller.user_id)?;
+    if let Some(at) = &body.at {
+        // The members as of a sync token, never past what the caller may read now.
+        let position = at
+            .strip_prefix('s')
+            .and_then(|p| p.parse::<u64>().ok())
+            .ok_or_else(|| Error::new(ErrorKind::UnknownPos, "Unknown `at` token"))?;
+        let record =
+            services.rooms.room(&body.room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let readable_until =
+            match services.rooms.membership(&body.room_id, &caller.user_id)?.as_deref() {
+                Some("join") => u64::MAX,
+                _ => services
+                    .rooms
+                    .state_event(&state, "m.room.member", caller.user_id.as_str())?
+                    .map_or(u64::MAX, |e| e.position),
+            };
+        state = services.rooms.state_at_position(&record, position.min(readable_until))?;
+    }
     let mut chunk = Vec::new();
     for ((kind, _), short) in state.iter() {
         if kind != "m.room.member" {
