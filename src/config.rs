@@ -41,6 +41,17 @@ pub struct Config {
     pub turn: TurnConfig,
     /// Room defaults.
     pub rooms: RoomsConfig,
+    /// Who the user directory finds.
+    pub user_directory: UserDirectoryConfig,
+}
+
+/// User directory scope.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserDirectoryConfig {
+    /// Search every local account (a company directory) instead of only people sharing a room
+    /// with the searcher or sitting in public rooms.
+    pub search_all_users: bool,
 }
 
 /// Storage settings.
@@ -159,6 +170,7 @@ impl Default for Config {
             log: LogConfig::default(),
             turn: TurnConfig::default(),
             rooms: RoomsConfig::default(),
+            user_directory: UserDirectoryConfig::default(),
         }
     }
 }

@@ -78,8 +78,8 @@ impl RouterExt for Router<State> {
 /// Builds the application with every route and layer.
 pub fn build(state: State) -> Router {
     use client::{
-        account, account_data, devices, directory, discovery, events, profile, register, rooms,
-        session, space, sync, voip,
+        account, account_data, devices, directory, discovery, ephemeral, events, profile, register,
+        rooms, session, space, sync, user_directory, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -140,6 +140,14 @@ pub fn build(state: State) -> Router {
         .ruma(sync::create)
         .ruma(sync::get)
         .ruma(sync::messages)
+        .ruma(sync::context)
+        .ruma(user_directory::search)
+        .ruma(ephemeral::set_receipt)
+        .ruma(ephemeral::set_read_markers)
+        .ruma(ephemeral::set_typing)
+        .ruma(ephemeral::get)
+        .ruma(ephemeral::put)
+        .ruma(ephemeral::delete)
         // Rooms
         .ruma(rooms::create)
         .ruma(rooms::join_by_id)

@@ -79,6 +79,19 @@ impl AccountData {
                 format!("{event_type} cannot be set through the account data API"),
             ));
         }
+        self.store(services, user_id, room_id, event_type, content)
+    }
+
+    /// Stores account data the server manages itself (`m.fully_read`, ...), without the checks
+    /// that guard the client API.
+    pub fn store(
+        &self,
+        services: &Services,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        event_type: &str,
+        content: JsonValue,
+    ) -> Result<u64> {
         if serde_json::to_vec(&content).map_or(0, |v| v.len()) > MAX_ACCOUNT_DATA_BYTES {
             return Err(Error::new(ErrorKind::TooLarge, "Account data is too large"));
         }

@@ -2,6 +2,7 @@
 //! service owns its tables and talks to the others only through it.
 
 pub mod account_data;
+pub mod ephemeral;
 pub mod filters;
 pub mod keys;
 pub mod ratelimit;
@@ -11,6 +12,7 @@ pub mod sessions;
 pub mod stream;
 pub mod sync;
 pub mod uiaa;
+pub mod user_directory;
 pub mod users;
 
 use std::{
@@ -53,6 +55,8 @@ pub struct Services {
     pub reports: rooms::reports::Reports,
     /// Stored event filters.
     pub filters: filters::Filters,
+    /// Receipts and typing notifications.
+    pub ephemeral: ephemeral::Ephemeral,
 }
 
 impl Services {
@@ -63,6 +67,7 @@ impl Services {
             keys: keys::ServerKeys::load_or_create(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             directory: rooms::directory::Directory::new(&db),
+            ephemeral: ephemeral::Ephemeral::new(&db),
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,

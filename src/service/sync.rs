@@ -42,6 +42,8 @@ pub struct SyncRequest<'a> {
     pub device_id: &'a str,
     /// The position of the `since` token, if any.
     pub since: Option<u64>,
+    /// The typing serial of the `since` token, if any.
+    pub since_typing: Option<u64>,
     /// Send the full state of every room.
     pub full_state: bool,
     /// The filter in force.
@@ -58,6 +60,7 @@ pub struct SyncResponse {
 
 /// Builds the sync response for changes in `(since, upto]`.
 pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<SyncResponse> {
+    let typing = services.ephemeral.typing_serial();
     let rooms = &services.rooms;
     let since = req.since.unwrap_or(0);
     let initial = req.since.is_none();
@@ -135,7 +138,7 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     has_changes |= !global_account_data.is_empty();
 
     let body = json!({
-        "next_batch": format!("s{upto}"),
+        "next_batch": format!("s{upto}_{typing}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
         "account_data": { "events": global_account_data },
         "presence": { "events": [] },
@@ -263,8 +266,13 @@ fn joined_room(
             account_data.push(json!({ "type": kind, "content": content }));
         }
     }
-    if !initial && !req.full_state && events.is_empty() && account_data.is_empty() && !newly_joined
-    {
+    let fresh = initial || newly_joined || req.full_state;
+    let mut ephemeral = Vec::new();
+    let receipts_after = if fresh { None } else { Some(since) };
+    ephemeral.extend(services.ephemeral.receipts(room_id, req.user_id, receipts_after, upto)?);
+    let typing_after = if fresh { None } else { req.since_typing };
+    ephemeral.extend(services.ephemeral.typing(room_id, typing_after));
+    if !fresh && events.is_empty() && account_data.is_empty() && ephemeral.is_empty() {
         return Ok(None);
     }
 
@@ -289,7 +297,7 @@ fn joined_room(
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": state },
         "account_data": { "events": account_data },
-        "ephemeral": { "events": [] },
+        "ephemeral": { "events": ephemeral },
         "summary": summary(services, room_id, &current, req.user_id)?,
         "unread_notifications": { "notification_count": 0, "highlight_count": 0 },
     })))

@@ -52,6 +52,11 @@ pub const REPORTS: &str = "reports";
 /// `user id 0xFF filter id` -> filter definition (JSON) stored with `/user/{id}/filter`.
 pub const FILTERS: &str = "filters";
 
+/// `room id 0xFF user id 0xFF receipt type 0xFF thread` -> the user's latest `Receipt`.
+pub const RECEIPTS: &str = "receipts";
+/// `room id 0xFF stream position` -> `Receipt` set then, for incremental sync.
+pub const RECEIPT_CHANGES: &str = "receipt_changes";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -77,4 +82,6 @@ pub const ALL: &[&str] = &[
     PUBLISHED_ROOMS,
     REPORTS,
     FILTERS,
+    RECEIPTS,
+    RECEIPT_CHANGES,
 ];

@@ -4,6 +4,7 @@
 mod accounts;
 mod common;
 mod directory;
+mod ephemeral;
 mod errors;
 mod process;
 mod rooms;

@@ -26,7 +26,7 @@ use serde_json::{Value as JsonValue, json, value::to_raw_value};
 
 use crate::{
     api::{Ruma, State},
-    error::{Error, ErrorKind, Result},
+    error::{Error, Result},
     service::rooms::{
         NewEvent,
         pdu::{StoredPdu, client_event},
@@ -126,10 +126,7 @@ pub async fn members(
     let mut state = services.rooms.readable_state(&body.room_id, &caller.user_id)?;
     if let Some(at) = &body.at {
         // The members as of a sync token, never past what the caller may read now.
-        let position = at
-            .strip_prefix('s')
-            .and_then(|p| p.parse::<u64>().ok())
-            .ok_or_else(|| Error::new(ErrorKind::UnknownPos, "Unknown `at` token"))?;
+        let position = crate::api::client::sync::parse_token(&services, at)?;
         let record =
             services.rooms.room(&body.room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         let readable_until =

@@ -1,10 +1,12 @@
-//! `/sync`, stored filters and `/messages`: how devices catch up and page back through history.
+//! `/sync`, stored filters, `/messages` and `/context`: how devices catch up and page back
+//! through history.
 
 use std::time::Duration;
 
 use ruma::api::{
     Direction,
     client::{
+        context::get_context::v3 as get_context,
         filter::{
             FilterDefinition, create_filter::v3 as create_filter, get_filter::v3 as get_filter,
         },
@@ -31,16 +33,25 @@ const MAX_MESSAGES: usize = 1000;
 /// Most events looked at (hidden or filtered ones included) for one `/messages` page.
 const MAX_MESSAGES_SCAN: usize = 20_000;
 
-/// Parses a stream token (`s<position>`), refusing tokens from the future.
-fn parse_token(services: &State, token: &str) -> Result<u64> {
-    let position = token
-        .strip_prefix('s')
-        .and_then(|p| p.parse::<u64>().ok())
-        .ok_or_else(|| Error::new(ErrorKind::UnknownPos, "Unknown pagination token"))?;
+/// Parses a stream token (`s<position>` or, from sync, `s<position>_<typing serial>`),
+/// refusing tokens from the future.
+pub fn parse_sync_token(services: &State, token: &str) -> Result<(u64, Option<u64>)> {
+    let unknown = || Error::new(ErrorKind::UnknownPos, "Unknown pagination token");
+    let body = token.strip_prefix('s').ok_or_else(unknown)?;
+    let (position, typing) = match body.split_once('_') {
+        Some((position, typing)) => (position, Some(typing.parse::<u64>().map_err(|_| unknown())?)),
+        None => (body, None),
+    };
+    let position = position.parse::<u64>().map_err(|_| unknown())?;
     if position > services.stream.current() {
         return Err(Error::new(ErrorKind::UnknownPos, "Token is from the future"));
     }
-    Ok(position)
+    Ok((position, typing))
+}
+
+/// The stream position of a token.
+pub fn parse_token(services: &State, token: &str) -> Result<u64> {
+    Ok(parse_sync_token(services, token)?.0)
 }
 
 /// `GET /_matrix/client/v3/sync`: answers at once when there is news (or on an initial or
@@ -54,11 +65,12 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Js
         Some(Filter::FilterId(id)) => services.filters.get(&caller.user_id, &id)?,
         Some(_) => return Err(Error::bad_json("Unsupported filter")),
     };
-    let since = body.since.as_deref().map(|s| parse_token(&services, s)).transpose()?;
+    let since = body.since.as_deref().map(|s| parse_sync_token(&services, s)).transpose()?;
     let request = SyncRequest {
         user_id: &caller.user_id,
         device_id: caller.device_id.as_str(),
-        since,
+        since: since.map(|s| s.0),
+        since_typing: since.and_then(|s| s.1),
         full_state: body.full_state,
         filter: &filter,
     };
@@ -177,4 +189,75 @@ fn lazy_members(
         }
     }
     Ok(members)
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`: an event with the events around
+/// it and the state at it.
+pub async fn context(services: State, req: Ruma<get_context::Request>) -> Result<JsonResponse> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let rooms = &services.rooms;
+    let not_found = || Error::not_found("Event not found");
+    let event = rooms
+        .stored(&body.event_id)?
+        .filter(|e| e.room_id == body.room_id)
+        .ok_or_else(not_found)?;
+    if !rooms.can_see(&caller.user_id, &event)? {
+        return Err(not_found());
+    }
+    let record = rooms.room(&body.room_id)?.ok_or_else(not_found)?;
+    let limit = (u64::from(body.limit) as usize).min(MAX_MESSAGES);
+    let visible = |e: &StoredPdu| -> Result<bool> {
+        Ok(filters::matches(&body.filter, e) && rooms.can_see(&caller.user_id, e)?)
+    };
+    let mut before = Vec::new();
+    for e in rooms
+        .timeline_range(&record, 0, event.position.saturating_sub(1), false)
+        .take(MAX_MESSAGES_SCAN)
+    {
+        let e = e?;
+        if before.len() == limit / 2 {
+            break;
+        }
+        if visible(&e)? {
+            before.push(e);
+        }
+    }
+    let mut after = Vec::new();
+    let upto = services.stream.current();
+    for e in rooms.timeline_range(&record, event.position, upto, true).take(MAX_MESSAGES_SCAN) {
+        let e = e?;
+        if after.len() == limit - limit / 2 {
+            break;
+        }
+        if visible(&e)? {
+            after.push(e);
+        }
+    }
+    let start =
+        before.last().map_or(event.position.saturating_sub(1), |e| e.position.saturating_sub(1));
+    let end = after.last().map_or(event.position, |e| e.position);
+    let state = rooms.states.load(event.state_before)?;
+    let lazy = !body.filter.lazy_load_options.is_disabled();
+    let senders: std::collections::HashSet<&str> =
+        before.iter().chain(after.iter()).chain([&event]).map(StoredPdu::sender).collect();
+    let mut state_events = Vec::new();
+    for stored in rooms.state_events(&state)? {
+        if lazy
+            && stored.kind() == "m.room.member"
+            && !stored.state_key().is_some_and(|k| senders.contains(k))
+        {
+            continue;
+        }
+        state_events.push(client_event(&stored, None));
+    }
+    let viewer = Some((&*caller.user_id, caller.device_id.as_str()));
+    Ok(JsonResponse(json!({
+        "start": format!("s{start}"),
+        "end": format!("s{end}"),
+        "event": client_event(&event, viewer),
+        "events_before": before.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>(),
+        "events_after": after.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>(),
+        "state": state_events,
+    })))
 }
