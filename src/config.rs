@@ -43,6 +43,22 @@ pub struct Config {
     pub rooms: RoomsConfig,
     /// Who the user directory finds.
     pub user_directory: UserDirectoryConfig,
+    /// Presence (online/idle/offline).
+    pub presence: PresenceConfig,
+}
+
+/// Presence settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Whether presence is tracked and shared at all.
+    pub enabled: bool,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// User directory scope.
@@ -171,6 +187,7 @@ impl Default for Config {
             turn: TurnConfig::default(),
             rooms: RoomsConfig::default(),
             user_directory: UserDirectoryConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }

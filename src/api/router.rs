@@ -78,8 +78,8 @@ impl RouterExt for Router<State> {
 /// Builds the application with every route and layer.
 pub fn build(state: State) -> Router {
     use client::{
-        account, account_data, devices, directory, discovery, ephemeral, events, profile, register,
-        rooms, session, space, sync, user_directory, voip,
+        account, account_data, devices, directory, discovery, ephemeral, events, presence, profile,
+        register, rooms, session, space, sync, user_directory, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -142,6 +142,8 @@ pub fn build(state: State) -> Router {
         .ruma(sync::messages)
         .ruma(sync::context)
         .ruma(user_directory::search)
+        .ruma(presence::set)
+        .ruma(presence::get)
         .ruma(ephemeral::set_receipt)
         .ruma(ephemeral::set_read_markers)
         .ruma(ephemeral::set_typing)

@@ -129,9 +129,14 @@ impl Ephemeral {
         Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
     }
 
-    /// The current typing serial (the second part of sync tokens).
+    /// The current ephemeral serial (typing and presence; the second part of sync tokens).
     pub fn typing_serial(&self) -> u64 {
         self.typing_serial.load(Ordering::SeqCst)
+    }
+
+    /// A new ephemeral serial, for a typing or presence change.
+    pub fn bump_serial(&self) -> u64 {
+        self.typing_serial.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// Starts (`Some(timeout)`) or stops typing; wakes the room's members when the list changes.
@@ -156,7 +161,7 @@ impl Ephemeral {
             }
             let changed = was_typing != timeout.is_some();
             if changed {
-                room.serial = self.typing_serial.fetch_add(1, Ordering::SeqCst) + 1;
+                room.serial = self.bump_serial();
             }
             if room.users.is_empty() && !changed {
                 typing.remove(room_id);
@@ -180,7 +185,7 @@ impl Ephemeral {
             room.users.retain(|_, until| *until > now);
             let expired = room.users.len() != before;
             if expired {
-                room.serial = self.typing_serial.fetch_add(1, Ordering::SeqCst) + 1;
+                room.serial = self.bump_serial();
             }
             expired
         };

@@ -5,6 +5,7 @@ pub mod account_data;
 pub mod ephemeral;
 pub mod filters;
 pub mod keys;
+pub mod presence;
 pub mod ratelimit;
 pub mod registration;
 pub mod rooms;
@@ -57,6 +58,8 @@ pub struct Services {
     pub filters: filters::Filters,
     /// Receipts and typing notifications.
     pub ephemeral: ephemeral::Ephemeral,
+    /// Who is online.
+    pub presence: presence::Presences,
 }
 
 impl Services {
@@ -68,6 +71,7 @@ impl Services {
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             directory: rooms::directory::Directory::new(&db),
             ephemeral: ephemeral::Ephemeral::new(&db),
+            presence: presence::Presences::default(),
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,

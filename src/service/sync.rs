@@ -137,11 +137,21 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     }
     has_changes |= !global_account_data.is_empty();
 
+    let presence = if services.config.presence.enabled {
+        services.presence.events_for(
+            services,
+            req.user_id,
+            if initial { None } else { req.since_typing },
+        )?
+    } else {
+        Vec::new()
+    };
+    has_changes |= !presence.is_empty();
     let body = json!({
         "next_batch": format!("s{upto}_{typing}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
         "account_data": { "events": global_account_data },
-        "presence": { "events": [] },
+        "presence": { "events": presence },
         "to_device": { "events": [] },
         "device_lists": { "changed": [], "left": [] },
         "device_one_time_keys_count": {},

@@ -228,3 +228,49 @@ async fn user_directory_scopes() {
     assert_eq!(found["results"].as_array().unwrap().len(), 1);
     assert_eq!(found["limited"], true);
 }
+
+#[tokio::test]
+async fn presence_is_shared_with_room_mates_only() {
+    let s = TestServer::start().await;
+    let (alice_id, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let (_, carol, _) = s.register("carol", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "invite": [bob_id] })).await;
+    s.membership(&bob, &room, "join", json!({})).await;
+    let token =
+        sync(&s, &bob, "set_presence=offline").await["next_batch"].as_str().unwrap().to_owned();
+
+    let path = format!("/_matrix/client/v3/presence/{alice_id}/status");
+    let set = s
+        .put(&path, Some(&alice), json!({ "presence": "online", "status_msg": "In a meeting" }))
+        .await;
+    assert_eq!(set.0, StatusCode::OK, "{}", set.1);
+    let (status, seen) = s.get(&path, Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK, "{seen}");
+    assert_eq!(seen["presence"], "online");
+    assert_eq!(seen["status_msg"], "In a meeting");
+    assert_eq!(seen["currently_active"], true);
+    assert_error(&s.get(&path, Some(&carol)).await, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert_error(
+        &s.put(&path, Some(&bob), json!({ "presence": "offline" })).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
+
+    let next = sync(&s, &bob, &format!("since={token}&set_presence=offline")).await;
+    let events = next["presence"]["events"].as_array().unwrap();
+    let alice_presence = events
+        .iter()
+        .find(|e| e["sender"] == alice_id.as_str())
+        .expect("alice's presence in bob's sync");
+    assert_eq!(alice_presence["content"]["status_msg"], "In a meeting");
+
+    let off = TestServer::start_with(|c| c.presence.enabled = false).await;
+    let (dave_id, dave, _) = off.register("dave", "correct horse").await;
+    let dave_path = format!("/_matrix/client/v3/presence/{dave_id}/status");
+    assert_eq!(
+        off.put(&dave_path, Some(&dave), json!({ "presence": "online" })).await.0,
+        StatusCode::OK
+    );
+    assert_error(&off.get(&dave_path, Some(&dave)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+}

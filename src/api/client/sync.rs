@@ -66,6 +66,12 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Js
         Some(_) => return Err(Error::bad_json("Unsupported filter")),
     };
     let since = body.since.as_deref().map(|s| parse_sync_token(&services, s)).transpose()?;
+    // Syncing is activity; `set_presence` says how to show it (online by default, `offline`
+    // leaves presence alone).
+    let shown = body.set_presence.as_str();
+    if shown != "offline" {
+        services.presence.set(&services, &caller.user_id, shown, None, shown == "online")?;
+    }
     let request = SyncRequest {
         user_id: &caller.user_id,
         device_id: caller.device_id.as_str(),
