@@ -74,6 +74,8 @@ pub enum ErrorKind {
     Conflict,
     /// `M_UNKNOWN_POS` (400): a sync or pagination token this server never issued.
     UnknownPos,
+    /// `M_BAD_JSON` with 405: account data the server manages itself (`m.fully_read`, ...).
+    ServerManaged,
     /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
     Internal,
 }
@@ -108,6 +110,7 @@ impl ErrorKind {
             Self::BadAlias => "M_BAD_ALIAS",
             Self::Conflict => "M_UNKNOWN",
             Self::UnknownPos => "M_UNKNOWN_POS",
+            Self::ServerManaged => "M_BAD_JSON",
         }
     }
 
@@ -129,6 +132,7 @@ impl ErrorKind {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Conflict => StatusCode::CONFLICT,
+            Self::ServerManaged => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadJson
             | Self::NotJson
             | Self::Unknown

@@ -75,7 +75,7 @@ impl AccountData {
         }
         if matches!(event_type, "m.fully_read" | "m.push_rules") {
             return Err(Error::new(
-                ErrorKind::BadJson,
+                ErrorKind::ServerManaged,
                 format!("{event_type} cannot be set through the account data API"),
             ));
         }
@@ -107,7 +107,7 @@ impl AccountData {
         );
         services.db.write(batch)?;
         drop(pending);
-        services.stream.wake([user_id]);
+        services.stream.wake_at(position, [user_id]);
         Ok(position)
     }
 }

@@ -80,12 +80,14 @@ impl Ephemeral {
         self.receipts.put(&mut batch, &key, &receipt);
         self.receipt_changes.put(&mut batch, &(room_id.as_str(), pending.position), &receipt);
         self.db.write(batch)?;
+        let position = pending.position;
         drop(pending);
         if receipt.receipt_type == "m.read.private" {
-            services.stream.wake([&*receipt.user_id]);
+            services.stream.wake_at(position, [&*receipt.user_id]);
         } else {
             let members = services.rooms.members(room_id)?;
-            services.stream.wake(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| &**u));
+            let audience = members.iter().filter(|(_, m)| m == "join").map(|(u, _)| &**u);
+            services.stream.wake_at(position, audience);
         }
         Ok(())
     }

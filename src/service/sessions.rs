@@ -27,17 +27,22 @@ pub struct DeviceRecord {
     pub display_name: Option<String>,
     /// When the device was created (ms since the epoch).
     pub created_ms: u64,
-    /// When the device last made a request.
-    pub last_seen_ms: Option<u64>,
-    /// The address of that request.
-    pub last_seen_ip: Option<String>,
-    /// The user agent of that request.
-    #[serde(default)]
-    pub last_seen_user_agent: Option<String>,
     /// Digest of the device's current access token.
     pub access_token_hash: Option<String>,
     /// Digest of the device's current refresh token.
     pub refresh_token_hash: Option<String>,
+}
+
+/// When and from where a device was last used (kept apart from the device record so recording
+/// it never races with changes to the device).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastSeen {
+    /// When (ms since the epoch).
+    pub ts: u64,
+    /// The client address.
+    pub ip: Option<String>,
+    /// The client's user agent.
+    pub user_agent: Option<String>,
 }
 
 /// Who a token acts for.
@@ -71,8 +76,10 @@ pub struct Sessions {
     devices: Table<DeviceRecord>,
     access_tokens: Table<TokenRecord>,
     refresh_tokens: Table<TokenRecord>,
+    last_seen: Table<LastSeen>,
     access_token_ttl_ms: u64,
     last_seen_written: Mutex<HashMap<String, u64>>,
+    user_locks: Vec<Mutex<()>>,
     db: Db,
 }
 
@@ -91,19 +98,35 @@ impl Sessions {
             devices: db.table(tables::DEVICES),
             access_tokens: db.table(tables::ACCESS_TOKENS),
             refresh_tokens: db.table(tables::REFRESH_TOKENS),
+            last_seen: db.table(tables::LAST_SEEN),
             access_token_ttl_ms: access_token_ttl_secs * 1000,
             last_seen_written: Mutex::default(),
+            user_locks: (0..64).map(|_| Mutex::new(())).collect(),
             db: db.clone(),
         }
     }
 
-    /// Finds who `token` acts for. Expired tokens answer `M_UNKNOWN_TOKEN` with `soft_logout`.
+    /// Serialises changes to `user_id`'s devices and tokens: hold it from reading a device
+    /// record until the batch that changes it is written.
+    pub fn lock_user(&self, user_id: &UserId) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user_id.as_str());
+        let lock = &self.user_locks[(hash % self.user_locks.len() as u64) as usize];
+        lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finds who `token` acts for. Expired tokens answer `M_UNKNOWN_TOKEN` with `soft_logout`;
+    /// a token whose device no longer names it (deleted, logged out, replaced) is unknown.
     pub fn authenticate(&self, token: &str) -> Result<TokenRecord> {
         let hash = token_hash(token);
         let unknown =
             || Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown access token");
         let record = self.access_tokens.get(&hash)?.ok_or_else(unknown)?;
         if !bool::from(record.token_hash.as_bytes().ct_eq(hash.as_bytes())) {
+            return Err(unknown());
+        }
+        let device = self.devices.get(&(record.user_id.as_str(), record.device_id.as_str()))?;
+        if device.is_none_or(|d| d.access_token_hash.as_deref() != Some(hash.as_str())) {
             return Err(unknown());
         }
         if record.expires_ms.is_some_and(|expires| expires <= now_ms()) {
@@ -149,9 +172,6 @@ impl Sessions {
                 DeviceRecord {
                     display_name,
                     created_ms: now_ms(),
-                    last_seen_ms: None,
-                    last_seen_ip: None,
-                    last_seen_user_agent: None,
                     access_token_hash: None,
                     refresh_token_hash: None,
                 }
@@ -210,6 +230,7 @@ impl Sessions {
         let unknown =
             || Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown refresh token");
         let token = self.refresh_tokens.get(&hash)?.ok_or_else(unknown)?;
+        let _guard = self.lock_user(&token.user_id);
         let mut record = self.device(&token.user_id, &token.device_id)?.ok_or_else(unknown)?;
         if record.refresh_token_hash.as_deref() != Some(hash.as_str()) {
             return Err(unknown());
@@ -250,6 +271,7 @@ impl Sessions {
         if name.as_ref().is_some_and(|n| n.len() > 255) {
             return Err(Error::invalid_param("Device names are at most 255 bytes"));
         }
+        let _guard = self.lock_user(user_id);
         let mut record =
             self.device(user_id, device_id)?.ok_or_else(|| Error::not_found("No such device"))?;
         record.display_name = name;
@@ -269,6 +291,7 @@ impl Sessions {
             if let Some(record) = self.device(user_id, device_id)? {
                 self.revoke_tokens(batch, &record);
                 self.devices.delete(batch, &(user_id.as_str(), device_id.as_str()));
+                self.last_seen.delete(batch, &(user_id.as_str(), device_id.as_str()));
             }
         }
         Ok(())
@@ -286,7 +309,7 @@ impl Sessions {
         self.delete_devices(batch, user_id, ids)
     }
 
-    /// Records that a device made a request, writing it back at most once a minute.
+    /// Records that a device made a request, writing it down at most once a minute.
     pub fn touch(&self, token: &TokenRecord, ip: Option<String>, user_agent: Option<String>) {
         let now = now_ms();
         {
@@ -301,17 +324,15 @@ impl Sessions {
             }
         }
         let key = (token.user_id.as_str(), token.device_id.as_str());
-        let Ok(Some(mut record)) = self.devices.get(&key) else { return };
-        if record.access_token_hash.as_deref() != Some(token.token_hash.as_str()) {
-            return; // the session was replaced or deleted meanwhile
-        }
-        record.last_seen_ms = Some(now);
-        record.last_seen_ip = ip;
-        record.last_seen_user_agent = user_agent;
         let mut batch = self.db.batch();
-        self.devices.put(&mut batch, &key, &record);
+        self.last_seen.put(&mut batch, &key, &LastSeen { ts: now, ip, user_agent });
         if let Err(err) = self.db.write(batch) {
             tracing::warn!(%err, "could not record last-seen time");
         }
+    }
+
+    /// When and from where a device was last used.
+    pub fn last_seen(&self, user_id: &UserId, device_id: &DeviceId) -> Result<Option<LastSeen>> {
+        Ok(self.last_seen.get(&(user_id.as_str(), device_id.as_str()))?)
     }
 }

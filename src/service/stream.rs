@@ -3,7 +3,7 @@
 //! per-user wake-ups for long-polling syncs.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -18,6 +18,8 @@ pub struct Stream {
     counter: Counter,
     /// Positions handed out whose batch is not written (or abandoned) yet.
     in_flight: Mutex<BTreeSet<u64>>,
+    /// Wake-ups for changes above the watermark, sent once it passes them.
+    deferred: Mutex<BTreeMap<u64, Vec<OwnedUserId>>>,
     waiters: Mutex<HashMap<OwnedUserId, Arc<Notify>>>,
 }
 
@@ -31,6 +33,7 @@ pub struct Pending<'a> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.stream.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.position);
+        self.stream.flush_deferred();
     }
 }
 
@@ -39,6 +42,7 @@ impl Stream {
         Ok(Self {
             counter: Counter::new(db, "stream")?,
             in_flight: Mutex::default(),
+            deferred: Mutex::default(),
             waiters: Mutex::default(),
         })
     }
@@ -67,6 +71,33 @@ impl Stream {
             waiters.retain(|_, notify| Arc::strong_count(notify) > 1);
         }
         waiters.entry(user_id.to_owned()).or_default().clone()
+    }
+
+    /// Wakes the syncs of `users` for a change written at `position`: now if the watermark has
+    /// reached it, otherwise as soon as it does (a sync woken earlier would not see it yet).
+    pub fn wake_at<'a>(&self, position: u64, users: impl IntoIterator<Item = &'a UserId>) {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if position <= self.current() {
+            drop(deferred);
+            self.wake(users);
+        } else {
+            deferred.entry(position).or_default().extend(users.into_iter().map(ToOwned::to_owned));
+        }
+    }
+
+    fn flush_deferred(&self) {
+        let ready = {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            if deferred.is_empty() {
+                return;
+            }
+            let current = self.current();
+            let later = deferred.split_off(&current.saturating_add(1));
+            std::mem::replace(&mut *deferred, later)
+        };
+        for users in ready.values() {
+            self.wake(users.iter().map(|u| &**u));
+        }
     }
 
     /// Wakes the syncs of `users` (after a change they should see is written).

@@ -23,6 +23,8 @@ use crate::error::Result;
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 /// Most timeline events per room in one response.
 const MAX_TIMELINE_LIMIT: usize = 500;
+/// Most events looked at per room (hidden or filtered ones included) in one sync.
+const MAX_SCANNED: usize = 5_000;
 /// State event types shown to invitees before they join.
 const INVITE_STATE: &[&str] = &[
     "m.room.create",
@@ -71,59 +73,61 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     };
     let mut has_changes = false;
 
-    let mut join = Map::new();
-    for room_id in rooms.rooms_of(req.user_id, "join")? {
+    let ignored = ignored_users(services, req.user_id)?;
+    let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
+    for (room_id, _) in rooms.memberships_of(req.user_id)? {
         if !room_allowed(&room_id) {
             continue;
         }
-        if let Some(room) = joined_room(services, req, &room_id, since, upto, initial)? {
-            has_changes = true;
-            join.insert(room_id.to_string(), room);
-        }
-    }
-
-    let ignored = ignored_users(services, req.user_id)?;
-    let mut invite = Map::new();
-    for room_id in rooms.rooms_of(req.user_id, "invite")? {
         let Some(record) = rooms.room(&room_id)? else { continue };
         let state = rooms.states.load(record.current_state)?;
-        let Some(invite_event) =
-            rooms.state_event(&state, "m.room.member", req.user_id.as_str())?
-        else {
+        let Some(member) = rooms.state_event(&state, "m.room.member", req.user_id.as_str())? else {
             continue;
         };
-        let stale = !initial && invite_event.position <= since || invite_event.position > upto;
-        if stale || !room_allowed(&room_id) || ignored.contains(invite_event.sender()) {
-            continue;
-        }
-        let mut events: Vec<JsonValue> = Vec::new();
-        for kind in INVITE_STATE {
-            if let Some(event) = rooms.state_event(&state, kind, "")? {
-                events.push(stripped(&event));
+        // Membership as of `upto`: a change written after it waits for the next sync, and the
+        // room's events up to `upto` are still delivered under the membership before it.
+        let racing = member.position > upto;
+        let membership = if racing {
+            rooms.membership_in(&*rooms.states.load(member.state_before)?, req.user_id)?
+        } else {
+            rooms.membership_in(&state, req.user_id)?
+        };
+        match membership.as_str() {
+            "join" => {
+                if let Some(room) = joined_room(services, req, &room_id, since, upto, initial)? {
+                    join.insert(room_id.to_string(), room);
+                }
             }
-        }
-        if let Some(inviter) = rooms.state_event(&state, "m.room.member", invite_event.sender())? {
-            events.push(stripped(&inviter));
-        }
-        events.push(stripped(&invite_event));
-        has_changes = true;
-        invite.insert(room_id.to_string(), json!({ "invite_state": { "events": events } }));
-    }
-
-    let mut leave = Map::new();
-    if !initial || room_filter.include_leave {
-        for membership in ["leave", "ban"] {
-            for room_id in rooms.rooms_of(req.user_id, membership)? {
-                if !room_allowed(&room_id) {
+            "invite" if !racing => {
+                let stale = !initial && member.position <= since;
+                if stale || ignored.contains(member.sender()) {
                     continue;
                 }
-                if let Some(room) = left_room(services, req, &room_id, since, upto, initial)? {
-                    has_changes = true;
+                let mut events: Vec<JsonValue> = Vec::new();
+                for kind in INVITE_STATE {
+                    if let Some(event) = rooms.state_event(&state, kind, "")? {
+                        events.push(stripped(&event));
+                    }
+                }
+                if let Some(inviter) =
+                    rooms.state_event(&state, "m.room.member", member.sender())?
+                {
+                    events.push(stripped(&inviter));
+                }
+                events.push(stripped(&member));
+                invite.insert(room_id.to_string(), json!({ "invite_state": { "events": events } }));
+            }
+            "leave" | "ban" if !racing && (!initial || room_filter.include_leave) => {
+                if let Some(room) =
+                    left_room(services, req, &room_id, &member, since, upto, initial)?
+                {
                     leave.insert(room_id.to_string(), room);
                 }
             }
+            _ => {}
         }
     }
+    has_changes |= !(join.is_empty() && invite.is_empty() && leave.is_empty());
 
     let mut global_account_data = Vec::new();
     for (room, kind) in
@@ -176,22 +180,38 @@ fn timeline_limit(filter: &RoomEventFilter) -> usize {
         .clamp(1, MAX_TIMELINE_LIMIT)
 }
 
-/// The newest visible timeline events in `(after, upto]`, oldest first, and whether more
-/// were left out.
+/// A room's timeline window for one sync.
+struct Window {
+    /// The visible, wanted events, oldest first.
+    events: Vec<StoredPdu>,
+    /// Whether earlier events in the range were left out.
+    limited: bool,
+    /// Whether the range held any event at all (shown or not).
+    any: bool,
+}
+
+/// The newest visible timeline events in `(after, upto]`, looking at no more than
+/// `MAX_SCANNED` events (past that the window is reported as limited).
 fn timeline(
     services: &Services,
     req: &SyncRequest<'_>,
     record: &RoomRecord,
     after: u64,
     upto: u64,
-) -> Result<(Vec<StoredPdu>, bool)> {
+) -> Result<Window> {
     let filter = &req.filter.room.timeline;
     let limit = timeline_limit(filter);
     let ignored = ignored_users(services, req.user_id)?;
     let mut events = Vec::with_capacity(limit);
     let mut limited = false;
-    for event in services.rooms.timeline_range(record, after, upto, false) {
+    let mut any = false;
+    for (scanned, event) in services.rooms.timeline_range(record, after, upto, false).enumerate() {
         let event = event?;
+        any = true;
+        if scanned == MAX_SCANNED {
+            limited = true;
+            break;
+        }
         if !services.rooms.can_see(req.user_id, &event)? {
             continue;
         }
@@ -205,7 +225,7 @@ fn timeline(
         events.push(event);
     }
     events.reverse();
-    Ok((events, limited))
+    Ok(Window { events, limited, any })
 }
 
 /// Users whose events `user_id` does not want (`m.ignored_user_list`).
@@ -235,10 +255,15 @@ fn state_section(
         timeline.iter().map(StoredPdu::sender).chain([req.user_id.as_str()]).collect();
     let mut events = Vec::new();
     for ((kind, key), short) in at_start {
-        if since_state.is_some_and(|since| since.get(&(kind.clone(), key.clone())) == Some(short)) {
+        let is_member = kind == "m.room.member";
+        if lazy && is_member && !senders.contains(key.as_str()) {
             continue;
         }
-        if lazy && kind == "m.room.member" && !senders.contains(key.as_str()) {
+        // Senders' member events go out with lazy loading even when unchanged, so the client
+        // can always show who wrote what.
+        let unchanged =
+            since_state.is_some_and(|since| since.get(&(kind.clone(), key.clone())) == Some(short));
+        if unchanged && !(lazy && is_member) {
             continue;
         }
         let Some(event) = services.rooms.stored_by_short_public(*short)? else { continue };
@@ -267,7 +292,7 @@ fn joined_room(
         .state_event(&current, "m.room.member", req.user_id.as_str())?
         .map_or(0, |e| e.position);
     let newly_joined = !initial && joined_at > since;
-    let (events, limited) = timeline(services, req, &record, since, upto)?;
+    let Window { events, limited, any } = timeline(services, req, &record, since, upto)?;
     let mut account_data = Vec::new();
     for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {
         if room == room_id.as_str()
@@ -282,7 +307,7 @@ fn joined_room(
     ephemeral.extend(services.ephemeral.receipts(room_id, req.user_id, receipts_after, upto)?);
     let typing_after = if fresh { None } else { req.since_typing };
     ephemeral.extend(services.ephemeral.typing(room_id, typing_after));
-    if !fresh && events.is_empty() && account_data.is_empty() && ephemeral.is_empty() {
+    if !fresh && !any && account_data.is_empty() && ephemeral.is_empty() {
         return Ok(None);
     }
 
@@ -290,15 +315,16 @@ fn joined_room(
         Some(first) => rooms.states.load(first.state_before)?,
         None => rooms.state_at_position(&record, upto)?,
     };
-    let since_state = if initial || newly_joined || req.full_state {
-        None
-    } else if limited {
-        Some(rooms.state_at_position(&record, since)?)
-    } else {
-        // Not gappy: the timeline itself carries every state change.
-        Some(at_start.clone())
-    };
+    // Incremental syncs send what changed since the token that the timeline does not carry
+    // (a gap, or events the filter or the ignore list kept out).
+    let since_state = if fresh { None } else { Some(rooms.state_at_position(&record, since)?) };
     let state = state_section(services, req, &at_start, since_state.as_deref(), &events)?;
+    let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
+    let state_news = state.iter().any(|e| !(lazy && e["type"] == "m.room.member"));
+    if !fresh && events.is_empty() && !state_news && account_data.is_empty() && ephemeral.is_empty()
+    {
+        return Ok(None);
+    }
     let prev_batch = events.first().map_or(upto, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> =
         events.iter().map(|e| client_event(e, Some((req.user_id, req.device_id)))).collect();
@@ -317,20 +343,17 @@ fn left_room(
     services: &Services,
     req: &SyncRequest<'_>,
     room_id: &RoomId,
+    left: &StoredPdu,
     since: u64,
     upto: u64,
     initial: bool,
 ) -> Result<Option<JsonValue>> {
     let rooms = &services.rooms;
     let Some(record) = rooms.room(room_id)? else { return Ok(None) };
-    let current = rooms.states.load(record.current_state)?;
-    let Some(left) = rooms.state_event(&current, "m.room.member", req.user_id.as_str())? else {
-        return Ok(None);
-    };
     if (!initial && left.position <= since) || left.position > upto {
         return Ok(None);
     }
-    let (events, limited) = timeline(services, req, &record, since, left.position)?;
+    let Window { events, limited, .. } = timeline(services, req, &record, since, left.position)?;
     let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> =
         events.iter().map(|e| client_event(e, Some((req.user_id, req.device_id)))).collect();

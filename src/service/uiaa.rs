@@ -25,6 +25,8 @@ pub const REGISTRATION_TOKEN: Stage = "m.login.registration_token";
 
 /// How long a client has to finish an authentication.
 const SESSION_TTL: Duration = Duration::from_secs(15 * 60);
+/// Failed stages after which a session is closed.
+const MAX_FAILURES: u32 = 5;
 /// Most sessions kept at once; the oldest are dropped past this.
 const MAX_SESSIONS: usize = 10_000;
 
@@ -35,6 +37,7 @@ struct Session {
     user_id: Option<OwnedUserId>,
     completed: Vec<Stage>,
     registration_token: Option<String>,
+    failures: u32,
     created: Instant,
 }
 
@@ -73,6 +76,7 @@ impl Uiaa {
                 user_id,
                 completed: Vec::new(),
                 registration_token: None,
+                failures: 0,
                 created: Instant::now(),
             },
         );
@@ -98,6 +102,15 @@ impl Uiaa {
         if let Some(s) = self.lock().get_mut(session) {
             s.registration_token = Some(token);
         }
+    }
+
+    /// Counts a failed stage in `session`; returns the failures so far.
+    fn record_failure(&self, session: &str) -> u32 {
+        let mut sessions = self.lock();
+        sessions.get_mut(session).map_or(0, |s| {
+            s.failures += 1;
+            s.failures
+        })
     }
 
     /// Ends `session` once the action it guarded went through.
@@ -161,7 +174,13 @@ pub async fn authorize(
             }
             None
         }
-        Err(err) => Some(err),
+        Err(err) => {
+            if uiaa.record_failure(&session) >= MAX_FAILURES {
+                uiaa.finish(&session);
+                return Err(Error::forbidden("Too many failed attempts; start again"));
+            }
+            Some(err)
+        }
     };
     let completed = uiaa.completed(&session, owner.as_ref()).unwrap_or_default();
     if flows.iter().any(|flow| flow.iter().all(|stage| completed.contains(stage))) {
@@ -193,6 +212,8 @@ async fn check_stage(
             if user_id.is_some_and(|user_id| user_id != claimed) {
                 return Err(forbidden());
             }
+            // Password guesses through user-interactive auth count against the rate limit.
+            services.rate_limiter.check(&format!("uia-password:{claimed}"))?;
             let record = services.users.get(&claimed)?.ok_or_else(forbidden)?;
             if !users::verify_password(password.password.clone(), record.password_hash).await {
                 return Err(forbidden());

@@ -191,8 +191,19 @@ pub fn check_password_strength(password: &str, min_len: usize) -> Result<()> {
     Ok(())
 }
 
+/// Argon2 runs that may run at once: each takes ~19 MiB and a core, so a flood of logins
+/// queues here instead of exhausting memory.
+fn hashing_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
 /// Hashes `password` with argon2 on the blocking pool (it is deliberately slow).
 pub async fn hash_password(password: String) -> Result<String> {
+    let _permit = hashing_permits().acquire().await.map_err(Error::internal)?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
@@ -220,6 +231,7 @@ pub async fn verify_password(password: String, hash: Option<String>) -> bool {
     if password.len() > MAX_PASSWORD_LEN {
         return false;
     }
+    let Ok(_permit) = hashing_permits().acquire().await else { return false };
     tokio::task::spawn_blocking(move || {
         // Unknown accounts are checked against a throwaway hash so both cases take as long.
         let (hash, known) = match hash {

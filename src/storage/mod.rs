@@ -111,8 +111,13 @@ impl Db {
     }
 
     /// Applies `batch` atomically and durably (the WAL is synced before this returns).
+    /// Concurrent writers share WAL syncs (RocksDB groups them); on a multi-threaded async
+    /// runtime the wait is announced so other tasks move off this thread meanwhile.
     pub fn write(&self, batch: Batch) -> Result<(), StorageError> {
-        self.inner.write_opt(batch.inner, &self.write_options)?;
+        let write = || self.inner.write_opt(batch.inner, &self.write_options);
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_threaded { tokio::task::block_in_place(write) } else { write() }?;
         Ok(())
     }
 

@@ -57,6 +57,9 @@ pub const RECEIPTS: &str = "receipts";
 /// `room id 0xFF stream position` -> `Receipt` set then, for incremental sync.
 pub const RECEIPT_CHANGES: &str = "receipt_changes";
 
+/// `user id 0xFF device id` -> `LastSeen` (time, address, user agent).
+pub const LAST_SEEN: &str = "last_seen";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -84,4 +87,5 @@ pub const ALL: &[&str] = &[
     FILTERS,
     RECEIPTS,
     RECEIPT_CHANGES,
+    LAST_SEEN,
 ];

@@ -119,4 +119,34 @@ async fn matrix_sdk_rooms_membership_state_and_sync() {
     bob.sync_once(settings()).await.unwrap();
     let bob_room = bob.get_room(room.room_id()).unwrap();
     assert_eq!(member_ids(&room).await, member_ids(&bob_room).await);
+
+    // Bob's sync loop receives alice's message, her typing and her read receipt.
+    let sent = room.send(RoomMessageEventContent::text_plain("are you there?")).await.unwrap();
+    room.typing_notice(true).await.unwrap();
+    room.send_single_receipt(
+        matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType::Read,
+        matrix_sdk::ruma::events::receipt::ReceiptThread::Unthreaded,
+        sent.response.event_id.clone(),
+    )
+    .await
+    .unwrap();
+    let update = bob.sync_once(settings()).await.unwrap();
+    let joined = &update.rooms.joined[room.room_id()];
+    let bodies: Vec<String> = joined
+        .timeline
+        .events
+        .iter()
+        .filter_map(|e| e.raw().get_field::<serde_json::Value>("content").ok().flatten())
+        .filter_map(|c| c["body"].as_str().map(str::to_owned))
+        .collect();
+    assert!(bodies.contains(&"are you there?".to_owned()), "{bodies:?}");
+    let kinds: Vec<String> = joined
+        .ephemeral
+        .iter()
+        .filter_map(|e| e.get_field::<String>("type").ok().flatten())
+        .collect();
+    assert!(
+        kinds.contains(&"m.typing".to_owned()) && kinds.contains(&"m.receipt".to_owned()),
+        "{kinds:?}"
+    );
 }

@@ -41,8 +41,13 @@ pub async fn change_password(
     uiaa::authorize(&services, req.body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id))
         .await?;
     let hash = users::hash_password(req.body.new_password).await?;
+    // Re-read under the lock so a concurrent deactivation is never undone.
+    let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut record =
         services.users.get(&caller.user_id)?.ok_or_else(|| Error::not_found("No such user"))?;
+    if record.deactivated {
+        return Err(Error::new(ErrorKind::UserDeactivated, "This account has been deactivated"));
+    }
     record.password_hash = Some(hash);
     let mut batch = services.db.batch();
     services.users.put(&mut batch, &caller.user_id, &record);
@@ -54,6 +59,7 @@ pub async fn change_password(
         )?;
     }
     services.db.write(batch)?;
+    drop(user_lock);
     tracing::info!(user_id = %caller.user_id, "password changed");
     Ok(change_password::Response::new())
 }
@@ -67,6 +73,7 @@ pub async fn deactivate(
     let caller = req.caller()?.clone();
     uiaa::authorize(&services, req.body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id))
         .await?;
+    let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut record =
         services.users.get(&caller.user_id)?.ok_or_else(|| Error::not_found("No such user"))?;
     record.deactivated = true;
@@ -76,6 +83,7 @@ pub async fn deactivate(
     services.users.clear_profile(&mut batch, &caller.user_id);
     services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
     services.db.write(batch)?;
+    drop(user_lock);
     tracing::info!(user_id = %caller.user_id, erase = req.body.erase, "account deactivated");
     Ok(deactivate::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

@@ -1,7 +1,7 @@
 //! Devices: list, inspect, rename and delete (deletion needs user-interactive auth).
 
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedDeviceId, UInt,
+    MilliSecondsSinceUnixEpoch, OwnedDeviceId, UInt, UserId,
     api::client::device::{
         Device, delete_device::v3 as delete_device, delete_devices::v3 as delete_devices,
         get_device::v3 as get_device, get_devices::v3 as get_devices,
@@ -21,12 +21,18 @@ use crate::{
 /// Most devices deleted in one request.
 const MAX_DELETE: usize = 1000;
 
-fn to_device(device_id: OwnedDeviceId, record: DeviceRecord) -> Device {
+fn to_device(
+    services: &State,
+    user_id: &UserId,
+    device_id: OwnedDeviceId,
+    record: DeviceRecord,
+) -> Result<Device> {
+    let last_seen = services.sessions.last_seen(user_id, &device_id)?;
     let mut device = Device::new(device_id);
     device.display_name = record.display_name;
-    device.last_seen_ip = record.last_seen_ip;
-    device.last_seen_ts = record.last_seen_ms.and_then(UInt::new).map(MilliSecondsSinceUnixEpoch);
-    device
+    device.last_seen_ip = last_seen.as_ref().and_then(|l| l.ip.clone());
+    device.last_seen_ts = last_seen.and_then(|l| UInt::new(l.ts)).map(MilliSecondsSinceUnixEpoch);
+    Ok(device)
 }
 
 /// `GET /_matrix/client/v3/devices`
@@ -36,7 +42,11 @@ pub async fn list(
 ) -> Result<get_devices::Response> {
     let caller = req.caller()?.clone();
     let devices = services.sessions.devices(&caller.user_id)?;
-    Ok(get_devices::Response::new(devices.into_iter().map(|(id, r)| to_device(id, r)).collect()))
+    let devices = devices
+        .into_iter()
+        .map(|(id, record)| to_device(&services, &caller.user_id, id, record))
+        .collect::<Result<_>>()?;
+    Ok(get_devices::Response::new(devices))
 }
 
 /// `GET /_matrix/client/v3/devices/{deviceId}`
@@ -46,7 +56,12 @@ pub async fn get(services: State, req: Ruma<get_device::Request>) -> Result<get_
         .sessions
         .device(&caller.user_id, &req.body.device_id)?
         .ok_or_else(|| Error::not_found("No such device"))?;
-    Ok(get_device::Response::new(to_device(req.body.device_id, record)))
+    Ok(get_device::Response::new(to_device(
+        &services,
+        &caller.user_id,
+        req.body.device_id,
+        record,
+    )?))
 }
 
 /// `PUT /_matrix/client/v3/devices/{deviceId}`
@@ -70,9 +85,11 @@ pub async fn delete(
     }
     uiaa::authorize(&services, req.body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id))
         .await?;
+    let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_devices(&mut batch, &caller.user_id, [&*req.body.device_id])?;
     services.db.write(batch)?;
+    drop(user_lock);
     Ok(delete_device::Response::new())
 }
 
@@ -87,6 +104,7 @@ pub async fn delete_many(
     }
     uiaa::authorize(&services, req.body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id))
         .await?;
+    let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_devices(
         &mut batch,
@@ -94,5 +112,6 @@ pub async fn delete_many(
         req.body.devices.iter().map(|d| &**d),
     )?;
     services.db.write(batch)?;
+    drop(user_lock);
     Ok(delete_devices::Response::new())
 }

@@ -76,8 +76,8 @@ pub async fn send_state(
     if matches!(kind.as_str(), "m.room.create") {
         return Err(Error::forbidden("The create event cannot be replaced"));
     }
-    if kind == "m.room.member" {
-        return Err(Error::forbidden("Use the membership endpoints to change membership"));
+    if kind == "m.room.redaction" {
+        return Err(Error::bad_json("Redactions are not state events; use the redact endpoint"));
     }
     if kind == "m.room.canonical_alias" {
         services.directory.check_canonical_alias(&services, &body.room_id, &content)?;
@@ -245,7 +245,7 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
 }
 
 /// Most events looked at by one timestamp lookup.
-const MAX_TIMESTAMP_SCAN: usize = 1_000_000;
+const MAX_TIMESTAMP_SCAN: usize = 50_000;
 
 /// `GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event`: the closest visible event at or
 /// after (`dir=f`) or at or before (`dir=b`) the timestamp.

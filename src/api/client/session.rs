@@ -53,6 +53,7 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
     if record.locked {
         return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
     }
+    let user_lock = services.sessions.lock_user(&user_id);
     let mut batch = services.db.batch();
     let issued = services.sessions.issue(
         &mut batch,
@@ -62,6 +63,7 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
         body.refresh_token,
     )?;
     services.db.write(batch)?;
+    drop(user_lock);
     tracing::info!(%user_id, device_id = %issued.device_id, ip = ?req.ip, "logged in");
 
     let mut response = login::Response::new(user_id, issued.access_token, issued.device_id);
@@ -73,9 +75,11 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
 /// `POST /_matrix/client/v3/logout`: ends this session and deletes its device.
 pub async fn logout(services: State, req: Ruma<logout::Request>) -> Result<logout::Response> {
     let caller = req.caller()?;
+    let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_devices(&mut batch, &caller.user_id, [&*caller.device_id])?;
     services.db.write(batch)?;
+    drop(user_lock);
     Ok(logout::Response::new())
 }
 
@@ -85,9 +89,11 @@ pub async fn logout_all(
     req: Ruma<logout_all::Request>,
 ) -> Result<logout_all::Response> {
     let caller = req.caller()?;
+    let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
     services.db.write(batch)?;
+    drop(user_lock);
     Ok(logout_all::Response::new())
 }
 

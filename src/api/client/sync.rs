@@ -243,7 +243,8 @@ pub async fn context(services: State, req: Ruma<get_context::Request>) -> Result
     let start =
         before.last().map_or(event.position.saturating_sub(1), |e| e.position.saturating_sub(1));
     let end = after.last().map_or(event.position, |e| e.position);
-    let state = rooms.states.load(event.state_before)?;
+    // The state at the last event returned.
+    let state = rooms.states.load(after.last().unwrap_or(&event).state_after_or_before())?;
     let lazy = !body.filter.lazy_load_options.is_disabled();
     let senders: std::collections::HashSet<&str> =
         before.iter().chain(after.iter()).chain([&event]).map(StoredPdu::sender).collect();

@@ -70,6 +70,21 @@ pub async fn create_room(
     {
         return Err(Error::new(ErrorKind::RoomInUse, "Room alias already taken"));
     }
+    // Check everything that can be checked before anything is written, so a bad request
+    // leaves no half-made room behind.
+    for (kind, _, _) in &req.initial_state {
+        if kind == "m.room.create" || kind == "m.room.member" {
+            return Err(Error::bad_json(format!("{kind} cannot be part of initial_state")));
+        }
+    }
+    for invitee in &req.invite {
+        if invitee.server_name() != services.server_name() {
+            return Err(Error::forbidden("Inviting users of other servers needs federation"));
+        }
+        if services.users.get(invitee)?.is_none_or(|u| u.deactivated) {
+            return Err(Error::not_found(format!("No such user: {invitee}")));
+        }
+    }
     let preset =
         req.preset.unwrap_or(if req.public { Preset::PublicChat } else { Preset::PrivateChat });
     let trusted_invitees = preset == Preset::TrustedPrivateChat;
@@ -164,9 +179,6 @@ pub async fn create_room(
         .await?;
 
     for (kind, state_key, content) in req.initial_state {
-        if kind == "m.room.create" || kind == "m.room.member" {
-            return Err(Error::bad_json(format!("{kind} cannot be part of initial_state")));
-        }
         append(NewEvent::state(kind, state_key, content)).await?;
     }
     if let Some(name) = req.name {

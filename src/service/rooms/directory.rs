@@ -28,6 +28,8 @@ pub struct Directory {
     aliases: Table<AliasRecord>,
     room_aliases: Table<()>,
     published: Table<()>,
+    /// Held across "is the alias free" and "take it" so two requests cannot both take it.
+    write_lock: std::sync::Mutex<()>,
 }
 
 impl Directory {
@@ -37,6 +39,7 @@ impl Directory {
             aliases: db.table(tables::ALIASES),
             room_aliases: db.table(tables::ROOM_ALIASES),
             published: db.table(tables::PUBLISHED_ROOMS),
+            write_lock: std::sync::Mutex::new(()),
         }
     }
 
@@ -64,6 +67,7 @@ impl Directory {
         if services.rooms.room(room_id)?.is_none() {
             return Err(Error::not_found("Unknown room"));
         }
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.aliases.contains(alias.as_str())? {
             return Err(taken());
         }
@@ -89,6 +93,7 @@ impl Directory {
         user_id: &UserId,
         admin: bool,
     ) -> Result<()> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let record = self.resolve(alias)?.ok_or_else(|| Error::not_found("Alias not found"))?;
         let allowed = admin
             || record.creator == user_id
@@ -104,6 +109,7 @@ impl Directory {
 
     /// Points `alias` at `room_id` (room upgrades move aliases to the replacement room).
     pub fn move_alias(&self, alias: &RoomAliasId, room_id: &RoomId) -> Result<()> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let Some(mut record) = self.resolve(alias)? else { return Ok(()) };
         let mut batch = self.db.batch();
         self.room_aliases.delete(&mut batch, &(record.room_id.as_str(), alias.as_str()));

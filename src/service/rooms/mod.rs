@@ -94,6 +94,7 @@ pub struct Rooms {
     pub states: States,
     short_event: Counter,
     short_room: Counter,
+    last_create_ts: std::sync::atomic::AtomicU64,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -121,6 +122,7 @@ impl Rooms {
             states: States::new(db)?,
             short_event: Counter::new(db, "short_event")?,
             short_room: Counter::new(db, "short_room")?,
+            last_create_ts: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::default(),
         })
     }
@@ -132,6 +134,15 @@ impl Rooms {
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         }
         locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    /// A timestamp for a create event, later than every earlier one.
+    fn next_create_ts(&self) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = now_ms();
+        let update = |last: u64| Some(now.max(last + 1));
+        let previous = self.last_create_ts.fetch_update(SeqCst, SeqCst, update).unwrap_or(now);
+        now.max(previous + 1)
     }
 
     /// The room record, if this server knows the room.
@@ -320,6 +331,19 @@ impl Rooms {
         Ok(rooms)
     }
 
+    /// Every room `user_id` has a (not forgotten) membership in, with that membership.
+    pub fn memberships_of(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, String)>> {
+        let mut rooms = Vec::new();
+        for item in self.user_rooms.scan_prefix(prefix(user_id.as_str())) {
+            let (key, membership) = item?;
+            let room = split_key(&key)
+                .nth(1)
+                .and_then(|r| RoomId::parse(std::str::from_utf8(r).ok()?).ok());
+            rooms.extend(room.map(|room| (room, membership)));
+        }
+        Ok(rooms)
+    }
+
     /// Members of `room_id` with their membership.
     pub fn members(&self, room_id: &RoomId) -> Result<Vec<(ruma::OwnedUserId, String)>> {
         let mut members = Vec::new();
@@ -447,9 +471,12 @@ impl Rooms {
             "origin".into(),
             CanonicalJsonValue::String(services.server_name().to_string()),
         );
+        // Create events of room version 12 carry nothing random, so two identical requests
+        // must differ in time or they would name the same room.
+        let ts = if is_create { self.next_create_ts() } else { now_ms() };
         wire.insert(
             "origin_server_ts".into(),
-            CanonicalJsonValue::Integer(ruma::Int::new_saturating(now_ms() as i64)),
+            CanonicalJsonValue::Integer(ruma::Int::new_saturating(ts as i64)),
         );
         wire.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
         wire.insert("type".into(), CanonicalJsonValue::String(event.kind.to_string()));
@@ -510,6 +537,12 @@ impl Rooms {
             }
         };
 
+        if room.is_none() && self.rooms.contains(room_id.as_str())? {
+            return Err(Error::new(
+                ErrorKind::Unknown,
+                "A room with this id already exists; try again",
+            ));
+        }
         let mut stored = StoredPdu {
             event_id: event_id.clone(),
             room_id: room_id.clone(),
@@ -587,16 +620,18 @@ impl Rooms {
             self.transactions.put(&mut batch, &(sender.as_str(), device, txn_id), &event_id);
         }
         self.db.write(batch)?;
+        let position = pending.position;
         drop(pending);
         if let Some((id, map)) = new_state {
             self.states.remember(id, Arc::new(map));
         }
         let members = self.members(&room_id)?;
-        services.stream.wake(members.iter().filter(|(_, m)| m != "leave").map(|(u, _)| &**u));
+        let audience = members.iter().filter(|(_, m)| m != "leave").map(|(u, _)| &**u);
+        services.stream.wake_at(position, audience);
         if let Some(target) =
             event.state_key.as_deref().filter(|_| event.kind == TimelineEventType::RoomMember)
         {
-            services.stream.wake(UserId::parse(target).ok().as_deref());
+            services.stream.wake_at(position, UserId::parse(target).ok().as_deref());
         }
         Ok(event_id)
     }

@@ -138,7 +138,9 @@ impl Pdu {
             state_key: wire.state_key,
             prev_events: wire.prev_events.into_iter().map(EventRef::into_id).collect(),
             auth_events: wire.auth_events.into_iter().map(EventRef::into_id).collect(),
+            // Only a (non-state) redaction event redacts anything.
             redacts: if stored.wire.get("type").and_then(|t| t.as_str()) == Some("m.room.redaction")
+                && !stored.wire.contains_key("state_key")
             {
                 redacts
             } else {
