@@ -141,6 +141,9 @@ pub struct LimitsConfig {
     pub rate_per_second: u32,
     /// Burst allowed above the sustained rate.
     pub rate_burst: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the real client (for rate limits and
+    /// last-seen addresses).
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// Logging.
@@ -231,6 +234,7 @@ impl Default for LimitsConfig {
             request_timeout_secs: 120,
             rate_per_second: 10,
             rate_burst: 50,
+            trusted_proxies: Vec::new(),
         }
     }
 }

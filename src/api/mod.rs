@@ -79,6 +79,8 @@ pub struct Caller {
     pub device_id: OwnedDeviceId,
     /// Whether the account is a server admin.
     pub admin: bool,
+    /// Whether the account is a guest (may only join rooms open to guests, and not create any).
+    pub guest: bool,
 }
 
 impl Caller {
@@ -127,6 +129,23 @@ pub fn access_token(parts: &http::request::Parts) -> Result<Option<String>> {
         .map(|(_, value)| value.into_owned()))
 }
 
+/// The client's address: the peer, or behind a trusted reverse proxy the last address that
+/// proxy saw in `X-Forwarded-For`.
+fn client_address(
+    trusted: &[ipnet::IpNet],
+    peer: Option<SocketAddr>,
+    headers: &http::HeaderMap,
+) -> Option<SocketAddr> {
+    let peer = peer?;
+    if !trusted.iter().any(|net| net.contains(&peer.ip())) {
+        return Some(peer);
+    }
+    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let client =
+        forwarded.and_then(|list| list.rsplit(',').next()).and_then(|ip| ip.trim().parse().ok());
+    Some(client.map_or(peer, |ip| SocketAddr::new(ip, 0)))
+}
+
 /// Authenticates `token`, refusing locked and deactivated accounts.
 pub fn authenticate(
     services: &Services,
@@ -148,7 +167,12 @@ pub fn authenticate(
         return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
     }
     services.sessions.touch(&record, ip.map(|a| a.ip().to_string()), user_agent.map(str::to_owned));
-    Ok(Caller { user_id: record.user_id, device_id: record.device_id, admin: user.admin })
+    Ok(Caller {
+        user_id: record.user_id,
+        device_id: record.device_id,
+        admin: user.admin,
+        guest: user.guest,
+    })
 }
 
 /// Reads a request body up to the configured limit, answering `M_TOO_LARGE` past it.
@@ -206,7 +230,8 @@ where
             .iter()
             .map(|(_, value)| value.to_owned())
             .collect();
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let ip = client_address(&services.config.limits.trusted_proxies, peer, &parts.headers);
         let user_agent = parts
             .headers
             .get(header::USER_AGENT)

@@ -31,6 +31,10 @@ pub struct DeviceRecord {
     pub access_token_hash: Option<String>,
     /// Digest of the device's current refresh token.
     pub refresh_token_hash: Option<String>,
+    /// Digest of the refresh token replaced by the last refresh; it keeps working until the
+    /// new access token is first used, so a client whose refresh response was lost can retry.
+    #[serde(default)]
+    pub previous_refresh_token_hash: Option<String>,
 }
 
 /// When and from where a device was last used (kept apart from the device record so recording
@@ -125,9 +129,13 @@ impl Sessions {
         if !bool::from(record.token_hash.as_bytes().ct_eq(hash.as_bytes())) {
             return Err(unknown());
         }
-        let device = self.devices.get(&(record.user_id.as_str(), record.device_id.as_str()))?;
-        if device.is_none_or(|d| d.access_token_hash.as_deref() != Some(hash.as_str())) {
+        let key = (record.user_id.as_str(), record.device_id.as_str());
+        let Some(device) = self.devices.get(&key)? else { return Err(unknown()) };
+        if device.access_token_hash.as_deref() != Some(hash.as_str()) {
             return Err(unknown());
+        }
+        if device.previous_refresh_token_hash.is_some() {
+            self.retire_previous_refresh(&record)?;
         }
         if record.expires_ms.is_some_and(|expires| expires <= now_ms()) {
             return Err(Error::new(
@@ -155,6 +163,7 @@ impl Sessions {
         let mut record = match self.device(user_id, &device_id)? {
             Some(mut existing) => {
                 self.revoke_tokens(batch, &existing);
+                existing.previous_refresh_token_hash = None;
                 if display_name.is_some() {
                     existing.display_name = display_name;
                 }
@@ -174,6 +183,7 @@ impl Sessions {
                     created_ms: now_ms(),
                     access_token_hash: None,
                     refresh_token_hash: None,
+                    previous_refresh_token_hash: None,
                 }
             }
         };
@@ -215,7 +225,22 @@ impl Sessions {
         }
     }
 
+    /// The new access token of a refreshed session was used: the old refresh token goes.
+    fn retire_previous_refresh(&self, token: &TokenRecord) -> Result<()> {
+        let _guard = self.lock_user(&token.user_id);
+        let key = (token.user_id.as_str(), token.device_id.as_str());
+        let Some(mut device) = self.devices.get(&key)? else { return Ok(()) };
+        let Some(previous) = device.previous_refresh_token_hash.take() else { return Ok(()) };
+        let mut batch = self.db.batch();
+        self.refresh_tokens.delete(&mut batch, &previous);
+        self.devices.put(&mut batch, &key, &device);
+        Ok(self.db.write(batch)?)
+    }
+
     fn revoke_tokens(&self, batch: &mut Batch, record: &DeviceRecord) {
+        if let Some(hash) = &record.previous_refresh_token_hash {
+            self.refresh_tokens.delete(batch, hash);
+        }
         if let Some(hash) = &record.access_token_hash {
             self.access_tokens.delete(batch, hash);
         }
@@ -232,11 +257,25 @@ impl Sessions {
         let token = self.refresh_tokens.get(&hash)?.ok_or_else(unknown)?;
         let _guard = self.lock_user(&token.user_id);
         let mut record = self.device(&token.user_id, &token.device_id)?.ok_or_else(unknown)?;
-        if record.refresh_token_hash.as_deref() != Some(hash.as_str()) {
+        let is_current = record.refresh_token_hash.as_deref() == Some(hash.as_str());
+        let is_previous = record.previous_refresh_token_hash.as_deref() == Some(hash.as_str());
+        if !is_current && !is_previous {
             return Err(unknown());
         }
         let mut batch = self.db.batch();
-        self.revoke_tokens(&mut batch, &record);
+        if let Some(access) = record.access_token_hash.take() {
+            self.access_tokens.delete(&mut batch, &access);
+        }
+        if is_current {
+            // The presented token stays usable until the new pair is used; an older one goes.
+            if let Some(older) = record.previous_refresh_token_hash.take() {
+                self.refresh_tokens.delete(&mut batch, &older);
+            }
+            record.previous_refresh_token_hash = record.refresh_token_hash.take();
+        } else if let Some(unused) = record.refresh_token_hash.take() {
+            // A retry with the previous token: the pair it replaced was never used.
+            self.refresh_tokens.delete(&mut batch, &unused);
+        }
         let issued =
             self.put_tokens(&mut batch, &token.user_id, &token.device_id, &mut record, true);
         self.devices.put(&mut batch, &(token.user_id.as_str(), token.device_id.as_str()), &record);

@@ -161,3 +161,102 @@ async fn server_managed_account_data_is_refused_with_405() {
         "M_BAD_JSON",
     );
 }
+
+#[tokio::test]
+async fn guests_only_join_rooms_open_to_guests() {
+    let s = TestServer::start_with(|c| c.registration.allow_guests = true).await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (status, guest) = s.post("/_matrix/client/v3/register?kind=guest", None, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{guest}");
+    let guest_token = guest["access_token"].as_str().unwrap();
+    let create = s.post("/_matrix/client/v3/createRoom", Some(guest_token), json!({})).await;
+    assert_error(&create, StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN");
+    let public = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    assert_error(
+        &s.membership(guest_token, &public, "join", json!({})).await,
+        StatusCode::FORBIDDEN,
+        "M_GUEST_ACCESS_FORBIDDEN",
+    );
+    let open = s
+        .create_room(&alice, json!({ "preset": "public_chat", "initial_state": [{ "type": "m.room.guest_access", "state_key": "", "content": { "guest_access": "can_join" } }] }))
+        .await;
+    assert_eq!(s.membership(guest_token, &open, "join", json!({})).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn forgotten_rooms_close_their_history() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "invite": [bob_id] })).await;
+    s.membership(&bob, &room, "join", json!({})).await;
+    let (_, sent) = s.send_text(&alice, &room, "a", "while bob was here").await;
+    let event = format!(
+        "/_matrix/client/v3/rooms/{room}/event/{}",
+        enc(sent["event_id"].as_str().unwrap())
+    );
+    s.membership(&bob, &room, "leave", json!({})).await;
+    assert_eq!(
+        s.get(&event, Some(&bob)).await.0,
+        StatusCode::OK,
+        "left, not forgotten: history stays"
+    );
+    s.membership(&bob, &room, "forget", json!({})).await;
+    assert_error(&s.get(&event, Some(&bob)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let messages =
+        s.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b"), Some(&bob)).await;
+    assert_error(&messages, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn profile_changes_reach_every_joined_room() {
+    let s = TestServer::start().await;
+    let (alice_id, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "invite": [bob_id] })).await;
+    s.membership(&bob, &room, "join", json!({})).await;
+    let path = format!("/_matrix/client/v3/profile/{alice_id}/displayname");
+    assert_eq!(
+        s.put(&path, Some(&alice), json!({ "displayname": "Alice Liddell" })).await.0,
+        StatusCode::OK
+    );
+    let (_, member) = s
+        .get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{alice_id}"), Some(&bob))
+        .await;
+    assert_eq!(member["displayname"], "Alice Liddell");
+    assert_eq!(member["membership"], "join");
+}
+
+#[tokio::test]
+async fn trusted_proxies_forward_the_client_address() {
+    let s = TestServer::start_with(|c| {
+        c.limits.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        c.limits.rate_per_second = 1;
+        c.limits.rate_burst = 2;
+    })
+    .await;
+    let login = |client: &'static str| {
+        let s = &s;
+        async move {
+            let body = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "x" }, "password": "wrong password" });
+            let response = s
+                .http
+                .post(format!("{}/_matrix/client/v3/login", s.base))
+                .header("X-Forwarded-For", format!("198.51.100.9, {client}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            response.status()
+        }
+    };
+    for _ in 0..3 {
+        login("203.0.113.1").await;
+    }
+    assert_eq!(login("203.0.113.1").await, StatusCode::TOO_MANY_REQUESTS, "one client is limited");
+    assert_eq!(
+        login("203.0.113.2").await,
+        StatusCode::FORBIDDEN,
+        "another client behind the proxy is not"
+    );
+}

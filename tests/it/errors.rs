@@ -79,9 +79,22 @@ async fn token_errors() {
     assert_error(&expired, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
     assert_eq!(expired.1["soft_logout"], true);
 
-    let (status, refreshed) =
-        s.post("/_matrix/client/v3/refresh", None, json!({ "refresh_token": refresh })).await;
+    let refresh_with = |token: String| {
+        let s = &s;
+        async move {
+            s.post("/_matrix/client/v3/refresh", None, json!({ "refresh_token": token })).await
+        }
+    };
+    let (status, lost) = refresh_with(refresh.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{lost}");
+    // The response was "lost": retrying with the old refresh token still works once more.
+    let (status, refreshed) = refresh_with(refresh.clone()).await;
     assert_eq!(status, StatusCode::OK, "{refreshed}");
+    let discarded = lost["access_token"].as_str().unwrap();
+    assert_eq!(
+        s.get("/_matrix/client/v3/account/whoami", Some(discarded)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let new_token = refreshed["access_token"].as_str().unwrap();
     assert_eq!(s.get("/_matrix/client/v3/account/whoami", Some(new_token)).await.0, StatusCode::OK);
     // The old refresh token is spent.

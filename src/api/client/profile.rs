@@ -12,7 +12,7 @@ use ruma::{
 use crate::{
     api::{Ruma, State},
     error::{Error, Result},
-    service::users::Profile,
+    service::{rooms::membership, users::Profile},
 };
 
 fn profile_of(services: &State, user_id: &UserId) -> Result<Profile> {
@@ -47,18 +47,23 @@ pub async fn set_field(
     services: State,
     req: Ruma<set_field::Request>,
 ) -> Result<set_field::Response> {
-    let caller = req.caller()?;
+    let caller = req.caller()?.clone();
     caller.must_be(&req.body.user_id)?;
     let value = &req.body.value;
-    let mut batch = services.db.batch();
     let name = value.field_name();
-    services.users.set_profile_field(
-        &mut batch,
-        &caller.user_id,
-        name.as_str(),
-        Some(value.value().into_owned()),
-    )?;
-    services.db.write(batch)?;
+    {
+        let _guard = services.sessions.lock_user(&caller.user_id);
+        let mut batch = services.db.batch();
+        let field_value = Some(value.value().into_owned());
+        services.users.set_profile_field(
+            &mut batch,
+            &caller.user_id,
+            name.as_str(),
+            field_value,
+        )?;
+        services.db.write(batch)?;
+    }
+    propagate(&services, &caller.user_id, name.as_str()).await;
     Ok(set_field::Response::new())
 }
 
@@ -67,10 +72,30 @@ pub async fn delete_field(
     services: State,
     req: Ruma<delete_field::Request>,
 ) -> Result<delete_field::Response> {
-    let caller = req.caller()?;
+    let caller = req.caller()?.clone();
     caller.must_be(&req.body.user_id)?;
+    let guard = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.users.set_profile_field(&mut batch, &caller.user_id, req.body.field.as_str(), None)?;
     services.db.write(batch)?;
+    drop(guard);
+    propagate(&services, &caller.user_id, req.body.field.as_str()).await;
     Ok(delete_field::Response::new())
+}
+
+/// After a display name or avatar change, refreshes the user's member event in every joined
+/// room so other members see the new name (failures are logged, the profile change stands).
+async fn propagate(services: &State, user_id: &UserId, field: &str) {
+    if !matches!(field, "displayname" | "avatar_url") {
+        return;
+    }
+    let rooms = match services.rooms.rooms_of(user_id, "join") {
+        Ok(rooms) => rooms,
+        Err(err) => return tracing::warn!(%err, "cannot list rooms for a profile update"),
+    };
+    for room_id in rooms {
+        if let Err(err) = membership::join(services, &room_id, user_id, None, None).await {
+            tracing::warn!(%err, %room_id, "cannot update member event after a profile change");
+        }
+    }
 }

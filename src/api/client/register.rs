@@ -80,7 +80,9 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
             || Error::new(ErrorKind::Unauthorized, "Registration token is no longer valid"),
         )?;
     }
-    services.registration.retire_first_admin_token(&mut batch);
+    if !guest {
+        services.registration.retire_first_admin_token(&mut batch);
+    }
     services.users.create(&mut batch, &user_id, password_hash, admin, guest, None);
     let issued = if body.inhibit_login {
         None

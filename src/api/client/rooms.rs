@@ -37,6 +37,9 @@ pub async fn create(
     req: Ruma<create_room::Request>,
 ) -> Result<create_room::Response> {
     let caller = req.caller()?.clone();
+    if caller.guest {
+        return Err(Error::new(ErrorKind::GuestAccessForbidden, "Guests cannot create rooms"));
+    }
     let body = req.body;
     let alias = match &body.room_alias_name {
         Some(name) => Some(
@@ -93,6 +96,7 @@ pub async fn join_by_id(
 ) -> Result<join_by_id::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
+    check_guest_join(&services, &caller, &body.room_id)?;
     membership::join(&services, &body.room_id, &caller.user_id, body.reason.as_deref(), None)
         .await?;
     Ok(join_by_id::Response::new(body.room_id))
@@ -106,6 +110,7 @@ pub async fn join_by_id_or_alias(
     let caller = req.caller()?.clone();
     let body = req.body;
     let room_id = resolve_room(&services, &body.room_id_or_alias)?;
+    check_guest_join(&services, &caller, &room_id)?;
     membership::join(&services, &room_id, &caller.user_id, body.reason.as_deref(), None).await?;
     Ok(join_by_id_or_alias::Response::new(room_id))
 }
@@ -120,6 +125,19 @@ pub async fn knock(
     let room_id = resolve_room(&services, &body.room_id_or_alias)?;
     membership::knock(&services, &room_id, &caller.user_id, body.reason.as_deref()).await?;
     Ok(knock_room::Response::new(room_id))
+}
+
+/// Guests may join only rooms whose `m.room.guest_access` is `can_join`.
+fn check_guest_join(services: &State, caller: &Caller, room_id: &RoomId) -> Result<()> {
+    if !caller.guest {
+        return Ok(());
+    }
+    let state = services.rooms.current_state(room_id)?;
+    let access = services.rooms.state_content(&state, "m.room.guest_access", "")?;
+    if access.and_then(|a| a.get("guest_access").cloned()) != Some(serde_json::json!("can_join")) {
+        return Err(Error::new(ErrorKind::GuestAccessForbidden, "This room is closed to guests"));
+    }
+    Ok(())
 }
 
 /// The room a `roomIdOrAlias` parameter names.

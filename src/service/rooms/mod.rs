@@ -273,7 +273,7 @@ impl Rooms {
         let current = self.states.load(record.current_state)?;
         match self.membership(room_id, user_id)?.as_deref() {
             Some("join") => Ok(current),
-            Some("leave" | "ban") => {
+            Some("leave" | "ban") if !self.forgotten(room_id, user_id)? => {
                 let event = self
                     .state_event(&current, "m.room.member", user_id.as_str())?
                     .ok_or_else(not_member)?;
@@ -357,6 +357,11 @@ impl Rooms {
             }
         }
         Ok(members)
+    }
+
+    /// Whether `user_id` left and forgot `room_id` (its history is then closed to them).
+    pub fn forgotten(&self, room_id: &RoomId, user_id: &UserId) -> Result<bool> {
+        Ok(!self.user_rooms.contains(&(user_id.as_str(), room_id.as_str()))?)
     }
 
     /// Drops `room_id` from the rooms listed for `user_id` (forget).
@@ -729,10 +734,16 @@ impl Rooms {
             return Ok(true);
         }
         let then = self.membership_in(&state, user_id)?;
+        let now = self.membership(&event.room_id, user_id)?;
+        if now.is_none()
+            || (now.as_deref() != Some("join") && self.forgotten(&event.room_id, user_id)?)
+        {
+            return Ok(false); // never a member, or left and forgot the room
+        }
         Ok(match (visibility.as_str(), then.as_str()) {
             (_, "join") => true,
             ("invited", "invite") => true,
-            ("shared", _) => self.membership(&event.room_id, user_id)?.as_deref() == Some("join"),
+            ("shared", _) => now.as_deref() == Some("join"),
             _ => false,
         })
     }
