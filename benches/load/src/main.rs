@@ -1,6 +1,7 @@
-//! Load benchmark: `cargo bench --bench load` starts a release Plaza on a temp dir and prints one
-//! table. `cargo bench --bench load -- --url URL --shared-secret SECRET` drives any homeserver
-//! that offers shared-secret registration instead, so the same run can measure another server.
+//! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir and
+//! prints one table. `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET`
+//! drives any homeserver that offers shared-secret registration instead, so the same run can
+//! measure another server.
 
 use std::{
     sync::Arc,
