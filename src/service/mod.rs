@@ -4,6 +4,7 @@
 pub mod account_data;
 pub mod ephemeral;
 pub mod filters;
+pub mod history;
 pub mod keys;
 pub mod presence;
 pub mod ratelimit;

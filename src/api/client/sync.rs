@@ -14,13 +14,13 @@ use ruma::api::{
         sync::sync_events::v3::{self as sync_events, Filter},
     },
 };
-use serde_json::{Value as JsonValue, json};
+use serde_json::json;
 
 use crate::{
     api::{JsonResponse, Ruma, State},
     error::{Error, ErrorKind, Result},
     service::{
-        filters,
+        history,
         rooms::pdu::{StoredPdu, client_event},
         sync::{SyncRequest, sync as build_sync},
     },
@@ -28,10 +28,6 @@ use crate::{
 
 /// Longest a sync may wait for something to happen.
 const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest `/messages` page.
-const MAX_MESSAGES: usize = 1000;
-/// Most events looked at (hidden or filtered ones included) for one `/messages` page.
-const MAX_MESSAGES_SCAN: usize = 20_000;
 
 /// Parses a stream token (`s<position>` or, from sync, `s<position>_<typing serial>`),
 /// refusing tokens from the future.
@@ -125,9 +121,6 @@ pub async fn get(services: State, req: Ruma<get_filter::Request>) -> Result<get_
 pub async fn messages(services: State, req: Ruma<messages::Request>) -> Result<JsonResponse> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let rooms = &services.rooms;
-    rooms.readable_state(&body.room_id, &caller.user_id)?;
-    let record = rooms.room(&body.room_id)?.ok_or_else(|| Error::forbidden("Unknown room"))?;
     let forward = body.dir == Direction::Forward;
     let from = match body.from.as_deref() {
         Some(token) => parse_token(&services, token)?,
@@ -135,136 +128,56 @@ pub async fn messages(services: State, req: Ruma<messages::Request>) -> Result<J
         None => services.stream.current(),
     };
     let to = body.to.as_deref().map(|t| parse_token(&services, t)).transpose()?;
-    let limit = (u64::from(body.limit) as usize).clamp(1, MAX_MESSAGES);
-    let (after, upto) = if forward {
+    let range = if forward {
         (from, to.unwrap_or_else(|| services.stream.current()))
     } else {
         (to.unwrap_or(0), from)
     };
-
-    let mut chunk: Vec<StoredPdu> = Vec::with_capacity(limit);
-    let mut last_scanned = None;
-    let mut exhausted = true;
-    for (scanned, event) in rooms.timeline_range(&record, after, upto, forward).enumerate() {
-        let event = event?;
-        if chunk.len() == limit || scanned == MAX_MESSAGES_SCAN {
-            exhausted = false;
-            break;
-        }
-        last_scanned = Some(event.position);
-        if filters::matches(&body.filter, &event) && rooms.can_see(&caller.user_id, &event)? {
-            chunk.push(event);
-        }
-    }
-    let end = match (exhausted, last_scanned) {
-        (false, Some(position)) => {
-            Some(if forward { position } else { position.saturating_sub(1) })
-        }
-        _ => None,
-    };
-    let state = lazy_members(&services, &body.filter, &chunk)?;
-    let events: Vec<JsonValue> = chunk
-        .iter()
-        .map(|e| client_event(e, Some((&caller.user_id, caller.device_id.as_str()))))
-        .collect();
-    let mut response = json!({ "start": format!("s{from}"), "chunk": events, "state": state });
-    if let Some(end) = end {
+    let limit = u64::from(body.limit) as usize;
+    let page = history::page(
+        &services,
+        &caller.user_id,
+        &body.room_id,
+        range,
+        forward,
+        limit,
+        &body.filter,
+    )?;
+    let viewer = Some((&*caller.user_id, caller.device_id.as_str()));
+    let mut response = json!({
+        "start": format!("s{from}"),
+        "chunk": page.chunk.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>(),
+        "state": page.members.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
+    });
+    if let Some(end) = page.end {
         response["end"] = json!(format!("s{end}"));
     }
     Ok(JsonResponse(response))
 }
 
-/// With lazy loading, the member events of the page's senders (as of each event).
-fn lazy_members(
-    services: &State,
-    filter: &ruma::api::client::filter::RoomEventFilter,
-    chunk: &[StoredPdu],
-) -> Result<Vec<JsonValue>> {
-    if filter.lazy_load_options.is_disabled() {
-        return Ok(Vec::new());
-    }
-    let mut seen = std::collections::HashSet::new();
-    let mut members = Vec::new();
-    for event in chunk {
-        if !seen.insert(event.sender().to_owned()) {
-            continue;
-        }
-        let state = services.rooms.states.load(event.state_after_or_before())?;
-        if let Some(member) = services.rooms.state_event(&state, "m.room.member", event.sender())? {
-            members.push(client_event(&member, None));
-        }
-    }
-    Ok(members)
-}
-
 /// `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`: an event with the events around
-/// it and the state at it.
+/// it and the state at the last of them.
 pub async fn context(services: State, req: Ruma<get_context::Request>) -> Result<JsonResponse> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let rooms = &services.rooms;
-    let not_found = || Error::not_found("Event not found");
-    let event = rooms
-        .stored(&body.event_id)?
-        .filter(|e| e.room_id == body.room_id)
-        .ok_or_else(not_found)?;
-    if !rooms.can_see(&caller.user_id, &event)? {
-        return Err(not_found());
-    }
-    let record = rooms.room(&body.room_id)?.ok_or_else(not_found)?;
-    let limit = (u64::from(body.limit) as usize).min(MAX_MESSAGES);
-    let visible = |e: &StoredPdu| -> Result<bool> {
-        Ok(filters::matches(&body.filter, e) && rooms.can_see(&caller.user_id, e)?)
-    };
-    let mut before = Vec::new();
-    for e in rooms
-        .timeline_range(&record, 0, event.position.saturating_sub(1), false)
-        .take(MAX_MESSAGES_SCAN)
-    {
-        let e = e?;
-        if before.len() == limit / 2 {
-            break;
-        }
-        if visible(&e)? {
-            before.push(e);
-        }
-    }
-    let mut after = Vec::new();
-    let upto = services.stream.current();
-    for e in rooms.timeline_range(&record, event.position, upto, true).take(MAX_MESSAGES_SCAN) {
-        let e = e?;
-        if after.len() == limit - limit / 2 {
-            break;
-        }
-        if visible(&e)? {
-            after.push(e);
-        }
-    }
-    let start =
-        before.last().map_or(event.position.saturating_sub(1), |e| e.position.saturating_sub(1));
-    let end = after.last().map_or(event.position, |e| e.position);
-    // The state at the last event returned.
-    let state = rooms.states.load(after.last().unwrap_or(&event).state_after_or_before())?;
-    let lazy = !body.filter.lazy_load_options.is_disabled();
-    let senders: std::collections::HashSet<&str> =
-        before.iter().chain(after.iter()).chain([&event]).map(StoredPdu::sender).collect();
-    let mut state_events = Vec::new();
-    for stored in rooms.state_events(&state)? {
-        if lazy
-            && stored.kind() == "m.room.member"
-            && !stored.state_key().is_some_and(|k| senders.contains(k))
-        {
-            continue;
-        }
-        state_events.push(client_event(&stored, None));
-    }
+    let limit = u64::from(body.limit) as usize;
+    let ctx = history::context(
+        &services,
+        &caller.user_id,
+        &body.room_id,
+        &body.event_id,
+        limit,
+        &body.filter,
+    )?;
     let viewer = Some((&*caller.user_id, caller.device_id.as_str()));
+    let events =
+        |events: &[StoredPdu]| events.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>();
     Ok(JsonResponse(json!({
-        "start": format!("s{start}"),
-        "end": format!("s{end}"),
-        "event": client_event(&event, viewer),
-        "events_before": before.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>(),
-        "events_after": after.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>(),
-        "state": state_events,
+        "start": format!("s{}", ctx.start),
+        "end": format!("s{}", ctx.end),
+        "event": client_event(&ctx.event, viewer),
+        "events_before": events(&ctx.before),
+        "events_after": events(&ctx.after),
+        "state": ctx.state.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
     })))
 }

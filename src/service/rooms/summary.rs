@@ -1,11 +1,16 @@
 //! What a room looks like from outside: name, topic, members, join rule. One description serves
 //! the public directory, space hierarchies and room summaries.
 
-use ruma::{RoomId, UserId};
+use std::collections::{HashSet, VecDeque};
+
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::state::StateMap;
-use crate::{error::Result, service::Services};
+use crate::{
+    error::{Error, Result},
+    service::Services,
+};
 
 /// The summary of `room_id` as JSON in the shape the directory, hierarchy and summary
 /// endpoints share.
@@ -100,4 +105,96 @@ pub fn may_preview(
         }
         _ => Ok(false),
     }
+}
+
+/// How to walk a space.
+pub struct Walk {
+    /// Rooms of the walk to skip (pagination).
+    pub skip: usize,
+    /// Rooms to return.
+    pub limit: usize,
+    /// How deep to follow `m.space.child` links.
+    pub max_depth: usize,
+    /// Follow only children marked `suggested`.
+    pub suggested_only: bool,
+}
+
+/// Most rooms visited by one walk.
+const MAX_VISITED: usize = 2000;
+
+/// The rooms under `root` that `user_id` may learn about, breadth first, as summaries with
+/// their `children_state`; the flag tells whether more follow.
+pub fn hierarchy(
+    services: &Services,
+    user_id: &UserId,
+    root: &RoomId,
+    walk: &Walk,
+) -> Result<(Vec<JsonValue>, bool)> {
+    let rooms = &services.rooms;
+    let root_state = rooms.current_state(root).map_err(|_| Error::forbidden("Unknown room"))?;
+    if !may_preview(services, root, &root_state, user_id)? {
+        return Err(Error::forbidden("You cannot see this space"));
+    }
+    let mut queue: VecDeque<(OwnedRoomId, usize)> = VecDeque::from([(root.to_owned(), 0)]);
+    let mut visited = HashSet::new();
+    let mut found = Vec::new();
+    while let Some((room_id, depth)) = queue.pop_front() {
+        if !visited.insert(room_id.clone()) || visited.len() > MAX_VISITED {
+            continue;
+        }
+        let Ok(state) = rooms.current_state(&room_id) else { continue };
+        if room_id != root && !may_preview(services, &room_id, &state, user_id)? {
+            continue;
+        }
+        if found.len() >= walk.skip + walk.limit {
+            return Ok((found.split_off(walk.skip.min(found.len())), true));
+        }
+        let children = children(services, &state, walk.suggested_only)?;
+        let mut chunk = summary(services, &room_id)?;
+        chunk["children_state"] = JsonValue::Array(children.iter().map(|c| c.2.clone()).collect());
+        found.push(chunk);
+        if depth < walk.max_depth {
+            for (_, child, _) in children {
+                if let Ok(child) = RoomId::parse(child) {
+                    queue.push_back((child, depth + 1));
+                }
+            }
+        }
+    }
+    Ok((found.split_off(walk.skip.min(found.len())), false))
+}
+
+/// The `m.space.child` links of a room (with `via`), ordered by `order` then room id, as
+/// `(order, child, stripped event)`.
+fn children(
+    services: &Services,
+    state: &StateMap,
+    suggested_only: bool,
+) -> Result<Vec<(String, String, JsonValue)>> {
+    let mut children = Vec::new();
+    for ((kind, child), short) in state.iter() {
+        if kind != "m.space.child" {
+            continue;
+        }
+        let Some(event) = services.rooms.stored_by_short_public(*short)? else { continue };
+        let content: JsonValue =
+            event.wire.get("content").map(|c| c.clone().into()).unwrap_or_default();
+        let has_via = content.get("via").and_then(|v| v.as_array()).is_some_and(|v| !v.is_empty());
+        let suggested = content.get("suggested").and_then(|s| s.as_bool()).unwrap_or(false);
+        if !has_via || (suggested_only && !suggested) {
+            continue;
+        }
+        let order =
+            content.get("order").and_then(|o| o.as_str()).unwrap_or("\u{10FFFF}").to_owned();
+        let stripped = json!({
+            "type": "m.space.child",
+            "state_key": child,
+            "content": content,
+            "sender": event.wire.get("sender"),
+            "origin_server_ts": event.wire.get("origin_server_ts"),
+        });
+        children.push((order, child.clone(), stripped));
+    }
+    children.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    Ok(children)
 }
