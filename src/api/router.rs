@@ -78,8 +78,8 @@ impl RouterExt for Router<State> {
 /// Builds the application with every route and layer.
 pub fn build(state: State) -> Router {
     use client::{
-        account, account_data, devices, directory, discovery, ephemeral, events, presence, profile,
-        register, rooms, session, space, sync, user_directory, voip,
+        account, account_data, devices, directory, discovery, ephemeral, events, keys, presence,
+        profile, register, rooms, session, space, sync, user_directory, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -150,6 +150,14 @@ pub fn build(state: State) -> Router {
         .ruma(ephemeral::get)
         .ruma(ephemeral::put)
         .ruma(ephemeral::delete)
+        // End-to-end encryption
+        .ruma(keys::upload)
+        .ruma(keys::query)
+        .ruma(keys::claim)
+        .ruma(keys::changes)
+        .ruma(keys::upload_signing)
+        .ruma(keys::upload_signatures)
+        .ruma(keys::send)
         // Rooms
         .ruma(rooms::create)
         .ruma(rooms::join_by_id)

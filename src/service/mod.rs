@@ -2,6 +2,7 @@
 //! service owns its tables and talks to the others only through it.
 
 pub mod account_data;
+pub mod e2ee;
 pub mod ephemeral;
 pub mod filters;
 pub mod history;
@@ -61,6 +62,8 @@ pub struct Services {
     pub ephemeral: ephemeral::Ephemeral,
     /// Who is online.
     pub presence: presence::Presences,
+    /// End-to-end encryption keys and to-device messages.
+    pub e2ee: e2ee::E2ee,
 }
 
 impl Services {
@@ -73,6 +76,7 @@ impl Services {
             directory: rooms::directory::Directory::new(&db),
             ephemeral: ephemeral::Ephemeral::new(&db),
             presence: presence::Presences::default(),
+            e2ee: e2ee::E2ee::new(&db),
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,

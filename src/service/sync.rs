@@ -40,8 +40,8 @@ const INVITE_STATE: &[&str] = &[
 pub struct SyncRequest<'a> {
     /// The user.
     pub user_id: &'a UserId,
-    /// The device (for transaction ids).
-    pub device_id: &'a str,
+    /// The device (for transaction ids, to-device messages and key counts).
+    pub device_id: &'a ruma::DeviceId,
     /// The position of the `since` token, if any.
     pub since: Option<u64>,
     /// The typing serial of the `since` token, if any.
@@ -151,14 +151,31 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
         Vec::new()
     };
     has_changes |= !presence.is_empty();
+    // End-to-end encryption: to-device messages (those up to `since` were received), key
+    // changes of people sharing a room, and this device's key counts.
+    let e2ee = &services.e2ee;
+    let to_device = e2ee.take_to_device(req.user_id, req.device_id, req.since, upto)?;
+    let mut changed_keys = Vec::new();
+    if !initial {
+        let mine: HashSet<_> = rooms.rooms_of(req.user_id, "join")?.into_iter().collect();
+        for user in e2ee.changed_users(since, upto)? {
+            let shares = user == req.user_id
+                || rooms.rooms_of(&user, "join")?.iter().any(|r| mine.contains(r));
+            if shares {
+                changed_keys.push(user);
+            }
+        }
+    }
+    has_changes |= !to_device.is_empty() || !changed_keys.is_empty();
     let body = json!({
         "next_batch": format!("s{upto}_{typing}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
         "account_data": { "events": global_account_data },
         "presence": { "events": presence },
-        "to_device": { "events": [] },
-        "device_lists": { "changed": [], "left": [] },
-        "device_one_time_keys_count": {},
+        "to_device": { "events": to_device },
+        "device_lists": { "changed": changed_keys, "left": [] },
+        "device_one_time_keys_count": e2ee.counts(req.user_id, req.device_id)?,
+        "device_unused_fallback_key_types": e2ee.unused_fallback_types(req.user_id, req.device_id)?,
     });
     Ok(SyncResponse { body, has_changes })
 }
@@ -326,8 +343,10 @@ fn joined_room(
         return Ok(None);
     }
     let prev_batch = events.first().map_or(upto, |e| e.position.saturating_sub(1));
-    let timeline: Vec<JsonValue> =
-        events.iter().map(|e| client_event(e, Some((req.user_id, req.device_id)))).collect();
+    let timeline: Vec<JsonValue> = events
+        .iter()
+        .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
+        .collect();
 
     Ok(Some(json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
@@ -355,8 +374,10 @@ fn left_room(
     }
     let Window { events, limited, .. } = timeline(services, req, &record, since, left.position)?;
     let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
-    let timeline: Vec<JsonValue> =
-        events.iter().map(|e| client_event(e, Some((req.user_id, req.device_id)))).collect();
+    let timeline: Vec<JsonValue> = events
+        .iter()
+        .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
+        .collect();
     Ok(Some(json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": [] },

@@ -60,6 +60,21 @@ pub const RECEIPT_CHANGES: &str = "receipt_changes";
 /// `user id 0xFF device id` -> `LastSeen` (time, address, user agent).
 pub const LAST_SEEN: &str = "last_seen";
 
+/// `user id 0xFF device id` -> the device's published keys (JSON).
+pub const DEVICE_KEYS: &str = "device_keys";
+/// `user id 0xFF device id 0xFF algorithm:key id` -> an unclaimed one-time key (JSON).
+pub const ONE_TIME_KEYS: &str = "one_time_keys";
+/// `user id 0xFF device id 0xFF algorithm` -> `FallbackKey`.
+pub const FALLBACK_KEYS: &str = "fallback_keys";
+/// `user id 0xFF master|self_signing|user_signing` -> cross-signing key (JSON).
+pub const CROSS_SIGNING_KEYS: &str = "cross_signing_keys";
+/// `stream position` -> user id whose keys changed then (device lists in sync).
+pub const KEY_CHANGES: &str = "key_changes";
+/// `user id 0xFF device id 0xFF stream position` -> `ToDevice` message awaiting delivery.
+pub const TO_DEVICE: &str = "to_device";
+/// `sender 0xFF device id 0xFF transaction id` -> nothing: to-device sends already done.
+pub const TO_DEVICE_TXNS: &str = "to_device_txns";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -88,4 +103,11 @@ pub const ALL: &[&str] = &[
     RECEIPTS,
     RECEIPT_CHANGES,
     LAST_SEEN,
+    DEVICE_KEYS,
+    ONE_TIME_KEYS,
+    FALLBACK_KEYS,
+    CROSS_SIGNING_KEYS,
+    KEY_CHANGES,
+    TO_DEVICE,
+    TO_DEVICE_TXNS,
 ];

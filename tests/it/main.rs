@@ -4,6 +4,7 @@
 mod accounts;
 mod common;
 mod directory;
+mod e2ee;
 mod edge_cases;
 mod ephemeral;
 mod errors;

@@ -7,6 +7,7 @@ pub mod directory;
 pub mod discovery;
 pub mod ephemeral;
 pub mod events;
+pub mod keys;
 pub mod presence;
 pub mod profile;
 pub mod register;

@@ -70,7 +70,7 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Js
     }
     let request = SyncRequest {
         user_id: &caller.user_id,
-        device_id: caller.device_id.as_str(),
+        device_id: &caller.device_id,
         since: since.map(|s| s.0),
         since_typing: since.and_then(|s| s.1),
         full_state: body.full_state,

@@ -1,0 +1,316 @@
+//! End-to-end encryption endpoints: key upload, query and claim, key changes, cross-signing
+//! keys and signatures, and to-device messages.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ruma::{
+    CanonicalJsonObject, OwnedDeviceId, OwnedUserId, UserId,
+    api::client::{
+        keys::{
+            claim_keys::v3 as claim_keys, get_key_changes::v3 as key_changes,
+            get_keys::v3 as get_keys, upload_keys::v3 as upload_keys,
+            upload_signatures::v3 as upload_signatures,
+            upload_signing_keys::v3 as upload_signing_keys,
+        },
+        to_device::send_event_to_device::v3 as send_to_device,
+    },
+    to_device::DeviceIdOrAllDevices,
+};
+use serde_json::{Map, Value as JsonValue, json};
+
+use super::sync::parse_token;
+use crate::{
+    api::{JsonResponse, Ruma, State},
+    error::{Error, Result},
+    service::uiaa::{self, PASSWORD},
+};
+
+/// Most users or devices one request may name.
+const MAX_TARGETS: usize = 1000;
+
+fn json_of(raw: &serde_json::value::RawValue) -> Result<JsonValue> {
+    serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(e.to_string()))
+}
+
+/// `POST /_matrix/client/v3/keys/upload`
+pub async fn upload(services: State, req: Ruma<upload_keys::Request>) -> Result<JsonResponse> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let device_keys = body.device_keys.as_ref().map(|k| json_of(k.json())).transpose()?;
+    let one_time = body
+        .one_time_keys
+        .iter()
+        .map(|(id, k)| Ok((id.to_string(), json_of(k.json())?)))
+        .collect::<Result<_>>()?;
+    let fallback = body
+        .fallback_keys
+        .iter()
+        .map(|(id, k)| Ok((id.to_string(), json_of(k.json())?)))
+        .collect::<Result<_>>()?;
+    let counts = services.e2ee.upload(
+        &services,
+        &caller.user_id,
+        &caller.device_id,
+        device_keys,
+        one_time,
+        fallback,
+    )?;
+    Ok(JsonResponse(json!({ "one_time_key_counts": counts })))
+}
+
+/// `POST /_matrix/client/v3/keys/query`: device and cross-signing keys of local users
+/// (others' user-signing keys stay private).
+pub async fn query(services: State, req: Ruma<get_keys::Request>) -> Result<JsonResponse> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    if body.device_keys.len() > MAX_TARGETS {
+        return Err(Error::invalid_param("Too many users in one query"));
+    }
+    let (mut device_keys, mut failures) = (Map::new(), Map::new());
+    let (mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new());
+    for (user_id, devices) in &body.device_keys {
+        if user_id.server_name() != services.server_name() {
+            failures.insert(
+                user_id.server_name().to_string(),
+                json!({ "status": 503, "message": "Federation is not available" }),
+            );
+            continue;
+        }
+        let wanted: Vec<OwnedDeviceId> = if devices.is_empty() {
+            services.sessions.devices(user_id)?.into_iter().map(|(id, _)| id).collect()
+        } else {
+            devices.clone()
+        };
+        let mut keys = Map::new();
+        for device_id in wanted.iter().take(MAX_TARGETS) {
+            // Keys of deleted devices stay hidden.
+            let Some(record) = services.sessions.device(user_id, device_id)? else { continue };
+            if let Some(mut key) = services.e2ee.device_keys(user_id, device_id)? {
+                key["unsigned"] = json!({ "device_display_name": record.display_name });
+                keys.insert(device_id.to_string(), key);
+            }
+        }
+        device_keys.insert(user_id.to_string(), JsonValue::Object(keys));
+        if let Some(key) = services.e2ee.cross_signing(user_id, "master")? {
+            master.insert(user_id.to_string(), key);
+        }
+        if let Some(key) = services.e2ee.cross_signing(user_id, "self_signing")? {
+            self_signing.insert(user_id.to_string(), key);
+        }
+        if *user_id == caller.user_id
+            && let Some(key) = services.e2ee.cross_signing(user_id, "user_signing")?
+        {
+            user_signing.insert(user_id.to_string(), key);
+        }
+    }
+    Ok(JsonResponse(json!({
+        "device_keys": device_keys,
+        "master_keys": master,
+        "self_signing_keys": self_signing,
+        "user_signing_keys": user_signing,
+        "failures": failures,
+    })))
+}
+
+/// `POST /_matrix/client/v3/keys/claim`: each one-time key goes to exactly one claimer; when a
+/// device has none left, its fallback key.
+pub async fn claim(services: State, req: Ruma<claim_keys::Request>) -> Result<JsonResponse> {
+    req.caller()?;
+    let body = req.body;
+    let (mut claimed, mut failures) = (Map::new(), Map::new());
+    let mut targets = 0;
+    for (user_id, devices) in &body.one_time_keys {
+        if user_id.server_name() != services.server_name() {
+            failures.insert(
+                user_id.server_name().to_string(),
+                json!({ "status": 503, "message": "Federation is not available" }),
+            );
+            continue;
+        }
+        let mut by_device = Map::new();
+        for (device_id, algorithm) in devices {
+            targets += 1;
+            if targets > MAX_TARGETS {
+                return Err(Error::invalid_param("Too many devices in one claim"));
+            }
+            if services.sessions.device(user_id, device_id)?.is_none() {
+                continue;
+            }
+            if let Some((key_id, key)) =
+                services.e2ee.claim(user_id, device_id, algorithm.as_str())?
+            {
+                by_device.insert(device_id.to_string(), json!({ key_id: key }));
+            }
+        }
+        claimed.insert(user_id.to_string(), JsonValue::Object(by_device));
+    }
+    Ok(JsonResponse(json!({ "one_time_keys": claimed, "failures": failures })))
+}
+
+/// `GET /_matrix/client/v3/keys/changes`: users sharing a room with the caller whose keys
+/// changed between two sync tokens.
+pub async fn changes(
+    services: State,
+    req: Ruma<key_changes::Request>,
+) -> Result<key_changes::Response> {
+    let caller = req.caller()?.clone();
+    let from = parse_token(&services, &req.body.from)?;
+    let to = parse_token(&services, &req.body.to)?;
+    let mine: std::collections::HashSet<_> =
+        services.rooms.rooms_of(&caller.user_id, "join")?.into_iter().collect();
+    let mut changed = Vec::new();
+    for user in services.e2ee.changed_users(from, to)? {
+        let shares = user == caller.user_id
+            || services.rooms.rooms_of(&user, "join")?.iter().any(|r| mine.contains(r));
+        if shares {
+            changed.push(user);
+        }
+    }
+    Ok(key_changes::Response::new(changed, Vec::new()))
+}
+
+/// `POST /_matrix/client/v3/keys/device_signing/upload` (user-interactive auth)
+pub async fn upload_signing(
+    services: State,
+    req: Ruma<upload_signing_keys::Request>,
+) -> Result<upload_signing_keys::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    uiaa::authorize(&services, body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id)).await?;
+    for (kind, key) in [
+        ("master", &body.master_key),
+        ("self_signing", &body.self_signing_key),
+        ("user_signing", &body.user_signing_key),
+    ] {
+        if let Some(key) = key {
+            services.e2ee.put_cross_signing(&caller.user_id, kind, &json_of(key.json())?)?;
+        }
+    }
+    services.e2ee.note_change(&services, &caller.user_id)?;
+    Ok(upload_signing_keys::Response::new())
+}
+
+/// Checks the ed25519 signature by `signer`'s key `key_id` on `object`.
+fn verify(object: &JsonValue, signer: &UserId, key_id: &str, public_key: &str) -> bool {
+    let Some(signature) = object["signatures"][signer.as_str()][key_id].as_str() else {
+        return false;
+    };
+    let Ok(canonical) = serde_json::from_value::<CanonicalJsonObject>(object.clone()) else {
+        return false;
+    };
+    let Ok(message) = ruma::signatures::to_canonical_json_string_for_signing(&canonical) else {
+        return false;
+    };
+    let decode =
+        |s: &str| base64::engine::general_purpose::STANDARD_NO_PAD.decode(s.trim_end_matches('='));
+    let (Ok(key), Ok(signature)) = (decode(public_key), decode(signature)) else { return false };
+    let (Ok(key), Ok(signature)) =
+        (<[u8; 32]>::try_from(key.as_slice()), Signature::from_slice(&signature))
+    else {
+        return false;
+    };
+    VerifyingKey::from_bytes(&key)
+        .is_ok_and(|key| key.verify(message.as_bytes(), &signature).is_ok())
+}
+
+/// The public keys `signer` may sign with: its devices' and its cross-signing keys.
+fn signer_keys(services: &State, signer: &UserId) -> Result<BTreeMap<String, String>> {
+    let mut keys = BTreeMap::new();
+    for (device_id, _) in services.sessions.devices(signer)? {
+        if let Some(device) = services.e2ee.device_keys(signer, &device_id)? {
+            let id = format!("ed25519:{device_id}");
+            if let Some(key) = device["keys"][&id].as_str() {
+                keys.insert(id, key.to_owned());
+            }
+        }
+    }
+    for kind in ["master", "self_signing", "user_signing"] {
+        if let Some(key) = services.e2ee.cross_signing(signer, kind)? {
+            for (id, value) in key["keys"].as_object().into_iter().flatten() {
+                keys.extend(value.as_str().map(|v| (id.clone(), v.to_owned())));
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// `POST /_matrix/client/v3/keys/signatures/upload`: each signature is checked against the
+/// signer's published keys; bad ones are reported per key, good ones stored.
+pub async fn upload_signatures(
+    services: State,
+    req: Ruma<upload_signatures::Request>,
+) -> Result<JsonResponse> {
+    let caller = req.caller()?.clone();
+    let signer_keys = signer_keys(&services, &caller.user_id)?;
+    let mut failures: BTreeMap<OwnedUserId, Map<String, JsonValue>> = BTreeMap::new();
+    let mut changed = Vec::new();
+    for (user_id, keys) in &req.body.signed_keys {
+        for (key_id, object) in keys.iter() {
+            let object = json_of(object)?;
+            let signatures = object["signatures"][caller.user_id.as_str()].clone();
+            let valid = signatures.as_object().is_some_and(|sigs| {
+                !sigs.is_empty()
+                    && sigs.keys().all(|id| {
+                        signer_keys
+                            .get(id)
+                            .is_some_and(|public| verify(&object, &caller.user_id, id, public))
+                    })
+            });
+            if !valid {
+                failures.entry(user_id.clone()).or_default().insert(
+                    key_id.to_owned(),
+                    json!({ "errcode": "M_INVALID_SIGNATURE", "error": "Signature does not verify with the signer's keys" }),
+                );
+                continue;
+            }
+            match services.e2ee.add_signatures(user_id, key_id, &caller.user_id, &signatures) {
+                Ok(()) => changed.push(user_id.clone()),
+                Err(err) => {
+                    failures.entry(user_id.clone()).or_default().insert(
+                        key_id.to_owned(),
+                        json!({ "errcode": "M_NOT_FOUND", "error": err.to_string() }),
+                    );
+                }
+            }
+        }
+    }
+    changed.dedup();
+    for user in changed {
+        services.e2ee.note_change(&services, &user)?;
+    }
+    Ok(JsonResponse(json!({ "failures": failures })))
+}
+
+/// `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}` (`*` means every device)
+pub async fn send(
+    services: State,
+    req: Ruma<send_to_device::Request>,
+) -> Result<send_to_device::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let mut messages = Vec::new();
+    let mut count = 0;
+    for (user_id, by_device) in &body.messages {
+        if user_id.server_name() != services.server_name() {
+            continue; // other servers' devices need federation
+        }
+        for (target, content) in by_device {
+            let devices: Vec<OwnedDeviceId> = match target {
+                DeviceIdOrAllDevices::DeviceId(device) => vec![device.clone()],
+                DeviceIdOrAllDevices::AllDevices => {
+                    services.sessions.devices(user_id)?.into_iter().map(|(id, _)| id).collect()
+                }
+            };
+            count += devices.len();
+            if count > MAX_TARGETS {
+                return Err(Error::invalid_param("Too many devices in one request"));
+            }
+            messages.push((user_id.clone(), devices, json_of(content.json())?));
+        }
+    }
+    let sender = (&*caller.user_id, &*caller.device_id, body.txn_id.as_str());
+    services.e2ee.send_to_device(&services, sender, &body.event_type.to_string(), messages)?;
+    Ok(send_to_device::Response::new())
+}

@@ -1,0 +1,426 @@
+//! End-to-end encryption support: device keys, one-time and fallback keys, cross-signing keys,
+//! device-list changes and to-device messages. The server never sees plaintext; it stores and
+//! hands out what clients publish, exactly once where the spec says once.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Mutex,
+};
+
+use ruma::{DeviceId, OwnedUserId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as JsonValue, json};
+
+use super::Services;
+use crate::{
+    error::{Error, ErrorKind, Result},
+    storage::{Db, Key, Table, prefix, split_key, tables},
+};
+
+/// Most unclaimed one-time keys kept per device.
+const MAX_ONE_TIME_KEYS: usize = 1000;
+/// Most undelivered to-device messages kept per device; older ones are dropped past this.
+const MAX_TO_DEVICE: usize = 10_000;
+/// Largest key object accepted, in bytes of JSON.
+const MAX_KEY_BYTES: usize = 16 * 1024;
+
+/// A published fallback key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FallbackKey {
+    /// `algorithm:key id`.
+    pub key_id: String,
+    /// The signed key object.
+    pub key: JsonValue,
+    /// Whether it has been handed out since it was uploaded.
+    pub used: bool,
+}
+
+/// A to-device message waiting for its device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToDevice {
+    /// The sender.
+    pub sender: OwnedUserId,
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The content.
+    pub content: JsonValue,
+}
+
+/// E2EE key storage.
+pub struct E2ee {
+    db: Db,
+    device_keys: Table<JsonValue>,
+    one_time_keys: Table<JsonValue>,
+    fallback_keys: Table<FallbackKey>,
+    cross_signing: Table<JsonValue>,
+    key_changes: Table<OwnedUserId>,
+    to_device: Table<ToDevice>,
+    to_device_txns: Table<()>,
+    /// Serialises claims so each one-time key goes to exactly one claimer.
+    claim_lock: Mutex<()>,
+}
+
+fn check_size(value: &JsonValue) -> Result<()> {
+    if serde_json::to_vec(value).map_or(usize::MAX, |v| v.len()) > MAX_KEY_BYTES {
+        return Err(Error::new(ErrorKind::TooLarge, "Key object is too large"));
+    }
+    Ok(())
+}
+
+impl E2ee {
+    pub(super) fn new(db: &Db) -> Self {
+        Self {
+            db: db.clone(),
+            device_keys: db.table(tables::DEVICE_KEYS),
+            one_time_keys: db.table(tables::ONE_TIME_KEYS),
+            fallback_keys: db.table(tables::FALLBACK_KEYS),
+            cross_signing: db.table(tables::CROSS_SIGNING_KEYS),
+            key_changes: db.table(tables::KEY_CHANGES),
+            to_device: db.table(tables::TO_DEVICE),
+            to_device_txns: db.table(tables::TO_DEVICE_TXNS),
+            claim_lock: Mutex::new(()),
+        }
+    }
+
+    /// Stores what a device publishes about itself; returns its one-time key counts.
+    pub fn upload(
+        &self,
+        services: &Services,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        device_keys: Option<JsonValue>,
+        one_time_keys: BTreeMap<String, JsonValue>,
+        fallback_keys: BTreeMap<String, JsonValue>,
+    ) -> Result<BTreeMap<String, u64>> {
+        let mut batch = self.db.batch();
+        let mut changed = false;
+        if let Some(keys) = device_keys {
+            check_size(&keys)?;
+            if keys.get("user_id").and_then(|u| u.as_str()) != Some(user_id.as_str())
+                || keys.get("device_id").and_then(|d| d.as_str()) != Some(device_id.as_str())
+            {
+                return Err(Error::invalid_param("Device keys are for another user or device"));
+            }
+            let current = self.device_keys.get(&(user_id.as_str(), device_id.as_str()))?;
+            if current.as_ref() != Some(&keys) {
+                self.device_keys.put(&mut batch, &(user_id.as_str(), device_id.as_str()), &keys);
+                changed = true;
+            }
+        }
+        let existing = self.counts(user_id, device_id)?.values().sum::<u64>() as usize;
+        if existing + one_time_keys.len() > MAX_ONE_TIME_KEYS {
+            return Err(Error::new(ErrorKind::ResourceLimitExceeded, "Too many one-time keys"));
+        }
+        for (key_id, key) in &one_time_keys {
+            check_size(key)?;
+            if !key_id.contains(':') {
+                return Err(Error::invalid_param(format!("Invalid one-time key id {key_id}")));
+            }
+            self.one_time_keys.put(
+                &mut batch,
+                &(user_id.as_str(), device_id.as_str(), key_id.as_str()),
+                key,
+            );
+        }
+        for (key_id, key) in fallback_keys {
+            check_size(&key)?;
+            let Some((algorithm, _)) = key_id.split_once(':') else {
+                return Err(Error::invalid_param(format!("Invalid fallback key id {key_id}")));
+            };
+            let record = FallbackKey { key_id: key_id.clone(), key, used: false };
+            self.fallback_keys.put(
+                &mut batch,
+                &(user_id.as_str(), device_id.as_str(), algorithm),
+                &record,
+            );
+        }
+        let pending = changed.then(|| services.stream.next(&mut batch));
+        if let Some(pending) = &pending {
+            self.key_changes.put(&mut batch, &pending.position, &user_id.to_owned());
+        }
+        self.db.write(batch)?;
+        if let Some(pending) = pending {
+            let position = pending.position;
+            drop(pending);
+            self.wake_room_mates(services, user_id, position)?;
+        }
+        self.counts(user_id, device_id)
+    }
+
+    /// Records that `user_id`'s keys changed (a device or cross-signing key came or went).
+    pub fn note_change(&self, services: &Services, user_id: &UserId) -> Result<()> {
+        let mut batch = self.db.batch();
+        let pending = services.stream.next(&mut batch);
+        self.key_changes.put(&mut batch, &pending.position, &user_id.to_owned());
+        self.db.write(batch)?;
+        let position = pending.position;
+        drop(pending);
+        self.wake_room_mates(services, user_id, position)
+    }
+
+    fn wake_room_mates(&self, services: &Services, user_id: &UserId, position: u64) -> Result<()> {
+        let mut mates = BTreeSet::from([user_id.to_owned()]);
+        for room in services.rooms.rooms_of(user_id, "join")? {
+            mates.extend(
+                services
+                    .rooms
+                    .members(&room)?
+                    .into_iter()
+                    .filter(|(_, m)| m == "join")
+                    .map(|(u, _)| u),
+            );
+        }
+        services.stream.wake_at(position, mates.iter().map(|u| &**u));
+        Ok(())
+    }
+
+    /// Unclaimed one-time keys of a device, by algorithm.
+    pub fn counts(&self, user_id: &UserId, device_id: &DeviceId) -> Result<BTreeMap<String, u64>> {
+        let mut counts = BTreeMap::new();
+        for item in self.one_time_keys.scan_prefix(prefix(&(user_id.as_str(), device_id.as_str())))
+        {
+            let (key, _) = item?;
+            let key_id = split_key(&key)
+                .nth(2)
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .unwrap_or_default();
+            if let Some((algorithm, _)) = key_id.split_once(':') {
+                *counts.entry(algorithm.to_owned()).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Fallback key algorithms of a device not handed out yet.
+    pub fn unused_fallback_types(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<Vec<String>> {
+        let mut types = Vec::new();
+        for item in self.fallback_keys.scan_prefix(prefix(&(user_id.as_str(), device_id.as_str())))
+        {
+            let (_, record) = item?;
+            if !record.used {
+                types.extend(record.key_id.split_once(':').map(|(a, _)| a.to_owned()));
+            }
+        }
+        Ok(types)
+    }
+
+    /// The published keys of a device.
+    pub fn device_keys(&self, user_id: &UserId, device_id: &DeviceId) -> Result<Option<JsonValue>> {
+        Ok(self.device_keys.get(&(user_id.as_str(), device_id.as_str()))?)
+    }
+
+    /// Removes a device's keys (when the device is deleted).
+    pub fn forget_device(
+        &self,
+        services: &Services,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<()> {
+        let mut batch = self.db.batch();
+        let device = (user_id.as_str(), device_id.as_str());
+        self.device_keys.delete(&mut batch, &device);
+        for table in [&self.one_time_keys] {
+            for item in table.scan_prefix(prefix(&device)) {
+                table.delete_raw(&mut batch, &item?.0);
+            }
+        }
+        for item in self.fallback_keys.scan_prefix(prefix(&device)) {
+            self.fallback_keys.delete_raw(&mut batch, &item?.0);
+        }
+        for item in self.to_device.scan_prefix(prefix(&device)) {
+            self.to_device.delete_raw(&mut batch, &item?.0);
+        }
+        self.db.write(batch)?;
+        self.note_change(services, user_id)
+    }
+
+    /// Hands out one one-time key of `algorithm` for a device (falling back to its fallback
+    /// key), each one-time key exactly once.
+    pub fn claim(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        algorithm: &str,
+    ) -> Result<Option<(String, JsonValue)>> {
+        let _guard = self.claim_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let key_prefix = {
+            let mut p = prefix(&(user_id.as_str(), device_id.as_str()));
+            p.extend_from_slice(algorithm.as_bytes());
+            p.push(b':');
+            p
+        };
+        if let Some(item) = self.one_time_keys.scan_prefix(key_prefix).next() {
+            let (raw_key, key) = item?;
+            let key_id = split_key(&raw_key)
+                .nth(2)
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .unwrap_or_default()
+                .to_owned();
+            let mut batch = self.db.batch();
+            self.one_time_keys.delete_raw(&mut batch, &raw_key);
+            self.db.write(batch)?;
+            return Ok(Some((key_id, key)));
+        }
+        let fallback_key = (user_id.as_str(), device_id.as_str(), algorithm);
+        if let Some(mut fallback) = self.fallback_keys.get(&fallback_key)? {
+            if !fallback.used {
+                fallback.used = true;
+                let mut batch = self.db.batch();
+                self.fallback_keys.put(&mut batch, &fallback_key, &fallback);
+                self.db.write(batch)?;
+            }
+            return Ok(Some((fallback.key_id, fallback.key)));
+        }
+        Ok(None)
+    }
+
+    /// Stores a cross-signing key (`master`, `self_signing`, `user_signing`).
+    pub fn put_cross_signing(&self, user_id: &UserId, kind: &str, key: &JsonValue) -> Result<()> {
+        check_size(key)?;
+        if key.get("user_id").and_then(|u| u.as_str()) != Some(user_id.as_str()) {
+            return Err(Error::invalid_param("Cross-signing key is for another user"));
+        }
+        let mut batch = self.db.batch();
+        self.cross_signing.put(&mut batch, &(user_id.as_str(), kind), key);
+        Ok(self.db.write(batch)?)
+    }
+
+    /// A cross-signing key of `user_id`.
+    pub fn cross_signing(&self, user_id: &UserId, kind: &str) -> Result<Option<JsonValue>> {
+        Ok(self.cross_signing.get(&(user_id.as_str(), kind))?)
+    }
+
+    /// Adds `signatures` (by `signer`) to a device key or cross-signing key of `user_id`.
+    pub fn add_signatures(
+        &self,
+        user_id: &UserId,
+        key_id: &str,
+        signer: &UserId,
+        signatures: &JsonValue,
+    ) -> Result<()> {
+        let add = |target: &mut JsonValue| {
+            let slot = &mut target["signatures"][signer.as_str()];
+            if !slot.is_object() {
+                *slot = json!({});
+            }
+            if let (Some(slot), Some(new)) = (slot.as_object_mut(), signatures.as_object()) {
+                slot.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        };
+        let mut batch = self.db.batch();
+        if let Some(mut key) = self.device_keys.get(&(user_id.as_str(), key_id))? {
+            add(&mut key);
+            self.device_keys.put(&mut batch, &(user_id.as_str(), key_id), &key);
+        } else {
+            let mut found = false;
+            for kind in ["master", "self_signing", "user_signing"] {
+                if let Some(mut key) = self.cross_signing(user_id, kind)? {
+                    let public = key
+                        .get("keys")
+                        .and_then(|k| k.as_object())
+                        .is_some_and(|keys| keys.values().any(|v| v.as_str() == Some(key_id)));
+                    if public {
+                        add(&mut key);
+                        self.cross_signing.put(&mut batch, &(user_id.as_str(), kind), &key);
+                        found = true;
+                    }
+                }
+            }
+            if !found {
+                return Err(Error::not_found(format!("No key {key_id} for {user_id}")));
+            }
+        }
+        Ok(self.db.write(batch)?)
+    }
+
+    /// Users whose keys changed in `(after, upto]`.
+    pub fn changed_users(&self, after: u64, upto: u64) -> Result<BTreeSet<OwnedUserId>> {
+        let lower = after.saturating_add(1).to_key_bytes();
+        let upper = upto.saturating_add(1).to_key_bytes();
+        self.key_changes.scan_range(lower, upper, false).map(|item| Ok(item?.1)).collect()
+    }
+
+    /// Queues to-device messages and wakes the receiving users; a repeated transaction id of
+    /// the sending device does nothing.
+    pub fn send_to_device(
+        &self,
+        services: &Services,
+        (sender, sender_device, txn_id): (&UserId, &DeviceId, &str),
+        kind: &str,
+        messages: Vec<(OwnedUserId, Vec<ruma::OwnedDeviceId>, JsonValue)>,
+    ) -> Result<()> {
+        let txn = (sender.as_str(), sender_device.as_str(), txn_id);
+        let _guard = self.claim_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.to_device_txns.contains(&txn)? {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        self.to_device_txns.put(&mut batch, &txn, &());
+        let mut pendings = Vec::new();
+        let mut woken = BTreeSet::new();
+        for (user, devices, content) in messages {
+            check_size(&content)?;
+            for device in devices {
+                let pending = services.stream.next(&mut batch);
+                let message = ToDevice {
+                    sender: sender.to_owned(),
+                    kind: kind.to_owned(),
+                    content: content.clone(),
+                };
+                self.to_device.put(
+                    &mut batch,
+                    &(user.as_str(), device.as_str(), pending.position),
+                    &message,
+                );
+                pendings.push(pending);
+            }
+            woken.insert(user);
+        }
+        self.db.write(batch)?;
+        let position = pendings.iter().map(|p| p.position).max().unwrap_or_default();
+        drop(pendings);
+        services.stream.wake_at(position, woken.iter().map(|u| &**u));
+        Ok(())
+    }
+
+    /// To-device messages for a device up to `upto`, after deleting those up to `acknowledged`
+    /// (the client's `since` proves it received them).
+    pub fn take_to_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        acknowledged: Option<u64>,
+        upto: u64,
+    ) -> Result<Vec<JsonValue>> {
+        let device = (user_id.as_str(), device_id.as_str());
+        if let Some(acknowledged) = acknowledged {
+            let lower = prefix(&device);
+            let upper = (user_id.as_str(), device_id.as_str(), acknowledged.saturating_add(1))
+                .to_key_bytes();
+            let mut batch = self.db.batch();
+            for item in self.to_device.scan_range(lower, upper, false) {
+                self.to_device.delete_raw(&mut batch, &item?.0);
+            }
+            if !batch.is_empty() {
+                self.db.write(batch)?;
+            }
+        }
+        let lower = prefix(&device);
+        let upper = (user_id.as_str(), device_id.as_str(), upto.saturating_add(1)).to_key_bytes();
+        let mut messages = Vec::new();
+        for item in self.to_device.scan_range(lower, upper, false).take(MAX_TO_DEVICE) {
+            let (_, message) = item?;
+            let mut event = Map::new();
+            event.insert("sender".into(), json!(message.sender));
+            event.insert("type".into(), json!(message.kind));
+            event.insert("content".into(), message.content);
+            messages.push(JsonValue::Object(event));
+        }
+        Ok(messages)
+    }
+}

@@ -1,0 +1,254 @@
+//! End-to-end encryption support over HTTP: keys, claims, to-device, cross-signing.
+
+use base64::Engine;
+use ed25519_dalek::{Signer, SigningKey};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::{TestServer, assert_error};
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+}
+
+/// Signs `object` (without `signatures`/`unsigned`) as `user`'s key `key_id`.
+fn sign(object: &mut Value, key: &SigningKey, user: &str, key_id: &str) {
+    let mut unsigned = object.clone();
+    unsigned.as_object_mut().unwrap().remove("signatures");
+    unsigned.as_object_mut().unwrap().remove("unsigned");
+    let signature = key.sign(serde_json::to_string(&unsigned).unwrap().as_bytes());
+    object["signatures"][user][key_id] = json!(b64(&signature.to_bytes()));
+}
+
+fn device_keys(user: &str, device: &str, key: &SigningKey) -> Value {
+    let public = b64(key.verifying_key().as_bytes());
+    let mut keys = json!({
+        "user_id": user, "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": { format!("curve25519:{device}"): "curvekeycurvekey", format!("ed25519:{device}"): public },
+    });
+    sign(&mut keys, key, user, &format!("ed25519:{device}"));
+    keys
+}
+
+#[tokio::test]
+async fn keys_upload_query_and_claim_once_each() {
+    let s = std::sync::Arc::new(TestServer::start().await);
+    let (alice_id, alice, alice_device) = s.register("alice", "correct horse").await;
+    let (_, bob, _) = s.register("bob", "correct horse").await;
+    let device_key = SigningKey::from_bytes(&[7; 32]);
+    let one_time: serde_json::Map<String, Value> = (0..10)
+        .map(|i| (format!("signed_curve25519:K{i}"), json!({ "key": format!("otk{i}") })))
+        .collect();
+    let body = json!({
+        "device_keys": device_keys(&alice_id, &alice_device, &device_key),
+        "one_time_keys": one_time,
+        "fallback_keys": { "signed_curve25519:FB": { "key": "fallback", "fallback": true } },
+    });
+    let (status, counts) = s.post("/_matrix/client/v3/keys/upload", Some(&alice), body).await;
+    assert_eq!(status, StatusCode::OK, "{counts}");
+    assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 10);
+
+    let (_, query) = s
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&bob),
+            json!({ "device_keys": { alice_id.as_str(): [] } }),
+        )
+        .await;
+    let keys = &query["device_keys"][&alice_id][&alice_device];
+    assert_eq!(
+        keys["keys"][format!("ed25519:{alice_device}")],
+        json!(b64(device_key.verifying_key().as_bytes()))
+    );
+
+    // 20 concurrent claims for 10 keys: each key once, the rest get the fallback key.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (s, bob, alice_id, alice_device) =
+            (s.clone(), bob.clone(), alice_id.clone(), alice_device.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({ "one_time_keys": { alice_id.as_str(): { alice_device.as_str(): "signed_curve25519" } } });
+            let (status, claimed) = s.post("/_matrix/client/v3/keys/claim", Some(&bob), body).await;
+            assert_eq!(status, StatusCode::OK, "{claimed}");
+            claimed["one_time_keys"][&alice_id][&alice_device].as_object().unwrap().keys().next().unwrap().clone()
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.unwrap());
+    }
+    let fallback = ids.iter().filter(|id| *id == "signed_curve25519:FB").count();
+    let mut unique: Vec<&String> = ids.iter().filter(|id| *id != "signed_curve25519:FB").collect();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 10, "each one-time key handed out once: {ids:?}");
+    assert_eq!(fallback, 10);
+
+    let (_, synced) = s.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    assert!(
+        synced["device_one_time_keys_count"].get("signed_curve25519").is_none_or(|c| c == 0),
+        "{}",
+        synced["device_one_time_keys_count"]
+    );
+    assert_eq!(synced["device_unused_fallback_key_types"], json!([]), "the fallback key was used");
+
+    let wrong = json!({ "device_keys": device_keys("@bob:localhost", &alice_device, &device_key) });
+    assert_error(
+        &s.post("/_matrix/client/v3/keys/upload", Some(&alice), wrong).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+}
+
+#[tokio::test]
+async fn to_device_messages_wait_for_acknowledgement_across_restart() {
+    let s = TestServer::start().await;
+    let (alice_id, alice, alice_device) = s.register("alice", "correct horse").await;
+    let (_, bob, _) = s.register("bob", "correct horse").await;
+    let (_, first) = s.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let t0 = first["next_batch"].as_str().unwrap().to_owned();
+    let message = json!({ "messages": { alice_id.as_str(): { alice_device.as_str(): { "secret": "room key" } } } });
+    for _ in 0..2 {
+        let (status, _) = s
+            .put(
+                "/_matrix/client/v3/sendToDevice/m.room_key_request/txn1",
+                Some(&bob),
+                message.clone(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (_, got) = s.get(&format!("/_matrix/client/v3/sync?since={t0}"), Some(&alice)).await;
+    let events = got["to_device"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "the repeated transaction sent nothing more");
+    assert_eq!(events[0]["content"]["secret"], "room key");
+    assert_eq!(events[0]["sender"], "@bob:localhost");
+    let t1 = got["next_batch"].as_str().unwrap().to_owned();
+
+    // Not acknowledged yet (the client never synced from t1): a restart keeps the message.
+    let addr = s.server().addrs()[0];
+    let dir = s.stop().await;
+    let mut config = crate::common::test_config(dir.path());
+    config.listen = vec![addr];
+    let server = plaza::Server::start(config).await.unwrap();
+    let http = reqwest::Client::new();
+    let sync = |since: String| {
+        let (http, alice) = (&http, &alice);
+        async move {
+            let url = format!("http://{addr}/_matrix/client/v3/sync?since={since}");
+            http.get(url).bearer_auth(alice).send().await.unwrap().json::<Value>().await.unwrap()
+        }
+    };
+    let again = sync(t0).await;
+    assert_eq!(again["to_device"]["events"].as_array().unwrap().len(), 1);
+    let acked = sync(t1).await;
+    assert_eq!(
+        acked["to_device"]["events"].as_array().unwrap().len(),
+        0,
+        "acknowledged messages are gone"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cross_signing_and_device_list_changes() {
+    let s = TestServer::start().await;
+    let (alice_id, alice, alice_device) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "invite": [bob_id] })).await;
+    s.membership(&bob, &room, "join", json!({})).await;
+    let (_, bob_first) = s.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    let token = bob_first["next_batch"].as_str().unwrap().to_owned();
+
+    let device_key = SigningKey::from_bytes(&[1; 32]);
+    let upload = json!({ "device_keys": device_keys(&alice_id, &alice_device, &device_key) });
+    assert_eq!(
+        s.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0,
+        StatusCode::OK
+    );
+    let (_, bob_next) = s.get(&format!("/_matrix/client/v3/sync?since={token}"), Some(&bob)).await;
+    assert!(
+        bob_next["device_lists"]["changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u == alice_id.as_str()),
+        "{}",
+        bob_next["device_lists"]
+    );
+    let (_, changes) = s
+        .get(
+            &format!(
+                "/_matrix/client/v3/keys/changes?from={token}&to={}",
+                bob_next["next_batch"].as_str().unwrap()
+            ),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(changes["changed"], json!([alice_id]));
+
+    // Cross-signing keys need the password.
+    let master = SigningKey::from_bytes(&[2; 32]);
+    let self_signing = SigningKey::from_bytes(&[3; 32]);
+    let user_signing = SigningKey::from_bytes(&[4; 32]);
+    let cross = |key: &SigningKey, usage: &str| {
+        let public = b64(key.verifying_key().as_bytes());
+        json!({ "user_id": alice_id, "usage": [usage], "keys": { format!("ed25519:{public}"): public } })
+    };
+    let master_public = b64(master.verifying_key().as_bytes());
+    let mut self_key = cross(&self_signing, "self_signing");
+    sign(&mut self_key, &master, &alice_id, &format!("ed25519:{master_public}"));
+    let mut user_key = cross(&user_signing, "user_signing");
+    sign(&mut user_key, &master, &alice_id, &format!("ed25519:{master_public}"));
+    let body = json!({ "master_key": cross(&master, "master"), "self_signing_key": self_key, "user_signing_key": user_key });
+    let (status, challenge) =
+        s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&alice), body.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    let mut authed = body;
+    authed["auth"] = json!({ "type": "m.login.password", "password": "correct horse", "session": challenge["session"],
+                             "identifier": { "type": "m.id.user", "user": alice_id } });
+    let (status, body) =
+        s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&alice), authed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Alice signs her device with her self-signing key; a forged signature is refused per key.
+    let self_public = b64(self_signing.verifying_key().as_bytes());
+    let mut signed = device_keys(&alice_id, &alice_device, &device_key);
+    signed["signatures"] = json!({});
+    sign(&mut signed, &self_signing, &alice_id, &format!("ed25519:{self_public}"));
+    let upload = json!({ alice_id.as_str(): { alice_device.as_str(): signed } });
+    let (status, result) =
+        s.post("/_matrix/client/v3/keys/signatures/upload", Some(&alice), upload).await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_eq!(result["failures"], json!({}));
+    let mut forged = device_keys(&alice_id, &alice_device, &device_key);
+    forged["signatures"] = json!({});
+    sign(
+        &mut forged,
+        &SigningKey::from_bytes(&[9; 32]),
+        &alice_id,
+        &format!("ed25519:{self_public}"),
+    );
+    let (_, result) = s
+        .post(
+            "/_matrix/client/v3/keys/signatures/upload",
+            Some(&alice),
+            json!({ alice_id.as_str(): { alice_device.as_str(): forged } }),
+        )
+        .await;
+    assert_eq!(result["failures"][&alice_id][&alice_device]["errcode"], "M_INVALID_SIGNATURE");
+
+    let (_, query) = s
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&bob),
+            json!({ "device_keys": { alice_id.as_str(): [] } }),
+        )
+        .await;
+    assert_eq!(query["master_keys"][&alice_id]["usage"], json!(["master"]));
+    assert_eq!(query["self_signing_keys"][&alice_id]["usage"], json!(["self_signing"]));
+    assert!(query["user_signing_keys"].get(&alice_id).is_none(), "user-signing keys stay private");
+    let sigs = &query["device_keys"][&alice_id][&alice_device]["signatures"][&alice_id];
+    assert!(sigs.get(format!("ed25519:{self_public}")).is_some(), "{sigs}");
+}
