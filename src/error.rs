@@ -76,6 +76,11 @@ pub enum ErrorKind {
     UnknownPos,
     /// `M_BAD_JSON` with 405: account data the server manages itself (`m.fully_read`, ...).
     ServerManaged,
+    /// `M_WRONG_ROOM_KEYS_VERSION` (403): a key backup write to a version that is not current.
+    WrongRoomKeysVersion {
+        /// The current version, if any.
+        current_version: Option<String>,
+    },
     /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
     Internal,
 }
@@ -111,6 +116,7 @@ impl ErrorKind {
             Self::Conflict => "M_UNKNOWN",
             Self::UnknownPos => "M_UNKNOWN_POS",
             Self::ServerManaged => "M_BAD_JSON",
+            Self::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
         }
     }
 
@@ -121,7 +127,8 @@ impl ErrorKind {
             | Self::UserDeactivated
             | Self::GuestAccessForbidden
             | Self::ThreepidDenied
-            | Self::ResourceLimitExceeded => StatusCode::FORBIDDEN,
+            | Self::ResourceLimitExceeded
+            | Self::WrongRoomKeysVersion { .. } => StatusCode::FORBIDDEN,
             Self::UnknownToken { .. }
             | Self::MissingToken
             | Self::UserLocked
@@ -222,12 +229,15 @@ impl IntoResponse for Error {
             Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, Json(body)).into_response(),
             Self::Matrix(kind, message) => {
                 let mut body = json!({ "errcode": kind.errcode(), "error": message });
-                match kind {
+                match &kind {
                     ErrorKind::UnknownToken { soft_logout } => {
-                        body["soft_logout"] = soft_logout.into();
+                        body["soft_logout"] = (*soft_logout).into();
                     }
                     ErrorKind::LimitExceeded { retry_after_ms } => {
-                        body["retry_after_ms"] = retry_after_ms.into();
+                        body["retry_after_ms"] = (*retry_after_ms).into();
+                    }
+                    ErrorKind::WrongRoomKeysVersion { current_version } => {
+                        body["current_version"] = current_version.clone().into();
                     }
                     _ => {}
                 }

@@ -78,8 +78,8 @@ impl RouterExt for Router<State> {
 /// Builds the application with every route and layer.
 pub fn build(state: State) -> Router {
     use client::{
-        account, account_data, devices, directory, discovery, ephemeral, events, keys, presence,
-        profile, register, rooms, session, space, sync, user_directory, voip,
+        account, account_data, backup, devices, directory, discovery, ephemeral, events, keys,
+        presence, profile, register, rooms, session, space, sync, user_directory, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -158,6 +158,20 @@ pub fn build(state: State) -> Router {
         .ruma(keys::upload_signing)
         .ruma(keys::upload_signatures)
         .ruma(keys::send)
+        .ruma(backup::create)
+        .ruma(backup::latest)
+        .ruma(backup::get)
+        .ruma(backup::update)
+        .ruma(backup::delete)
+        .ruma(backup::put_all)
+        .ruma(backup::put_room)
+        .ruma(backup::put_session)
+        .ruma(backup::get_all)
+        .ruma(backup::get_room)
+        .ruma(backup::get_session)
+        .ruma(backup::delete_all)
+        .ruma(backup::delete_room)
+        .ruma(backup::delete_session)
         // Rooms
         .ruma(rooms::create)
         .ruma(rooms::join_by_id)

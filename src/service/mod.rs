@@ -2,6 +2,7 @@
 //! service owns its tables and talks to the others only through it.
 
 pub mod account_data;
+pub mod backup;
 pub mod e2ee;
 pub mod ephemeral;
 pub mod filters;
@@ -64,6 +65,8 @@ pub struct Services {
     pub presence: presence::Presences,
     /// End-to-end encryption keys and to-device messages.
     pub e2ee: e2ee::E2ee,
+    /// Server-side room key backups.
+    pub backups: backup::Backups,
 }
 
 impl Services {
@@ -77,6 +80,7 @@ impl Services {
             ephemeral: ephemeral::Ephemeral::new(&db),
             presence: presence::Presences::default(),
             e2ee: e2ee::E2ee::new(&db),
+            backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,

@@ -75,6 +75,11 @@ pub const TO_DEVICE: &str = "to_device";
 /// `sender 0xFF device id 0xFF transaction id` -> nothing: to-device sends already done.
 pub const TO_DEVICE_TXNS: &str = "to_device_txns";
 
+/// `user id 0xFF version` -> backup `Version` (algorithm, auth data, etag).
+pub const BACKUP_VERSIONS: &str = "backup_versions";
+/// `user id 0xFF version 0xFF room id 0xFF session id` -> encrypted room key backup data.
+pub const BACKUP_KEYS: &str = "backup_keys";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -110,4 +115,6 @@ pub const ALL: &[&str] = &[
     KEY_CHANGES,
     TO_DEVICE,
     TO_DEVICE_TXNS,
+    BACKUP_VERSIONS,
+    BACKUP_KEYS,
 ];

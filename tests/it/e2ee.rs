@@ -252,3 +252,69 @@ async fn cross_signing_and_device_list_changes() {
     let sigs = &query["device_keys"][&alice_id][&alice_device]["signatures"][&alice_id];
     assert!(sigs.get(format!("ed25519:{self_public}")).is_some(), "{sigs}");
 }
+
+#[tokio::test]
+async fn key_backup_versions_and_keys() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let algorithm = json!({ "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": { "public_key": "abc" } });
+    assert_error(
+        &s.get("/_matrix/client/v3/room_keys/version", Some(&alice)).await,
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+    );
+    let (status, created) =
+        s.post("/_matrix/client/v3/room_keys/version", Some(&alice), algorithm.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let v1 = created["version"].as_str().unwrap().to_owned();
+
+    let key = |index: u64, verified: bool| {
+        json!({ "first_message_index": index, "forwarded_count": 0, "is_verified": verified,
+                                                    "session_data": { "ciphertext": format!("c{index}"), "ephemeral": "e", "mac": "m" } })
+    };
+    let room = "!room:localhost";
+    let path = format!("/_matrix/client/v3/room_keys/keys?version={v1}");
+    let body =
+        json!({ "rooms": { room: { "sessions": { "s1": key(5, false), "s2": key(0, true) } } } });
+    let (status, put) = s.put(&path, Some(&alice), body).await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    assert_eq!(put["count"], 2);
+    let etag = put["etag"].as_str().unwrap().to_owned();
+
+    // A worse copy of s1 is ignored, a better one replaces it.
+    let session = format!("/_matrix/client/v3/room_keys/keys/{room}/s1?version={v1}");
+    let (_, same) = s.put(&session, Some(&alice), key(9, false)).await;
+    assert_eq!(same["etag"], etag.as_str(), "nothing changed");
+    let (_, better) = s.put(&session, Some(&alice), key(1, false)).await;
+    assert_ne!(better["etag"], etag.as_str());
+    let (_, stored) = s.get(&session, Some(&alice)).await;
+    assert_eq!(stored["first_message_index"], 1);
+    let (_, all) = s.get(&path, Some(&alice)).await;
+    assert_eq!(all["rooms"][room]["sessions"].as_object().unwrap().len(), 2);
+    let (_, info) = s.get("/_matrix/client/v3/room_keys/version", Some(&alice)).await;
+    assert_eq!(info["version"], v1.as_str());
+    assert_eq!(info["count"], 2);
+    assert_eq!(info["auth_data"]["public_key"], "abc");
+
+    // A new version makes the old one stale for writes.
+    let (_, created) =
+        s.post("/_matrix/client/v3/room_keys/version", Some(&alice), algorithm).await;
+    let v2 = created["version"].as_str().unwrap().to_owned();
+    let stale = s.put(&session, Some(&alice), key(0, true)).await;
+    assert_error(&stale, StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION");
+    assert_eq!(stale.1["current_version"], v2.as_str());
+
+    let delete = format!("/_matrix/client/v3/room_keys/keys/{room}?version={v2}");
+    assert_eq!(
+        s.call(reqwest::Method::DELETE, &delete, Some(&alice), None).await.0,
+        StatusCode::OK
+    );
+    let version_path = format!("/_matrix/client/v3/room_keys/version/{v2}");
+    assert_eq!(
+        s.call(reqwest::Method::DELETE, &version_path, Some(&alice), None).await.0,
+        StatusCode::OK
+    );
+    assert_error(&s.get(&version_path, Some(&alice)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (_, info) = s.get("/_matrix/client/v3/room_keys/version", Some(&alice)).await;
+    assert_eq!(info["version"], v1.as_str(), "the latest live version again");
+}
