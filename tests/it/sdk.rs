@@ -150,3 +150,57 @@ async fn matrix_sdk_rooms_membership_state_and_sync() {
         "{kinds:?}"
     );
 }
+
+#[tokio::test]
+async fn matrix_sdk_encrypted_room_bob_decrypts_alices_message() {
+    use matrix_sdk::{
+        config::SyncSettings,
+        deserialized_responses::TimelineEventKind,
+        ruma::{
+            api::client::room::create_room,
+            events::{
+                InitialStateEvent, room::encryption::RoomEncryptionEventContent,
+                room::message::RoomMessageEventContent,
+            },
+        },
+    };
+
+    let s = TestServer::start().await;
+    let alice = sdk_client(&s.base, "alice").await;
+    let bob = sdk_client(&s.base, "bob").await;
+    let bob_id = bob.user_id().unwrap().to_owned();
+    let settings = || SyncSettings::default().timeout(std::time::Duration::from_millis(0));
+    // Both devices publish their keys on the first sync.
+    alice.sync_once(settings()).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+
+    let mut request = create_room::v3::Request::new();
+    request.invite = vec![bob_id.clone()];
+    request.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(
+            RoomEncryptionEventContent::with_recommended_defaults(),
+        )
+        .to_raw_any(),
+    ];
+    let room = alice.create_room(request).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    bob.join_room_by_id(room.room_id()).await.unwrap();
+    alice.sync_once(settings()).await.unwrap();
+    assert!(room.latest_encryption_state().await.unwrap().is_encrypted());
+
+    room.send(RoomMessageEventContent::text_plain("for bob's eyes only")).await.unwrap();
+    let update = bob.sync_once(settings()).await.unwrap();
+    let events = &update.rooms.joined[room.room_id()].timeline.events;
+    let decrypted: Vec<String> = events
+        .iter()
+        .filter(|e| matches!(e.kind, TimelineEventKind::Decrypted(_)))
+        .filter_map(|e| e.raw().get_field::<serde_json::Value>("content").ok().flatten())
+        .filter_map(|c| c["body"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        decrypted,
+        vec!["for bob's eyes only".to_owned()],
+        "{:?}",
+        events.iter().map(|e| e.raw().json().get()).collect::<Vec<_>>()
+    );
+}
