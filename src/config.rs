@@ -45,6 +45,24 @@ pub struct Config {
     pub user_directory: UserDirectoryConfig,
     /// Presence (online/idle/offline).
     pub presence: PresenceConfig,
+    /// End-to-end encryption policy.
+    pub encryption: EncryptionConfig,
+}
+
+/// End-to-end encryption policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Whether rooms may be encrypted at all (off where policy requires readable archives).
+    pub allowed: bool,
+    /// Encrypt new private rooms and direct chats even when the client does not ask.
+    pub encrypt_private_rooms_by_default: bool,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self { allowed: true, encrypt_private_rooms_by_default: false }
+    }
 }
 
 /// Presence settings.
@@ -191,6 +209,7 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             user_directory: UserDirectoryConfig::default(),
             presence: PresenceConfig::default(),
+            encryption: EncryptionConfig::default(),
         }
     }
 }
@@ -345,6 +364,12 @@ impl Config {
         ];
         if let Some((_, key, reason)) = checks.into_iter().find(|(failed, ..)| *failed) {
             return Err(ConfigError::Value { key, reason: reason.to_owned() });
+        }
+        if self.encryption.encrypt_private_rooms_by_default && !self.encryption.allowed {
+            return Err(ConfigError::Value {
+                key: "encryption.encrypt_private_rooms_by_default",
+                reason: "needs encryption.allowed".to_owned(),
+            });
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| ConfigError::Value { key: "log.filter", reason: e.to_string() })?;

@@ -318,3 +318,48 @@ async fn key_backup_versions_and_keys() {
     let (_, info) = s.get("/_matrix/client/v3/room_keys/version", Some(&alice)).await;
     assert_eq!(info["version"], v1.as_str(), "the latest live version again");
 }
+
+#[tokio::test]
+async fn encryption_policy_and_no_downgrade() {
+    let s = TestServer::start_with(|c| c.encryption.encrypt_private_rooms_by_default = true).await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let private = s.create_room(&alice, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{private}/state/m.room.encryption/");
+    let (status, encryption) = s.get(&path, Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "private rooms are encrypted by default");
+    assert_eq!(encryption["algorithm"], "m.megolm.v1.aes-sha2");
+    let public = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    let public_path = format!("/_matrix/client/v3/rooms/{public}/state/m.room.encryption/");
+    assert_error(&s.get(&public_path, Some(&alice)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    // Never downgraded: the algorithm cannot change or go away.
+    assert_error(
+        &s.put(&path, Some(&alice), json!({ "algorithm": "m.none" })).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
+    assert_error(
+        &s.put(&path, Some(&alice), json!({})).await,
+        StatusCode::BAD_REQUEST,
+        "M_BAD_JSON",
+    );
+    let rotate = json!({ "algorithm": "m.megolm.v1.aes-sha2", "rotation_period_ms": 604800000 });
+    assert_eq!(s.put(&path, Some(&alice), rotate).await.0, StatusCode::OK);
+
+    let readable = TestServer::start_with(|c| c.encryption.allowed = false).await;
+    let (_, bob, _) = readable.register("bob", "correct horse").await;
+    let asked = json!({ "initial_state": [{ "type": "m.room.encryption", "state_key": "", "content": { "algorithm": "m.megolm.v1.aes-sha2" } }] });
+    assert_error(
+        &readable.post("/_matrix/client/v3/createRoom", Some(&bob), asked).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
+    let room = readable.create_room(&bob, json!({})).await;
+    let enable = readable
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.encryption/"),
+            Some(&bob),
+            json!({ "algorithm": "m.megolm.v1.aes-sha2" }),
+        )
+        .await;
+    assert_error(&enable, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+}

@@ -79,6 +79,9 @@ pub async fn send_state(
     if kind == "m.room.redaction" {
         return Err(Error::bad_json("Redactions are not state events; use the redact endpoint"));
     }
+    if kind == "m.room.encryption" {
+        services.rooms.check_encryption_change(&services, &body.room_id, &content)?;
+    }
     if kind == "m.room.canonical_alias" {
         services.directory.check_canonical_alias(&services, &body.room_id, &content)?;
     }

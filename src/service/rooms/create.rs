@@ -85,6 +85,10 @@ pub async fn create_room(
             return Err(Error::not_found(format!("No such user: {invitee}")));
         }
     }
+    let asks_encryption = req.initial_state.iter().any(|(kind, _, _)| kind == "m.room.encryption");
+    if asks_encryption && !services.config.encryption.allowed {
+        return Err(Error::forbidden("Encryption is disabled on this server"));
+    }
     let preset =
         req.preset.unwrap_or(if req.public { Preset::PublicChat } else { Preset::PrivateChat });
     let trusted_invitees = preset == Preset::TrustedPrivateChat;
@@ -178,6 +182,11 @@ pub async fn create_room(
     append(NewEvent::state("m.room.guest_access", "", json!({ "guest_access": guest_access })))
         .await?;
 
+    let private = preset != Preset::PublicChat || req.is_direct;
+    if private && !asks_encryption && services.config.encryption.encrypt_private_rooms_by_default {
+        let content = json!({ "algorithm": "m.megolm.v1.aes-sha2" });
+        append(NewEvent::state("m.room.encryption", "", content)).await?;
+    }
     for (kind, state_key, content) in req.initial_state {
         append(NewEvent::state(kind, state_key, content)).await?;
     }

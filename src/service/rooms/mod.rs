@@ -381,6 +381,30 @@ impl Rooms {
         Ok(self.transactions.get(&(user_id.as_str(), device_id, txn_id))?)
     }
 
+    /// Applies the server's encryption policy to an `m.room.encryption` state event: refused
+    /// when encryption is not allowed, and once a room is encrypted its algorithm never changes
+    /// (the server never downgrades a room).
+    pub fn check_encryption_change(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        content: &JsonValue,
+    ) -> Result<()> {
+        if !services.config.encryption.allowed {
+            return Err(Error::forbidden("Encryption is disabled on this server"));
+        }
+        if content.get("algorithm").and_then(|a| a.as_str()).is_none() {
+            return Err(Error::bad_json("m.room.encryption needs an algorithm"));
+        }
+        let state = self.current_state(room_id)?;
+        if let Some(current) = self.state_content(&state, "m.room.encryption", "")?
+            && current.get("algorithm") != content.get("algorithm")
+        {
+            return Err(Error::forbidden("A room's encryption cannot be changed or removed"));
+        }
+        Ok(())
+    }
+
     /// Appends an event from `sender` to an existing room. `txn` is `(device id, transaction
     /// id)` for idempotent client sends: a repeat returns the first event.
     pub async fn append(
