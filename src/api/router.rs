@@ -79,7 +79,7 @@ impl RouterExt for Router<State> {
 pub fn build(state: State) -> Router {
     use client::{
         account, account_data, backup, devices, directory, discovery, ephemeral, events, keys,
-        presence, profile, register, rooms, session, space, sync, user_directory, voip,
+        presence, profile, push, register, rooms, session, space, sync, user_directory, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -172,6 +172,16 @@ pub fn build(state: State) -> Router {
         .ruma(backup::delete_all)
         .ruma(backup::delete_room)
         .ruma(backup::delete_session)
+        // Push rules
+        .ruma(push::all)
+        .ruma(push::global)
+        .ruma(push::get)
+        .ruma(push::set)
+        .ruma(push::delete)
+        .ruma(push::enabled)
+        .ruma(push::set_enabled_flag)
+        .ruma(push::actions)
+        .ruma(push::set_rule_actions)
         // Rooms
         .ruma(rooms::create)
         .ruma(rooms::join_by_id)

@@ -9,6 +9,7 @@ pub mod filters;
 pub mod history;
 pub mod keys;
 pub mod presence;
+pub mod push;
 pub mod ratelimit;
 pub mod registration;
 pub mod rooms;

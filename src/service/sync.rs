@@ -139,6 +139,11 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
             global_account_data.push(json!({ "type": kind, "content": content }));
         }
     }
+    // Clients read their push rules from the first sync; until changed they are the defaults.
+    if initial && !global_account_data.iter().any(|e| e["type"] == super::push::PUSH_RULES) {
+        let content = super::push::account_data(services, req.user_id)?;
+        global_account_data.push(json!({ "type": super::push::PUSH_RULES, "content": content }));
+    }
     has_changes |= !global_account_data.is_empty();
 
     let presence = if services.config.presence.enabled {

@@ -9,6 +9,7 @@ mod edge_cases;
 mod ephemeral;
 mod errors;
 mod process;
+mod push;
 mod rooms;
 mod sdk;
 mod shared_secret;

@@ -11,6 +11,7 @@ pub mod events;
 pub mod keys;
 pub mod presence;
 pub mod profile;
+pub mod push;
 pub mod register;
 pub mod rooms;
 pub mod session;

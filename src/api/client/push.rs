@@ -1,0 +1,130 @@
+//! `/pushrules`: reading and changing a user's push rules.
+
+use ruma::{
+    api::client::push::{
+        delete_pushrule::v3 as delete_rule, get_pushrule::v3 as get_rule,
+        get_pushrule_actions::v3 as get_actions, get_pushrule_enabled::v3 as get_enabled,
+        get_pushrules_all::v3 as get_all, get_pushrules_global_scope::v3 as get_global,
+        set_pushrule::v3 as set_rule, set_pushrule_actions::v3 as set_actions,
+        set_pushrule_enabled::v3 as set_enabled,
+    },
+    push::{AnyPushRule, RuleKind},
+};
+
+use crate::{
+    api::{Ruma, State},
+    error::{Error, Result},
+    service::push,
+};
+
+fn not_found() -> Error {
+    Error::not_found("No such push rule")
+}
+
+fn rule(
+    services: &State,
+    user_id: &ruma::UserId,
+    kind: RuleKind,
+    rule_id: &str,
+) -> Result<AnyPushRule> {
+    let rules = push::ruleset(services, user_id)?;
+    rules.get(kind, rule_id).map(|r| r.to_owned()).ok_or_else(not_found)
+}
+
+/// `GET /_matrix/client/v3/pushrules/`
+pub async fn all(services: State, req: Ruma<get_all::Request>) -> Result<get_all::Response> {
+    let caller = req.caller()?;
+    Ok(get_all::Response::new(push::ruleset(&services, &caller.user_id)?))
+}
+
+/// `GET /_matrix/client/v3/pushrules/global/`
+pub async fn global(
+    services: State,
+    req: Ruma<get_global::Request>,
+) -> Result<get_global::Response> {
+    let caller = req.caller()?;
+    Ok(get_global::Response::new(push::ruleset(&services, &caller.user_id)?))
+}
+
+/// `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}`
+pub async fn get(services: State, req: Ruma<get_rule::Request>) -> Result<get_rule::Response> {
+    let caller = req.caller()?;
+    let rule = rule(&services, &caller.user_id, req.body.kind.clone(), &req.body.rule_id)?;
+    Ok(get_rule::Response::new(rule.into()))
+}
+
+/// `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}` (with `before` / `after`)
+pub async fn set(services: State, req: Ruma<set_rule::Request>) -> Result<set_rule::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    push::update(&services, &caller.user_id, |rules| {
+        rules
+            .insert(body.rule, body.after.as_deref(), body.before.as_deref())
+            .map_err(|e| Error::bad_json(e.to_string()))
+    })?;
+    Ok(set_rule::Response::new())
+}
+
+/// `DELETE /_matrix/client/v3/pushrules/global/{kind}/{ruleId}` (server-default rules stay)
+pub async fn delete(
+    services: State,
+    req: Ruma<delete_rule::Request>,
+) -> Result<delete_rule::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    push::update(&services, &caller.user_id, |rules| {
+        rules.remove(body.kind.clone(), &body.rule_id).map_err(|e| match e {
+            ruma::push::RemovePushRuleError::NotFound => not_found(),
+            other => Error::bad_json(other.to_string()),
+        })
+    })?;
+    Ok(delete_rule::Response::new())
+}
+
+/// `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled`
+pub async fn enabled(
+    services: State,
+    req: Ruma<get_enabled::Request>,
+) -> Result<get_enabled::Response> {
+    let caller = req.caller()?;
+    let rule = rule(&services, &caller.user_id, req.body.kind.clone(), &req.body.rule_id)?;
+    Ok(get_enabled::Response::new(rule.enabled()))
+}
+
+/// `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled`
+pub async fn set_enabled_flag(
+    services: State,
+    req: Ruma<set_enabled::Request>,
+) -> Result<set_enabled::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    push::update(&services, &caller.user_id, |rules| {
+        rules.set_enabled(body.kind.clone(), &body.rule_id, body.enabled).map_err(|_| not_found())
+    })?;
+    Ok(set_enabled::Response::new())
+}
+
+/// `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions`
+pub async fn actions(
+    services: State,
+    req: Ruma<get_actions::Request>,
+) -> Result<get_actions::Response> {
+    let caller = req.caller()?;
+    let rule = rule(&services, &caller.user_id, req.body.kind.clone(), &req.body.rule_id)?;
+    Ok(get_actions::Response::new(rule.actions().to_vec()))
+}
+
+/// `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions`
+pub async fn set_rule_actions(
+    services: State,
+    req: Ruma<set_actions::Request>,
+) -> Result<set_actions::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    push::update(&services, &caller.user_id, |rules| {
+        rules
+            .set_actions(body.kind.clone(), &body.rule_id, body.actions.clone())
+            .map_err(|_| not_found())
+    })?;
+    Ok(set_actions::Response::new())
+}

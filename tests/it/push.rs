@@ -1,0 +1,88 @@
+//! Push rules over HTTP.
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::common::{TestServer, assert_error};
+
+#[tokio::test]
+async fn push_rules_start_from_defaults_and_change() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (status, rules) = s.get("/_matrix/client/v3/pushrules/", Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{rules}");
+    let overrides = rules["global"]["override"].as_array().unwrap();
+    assert!(overrides.iter().any(|r| r["rule_id"] == ".m.rule.is_user_mention"), "{overrides:?}");
+    let (_, initial) = s.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let account_data = initial["account_data"]["events"].as_array().unwrap();
+    assert!(
+        account_data.iter().any(|e| e["type"] == "m.push_rules"),
+        "clients read the rules from sync"
+    );
+
+    // A keyword rule placed before another, then disabled, given new actions, and removed.
+    let base = "/_matrix/client/v3/pushrules/global/content";
+    let put = s
+        .put(
+            &format!("{base}/deploy"),
+            Some(&alice),
+            json!({ "pattern": "deploy", "actions": ["notify"] }),
+        )
+        .await;
+    assert_eq!(put.0, StatusCode::OK, "{}", put.1);
+    let before = s
+        .put(
+            &format!("{base}/release?before=deploy"),
+            Some(&alice),
+            json!({ "pattern": "release", "actions": ["notify"] }),
+        )
+        .await;
+    assert_eq!(before.0, StatusCode::OK, "{}", before.1);
+    let (_, content) = s.get("/_matrix/client/v3/pushrules/global/", Some(&alice)).await;
+    let ids: Vec<&str> = content["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule_id"].as_str().unwrap())
+        .collect();
+    let (release, deploy) = (
+        ids.iter().position(|i| *i == "release").unwrap(),
+        ids.iter().position(|i| *i == "deploy").unwrap(),
+    );
+    assert!(release < deploy, "{ids:?}");
+    assert_eq!(
+        s.put(&format!("{base}/deploy/enabled"), Some(&alice), json!({ "enabled": false })).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(s.get(&format!("{base}/deploy/enabled"), Some(&alice)).await.1["enabled"], false);
+    let actions = json!({ "actions": ["notify", { "set_tweak": "highlight" }] });
+    assert_eq!(
+        s.put(&format!("{base}/deploy/actions"), Some(&alice), actions).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.get(&format!("{base}/deploy/actions"), Some(&alice)).await.1["actions"][1]["set_tweak"],
+        "highlight"
+    );
+    assert_eq!(
+        s.call(Method::DELETE, &format!("{base}/deploy"), Some(&alice), None).await.0,
+        StatusCode::OK
+    );
+    assert_error(
+        &s.get(&format!("{base}/deploy"), Some(&alice)).await,
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+    );
+
+    // Server-default rules cannot be replaced or removed, but can be switched off.
+    let default = "/_matrix/client/v3/pushrules/global/override/.m.rule.suppress_notices";
+    assert_eq!(
+        s.call(Method::DELETE, default, Some(&alice), None).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        s.put(&format!("{default}/enabled"), Some(&alice), json!({ "enabled": false })).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(s.get(&format!("{default}/enabled"), Some(&alice)).await.1["enabled"], false);
+}
