@@ -106,11 +106,7 @@ impl Backups {
         let not_found = || Error::not_found("No backup found");
         let (number, record) = match version {
             None => self.latest(user_id)?.ok_or_else(not_found)?,
-            Some(v) => {
-                let number = parse_version(v)?;
-                let record = self.versions.get(&(user_id.as_str(), number))?.filter(|r| !r.deleted);
-                (number, record.ok_or_else(not_found)?)
-            }
+            Some(version) => self.live(user_id, version)?,
         };
         let mut info = record.algorithm.clone();
         info["version"] = json!(number.to_string());
@@ -123,17 +119,19 @@ impl Backups {
         Ok(self.keys.scan_prefix(prefix(&(user_id.as_str(), number))).count() as u64)
     }
 
+    /// A version that exists and is not deleted, with its number.
+    fn live(&self, user_id: &UserId, version: &str) -> Result<(u64, Version)> {
+        let number = parse_version(version)?;
+        let record = self.versions.get(&(user_id.as_str(), number))?.filter(|r| !r.deleted);
+        Ok((number, record.ok_or_else(|| Error::not_found("No backup found"))?))
+    }
+
     /// Changes a version's auth data (the algorithm must stay the same).
     pub fn update(&self, user_id: &UserId, version: &str, algorithm: JsonValue) -> Result<()> {
         check_size(&algorithm)?;
         let _guard = self.guard();
-        let number = parse_version(version)?;
+        let (number, mut record) = self.live(user_id, version)?;
         let key = (user_id.as_str(), number);
-        let mut record = self
-            .versions
-            .get(&key)?
-            .filter(|r| !r.deleted)
-            .ok_or_else(|| Error::not_found("No backup found"))?;
         if record.algorithm["algorithm"] != algorithm["algorithm"] {
             return Err(Error::invalid_param("The algorithm of a backup version cannot change"));
         }
@@ -146,13 +144,8 @@ impl Backups {
     /// Deletes a version and its keys.
     pub fn delete(&self, user_id: &UserId, version: &str) -> Result<()> {
         let _guard = self.guard();
-        let number = parse_version(version)?;
+        let (number, mut record) = self.live(user_id, version)?;
         let key = (user_id.as_str(), number);
-        let mut record = self
-            .versions
-            .get(&key)?
-            .filter(|r| !r.deleted)
-            .ok_or_else(|| Error::not_found("No backup found"))?;
         record.deleted = true;
         let mut batch = self.db.batch();
         for item in self.keys.scan_prefix(prefix(&key)) {
@@ -214,10 +207,7 @@ impl Backups {
         room: Option<&str>,
         session: Option<&str>,
     ) -> Result<JsonValue> {
-        let number = parse_version(version)?;
-        if self.versions.get(&(user_id.as_str(), number))?.is_none_or(|r| r.deleted) {
-            return Err(Error::not_found("No backup found"));
-        }
+        let (number, _) = self.live(user_id, version)?;
         let scan = match room {
             Some(room) => prefix(&(user_id.as_str(), number, room)),
             None => prefix(&(user_id.as_str(), number)),
@@ -246,13 +236,8 @@ impl Backups {
         session: Option<&str>,
     ) -> Result<(u64, String)> {
         let _guard = self.guard();
-        let number = parse_version(version)?;
+        let (number, mut record) = self.live(user_id, version)?;
         let key = (user_id.as_str(), number);
-        let mut record = self
-            .versions
-            .get(&key)?
-            .filter(|r| !r.deleted)
-            .ok_or_else(|| Error::not_found("No backup found"))?;
         let mut batch = self.db.batch();
         let scan = match (room, session) {
             (Some(room), Some(session)) => prefix(&(user_id.as_str(), number, (room, session))),

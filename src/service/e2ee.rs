@@ -160,17 +160,7 @@ impl E2ee {
     }
 
     fn wake_room_mates(&self, services: &Services, user_id: &UserId, position: u64) -> Result<()> {
-        let mut mates = BTreeSet::from([user_id.to_owned()]);
-        for room in services.rooms.rooms_of(user_id, "join")? {
-            mates.extend(
-                services
-                    .rooms
-                    .members(&room)?
-                    .into_iter()
-                    .filter(|(_, m)| m == "join")
-                    .map(|(u, _)| u),
-            );
-        }
+        let mates = services.rooms.room_mates(user_id)?;
         services.stream.wake_at(position, mates.iter().map(|u| &**u));
         Ok(())
     }

@@ -1,10 +1,7 @@
 //! Presence: online, unavailable (idle) or offline, with a status message. Kept in memory under
 //! the ephemeral serial that typing uses, so sync tokens carry both.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::{collections::HashMap, sync::Mutex};
 
 use ruma::{OwnedUserId, UserId};
 use serde_json::{Value as JsonValue, json};
@@ -102,17 +99,7 @@ impl Presences {
             changed
         };
         if changed {
-            let mut mates = vec![user_id.to_owned()];
-            for room in services.rooms.rooms_of(user_id, "join")? {
-                mates.extend(
-                    services
-                        .rooms
-                        .members(&room)?
-                        .into_iter()
-                        .filter(|(_, m)| m == "join")
-                        .map(|(u, _)| u),
-                );
-            }
+            let mates = services.rooms.room_mates(user_id)?;
             services.stream.wake(mates.iter().map(|u| &**u));
         }
         Ok(())
@@ -131,31 +118,23 @@ impl Presences {
         viewer: &UserId,
         after: Option<u64>,
     ) -> Result<Vec<JsonValue>> {
-        let changed: Vec<(OwnedUserId, Arc<JsonValue>)> = {
+        let changed: Vec<(OwnedUserId, JsonValue)> = {
             let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             users
                 .iter()
                 .filter(|(_, p)| after.is_none_or(|after| p.serial > after))
-                .map(|(u, p)| (u.clone(), Arc::new(p.content())))
+                .map(|(u, p)| (u.clone(), p.content()))
                 .collect()
         };
         if changed.is_empty() {
             return Ok(Vec::new());
         }
-        let viewer_rooms: std::collections::HashSet<_> =
-            services.rooms.rooms_of(viewer, "join")?.into_iter().collect();
-        let mut events = Vec::new();
-        for (user, content) in changed {
-            let shares = user == viewer
-                || services
-                    .rooms
-                    .rooms_of(&user, "join")?
-                    .iter()
-                    .any(|room| viewer_rooms.contains(room));
-            if shares {
-                events.push(json!({ "type": "m.presence", "sender": user, "content": *content }));
-            }
-        }
-        Ok(events)
+        let visible =
+            services.rooms.sharing_with(viewer, changed.iter().map(|(user, _)| &**user))?;
+        Ok(changed
+            .iter()
+            .filter(|(user, _)| visible.contains(&&**user))
+            .map(|(user, content)| json!({ "type": "m.presence", "sender": user, "content": content }))
+            .collect())
     }
 }

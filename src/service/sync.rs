@@ -160,17 +160,11 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     // changes of people sharing a room, and this device's key counts.
     let e2ee = &services.e2ee;
     let to_device = e2ee.take_to_device(req.user_id, req.device_id, req.since, upto)?;
-    let mut changed_keys = Vec::new();
-    if !initial {
-        let mine: HashSet<_> = rooms.rooms_of(req.user_id, "join")?.into_iter().collect();
-        for user in e2ee.changed_users(since, upto)? {
-            let shares = user == req.user_id
-                || rooms.rooms_of(&user, "join")?.iter().any(|r| mine.contains(r));
-            if shares {
-                changed_keys.push(user);
-            }
-        }
-    }
+    let changed_keys = if initial {
+        Vec::new()
+    } else {
+        rooms.sharing_with(req.user_id, e2ee.changed_users(since, upto)?)?
+    };
     has_changes |= !to_device.is_empty() || !changed_keys.is_empty();
     let body = json!({
         "next_batch": format!("s{upto}_{typing}"),

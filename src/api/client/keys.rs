@@ -158,16 +158,8 @@ pub async fn changes(
     let caller = req.caller()?.clone();
     let from = parse_token(&services, &req.body.from)?;
     let to = parse_token(&services, &req.body.to)?;
-    let mine: std::collections::HashSet<_> =
-        services.rooms.rooms_of(&caller.user_id, "join")?.into_iter().collect();
-    let mut changed = Vec::new();
-    for user in services.e2ee.changed_users(from, to)? {
-        let shares = user == caller.user_id
-            || services.rooms.rooms_of(&user, "join")?.iter().any(|r| mine.contains(r));
-        if shares {
-            changed.push(user);
-        }
-    }
+    let changed =
+        services.rooms.sharing_with(&caller.user_id, services.e2ee.changed_users(from, to)?)?;
     Ok(key_changes::Response::new(changed, Vec::new()))
 }
 

@@ -344,6 +344,38 @@ impl Rooms {
         Ok(rooms)
     }
 
+    /// `user_id` and everyone joined to a room `user_id` is joined to.
+    pub fn room_mates(
+        &self,
+        user_id: &UserId,
+    ) -> Result<std::collections::BTreeSet<ruma::OwnedUserId>> {
+        let mut mates = std::collections::BTreeSet::from([user_id.to_owned()]);
+        for room in self.rooms_of(user_id, "join")? {
+            mates.extend(
+                self.members(&room)?.into_iter().filter(|(_, m)| m == "join").map(|(u, _)| u),
+            );
+        }
+        Ok(mates)
+    }
+
+    /// The `candidates` that are `user_id` or share a joined room with them.
+    pub fn sharing_with<T: std::borrow::Borrow<UserId>>(
+        &self,
+        user_id: &UserId,
+        candidates: impl IntoIterator<Item = T>,
+    ) -> Result<Vec<T>> {
+        let mine: std::collections::HashSet<OwnedRoomId> =
+            self.rooms_of(user_id, "join")?.into_iter().collect();
+        let mut sharing = Vec::new();
+        for other in candidates {
+            let id = other.borrow();
+            if id == user_id || self.rooms_of(id, "join")?.iter().any(|r| mine.contains(r)) {
+                sharing.push(other);
+            }
+        }
+        Ok(sharing)
+    }
+
     /// Members of `room_id` with their membership.
     pub fn members(&self, room_id: &RoomId) -> Result<Vec<(ruma::OwnedUserId, String)>> {
         let mut members = Vec::new();
