@@ -360,32 +360,11 @@ async fn in_process_restart_keeps_everything() {
     let data = format!("/_matrix/client/v3/user/{user_id}/account_data/org.example.k");
     assert_eq!(s.put(&data, Some(&token), json!({ "v": 1 })).await.0, StatusCode::OK);
     let position = s.server().services().stream.current();
-    let dir = s.stop().await;
-
-    let config = common::test_config(dir.path());
-    let server = plaza::Server::start(config).await.expect("restart on the same data dir");
-    assert_eq!(server.services().stream.current(), position, "stream position survives");
-    let base = format!("http://{}", server.addrs()[0]);
-    let http = reqwest::Client::new();
-    let got: serde_json::Value = http
-        .get(format!("{base}{data}"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(got, json!({ "v": 1 }));
-    let whoami: serde_json::Value = http
-        .get(format!("{base}/_matrix/client/v3/account/whoami"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(whoami["device_id"], device);
-    server.stop().await;
+    let s = s.restart().await;
+    assert_eq!(s.server().services().stream.current(), position, "stream position survives");
+    assert_eq!(s.get(&data, Some(&token)).await.1, json!({ "v": 1 }));
+    assert_eq!(
+        s.get("/_matrix/client/v3/account/whoami", Some(&token)).await.1["device_id"],
+        device
+    );
 }

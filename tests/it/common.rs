@@ -108,11 +108,20 @@ impl TestServer {
         .await
     }
 
-    pub async fn stop(mut self) -> TempDir {
-        if let Some(server) = self.server.take() {
-            server.stop().await;
+    /// Stops the server and starts a new one on the same data directory and address.
+    pub async fn restart(mut self) -> TestServer {
+        let server = self.server.take().unwrap();
+        let addr = server.addrs()[0];
+        server.stop().await;
+        let mut config = test_config(self.dir.path());
+        config.listen = vec![addr];
+        let server = Server::start(config).await.expect("restart on the same data dir");
+        Self {
+            server: Some(server),
+            base: self.base.clone(),
+            http: self.http.clone(),
+            dir: self.dir,
         }
-        self.dir
     }
 }
 

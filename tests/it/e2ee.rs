@@ -127,28 +127,12 @@ async fn to_device_messages_wait_for_acknowledgement_across_restart() {
     let t1 = got["next_batch"].as_str().unwrap().to_owned();
 
     // Not acknowledged yet (the client never synced from t1): a restart keeps the message.
-    let addr = s.server().addrs()[0];
-    let dir = s.stop().await;
-    let mut config = crate::common::test_config(dir.path());
-    config.listen = vec![addr];
-    let server = plaza::Server::start(config).await.unwrap();
-    let http = reqwest::Client::new();
-    let sync = |since: String| {
-        let (http, alice) = (&http, &alice);
-        async move {
-            let url = format!("http://{addr}/_matrix/client/v3/sync?since={since}");
-            http.get(url).bearer_auth(alice).send().await.unwrap().json::<Value>().await.unwrap()
-        }
-    };
-    let again = sync(t0).await;
+    let s = s.restart().await;
+    let again = s.get(&format!("/_matrix/client/v3/sync?since={t0}"), Some(&alice)).await.1;
     assert_eq!(again["to_device"]["events"].as_array().unwrap().len(), 1);
-    let acked = sync(t1).await;
-    assert_eq!(
-        acked["to_device"]["events"].as_array().unwrap().len(),
-        0,
-        "acknowledged messages are gone"
-    );
-    server.stop().await;
+    let acked = s.get(&format!("/_matrix/client/v3/sync?since={t1}"), Some(&alice)).await.1;
+    let remaining = acked["to_device"]["events"].as_array().unwrap().len();
+    assert_eq!(remaining, 0, "acknowledged messages are gone");
 }
 
 #[tokio::test]

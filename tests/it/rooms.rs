@@ -403,21 +403,9 @@ async fn transaction_ids_are_idempotent_across_restart() {
         .await;
     assert_eq!(event["unsigned"]["transaction_id"], "same-txn");
 
-    let dir = s.stop().await;
-    let server = plaza::Server::start(crate::common::test_config(dir.path())).await.unwrap();
-    let base = format!("http://{}", server.addrs()[0]);
-    let response: Value = reqwest::Client::new()
-        .put(format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/same-txn"))
-        .bearer_auth(&token)
-        .json(&json!({ "msgtype": "m.text", "body": "once" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(response["event_id"], first.as_str());
-    server.stop().await;
+    let s = s.restart().await;
+    let again = s.send_text(&token, &room, "same-txn", "once").await;
+    assert_eq!(again.1["event_id"], first.as_str());
 }
 
 #[tokio::test]

@@ -298,28 +298,8 @@ async fn filters_lazy_members_ignored_users_and_restart() {
 
     // Restart: resuming from the old token loses and duplicates nothing.
     s.send_text(&carol, &room, "c3", "before restart").await;
-    let addr = s.server().addrs()[0];
-    let dir = s.stop().await;
-    let mut config = crate::common::test_config(dir.path());
-    config.listen = vec![addr];
-    let server = plaza::Server::start(config).await.unwrap();
-    let base = format!("http://{addr}");
-    let http = reqwest::Client::new();
-    http.put(format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/c4"))
-        .bearer_auth(&carol)
-        .json(&json!({ "msgtype": "m.text", "body": "after restart" }))
-        .send()
-        .await
-        .unwrap();
-    let resumed: Value = http
-        .get(format!("{base}/_matrix/client/v3/sync?since={token}"))
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = s.restart().await;
+    s.send_text(&carol, &room, "c4", "after restart").await;
+    let resumed = sync(&s, &bob, &format!("since={token}")).await;
     assert_eq!(timeline_bodies(&resumed, &room), vec!["before restart", "after restart"]);
-    server.stop().await;
 }
