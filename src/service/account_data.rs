@@ -48,10 +48,11 @@ impl AccountData {
     ) -> Result<Vec<(String, String)>> {
         let lower = (user_id.as_str(), after.saturating_add(1)).to_key_bytes();
         let upper = (user_id.as_str(), upto.saturating_add(1)).to_key_bytes();
+        let mut seen = std::collections::HashSet::new();
         let mut changed = Vec::new();
         for item in self.changes.scan_range(lower, upper, false) {
             let (_, entry) = item?;
-            if !changed.contains(&entry) {
+            if seen.insert(entry.clone()) {
                 changed.push(entry);
             }
         }

@@ -79,8 +79,10 @@ impl Backups {
             if version.deleted {
                 continue;
             }
+            // The version number is 8 raw bytes after `user 0xFF` (it may itself hold 0xFF).
+            let start = user_id.as_str().len() + 1;
             let number =
-                split_key(&key).nth(1).and_then(|n| n.try_into().ok()).map(u64::from_be_bytes);
+                key.get(start..start + 8).and_then(|n| n.try_into().ok()).map(u64::from_be_bytes);
             return Ok(number.map(|n| (n, version)));
         }
         Ok(None)
@@ -89,6 +91,9 @@ impl Backups {
     /// Creates a version; returns its number.
     pub fn create(&self, user_id: &UserId, algorithm: JsonValue) -> Result<String> {
         check_size(&algorithm)?;
+        if !algorithm.is_object() {
+            return Err(Error::bad_json("The backup algorithm must be an object"));
+        }
         let _guard = self.guard();
         let mut batch = self.db.batch();
         let number = self.next_version.next(&mut batch);
@@ -129,6 +134,9 @@ impl Backups {
     /// Changes a version's auth data (the algorithm must stay the same).
     pub fn update(&self, user_id: &UserId, version: &str, algorithm: JsonValue) -> Result<()> {
         check_size(&algorithm)?;
+        if !algorithm.is_object() {
+            return Err(Error::bad_json("The backup algorithm must be an object"));
+        }
         let _guard = self.guard();
         let (number, mut record) = self.live(user_id, version)?;
         let key = (user_id.as_str(), number);
@@ -215,8 +223,10 @@ impl Backups {
         let mut rooms: Map<String, JsonValue> = Map::new();
         for item in self.keys.scan_prefix(scan) {
             let (key, data) = item?;
-            let mut parts =
-                split_key(&key).skip(2).map(|p| String::from_utf8_lossy(p).into_owned());
+            // `user 0xFF version(8 bytes) 0xFF room 0xFF session`: skip the fixed-width part
+            // before splitting, since the version bytes may contain 0xFF.
+            let rest = key.get(user_id.as_str().len() + 10..).unwrap_or_default();
+            let mut parts = split_key(rest).map(|p| String::from_utf8_lossy(p).into_owned());
             let (Some(room_id), Some(session_id)) = (parts.next(), parts.next()) else { continue };
             if session.is_some_and(|s| s != session_id) {
                 continue;

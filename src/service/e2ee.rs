@@ -19,8 +19,8 @@ use crate::{
 
 /// Most unclaimed one-time keys kept per device.
 const MAX_ONE_TIME_KEYS: usize = 1000;
-/// Most undelivered to-device messages kept per device; older ones are dropped past this.
-const MAX_TO_DEVICE: usize = 10_000;
+/// Most to-device messages handed to a device in one sync; the rest follow in the next one.
+const MAX_TO_DEVICE: usize = 100;
 /// Largest key object accepted, in bytes of JSON.
 const MAX_KEY_BYTES: usize = 16 * 1024;
 
@@ -204,28 +204,37 @@ impl E2ee {
         Ok(self.device_keys.get(&(user_id.as_str(), device_id.as_str()))?)
     }
 
-    /// Removes a device's keys (when the device is deleted).
-    pub fn forget_device(
-        &self,
-        services: &Services,
-        user_id: &UserId,
-        device_id: &DeviceId,
-    ) -> Result<()> {
+    /// After devices of `user_id` were deleted: drops their keys, one-time and fallback keys
+    /// and queued to-device messages, and tells room-mates the device list changed.
+    pub fn forget_deleted_devices(&self, services: &Services, user_id: &UserId) -> Result<()> {
         let mut batch = self.db.batch();
-        let device = (user_id.as_str(), device_id.as_str());
-        self.device_keys.delete(&mut batch, &device);
-        for table in [&self.one_time_keys] {
-            for item in table.scan_prefix(prefix(&device)) {
-                table.delete_raw(&mut batch, &item?.0);
+        let mut gone = Vec::new();
+        for item in self.device_keys.scan_prefix(prefix(user_id.as_str())) {
+            let (key, _) = item?;
+            let Some(device) = split_key(&key).nth(1).and_then(|d| std::str::from_utf8(d).ok())
+            else {
+                continue;
+            };
+            if services.sessions.device(user_id, device.into())?.is_none() {
+                gone.push(device.to_owned());
             }
         }
-        for item in self.fallback_keys.scan_prefix(prefix(&device)) {
-            self.fallback_keys.delete_raw(&mut batch, &item?.0);
+        for device in &gone {
+            let device = (user_id.as_str(), device.as_str());
+            self.device_keys.delete(&mut batch, &device);
+            for item in self.one_time_keys.scan_prefix(prefix(&device)) {
+                self.one_time_keys.delete_raw(&mut batch, &item?.0);
+            }
+            for item in self.fallback_keys.scan_prefix(prefix(&device)) {
+                self.fallback_keys.delete_raw(&mut batch, &item?.0);
+            }
+            for item in self.to_device.scan_prefix(prefix(&device)) {
+                self.to_device.delete_raw(&mut batch, &item?.0);
+            }
         }
-        for item in self.to_device.scan_prefix(prefix(&device)) {
-            self.to_device.delete_raw(&mut batch, &item?.0);
+        if !batch.is_empty() {
+            self.db.write(batch)?;
         }
-        self.db.write(batch)?;
         self.note_change(services, user_id)
     }
 
@@ -285,6 +294,24 @@ impl E2ee {
         Ok(self.cross_signing.get(&(user_id.as_str(), kind))?)
     }
 
+    /// The stored key object a signature upload names: a device of `user_id`, or one of its
+    /// cross-signing keys by public key.
+    pub fn signable(&self, user_id: &UserId, key_id: &str) -> Result<Option<JsonValue>> {
+        if let Some(key) = self.device_keys.get(&(user_id.as_str(), key_id))? {
+            return Ok(Some(key));
+        }
+        for kind in ["master", "self_signing", "user_signing"] {
+            if let Some(key) = self.cross_signing(user_id, kind)?
+                && key["keys"]
+                    .as_object()
+                    .is_some_and(|keys| keys.values().any(|v| v.as_str() == Some(key_id)))
+            {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
+    }
+
     /// Adds `signatures` (by `signer`) to a device key or cross-signing key of `user_id`.
     pub fn add_signatures(
         &self,
@@ -294,6 +321,9 @@ impl E2ee {
         signatures: &JsonValue,
     ) -> Result<()> {
         let add = |target: &mut JsonValue| {
+            if !target["signatures"].is_object() {
+                target["signatures"] = json!({});
+            }
             let slot = &mut target["signatures"][signer.as_str()];
             if !slot.is_object() {
                 *slot = json!({});
@@ -378,15 +408,16 @@ impl E2ee {
         Ok(())
     }
 
-    /// To-device messages for a device up to `upto`, after deleting those up to `acknowledged`
-    /// (the client's `since` proves it received them).
+    /// To-device messages for a device up to `upto` (at most a page of them), after deleting
+    /// those up to `acknowledged` (the client's token proves it received them). Returns the
+    /// messages and the position delivered up to, which the next token must carry.
     pub fn take_to_device(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
         acknowledged: Option<u64>,
         upto: u64,
-    ) -> Result<Vec<JsonValue>> {
+    ) -> Result<(Vec<JsonValue>, u64)> {
         let device = (user_id.as_str(), device_id.as_str());
         if let Some(acknowledged) = acknowledged {
             let lower = prefix(&device);
@@ -403,14 +434,23 @@ impl E2ee {
         let lower = prefix(&device);
         let upper = (user_id.as_str(), device_id.as_str(), upto.saturating_add(1)).to_key_bytes();
         let mut messages = Vec::new();
-        for item in self.to_device.scan_range(lower, upper, false).take(MAX_TO_DEVICE) {
-            let (_, message) = item?;
+        let mut delivered_upto = upto;
+        for item in self.to_device.scan_range(lower, upper, false) {
+            let (key, message) = item?;
+            if messages.len() == MAX_TO_DEVICE {
+                // Stop before this one; the next sync continues from here.
+                let tail = key.len().saturating_sub(8);
+                let position =
+                    key.get(tail..).and_then(|p| p.try_into().ok()).map(u64::from_be_bytes);
+                delivered_upto = position.unwrap_or(upto).saturating_sub(1);
+                break;
+            }
             let mut event = Map::new();
             event.insert("sender".into(), json!(message.sender));
             event.insert("type".into(), json!(message.kind));
             event.insert("content".into(), message.content);
             messages.push(JsonValue::Object(event));
         }
-        Ok(messages)
+        Ok((messages, delivered_upto))
     }
 }

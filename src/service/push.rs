@@ -14,7 +14,13 @@ pub const PUSH_RULES: &str = "m.push_rules";
 /// The push rules of `user_id`.
 pub fn ruleset(services: &Services, user_id: &UserId) -> Result<Ruleset> {
     match services.account_data.get(user_id, None, PUSH_RULES)? {
-        Some(content) => serde_json::from_value(content["global"].clone()).map_err(Error::internal),
+        Some(content) => {
+            let mut stored: Ruleset =
+                serde_json::from_value(content["global"].clone()).map_err(Error::internal)?;
+            // Server-default rules added since the user last changed theirs appear too.
+            stored.update_with_server_default(Ruleset::server_default(user_id));
+            Ok(stored)
+        }
         None => Ok(Ruleset::server_default(user_id)),
     }
 }

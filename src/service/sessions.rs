@@ -230,6 +230,9 @@ impl Sessions {
         let _guard = self.lock_user(&token.user_id);
         let key = (token.user_id.as_str(), token.device_id.as_str());
         let Some(mut device) = self.devices.get(&key)? else { return Ok(()) };
+        if device.access_token_hash.as_deref() != Some(token.token_hash.as_str()) {
+            return Ok(()); // a retried refresh replaced this token meanwhile
+        }
         let Some(previous) = device.previous_refresh_token_hash.take() else { return Ok(()) };
         let mut batch = self.db.batch();
         self.refresh_tokens.delete(&mut batch, &previous);

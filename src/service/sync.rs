@@ -1,7 +1,7 @@
 //! `/sync` (v3): everything a user's device must learn between two stream positions, built
 //! from prefix scans of each room's timeline and the per-user change logs.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ruma::{
     RoomId, UserId,
@@ -46,6 +46,8 @@ pub struct SyncRequest<'a> {
     pub since: Option<u64>,
     /// The typing serial of the `since` token, if any.
     pub since_typing: Option<u64>,
+    /// How far the `since` token's to-device messages were delivered, if it says.
+    pub since_to_device: Option<u64>,
     /// Send the full state of every room.
     pub full_state: bool,
     /// The filter in force.
@@ -74,6 +76,11 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     let mut has_changes = false;
 
     let ignored = ignored_users(services, req.user_id)?;
+    // Account data changed in the window, by room ("" for global), read once.
+    let mut account_changes: HashMap<String, Vec<String>> = HashMap::new();
+    for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {
+        account_changes.entry(room).or_default().push(kind);
+    }
     let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
     for (room_id, _) in rooms.memberships_of(req.user_id)? {
         if !room_allowed(&room_id) {
@@ -94,7 +101,9 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
         };
         match membership.as_str() {
             "join" => {
-                if let Some(room) = joined_room(services, req, &room_id, since, upto, initial)? {
+                let changes = account_changes.get(room_id.as_str()).map_or(&[][..], Vec::as_slice);
+                let window = (since, upto, initial);
+                if let Some(room) = joined_room(services, req, &room_id, changes, window)? {
                     join.insert(room_id.to_string(), room);
                 }
             }
@@ -130,12 +139,8 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     has_changes |= !(join.is_empty() && invite.is_empty() && leave.is_empty());
 
     let mut global_account_data = Vec::new();
-    for (room, kind) in
-        services.account_data.changed(req.user_id, if initial { 0 } else { since }, upto)?
-    {
-        if room.is_empty()
-            && let Some(content) = services.account_data.get(req.user_id, None, &kind)?
-        {
+    for kind in account_changes.get("").into_iter().flatten() {
+        if let Some(content) = services.account_data.get(req.user_id, None, kind)? {
             global_account_data.push(json!({ "type": kind, "content": content }));
         }
     }
@@ -159,7 +164,9 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     // End-to-end encryption: to-device messages (those up to `since` were received), key
     // changes of people sharing a room, and this device's key counts.
     let e2ee = &services.e2ee;
-    let to_device = e2ee.take_to_device(req.user_id, req.device_id, req.since, upto)?;
+    let acknowledged = req.since_to_device.or(req.since);
+    let (to_device, to_device_upto) =
+        e2ee.take_to_device(req.user_id, req.device_id, acknowledged, upto)?;
     let changed_keys = if initial {
         Vec::new()
     } else {
@@ -167,7 +174,7 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     };
     has_changes |= !to_device.is_empty() || !changed_keys.is_empty();
     let body = json!({
-        "next_batch": format!("s{upto}_{typing}"),
+        "next_batch": format!("s{upto}_{typing}_{to_device_upto}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
         "account_data": { "events": global_account_data },
         "presence": { "events": presence },
@@ -297,9 +304,8 @@ fn joined_room(
     services: &Services,
     req: &SyncRequest<'_>,
     room_id: &RoomId,
-    since: u64,
-    upto: u64,
-    initial: bool,
+    account_changes: &[String],
+    (since, upto, initial): (u64, u64, bool),
 ) -> Result<Option<JsonValue>> {
     let rooms = &services.rooms;
     let Some(record) = rooms.room(room_id)? else { return Ok(None) };
@@ -310,10 +316,8 @@ fn joined_room(
     let newly_joined = !initial && joined_at > since;
     let Window { events, limited, any } = timeline(services, req, &record, since, upto)?;
     let mut account_data = Vec::new();
-    for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {
-        if room == room_id.as_str()
-            && let Some(content) = services.account_data.get(req.user_id, Some(room_id), &kind)?
-        {
+    for kind in account_changes {
+        if let Some(content) = services.account_data.get(req.user_id, Some(room_id), kind)? {
             account_data.push(json!({ "type": kind, "content": content }));
         }
     }

@@ -222,6 +222,19 @@ async fn cross_signing_and_device_list_changes() {
         )
         .await;
     assert_eq!(result["failures"][&alice_id][&alice_device]["errcode"], "M_INVALID_SIGNATURE");
+    // A valid signature over a different object is refused too: it must sign the stored key.
+    let mut altered = device_keys(&alice_id, &alice_device, &device_key);
+    altered["algorithms"] = json!(["m.fake"]);
+    altered["signatures"] = json!({});
+    sign(&mut altered, &self_signing, &alice_id, &format!("ed25519:{self_public}"));
+    let (_, result) = s
+        .post(
+            "/_matrix/client/v3/keys/signatures/upload",
+            Some(&alice),
+            json!({ alice_id.as_str(): { alice_device.as_str(): altered } }),
+        )
+        .await;
+    assert_eq!(result["failures"][&alice_id][&alice_device]["errcode"], "M_INVALID_SIGNATURE");
 
     let (_, query) = s
         .post(
@@ -346,4 +359,70 @@ async fn encryption_policy_and_no_downgrade() {
         )
         .await;
     assert_error(&enable, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn to_device_messages_page_without_loss_and_backup_versions_with_any_number() {
+    let s = TestServer::start_with(|c| {
+        c.limits.rate_per_second = 100_000;
+        c.limits.rate_burst = 100_000;
+    })
+    .await;
+    let (alice_id, alice, alice_device) = s.register("alice", "correct horse").await;
+    let (_, bob, _) = s.register("bob", "correct horse").await;
+    let (_, first) = s.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let mut token = first["next_batch"].as_str().unwrap().to_owned();
+    for i in 0..150 {
+        let body =
+            json!({ "messages": { alice_id.as_str(): { alice_device.as_str(): { "n": i } } } });
+        assert_eq!(
+            s.put(&format!("/_matrix/client/v3/sendToDevice/m.test/t{i}"), Some(&bob), body)
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        let (_, page) =
+            s.get(&format!("/_matrix/client/v3/sync?since={token}&timeout=0"), Some(&alice)).await;
+        received.extend(
+            page["to_device"]["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["content"]["n"].as_u64().unwrap()),
+        );
+        token = page["next_batch"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(
+        received,
+        (0..150).collect::<Vec<_>>(),
+        "every message once, in order, across pages"
+    );
+    // Messages for devices that do not exist are not stored.
+    let ghost = json!({ "messages": { alice_id.as_str(): { "NOSUCHDEVICE": { "n": 1 } } } });
+    assert_eq!(
+        s.put("/_matrix/client/v3/sendToDevice/m.test/ghost", Some(&bob), ghost).await.0,
+        StatusCode::OK
+    );
+
+    // Backup version numbers are stored as raw bytes: 255 contains 0xFF and must still work.
+    let algorithm =
+        json!({ "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {} });
+    let mut version = String::new();
+    while version != "255" {
+        let (status, created) =
+            s.post("/_matrix/client/v3/room_keys/version", Some(&alice), algorithm.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{created}");
+        version = created["version"].as_str().unwrap().to_owned();
+    }
+    let (status, latest) = s.get("/_matrix/client/v3/room_keys/version", Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{latest}");
+    assert_eq!(latest["version"], "255");
+    let key = json!({ "first_message_index": 0, "forwarded_count": 0, "is_verified": true, "session_data": { "c": 1 } });
+    let path = "/_matrix/client/v3/room_keys/keys/!r:localhost/sess?version=255";
+    assert_eq!(s.put(path, Some(&alice), key).await.0, StatusCode::OK);
+    let (_, all) = s.get("/_matrix/client/v3/room_keys/keys?version=255", Some(&alice)).await;
+    assert_eq!(all["rooms"]["!r:localhost"]["sessions"]["sess"]["is_verified"], true, "{all}");
 }

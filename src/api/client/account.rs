@@ -60,7 +60,7 @@ pub async fn change_password(
     }
     services.db.write(batch)?;
     drop(user_lock);
-    services.e2ee.note_change(&services, &caller.user_id)?;
+    services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     tracing::info!(user_id = %caller.user_id, "password changed");
     Ok(change_password::Response::new())
 }
@@ -85,7 +85,7 @@ pub async fn deactivate(
     services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
     services.db.write(batch)?;
     drop(user_lock);
-    services.e2ee.note_change(&services, &caller.user_id)?;
+    services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     tracing::info!(user_id = %caller.user_id, erase = req.body.erase, "account deactivated");
     Ok(deactivate::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

@@ -90,7 +90,7 @@ pub async fn delete(
     services.sessions.delete_devices(&mut batch, &caller.user_id, [&*req.body.device_id])?;
     services.db.write(batch)?;
     drop(user_lock);
-    services.e2ee.note_change(&services, &caller.user_id)?;
+    services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(delete_device::Response::new())
 }
 
@@ -114,6 +114,6 @@ pub async fn delete_many(
     )?;
     services.db.write(batch)?;
     drop(user_lock);
-    services.e2ee.note_change(&services, &caller.user_id)?;
+    services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(delete_devices::Response::new())
 }

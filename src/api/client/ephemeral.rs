@@ -148,7 +148,8 @@ pub async fn set_typing(services: State, req: Ruma<typing::Request>) -> Result<t
 
 fn tags_of(services: &Services, caller: &Caller, room_id: &RoomId) -> Result<JsonValue> {
     let tags = services.account_data.get(&caller.user_id, Some(room_id), "m.tag")?;
-    Ok(tags.and_then(|t| t.get("tags").cloned()).unwrap_or_else(|| json!({})))
+    let tags = tags.and_then(|t| t.get("tags").cloned()).filter(JsonValue::is_object);
+    Ok(tags.unwrap_or_else(|| json!({})))
 }
 
 /// `GET /_matrix/client/v3/user/{userId}/rooms/{roomId}/tags`

@@ -241,6 +241,23 @@ pub async fn upload_signatures(
     for (user_id, keys) in &req.body.signed_keys {
         for (key_id, object) in keys.iter() {
             let object = json_of(object)?;
+            // The signed object must be exactly the stored key (signatures aside).
+            let strip = |value: &JsonValue| {
+                let mut value = value.clone();
+                if let Some(map) = value.as_object_mut() {
+                    map.remove("signatures");
+                    map.remove("unsigned");
+                }
+                value
+            };
+            let stored = services.e2ee.signable(user_id, key_id)?;
+            if stored.as_ref().is_none_or(|stored| strip(stored) != strip(&object)) {
+                failures.entry(user_id.clone()).or_default().insert(
+                    key_id.to_owned(),
+                    json!({ "errcode": "M_INVALID_SIGNATURE", "error": "The signed object is not the published key" }),
+                );
+                continue;
+            }
             let signatures = object["signatures"][caller.user_id.as_str()].clone();
             let valid = signatures.as_object().is_some_and(|sigs| {
                 !sigs.is_empty()
@@ -290,7 +307,13 @@ pub async fn send(
         }
         for (target, content) in by_device {
             let devices: Vec<OwnedDeviceId> = match target {
-                DeviceIdOrAllDevices::DeviceId(device) => vec![device.clone()],
+                DeviceIdOrAllDevices::DeviceId(device) => {
+                    // Messages for devices that do not exist would only pile up.
+                    if services.sessions.device(user_id, device)?.is_none() {
+                        continue;
+                    }
+                    vec![device.clone()]
+                }
                 DeviceIdOrAllDevices::AllDevices => {
                     services.sessions.devices(user_id)?.into_iter().map(|(id, _)| id).collect()
                 }

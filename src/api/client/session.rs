@@ -80,7 +80,7 @@ pub async fn logout(services: State, req: Ruma<logout::Request>) -> Result<logou
     services.sessions.delete_devices(&mut batch, &caller.user_id, [&*caller.device_id])?;
     services.db.write(batch)?;
     drop(user_lock);
-    services.e2ee.note_change(&services, &caller.user_id)?;
+    services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(logout::Response::new())
 }
 
@@ -95,7 +95,7 @@ pub async fn logout_all(
     services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
     services.db.write(batch)?;
     drop(user_lock);
-    services.e2ee.note_change(&services, &caller.user_id)?;
+    services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(logout_all::Response::new())
 }
 

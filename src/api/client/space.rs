@@ -25,7 +25,11 @@ pub async fn get_hierarchy(
     let caller = req.caller()?.clone();
     let body = req.body;
     let skip: usize = match &body.from {
-        Some(from) => from.parse().map_err(|_| Error::invalid_param("Invalid pagination token"))?,
+        Some(from) => from
+            .parse::<usize>()
+            .ok()
+            .filter(|skip| *skip <= 2000)
+            .ok_or_else(|| Error::invalid_param("Invalid pagination token"))?,
         None => 0,
     };
     let walk = Walk {

@@ -29,25 +29,39 @@ use crate::{
 /// Longest a sync may wait for something to happen.
 const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Parses a stream token (`s<position>` or, from sync, `s<position>_<typing serial>`),
+/// A parsed sync token.
+pub struct SyncToken {
+    /// The stream position.
+    pub position: u64,
+    /// The ephemeral (typing, presence) serial.
+    pub typing: Option<u64>,
+    /// How far to-device messages were delivered.
+    pub to_device: Option<u64>,
+}
+
+/// Parses a stream token (`s<position>`, or from sync `s<position>_<ephemeral>_<to-device>`),
 /// refusing tokens from the future.
-pub fn parse_sync_token(services: &State, token: &str) -> Result<(u64, Option<u64>)> {
+pub fn parse_sync_token(services: &State, token: &str) -> Result<SyncToken> {
     let unknown = || Error::new(ErrorKind::UnknownPos, "Unknown pagination token");
-    let body = token.strip_prefix('s').ok_or_else(unknown)?;
-    let (position, typing) = match body.split_once('_') {
-        Some((position, typing)) => (position, Some(typing.parse::<u64>().map_err(|_| unknown())?)),
-        None => (body, None),
+    let mut parts = token.strip_prefix('s').ok_or_else(unknown)?.split('_');
+    let number = |part: Option<&str>| -> Result<Option<u64>> {
+        part.map(|p| p.parse::<u64>().map_err(|_| unknown())).transpose()
     };
-    let position = position.parse::<u64>().map_err(|_| unknown())?;
-    if position > services.stream.current() {
+    let position = number(parts.next())?.ok_or_else(unknown)?;
+    let typing = number(parts.next())?;
+    let to_device = number(parts.next())?;
+    if parts.next().is_some() {
+        return Err(unknown());
+    }
+    if position > services.stream.current() || to_device.is_some_and(|t| t > position) {
         return Err(Error::new(ErrorKind::UnknownPos, "Token is from the future"));
     }
-    Ok((position, typing))
+    Ok(SyncToken { position, typing, to_device })
 }
 
 /// The stream position of a token.
 pub fn parse_token(services: &State, token: &str) -> Result<u64> {
-    Ok(parse_sync_token(services, token)?.0)
+    Ok(parse_sync_token(services, token)?.position)
 }
 
 /// `GET /_matrix/client/v3/sync`: answers at once when there is news (or on an initial or
@@ -71,8 +85,9 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Js
     let request = SyncRequest {
         user_id: &caller.user_id,
         device_id: &caller.device_id,
-        since: since.map(|s| s.0),
-        since_typing: since.and_then(|s| s.1),
+        since: since.as_ref().map(|s| s.position),
+        since_typing: since.as_ref().and_then(|s| s.typing),
+        since_to_device: since.as_ref().and_then(|s| s.to_device),
         full_state: body.full_state,
         filter: &filter,
     };
