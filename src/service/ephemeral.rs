@@ -131,6 +131,28 @@ impl Ephemeral {
         Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
     }
 
+    /// The stream position of the newest event `user_id` has read in `room_id` (public or
+    /// private receipt, unthreaded or main timeline).
+    pub fn read_position(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> Result<Option<u64>> {
+        let mut newest = None;
+        for kind in ["m.read", "m.read.private"] {
+            for thread in ["", "main"] {
+                let key = (room_id.as_str(), (user_id.as_str(), kind, thread));
+                if let Some(receipt) = self.receipts.get(&key)?
+                    && let Some(event) = services.rooms.stored(&receipt.event_id)?
+                {
+                    newest = newest.max(Some(event.position));
+                }
+            }
+        }
+        Ok(newest)
+    }
+
     /// The current ephemeral serial (typing and presence; the second part of sync tokens).
     pub fn typing_serial(&self) -> u64 {
         self.typing_serial.load(Ordering::SeqCst)

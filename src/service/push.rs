@@ -30,6 +30,70 @@ pub fn account_data(services: &Services, user_id: &UserId) -> Result<JsonValue> 
     Ok(json!({ "global": ruleset(services, user_id)? }))
 }
 
+/// Most unread events looked at per room when counting notifications.
+const MAX_COUNTED: usize = 100;
+
+/// `(notifications, highlights)` among the events of `room_id` that `user_id` has not read:
+/// those after their read receipt (or their join), judged by their push rules. At most
+/// `MAX_COUNTED` events are looked at, newest first.
+pub async fn unread_counts(
+    services: &Services,
+    rules: &Ruleset,
+    room_id: &ruma::RoomId,
+    user_id: &UserId,
+    upto: u64,
+) -> Result<(u64, u64)> {
+    use ruma::{
+        UInt,
+        push::{Action, PushConditionRoomCtx},
+        serde::Raw,
+    };
+    let rooms = &services.rooms;
+    let Some(record) = rooms.room(room_id)? else { return Ok((0, 0)) };
+    let state = rooms.states.load(record.current_state)?;
+    let member = rooms.state_event(&state, "m.room.member", user_id.as_str())?;
+    let joined_at = member.as_ref().map_or(0, |m| m.position);
+    let read = services
+        .ephemeral
+        .read_position(services, room_id, user_id)?
+        .unwrap_or(joined_at)
+        .max(joined_at);
+    if read >= upto {
+        return Ok((0, 0));
+    }
+    let members = rooms.members(room_id)?.into_iter().filter(|(_, m)| m == "join").count();
+    let display_name = member
+        .and_then(|m| {
+            let content = m.wire.get("content")?.as_object()?;
+            content.get("displayname")?.as_str().map(str::to_owned)
+        })
+        .unwrap_or_else(|| user_id.localpart().to_owned());
+    let context = PushConditionRoomCtx::new(
+        room_id.to_owned(),
+        UInt::try_from(members).unwrap_or_default(),
+        user_id.to_owned(),
+        display_name,
+    );
+    let (mut notifications, mut highlights) = (0, 0);
+    for event in rooms.timeline_range(&record, read, upto, false).take(MAX_COUNTED) {
+        let event = event?;
+        if event.sender() == user_id.as_str() {
+            continue;
+        }
+        let json = crate::service::rooms::pdu::client_event(&event, None);
+        let raw: Raw<ruma::events::AnySyncTimelineEvent> =
+            Raw::from_json(serde_json::value::to_raw_value(&json).map_err(Error::internal)?);
+        let actions = rules.get_actions(&raw, &context).await;
+        if actions.iter().any(|a| matches!(a, Action::Notify)) {
+            notifications += 1;
+            if actions.iter().any(Action::is_highlight) {
+                highlights += 1;
+            }
+        }
+    }
+    Ok((notifications, highlights))
+}
+
 /// Changes `user_id`'s ruleset with `change`, serialised per user and stored durably.
 pub fn update<T>(
     services: &Services,

@@ -63,7 +63,7 @@ pub struct SyncResponse {
 }
 
 /// Builds the sync response for changes in `(since, upto]`.
-pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<SyncResponse> {
+pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<SyncResponse> {
     let typing = services.ephemeral.typing_serial();
     let rooms = &services.rooms;
     let since = req.since.unwrap_or(0);
@@ -76,6 +76,7 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
     let mut has_changes = false;
 
     let ignored = ignored_users(services, req.user_id)?;
+    let rules = super::push::ruleset(services, req.user_id)?;
     // Account data changed in the window, by room ("" for global), read once.
     let mut account_changes: HashMap<String, Vec<String>> = HashMap::new();
     for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {
@@ -103,7 +104,9 @@ pub fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Result<Syn
             "join" => {
                 let changes = account_changes.get(room_id.as_str()).map_or(&[][..], Vec::as_slice);
                 let window = (since, upto, initial);
-                if let Some(room) = joined_room(services, req, &room_id, changes, window)? {
+                if let Some(room) =
+                    joined_room(services, req, &rules, &room_id, changes, window).await?
+                {
                     join.insert(room_id.to_string(), room);
                 }
             }
@@ -300,9 +303,10 @@ fn state_section(
     Ok(events)
 }
 
-fn joined_room(
+async fn joined_room(
     services: &Services,
     req: &SyncRequest<'_>,
+    rules: &ruma::push::Ruleset,
     room_id: &RoomId,
     account_changes: &[String],
     (since, upto, initial): (u64, u64, bool),
@@ -351,13 +355,15 @@ fn joined_room(
         .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
         .collect();
 
+    let (notifications, highlights) =
+        super::push::unread_counts(services, rules, room_id, req.user_id, upto).await?;
     Ok(Some(json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": state },
         "account_data": { "events": account_data },
         "ephemeral": { "events": ephemeral },
         "summary": summary(services, room_id, &current, req.user_id)?,
-        "unread_notifications": { "notification_count": 0, "highlight_count": 0 },
+        "unread_notifications": { "notification_count": notifications, "highlight_count": highlights },
     })))
 }
 

@@ -86,3 +86,42 @@ async fn push_rules_start_from_defaults_and_change() {
     );
     assert_eq!(s.get(&format!("{default}/enabled"), Some(&alice)).await.1["enabled"], false);
 }
+
+#[tokio::test]
+async fn unread_counts_follow_push_rules_and_receipts() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "name": "Team", "invite": [bob_id] })).await;
+    s.membership(&bob, &room, "join", json!({})).await;
+    s.send_text(&alice, &room, "m1", "good morning").await;
+    s.send_text(&alice, &room, "m2", "standup in five").await;
+    let mention = json!({ "msgtype": "m.text", "body": "bob: can you review?", "m.mentions": { "user_ids": [bob_id] } });
+    let (_, sent) = s
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/m3"),
+            Some(&alice),
+            mention,
+        )
+        .await;
+    let last = sent["event_id"].as_str().unwrap().to_owned();
+
+    let (_, synced) = s.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    let counts = &synced["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!(counts["notification_count"], 3, "{counts}");
+    assert_eq!(counts["highlight_count"], 1, "{counts}");
+    let (_, alice_view) = s.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    assert_eq!(
+        alice_view["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0,
+        "own messages"
+    );
+
+    let token = synced["next_batch"].as_str().unwrap();
+    let receipt =
+        format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{}", crate::common::enc(&last));
+    assert_eq!(s.post(&receipt, Some(&bob), json!({})).await.0, StatusCode::OK);
+    let (_, after) = s.get(&format!("/_matrix/client/v3/sync?since={token}"), Some(&bob)).await;
+    let counts = &after["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!(counts["notification_count"], 0, "{after}");
+    assert_eq!(counts["highlight_count"], 0);
+}

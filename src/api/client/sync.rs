@@ -101,7 +101,7 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Js
         tokio::pin!(notified);
         notified.as_mut().enable();
         let upto = services.stream.current();
-        let response = build_sync(&services, &request, upto)?;
+        let response = build_sync(&services, &request, upto).await?;
         let done = since.is_none() || body.full_state || response.has_changes;
         if done || tokio::time::Instant::now() >= deadline {
             return Ok(JsonResponse(response.body));
