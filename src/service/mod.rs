@@ -68,6 +68,8 @@ pub struct Services {
     pub e2ee: e2ee::E2ee,
     /// Server-side room key backups.
     pub backups: backup::Backups,
+    /// Unread counts carried between syncs.
+    pub unread: push::UnreadCache,
 }
 
 impl Services {
@@ -81,6 +83,7 @@ impl Services {
             ephemeral: ephemeral::Ephemeral::new(&db),
             presence: presence::Presences::default(),
             e2ee: e2ee::E2ee::new(&db),
+            unread: push::UnreadCache::default(),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

@@ -32,6 +32,17 @@ pub fn account_data(services: &Services, user_id: &UserId) -> Result<JsonValue> 
 
 /// Most unread events looked at per room when counting notifications.
 const MAX_COUNTED: usize = 100;
+/// Most `(user, room)` counts kept between syncs.
+const MAX_CACHED: usize = 100_000;
+
+/// Counts already worked out, so each sync only judges events that arrived since the last:
+/// `(user, room)` -> `(read position, counted up to, notifications, highlights)`.
+#[derive(Default)]
+pub struct UnreadCache {
+    counts: std::sync::Mutex<
+        std::collections::HashMap<(ruma::OwnedUserId, ruma::OwnedRoomId), (u64, u64, u64, u64)>,
+    >,
+}
 
 /// `(notifications, highlights)` among the events of `room_id` that `user_id` has not read:
 /// those after their read receipt (or their join), judged by their push rules. At most
@@ -61,6 +72,18 @@ pub async fn unread_counts(
     if read >= upto {
         return Ok((0, 0));
     }
+    let cache_key = (user_id.to_owned(), room_id.to_owned());
+    let cached =
+        services.unread.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&cache_key).copied();
+    let (mut notifications, mut highlights, from) = match cached {
+        Some((cached_read, counted, n, h)) if cached_read == read && counted <= upto => {
+            (n, h, counted)
+        }
+        _ => (0, 0, read),
+    };
+    if from >= upto {
+        return Ok((notifications, highlights));
+    }
     let members = rooms.members(room_id)?.into_iter().filter(|(_, m)| m == "join").count();
     let display_name = member
         .and_then(|m| {
@@ -74,8 +97,7 @@ pub async fn unread_counts(
         user_id.to_owned(),
         display_name,
     );
-    let (mut notifications, mut highlights) = (0, 0);
-    for event in rooms.timeline_range(&record, read, upto, false).take(MAX_COUNTED) {
+    for event in rooms.timeline_range(&record, from, upto, false).take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
             continue;
@@ -91,6 +113,11 @@ pub async fn unread_counts(
             }
         }
     }
+    let mut cache = services.unread.counts.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= MAX_CACHED {
+        cache.clear();
+    }
+    cache.insert(cache_key, (read, upto, notifications, highlights));
     Ok((notifications, highlights))
 }
 
