@@ -35,12 +35,14 @@ const MAX_COUNTED: usize = 100;
 /// Most `(user, room)` counts kept between syncs.
 const MAX_CACHED: usize = 100_000;
 
-/// Counts already worked out, so each sync only judges events that arrived since the last:
-/// `(user, room)` -> `(read position, counted up to, notifications, highlights)`.
+/// `(read position, counted up to, notifications, highlights)` of one user in one room.
+type Counted = (u64, u64, u64, u64);
+
+/// Counts already worked out, so each sync only judges events that arrived since the last.
 #[derive(Default)]
 pub struct UnreadCache {
     counts: std::sync::Mutex<
-        std::collections::HashMap<(ruma::OwnedUserId, ruma::OwnedRoomId), (u64, u64, u64, u64)>,
+        std::collections::HashMap<(ruma::OwnedUserId, ruma::OwnedRoomId), Counted>,
     >,
 }
 
