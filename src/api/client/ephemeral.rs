@@ -160,6 +160,23 @@ pub async fn get(services: State, req: Ruma<get_tags::Request>) -> Result<get_ta
     Ok(get_tags::Response::new(serde_json::from_value(tags).map_err(Error::internal)?))
 }
 
+/// Changes a room's tags with `change`, serialised per user so concurrent edits are kept.
+fn edit_tags(
+    services: &State,
+    caller: &Caller,
+    room_id: &RoomId,
+    change: impl FnOnce(&mut serde_json::Map<String, JsonValue>) -> Result<()>,
+) -> Result<()> {
+    let _guard = services.sessions.lock_user(&caller.user_id);
+    let mut tags = tags_of(services, caller, room_id)?;
+    if let Some(map) = tags.as_object_mut() {
+        change(map)?;
+    }
+    let content = json!({ "tags": tags });
+    services.account_data.set(services, &caller.user_id, Some(room_id), "m.tag", content)?;
+    Ok(())
+}
+
 /// `PUT /_matrix/client/v3/user/{userId}/rooms/{roomId}/tags/{tag}`: favourites, low priority
 /// and custom `u.*` labels.
 pub async fn put(services: State, req: Ruma<create_tag::Request>) -> Result<create_tag::Response> {
@@ -169,18 +186,14 @@ pub async fn put(services: State, req: Ruma<create_tag::Request>) -> Result<crea
     if body.tag.is_empty() || body.tag.len() > 255 {
         return Err(Error::invalid_param("Tags are 1 to 255 bytes"));
     }
-    let mut tags = tags_of(&services, &caller, &body.room_id)?;
-    tags[body.tag.as_str()] = serde_json::to_value(&body.tag_info).map_err(Error::internal)?;
-    if tags.as_object().is_some_and(|t| t.len() > 100) {
-        return Err(Error::invalid_param("At most 100 tags per room"));
-    }
-    services.account_data.set(
-        &services,
-        &caller.user_id,
-        Some(&body.room_id),
-        "m.tag",
-        json!({ "tags": tags }),
-    )?;
+    let info = serde_json::to_value(&body.tag_info).map_err(Error::internal)?;
+    edit_tags(&services, &caller, &body.room_id, |tags| {
+        tags.insert(body.tag.clone(), info);
+        if tags.len() > 100 {
+            return Err(Error::invalid_param("At most 100 tags per room"));
+        }
+        Ok(())
+    })?;
     Ok(create_tag::Response::new())
 }
 
@@ -192,16 +205,9 @@ pub async fn delete(
     let caller = req.caller()?.clone();
     let body = req.body;
     caller.must_be(&body.user_id)?;
-    let mut tags = tags_of(&services, &caller, &body.room_id)?;
-    if let Some(map) = tags.as_object_mut() {
-        map.remove(&body.tag);
-    }
-    services.account_data.set(
-        &services,
-        &caller.user_id,
-        Some(&body.room_id),
-        "m.tag",
-        json!({ "tags": tags }),
-    )?;
+    edit_tags(&services, &caller, &body.room_id, |tags| {
+        tags.remove(&body.tag);
+        Ok(())
+    })?;
     Ok(delete_tag::Response::new())
 }
