@@ -93,12 +93,13 @@ pub async fn unread_counts(
             content.get("displayname")?.as_str().map(str::to_owned)
         })
         .unwrap_or_else(|| user_id.localpart().to_owned());
-    let context = PushConditionRoomCtx::new(
+    let mut context = PushConditionRoomCtx::new(
         room_id.to_owned(),
         UInt::try_from(members).unwrap_or_default(),
         user_id.to_owned(),
         display_name,
     );
+    context.power_levels = power_levels_context(services, &record, &state)?;
     for event in rooms.timeline_range(&record, from, upto, false).take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
@@ -121,6 +122,45 @@ pub async fn unread_counts(
     }
     cache.insert(cache_key, (read, upto, notifications, highlights));
     Ok((notifications, highlights))
+}
+
+/// The room's power levels as push rules need them (who may notify `@room`).
+fn power_levels_context(
+    services: &Services,
+    record: &crate::service::rooms::RoomRecord,
+    state: &crate::service::rooms::state::StateMap,
+) -> Result<Option<ruma::push::PushConditionPowerLevelsCtx>> {
+    use ruma::{
+        Int, OwnedUserId, power_levels::NotificationPowerLevels,
+        room_version_rules::RoomPowerLevelsRules,
+    };
+    let rooms = &services.rooms;
+    let Some(rules) = record.version.rules() else { return Ok(None) };
+    let power = rooms.state_content(state, "m.room.power_levels", "")?.unwrap_or_default();
+    let users: std::collections::BTreeMap<OwnedUserId, Int> =
+        serde_json::from_value(power.get("users").cloned().unwrap_or_default()).unwrap_or_default();
+    let users_default = power
+        .get("users_default")
+        .and_then(|v| v.as_i64())
+        .map_or(Int::from(0), Int::new_saturating);
+    let notifications: NotificationPowerLevels =
+        serde_json::from_value(power.get("notifications").cloned().unwrap_or_else(|| json!({})))
+            .unwrap_or_default();
+    let mut creators = Vec::new();
+    if let Some(create) = rooms.state_event(state, "m.room.create", "")? {
+        creators.extend(UserId::parse(create.sender()).ok());
+        let content: JsonValue =
+            create.wire.get("content").map(|c| c.clone().into()).unwrap_or_default();
+        let additional = content.get("additional_creators").cloned().unwrap_or_default();
+        creators.extend(serde_json::from_value::<Vec<OwnedUserId>>(additional).unwrap_or_default());
+    }
+    let power_rules = RoomPowerLevelsRules::new(&rules.authorization, creators);
+    Ok(Some(ruma::push::PushConditionPowerLevelsCtx::new(
+        users,
+        users_default,
+        notifications,
+        power_rules,
+    )))
 }
 
 /// Changes `user_id`'s ruleset with `change`, serialised per user and stored durably.

@@ -125,3 +125,38 @@ async fn unread_counts_follow_push_rules_and_receipts() {
     assert_eq!(counts["notification_count"], 0, "{after}");
     assert_eq!(counts["highlight_count"], 0);
 }
+
+#[tokio::test]
+async fn room_mentions_need_the_notification_power_level() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let (carol_id, carol, _) = s.register("carol", "correct horse").await;
+    let room =
+        s.create_room(&alice, json!({ "name": "All hands", "invite": [bob_id, carol_id] })).await;
+    s.membership(&bob, &room, "join", json!({})).await;
+    s.membership(&carol, &room, "join", json!({})).await;
+    let everyone =
+        json!({ "msgtype": "m.text", "body": "@room heads up", "m.mentions": { "room": true } });
+    // Bob (power 0) may not notify the whole room; alice (the creator) may.
+    s.put(
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b1"),
+        Some(&bob),
+        everyone.clone(),
+    )
+    .await;
+    let (_, carol_sync) = s.get("/_matrix/client/v3/sync", Some(&carol)).await;
+    assert_eq!(carol_sync["rooms"]["join"][&room]["unread_notifications"]["highlight_count"], 0);
+    s.put(
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/a1"),
+        Some(&alice),
+        everyone,
+    )
+    .await;
+    let (_, carol_sync) = s.get("/_matrix/client/v3/sync", Some(&carol)).await;
+    assert_eq!(
+        carol_sync["rooms"]["join"][&room]["unread_notifications"]["highlight_count"], 1,
+        "{}",
+        carol_sync["rooms"]["join"][&room]["unread_notifications"]
+    );
+}
