@@ -78,8 +78,9 @@ impl RouterExt for Router<State> {
 /// Builds the application with every route and layer.
 pub fn build(state: State) -> Router {
     use client::{
-        account, account_data, backup, devices, directory, discovery, ephemeral, events, keys,
-        presence, profile, push, register, rooms, session, space, sync, user_directory, voip,
+        account, account_data, backup, dehydrated, devices, directory, discovery, ephemeral,
+        events, keys, presence, profile, push, register, rooms, session, space, sync,
+        user_directory, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -158,6 +159,10 @@ pub fn build(state: State) -> Router {
         .ruma(keys::upload_signing)
         .ruma(keys::upload_signatures)
         .ruma(keys::send)
+        .ruma(dehydrated::put)
+        .ruma(dehydrated::get)
+        .ruma(dehydrated::delete)
+        .ruma(dehydrated::events)
         .ruma(backup::create)
         .ruma(backup::latest)
         .ruma(backup::get)

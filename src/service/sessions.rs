@@ -286,6 +286,25 @@ impl Sessions {
         Ok(issued)
     }
 
+    /// Queues a device with no tokens (a dehydrated device, held by the server for a client
+    /// that is offline).
+    pub fn put_tokenless_device(
+        &self,
+        batch: &mut Batch,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        display_name: Option<String>,
+    ) {
+        let record = DeviceRecord {
+            display_name,
+            created_ms: now_ms(),
+            access_token_hash: None,
+            refresh_token_hash: None,
+            previous_refresh_token_hash: None,
+        };
+        self.devices.put(batch, &(user_id.as_str(), device_id.as_str()), &record);
+    }
+
     /// The device `device_id` of `user_id`.
     pub fn device(&self, user_id: &UserId, device_id: &DeviceId) -> Result<Option<DeviceRecord>> {
         Ok(self.devices.get(&(user_id.as_str(), device_id.as_str()))?)

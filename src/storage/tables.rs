@@ -80,6 +80,9 @@ pub const BACKUP_VERSIONS: &str = "backup_versions";
 /// `user id 0xFF version 0xFF room id 0xFF session id` -> encrypted room key backup data.
 pub const BACKUP_KEYS: &str = "backup_keys";
 
+/// `user id` -> `(device id, device data)` of the user's dehydrated device.
+pub const DEHYDRATED_DEVICES: &str = "dehydrated_devices";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -117,4 +120,5 @@ pub const ALL: &[&str] = &[
     TO_DEVICE_TXNS,
     BACKUP_VERSIONS,
     BACKUP_KEYS,
+    DEHYDRATED_DEVICES,
 ];

@@ -426,3 +426,67 @@ async fn to_device_messages_page_without_loss_and_backup_versions_with_any_numbe
     let (_, all) = s.get("/_matrix/client/v3/room_keys/keys?version=255", Some(&alice)).await;
     assert_eq!(all["rooms"]["!r:localhost"]["sessions"]["sess"]["is_verified"], true, "{all}");
 }
+
+#[tokio::test]
+async fn dehydrated_device_collects_messages_while_offline() {
+    let s = TestServer::start().await;
+    let (alice_id, alice, _) = s.register("alice", "correct horse").await;
+    let (_, bob, _) = s.register("bob", "correct horse").await;
+    let base = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";
+    assert_error(&s.get(base, Some(&alice)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+
+    let key = SigningKey::from_bytes(&[5; 32]);
+    let body = json!({
+        "device_id": "DEHYDRATED",
+        "initial_device_display_name": "Dehydrated device",
+        "device_data": { "algorithm": "org.matrix.msc3814.v1.olm", "device_pickle": "pickle", "nonce": "n" },
+        "device_keys": device_keys(&alice_id, "DEHYDRATED", &key),
+        "one_time_keys": { "signed_curve25519:D1": { "key": "otk" } },
+        "fallback_keys": {},
+    });
+    let (status, put) = s.put(base, Some(&alice), body).await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    assert_eq!(put["device_id"], "DEHYDRATED");
+    let (_, got) = s.get(base, Some(&alice)).await;
+    assert_eq!(got["device_data"]["device_pickle"], "pickle");
+    let (_, query) = s
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&bob),
+            json!({ "device_keys": { alice_id.as_str(): [] } }),
+        )
+        .await;
+    assert!(query["device_keys"][&alice_id].get("DEHYDRATED").is_some(), "{query}");
+
+    // Bob sends to the offline device; a rehydrating client pages the messages out.
+    let message =
+        json!({ "messages": { alice_id.as_str(): { "DEHYDRATED": { "room_key": "k" } } } });
+    assert_eq!(
+        s.put("/_matrix/client/v3/sendToDevice/m.room.encrypted/d1", Some(&bob), message).await.0,
+        StatusCode::OK
+    );
+    let events = format!("{base}/DEHYDRATED/events");
+    let (status, page) = s.post(&events, Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["events"][0]["content"]["room_key"], "k");
+    let (_, next) =
+        s.post(&events, Some(&alice), json!({ "next_batch": page["next_batch"] })).await;
+    assert_eq!(next["events"], json!([]));
+    assert_error(
+        &s.post(&format!("{base}/OTHER/events"), Some(&alice), json!({})).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
+
+    let (status, deleted) = s.call(reqwest::Method::DELETE, base, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK, "{deleted}");
+    assert_error(&s.get(base, Some(&alice)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (_, query) = s
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&bob),
+            json!({ "device_keys": { alice_id.as_str(): [] } }),
+        )
+        .await;
+    assert!(query["device_keys"][&alice_id].get("DEHYDRATED").is_none());
+}
