@@ -204,3 +204,72 @@ async fn matrix_sdk_encrypted_room_bob_decrypts_alices_message() {
         events.iter().map(|e| e.raw().json().get()).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn matrix_sdk_second_device_reads_history_from_key_backup() {
+    use matrix_sdk::{
+        config::SyncSettings,
+        deserialized_responses::TimelineEventKind,
+        ruma::{
+            api::client::{
+                room::create_room,
+                uiaa::{MatrixUserIdentifier, Password, UserIdentifier},
+            },
+            events::{
+                InitialStateEvent, room::encryption::RoomEncryptionEventContent,
+                room::message::RoomMessageEventContent,
+            },
+        },
+    };
+
+    let s = TestServer::start().await;
+    let alice = sdk_client(&s.base, "alice").await;
+    let bob = sdk_client(&s.base, "bob").await;
+    let bob_id = bob.user_id().unwrap().to_owned();
+    let settings = || SyncSettings::default().timeout(std::time::Duration::from_millis(0));
+    alice.sync_once(settings()).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+
+    // Bob sets up cross-signing (password confirmed) and recovery, which enables key backup.
+    let challenge = bob.encryption().bootstrap_cross_signing(None).await.unwrap_err();
+    let session = challenge.as_uiaa_response().and_then(|info| info.session.clone());
+    let mut password = Password::new(
+        UserIdentifier::Matrix(MatrixUserIdentifier::new("bob".to_owned())),
+        "sdk password 1".to_owned(),
+    );
+    password.session = session;
+    bob.encryption()
+        .bootstrap_cross_signing(Some(uiaa::AuthData::Password(password)))
+        .await
+        .unwrap();
+    let recovery_key = bob.encryption().recovery().enable().await.unwrap();
+
+    let mut request = create_room::v3::Request::new();
+    request.invite = vec![bob_id.clone()];
+    request.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(
+            RoomEncryptionEventContent::with_recommended_defaults(),
+        )
+        .to_raw_any(),
+    ];
+    let room = alice.create_room(request).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    bob.join_room_by_id(room.room_id()).await.unwrap();
+    alice.sync_once(settings()).await.unwrap();
+    let sent =
+        room.send(RoomMessageEventContent::text_plain("before your new phone")).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    bob.encryption().backups().wait_for_steady_state().await.unwrap();
+
+    // Bob's new device restores from recovery and reads the old message from the backup.
+    let phone = Client::builder().homeserver_url(&s.base).build().await.unwrap();
+    phone.matrix_auth().login_username("bob", "sdk password 1").send().await.unwrap();
+    phone.sync_once(settings()).await.unwrap();
+    phone.encryption().recovery().recover(&recovery_key).await.unwrap();
+    phone.encryption().backups().download_room_keys_for_room(room.room_id()).await.unwrap();
+    let phone_room = phone.get_room(room.room_id()).unwrap();
+    let event = phone_room.event(&sent.response.event_id, None).await.unwrap();
+    assert!(matches!(event.kind, TimelineEventKind::Decrypted(_)), "{:?}", event.kind);
+    let content = event.raw().get_field::<serde_json::Value>("content").unwrap().unwrap();
+    assert_eq!(content["body"], "before your new phone");
+}
