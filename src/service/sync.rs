@@ -170,19 +170,47 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     let acknowledged = req.since_to_device.or(req.since);
     let (to_device, to_device_upto) =
         e2ee.take_to_device(req.user_id, req.device_id, acknowledged, upto)?;
-    let changed_keys = if initial {
-        Vec::new()
-    } else {
-        rooms.sharing_with(req.user_id, e2ee.changed_users(since, upto)?)?
-    };
-    has_changes |= !to_device.is_empty() || !changed_keys.is_empty();
+    // Device lists: key changes of people sharing a room, people who newly share one (their
+    // devices are news), and people no longer sharing any (`left`).
+    let mut changed_keys = Vec::new();
+    let mut left_users = Vec::new();
+    if !initial {
+        changed_keys = rooms.sharing_with(req.user_id, e2ee.changed_users(since, upto)?)?;
+        let mine: HashSet<_> =
+            rooms.memberships_of(req.user_id)?.into_iter().map(|(r, _)| r).collect();
+        let mut candidates = std::collections::BTreeSet::new();
+        for (room, user, joined) in rooms.joins_and_leaves(since, upto)? {
+            if !mine.contains(&room) {
+                continue;
+            }
+            let members = || -> Result<Vec<ruma::OwnedUserId>> {
+                let members = rooms.members(&room)?.into_iter();
+                Ok(members.filter(|(_, m)| m == "join").map(|(u, _)| u).collect())
+            };
+            match (joined, user == req.user_id) {
+                (true, false) => changed_keys.push(user),
+                (true, true) => changed_keys.extend(members()?),
+                (false, false) => {
+                    candidates.insert(user);
+                }
+                (false, true) => candidates.extend(members()?),
+            }
+        }
+        candidates.remove(req.user_id);
+        let still = rooms.sharing_with(req.user_id, candidates.iter().map(|u| &**u))?;
+        let still: HashSet<&UserId> = still.into_iter().collect();
+        left_users = candidates.iter().filter(|u| !still.contains(&***u)).cloned().collect();
+        changed_keys.sort();
+        changed_keys.dedup();
+    }
+    has_changes |= !to_device.is_empty() || !changed_keys.is_empty() || !left_users.is_empty();
     let body = json!({
         "next_batch": format!("s{upto}_{typing}_{to_device_upto}"),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
         "account_data": { "events": global_account_data },
         "presence": { "events": presence },
         "to_device": { "events": to_device },
-        "device_lists": { "changed": changed_keys, "left": [] },
+        "device_lists": { "changed": changed_keys, "left": left_users },
         "device_one_time_keys_count": e2ee.counts(req.user_id, req.device_id)?,
         "device_unused_fallback_key_types": e2ee.unused_fallback_types(req.user_id, req.device_id)?,
     });

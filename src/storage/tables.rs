@@ -83,6 +83,10 @@ pub const BACKUP_KEYS: &str = "backup_keys";
 /// `user id` -> `(device id, device data)` of the user's dehydrated device.
 pub const DEHYDRATED_DEVICES: &str = "dehydrated_devices";
 
+/// `stream position` -> `(room id, user id, joined)`: a membership that became or stopped
+/// being `join` then (device lists' `changed` and `left` in sync).
+pub const MEMBERSHIP_CHANGES: &str = "membership_changes";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -121,4 +125,5 @@ pub const ALL: &[&str] = &[
     BACKUP_VERSIONS,
     BACKUP_KEYS,
     DEHYDRATED_DEVICES,
+    MEMBERSHIP_CHANGES,
 ];

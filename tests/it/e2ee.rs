@@ -490,3 +490,24 @@ async fn dehydrated_device_collects_messages_while_offline() {
         .await;
     assert!(query["device_keys"][&alice_id].get("DEHYDRATED").is_none());
 }
+
+#[tokio::test]
+async fn device_lists_track_who_shares_a_room() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (carol_id, carol, _) = s.register("carol", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    let (_, first) = s.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let token = first["next_batch"].as_str().unwrap().to_owned();
+    s.membership(&carol, &room, "join", json!({})).await;
+    let (_, joined) = s.get(&format!("/_matrix/client/v3/sync?since={token}"), Some(&alice)).await;
+    assert_eq!(
+        joined["device_lists"]["changed"],
+        json!([carol_id]),
+        "a new room-mate's devices are news"
+    );
+    let token = joined["next_batch"].as_str().unwrap().to_owned();
+    s.membership(&carol, &room, "leave", json!({})).await;
+    let (_, left) = s.get(&format!("/_matrix/client/v3/sync?since={token}"), Some(&alice)).await;
+    assert_eq!(left["device_lists"]["left"], json!([carol_id]), "no shared room any more");
+}

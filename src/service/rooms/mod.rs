@@ -90,6 +90,7 @@ pub struct Rooms {
     user_rooms: Table<String>,
     room_members: Table<String>,
     transactions: Table<OwnedEventId>,
+    joins_and_leaves: Table<(OwnedRoomId, ruma::OwnedUserId, bool)>,
     /// State snapshots.
     pub states: States,
     short_event: Counter,
@@ -119,6 +120,7 @@ impl Rooms {
             user_rooms: db.table(tables::USER_ROOMS),
             room_members: db.table(tables::ROOM_MEMBERS),
             transactions: db.table(tables::TRANSACTIONS),
+            joins_and_leaves: db.table(tables::MEMBERSHIP_CHANGES),
             states: States::new(db)?,
             short_event: Counter::new(db, "short_event")?,
             short_room: Counter::new(db, "short_room")?,
@@ -374,6 +376,18 @@ impl Rooms {
             }
         }
         Ok(sharing)
+    }
+
+    /// `(room, user, joined)` for memberships that became or stopped being `join` in
+    /// `(after, upto]`.
+    pub fn joins_and_leaves(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<(OwnedRoomId, ruma::OwnedUserId, bool)>> {
+        let lower = after.saturating_add(1).to_key_bytes();
+        let upper = upto.saturating_add(1).to_key_bytes();
+        self.joins_and_leaves.scan_range(lower, upper, false).map(|item| Ok(item?.1)).collect()
     }
 
     /// Members of `room_id` with their membership.
@@ -664,6 +678,16 @@ impl Rooms {
                 (&event.state_key, event.content.get("membership").and_then(|m| m.as_str()))
         {
             let membership = membership.to_owned();
+            let user = UserId::parse(target.as_str()).map_err(Error::internal)?;
+            let was_joined = self.membership(&room_id, &user)?.as_deref() == Some("join");
+            let joined = membership == "join";
+            if was_joined != joined {
+                self.joins_and_leaves.put(
+                    &mut batch,
+                    &stored.position,
+                    &(room_id.clone(), user, joined),
+                );
+            }
             self.user_rooms.put(&mut batch, &(target.as_str(), room_id.as_str()), &membership);
             self.room_members.put(&mut batch, &(room_id.as_str(), target.as_str()), &membership);
         }
