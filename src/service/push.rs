@@ -54,6 +54,7 @@ pub async fn unread_counts(
     rules: &Ruleset,
     room_id: &ruma::RoomId,
     user_id: &UserId,
+    joined_members: u64,
     upto: u64,
 ) -> Result<(u64, u64)> {
     use ruma::{
@@ -86,7 +87,6 @@ pub async fn unread_counts(
     if from >= upto {
         return Ok((notifications, highlights));
     }
-    let members = rooms.members(room_id)?.into_iter().filter(|(_, m)| m == "join").count();
     let display_name = member
         .and_then(|m| {
             let content = m.wire.get("content")?.as_object()?;
@@ -95,7 +95,7 @@ pub async fn unread_counts(
         .unwrap_or_else(|| user_id.localpart().to_owned());
     let mut context = PushConditionRoomCtx::new(
         room_id.to_owned(),
-        UInt::try_from(members).unwrap_or_default(),
+        UInt::try_from(joined_members).unwrap_or_default(),
         user_id.to_owned(),
         display_name,
     );

@@ -383,14 +383,16 @@ async fn joined_room(
         .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
         .collect();
 
+    let summary = summary(services, room_id, &current, req.user_id)?;
+    let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
     let (notifications, highlights) =
-        super::push::unread_counts(services, rules, room_id, req.user_id, upto).await?;
+        super::push::unread_counts(services, rules, room_id, req.user_id, joined, upto).await?;
     Ok(Some(json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": state },
         "account_data": { "events": account_data },
         "ephemeral": { "events": ephemeral },
-        "summary": summary(services, room_id, &current, req.user_id)?,
+        "summary": summary,
         "unread_notifications": { "notification_count": notifications, "highlight_count": highlights },
     })))
 }
