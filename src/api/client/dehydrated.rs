@@ -11,7 +11,7 @@ use ruma::{
 };
 use serde_json::{Value as JsonValue, json};
 
-use super::sync::parse_token;
+use super::{keys::keys_json, sync::parse_token};
 use crate::{
     api::{JsonResponse, Ruma, State},
     error::{Error, Result},
@@ -60,16 +60,8 @@ pub async fn put(services: State, req: Ruma<put_device::Request>) -> Result<put_
         table(&services).put(&mut batch, caller.user_id.as_str(), &(body.device_id.clone(), data));
         services.db.write(batch)?;
     }
-    let one_time = body
-        .one_time_keys
-        .iter()
-        .map(|(id, k)| Ok((id.to_string(), json_of(k.json())?)))
-        .collect::<Result<_>>()?;
-    let fallback = body
-        .fallback_keys
-        .iter()
-        .map(|(id, k)| Ok((id.to_string(), json_of(k.json())?)))
-        .collect::<Result<_>>()?;
+    let one_time = keys_json(&body.one_time_keys)?;
+    let fallback = keys_json(&body.fallback_keys)?;
     let keys = Some(json_of(body.device_keys.json())?);
     services.e2ee.upload(&services, &caller.user_id, &body.device_id, keys, one_time, fallback)?;
     Ok(put_device::Response::new(body.device_id))

@@ -34,21 +34,20 @@ fn json_of(raw: &serde_json::value::RawValue) -> Result<JsonValue> {
     serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(e.to_string()))
 }
 
+/// One-time or fallback keys as uploaded, by `algorithm:key id`.
+pub fn keys_json<T>(
+    keys: &BTreeMap<ruma::OwnedOneTimeKeyId, ruma::serde::Raw<T>>,
+) -> Result<BTreeMap<String, JsonValue>> {
+    keys.iter().map(|(id, key)| Ok((id.to_string(), json_of(key.json())?))).collect()
+}
+
 /// `POST /_matrix/client/v3/keys/upload`
 pub async fn upload(services: State, req: Ruma<upload_keys::Request>) -> Result<JsonResponse> {
     let caller = req.caller()?.clone();
     let body = req.body;
     let device_keys = body.device_keys.as_ref().map(|k| json_of(k.json())).transpose()?;
-    let one_time = body
-        .one_time_keys
-        .iter()
-        .map(|(id, k)| Ok((id.to_string(), json_of(k.json())?)))
-        .collect::<Result<_>>()?;
-    let fallback = body
-        .fallback_keys
-        .iter()
-        .map(|(id, k)| Ok((id.to_string(), json_of(k.json())?)))
-        .collect::<Result<_>>()?;
+    let one_time = keys_json(&body.one_time_keys)?;
+    let fallback = keys_json(&body.fallback_keys)?;
     let counts = services.e2ee.upload(
         &services,
         &caller.user_id,
