@@ -104,8 +104,10 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             "join" => {
                 let changes = account_changes.get(room_id.as_str()).map_or(&[][..], Vec::as_slice);
                 let window = (since, upto, initial);
+                let room_now =
+                    RoomNow { room_id: &room_id, record: &record, state: &state, member: &member };
                 if let Some(room) =
-                    joined_room(services, req, &rules, &room_id, changes, window).await?
+                    joined_room(services, req, &rules, room_now, changes, window).await?
                 {
                     join.insert(room_id.to_string(), room);
                 }
@@ -131,7 +133,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             }
             "leave" | "ban" if !racing && (!initial || room_filter.include_leave) => {
                 if let Some(room) =
-                    left_room(services, req, &room_id, &member, since, upto, initial)?
+                    left_room(services, req, &record, &member, since, upto, initial)?
                 {
                     leave.insert(room_id.to_string(), room);
                 }
@@ -331,22 +333,27 @@ fn state_section(
     Ok(events)
 }
 
+/// A room as the sync loop already loaded it: record, current state and the syncer's member
+/// event.
+struct RoomNow<'a> {
+    room_id: &'a RoomId,
+    record: &'a RoomRecord,
+    state: &'a StateMap,
+    member: &'a StoredPdu,
+}
+
 async fn joined_room(
     services: &Services,
     req: &SyncRequest<'_>,
     rules: &ruma::push::Ruleset,
-    room_id: &RoomId,
+    room: RoomNow<'_>,
     account_changes: &[String],
     (since, upto, initial): (u64, u64, bool),
 ) -> Result<Option<JsonValue>> {
     let rooms = &services.rooms;
-    let Some(record) = rooms.room(room_id)? else { return Ok(None) };
-    let current = rooms.states.load(record.current_state)?;
-    let joined_at = rooms
-        .state_event(&current, "m.room.member", req.user_id.as_str())?
-        .map_or(0, |e| e.position);
-    let newly_joined = !initial && joined_at > since;
-    let Window { events, limited, any } = timeline(services, req, &record, since, upto)?;
+    let RoomNow { room_id, record, state: current, member } = room;
+    let newly_joined = !initial && member.position > since;
+    let Window { events, limited, any } = timeline(services, req, record, since, upto)?;
     let mut account_data = Vec::new();
     for kind in account_changes {
         if let Some(content) = services.account_data.get(req.user_id, Some(room_id), kind)? {
@@ -365,11 +372,11 @@ async fn joined_room(
 
     let at_start = match events.first() {
         Some(first) => rooms.states.load(first.state_before)?,
-        None => rooms.state_at_position(&record, upto)?,
+        None => rooms.state_at_position(record, upto)?,
     };
     // Incremental syncs send what changed since the token that the timeline does not carry
     // (a gap, or events the filter or the ignore list kept out).
-    let since_state = if fresh { None } else { Some(rooms.state_at_position(&record, since)?) };
+    let since_state = if fresh { None } else { Some(rooms.state_at_position(record, since)?) };
     let state = state_section(services, req, &at_start, since_state.as_deref(), &events)?;
     let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
     let state_news = state.iter().any(|e| !(lazy && e["type"] == "m.room.member"));
@@ -383,7 +390,7 @@ async fn joined_room(
         .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
         .collect();
 
-    let summary = summary(services, room_id, &current, req.user_id)?;
+    let summary = summary(services, room_id, current, req.user_id)?;
     let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
     let (notifications, highlights) =
         super::push::unread_counts(services, rules, room_id, req.user_id, joined, upto).await?;
@@ -400,18 +407,16 @@ async fn joined_room(
 fn left_room(
     services: &Services,
     req: &SyncRequest<'_>,
-    room_id: &RoomId,
+    record: &RoomRecord,
     left: &StoredPdu,
     since: u64,
     upto: u64,
     initial: bool,
 ) -> Result<Option<JsonValue>> {
-    let rooms = &services.rooms;
-    let Some(record) = rooms.room(room_id)? else { return Ok(None) };
     if (!initial && left.position <= since) || left.position > upto {
         return Ok(None);
     }
-    let Window { events, limited, .. } = timeline(services, req, &record, since, left.position)?;
+    let Window { events, limited, .. } = timeline(services, req, record, since, left.position)?;
     let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> = events
         .iter()

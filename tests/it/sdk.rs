@@ -55,6 +55,27 @@ async fn sdk_client(base: &str, user: &str) -> Client {
     client
 }
 
+/// An encrypted room alice creates and bob joins, with both clients synced.
+async fn encrypted_room(alice: &Client, bob: &Client) -> matrix_sdk::Room {
+    use matrix_sdk::{
+        config::SyncSettings,
+        ruma::{
+            api::client::room::create_room,
+            events::{InitialStateEvent, room::encryption::RoomEncryptionEventContent},
+        },
+    };
+    let settings = || SyncSettings::default().timeout(std::time::Duration::from_millis(0));
+    let mut request = create_room::v3::Request::new();
+    request.invite = vec![bob.user_id().unwrap().to_owned()];
+    let encryption = RoomEncryptionEventContent::with_recommended_defaults();
+    request.initial_state = vec![InitialStateEvent::with_empty_state_key(encryption).to_raw_any()];
+    let room = alice.create_room(request).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    bob.join_room_by_id(room.room_id()).await.unwrap();
+    alice.sync_once(settings()).await.unwrap();
+    room
+}
+
 async fn member_ids(room: &matrix_sdk::Room) -> Vec<String> {
     let mut ids: Vec<String> = room
         .members(matrix_sdk::RoomMemberships::JOIN)
@@ -154,38 +175,19 @@ async fn matrix_sdk_rooms_membership_state_and_sync() {
 #[tokio::test]
 async fn matrix_sdk_encrypted_room_bob_decrypts_alices_message() {
     use matrix_sdk::{
-        config::SyncSettings,
-        deserialized_responses::TimelineEventKind,
-        ruma::{
-            api::client::room::create_room,
-            events::{
-                InitialStateEvent, room::encryption::RoomEncryptionEventContent,
-                room::message::RoomMessageEventContent,
-            },
-        },
+        config::SyncSettings, deserialized_responses::TimelineEventKind,
+        ruma::events::room::message::RoomMessageEventContent,
     };
 
     let s = TestServer::start().await;
     let alice = sdk_client(&s.base, "alice").await;
     let bob = sdk_client(&s.base, "bob").await;
-    let bob_id = bob.user_id().unwrap().to_owned();
     let settings = || SyncSettings::default().timeout(std::time::Duration::from_millis(0));
     // Both devices publish their keys on the first sync.
     alice.sync_once(settings()).await.unwrap();
     bob.sync_once(settings()).await.unwrap();
 
-    let mut request = create_room::v3::Request::new();
-    request.invite = vec![bob_id.clone()];
-    request.initial_state = vec![
-        InitialStateEvent::with_empty_state_key(
-            RoomEncryptionEventContent::with_recommended_defaults(),
-        )
-        .to_raw_any(),
-    ];
-    let room = alice.create_room(request).await.unwrap();
-    bob.sync_once(settings()).await.unwrap();
-    bob.join_room_by_id(room.room_id()).await.unwrap();
-    alice.sync_once(settings()).await.unwrap();
+    let room = encrypted_room(&alice, &bob).await;
     assert!(room.latest_encryption_state().await.unwrap().is_encrypted());
 
     room.send(RoomMessageEventContent::text_plain("for bob's eyes only")).await.unwrap();
@@ -211,21 +213,14 @@ async fn matrix_sdk_second_device_reads_history_from_key_backup() {
         config::SyncSettings,
         deserialized_responses::TimelineEventKind,
         ruma::{
-            api::client::{
-                room::create_room,
-                uiaa::{MatrixUserIdentifier, Password, UserIdentifier},
-            },
-            events::{
-                InitialStateEvent, room::encryption::RoomEncryptionEventContent,
-                room::message::RoomMessageEventContent,
-            },
+            api::client::uiaa::{MatrixUserIdentifier, Password, UserIdentifier},
+            events::room::message::RoomMessageEventContent,
         },
     };
 
     let s = TestServer::start().await;
     let alice = sdk_client(&s.base, "alice").await;
     let bob = sdk_client(&s.base, "bob").await;
-    let bob_id = bob.user_id().unwrap().to_owned();
     let settings = || SyncSettings::default().timeout(std::time::Duration::from_millis(0));
     alice.sync_once(settings()).await.unwrap();
     bob.sync_once(settings()).await.unwrap();
@@ -244,18 +239,7 @@ async fn matrix_sdk_second_device_reads_history_from_key_backup() {
         .unwrap();
     let recovery_key = bob.encryption().recovery().enable().await.unwrap();
 
-    let mut request = create_room::v3::Request::new();
-    request.invite = vec![bob_id.clone()];
-    request.initial_state = vec![
-        InitialStateEvent::with_empty_state_key(
-            RoomEncryptionEventContent::with_recommended_defaults(),
-        )
-        .to_raw_any(),
-    ];
-    let room = alice.create_room(request).await.unwrap();
-    bob.sync_once(settings()).await.unwrap();
-    bob.join_room_by_id(room.room_id()).await.unwrap();
-    alice.sync_once(settings()).await.unwrap();
+    let room = encrypted_room(&alice, &bob).await;
     let sent =
         room.send(RoomMessageEventContent::text_plain("before your new phone")).await.unwrap();
     bob.sync_once(settings()).await.unwrap();

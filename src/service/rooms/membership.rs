@@ -26,7 +26,9 @@ fn member_content(
         }
         content["reason"] = json!(reason);
     }
-    if matches!(membership, "join" | "invite") && user_id.server_name() == services.server_name() {
+    if matches!(membership, "join" | "invite" | "knock")
+        && user_id.server_name() == services.server_name()
+    {
         let profile = services.users.profile(user_id)?;
         for field in ["displayname", "avatar_url"] {
             if let Some(value) = profile.get(field) {
@@ -137,11 +139,7 @@ pub async fn knock(
     reason: Option<&str>,
 ) -> Result<OwnedEventId> {
     require_known_room(services, room_id)?;
-    let mut content = member_content(services, user_id, "knock", reason)?;
-    let profile = services.users.profile(user_id)?;
-    if let Some(name) = profile.get("displayname") {
-        content["displayname"] = name.clone();
-    }
+    let content = member_content(services, user_id, "knock", reason)?;
     send_member(services, room_id, user_id, user_id, content).await
 }
 
