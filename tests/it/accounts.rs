@@ -305,6 +305,7 @@ async fn profile_and_account_data() {
 async fn discovery_and_misc_endpoints() {
     let s = TestServer::start_with(|c| {
         c.public_baseurl = Some("https://chat.example.com/".into());
+        c.federation_endpoint = Some("chat.example.com:443".into());
         c.turn.uris = vec!["turn:turn.example.com:3478?transport=udp".into()];
         c.turn.shared_secret = Some("turn-secret".into());
     })
@@ -318,6 +319,8 @@ async fn discovery_and_misc_endpoints() {
     assert!(versions["unstable_features"].is_object());
     let (_, well_known) = s.get("/.well-known/matrix/client", None).await;
     assert_eq!(well_known["m.homeserver"]["base_url"], "https://chat.example.com");
+    let (_, server) = s.get("/.well-known/matrix/server", None).await;
+    assert_eq!(server["m.server"], "chat.example.com:443");
 
     let (_, token, _) = s.register("ivan", "correct horse").await;
     let (_, caps) = s.get("/_matrix/client/v3/capabilities", Some(&token)).await;

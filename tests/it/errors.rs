@@ -14,6 +14,17 @@ async fn unknown_endpoints_and_methods() {
         "M_UNRECOGNIZED",
     );
     assert_error(&s.get("/nothing/here", None).await, StatusCode::NOT_FOUND, "M_UNRECOGNIZED");
+    // Without `public_baseurl` / `federation_endpoint` there is nothing to advertise.
+    assert_error(
+        &s.get("/.well-known/matrix/client", None).await,
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+    );
+    assert_error(
+        &s.get("/.well-known/matrix/server", None).await,
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+    );
     let wrong_method = s.call(Method::DELETE, "/_matrix/client/v3/login", None, None).await;
     assert_error(&wrong_method, StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED");
 }
