@@ -47,6 +47,63 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// End-to-end encryption policy.
     pub encryption: EncryptionConfig,
+    /// The content repository (uploaded files, thumbnails, URL previews).
+    pub media: MediaConfig,
+}
+
+/// The content repository.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Directory for file bodies; `media` inside the database directory when unset.
+    pub path: Option<PathBuf>,
+    /// Largest accepted upload in bytes, advertised as `m.upload.size`.
+    pub max_upload_size: u64,
+    /// Bytes each user may store in total; 0 means no quota.
+    pub user_quota_bytes: u64,
+    /// MIME types accepted for upload (`image/*` style prefixes allowed); empty accepts all.
+    pub allowed_content_types: Vec<String>,
+    /// Serve media uploaded from now on only through the authenticated endpoints, as the spec
+    /// recommends; the legacy unauthenticated download paths answer `M_NOT_FOUND` for it.
+    pub freeze_unauthenticated: bool,
+    /// Images with more pixels than this are not thumbnailed (decompression-bomb guard).
+    pub max_image_pixels: u64,
+    /// Asynchronous uploads (`/create`) a user may have pending at once.
+    pub max_pending_uploads: usize,
+    /// Seconds a `/create`d media id waits for its upload before it expires.
+    pub pending_upload_expiry_secs: u64,
+    /// Fetch pages to build URL previews (off by default: the server then makes requests on
+    /// users' behalf, within the `[outbound]` address policy).
+    pub url_preview: bool,
+    /// Largest page or image fetched for a URL preview, in bytes.
+    pub url_preview_max_bytes: u64,
+    /// Seconds a URL preview is reused before it is fetched again.
+    pub url_preview_cache_secs: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_upload_size: 100 * 1024 * 1024,
+            user_quota_bytes: 0,
+            allowed_content_types: Vec::new(),
+            freeze_unauthenticated: true,
+            max_image_pixels: 40_000_000,
+            max_pending_uploads: 50,
+            pending_upload_expiry_secs: 86_400,
+            url_preview: false,
+            url_preview_max_bytes: 2 * 1024 * 1024,
+            url_preview_cache_secs: 3_600,
+        }
+    }
+}
+
+impl Config {
+    /// Where file bodies are stored.
+    pub fn media_path(&self) -> PathBuf {
+        self.media.path.clone().unwrap_or_else(|| self.database.path.join("media"))
+    }
 }
 
 /// End-to-end encryption policy.
@@ -210,6 +267,7 @@ impl Default for Config {
             user_directory: UserDirectoryConfig::default(),
             presence: PresenceConfig::default(),
             encryption: EncryptionConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -331,7 +389,7 @@ impl Config {
         let bad_url = |url: &Option<String>| {
             url.as_ref().is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")))
         };
-        let checks: [(bool, &'static str, &str); 9] = [
+        let checks: [(bool, &'static str, &str); 11] = [
             (self.listen.is_empty(), "listen", "at least one address is needed"),
             (bad_url(&self.public_baseurl), "public_baseurl", "must be an http(s) URL"),
             (
@@ -348,6 +406,12 @@ impl Config {
                 self.turn.shared_secret.as_deref() == Some(""),
                 "turn.shared_secret",
                 "must not be empty (leave it out to disable)",
+            ),
+            (self.media.max_upload_size == 0, "media.max_upload_size", "must be positive"),
+            (
+                self.media.max_image_pixels == 0 || self.media.url_preview_max_bytes == 0,
+                "media.max_image_pixels",
+                "limits must be positive",
             ),
             (self.limits.rate_per_second == 0, "limits.rate_per_second", "must be positive"),
             (self.limits.rate_burst == 0, "limits.rate_burst", "must be positive"),

@@ -83,6 +83,10 @@ pub enum ErrorKind {
     },
     /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
     Internal,
+    /// Media created with `/create` whose content has not arrived yet (504).
+    NotYetUploaded,
+    /// Content was already uploaded to this media id (409).
+    CannotOverwriteMedia,
 }
 
 impl ErrorKind {
@@ -117,6 +121,8 @@ impl ErrorKind {
             Self::UnknownPos => "M_UNKNOWN_POS",
             Self::ServerManaged => "M_BAD_JSON",
             Self::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
+            Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
+            Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
         }
     }
 
@@ -138,7 +144,8 @@ impl ErrorKind {
             Self::Unrecognized(status) => *status,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Conflict => StatusCode::CONFLICT,
+            Self::Conflict | Self::CannotOverwriteMedia => StatusCode::CONFLICT,
+            Self::NotYetUploaded => StatusCode::GATEWAY_TIMEOUT,
             Self::ServerManaged => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadJson
             | Self::NotJson

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod media;
 pub mod router;
 pub mod well_known;
 
@@ -129,6 +130,29 @@ pub fn access_token(parts: &http::request::Parts) -> Result<Option<String>> {
         .map(|(_, value)| value.into_owned()))
 }
 
+/// The caller of a request (as `mode` demands), its address and user agent.
+pub fn caller_from_parts(
+    services: &Services,
+    parts: &http::request::Parts,
+    mode: AuthMode,
+) -> Result<(Option<Caller>, Option<SocketAddr>, Option<String>)> {
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let ip = client_address(&services.config.limits.trusted_proxies, peer, &parts.headers);
+    let user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| ua.chars().take(512).collect::<String>());
+    let caller = match (mode, access_token(parts)?) {
+        (AuthMode::None, _) | (AuthMode::Optional, None) => None,
+        (AuthMode::Required, None) => {
+            return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
+        }
+        (_, Some(token)) => Some(authenticate(services, &token, ip, user_agent.as_deref())?),
+    };
+    Ok((caller, ip, user_agent))
+}
+
 /// The client's address: the peer, or behind a trusted reverse proxy the last address that
 /// proxy saw in `X-Forwarded-For`.
 fn client_address(
@@ -230,21 +254,8 @@ where
             .iter()
             .map(|(_, value)| value.to_owned())
             .collect();
-        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        let ip = client_address(&services.config.limits.trusted_proxies, peer, &parts.headers);
-        let user_agent = parts
-            .headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| ua.chars().take(512).collect::<String>());
-
-        let caller = match (<T::Authentication as AuthKind>::MODE, access_token(&parts)?) {
-            (AuthMode::None, _) | (AuthMode::Optional, None) => None,
-            (AuthMode::Required, None) => {
-                return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
-            }
-            (_, Some(token)) => Some(authenticate(services, &token, ip, user_agent.as_deref())?),
-        };
+        let (caller, ip, user_agent) =
+            caller_from_parts(services, &parts, <T::Authentication as AuthKind>::MODE)?;
 
         if T::RATE_LIMITED {
             let key = match &caller {

@@ -20,7 +20,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-use super::{AuthKind, Ruma, RumaResponse, State, admin, client, well_known};
+use super::{AuthKind, Ruma, RumaResponse, State, admin, client, media, well_known};
 use crate::error::{Error, ErrorKind, Result};
 
 /// A handler for the ruma request `T`: registered at every path ruma knows for it.
@@ -232,7 +232,7 @@ pub fn build(state: State) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
 
-    router.with_state(state).layer(
+    let layers = || {
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
@@ -240,8 +240,18 @@ pub fn build(state: State) -> Router {
             .layer(middleware::from_fn(matrix_errors))
             .layer(cors())
             .layer(CatchPanicLayer::new())
-            .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, request_timeout)),
-    )
+    };
+    // Media streams bodies for as long as they take, bounded by its own idle timeouts.
+    let media = media::routes().with_state(state.clone()).layer(layers());
+    router
+        .with_state(state)
+        .layer(
+            layers().layer(TimeoutLayer::with_status_code(
+                StatusCode::GATEWAY_TIMEOUT,
+                request_timeout,
+            )),
+        )
+        .merge(media)
 }
 
 /// CORS as the client-server spec asks, so browser clients (Element Web) can talk to us.

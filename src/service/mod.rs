@@ -8,6 +8,7 @@ pub mod ephemeral;
 pub mod filters;
 pub mod history;
 pub mod keys;
+pub mod media;
 pub mod presence;
 pub mod push;
 pub mod ratelimit;
@@ -70,6 +71,10 @@ pub struct Services {
     pub backups: backup::Backups,
     /// Unread counts carried between syncs.
     pub unread: push::UnreadCache,
+    /// The content repository.
+    pub media: std::sync::Arc<media::Media>,
+    /// The HTTP client for everything the server fetches, under the address policy.
+    pub outbound: crate::outbound::Outbound,
 }
 
 impl Services {
@@ -84,6 +89,14 @@ impl Services {
             presence: presence::Presences::default(),
             e2ee: e2ee::E2ee::new(&db),
             unread: push::UnreadCache::default(),
+            media: std::sync::Arc::new(media::Media::new(
+                &db,
+                &config.media,
+                config.media_path(),
+                &config.server_name,
+            )?),
+            outbound: crate::outbound::Outbound::new(&config.outbound)
+                .map_err(|e| StorageError::Init(e.to_string()))?,
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

@@ -87,6 +87,19 @@ pub const DEHYDRATED_DEVICES: &str = "dehydrated_devices";
 /// being `join` then (device lists' `changed` and `left` in sync).
 pub const MEMBERSHIP_CHANGES: &str = "membership_changes";
 
+/// `origin 0xFF media id` -> `MediaRecord` (uploader, type, name, size, SHA-256, flags).
+pub const MEDIA: &str = "media";
+/// `user id 0xFF origin 0xFF media id` -> nothing: each user's uploads (quota, listing).
+pub const MEDIA_BY_USER: &str = "media_by_user";
+/// `user id 0xFF media id` -> expiry (ms): asynchronous uploads created but not yet uploaded.
+pub const MEDIA_PENDING: &str = "media_pending";
+/// `user id` -> bytes the user's uploads take, for the storage quota.
+pub const MEDIA_USAGE: &str = "media_usage";
+/// `origin 0xFF media id 0xFF width x height method` -> `ThumbnailRecord` (a cached thumbnail).
+pub const MEDIA_THUMBNAILS: &str = "media_thumbnails";
+/// `url` -> `PreviewRecord`: a fetched URL preview and when it was fetched.
+pub const URL_PREVIEWS: &str = "url_previews";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -126,4 +139,10 @@ pub const ALL: &[&str] = &[
     BACKUP_KEYS,
     DEHYDRATED_DEVICES,
     MEMBERSHIP_CHANGES,
+    MEDIA,
+    MEDIA_BY_USER,
+    MEDIA_PENDING,
+    MEDIA_USAGE,
+    MEDIA_THUMBNAILS,
+    URL_PREVIEWS,
 ];

@@ -39,6 +39,11 @@ impl TestServer {
         Self { server: Some(server), base, http: reqwest::Client::new(), dir }
     }
 
+    /// The temp directory holding the database (and media inside it).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn server(&self) -> &Server {
         self.server.as_ref().unwrap()
     }

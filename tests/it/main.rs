@@ -8,6 +8,7 @@ mod e2ee;
 mod edge_cases;
 mod ephemeral;
 mod errors;
+mod media;
 mod process;
 mod push;
 mod rooms;

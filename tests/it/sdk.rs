@@ -257,3 +257,81 @@ async fn matrix_sdk_second_device_reads_history_from_key_backup() {
     let content = event.raw().get_field::<serde_json::Value>("content").unwrap().unwrap();
     assert_eq!(content["body"], "before your new phone");
 }
+
+#[tokio::test]
+async fn matrix_sdk_shares_an_image_and_a_pdf() {
+    use matrix_sdk::{
+        attachment::AttachmentConfig,
+        config::SyncSettings,
+        media::{MediaFormat, MediaRequestParameters, MediaThumbnailSettings},
+        ruma::{
+            UInt,
+            api::client::room::create_room,
+            events::room::{MediaSource, message::MessageType},
+        },
+    };
+
+    let s = TestServer::start().await;
+    let alice = sdk_client(&s.base, "alice").await;
+    let bob = sdk_client(&s.base, "bob").await;
+    let settings = || SyncSettings::default().timeout(std::time::Duration::from_millis(0));
+    let mut request = create_room::v3::Request::new();
+    request.invite = vec![bob.user_id().unwrap().to_owned()];
+    let room = alice.create_room(request).await.unwrap();
+    bob.sync_once(settings()).await.unwrap();
+    bob.join_room_by_id(room.room_id()).await.unwrap();
+
+    let picture = {
+        let image = image::RgbImage::from_fn(400, 300, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        let mut out = Vec::new();
+        image::DynamicImage::ImageRgb8(image)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    let pdf = b"%PDF-1.4\n% quarterly budget\n".repeat(2000);
+    room.send_attachment("chart.png", &mime::IMAGE_PNG, picture.clone(), AttachmentConfig::new())
+        .await
+        .unwrap();
+    room.send_attachment(
+        "budget.pdf",
+        &mime::APPLICATION_PDF,
+        pdf.clone(),
+        AttachmentConfig::new(),
+    )
+    .await
+    .unwrap();
+
+    let update = bob.sync_once(settings()).await.unwrap();
+    let mut sources: Vec<(String, MediaSource)> = Vec::new();
+    for event in &update.rooms.joined[room.room_id()].timeline.events {
+        let Ok(Some(content)) = event
+            .raw()
+            .get_field::<matrix_sdk::ruma::events::room::message::RoomMessageEventContent>(
+            "content",
+        ) else {
+            continue;
+        };
+        match content.msgtype {
+            MessageType::Image(image) => sources.push(("image".into(), image.source)),
+            MessageType::File(file) => sources.push(("file".into(), file.source)),
+            _ => {}
+        }
+    }
+    assert_eq!(sources.len(), 2, "bob sees both attachments");
+    for (kind, source) in sources {
+        let request = MediaRequestParameters { source: source.clone(), format: MediaFormat::File };
+        let bytes = bob.media().get_media_content(&request, false).await.unwrap();
+        let expected = if kind == "image" { &picture } else { &pdf };
+        assert_eq!(&bytes, expected, "{kind} bytes are identical");
+        if kind == "image" {
+            let settings = MediaThumbnailSettings::new(UInt::from(200u32), UInt::from(200u32));
+            let request =
+                MediaRequestParameters { source, format: MediaFormat::Thumbnail(settings) };
+            let thumbnail = bob.media().get_media_content(&request, false).await.unwrap();
+            let thumbnail = image::load_from_memory(&thumbnail).unwrap();
+            // Served from the 320x240 size, which a 400x300 picture fills exactly.
+            assert_eq!((thumbnail.width(), thumbnail.height()), (320, 240));
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! The content repository over HTTP: the authenticated `/_matrix/client/v1/media/*` family and
+//! the legacy `/_matrix/media/{v3,r0}/*` one. Bodies stream both ways (uploads to a temp file,
+//! downloads from disk with `Range` support), so these routes sit outside the JSON extractor and
+//! the global request timeout. Served files carry headers that stop a browser from running
+//! anything they contain.
+
+use std::{collections::HashMap, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Path, Request},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use futures_util::StreamExt;
+use http::{HeaderValue, StatusCode, header, request::Parts};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use ruma::{OwnedServerName, ServerName};
+use serde_json::{Value as JsonValue, json};
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
+
+use super::{AuthMode, Caller, State, caller_from_parts};
+use crate::{
+    error::{Error, ErrorKind, Result},
+    service::media::{Blob, UploadInfo, essence, thumbnail::Spec, valid_media_id},
+};
+
+/// How long an upload may go without a byte arriving before it is abandoned.
+const UPLOAD_IDLE: Duration = Duration::from_secs(60);
+/// How long a download waits for an asynchronous upload by default (the spec's 20 s).
+const DEFAULT_WAIT_MS: u64 = 20_000;
+/// Largest thumbnail edge a client may ask for.
+const MAX_THUMBNAIL_REQUEST: u32 = 10_000;
+
+/// Content types a browser may show inline; everything else downloads as an attachment.
+const INLINE_TYPES: &[&str] = &[
+    "text/plain",
+    "text/csv",
+    "application/json",
+    "application/ld+json",
+    "image/jpeg",
+    "image/gif",
+    "image/png",
+    "image/apng",
+    "image/webp",
+    "image/avif",
+    "video/mp4",
+    "video/webm",
+    "video/ogg",
+    "video/quicktime",
+    "audio/mp4",
+    "audio/webm",
+    "audio/aac",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/wave",
+    "audio/wav",
+    "audio/x-wav",
+    "audio/flac",
+    "audio/x-flac",
+];
+
+/// RFC 5987 `attr-char`s stay as they are; everything else is percent-encoded.
+const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
+const CSP: &str = "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; \
+                   style-src 'unsafe-inline'; media-src 'self'; object-src 'self';";
+
+/// Every media route.
+pub fn routes() -> Router<State> {
+    let mut router = Router::new()
+        .route("/_matrix/client/v1/media/config", get(config))
+        .route(
+            "/_matrix/client/v1/media/download/{server_name}/{media_id}",
+            get(download_authenticated),
+        )
+        .route(
+            "/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}",
+            get(download_authenticated_named),
+        )
+        .route(
+            "/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}",
+            get(thumbnail_authenticated),
+        )
+        .route("/_matrix/client/v1/media/preview_url", get(preview_url))
+        .route("/_matrix/media/v1/create", post(create));
+    for version in ["v3", "r0"] {
+        let base = format!("/_matrix/media/{version}");
+        router = router
+            .route(&format!("{base}/config"), get(config))
+            .route(&format!("{base}/upload"), post(upload))
+            .route(&format!("{base}/upload/{{server_name}}/{{media_id}}"), put(upload_to))
+            .route(&format!("{base}/download/{{server_name}}/{{media_id}}"), get(download_legacy))
+            .route(
+                &format!("{base}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
+                get(download_legacy_named),
+            )
+            .route(&format!("{base}/thumbnail/{{server_name}}/{{media_id}}"), get(thumbnail_legacy))
+            .route(&format!("{base}/preview_url"), get(preview_url));
+    }
+    router
+}
+
+fn required_caller(state: &State, parts: &Parts) -> Result<Caller> {
+    let (caller, ..) = caller_from_parts(state, parts, AuthMode::Required)?;
+    caller.ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))
+}
+
+fn query(parts: &Parts) -> HashMap<String, String> {
+    form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn parse_origin(server_name: &str) -> Result<OwnedServerName> {
+    ServerName::parse(server_name).map_err(|_| Error::invalid_param("Invalid server name"))
+}
+
+fn check_media_id(media_id: &str) -> Result<()> {
+    if valid_media_id(media_id) { Ok(()) } else { Err(Error::invalid_param("Invalid media id")) }
+}
+
+fn mxc(state: &State, media_id: &str) -> String {
+    format!("mxc://{}/{media_id}", state.server_name())
+}
+
+/// `GET /_matrix/client/v1/media/config` and its legacy forms.
+async fn config(state: axum::extract::State<State>, req: Request) -> Result<Json<JsonValue>> {
+    required_caller(&state, &req.into_parts().0)?;
+    Ok(Json(json!({ "m.upload.size": state.media.config().max_upload_size })))
+}
+
+/// `POST /_matrix/media/v1/create`: reserves a media id for a later upload.
+async fn create(state: axum::extract::State<State>, req: Request) -> Result<Json<JsonValue>> {
+    let caller = required_caller(&state, &req.into_parts().0)?;
+    state.rate_limiter.check(caller.user_id.as_str())?;
+    let (media_id, expires) = state.media.create_pending(&caller.user_id)?;
+    Ok(Json(json!({ "content_uri": mxc(&state, &media_id), "unused_expires_at": expires })))
+}
+
+fn upload_info(parts: &Parts) -> UploadInfo {
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 255)
+        .map(str::to_owned);
+    let filename = query(parts)
+        .remove("filename")
+        .filter(|name| !name.is_empty())
+        .map(|name| name.chars().filter(|c| !c.is_control()).take(255).collect());
+    UploadInfo { content_type, filename }
+}
+
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts.headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Streams a request body into the repository.
+async fn receive(state: &State, body: Body) -> Result<Blob> {
+    let mut upload = state.media.begin().await?;
+    let mut stream = body.into_data_stream();
+    loop {
+        match tokio::time::timeout(UPLOAD_IDLE, stream.next()).await {
+            Err(_) => return Err(Error::new(ErrorKind::Unknown, "The upload stalled")),
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                return Err(Error::new(ErrorKind::Unknown, format!("The upload broke off: {err}")));
+            }
+            Ok(Some(Ok(chunk))) => upload.write(&chunk).await?,
+        }
+    }
+    state.media.finish(upload).await
+}
+
+/// `POST /_matrix/media/v3/upload`
+async fn upload(state: axum::extract::State<State>, req: Request) -> Result<Json<JsonValue>> {
+    let (parts, body) = req.into_parts();
+    let caller = required_caller(&state, &parts)?;
+    state.rate_limiter.check(caller.user_id.as_str())?;
+    let info = upload_info(&parts);
+    state.media.check_upload(&caller.user_id, &info, declared_length(&parts))?;
+    let blob = receive(&state, body).await?;
+    let content_type = info.content_type.clone();
+    let media_id = state.media.create(&caller.user_id, info, &blob, true)?;
+    state.media.pregenerate(media_id.clone(), &blob, content_type.as_deref());
+    Ok(Json(json!({ "content_uri": mxc(&state, &media_id) })))
+}
+
+/// `PUT /_matrix/media/v3/upload/{serverName}/{mediaId}`: content for a `/create`d id.
+async fn upload_to(
+    state: axum::extract::State<State>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Json<JsonValue>> {
+    let (parts, body) = req.into_parts();
+    let caller = required_caller(&state, &parts)?;
+    let origin = parse_origin(&server_name)?;
+    check_media_id(&media_id)?;
+    if origin != *state.server_name() {
+        return Err(Error::forbidden("Media ids of other servers cannot be uploaded to"));
+    }
+    state.rate_limiter.check(caller.user_id.as_str())?;
+    state.media.check_pending(&caller.user_id, &media_id)?;
+    let info = upload_info(&parts);
+    state.media.check_upload(&caller.user_id, &info, declared_length(&parts))?;
+    let blob = receive(&state, body).await?;
+    let content_type = info.content_type.clone();
+    state.media.complete_pending(&caller.user_id, &media_id, info, &blob)?;
+    state.media.pregenerate(media_id, &blob, content_type.as_deref());
+    Ok(Json(json!({})))
+}
+
+fn wait_from(query: &HashMap<String, String>) -> Result<Duration> {
+    let ms = match query.get("timeout_ms") {
+        Some(raw) => {
+            raw.parse().map_err(|_| Error::invalid_param("timeout_ms must be a number"))?
+        }
+        None => DEFAULT_WAIT_MS,
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+async fn download_authenticated(
+    state: axum::extract::State<State>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response> {
+    download(&state, req, &server_name, &media_id, None, true).await
+}
+
+async fn download_authenticated_named(
+    state: axum::extract::State<State>,
+    Path((server_name, media_id, file_name)): Path<(String, String, String)>,
+    req: Request,
+) -> Result<Response> {
+    download(&state, req, &server_name, &media_id, Some(file_name), true).await
+}
+
+async fn download_legacy(
+    state: axum::extract::State<State>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response> {
+    download(&state, req, &server_name, &media_id, None, false).await
+}
+
+async fn download_legacy_named(
+    state: axum::extract::State<State>,
+    Path((server_name, media_id, file_name)): Path<(String, String, String)>,
+    req: Request,
+) -> Result<Response> {
+    download(&state, req, &server_name, &media_id, Some(file_name), false).await
+}
+
+/// The media record behind a download or thumbnail request, with the caller checked.
+async fn lookup(
+    state: &State,
+    parts: &Parts,
+    server_name: &str,
+    media_id: &str,
+    authenticated: bool,
+) -> Result<(OwnedServerName, crate::service::media::MediaRecord)> {
+    if authenticated {
+        required_caller(state, parts)?;
+    }
+    let origin = parse_origin(server_name)?;
+    check_media_id(media_id)?;
+    let record = state.media.get(&origin, media_id, wait_from(&query(parts))?).await?;
+    if !authenticated && record.authenticated_only {
+        return Err(Error::not_found(
+            "This media is only served through the authenticated media endpoints",
+        ));
+    }
+    Ok((origin, record))
+}
+
+async fn download(
+    state: &State,
+    req: Request,
+    server_name: &str,
+    media_id: &str,
+    file_name: Option<String>,
+    authenticated: bool,
+) -> Result<Response> {
+    let (parts, _) = req.into_parts();
+    let (_, record) = lookup(state, &parts, server_name, media_id, authenticated).await?;
+    let sha256 = record.sha256.as_deref().unwrap_or_default();
+    let filename = file_name.or(record.filename.clone());
+    serve(state, parts, sha256, record.content_type.as_deref(), filename.as_deref()).await
+}
+
+async fn thumbnail_authenticated(
+    state: axum::extract::State<State>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response> {
+    thumbnail(&state, req, &server_name, &media_id, true).await
+}
+
+async fn thumbnail_legacy(
+    state: axum::extract::State<State>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response> {
+    thumbnail(&state, req, &server_name, &media_id, false).await
+}
+
+fn thumbnail_spec(query: &HashMap<String, String>) -> Result<Spec> {
+    let edge = |name: &str| -> Result<u32> {
+        let raw = query
+            .get(name)
+            .ok_or_else(|| Error::new(ErrorKind::MissingParam, format!("{name} is required")))?;
+        match raw.parse::<u32>() {
+            Ok(value) if (1..=MAX_THUMBNAIL_REQUEST).contains(&value) => Ok(value),
+            _ => Err(Error::invalid_param(format!(
+                "{name} must be a whole number from 1 to {MAX_THUMBNAIL_REQUEST}"
+            ))),
+        }
+    };
+    let crop = match query.get("method").map(String::as_str) {
+        None | Some("scale") => false,
+        Some("crop") => true,
+        Some(_) => return Err(Error::invalid_param("method must be crop or scale")),
+    };
+    let animated = match query.get("animated").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(Error::invalid_param("animated must be true or false")),
+    };
+    Ok(Spec { width: edge("width")?, height: edge("height")?, crop, animated })
+}
+
+async fn thumbnail(
+    state: &State,
+    req: Request,
+    server_name: &str,
+    media_id: &str,
+    authenticated: bool,
+) -> Result<Response> {
+    let (parts, _) = req.into_parts();
+    let spec = thumbnail_spec(&query(&parts))?;
+    let (origin, record) = lookup(state, &parts, server_name, media_id, authenticated).await?;
+    let thumbnail = state.media.thumbnail(&record, &origin, media_id, spec).await?;
+    let extension = thumbnail.content_type.trim_start_matches("image/");
+    let name = format!("thumbnail.{extension}");
+    serve(state, parts, &thumbnail.sha256, Some(&thumbnail.content_type), Some(&name)).await
+}
+
+/// `GET /_matrix/client/v1/media/preview_url` and its legacy form.
+async fn preview_url(state: axum::extract::State<State>, req: Request) -> Result<Json<JsonValue>> {
+    let (parts, _) = req.into_parts();
+    let caller = required_caller(&state, &parts)?;
+    state.rate_limiter.check(caller.user_id.as_str())?;
+    let query = query(&parts);
+    let url =
+        query.get("url").ok_or_else(|| Error::new(ErrorKind::MissingParam, "url is required"))?;
+    Ok(Json(state.media.preview(&state.outbound, &caller.user_id, url).await?))
+}
+
+/// Whether a browser may render `content_type` in place.
+fn inline_safe(content_type: &str) -> bool {
+    INLINE_TYPES.contains(&essence(content_type).as_str())
+}
+
+/// `inline` or `attachment`, with the file name encoded so any name survives.
+fn content_disposition(content_type: &str, filename: Option<&str>) -> HeaderValue {
+    let kind = if inline_safe(content_type) { "inline" } else { "attachment" };
+    let value = match filename.filter(|name| !name.is_empty()) {
+        None => kind.to_owned(),
+        Some(name)
+            if name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                && !name.contains(['"', '\\']) =>
+        {
+            format!("{kind}; filename=\"{name}\"")
+        }
+        Some(name) => format!("{kind}; filename*=utf-8''{}", utf8_percent_encode(name, ATTR_CHAR)),
+    };
+    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("attachment"))
+}
+
+/// Streams the blob `sha256` with caching, range and safety headers.
+async fn serve(
+    state: &State,
+    parts: Parts,
+    sha256: &str,
+    content_type: Option<&str>,
+    filename: Option<&str>,
+) -> Result<Response> {
+    let content_type = content_type.unwrap_or("application/octet-stream");
+    let etag = HeaderValue::from_str(&format!("\"{sha256}\"")).map_err(Error::internal)?;
+    let not_modified = parts
+        .headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| tags.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+    let mut response = if not_modified {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mime: mime::Mime = content_type.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
+        let path = state.media.blob_path(sha256);
+        let request = Request::from_parts(parts, Body::empty());
+        let served = ServeFile::new_with_mime(&path, &mime)
+            .oneshot(request)
+            .await
+            .map_err(Error::internal)?;
+        if served.status() == StatusCode::NOT_FOUND {
+            tracing::error!(%sha256, "media body missing from disk");
+            return Err(Error::not_found("The media's content is missing"));
+        }
+        served.map(Body::new)
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, etag);
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
+    headers.insert(header::CONTENT_DISPOSITION, content_disposition(content_type, filename));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert("cross-origin-resource-policy", HeaderValue::from_static("cross-origin"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispositions() {
+        let header = |t, n| content_disposition(t, n).to_str().unwrap().to_owned();
+        assert_eq!(header("image/png", Some("a b.png")), "inline; filename=\"a b.png\"");
+        assert_eq!(header("text/html", Some("x.html")), "attachment; filename=\"x.html\"");
+        assert_eq!(header("image/svg+xml", None), "attachment");
+        assert_eq!(
+            header("application/pdf", Some("季度预算.pdf")),
+            "attachment; filename*=utf-8''%E5%AD%A3%E5%BA%A6%E9%A2%84%E7%AE%97.pdf"
+        );
+        assert_eq!(header("IMAGE/PNG; q=1", None), "inline");
+    }
+}

@@ -1,0 +1,606 @@
+//! The content repository: file bodies on disk, content-addressed by SHA-256 so identical
+//! uploads share storage, and their metadata in RocksDB. A body is written to a temp file,
+//! fsynced and renamed into place before the batch that makes its media id visible, so a crash
+//! never leaves an id pointing at a partial file. Media ids are keyed by origin server so cached
+//! remote media can live beside local uploads once federation fetches them.
+
+pub mod preview;
+pub mod thumbnail;
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::AsyncWriteExt,
+    sync::{Notify, Semaphore},
+};
+
+use self::thumbnail::{Spec, Thumbnail};
+use super::{now_ms, random_string};
+use crate::{
+    config::MediaConfig,
+    error::{Error, ErrorKind, Result},
+    storage::{Db, StorageError, Table, prefix, tables},
+};
+
+/// Longest a download waits for an asynchronous upload to arrive.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// What is known about one media id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MediaRecord {
+    /// Who uploaded (or `/create`d) it.
+    pub uploader: OwnedUserId,
+    /// The `Content-Type` given at upload.
+    pub content_type: Option<String>,
+    /// The file name given at upload.
+    pub filename: Option<String>,
+    /// Size of the body in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the body; `None` while an asynchronous upload is pending.
+    pub sha256: Option<String>,
+    /// When the id was created (ms since the epoch).
+    pub created_ms: u64,
+    /// When a pending id expires unless content arrives.
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// Withheld from everyone by an admin.
+    #[serde(default)]
+    pub quarantined: bool,
+    /// Served only through the authenticated endpoints (uploaded after the freeze).
+    #[serde(default)]
+    pub authenticated_only: bool,
+}
+
+/// A cached thumbnail of a media id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThumbnailRecord {
+    /// `image/png`, `image/jpeg` or `image/gif`.
+    pub content_type: String,
+    /// Hex SHA-256 of the thumbnail's bytes (its blob).
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Pixel width.
+    pub width: u32,
+    /// Pixel height.
+    pub height: u32,
+}
+
+/// Metadata supplied with an upload.
+#[derive(Debug, Clone, Default)]
+pub struct UploadInfo {
+    /// The `Content-Type` header.
+    pub content_type: Option<String>,
+    /// The `filename` query parameter.
+    pub filename: Option<String>,
+}
+
+/// A body being streamed to a temp file; dropped unfinished, the temp file is removed.
+pub struct Upload {
+    file: Option<tokio::fs::File>,
+    temp: PathBuf,
+    hasher: Sha256,
+    size: u64,
+    limit: u64,
+}
+
+impl Upload {
+    /// Appends a chunk, refusing with `M_TOO_LARGE` once the upload passes the size limit.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.size += chunk.len() as u64;
+        if self.size > self.limit {
+            return Err(too_large(self.limit));
+        }
+        self.hasher.update(chunk);
+        let file = self.file.as_mut().ok_or_else(|| Error::internal("upload already finished"))?;
+        file.write_all(chunk).await.map_err(Error::internal)
+    }
+
+    /// Bytes received so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// A body durably stored under its hash.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    /// Hex SHA-256.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The content repository.
+pub struct Media {
+    db: Db,
+    config: MediaConfig,
+    server_name: OwnedServerName,
+    root: PathBuf,
+    records: Table<MediaRecord>,
+    by_user: Table<()>,
+    pending: Table<u64>,
+    usage: Table<u64>,
+    thumbnails: Table<ThumbnailRecord>,
+    previews: Table<preview::PreviewRecord>,
+    user_locks: Vec<Mutex<()>>,
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    thumbnail_permits: Arc<Semaphore>,
+}
+
+fn too_large(limit: u64) -> Error {
+    Error::new(ErrorKind::TooLarge, format!("Uploads are limited to {limit} bytes"))
+}
+
+/// Whether `media_id` is a well-formed media id (the spec's opaque id: URL-safe characters).
+pub fn valid_media_id(media_id: &str) -> bool {
+    !media_id.is_empty()
+        && media_id.len() <= 255
+        && media_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Media {
+    /// Opens the repository under `root`, creating its directories and clearing temp files left
+    /// by uploads a crash interrupted.
+    pub fn new(
+        db: &Db,
+        config: &MediaConfig,
+        root: PathBuf,
+        server_name: &ServerName,
+    ) -> Result<Self, StorageError> {
+        let init = |e: io::Error| StorageError::Init(format!("media directory {root:?}: {e}"));
+        let temp = root.join("tmp");
+        if temp.exists() {
+            std::fs::remove_dir_all(&temp).map_err(init)?;
+        }
+        std::fs::create_dir_all(&temp).map_err(init)?;
+        std::fs::create_dir_all(root.join("blobs")).map_err(init)?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(Self {
+            config: config.clone(),
+            server_name: server_name.to_owned(),
+            records: db.table(tables::MEDIA),
+            by_user: db.table(tables::MEDIA_BY_USER),
+            pending: db.table(tables::MEDIA_PENDING),
+            usage: db.table(tables::MEDIA_USAGE),
+            thumbnails: db.table(tables::MEDIA_THUMBNAILS),
+            previews: db.table(tables::URL_PREVIEWS),
+            user_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            waiters: Mutex::default(),
+            thumbnail_permits: Arc::new(Semaphore::new(cores)),
+            root,
+            db: db.clone(),
+        })
+    }
+
+    /// The repository's settings.
+    pub fn config(&self) -> &MediaConfig {
+        &self.config
+    }
+
+    fn lock_user(&self, user_id: &UserId) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user_id.as_str());
+        let lock = &self.user_locks[(hash % self.user_locks.len() as u64) as usize];
+        lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the blob with hex hash `sha256` lives.
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        let (a, rest) = sha256.split_at(2.min(sha256.len()));
+        let b = &rest[..2.min(rest.len())];
+        self.root.join("blobs").join(a).join(b).join(sha256)
+    }
+
+    /// Refuses an upload before any byte is read: a disallowed type, a declared length over the
+    /// limit, or one that would exceed the user's quota.
+    pub fn check_upload(
+        &self,
+        user_id: &UserId,
+        info: &UploadInfo,
+        declared_len: Option<u64>,
+    ) -> Result<()> {
+        if let Some(len) = declared_len {
+            if len > self.config.max_upload_size {
+                return Err(too_large(self.config.max_upload_size));
+            }
+            self.check_quota(user_id, len)?;
+        }
+        if !self.config.allowed_content_types.is_empty() {
+            let essence = essence(info.content_type.as_deref().unwrap_or(""));
+            let allowed = self.config.allowed_content_types.iter().any(|pattern| {
+                match pattern.strip_suffix("/*") {
+                    Some(kind) => essence.split('/').next() == Some(kind),
+                    None => essence.eq_ignore_ascii_case(pattern),
+                }
+            });
+            if !allowed {
+                return Err(Error::forbidden(format!(
+                    "Files of type {essence:?} are not accepted here"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_quota(&self, user_id: &UserId, extra: u64) -> Result<u64> {
+        let used = self.usage.get(user_id.as_str())?.unwrap_or(0);
+        let quota = self.config.user_quota_bytes;
+        if quota > 0 && used.saturating_add(extra) > quota {
+            return Err(Error::new(
+                ErrorKind::ResourceLimitExceeded,
+                format!("Storage quota of {quota} bytes exceeded ({used} bytes in use)"),
+            ));
+        }
+        Ok(used)
+    }
+
+    /// Starts receiving a body into a temp file.
+    pub async fn begin(&self) -> Result<Upload> {
+        let temp = self.root.join("tmp").join(random_string(24));
+        let file = tokio::fs::File::create(&temp).await.map_err(Error::internal)?;
+        Ok(Upload {
+            file: Some(file),
+            temp,
+            hasher: Sha256::new(),
+            size: 0,
+            limit: self.config.max_upload_size,
+        })
+    }
+
+    /// Makes a received body durable under its hash (sharing the file with identical uploads).
+    pub async fn finish(&self, mut upload: Upload) -> Result<Blob> {
+        let mut file =
+            upload.file.take().ok_or_else(|| Error::internal("upload finished twice"))?;
+        let sha256 = hex::encode(std::mem::take(&mut upload.hasher).finalize());
+        let temp = std::mem::take(&mut upload.temp);
+        let result = async {
+            file.flush().await?;
+            file.sync_all().await?;
+            drop(file);
+            self.place(&temp, &sha256).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&temp).await;
+        }
+        result.map_err(Error::internal)?;
+        Ok(Blob { sha256, size: upload.size })
+    }
+
+    /// Renames a synced temp file to its blob path, or drops it if that blob already exists,
+    /// then syncs the directory so the rename survives a crash.
+    async fn place(&self, temp: &Path, sha256: &str) -> io::Result<()> {
+        let path = self.blob_path(sha256);
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let temp = temp.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            if path.exists() {
+                std::fs::remove_file(&temp)?;
+                return Ok(());
+            }
+            std::fs::rename(&temp, &path)?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Stores bytes already in memory (thumbnails, fetched preview images) as a blob.
+    pub async fn store_bytes(&self, bytes: &[u8]) -> Result<Blob> {
+        let mut upload = self.begin().await?;
+        upload.limit = u64::MAX;
+        upload.write(bytes).await?;
+        self.finish(upload).await
+    }
+
+    /// Records a new media id for an uploaded blob; counted against the uploader's quota when
+    /// `counted` (previews fetched on a user's behalf are not).
+    pub fn create(
+        &self,
+        uploader: &UserId,
+        info: UploadInfo,
+        blob: &Blob,
+        counted: bool,
+    ) -> Result<String> {
+        let media_id = random_string(24);
+        let record = MediaRecord {
+            uploader: uploader.to_owned(),
+            content_type: info.content_type,
+            filename: info.filename,
+            size: blob.size,
+            sha256: Some(blob.sha256.clone()),
+            created_ms: now_ms(),
+            expires_ms: None,
+            quarantined: false,
+            authenticated_only: self.config.freeze_unauthenticated,
+        };
+        self.commit(&media_id, &record, counted, false)?;
+        Ok(media_id)
+    }
+
+    /// Writes `record` for a local media id in one batch with its quota accounting.
+    fn commit(
+        &self,
+        media_id: &str,
+        record: &MediaRecord,
+        counted: bool,
+        was_pending: bool,
+    ) -> Result<()> {
+        let origin = self.server_name.as_str();
+        let _guard = self.lock_user(&record.uploader);
+        let mut batch = self.db.batch();
+        if counted {
+            let used = self.check_quota(&record.uploader, record.size)?;
+            self.usage.put(&mut batch, record.uploader.as_str(), &(used + record.size));
+            self.by_user.put(&mut batch, &(record.uploader.as_str(), (origin, media_id)), &());
+        }
+        if was_pending {
+            self.pending.delete(&mut batch, &(record.uploader.as_str(), media_id));
+        }
+        self.records.put(&mut batch, &(origin, media_id), record);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Reserves a media id for an asynchronous upload (`/create`).
+    pub fn create_pending(&self, uploader: &UserId) -> Result<(String, u64)> {
+        let now = now_ms();
+        let _guard = self.lock_user(uploader);
+        let mut batch = self.db.batch();
+        let mut live = 0;
+        for entry in self.pending.scan_prefix(prefix(uploader.as_str())) {
+            let (key, expires) = entry?;
+            if expires <= now {
+                self.pending.delete_raw(&mut batch, &key);
+            } else {
+                live += 1;
+            }
+        }
+        if live >= self.config.max_pending_uploads {
+            return Err(Error::new(
+                ErrorKind::LimitExceeded { retry_after_ms: 60_000 },
+                "Too many pending uploads; upload content to the ones already created",
+            ));
+        }
+        let media_id = random_string(24);
+        let expires = now + self.config.pending_upload_expiry_secs * 1000;
+        let record = MediaRecord {
+            uploader: uploader.to_owned(),
+            content_type: None,
+            filename: None,
+            size: 0,
+            sha256: None,
+            created_ms: now,
+            expires_ms: Some(expires),
+            quarantined: false,
+            authenticated_only: self.config.freeze_unauthenticated,
+        };
+        self.records.put(&mut batch, &(self.server_name.as_str(), media_id.as_str()), &record);
+        self.pending.put(&mut batch, &(uploader.as_str(), media_id.as_str()), &expires);
+        self.db.write(batch)?;
+        Ok((media_id, expires))
+    }
+
+    /// Checks that `user_id` may upload content to the pending id `media_id` now.
+    pub fn check_pending(&self, user_id: &UserId, media_id: &str) -> Result<MediaRecord> {
+        let record = self
+            .records
+            .get(&(self.server_name.as_str(), media_id))?
+            .ok_or_else(|| Error::not_found("Unknown media id"))?;
+        if record.uploader != user_id {
+            return Err(Error::forbidden("This media id was created by another user"));
+        }
+        if record.sha256.is_some() {
+            return Err(Error::new(
+                ErrorKind::CannotOverwriteMedia,
+                "Content was already uploaded to this media id",
+            ));
+        }
+        if record.expires_ms.is_some_and(|at| at <= now_ms()) {
+            return Err(Error::not_found("This media id has expired"));
+        }
+        Ok(record)
+    }
+
+    /// Fills a pending id with an uploaded blob, waking downloads waiting for it.
+    pub fn complete_pending(
+        &self,
+        user_id: &UserId,
+        media_id: &str,
+        info: UploadInfo,
+        blob: &Blob,
+    ) -> Result<()> {
+        let mut record = self.check_pending(user_id, media_id)?;
+        record.content_type = info.content_type;
+        record.filename = info.filename;
+        record.size = blob.size;
+        record.sha256 = Some(blob.sha256.clone());
+        record.expires_ms = None;
+        self.commit(media_id, &record, true, true)?;
+        let waiter = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(media_id);
+        if let Some(waiter) = waiter {
+            waiter.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn waiter(&self, media_id: &str) -> Arc<Notify> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.entry(media_id.to_owned()).or_default().clone()
+    }
+
+    /// The record of a media id whose content is available, waiting up to `wait` for a pending
+    /// upload. Remote media is not fetched yet, so it is not found.
+    pub async fn get(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        wait: Duration,
+    ) -> Result<MediaRecord> {
+        if origin != self.server_name {
+            return Err(Error::not_found("Media from other servers is not available"));
+        }
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let waiter = self.waiter(media_id);
+            let notified = waiter.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let record = self
+                .records
+                .get(&(origin.as_str(), media_id))?
+                .filter(|r| !r.quarantined)
+                .ok_or_else(|| Error::not_found("Unknown media id"));
+            let record = match record {
+                Ok(record) if record.sha256.is_none() => record,
+                other => {
+                    self.forget_waiter(media_id, &waiter);
+                    return other;
+                }
+            };
+            if record.expires_ms.is_some_and(|at| at <= now_ms()) {
+                self.forget_waiter(media_id, &waiter);
+                return Err(Error::not_found("This media id expired before content arrived"));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.forget_waiter(media_id, &waiter);
+                return Err(Error::new(
+                    ErrorKind::NotYetUploaded,
+                    "The content of this media id has not been uploaded yet",
+                ));
+            }
+        }
+    }
+
+    /// Drops the wake-up entry for `media_id` when nobody else is waiting on it.
+    fn forget_waiter(&self, media_id: &str, waiter: &Arc<Notify>) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else holds it.
+        if Arc::strong_count(waiter) <= 2 {
+            waiters.remove(media_id);
+        }
+    }
+
+    /// A thumbnail close to `requested` of the media id, generated and cached on first use.
+    pub async fn thumbnail(
+        &self,
+        record: &MediaRecord,
+        origin: &ServerName,
+        media_id: &str,
+        requested: Spec,
+    ) -> Result<ThumbnailRecord> {
+        let sha256 = record.sha256.as_deref().ok_or_else(|| Error::not_found("Not uploaded"))?;
+        if !thumbnail::is_thumbnailable(record.content_type.as_deref()) {
+            return Err(Error::new(
+                ErrorKind::Unknown,
+                "Cannot generate a thumbnail for this type of media",
+            ));
+        }
+        let spec = thumbnail::choose(requested);
+        let key = (origin.as_str(), (media_id, spec.key()));
+        if let Some(cached) = self.thumbnails.get(&key)? {
+            return Ok(cached);
+        }
+        let made = self.render(sha256, vec![spec]).await?;
+        let (_, made) = made.into_iter().next().ok_or_else(|| Error::internal("no thumbnail"))?;
+        self.store_thumbnail(origin, media_id, spec, made?).await
+    }
+
+    /// Decodes the blob once and renders each spec off the async workers, at most one image per
+    /// core at a time.
+    async fn render(
+        &self,
+        sha256: &str,
+        specs: Vec<Spec>,
+    ) -> Result<Vec<(Spec, Result<Thumbnail>)>> {
+        let _permit =
+            self.thumbnail_permits.clone().acquire_owned().await.map_err(Error::internal)?;
+        let path = self.blob_path(sha256);
+        let max_pixels = self.config.max_image_pixels;
+        tokio::task::spawn_blocking(move || thumbnail::render(&path, &specs, max_pixels))
+            .await
+            .map_err(Error::internal)?
+    }
+
+    async fn store_thumbnail(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        spec: Spec,
+        thumbnail: Thumbnail,
+    ) -> Result<ThumbnailRecord> {
+        let blob = self.store_bytes(&thumbnail.bytes).await?;
+        let record = ThumbnailRecord {
+            content_type: thumbnail.content_type.to_owned(),
+            sha256: blob.sha256,
+            size: blob.size,
+            width: thumbnail.width,
+            height: thumbnail.height,
+        };
+        let mut batch = self.db.batch();
+        self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), &record);
+        self.db.write(batch)?;
+        Ok(record)
+    }
+
+    /// Renders the common thumbnail sizes of a new image in the background, so the first client
+    /// to show it does not wait.
+    pub fn pregenerate(
+        self: &Arc<Self>,
+        media_id: String,
+        blob: &Blob,
+        content_type: Option<&str>,
+    ) {
+        if !thumbnail::is_thumbnailable(content_type) {
+            return;
+        }
+        let sha256 = blob.sha256.clone();
+        let media = self.clone();
+        tokio::spawn(async move {
+            let origin = media.server_name.clone();
+            let specs = thumbnail::STANDARD.to_vec();
+            match media.render(&sha256, specs).await {
+                Ok(rendered) => {
+                    for (spec, made) in rendered {
+                        let Ok(made) = made else { continue };
+                        if let Err(err) =
+                            media.store_thumbnail(&origin, &media_id, spec, made).await
+                        {
+                            tracing::warn!(%media_id, %err, "could not store a thumbnail");
+                        }
+                    }
+                }
+                Err(err) => tracing::debug!(%media_id, %err, "no thumbnails for upload"),
+            }
+        });
+    }
+
+    /// Bytes `user_id`'s uploads take.
+    pub fn usage(&self, user_id: &UserId) -> Result<u64> {
+        Ok(self.usage.get(user_id.as_str())?.unwrap_or(0))
+    }
+}
+
+/// The `type/subtype` of a content type, without parameters, lower-cased.
+pub fn essence(content_type: &str) -> String {
+    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}

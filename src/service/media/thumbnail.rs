@@ -1,0 +1,259 @@
+//! Thumbnails: which size to make for a request, and making it. Decoding is bounded (pixel
+//! count, allocation, frame count) so a decompression bomb is refused rather than crashed on.
+
+use std::{io::Cursor, path::Path};
+
+use image::{
+    AnimationDecoder, DynamicImage, Frame, ImageDecoder, ImageFormat, ImageReader, Limits,
+    RgbaImage,
+    codecs::{
+        gif::{GifDecoder, GifEncoder, Repeat},
+        jpeg::JpegEncoder,
+    },
+};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Largest edge of a thumbnail made on demand.
+const MAX_EDGE: u32 = 1600;
+/// Frames kept from an animated GIF thumbnail.
+const MAX_FRAMES: usize = 200;
+/// Bytes the decoder may allocate for one image.
+const MAX_ALLOC: u64 = 512 * 1024 * 1024;
+
+/// A thumbnail size and method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spec {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `crop` (fill exactly) rather than `scale` (fit inside).
+    pub crop: bool,
+    /// Keep animation (GIF sources only).
+    pub animated: bool,
+}
+
+impl Spec {
+    /// The spec's key in the thumbnail table.
+    pub fn key(&self) -> String {
+        let method = if self.crop { "crop" } else { "scale" };
+        let animated = if self.animated { "-animated" } else { "" };
+        format!("{}x{}-{method}{animated}", self.width, self.height)
+    }
+}
+
+const fn spec(width: u32, height: u32, crop: bool) -> Spec {
+    Spec { width, height, crop, animated: false }
+}
+
+/// Sizes made for every uploaded image, as clients commonly request them.
+pub const STANDARD: [Spec; 5] = [
+    spec(32, 32, true),
+    spec(96, 96, true),
+    spec(320, 240, false),
+    spec(640, 480, false),
+    spec(800, 600, false),
+];
+
+/// The spec to serve for a request: the smallest standard size that is at least as large (with
+/// the same shape, for crops), else the request itself within the on-demand limit.
+pub fn choose(requested: Spec) -> Spec {
+    let standard = STANDARD.iter().find(|s| {
+        s.crop == requested.crop
+            && s.width >= requested.width
+            && s.height >= requested.height
+            && (!s.crop || s.width * requested.height == s.height * requested.width)
+    });
+    match standard {
+        Some(s) => Spec { animated: requested.animated, ..*s },
+        None => Spec {
+            width: requested.width.clamp(1, MAX_EDGE),
+            height: requested.height.clamp(1, MAX_EDGE),
+            ..requested
+        },
+    }
+}
+
+/// Whether a content type is one thumbnails are made of.
+pub fn is_thumbnailable(content_type: Option<&str>) -> bool {
+    let essence = super::essence(content_type.unwrap_or(""));
+    matches!(
+        essence.as_str(),
+        "image/jpeg" | "image/jpg" | "image/png" | "image/gif" | "image/webp"
+    )
+}
+
+/// An encoded thumbnail.
+pub struct Thumbnail {
+    /// The encoded image.
+    pub bytes: Vec<u8>,
+    /// Its content type.
+    pub content_type: &'static str,
+    /// Pixel width.
+    pub width: u32,
+    /// Pixel height.
+    pub height: u32,
+}
+
+fn cannot(reason: &str) -> Error {
+    Error::new(ErrorKind::Unknown, format!("Cannot generate a thumbnail: {reason}"))
+}
+
+fn limits() -> Limits {
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(65_535);
+    limits.max_image_height = Some(65_535);
+    limits.max_alloc = Some(MAX_ALLOC);
+    limits
+}
+
+fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+    let mut reader = ImageReader::open(path)
+        .map_err(Error::internal)?
+        .with_guessed_format()
+        .map_err(Error::internal)?;
+    reader.limits(limits());
+    Ok(reader)
+}
+
+/// Decodes the image at `path` once and renders every spec from it.
+pub fn render(
+    path: &Path,
+    specs: &[Spec],
+    max_pixels: u64,
+) -> Result<Vec<(Spec, Result<Thumbnail>)>> {
+    let format = reader(path)?.format();
+    if !matches!(
+        format,
+        Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP)
+    ) {
+        return Err(cannot("not a supported image"));
+    }
+    let (width, height) =
+        reader(path)?.into_dimensions().map_err(|_| cannot("the image could not be decoded"))?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(cannot("the image has too many pixels"));
+    }
+    let mut decoder =
+        reader(path)?.into_decoder().map_err(|_| cannot("the image could not be decoded"))?;
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder)
+        .map_err(|_| cannot("the image could not be decoded"))?;
+    if let Some(orientation) = orientation {
+        image.apply_orientation(orientation);
+    }
+    let as_jpeg = format == Some(ImageFormat::Jpeg);
+    let animated_source = format == Some(ImageFormat::Gif);
+    Ok(specs
+        .iter()
+        .map(|spec| {
+            let made = if spec.animated && animated_source {
+                animated_gif(path, *spec, max_pixels).or_else(|_| still(&image, *spec, as_jpeg))
+            } else {
+                still(&image, *spec, as_jpeg)
+            };
+            (*spec, made)
+        })
+        .collect())
+}
+
+/// The target size: fit inside (scale) or fill exactly (crop), never larger than the source.
+fn target(source: (u32, u32), spec: Spec) -> (u32, u32) {
+    let (sw, sh) = (source.0.max(1) as f64, source.1.max(1) as f64);
+    let (w, h) = (spec.width as f64, spec.height as f64);
+    let factor =
+        if spec.crop { (sw / w).min(sh / h).min(1.0) } else { (w / sw).min(h / sh).min(1.0) };
+    if spec.crop {
+        (((w * factor).round() as u32).max(1), ((h * factor).round() as u32).max(1))
+    } else {
+        (((sw * factor).round() as u32).max(1), ((sh * factor).round() as u32).max(1))
+    }
+}
+
+fn resize(image: &DynamicImage, spec: Spec) -> DynamicImage {
+    let (tw, th) = target((image.width(), image.height()), spec);
+    if !spec.crop {
+        return image.thumbnail_exact(tw, th);
+    }
+    // Cover the target, then cut the middle.
+    let ratio = (tw as f64 / image.width() as f64).max(th as f64 / image.height() as f64);
+    let cw = ((image.width() as f64 * ratio).ceil() as u32).max(tw);
+    let ch = ((image.height() as f64 * ratio).ceil() as u32).max(th);
+    image.thumbnail_exact(cw, ch).crop_imm((cw - tw) / 2, (ch - th) / 2, tw, th)
+}
+
+fn still(image: &DynamicImage, spec: Spec, as_jpeg: bool) -> Result<Thumbnail> {
+    let small = resize(image, spec);
+    let mut bytes = Vec::new();
+    let content_type = if as_jpeg {
+        let rgb = small.to_rgb8();
+        JpegEncoder::new_with_quality(&mut bytes, 85)
+            .encode_image(&rgb)
+            .map_err(Error::internal)?;
+        "image/jpeg"
+    } else {
+        small.write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png).map_err(Error::internal)?;
+        "image/png"
+    };
+    Ok(Thumbnail { bytes, content_type, width: small.width(), height: small.height() })
+}
+
+fn animated_gif(path: &Path, spec: Spec, max_pixels: u64) -> Result<Thumbnail> {
+    let file = std::io::BufReader::new(std::fs::File::open(path).map_err(Error::internal)?);
+    let mut decoder = GifDecoder::new(file).map_err(|_| cannot("bad GIF"))?;
+    decoder.set_limits(limits()).map_err(|_| cannot("GIF too large"))?;
+    let (width, height) = decoder.dimensions();
+    let frame_pixels = u64::from(width) * u64::from(height);
+    let (tw, th) = target((width, height), spec);
+    let mut frames = Vec::new();
+    let mut decoded_pixels = 0u64;
+    for frame in decoder.into_frames().take(MAX_FRAMES) {
+        let frame = frame.map_err(|_| cannot("bad GIF frame"))?;
+        decoded_pixels += frame_pixels;
+        if decoded_pixels > max_pixels.saturating_mul(4) {
+            break;
+        }
+        let delay = frame.delay();
+        let small = resize(
+            &DynamicImage::ImageRgba8(frame.into_buffer()),
+            Spec { width: tw, height: th, ..spec },
+        );
+        let buffer: RgbaImage = small.to_rgba8();
+        frames.push(Frame::from_parts(buffer, 0, 0, delay));
+    }
+    let Some(first) = frames.first() else { return Err(cannot("GIF without frames")) };
+    let (w, h) = first.buffer().dimensions();
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = GifEncoder::new_with_speed(&mut bytes, 10);
+        encoder.set_repeat(Repeat::Infinite).map_err(Error::internal)?;
+        encoder.encode_frames(frames).map_err(Error::internal)?;
+    }
+    Ok(Thumbnail { bytes, content_type: "image/gif", width: w, height: h })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_snap_to_standard_sizes() {
+        let req = |w, h, crop| Spec { width: w, height: h, crop, animated: false };
+        assert_eq!(choose(req(32, 32, true)), STANDARD[0]);
+        assert_eq!(choose(req(50, 50, true)), STANDARD[1]);
+        assert_eq!(choose(req(300, 200, false)), STANDARD[2]);
+        assert_eq!(choose(req(100, 50, true)), req(100, 50, true));
+        assert_eq!(choose(req(5000, 5000, false)), req(1600, 1600, false));
+    }
+
+    #[test]
+    fn targets_keep_aspect_and_never_upscale() {
+        let s = |w, h, crop| Spec { width: w, height: h, crop, animated: false };
+        assert_eq!(target((4000, 3000), s(320, 240, false)), (320, 240));
+        assert_eq!(target((4000, 2000), s(320, 240, false)), (320, 160));
+        assert_eq!(target((100, 50), s(800, 600, false)), (100, 50));
+        assert_eq!(target((4000, 3000), s(96, 96, true)), (96, 96));
+        assert_eq!(target((50, 40), s(96, 96, true)), (40, 40));
+    }
+}
