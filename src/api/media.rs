@@ -31,6 +31,8 @@ use crate::{
 const UPLOAD_IDLE: Duration = Duration::from_secs(60);
 /// How long a download waits for an asynchronous upload by default (the spec's 20 s).
 const DEFAULT_WAIT_MS: u64 = 20_000;
+/// Bytes read from disk at a time while serving a file.
+const READ_CHUNK: usize = 256 * 1024;
 /// Largest thumbnail edge a client may ask for.
 const MAX_THUMBNAIL_REQUEST: u32 = 10_000;
 
@@ -415,6 +417,7 @@ async fn serve(
         let path = state.media.blob_path(sha256);
         let request = Request::from_parts(parts, Body::empty());
         let served = ServeFile::new_with_mime(&path, &mime)
+            .with_buf_chunk_size(READ_CHUNK)
             .oneshot(request)
             .await
             .map_err(Error::internal)?;

@@ -1,7 +1,7 @@
 //! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir and
 //! prints one table. `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET`
 //! drives any homeserver that offers shared-secret registration instead, so the same run can
-//! measure another server.
+//! measure another server. `-- --only media` runs just the content repository scenarios.
 
 use std::{
     sync::Arc,
@@ -10,6 +10,8 @@ use std::{
 
 use hmac::Mac;
 use serde_json::{Value, json};
+
+mod media;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -329,6 +331,8 @@ async fn run(target: Target, rss: &mut Vec<(String, String)>) -> Result<Vec<[Str
         format!("{:.0} ms ({pages} pages)", started.elapsed().as_secs_f64() * 1e3),
     ]);
 
+    rows.extend(media::rows(&target, &owner).await?);
+
     if let Some(peak) = rss_mb() {
         rss.push((
             "peak (server and load generator in one process)".into(),
@@ -378,6 +382,7 @@ fn main() -> Result<(), Error> {
                 config.limits.rate_per_second = 1_000_000;
                 config.limits.rate_burst = 1_000_000;
                 config.log.filter = "warn".into();
+                config.media.max_upload_size = 2 << 30;
                 let started = plaza::Server::start(config).await?;
                 let base = format!("http://{}", started.addrs()[0]);
                 server = Some(started);
@@ -393,7 +398,12 @@ fn main() -> Result<(), Error> {
             target.base,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        let rows = run(target, &mut rss).await?;
+        let rows = if arg("--only").as_deref() == Some("media") {
+            let user = target.register(&format!("media_{}", std::process::id())).await?;
+            media::rows(&target, &user).await?
+        } else {
+            run(target, &mut rss).await?
+        };
         println!("\n| scenario | target | result |\n|---|---|---|");
         for [scenario, goal, result] in rows {
             println!("| {scenario} | {goal} | {result} |");

@@ -84,9 +84,13 @@ pub struct UploadInfo {
     pub filename: Option<String>,
 }
 
+/// Bytes gathered before each write to disk: few large writes instead of many small ones.
+const WRITE_BUFFER: usize = 256 * 1024;
+
 /// A body being streamed to a temp file; dropped unfinished, the temp file is removed.
 pub struct Upload {
     file: Option<tokio::fs::File>,
+    buffer: Vec<u8>,
     temp: PathBuf,
     hasher: Sha256,
     size: u64,
@@ -101,8 +105,18 @@ impl Upload {
             return Err(too_large(self.limit));
         }
         self.hasher.update(chunk);
+        self.buffer.extend_from_slice(chunk);
+        if self.buffer.len() >= WRITE_BUFFER {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
         let file = self.file.as_mut().ok_or_else(|| Error::internal("upload already finished"))?;
-        file.write_all(chunk).await.map_err(Error::internal)
+        file.write_all(&self.buffer).await.map_err(Error::internal)?;
+        self.buffer.clear();
+        Ok(())
     }
 
     /// Bytes received so far.
@@ -258,6 +272,7 @@ impl Media {
         let file = tokio::fs::File::create(&temp).await.map_err(Error::internal)?;
         Ok(Upload {
             file: Some(file),
+            buffer: Vec::with_capacity(WRITE_BUFFER),
             temp,
             hasher: Sha256::new(),
             size: 0,
@@ -267,6 +282,7 @@ impl Media {
 
     /// Makes a received body durable under its hash (sharing the file with identical uploads).
     pub async fn finish(&self, mut upload: Upload) -> Result<Blob> {
+        upload.flush().await?;
         let mut file =
             upload.file.take().ok_or_else(|| Error::internal("upload finished twice"))?;
         let sha256 = hex::encode(std::mem::take(&mut upload.hasher).finalize());
