@@ -79,6 +79,7 @@ impl Server {
     /// Starts serving on every configured address.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let services = Arc::new(open_services(config)?);
+        services.search.start(&services);
         let no_users = services.users.is_empty().map_err(|e| StartError::Init(e.to_string()))?;
         let first_token = services
             .registration

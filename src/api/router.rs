@@ -79,7 +79,7 @@ impl RouterExt for Router<State> {
 pub fn build(state: State) -> Router {
     use client::{
         account, account_data, backup, dehydrated, devices, directory, discovery, ephemeral,
-        events, keys, presence, profile, push, register, rooms, session, space, sync,
+        events, keys, presence, profile, push, register, rooms, search, session, space, sync,
         user_directory, voip,
     };
     use ruma::api::client::account::{
@@ -143,6 +143,7 @@ pub fn build(state: State) -> Router {
         .ruma(sync::messages)
         .ruma(sync::context)
         .ruma(user_directory::search)
+        .ruma(search::search)
         .ruma(presence::set)
         .ruma(presence::get)
         .ruma(ephemeral::set_receipt)

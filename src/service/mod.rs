@@ -14,6 +14,7 @@ pub mod push;
 pub mod ratelimit;
 pub mod registration;
 pub mod rooms;
+pub mod search;
 pub mod sessions;
 pub mod stream;
 pub mod sync;
@@ -75,6 +76,8 @@ pub struct Services {
     pub media: std::sync::Arc<media::Media>,
     /// The HTTP client for everything the server fetches, under the address policy.
     pub outbound: crate::outbound::Outbound,
+    /// The full-text index of messages, names and topics.
+    pub search: search::Search,
 }
 
 impl Services {
@@ -95,6 +98,8 @@ impl Services {
                 config.media_path(),
                 &config.server_name,
             )?),
+            search: search::Search::open(&config.database.path.join("search"))
+                .map_err(|e| StorageError::Init(e.to_string()))?,
             outbound: crate::outbound::Outbound::new(&config.outbound)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,

@@ -13,6 +13,7 @@ mod process;
 mod push;
 mod rooms;
 mod sdk;
+mod search;
 mod shared_secret;
 mod spaces;
 mod sync;

@@ -230,3 +230,32 @@ async fn renamed_or_damaged_database_is_refused() {
     let stderr = String::from_utf8_lossy(&damaged.stderr);
     assert!(stderr.contains("database error"), "{stderr}");
 }
+
+#[tokio::test]
+async fn search_index_catches_up_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let p = start(&config, port, &[]).await;
+    let token = register(&p, "carol").await;
+    let (status, room) = p.post("/_matrix/client/v3/createRoom", Some(&token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let room = crate::common::enc(room["room_id"].as_str().unwrap());
+    let http = reqwest::Client::new();
+    for i in 0..20 {
+        let url = format!("{}/_matrix/client/v3/rooms/{room}/send/m.room.message/t{i}", p.base);
+        let body = json!({ "msgtype": "m.text", "body": format!("会议纪要 number {i}") });
+        let response = http.put(url).bearer_auth(&token).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // Killed before the index commits what was just acknowledged.
+    p.kill9();
+
+    let p = start(&config, port, &[]).await;
+    let query = json!({ "search_categories": { "room_events": {
+        "search_term": "会议纪要", "filter": { "limit": 50 } } } });
+    let (status, found) = p.post("/_matrix/client/v3/search", Some(&token), query).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["search_categories"]["room_events"]["results"].as_array().unwrap().len(), 20);
+    p.kill9();
+}

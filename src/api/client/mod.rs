@@ -15,6 +15,7 @@ pub mod profile;
 pub mod push;
 pub mod register;
 pub mod rooms;
+pub mod search;
 pub mod session;
 pub mod space;
 pub mod sync;

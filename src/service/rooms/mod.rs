@@ -705,6 +705,7 @@ impl Rooms {
             self.transactions.put(&mut batch, &(sender.as_str(), device, txn_id), &event_id);
         }
         self.db.write(batch)?;
+        services.search.enqueue(short);
         let position = pending.position;
         drop(pending);
         if let Some((id, map)) = new_state {
@@ -756,6 +757,16 @@ impl Rooms {
         stored.redacted_because = Some(redaction.to_owned());
         self.pdus.put(batch, &short, &stored);
         Ok(())
+    }
+
+    /// Every stored event from short id `from` on, in short id order (for rebuilding indexes).
+    pub fn events_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, StoredPdu)>> + '_ {
+        self.pdus.scan_from(from.to_key_bytes()).map(|item| {
+            let (key, event) = item?;
+            let short =
+                <[u8; 8]>::try_from(&key[..]).map(u64::from_be_bytes).map_err(Error::internal)?;
+            Ok((short, event))
+        })
     }
 
     /// The room's events in timeline order (`forward`) or newest first, as stored.
