@@ -91,6 +91,9 @@ pub const MEMBERSHIP_CHANGES: &str = "membership_changes";
 pub const MEDIA: &str = "media";
 /// `user id 0xFF origin 0xFF media id` -> nothing: each user's uploads (quota, listing).
 pub const MEDIA_BY_USER: &str = "media_by_user";
+/// `sha256 0xFF origin 0xFF media id[/thumbnail]` -> nothing: who uses each blob, so a blob
+/// file is removed only with its last user.
+pub const MEDIA_BY_HASH: &str = "media_by_hash";
 /// `user id 0xFF media id` -> expiry (ms): asynchronous uploads created but not yet uploaded.
 pub const MEDIA_PENDING: &str = "media_pending";
 /// `user id` -> bytes the user's uploads take, for the storage quota.
@@ -141,6 +144,7 @@ pub const ALL: &[&str] = &[
     MEMBERSHIP_CHANGES,
     MEDIA,
     MEDIA_BY_USER,
+    MEDIA_BY_HASH,
     MEDIA_PENDING,
     MEDIA_USAGE,
     MEDIA_THUMBNAILS,

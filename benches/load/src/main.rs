@@ -1,7 +1,7 @@
 //! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir and
 //! prints one table. `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET`
 //! drives any homeserver that offers shared-secret registration instead, so the same run can
-//! measure another server. `-- --only media` runs just the content repository scenarios.
+//! measure another server. `-- --only media` or `-- --only search` runs just those scenarios.
 
 use std::{
     sync::Arc,
@@ -12,6 +12,7 @@ use hmac::Mac;
 use serde_json::{Value, json};
 
 mod media;
+mod search;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -331,6 +332,7 @@ async fn run(target: Target, rss: &mut Vec<(String, String)>) -> Result<Vec<[Str
         format!("{:.0} ms ({pages} pages)", started.elapsed().as_secs_f64() * 1e3),
     ]);
 
+    rows.extend(search::rows(&target, &users).await?);
     rows.extend(media::rows(&target, &owner).await?);
 
     if let Some(peak) = rss_mb() {
@@ -398,9 +400,16 @@ fn main() -> Result<(), Error> {
             target.base,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        let rows = if arg("--only").as_deref() == Some("media") {
+        let only = arg("--only");
+        let rows = if only.as_deref() == Some("media") {
             let user = target.register(&format!("media_{}", std::process::id())).await?;
             media::rows(&target, &user).await?
+        } else if only.as_deref() == Some("search") {
+            let mut users = Vec::new();
+            for i in 0..search::SENDERS {
+                users.push(target.register(&format!("search{i}_{}", std::process::id())).await?);
+            }
+            search::rows(&target, &users).await?
         } else {
             run(target, &mut rss).await?
         };

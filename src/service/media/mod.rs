@@ -4,6 +4,7 @@
 //! never leaves an id pointing at a partial file. Media ids are keyed by origin server so cached
 //! remote media can live beside local uploads once federation fetches them.
 
+pub mod admin;
 pub mod preview;
 pub mod thumbnail;
 
@@ -152,6 +153,7 @@ pub struct Media {
     by_user: Table<()>,
     pending: Table<u64>,
     usage: Table<u64>,
+    by_hash: Table<()>,
     thumbnails: Table<ThumbnailRecord>,
     previews: Table<preview::PreviewRecord>,
     user_locks: Vec<Mutex<()>>,
@@ -194,6 +196,7 @@ impl Media {
             by_user: db.table(tables::MEDIA_BY_USER),
             pending: db.table(tables::MEDIA_PENDING),
             usage: db.table(tables::MEDIA_USAGE),
+            by_hash: db.table(tables::MEDIA_BY_HASH),
             thumbnails: db.table(tables::MEDIA_THUMBNAILS),
             previews: db.table(tables::URL_PREVIEWS),
             user_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -371,6 +374,9 @@ impl Media {
         }
         if was_pending {
             self.pending.delete(&mut batch, &(record.uploader.as_str(), media_id));
+        }
+        if let Some(sha256) = &record.sha256 {
+            self.by_hash.put(&mut batch, &(sha256.as_str(), (origin, media_id)), &());
         }
         self.records.put(&mut batch, &(origin, media_id), record);
         self.db.write(batch)?;
@@ -573,6 +579,8 @@ impl Media {
             height: thumbnail.height,
         };
         let mut batch = self.db.batch();
+        let thumb_key = format!("{media_id}/{}", spec.key());
+        self.by_hash.put(&mut batch, &(record.sha256.as_str(), (origin.as_str(), thumb_key.as_str())), &());
         self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), &record);
         self.db.write(batch)?;
         Ok(record)
