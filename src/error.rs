@@ -81,6 +81,8 @@ pub enum ErrorKind {
         /// The current version, if any.
         current_version: Option<String>,
     },
+    /// `M_DUPLICATE_ANNOTATION` (400): the same reaction sent twice to one event.
+    DuplicateAnnotation,
     /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
     Internal,
 }
@@ -117,6 +119,7 @@ impl ErrorKind {
             Self::UnknownPos => "M_UNKNOWN_POS",
             Self::ServerManaged => "M_BAD_JSON",
             Self::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
+            Self::DuplicateAnnotation => "M_DUPLICATE_ANNOTATION",
         }
     }
 
@@ -151,7 +154,8 @@ impl ErrorKind {
             | Self::UnsupportedRoomVersion
             | Self::RoomInUse
             | Self::BadAlias
-            | Self::UnknownPos => StatusCode::BAD_REQUEST,
+            | Self::UnknownPos
+            | Self::DuplicateAnnotation => StatusCode::BAD_REQUEST,
         }
     }
 }

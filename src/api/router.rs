@@ -79,7 +79,7 @@ impl RouterExt for Router<State> {
 pub fn build(state: State) -> Router {
     use client::{
         account, account_data, backup, dehydrated, devices, directory, discovery, ephemeral,
-        events, keys, presence, profile, push, register, rooms, session, space, sync,
+        events, keys, presence, profile, push, register, relations, rooms, session, space, sync,
         user_directory, voip,
     };
     use ruma::api::client::account::{
@@ -206,6 +206,10 @@ pub fn build(state: State) -> Router {
         .ruma(events::joined)
         .ruma(events::event)
         .ruma(events::redact)
+        .ruma(relations::relations)
+        .ruma(relations::relations_of_type)
+        .ruma(relations::relations_of_type_and_event_type)
+        .ruma(relations::threads)
         .ruma(rooms::knock)
         .ruma(rooms::upgrade)
         .ruma(space::get_hierarchy)

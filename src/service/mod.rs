@@ -12,6 +12,7 @@ pub mod presence;
 pub mod push;
 pub mod ratelimit;
 pub mod registration;
+pub mod relations;
 pub mod rooms;
 pub mod sessions;
 pub mod stream;
@@ -70,6 +71,8 @@ pub struct Services {
     pub backups: backup::Backups,
     /// Unread counts carried between syncs.
     pub unread: push::UnreadCache,
+    /// The relations index (threads, edits, references, reactions, replies).
+    pub relations: relations::Relations,
 }
 
 impl Services {
@@ -84,6 +87,7 @@ impl Services {
             presence: presence::Presences::default(),
             e2ee: e2ee::E2ee::new(&db),
             unread: push::UnreadCache::default(),
+            relations: relations::Relations::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

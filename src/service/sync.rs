@@ -387,8 +387,8 @@ async fn joined_room(
     let prev_batch = events.first().map_or(upto, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> = events
         .iter()
-        .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
-        .collect();
+        .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
+        .collect::<Result<_>>()?;
 
     let summary = summary(services, room_id, current, req.user_id)?;
     let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
@@ -420,8 +420,8 @@ fn left_room(
     let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> = events
         .iter()
-        .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
-        .collect();
+        .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
+        .collect::<Result<_>>()?;
     Ok(Some(json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": [] },

@@ -87,6 +87,20 @@ pub const DEHYDRATED_DEVICES: &str = "dehydrated_devices";
 /// being `join` then (device lists' `changed` and `left` in sync).
 pub const MEMBERSHIP_CHANGES: &str = "membership_changes";
 
+/// `parent event id 0xFF position` -> `Relation`: events relating to an event, in order.
+pub const RELATIONS: &str = "relations";
+/// `parent event id 0xFF rel type 0xFF position` -> `Relation`: the same by relation type
+/// (rich replies too, as `m.in_reply_to`).
+pub const RELATIONS_BY_TYPE: &str = "relations_by_type";
+/// `parent event id 0xFF sender 0xFF event type 0xFF key` -> annotation event id (one each).
+pub const ANNOTATIONS: &str = "annotations";
+/// `event id` -> relation `Summary` (thread, edit and reference counts) of an event.
+pub const RELATION_SUMMARIES: &str = "relation_summaries";
+/// `thread root id 0xFF user id` -> how many events the user sent in the thread.
+pub const THREAD_PARTICIPANTS: &str = "thread_participants";
+/// `short room id 0xFF latest activity position` -> thread root id: threads by activity.
+pub const THREADS: &str = "threads";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -126,4 +140,10 @@ pub const ALL: &[&str] = &[
     BACKUP_KEYS,
     DEHYDRATED_DEVICES,
     MEMBERSHIP_CHANGES,
+    RELATIONS,
+    RELATIONS_BY_TYPE,
+    ANNOTATIONS,
+    RELATION_SUMMARIES,
+    THREAD_PARTICIPANTS,
+    THREADS,
 ];
