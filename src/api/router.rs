@@ -242,6 +242,7 @@ pub fn build(state: State) -> Router {
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
             }))
             .layer(middleware::from_fn(matrix_errors))
+            .layer(middleware::map_request(default_threads_include))
             .layer(cors())
             .layer(CatchPanicLayer::new())
             .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, request_timeout)),
@@ -274,6 +275,23 @@ async fn not_found() -> Error {
 
 async fn method_not_allowed() -> Error {
     Error::new(ErrorKind::Unrecognized(StatusCode::METHOD_NOT_ALLOWED), "Method not allowed")
+}
+
+/// `/threads` without `include` means `include=all`; the request type needs it spelled out.
+async fn default_threads_include(mut req: Request) -> Request {
+    let uri = req.uri();
+    if uri.path().ends_with("/threads")
+        && !uri.query().is_some_and(|q| q.split('&').any(|p| p.starts_with("include=")))
+    {
+        let query = match uri.query() {
+            Some(query) if !query.is_empty() => format!("{query}&include=all"),
+            _ => "include=all".to_owned(),
+        };
+        if let Ok(new) = format!("{}?{query}", uri.path()).parse() {
+            *req.uri_mut() = new;
+        }
+    }
+    req
 }
 
 /// Replaces any error answer that is not already a Matrix error (framework rejections,

@@ -12,6 +12,8 @@ mod process;
 mod push;
 mod rooms;
 mod sdk;
+mod sdk_threads;
 mod shared_secret;
 mod spaces;
 mod sync;
+mod threads;

@@ -91,10 +91,8 @@ fn relates_to(
     let rel_type = relates.get("rel_type").and_then(|r| r.as_str());
     let parent = relates.get("event_id").and_then(|e| e.as_str());
     let key = relates.get("key").and_then(|k| k.as_str());
-    let reply = relates
-        .get("m.in_reply_to")
-        .and_then(|r| r.get("event_id"))
-        .and_then(|e| e.as_str());
+    let reply =
+        relates.get("m.in_reply_to").and_then(|r| r.get("event_id")).and_then(|e| e.as_str());
     Some((rel_type, parent, key, reply))
 }
 
@@ -191,7 +189,11 @@ impl Relations {
                 event_type: event.kind().to_owned(),
                 sender: event.sender().to_owned(),
             };
-            self.by_type.put(batch, &(parent.as_str(), rel_type.as_str(), event.position), &relation);
+            self.by_type.put(
+                batch,
+                &(parent.as_str(), rel_type.as_str(), event.position),
+                &relation,
+            );
             if rel_type == REPLY {
                 continue;
             }
@@ -228,12 +230,7 @@ impl Relations {
 
     /// Queues the removal of `target`'s relations (it is being redacted, which strips its
     /// `m.relates_to`), keeping summaries and the thread list consistent.
-    pub fn unindex(
-        &self,
-        batch: &mut Batch,
-        room_short: u64,
-        target: &StoredPdu,
-    ) -> Result<()> {
+    pub fn unindex(&self, batch: &mut Batch, room_short: u64, target: &StoredPdu) -> Result<()> {
         let content = content_of(target);
         let Some((rel_type, parent, key, reply)) = relates_to(&content) else { return Ok(()) };
         if let Some(reply) = reply {
