@@ -81,6 +81,8 @@ pub enum ErrorKind {
         /// The current version, if any.
         current_version: Option<String>,
     },
+    /// `M_DUPLICATE_ANNOTATION` (400): the same reaction sent twice to one event.
+    DuplicateAnnotation,
     /// `M_UNKNOWN` (500): something broke inside; the detail goes to the log, not the client.
     Internal,
     /// Media created with `/create` whose content has not arrived yet (504).
@@ -123,6 +125,7 @@ impl ErrorKind {
             Self::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
             Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
             Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
+            Self::DuplicateAnnotation => "M_DUPLICATE_ANNOTATION",
         }
     }
 
@@ -158,7 +161,8 @@ impl ErrorKind {
             | Self::UnsupportedRoomVersion
             | Self::RoomInUse
             | Self::BadAlias
-            | Self::UnknownPos => StatusCode::BAD_REQUEST,
+            | Self::UnknownPos
+            | Self::DuplicateAnnotation => StatusCode::BAD_REQUEST,
         }
     }
 }

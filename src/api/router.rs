@@ -79,8 +79,8 @@ impl RouterExt for Router<State> {
 pub fn build(state: State) -> Router {
     use client::{
         account, account_data, backup, dehydrated, devices, directory, discovery, ephemeral,
-        events, keys, presence, profile, push, register, rooms, search, session, space, sync,
-        user_directory, voip,
+        events, keys, presence, profile, push, register, relations, rooms, search, session, space,
+        sync, user_directory, voip,
     };
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
@@ -207,6 +207,10 @@ pub fn build(state: State) -> Router {
         .ruma(events::joined)
         .ruma(events::event)
         .ruma(events::redact)
+        .ruma(relations::relations)
+        .ruma(relations::relations_of_type)
+        .ruma(relations::relations_of_type_and_event_type)
+        .ruma(relations::threads)
         .ruma(rooms::knock)
         .ruma(rooms::upgrade)
         .ruma(space::get_hierarchy)
@@ -239,6 +243,7 @@ pub fn build(state: State) -> Router {
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
             }))
             .layer(middleware::from_fn(matrix_errors))
+            .layer(middleware::map_request(default_threads_include))
             .layer(cors())
             .layer(CatchPanicLayer::new())
     };
@@ -281,6 +286,23 @@ async fn not_found() -> Error {
 
 async fn method_not_allowed() -> Error {
     Error::new(ErrorKind::Unrecognized(StatusCode::METHOD_NOT_ALLOWED), "Method not allowed")
+}
+
+/// `/threads` without `include` means `include=all`; the request type needs it spelled out.
+async fn default_threads_include(mut req: Request) -> Request {
+    let uri = req.uri();
+    if uri.path().ends_with("/threads")
+        && !uri.query().is_some_and(|q| q.split('&').any(|p| p.starts_with("include=")))
+    {
+        let query = match uri.query() {
+            Some(query) if !query.is_empty() => format!("{query}&include=all"),
+            _ => "include=all".to_owned(),
+        };
+        if let Ok(new) = format!("{}?{query}", uri.path()).parse() {
+            *req.uri_mut() = new;
+        }
+    }
+    req
 }
 
 /// Replaces any error answer that is not already a Matrix error (framework rejections,

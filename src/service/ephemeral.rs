@@ -139,9 +139,22 @@ impl Ephemeral {
         room_id: &RoomId,
         user_id: &UserId,
     ) -> Result<Option<u64>> {
+        self.read_position_in(services, room_id, user_id, &["", "main"])
+    }
+
+    /// The stream position of the newest event `user_id` has read in `room_id` by a public or
+    /// private receipt for one of `threads` (`""` for unthreaded receipts, `main`, or a thread
+    /// root).
+    pub fn read_position_in(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        user_id: &UserId,
+        threads: &[&str],
+    ) -> Result<Option<u64>> {
         let mut newest = None;
         for kind in ["m.read", "m.read.private"] {
-            for thread in ["", "main"] {
+            for thread in threads.iter().copied() {
                 let key = (room_id.as_str(), (user_id.as_str(), kind, thread));
                 if let Some(receipt) = self.receipts.get(&key)?
                     && let Some(event) = services.rooms.stored(&receipt.event_id)?

@@ -13,6 +13,7 @@ pub mod presence;
 pub mod push;
 pub mod ratelimit;
 pub mod registration;
+pub mod relations;
 pub mod rooms;
 pub mod search;
 pub mod sessions;
@@ -78,6 +79,8 @@ pub struct Services {
     pub outbound: crate::outbound::Outbound,
     /// The full-text index of messages, names and topics.
     pub search: search::Search,
+    /// The relations index (threads, edits, references, reactions, replies).
+    pub relations: relations::Relations,
 }
 
 impl Services {
@@ -102,6 +105,7 @@ impl Services {
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             outbound: crate::outbound::Outbound::new(&config.outbound)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
+            relations: relations::Relations::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

@@ -57,11 +57,6 @@ pub async fn unread_counts(
     joined_members: u64,
     upto: u64,
 ) -> Result<(u64, u64)> {
-    use ruma::{
-        UInt,
-        push::{Action, PushConditionRoomCtx},
-        serde::Raw,
-    };
     let rooms = &services.rooms;
     let Some(record) = rooms.room(room_id)? else { return Ok((0, 0)) };
     let state = rooms.states.load(record.current_state)?;
@@ -87,34 +82,16 @@ pub async fn unread_counts(
     if from >= upto {
         return Ok((notifications, highlights));
     }
-    let display_name = member
-        .and_then(|m| {
-            let content = m.wire.get("content")?.as_object()?;
-            content.get("displayname")?.as_str().map(str::to_owned)
-        })
-        .unwrap_or_else(|| user_id.localpart().to_owned());
-    let mut context = PushConditionRoomCtx::new(
-        room_id.to_owned(),
-        UInt::try_from(joined_members).unwrap_or_default(),
-        user_id.to_owned(),
-        display_name,
-    );
-    context.power_levels = power_levels_context(services, &record, &state)?;
+    let context =
+        room_context(services, room_id, &record, &state, member.as_ref(), user_id, joined_members)?;
     for event in rooms.timeline_range(&record, from, upto, false).take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
             continue;
         }
-        let json = crate::service::rooms::pdu::client_event(&event, None);
-        let raw: Raw<ruma::events::AnySyncTimelineEvent> =
-            Raw::from_json(serde_json::value::to_raw_value(&json).map_err(Error::internal)?);
-        let actions = rules.get_actions(&raw, &context).await;
-        if actions.iter().any(|a| matches!(a, Action::Notify)) {
-            notifications += 1;
-            if actions.iter().any(Action::is_highlight) {
-                highlights += 1;
-            }
-        }
+        let (notify, highlight) = judge(rules, &context, &event).await?;
+        notifications += u64::from(notify);
+        highlights += u64::from(highlight);
     }
     let mut cache = services.unread.counts.lock().unwrap_or_else(|e| e.into_inner());
     if cache.len() >= MAX_CACHED {
@@ -122,6 +99,115 @@ pub async fn unread_counts(
     }
     cache.insert(cache_key, (read, upto, notifications, highlights));
     Ok((notifications, highlights))
+}
+
+/// Unread counts of one room split by thread, for clients that ask for them
+/// (`unread_thread_notifications`).
+#[derive(Debug, Default)]
+pub struct ThreadedCounts {
+    /// `(notifications, highlights)` on the main timeline (events in no thread).
+    pub main: (u64, u64),
+    /// `(notifications, highlights)` per thread root, for threads with any.
+    pub threads: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+/// Like [`unread_counts`], but each thread is counted from the user's receipt in that thread
+/// (or an unthreaded one) and the main timeline from its own (`main` or unthreaded). At most
+/// `MAX_COUNTED` events after the unthreaded receipt are looked at, newest first.
+pub async fn unread_thread_counts(
+    services: &Services,
+    rules: &Ruleset,
+    room_id: &ruma::RoomId,
+    user_id: &UserId,
+    joined_members: u64,
+    upto: u64,
+) -> Result<ThreadedCounts> {
+    let rooms = &services.rooms;
+    let mut counts = ThreadedCounts::default();
+    let Some(record) = rooms.room(room_id)? else { return Ok(counts) };
+    let state = rooms.states.load(record.current_state)?;
+    let member = rooms.state_event(&state, "m.room.member", user_id.as_str())?;
+    let joined_at = member.as_ref().map_or(0, |m| m.position);
+    let read = |threads: &[&str]| -> Result<u64> {
+        let position = services.ephemeral.read_position_in(services, room_id, user_id, threads)?;
+        Ok(position.unwrap_or(joined_at).max(joined_at))
+    };
+    let unthreaded = read(&[""])?;
+    if unthreaded >= upto {
+        return Ok(counts);
+    }
+    let main_read = read(&["", "main"])?;
+    let context =
+        room_context(services, room_id, &record, &state, member.as_ref(), user_id, joined_members)?;
+    let mut thread_reads = std::collections::HashMap::new();
+    for event in rooms.timeline_range(&record, unthreaded, upto, false).take(MAX_COUNTED) {
+        let event = event?;
+        if event.sender() == user_id.as_str() {
+            continue;
+        }
+        let thread = super::relations::thread_of(&event);
+        let read_upto = match &thread {
+            None => main_read,
+            Some(root) => match thread_reads.get(root) {
+                Some(position) => *position,
+                None => *thread_reads.entry(root.clone()).or_insert(read(&["", root])?),
+            },
+        };
+        if event.position <= read_upto {
+            continue;
+        }
+        let (notify, highlight) = judge(rules, &context, &event).await?;
+        if notify {
+            let slot = match thread {
+                Some(root) => counts.threads.entry(root).or_default(),
+                None => &mut counts.main,
+            };
+            slot.0 += 1;
+            slot.1 += u64::from(highlight);
+        }
+    }
+    Ok(counts)
+}
+
+/// What push rules need to know of a room and of the user judging its events.
+fn room_context(
+    services: &Services,
+    room_id: &ruma::RoomId,
+    record: &crate::service::rooms::RoomRecord,
+    state: &crate::service::rooms::state::StateMap,
+    member: Option<&crate::service::rooms::pdu::StoredPdu>,
+    user_id: &UserId,
+    joined_members: u64,
+) -> Result<ruma::push::PushConditionRoomCtx> {
+    let display_name = member
+        .and_then(|m| {
+            let content = m.wire.get("content")?.as_object()?;
+            content.get("displayname")?.as_str().map(str::to_owned)
+        })
+        .unwrap_or_else(|| user_id.localpart().to_owned());
+    let mut context = ruma::push::PushConditionRoomCtx::new(
+        room_id.to_owned(),
+        ruma::UInt::try_from(joined_members).unwrap_or_default(),
+        user_id.to_owned(),
+        display_name,
+    );
+    context.power_levels = power_levels_context(services, record, state)?;
+    Ok(context)
+}
+
+/// `(notify, highlight)` for `event` under `rules`.
+pub async fn judge(
+    rules: &Ruleset,
+    context: &ruma::push::PushConditionRoomCtx,
+    event: &crate::service::rooms::pdu::StoredPdu,
+) -> Result<(bool, bool)> {
+    use ruma::{push::Action, serde::Raw};
+    let json = crate::service::rooms::pdu::client_event(event, None);
+    let raw: Raw<ruma::events::AnySyncTimelineEvent> =
+        Raw::from_json(serde_json::value::to_raw_value(&json).map_err(Error::internal)?);
+    let actions = rules.get_actions(&raw, context).await;
+    let notify = actions.iter().any(|a| matches!(a, Action::Notify));
+    Ok((notify, notify && actions.iter().any(Action::is_highlight)))
 }
 
 /// The room's power levels as push rules need them (who may notify `@room`).

@@ -387,21 +387,36 @@ async fn joined_room(
     let prev_batch = events.first().map_or(upto, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> = events
         .iter()
-        .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
-        .collect();
+        .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
+        .collect::<Result<_>>()?;
 
     let summary = summary(services, room_id, current, req.user_id)?;
     let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
-    let (notifications, highlights) =
-        super::push::unread_counts(services, rules, room_id, req.user_id, joined, upto).await?;
-    Ok(Some(json!({
+    let by_thread = req.filter.room.timeline.unread_thread_notifications;
+    let mut thread_counts = Map::new();
+    let (notifications, highlights) = if by_thread {
+        let counts =
+            super::push::unread_thread_counts(services, rules, room_id, req.user_id, joined, upto)
+                .await?;
+        for (root, (n, h)) in counts.threads {
+            thread_counts.insert(root, json!({ "notification_count": n, "highlight_count": h }));
+        }
+        counts.main
+    } else {
+        super::push::unread_counts(services, rules, room_id, req.user_id, joined, upto).await?
+    };
+    let mut room = json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": state },
         "account_data": { "events": account_data },
         "ephemeral": { "events": ephemeral },
         "summary": summary,
         "unread_notifications": { "notification_count": notifications, "highlight_count": highlights },
-    })))
+    });
+    if by_thread {
+        room["unread_thread_notifications"] = JsonValue::Object(thread_counts);
+    }
+    Ok(Some(room))
 }
 
 fn left_room(
@@ -420,8 +435,8 @@ fn left_room(
     let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> = events
         .iter()
-        .map(|e| client_event(e, Some((req.user_id, req.device_id.as_str()))))
-        .collect();
+        .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
+        .collect::<Result<_>>()?;
     Ok(Some(json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": [] },

@@ -102,6 +102,19 @@ pub const MEDIA_USAGE: &str = "media_usage";
 pub const MEDIA_THUMBNAILS: &str = "media_thumbnails";
 /// `url` -> `PreviewRecord`: a fetched URL preview and when it was fetched.
 pub const URL_PREVIEWS: &str = "url_previews";
+/// `parent event id 0xFF position` -> `Relation`: events relating to an event, in order.
+pub const RELATIONS: &str = "relations";
+/// `parent event id 0xFF rel type 0xFF position` -> `Relation`: the same by relation type
+/// (rich replies too, as `m.in_reply_to`).
+pub const RELATIONS_BY_TYPE: &str = "relations_by_type";
+/// `parent event id 0xFF sender 0xFF event type 0xFF key` -> annotation event id (one each).
+pub const ANNOTATIONS: &str = "annotations";
+/// `event id` -> relation `Summary` (thread, edit and reference counts) of an event.
+pub const RELATION_SUMMARIES: &str = "relation_summaries";
+/// `thread root id 0xFF user id` -> how many events the user sent in the thread.
+pub const THREAD_PARTICIPANTS: &str = "thread_participants";
+/// `short room id 0xFF latest activity position` -> thread root id: threads by activity.
+pub const THREADS: &str = "threads";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -149,4 +162,10 @@ pub const ALL: &[&str] = &[
     MEDIA_USAGE,
     MEDIA_THUMBNAILS,
     URL_PREVIEWS,
+    RELATIONS,
+    RELATIONS_BY_TYPE,
+    ANNOTATIONS,
+    RELATION_SUMMARIES,
+    THREAD_PARTICIPANTS,
+    THREADS,
 ];

@@ -39,6 +39,14 @@ fn store_receipt(
     {
         return Err(Error::forbidden("You are not in this room"));
     }
+    // A receipt in a thread must be for an event of that thread (its root included).
+    if let Some(thread) = thread_id.as_deref().filter(|t| *t != "main") {
+        let in_thread = event.event_id.as_str() == thread
+            || crate::service::relations::thread_of(&event).as_deref() == Some(thread);
+        if !in_thread {
+            return Err(Error::invalid_param("The event is not in that thread"));
+        }
+    }
     let receipt = Receipt {
         user_id: caller.user_id.clone(),
         receipt_type: receipt_type.to_owned(),

@@ -206,7 +206,8 @@ pub async fn event(services: State, req: Ruma<get_event::Request>) -> Result<get
     if stored.room_id != body.room_id || !services.rooms.can_see(&caller.user_id, &stored)? {
         return Err(not_found());
     }
-    let event = client_event(&stored, Some((&caller.user_id, caller.device_id.as_str())));
+    let device = Some(caller.device_id.as_str());
+    let event = crate::service::relations::serve(&services, &caller.user_id, device, &stored)?;
     Ok(get_event::Response::new(raw(&event)?))
 }
 

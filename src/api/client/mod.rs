@@ -14,6 +14,7 @@ pub mod presence;
 pub mod profile;
 pub mod push;
 pub mod register;
+pub mod relations;
 pub mod rooms;
 pub mod search;
 pub mod session;

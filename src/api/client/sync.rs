@@ -14,13 +14,13 @@ use ruma::api::{
         sync::sync_events::v3::{self as sync_events, Filter},
     },
 };
-use serde_json::json;
+use serde_json::{Value as JsonValue, json};
 
 use crate::{
-    api::{JsonResponse, Ruma, State},
+    api::{Caller, JsonResponse, Ruma, State},
     error::{Error, ErrorKind, Result},
     service::{
-        history,
+        history, relations,
         rooms::pdu::{StoredPdu, client_event},
         sync::{SyncRequest, sync as build_sync},
     },
@@ -131,6 +131,12 @@ pub async fn get(services: State, req: Ruma<get_filter::Request>) -> Result<get_
     Ok(get_filter::Response::new(services.filters.get(&caller.user_id, &req.body.filter_id)?))
 }
 
+/// `events` in the client format for the caller, with bundled aggregations.
+fn served(services: &State, caller: &Caller, events: &[StoredPdu]) -> Result<Vec<JsonValue>> {
+    let device = Some(caller.device_id.as_str());
+    events.iter().map(|e| relations::serve(services, &caller.user_id, device, e)).collect()
+}
+
 /// `GET /_matrix/client/v3/rooms/{roomId}/messages`: a page of history in either direction,
 /// only what history visibility lets the caller see.
 pub async fn messages(services: State, req: Ruma<messages::Request>) -> Result<JsonResponse> {
@@ -158,10 +164,9 @@ pub async fn messages(services: State, req: Ruma<messages::Request>) -> Result<J
         limit,
         &body.filter,
     )?;
-    let viewer = Some((&*caller.user_id, caller.device_id.as_str()));
     let mut response = json!({
         "start": format!("s{from}"),
-        "chunk": page.chunk.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>(),
+        "chunk": served(&services, &caller, &page.chunk)?,
         "state": page.members.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
     });
     if let Some(end) = page.end {
@@ -184,15 +189,13 @@ pub async fn context(services: State, req: Ruma<get_context::Request>) -> Result
         limit,
         &body.filter,
     )?;
-    let viewer = Some((&*caller.user_id, caller.device_id.as_str()));
-    let events =
-        |events: &[StoredPdu]| events.iter().map(|e| client_event(e, viewer)).collect::<Vec<_>>();
+    let device = Some(caller.device_id.as_str());
     Ok(JsonResponse(json!({
         "start": format!("s{}", ctx.start),
         "end": format!("s{}", ctx.end),
-        "event": client_event(&ctx.event, viewer),
-        "events_before": events(&ctx.before),
-        "events_after": events(&ctx.after),
+        "event": relations::serve(&services, &caller.user_id, device, &ctx.event)?,
+        "events_before": served(&services, &caller, &ctx.before)?,
+        "events_after": served(&services, &caller, &ctx.after)?,
         "state": ctx.state.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
     })))
 }

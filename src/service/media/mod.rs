@@ -580,7 +580,11 @@ impl Media {
         };
         let mut batch = self.db.batch();
         let thumb_key = format!("{media_id}/{}", spec.key());
-        self.by_hash.put(&mut batch, &(record.sha256.as_str(), (origin.as_str(), thumb_key.as_str())), &());
+        self.by_hash.put(
+            &mut batch,
+            &(record.sha256.as_str(), (origin.as_str(), thumb_key.as_str())),
+            &(),
+        );
         self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), &record);
         self.db.write(batch)?;
         Ok(record)

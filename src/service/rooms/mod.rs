@@ -645,6 +645,19 @@ impl Rooms {
         )
         .map_err(forbidden)?;
 
+        let links = match &record {
+            Some(record) => services.relations.prepare(
+                services,
+                &room_id,
+                record.short_id,
+                sender,
+                event.kind.to_string().as_str(),
+                event.state_key.as_deref(),
+                &event.content,
+            )?,
+            None => None,
+        };
+
         // Authorised: write the event, its state, its indexes and the room in one batch.
         let mut batch = self.db.batch();
         let short = self.short_event.next(&mut batch);
@@ -692,12 +705,18 @@ impl Rooms {
             self.room_members.put(&mut batch, &(room_id.as_str(), target.as_str()), &membership);
         }
         if let Some(target) = &pdu.redacts {
+            if let Some(redacted) = self.stored(target)?.filter(|e| e.room_id == room_id) {
+                services.relations.unindex(&mut batch, record.short_id, &redacted)?;
+            }
             self.apply_redaction(&mut batch, &room_id, target, &event_id, &rules)?;
         }
         stored.state_after = record.current_state;
         record.extremities = vec![event_id.clone()];
         record.depth = depth;
         self.pdus.put(&mut batch, &short, &stored);
+        if let Some(links) = links {
+            services.relations.index(&mut batch, links, &stored)?;
+        }
         self.event_ids.put(&mut batch, event_id.as_str(), &short);
         self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         self.rooms.put(&mut batch, room_id.as_str(), &record);

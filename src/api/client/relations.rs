@@ -1,0 +1,145 @@
+//! `/relations` and `/threads`: events relating to an event, and a room's threads.
+
+use ruma::{
+    api::{
+        Direction,
+        client::{
+            relations::{
+                get_relating_events::v1 as relating,
+                get_relating_events_with_rel_type::v1 as relating_type,
+                get_relating_events_with_rel_type_and_event_type::v1 as relating_type_event,
+            },
+            threads::get_threads::v1::{self as get_threads, IncludeThreads},
+        },
+    },
+    serde::Raw,
+};
+use serde_json::value::to_raw_value;
+
+use crate::{
+    api::{Caller, Ruma, State},
+    error::{Error, Result},
+    service::relations::{
+        listing::{self, Page, RECURSION_DEPTH, RelationsQuery},
+        serve,
+    },
+};
+
+/// The events of a page, each with its bundled aggregations.
+fn events<T>(services: &State, caller: &Caller, page: &Page) -> Result<Vec<Raw<T>>> {
+    page.chunk
+        .iter()
+        .map(|event| {
+            let json = serve(services, &caller.user_id, Some(caller.device_id.as_str()), event)?;
+            Ok(Raw::from_json(to_raw_value(&json).map_err(Error::internal)?))
+        })
+        .collect()
+}
+
+fn limit(limit: Option<ruma::UInt>) -> Option<usize> {
+    limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX))
+}
+
+/// The common part of the three `/relations` endpoints.
+fn page(
+    services: &State,
+    caller: &Caller,
+    room_id: &ruma::RoomId,
+    event_id: &ruma::EventId,
+    query: RelationsQuery<'_>,
+) -> Result<Page> {
+    listing::relations(services, &caller.user_id, room_id, event_id, &query)
+}
+
+/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}`
+pub async fn relations(
+    services: State,
+    req: Ruma<relating::Request>,
+) -> Result<relating::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let query = RelationsQuery {
+        rel_type: None,
+        event_type: None,
+        from: body.from.as_deref(),
+        to: body.to.as_deref(),
+        forward: body.dir == Direction::Forward,
+        limit: limit(body.limit),
+        recurse: body.recurse,
+    };
+    let page = page(&services, &caller, &body.room_id, &body.event_id, query)?;
+    let mut response = relating::Response::new(events(&services, &caller, &page)?);
+    response.next_batch = page.next_batch;
+    response.recursion_depth = body.recurse.then(|| RECURSION_DEPTH.try_into().unwrap_or_default());
+    Ok(response)
+}
+
+/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}`
+pub async fn relations_of_type(
+    services: State,
+    req: Ruma<relating_type::Request>,
+) -> Result<relating_type::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let rel_type = body.rel_type.to_string();
+    let query = RelationsQuery {
+        rel_type: Some(&rel_type),
+        event_type: None,
+        from: body.from.as_deref(),
+        to: body.to.as_deref(),
+        forward: body.dir == Direction::Forward,
+        limit: limit(body.limit),
+        recurse: body.recurse,
+    };
+    let page = page(&services, &caller, &body.room_id, &body.event_id, query)?;
+    let mut response = relating_type::Response::new(events(&services, &caller, &page)?);
+    response.next_batch = page.next_batch;
+    response.recursion_depth = body.recurse.then(|| RECURSION_DEPTH.try_into().unwrap_or_default());
+    Ok(response)
+}
+
+/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}`
+pub async fn relations_of_type_and_event_type(
+    services: State,
+    req: Ruma<relating_type_event::Request>,
+) -> Result<relating_type_event::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let rel_type = body.rel_type.to_string();
+    let event_type = body.event_type.to_string();
+    let query = RelationsQuery {
+        rel_type: Some(&rel_type),
+        event_type: Some(&event_type),
+        from: body.from.as_deref(),
+        to: body.to.as_deref(),
+        forward: body.dir == Direction::Forward,
+        limit: limit(body.limit),
+        recurse: body.recurse,
+    };
+    let page = page(&services, &caller, &body.room_id, &body.event_id, query)?;
+    let mut response = relating_type_event::Response::new(events(&services, &caller, &page)?);
+    response.next_batch = page.next_batch;
+    response.recursion_depth = body.recurse.then(|| RECURSION_DEPTH.try_into().unwrap_or_default());
+    Ok(response)
+}
+
+/// `GET /_matrix/client/v1/rooms/{roomId}/threads`: thread roots, newest activity first.
+pub async fn threads(
+    services: State,
+    req: Ruma<get_threads::Request>,
+) -> Result<get_threads::Response> {
+    let caller = req.caller()?.clone();
+    let body = req.body;
+    let participated = body.include == IncludeThreads::Participated;
+    let page = listing::threads(
+        &services,
+        &caller.user_id,
+        &body.room_id,
+        participated,
+        body.from.as_deref(),
+        limit(body.limit),
+    )?;
+    let mut response = get_threads::Response::new(events(&services, &caller, &page)?);
+    response.next_batch = page.next_batch;
+    Ok(response)
+}
