@@ -47,6 +47,17 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// End-to-end encryption policy.
     pub encryption: EncryptionConfig,
+    /// Audit log retention.
+    pub audit: AuditConfig,
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Days audit records are kept; older ones are pruned behind a signed anchor. 0 keeps
+    /// them forever.
+    pub retention_days: u64,
 }
 
 /// End-to-end encryption policy.
@@ -210,6 +221,7 @@ impl Default for Config {
             user_directory: UserDirectoryConfig::default(),
             presence: PresenceConfig::default(),
             encryption: EncryptionConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }

@@ -79,6 +79,8 @@ pub struct Caller {
     pub device_id: OwnedDeviceId,
     /// Whether the account is a server admin.
     pub admin: bool,
+    /// Whether the account is an auditor (read-only access to the admin API).
+    pub auditor: bool,
     /// Whether the account is a guest (may only join rooms open to guests, and not create any).
     pub guest: bool,
 }
@@ -131,7 +133,7 @@ pub fn access_token(parts: &http::request::Parts) -> Result<Option<String>> {
 
 /// The client's address: the peer, or behind a trusted reverse proxy the last address that
 /// proxy saw in `X-Forwarded-For`.
-fn client_address(
+pub fn client_address(
     trusted: &[ipnet::IpNet],
     peer: Option<SocketAddr>,
     headers: &http::HeaderMap,
@@ -166,13 +168,23 @@ pub fn authenticate(
     if user.locked {
         return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
     }
+    crate::service::audit::context::set_caller(record.user_id.as_str(), record.device_id.as_str());
     services.sessions.touch(&record, ip.map(|a| a.ip().to_string()), user_agent.map(str::to_owned));
     Ok(Caller {
         user_id: record.user_id,
         device_id: record.device_id,
         admin: user.admin,
+        auditor: user.auditor,
         guest: user.guest,
     })
+}
+
+/// The client's user agent, cut to a bounded length.
+pub fn user_agent(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| ua.chars().take(512).collect::<String>())
 }
 
 /// Reads a request body up to the configured limit, answering `M_TOO_LARGE` past it.
@@ -232,11 +244,7 @@ where
             .collect();
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
         let ip = client_address(&services.config.limits.trusted_proxies, peer, &parts.headers);
-        let user_agent = parts
-            .headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| ua.chars().take(512).collect::<String>());
+        let user_agent = user_agent(&parts.headers);
 
         let caller = match (<T::Authentication as AuthKind>::MODE, access_token(&parts)?) {
             (AuthMode::None, _) | (AuthMode::Optional, None) => None,

@@ -2,6 +2,10 @@
 //! service owns its tables and talks to the others only through it.
 
 pub mod account_data;
+pub mod admin;
+pub mod admin_rooms;
+pub mod admin_users;
+pub mod audit;
 pub mod backup;
 pub mod e2ee;
 pub mod ephemeral;
@@ -70,6 +74,10 @@ pub struct Services {
     pub backups: backup::Backups,
     /// Unread counts carried between syncs.
     pub unread: push::UnreadCache,
+    /// The hash-chained audit log.
+    pub audit: audit::Audit,
+    /// Blocked rooms and room deletions.
+    pub admin_rooms: admin_rooms::AdminRooms,
 }
 
 impl Services {
@@ -84,6 +92,8 @@ impl Services {
             presence: presence::Presences::default(),
             e2ee: e2ee::E2ee::new(&db),
             unread: push::UnreadCache::default(),
+            audit: audit::Audit::new(&db)?,
+            admin_rooms: admin_rooms::AdminRooms::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

@@ -87,6 +87,11 @@ pub const DEHYDRATED_DEVICES: &str = "dehydrated_devices";
 /// being `join` then (device lists' `changed` and `left` in sync).
 pub const MEMBERSHIP_CHANGES: &str = "membership_changes";
 
+/// `sequence number` -> `AuditRecord`: the hash-chained audit log, append-only.
+pub const AUDIT_LOG: &str = "audit_log";
+/// `room id` -> `BlockRecord`: rooms an admin blocked (nobody local may join).
+pub const BLOCKED_ROOMS: &str = "blocked_rooms";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -126,4 +131,6 @@ pub const ALL: &[&str] = &[
     BACKUP_KEYS,
     DEHYDRATED_DEVICES,
     MEMBERSHIP_CHANGES,
+    AUDIT_LOG,
+    BLOCKED_ROOMS,
 ];
