@@ -87,8 +87,7 @@ impl Audit {
         if start > last {
             return Ok(Page { records, next: None });
         }
-        let mut examined = 0;
-        for item in self.log.scan_from(start.to_key_bytes()) {
+        for (examined, item) in self.log.scan_from(start.to_key_bytes()).enumerate() {
             let (_, record) = item?;
             if record.seq > last || filter.to_ts.is_some_and(|to| record.ts > to) {
                 return Ok(Page { records, next: None });
@@ -96,7 +95,6 @@ impl Audit {
             if records.len() == limit || examined == MAX_EXAMINED {
                 return Ok(Page { records, next: Some(record.seq) });
             }
-            examined += 1;
             if filter.matches(&record) {
                 records.push(record);
             }
