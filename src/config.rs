@@ -49,6 +49,8 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     /// The content repository (uploaded files, thumbnails, URL previews).
     pub media: MediaConfig,
+    /// Audit log retention.
+    pub audit: AuditConfig,
 }
 
 /// The content repository.
@@ -104,6 +106,15 @@ impl Config {
     pub fn media_path(&self) -> PathBuf {
         self.media.path.clone().unwrap_or_else(|| self.database.path.join("media"))
     }
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Days audit records are kept; older ones are pruned behind a signed anchor. 0 keeps
+    /// them forever.
+    pub retention_days: u64,
 }
 
 /// End-to-end encryption policy.
@@ -268,6 +279,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             encryption: EncryptionConfig::default(),
             media: MediaConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The `plaza` command: serve, create users, print the version.
+//! The `plaza` command: serve, create users, set roles, verify the audit log.
 
 use std::{io::BufRead, path::PathBuf, process::ExitCode};
 
@@ -6,7 +6,12 @@ use clap::{Parser, Subcommand};
 use plaza::{
     Config,
     server::{self, Server},
-    service::users::{self, Users},
+    service::{
+        audit::{Audit, Entry},
+        keys::ServerKeys,
+        users::{self, Role, Users},
+    },
+    storage::Db,
 };
 
 /// A Matrix homeserver for companies' group chat.
@@ -35,6 +40,28 @@ enum Command {
         #[arg(long)]
         password_file: Option<PathBuf>,
     },
+    /// Give an account a role (`admin`, `auditor` or `user`); works while the server is stopped.
+    SetRole {
+        /// The user name (localpart) or full user id.
+        user: String,
+        /// `admin`, `auditor` or `user`.
+        role: String,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain and report the first broken link (exit status 1 if any).
+    Verify {
+        /// The database directory; defaults to `database.path` of the configuration.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +88,10 @@ fn main() -> ExitCode {
             Command::Serve => serve(config).await,
             Command::CreateUser { name, admin, password_file } => {
                 create_user(config, &name, admin, password_file).await
+            }
+            Command::SetRole { user, role } => set_role(config, &user, &role),
+            Command::Audit { command: AuditCommand::Verify { data_dir } } => {
+                verify_audit(config, data_dir)
             }
         }
     });
@@ -110,7 +141,40 @@ async fn create_user(
     let mut batch = services.db.batch();
     services.registration.retire_first_admin_token(&mut batch);
     services.users.create(&mut batch, &user_id, Some(hash), admin, false, None);
-    services.db.write(batch).map_err(|e| e.to_string())?;
+    let entry = Entry::new("admin.user.create", None)
+        .target(&user_id)
+        .details(serde_json::json!({ "admin": admin, "via": "cli" }));
+    services.audit.commit(batch, [entry]).map_err(|e| e.to_string())?;
     println!("created {user_id}{}", if admin { " (admin)" } else { "" });
     Ok(())
+}
+
+fn set_role(config: Config, user: &str, role: &str) -> Result<(), String> {
+    let role: Role = role.parse().map_err(|e: plaza::Error| e.to_string())?;
+    let services = server::open_services(config).map_err(|e| e.to_string())?;
+    let user_id =
+        Users::parse_local_user(user, services.server_name()).map_err(|e| e.to_string())?;
+    let previous = services.set_role(None, &user_id, role).map_err(|e| e.to_string())?;
+    println!("{user_id}: {} -> {}", previous.as_str(), role.as_str());
+    Ok(())
+}
+
+fn verify_audit(mut config: Config, data_dir: Option<PathBuf>) -> Result<(), String> {
+    if let Some(dir) = data_dir {
+        config.database.path = dir;
+    }
+    if !config.database.path.is_dir() {
+        return Err(format!("no database at {}", config.database.path.display()));
+    }
+    let db = Db::open(&config.database.path, 8).map_err(|e| e.to_string())?;
+    let keys = ServerKeys::load_or_create(&db).map_err(|e| e.to_string())?;
+    let audit = Audit::new(&db).map_err(|e| e.to_string())?;
+    let report = audit.verify(&keys.key_pair().public_key()).map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    match report.first_broken {
+        None => Ok(()),
+        Some(broken) => {
+            Err(format!("audit log broken at record {}: {}", broken.seq, broken.reason))
+        }
+    }
 }

@@ -95,6 +95,9 @@ impl Server {
         let app = router::build(services.clone());
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        if services.config.audit.retention_days > 0 {
+            tasks.spawn(prune_audit_hourly(services.clone(), stopped.clone()));
+        }
         let mut addrs = Vec::new();
         for addr in &services.config.listen {
             let listener = TcpListener::bind(addr)
@@ -140,6 +143,23 @@ impl Server {
         shutdown_signal().await;
         tracing::info!("shutting down");
         self.stop().await;
+    }
+}
+
+/// Applies audit log retention at start and then every hour until the server stops.
+async fn prune_audit_hourly(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let pass = services.clone();
+        match tokio::task::spawn_blocking(move || pass.prune_audit()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(removed, "pruned audit records past retention"),
+            Ok(Err(err)) => tracing::warn!(%err, "audit retention failed"),
+            Err(err) => tracing::warn!(%err, "audit retention task failed"),
+        }
+        tokio::select! {
+            _ = stopped.wait_for(|stop| *stop) => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+        }
     }
 }
 

@@ -80,6 +80,8 @@ pub struct Caller {
     pub device_id: OwnedDeviceId,
     /// Whether the account is a server admin.
     pub admin: bool,
+    /// Whether the account is an auditor (read-only access to the admin API).
+    pub auditor: bool,
     /// Whether the account is a guest (may only join rooms open to guests, and not create any).
     pub guest: bool,
 }
@@ -155,7 +157,7 @@ pub fn caller_from_parts(
 
 /// The client's address: the peer, or behind a trusted reverse proxy the last address that
 /// proxy saw in `X-Forwarded-For`.
-fn client_address(
+pub fn client_address(
     trusted: &[ipnet::IpNet],
     peer: Option<SocketAddr>,
     headers: &http::HeaderMap,
@@ -190,13 +192,23 @@ pub fn authenticate(
     if user.locked {
         return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
     }
+    crate::service::audit::context::set_caller(record.user_id.as_str(), record.device_id.as_str());
     services.sessions.touch(&record, ip.map(|a| a.ip().to_string()), user_agent.map(str::to_owned));
     Ok(Caller {
         user_id: record.user_id,
         device_id: record.device_id,
         admin: user.admin,
+        auditor: user.auditor,
         guest: user.guest,
     })
+}
+
+/// The client's user agent, cut to a bounded length.
+pub fn user_agent(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| ua.chars().take(512).collect::<String>())
 }
 
 /// Reads a request body up to the configured limit, answering `M_TOO_LARGE` past it.

@@ -1,14 +1,14 @@
 //! The whole HTTP surface as one table, plus the layers every request passes through (CORS,
 //! tracing, timeouts, Matrix-shaped errors for anything the framework answers itself).
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use axum::{
     Router,
-    extract::Request,
+    extract::{ConnectInfo, Request},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{MethodFilter, get, on},
+    routing::{MethodFilter, delete, get, on, post},
 };
 use http::{HeaderValue, Method, StatusCode, header};
 use ruma::api::{IncomingRequest, OutgoingResponse, path_builder::PathBuilder};
@@ -21,7 +21,10 @@ use tower_http::{
 };
 
 use super::{AuthKind, Ruma, RumaResponse, State, admin, client, media, well_known};
-use crate::error::{Error, ErrorKind, Result};
+use crate::{
+    error::{Error, ErrorKind, Result},
+    service::audit::{self, context::RequestContext},
+};
 
 /// A handler for the ruma request `T`: registered at every path ruma knows for it.
 pub trait RumaHandler<T> {
@@ -232,18 +235,50 @@ pub fn build(state: State) -> Router {
             get(admin::register::nonce).post(admin::register::register),
         )
         .route("/_synapse/admin/v1/server_version", get(admin::server_version))
+        .route(
+            "/_synapse/admin/v1/users/{user_id}/admin",
+            get(admin::roles::get_admin).put(admin::roles::set_admin),
+        )
+        .route("/_synapse/admin/v2/users", get(admin::users::list))
+        .route("/_synapse/admin/v2/users/{user_id}", get(admin::users::get))
+        .route("/_synapse/admin/v2/users/{user_id}/devices", get(admin::users::devices))
+        .route("/_synapse/admin/v1/users/{user_id}/joined_rooms", get(admin::users::joined_rooms))
+        .route("/_synapse/admin/v1/whois/{user_id}", get(admin::users::whois))
+        .route("/_synapse/admin/v1/deactivate/{user_id}", post(admin::users::deactivate))
+        .route("/_synapse/admin/v1/reset_password/{user_id}", post(admin::users::reset_password))
+        .route("/_synapse/admin/v1/rooms", get(admin::rooms::list))
+        .route("/_synapse/admin/v1/rooms/{room_id}", get(admin::rooms::get))
+        .route("/_synapse/admin/v1/rooms/{room_id}/members", get(admin::rooms::members))
+        .route(
+            "/_synapse/admin/v1/rooms/{room_id}/block",
+            get(admin::rooms::get_block).put(admin::rooms::set_block),
+        )
+        .route("/_synapse/admin/v2/rooms/{room_id}", delete(admin::rooms::delete))
+        .route("/_synapse/admin/v2/rooms/{room_id}/delete_status", get(admin::rooms::delete_status))
+        // Plaza admin
+        .route(
+            "/_plaza/admin/v1/users/{user_id}/role",
+            get(admin::roles::get_role).put(admin::roles::set_role),
+        )
+        .route("/_plaza/admin/v1/audit", get(admin::audit::list))
+        .route("/_plaza/admin/v1/audit/verify", get(admin::audit::verify))
         .route("/_plaza/health", get(|| async { "OK" }))
         .route("/health", get(|| async { "OK" }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
 
+    let trusted_proxies = state.config.limits.trusted_proxies.clone();
     let layers = || {
+        let trusted = trusted_proxies.clone();
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
             }))
             .layer(middleware::from_fn(matrix_errors))
             .layer(middleware::map_request(default_threads_include))
+            .layer(middleware::from_fn(move |req: Request, next: Next| {
+                request_context(trusted.clone(), req, next)
+            }))
             .layer(cors())
             .layer(CatchPanicLayer::new())
     };
@@ -303,6 +338,17 @@ async fn default_threads_include(mut req: Request) -> Request {
         }
     }
     req
+}
+
+/// Runs the request with its address and user agent known to the audit log.
+async fn request_context(trusted: Vec<ipnet::IpNet>, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let context = RequestContext {
+        ip: super::client_address(&trusted, peer, req.headers()).map(|a| a.ip().to_string()),
+        user_agent: super::user_agent(req.headers()),
+        caller: std::sync::OnceLock::new(),
+    };
+    audit::context::scope(context, next.run(req)).await
 }
 
 /// Replaces any error answer that is not already a Matrix error (framework rejections,

@@ -2,6 +2,10 @@
 //! service owns its tables and talks to the others only through it.
 
 pub mod account_data;
+pub mod admin;
+pub mod admin_rooms;
+pub mod admin_users;
+pub mod audit;
 pub mod backup;
 pub mod e2ee;
 pub mod ephemeral;
@@ -81,6 +85,10 @@ pub struct Services {
     pub search: search::Search,
     /// The relations index (threads, edits, references, reactions, replies).
     pub relations: relations::Relations,
+    /// The hash-chained audit log.
+    pub audit: audit::Audit,
+    /// Blocked rooms and room deletions.
+    pub admin_rooms: admin_rooms::AdminRooms,
 }
 
 impl Services {
@@ -106,6 +114,8 @@ impl Services {
             outbound: crate::outbound::Outbound::new(&config.outbound)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             relations: relations::Relations::new(&db),
+            audit: audit::Audit::new(&db)?,
+            admin_rooms: admin_rooms::AdminRooms::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

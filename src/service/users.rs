@@ -40,8 +40,67 @@ pub struct UserRecord {
     /// Guest account.
     #[serde(default)]
     pub guest: bool,
+    /// Auditor: reads the audit log, analytics, reports and user and room lists, never
+    /// message content, and changes nothing. Never set together with `admin`.
+    #[serde(default)]
+    pub auditor: bool,
     /// When the account was created (ms since the epoch).
     pub created_ms: u64,
+}
+
+/// What an account may do on the server as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything, including the admin API.
+    Admin,
+    /// Read-only access to the audit log, analytics, reports and user and room lists.
+    Auditor,
+    /// An ordinary account.
+    User,
+}
+
+impl Role {
+    /// The role's name as the API and CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Auditor => "auditor",
+            Self::User => "user",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "admin" => Ok(Self::Admin),
+            "auditor" => Ok(Self::Auditor),
+            "user" => Ok(Self::User),
+            _ => Err(Error::invalid_param("Roles are `admin`, `auditor` and `user`")),
+        }
+    }
+}
+
+impl UserRecord {
+    /// The account's role.
+    pub fn role(&self) -> Role {
+        if self.admin {
+            Role::Admin
+        } else if self.auditor {
+            Role::Auditor
+        } else {
+            Role::User
+        }
+    }
+
+    /// Gives the account `role`.
+    pub fn set_role(&mut self, role: Role) {
+        self.admin = role == Role::Admin;
+        self.auditor = role == Role::Auditor;
+    }
 }
 
 /// Profile fields by name (`displayname`, `avatar_url`, custom ones).
@@ -123,12 +182,31 @@ impl Users {
             deactivated: false,
             locked: false,
             guest,
+            auditor: false,
             created_ms: super::now_ms(),
         };
         self.users.put(batch, user_id.as_str(), &record);
         let name = displayname.unwrap_or_else(|| user_id.localpart());
         let profile = Profile::from([("displayname".to_owned(), JsonValue::from(name))]);
         self.profiles.put(batch, user_id.as_str(), &profile);
+    }
+
+    /// Every account id in id order, starting after `after`.
+    pub fn all_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<(OwnedUserId, UserRecord)>> + '_ {
+        let mut start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
+        if !start.is_empty() {
+            start.push(0);
+        }
+        self.users.scan_from(start).filter_map(|item| match item {
+            Ok((key, record)) => {
+                let id = std::str::from_utf8(&key).ok().and_then(|k| UserId::parse(k).ok())?;
+                Some(Ok((id, record)))
+            }
+            Err(err) => Some(Err(err.into())),
+        })
     }
 
     /// Queues an updated account record.

@@ -115,6 +115,10 @@ pub const RELATION_SUMMARIES: &str = "relation_summaries";
 pub const THREAD_PARTICIPANTS: &str = "thread_participants";
 /// `short room id 0xFF latest activity position` -> thread root id: threads by activity.
 pub const THREADS: &str = "threads";
+/// `sequence number` -> `AuditRecord`: the hash-chained audit log, append-only.
+pub const AUDIT_LOG: &str = "audit_log";
+/// `room id` -> `BlockRecord`: rooms an admin blocked (nobody local may join).
+pub const BLOCKED_ROOMS: &str = "blocked_rooms";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -168,4 +172,6 @@ pub const ALL: &[&str] = &[
     RELATION_SUMMARIES,
     THREAD_PARTICIPANTS,
     THREADS,
+    AUDIT_LOG,
+    BLOCKED_ROOMS,
 ];

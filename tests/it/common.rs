@@ -114,10 +114,17 @@ impl TestServer {
     }
 
     /// Stops the server and starts a new one on the same data directory and address.
-    pub async fn restart(mut self) -> TestServer {
+    pub async fn restart(self) -> TestServer {
+        self.restart_after(|_| {}).await
+    }
+
+    /// Stops the server, runs `between` on the (closed) database directory, and starts a new
+    /// server on it at the same address.
+    pub async fn restart_after(mut self, between: impl FnOnce(&std::path::Path)) -> TestServer {
         let server = self.server.take().unwrap();
         let addr = server.addrs()[0];
         server.stop().await;
+        between(&self.dir.path().join("db"));
         let mut config = test_config(self.dir.path());
         config.listen = vec![addr];
         let server = Server::start(config).await.expect("restart on the same data dir");
@@ -127,6 +134,15 @@ impl TestServer {
             http: self.http.clone(),
             dir: self.dir,
         }
+    }
+}
+
+impl TestServer {
+    /// Gives `user_id` a server role (`admin`, `auditor`, `user`) as the CLI would.
+    pub fn set_role(&self, user_id: &str, role: &str) {
+        let services = self.server().services();
+        let user_id = ruma::UserId::parse(user_id).unwrap();
+        services.set_role(None, &user_id, role.parse().unwrap()).unwrap();
     }
 }
 

@@ -2,6 +2,8 @@
 //! temp dir and talks HTTP to it. One test binary, so the crate is built once.
 
 mod accounts;
+mod admin;
+mod audit;
 mod common;
 mod directory;
 mod e2ee;

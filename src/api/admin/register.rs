@@ -9,6 +9,7 @@ use crate::{
     api::{State, parse_json, read_body},
     error::{Error, ErrorKind, Result},
     service::{
+        audit::Entry,
         registration::{mac_matches, shared_secret_mac},
         users::{self, Users},
     },
@@ -85,7 +86,11 @@ pub async fn register(
         body.displayname.as_deref(),
     );
     let issued = services.sessions.issue(&mut batch, &user_id, None, None, false)?;
-    services.db.write(batch)?;
+    let entry = Entry::new("admin.user.register_shared_secret", None)
+        .target(&user_id)
+        .device(&issued.device_id)
+        .details(json!({ "admin": body.admin }));
+    services.audit.commit(batch, [entry])?;
     tracing::info!(%user_id, admin = body.admin, "registered account with the shared secret");
     Ok(Json(json!({
         "access_token": issued.access_token,

@@ -10,10 +10,13 @@ use ruma::api::{
     },
 };
 
+use serde_json::json;
+
 use crate::{
     api::{Ruma, State},
     error::{Error, ErrorKind, Result},
     service::{
+        audit::Entry,
         uiaa::{self, PASSWORD},
         users,
     },
@@ -58,7 +61,10 @@ pub async fn change_password(
             Some(&caller.device_id),
         )?;
     }
-    services.db.write(batch)?;
+    let entry = Entry::new("user.password_change", Some(&caller.user_id))
+        .target(&caller.user_id)
+        .details(json!({ "logout_devices": req.body.logout_devices }));
+    services.audit.commit(batch, [entry])?;
     drop(user_lock);
     services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     tracing::info!(user_id = %caller.user_id, "password changed");
@@ -83,7 +89,10 @@ pub async fn deactivate(
     services.users.put(&mut batch, &caller.user_id, &record);
     services.users.clear_profile(&mut batch, &caller.user_id);
     services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
-    services.db.write(batch)?;
+    let entry = Entry::new("user.deactivate", Some(&caller.user_id))
+        .target(&caller.user_id)
+        .details(json!({ "erase": req.body.erase }));
+    services.audit.commit(batch, [entry])?;
     drop(user_lock);
     services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     tracing::info!(user_id = %caller.user_id, erase = req.body.erase, "account deactivated");

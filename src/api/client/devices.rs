@@ -13,6 +13,7 @@ use crate::{
     api::{Ruma, State},
     error::{Error, Result},
     service::{
+        audit::Entry,
         sessions::DeviceRecord,
         uiaa::{self, PASSWORD},
     },
@@ -88,7 +89,8 @@ pub async fn delete(
     let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_devices(&mut batch, &caller.user_id, [&*req.body.device_id])?;
-    services.db.write(batch)?;
+    let entry = Entry::new("device.delete", Some(&caller.user_id)).target(&req.body.device_id);
+    services.audit.commit(batch, [entry])?;
     drop(user_lock);
     services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(delete_device::Response::new())
@@ -112,7 +114,12 @@ pub async fn delete_many(
         &caller.user_id,
         req.body.devices.iter().map(|d| &**d),
     )?;
-    services.db.write(batch)?;
+    let entries = req
+        .body
+        .devices
+        .iter()
+        .map(|device| Entry::new("device.delete", Some(&caller.user_id)).target(device));
+    services.audit.commit(batch, entries)?;
     drop(user_lock);
     services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(delete_devices::Response::new())

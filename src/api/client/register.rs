@@ -11,6 +11,7 @@ use crate::{
     config::RegistrationMode,
     error::{Error, ErrorKind, Result},
     service::{
+        audit::Entry,
         random_string,
         uiaa::{self, DUMMY, REGISTRATION_TOKEN, Stage},
         users::{self, Users},
@@ -95,7 +96,20 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
             body.refresh_token,
         )?)
     };
-    services.db.write(batch)?;
+    let mut entries = vec![
+        Entry::new("user.register", Some(&user_id))
+            .target(&user_id)
+            .details(serde_json::json!({ "admin": admin, "guest": guest })),
+    ];
+    if let Some(issued) = &issued {
+        entries[0].device_id = Some(issued.device_id.to_string());
+        entries.push(
+            Entry::new("device.add", Some(&user_id))
+                .target(&issued.device_id)
+                .device(&issued.device_id),
+        );
+    }
+    services.audit.commit(batch, entries)?;
     tracing::info!(%user_id, admin, guest, "registered account");
 
     let mut response = register::Response::new(user_id);

@@ -11,10 +11,15 @@ use ruma::api::client::{
     uiaa::UserIdentifier,
 };
 
+use serde_json::json;
+
 use crate::{
     api::{Ruma, State},
     error::{Error, ErrorKind, Result},
-    service::users::{self, Users},
+    service::{
+        audit::Entry,
+        users::{self, Users},
+    },
 };
 
 /// `GET /_matrix/client/v3/login`
@@ -38,19 +43,32 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
         (None, None) => return Err(Error::new(ErrorKind::MissingParam, "Missing identifier")),
     };
     let forbidden = || Error::forbidden("Invalid username or password");
-    let user_id = Users::parse_local_user(name, services.server_name()).map_err(|_| forbidden())?;
+    let failed = |reason: &str| {
+        let target: String = name.chars().take(255).collect();
+        let entry = Entry::new("user.login_failed", None)
+            .target(target)
+            .details(json!({ "reason": reason }));
+        services.audit.record([entry])
+    };
+    let Ok(user_id) = Users::parse_local_user(name, services.server_name()) else {
+        failed("invalid_user")?;
+        return Err(forbidden());
+    };
     let record = services.users.get(&user_id)?;
     let hash = record.as_ref().and_then(|r| r.password_hash.clone());
     // Verify even for unknown users so timing does not reveal which accounts exist.
     let verified = users::verify_password(info.password, hash).await;
-    let record = record.filter(|_| verified).ok_or_else(|| {
+    let Some(record) = record.filter(|_| verified) else {
         tracing::info!(%user_id, ip = ?req.ip, "failed login");
-        forbidden()
-    })?;
+        failed("bad_credentials")?;
+        return Err(forbidden());
+    };
     if record.deactivated {
+        failed("deactivated")?;
         return Err(Error::new(ErrorKind::UserDeactivated, "This account has been deactivated"));
     }
     if record.locked {
+        failed("locked")?;
         return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
     }
     let user_lock = services.sessions.lock_user(&user_id);
@@ -62,7 +80,8 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
         body.initial_device_display_name,
         body.refresh_token,
     )?;
-    services.db.write(batch)?;
+    let entry = Entry::new("user.login", Some(&user_id)).target(&user_id).device(&issued.device_id);
+    services.audit.commit(batch, [entry])?;
     drop(user_lock);
     tracing::info!(%user_id, device_id = %issued.device_id, ip = ?req.ip, "logged in");
 
@@ -78,7 +97,8 @@ pub async fn logout(services: State, req: Ruma<logout::Request>) -> Result<logou
     let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_devices(&mut batch, &caller.user_id, [&*caller.device_id])?;
-    services.db.write(batch)?;
+    let entry = Entry::new("user.logout", Some(&caller.user_id)).target(&caller.device_id);
+    services.audit.commit(batch, [entry])?;
     drop(user_lock);
     services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(logout::Response::new())
@@ -93,7 +113,8 @@ pub async fn logout_all(
     let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
-    services.db.write(batch)?;
+    let entry = Entry::new("user.logout_all", Some(&caller.user_id)).target(&caller.user_id);
+    services.audit.commit(batch, [entry])?;
     drop(user_lock);
     services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
     Ok(logout_all::Response::new())

@@ -68,6 +68,9 @@ pub async fn join(
     third_party_signed: Option<JsonValue>,
 ) -> Result<OwnedEventId> {
     require_known_room(services, room_id)?;
+    if services.admin_rooms.blocked(room_id)?.is_some() {
+        return Err(Error::forbidden("This room has been blocked on this server"));
+    }
     if third_party_signed.is_some() {
         return Err(Error::invalid_param("Third-party invites are not supported"));
     }

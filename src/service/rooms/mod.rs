@@ -4,6 +4,7 @@
 //! events come from the current state, prev events from the forward extremities, and the event,
 //! its state snapshot, its timeline entry and its indexes are written in one batch.
 
+mod audited;
 pub mod create;
 pub mod directory;
 pub mod membership;
@@ -150,6 +151,18 @@ impl Rooms {
     /// The room record, if this server knows the room.
     pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>> {
         Ok(self.rooms.get(room_id.as_str())?)
+    }
+
+    /// Every room this server knows, in room id order.
+    pub fn all_room_ids(&self) -> Result<Vec<OwnedRoomId>> {
+        let mut ids = Vec::new();
+        for item in self.rooms.scan_prefix(Vec::new()) {
+            let (key, _) = item?;
+            if let Ok(room_id) = std::str::from_utf8(&key).map(RoomId::parse) {
+                ids.extend(room_id.ok());
+            }
+        }
+        Ok(ids)
     }
 
     /// The stored event `event_id`.
@@ -658,7 +671,9 @@ impl Rooms {
             None => None,
         };
 
-        // Authorised: write the event, its state, its indexes and the room in one batch.
+        let audit_entries = self.audit_entries(&room_id, sender, &event, pdu.redacts.as_deref())?;
+        // Authorised: write the event, its state, its indexes, the room and any audit record
+        // in one batch.
         let mut batch = self.db.batch();
         let short = self.short_event.next(&mut batch);
         let pending = services.stream.next(&mut batch);
@@ -723,7 +738,7 @@ impl Rooms {
         if let Some((device, txn_id)) = txn {
             self.transactions.put(&mut batch, &(sender.as_str(), device, txn_id), &event_id);
         }
-        self.db.write(batch)?;
+        services.audit.commit(batch, audit_entries)?;
         services.search.enqueue(short);
         let position = pending.position;
         drop(pending);
