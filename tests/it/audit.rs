@@ -185,6 +185,7 @@ async fn a_tampered_record_is_reported_by_verify_and_the_cli() {
             let mut batch = db.batch();
             table.put(&mut batch, &seq, &record);
             db.write(batch).unwrap();
+            drop(table);
             drop(db);
 
             let broken = cli_verify(dir);

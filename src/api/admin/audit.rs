@@ -27,13 +27,32 @@ const DEFAULT_LIMIT: usize = 100;
 /// Records per chunk of a streamed export.
 const EXPORT_CHUNK: usize = 1000;
 
+// Query strings carry every value as text, which `serde(flatten)` cannot turn into numbers,
+// so the filter's fields are spelled out here.
 #[derive(Deserialize)]
 struct AuditQuery {
-    #[serde(flatten)]
-    filter: Filter,
+    from_ts: Option<u64>,
+    to_ts: Option<u64>,
+    actor: Option<String>,
+    action: Option<String>,
+    target: Option<String>,
+    room_id: Option<String>,
     from: Option<String>,
     limit: Option<usize>,
     format: Option<String>,
+}
+
+impl AuditQuery {
+    fn filter(&self) -> Filter {
+        Filter {
+            from_ts: self.from_ts,
+            to_ts: self.to_ts,
+            actor: self.actor.clone(),
+            action: self.action.clone(),
+            target: self.target.clone(),
+            room_id: self.room_id.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -47,7 +66,8 @@ enum Format {
 /// filters; `from` / `limit` pagination; `format=json|ndjson|csv`.
 pub async fn list(AxumState(services): AxumState<State>, _: Staff, uri: Uri) -> Result<Response> {
     let params: AuditQuery = query(&uri)?;
-    if let (Some(from), Some(to)) = (params.filter.from_ts, params.filter.to_ts)
+    let filter = params.filter();
+    if let (Some(from), Some(to)) = (filter.from_ts, filter.to_ts)
         && from > to
     {
         return Err(Error::invalid_param("from_ts is after to_ts"));
@@ -65,7 +85,7 @@ pub async fn list(AxumState(services): AxumState<State>, _: Staff, uri: Uri) -> 
             return Err(Error::invalid_param(format!("limit is 1 to {MAX_LIMIT}")));
         }
         let page =
-            tokio::task::spawn_blocking(move || services.audit.page(&params.filter, from, limit))
+            tokio::task::spawn_blocking(move || services.audit.page(&filter, from, limit))
                 .await
                 .map_err(Error::internal)??;
         let mut body = json!({ "records": page.records });
@@ -74,7 +94,7 @@ pub async fn list(AxumState(services): AxumState<State>, _: Staff, uri: Uri) -> 
         }
         return Ok(Json(body).into_response());
     }
-    Ok(export(services, params.filter, from, params.limit, format))
+    Ok(export(services, filter, from, params.limit, format))
 }
 
 /// Streams every matching record, a chunk at a time, without holding the export in memory.
