@@ -260,6 +260,22 @@ pub fn build(state: State) -> Router {
             "/_plaza/admin/v1/users/{user_id}/role",
             get(admin::roles::get_role).put(admin::roles::set_role),
         )
+        .route(
+            "/_synapse/admin/v1/media/quarantine/{server_name}/{media_id}",
+            post(admin::media::quarantine),
+        )
+        .route(
+            "/_synapse/admin/v1/media/unquarantine/{server_name}/{media_id}",
+            post(admin::media::unquarantine),
+        )
+        .route(
+            "/_synapse/admin/v1/user/{user_id}/media/quarantine",
+            post(admin::media::quarantine_user),
+        )
+        .route("/_synapse/admin/v1/media/{server_name}/{media_id}", delete(admin::media::delete))
+        .route("/_synapse/admin/v1/media/delete", post(admin::media::delete_before))
+        .route("/_synapse/admin/v1/users/{user_id}/media", get(admin::media::user_media))
+        .route("/_synapse/admin/v1/statistics/users/media", get(admin::media::statistics))
         .route("/_plaza/admin/v1/audit", get(admin::audit::list))
         .route("/_plaza/admin/v1/audit/verify", get(admin::audit::verify))
         .route("/_plaza/health", get(|| async { "OK" }))

@@ -4,7 +4,7 @@ use std::{io::Cursor, path::Path, time::Duration};
 
 use image::{DynamicImage, ImageFormat, RgbImage};
 use reqwest::{StatusCode, header};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
 use crate::common::{TestServer, assert_error};
@@ -546,4 +546,68 @@ async fn url_previews_obey_the_address_policy() {
         StatusCode::BAD_REQUEST,
         "M_INVALID_PARAM",
     );
+}
+
+#[tokio::test]
+async fn admins_quarantine_list_and_delete_media() {
+    let s = TestServer::start().await;
+    let (admin, admin_token, _) = s.register("boss", "password one").await;
+    let (_, auditor_token, _) = s.register("checker", "password two").await;
+    let (_, token, _) = s.register("alice", "password three").await;
+    s.set_role(&admin, "admin");
+    s.set_role("@checker:localhost", "auditor");
+    let shared = pattern(4000);
+    let first = upload_ok(&s, &token, "application/pdf", shared.clone()).await;
+    let second = upload_ok(&s, &token, "application/pdf", shared).await;
+    let blobs = s.data_dir().join("db/media/blobs");
+
+    let (status, listed) =
+        s.get("/_synapse/admin/v1/users/@alice:localhost/media", Some(&auditor_token)).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(listed["total"], 2);
+    let (_, stats) = s.get("/_synapse/admin/v1/statistics/users/media", Some(&admin_token)).await;
+    assert_eq!(stats["users"][0]["media_length"], 8000);
+
+    let quarantine = format!("/_synapse/admin/v1/media/quarantine/localhost/{first}");
+    assert_error(
+        &s.post(&quarantine, Some(&auditor_token), json!({})).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
+    assert_error(
+        &s.post(&quarantine, Some(&token), json!({})).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
+    assert_eq!(s.post(&quarantine, Some(&admin_token), json!({})).await.0, StatusCode::OK);
+    let hidden = get_media(&s, &download_url(&s, &first), Some(&token)).await;
+    assert_eq!(hidden.status(), StatusCode::NOT_FOUND);
+
+    // Deleting one of two uploads of the same bytes keeps the shared file; the second removes it.
+    let delete = |id: &str| format!("/_synapse/admin/v1/media/localhost/{id}");
+    let (status, body) =
+        s.call(reqwest::Method::DELETE, &delete(&first), Some(&admin_token), None).await;
+    assert_eq!((status, body["total"].as_u64()), (StatusCode::OK, Some(1)));
+    assert_eq!(files_in(&blobs).len(), 1);
+    let (status, body) =
+        s.call(reqwest::Method::DELETE, &delete(&first), Some(&admin_token), None).await;
+    assert_eq!(
+        (status, body["total"].as_u64()),
+        (StatusCode::OK, Some(0)),
+        "deleting twice is harmless"
+    );
+    s.call(reqwest::Method::DELETE, &delete(&second), Some(&admin_token), None).await;
+    assert!(files_in(&blobs).is_empty(), "the last user of a blob takes it along");
+    let (_, listed) =
+        s.get("/_synapse/admin/v1/users/@alice:localhost/media", Some(&admin_token)).await;
+    assert_eq!(listed["total"], 0);
+
+    let (_, audit) = s.get("/_plaza/admin/v1/audit?action=media.*", Some(&admin_token)).await;
+    let actions: Vec<&str> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["media.quarantine", "media.delete", "media.delete"]);
 }

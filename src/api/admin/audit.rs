@@ -84,10 +84,9 @@ pub async fn list(AxumState(services): AxumState<State>, _: Staff, uri: Uri) -> 
         if limit == 0 || limit > MAX_LIMIT {
             return Err(Error::invalid_param(format!("limit is 1 to {MAX_LIMIT}")));
         }
-        let page =
-            tokio::task::spawn_blocking(move || services.audit.page(&filter, from, limit))
-                .await
-                .map_err(Error::internal)??;
+        let page = tokio::task::spawn_blocking(move || services.audit.page(&filter, from, limit))
+            .await
+            .map_err(Error::internal)??;
         let mut body = json!({ "records": page.records });
         if let Some(next) = page.next {
             body["next_token"] = json!(next.to_string());

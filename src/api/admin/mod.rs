@@ -5,6 +5,7 @@
 //! changing anything); anyone else gets `M_FORBIDDEN`.
 
 pub mod audit;
+pub mod media;
 pub mod register;
 pub mod roles;
 pub mod rooms;

@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::{Media, MediaRecord};
 use crate::{
     error::{Error, Result},
+    service::audit::{Audit, Entry},
     storage::{prefix, split_key},
 };
 
@@ -43,8 +44,11 @@ impl Media {
     }
 
     /// Sets the quarantine flag of one media id; `false` if there is no such media.
+    /// The change is audited as `actor`'s, in the same batch.
     pub fn set_quarantined(
         &self,
+        audit: &Audit,
+        actor: &UserId,
         origin: &ServerName,
         media_id: &str,
         quarantined: bool,
@@ -54,22 +58,36 @@ impl Media {
         record.quarantined = quarantined;
         let mut batch = self.db.batch();
         self.records.put(&mut batch, &key, &record);
-        self.db.write(batch)?;
+        let action = if quarantined { "media.quarantine" } else { "media.unquarantine" };
+        let entry = Entry::new(action, Some(actor)).target(format!("mxc://{origin}/{media_id}"));
+        audit.commit(batch, [entry])?;
         Ok(true)
     }
 
     /// Quarantines every upload of `user_id`; returns how many.
-    pub fn quarantine_user(&self, user_id: &UserId, quarantined: bool) -> Result<usize> {
+    pub fn quarantine_user(
+        &self,
+        audit: &Audit,
+        actor: &UserId,
+        user_id: &UserId,
+        quarantined: bool,
+    ) -> Result<usize> {
         let media = self.user_media(user_id)?;
         for (media_id, _) in &media {
-            self.set_quarantined(&self.server_name, media_id, quarantined)?;
+            self.set_quarantined(audit, actor, &self.server_name, media_id, quarantined)?;
         }
         Ok(media.len())
     }
 
     /// Deletes a media id, its thumbnails and any blob file no other media id uses; `false` if
-    /// there is no such media.
-    pub fn delete(&self, origin: &ServerName, media_id: &str) -> Result<bool> {
+    /// there is no such media. Audited as `actor`'s, in the same batch.
+    pub fn delete(
+        &self,
+        audit: &Audit,
+        actor: &UserId,
+        origin: &ServerName,
+        media_id: &str,
+    ) -> Result<bool> {
         let key = (origin.as_str(), media_id);
         let Some(record) = self.records.get(&key)? else { return Ok(false) };
         let mut hashes = Vec::new();
@@ -94,7 +112,10 @@ impl Media {
             self.by_hash.delete(&mut batch, &(thumbnail.sha256.as_str(), (key.0, user.as_str())));
             hashes.push(thumbnail.sha256);
         }
-        self.db.write(batch)?;
+        let entry = Entry::new("media.delete", Some(actor))
+            .target(format!("mxc://{origin}/{media_id}"))
+            .details(serde_json::json!({ "uploader": record.uploader, "size": record.size }));
+        audit.commit(batch, [entry])?;
         for sha256 in hashes {
             if self.by_hash.scan_prefix(prefix(sha256.as_str())).next().is_none() {
                 match std::fs::remove_file(self.blob_path(&sha256)) {
@@ -111,6 +132,8 @@ impl Media {
     /// quarantined media unless `include_quarantined`; returns the deleted ids.
     pub fn delete_before(
         &self,
+        audit: &Audit,
+        actor: &UserId,
         before_ms: u64,
         size_gt: u64,
         include_quarantined: bool,
@@ -128,7 +151,7 @@ impl Media {
             }
         }
         for media_id in &doomed {
-            self.delete(&origin, media_id)?;
+            self.delete(audit, actor, &origin, media_id)?;
         }
         Ok(doomed)
     }
