@@ -39,7 +39,7 @@ impl Media {
                 found.push((media_id, record));
             }
         }
-        found.sort_by(|a, b| b.1.created_ms.cmp(&a.1.created_ms));
+        found.sort_by_key(|(_, record)| std::cmp::Reverse(record.created_ms));
         Ok(found)
     }
 
@@ -170,7 +170,7 @@ impl Media {
             let media_length = self.usage.get(user_id.as_str())?.unwrap_or(0);
             stats.push(UserMediaStats { user_id, media_count, media_length });
         }
-        stats.sort_by(|a, b| b.media_length.cmp(&a.media_length));
+        stats.sort_by_key(|s| std::cmp::Reverse(s.media_length));
         Ok(stats)
     }
 }

@@ -83,10 +83,11 @@ pub struct Relations {
     threads: Table<ruma::OwnedEventId>,
 }
 
-/// The `m.relates_to` of an event's content: `(rel_type, parent, key, reply parent)`.
-fn relates_to(
-    content: &JsonValue,
-) -> Option<(Option<&str>, Option<&str>, Option<&str>, Option<&str>)> {
+/// The parts of an `m.relates_to`: `(rel_type, parent, key, reply parent)`.
+type RelatesTo<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+
+/// The `m.relates_to` of an event's content.
+fn relates_to(content: &JsonValue) -> Option<RelatesTo<'_>> {
     let relates = content.get("m.relates_to")?.as_object()?;
     let rel_type = relates.get("rel_type").and_then(|r| r.as_str());
     let parent = relates.get("event_id").and_then(|e| e.as_str());
@@ -132,11 +133,11 @@ impl Relations {
         room_id: &RoomId,
         room_short: u64,
         sender: &UserId,
-        kind: &str,
-        state_key: Option<&str>,
-        content: &JsonValue,
+        event: &crate::service::rooms::NewEvent,
     ) -> Result<Option<Links>> {
-        if state_key.is_some() || kind == "m.room.redaction" {
+        let kind = event.kind.to_string();
+        let (kind, content) = (kind.as_str(), &event.content);
+        if event.state_key.is_some() || kind == "m.room.redaction" {
             return Ok(None);
         }
         let Some((rel_type, parent, key, reply)) = relates_to(content) else { return Ok(None) };

@@ -659,15 +659,9 @@ impl Rooms {
         .map_err(forbidden)?;
 
         let links = match &record {
-            Some(record) => services.relations.prepare(
-                services,
-                &room_id,
-                record.short_id,
-                sender,
-                event.kind.to_string().as_str(),
-                event.state_key.as_deref(),
-                &event.content,
-            )?,
+            Some(record) => {
+                services.relations.prepare(services, &room_id, record.short_id, sender, &event)?
+            }
             None => None,
         };
 
