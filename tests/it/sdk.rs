@@ -45,7 +45,8 @@ async fn matrix_sdk_registers_logs_in_and_manages_profile() {
     assert_eq!(client.devices().await.unwrap().devices.len(), 1);
 }
 
-async fn sdk_client(base: &str, user: &str) -> Client {
+/// A matrix-sdk client registered as `user`.
+pub(crate) async fn sdk_client(base: &str, user: &str) -> Client {
     let client = Client::builder().homeserver_url(base).build().await.unwrap();
     let mut request = register::v3::Request::new();
     request.username = Some(user.to_owned());

@@ -9,28 +9,16 @@ use matrix_sdk::{
     ruma::{
         OwnedEventId,
         api::client::{
-            account::register,
             filter::{FilterDefinition, RoomEventFilter},
             receipt::create_receipt::v3::ReceiptType,
             sync::sync_events::v3 as sync_events,
-            uiaa,
         },
         events::{receipt::ReceiptThread, relation::RelationType},
     },
 };
 use serde_json::{Value, json};
 
-use crate::common::TestServer;
-
-async fn client(base: &str, user: &str) -> Client {
-    let client = Client::builder().homeserver_url(base).build().await.unwrap();
-    let mut request = register::v3::Request::new();
-    request.username = Some(user.to_owned());
-    request.password = Some("sdk password 1".to_owned());
-    request.auth = Some(uiaa::AuthData::Dummy(uiaa::Dummy::new()));
-    client.matrix_auth().register(request).await.unwrap();
-    client
-}
+use crate::{common::TestServer, sdk::sdk_client};
 
 /// `(main notifications, notifications per thread root)` from a sync asking for thread counts.
 async fn counts(client: &Client, room: &matrix_sdk::Room) -> (u64, Vec<(OwnedEventId, u64)>) {
@@ -59,8 +47,8 @@ fn unsigned(event: &matrix_sdk::deserialized_responses::TimelineEvent) -> Value 
 #[tokio::test]
 async fn matrix_sdk_threads_edits_and_thread_receipts() {
     let s = TestServer::start().await;
-    let alice = client(&s.base, "sdkalice").await;
-    let bob = client(&s.base, "sdkbob").await;
+    let alice = sdk_client(&s.base, "sdkalice").await;
+    let bob = sdk_client(&s.base, "sdkbob").await;
     let settings = || SyncSettings::default().timeout(Duration::from_millis(0));
     let mut request = matrix_sdk::ruma::api::client::room::create_room::v3::Request::new();
     request.invite = vec![bob.user_id().unwrap().to_owned()];
