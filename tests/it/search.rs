@@ -182,6 +182,17 @@ async fn leaving_and_redacting_hide_messages() {
     assert!(bodies(&search(&s, &carol, json!({ "search_term": "secret" })).await).is_empty());
     assert_eq!(bodies(&search(&s, &alice, json!({ "search_term": "secret" })).await).len(), 2);
 
+    // Results carry their bundled aggregations: an edit shows as the latest content.
+    let original = say(&s, &alice, &room, "draft agenda").await;
+    let edit = json!({ "msgtype": "m.text", "body": "* final agenda",
+        "m.new_content": { "msgtype": "m.text", "body": "final agenda" },
+        "m.relates_to": { "rel_type": "m.replace", "event_id": original } });
+    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/edit1", enc(&room));
+    assert_eq!(s.put(&path, Some(&alice), edit).await.0, StatusCode::OK);
+    let found = search(&s, &alice, json!({ "search_term": "draft" })).await;
+    let replaced = &found["results"][0]["result"]["unsigned"]["m.relations"]["m.replace"];
+    assert_eq!(replaced["content"]["m.new_content"]["body"], "final agenda", "{found}");
+
     let doomed = say(&s, &alice, &room, "delete this sentence").await;
     assert_eq!(bodies(&search(&s, &alice, json!({ "search_term": "sentence" })).await).len(), 1);
     let path = format!("/_matrix/client/v3/rooms/{}/redact/{}/t1", enc(&room), enc(&doomed));

@@ -13,7 +13,7 @@ use super::{SearchOrder, SearchQuery, tokenizer};
 use crate::{
     error::{Error, Result},
     service::{
-        Services,
+        Services, relations,
         rooms::pdu::{StoredPdu, client_event},
     },
 };
@@ -110,7 +110,7 @@ pub async fn room_events(
         by_sender.entry(event.sender().to_owned()).or_default().push(event.event_id.to_string());
         results.push(json!({
             "rank": rank,
-            "result": client_event(event, None),
+            "result": relations::serve(services, user_id, None, event)?,
             "context": context,
         }));
     }
