@@ -51,6 +51,32 @@ pub struct Config {
     pub media: MediaConfig,
     /// Audit log retention.
     pub audit: AuditConfig,
+    /// Who to contact about this server, served at `/.well-known/matrix/support`.
+    pub support: SupportConfig,
+}
+
+/// The server's support contacts and page.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupportConfig {
+    /// A web page with support information for the server's users.
+    pub page: Option<String>,
+    /// People to contact, each with a role and a Matrix id or email address.
+    pub contacts: Vec<SupportContact>,
+}
+
+/// One support contact.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupportContact {
+    /// `m.role.admin`, `m.role.security` or a namespaced custom role.
+    pub role: String,
+    /// The contact's Matrix account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix_id: Option<ruma::OwnedUserId>,
+    /// The contact's email address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_address: Option<String>,
 }
 
 /// The content repository.
@@ -280,6 +306,7 @@ impl Default for Config {
             encryption: EncryptionConfig::default(),
             media: MediaConfig::default(),
             audit: AuditConfig::default(),
+            support: SupportConfig::default(),
         }
     }
 }
@@ -401,7 +428,7 @@ impl Config {
         let bad_url = |url: &Option<String>| {
             url.as_ref().is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")))
         };
-        let checks: [(bool, &'static str, &str); 11] = [
+        let checks: [(bool, &'static str, &str); 13] = [
             (self.listen.is_empty(), "listen", "at least one address is needed"),
             (bad_url(&self.public_baseurl), "public_baseurl", "must be an http(s) URL"),
             (
@@ -420,6 +447,14 @@ impl Config {
                 "must not be empty (leave it out to disable)",
             ),
             (self.media.max_upload_size == 0, "media.max_upload_size", "must be positive"),
+            (bad_url(&self.support.page), "support.page", "must be an http(s) URL"),
+            (
+                self.support.contacts.iter().any(|c| {
+                    c.role.is_empty() || (c.matrix_id.is_none() && c.email_address.is_none())
+                }),
+                "support.contacts",
+                "each contact needs a role and a matrix_id or email_address",
+            ),
             (
                 self.media.max_image_pixels == 0 || self.media.url_preview_max_bytes == 0,
                 "media.max_image_pixels",
@@ -524,5 +559,19 @@ mod tests {
             assert!(err.contains("mode"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn support_contacts_need_a_way_to_reach_them() {
+        let mut config = Config::default();
+        config.support.contacts = vec![SupportContact {
+            role: "m.role.admin".into(),
+            matrix_id: None,
+            email_address: None,
+        }];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("support.contacts"), "{err}");
+        config.support.contacts[0].email_address = Some("it@example.com".into());
+        assert!(config.validate().is_ok());
     }
 }

@@ -99,6 +99,7 @@ pub fn build(state: State) -> Router {
         .ruma(discovery::capabilities)
         .route("/.well-known/matrix/client", get(well_known::client))
         .route("/.well-known/matrix/server", get(well_known::server))
+        .route("/.well-known/matrix/support", get(well_known::support))
         // Registration and sessions
         .ruma(register::register)
         .ruma(register::username_available)

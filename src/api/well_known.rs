@@ -1,4 +1,5 @@
-//! `/.well-known/matrix/{client,server}`: where clients and other servers find this one.
+//! `/.well-known/matrix/{client,server,support}`: where clients and other servers find this
+//! one, and whom people can ask about it.
 
 use axum::{Json, extract::State as AxumState};
 use serde_json::{Value as JsonValue, json};
@@ -21,4 +22,18 @@ pub async fn server(AxumState(services): AxumState<State>) -> Result<Json<JsonVa
         Some(endpoint) => Ok(Json(json!({ "m.server": endpoint }))),
         None => Err(Error::not_found("No server delegation is configured")),
     }
+}
+
+/// `GET /.well-known/matrix/support`: the configured support contacts and page, so clients can
+/// show users whom to ask.
+pub async fn support(AxumState(services): AxumState<State>) -> Result<Json<JsonValue>> {
+    let support = &services.config.support;
+    if support.contacts.is_empty() && support.page.is_none() {
+        return Err(Error::not_found("No support contacts are configured"));
+    }
+    let mut body = json!({ "contacts": support.contacts });
+    if let Some(page) = &support.page {
+        body["support_page"] = json!(page);
+    }
+    Ok(Json(body))
 }

@@ -308,6 +308,12 @@ async fn discovery_and_misc_endpoints() {
         c.federation_endpoint = Some("chat.example.com:443".into());
         c.turn.uris = vec!["turn:turn.example.com:3478?transport=udp".into()];
         c.turn.shared_secret = Some("turn-secret".into());
+        c.support.page = Some("https://intranet.example.com/chat-help".into());
+        c.support.contacts = vec![plaza::config::SupportContact {
+            role: "m.role.admin".into(),
+            matrix_id: Some("@helpdesk:localhost".try_into().unwrap()),
+            email_address: None,
+        }];
     })
     .await;
     let (_, versions) = s.get("/_matrix/client/versions", None).await;
@@ -321,6 +327,12 @@ async fn discovery_and_misc_endpoints() {
     assert_eq!(well_known["m.homeserver"]["base_url"], "https://chat.example.com");
     let (_, server) = s.get("/.well-known/matrix/server", None).await;
     assert_eq!(server["m.server"], "chat.example.com:443");
+    let (_, support) = s.get("/.well-known/matrix/support", None).await;
+    assert_eq!(support["support_page"], "https://intranet.example.com/chat-help");
+    assert_eq!(
+        support["contacts"],
+        serde_json::json!([{ "role": "m.role.admin", "matrix_id": "@helpdesk:localhost" }])
+    );
 
     let (_, token, _) = s.register("ivan", "correct horse").await;
     let (_, caps) = s.get("/_matrix/client/v3/capabilities", Some(&token)).await;

@@ -25,6 +25,11 @@ async fn unknown_endpoints_and_methods() {
         StatusCode::NOT_FOUND,
         "M_NOT_FOUND",
     );
+    assert_error(
+        &s.get("/.well-known/matrix/support", None).await,
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+    );
     let wrong_method = s.call(Method::DELETE, "/_matrix/client/v3/login", None, None).await;
     assert_error(&wrong_method, StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED");
 }
