@@ -76,6 +76,24 @@ pub async fn json_body<T: DeserializeOwned>(services: &State, body: Body) -> Res
     parse_json(&bytes)
 }
 
+/// Default and largest page of the admin listings.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// A listing's page size and direction (`dir=b` reads backwards) from its query parameters.
+pub fn page_params(limit: Option<usize>, dir: Option<&str>) -> Result<(usize, bool)> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if limit > MAX_LIMIT {
+        return Err(Error::invalid_param(format!("limit is at most {MAX_LIMIT}")));
+    }
+    let backwards = match dir {
+        None | Some("f") => false,
+        Some("b") => true,
+        Some(_) => return Err(Error::invalid_param("dir is f or b")),
+    };
+    Ok((limit, backwards))
+}
+
 /// Parses the query string into `T`, answering `M_INVALID_PARAM` when it does not fit.
 pub fn query<T: DeserializeOwned>(uri: &http::Uri) -> Result<T> {
     axum::extract::Query::<T>::try_from_uri(uri)

@@ -10,14 +10,11 @@ use ruma::{OwnedRoomId, RoomId};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{Admin, Staff, json_body, query};
+use super::{Admin, Staff, json_body, page_params, query};
 use crate::{
     api::State,
     error::{Error, ErrorKind, Result},
 };
-
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 fn room_id(raw: &str) -> Result<OwnedRoomId> {
     RoomId::parse(raw).map_err(|_| Error::invalid_param("Invalid room id"))
@@ -50,20 +47,22 @@ pub async fn list(
     uri: Uri,
 ) -> Result<Json<JsonValue>> {
     let q: ListQuery = query(&uri)?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit > MAX_LIMIT {
-        return Err(Error::invalid_param(format!("limit is at most {MAX_LIMIT}")));
-    }
-    let backwards = match q.dir.as_deref() {
-        None | Some("f") => false,
-        Some("b") => true,
-        Some(_) => return Err(Error::invalid_param("dir is f or b")),
-    };
+    let (limit, backwards) = page_params(q.limit, q.dir.as_deref())?;
     let order = q.order_by.unwrap_or_else(|| "name".to_owned());
     let key = match order.as_str() {
-        "name" | "canonical_alias" | "version" | "creator" | "encryption" | "join_rules"
-        | "guest_access" | "history_visibility" | "room_id" => order.as_str(),
-        "joined_members" | "joined_local_members" | "state_events" | "size" => order.as_str(),
+        "name"
+        | "canonical_alias"
+        | "version"
+        | "creator"
+        | "encryption"
+        | "join_rules"
+        | "guest_access"
+        | "history_visibility"
+        | "room_id"
+        | "joined_members"
+        | "joined_local_members"
+        | "state_events"
+        | "size" => order.as_str(),
         "alphabetical" => "name",
         _ => return Err(Error::invalid_param("Unknown order_by")),
     }

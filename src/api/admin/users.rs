@@ -10,16 +10,12 @@ use http::Uri;
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{Admin, Staff, json_body, query, user_id};
+use super::{Admin, Staff, json_body, page_params, query, user_id};
 use crate::{
     api::State,
     error::{Error, Result},
     service::{admin_users::AccountView, users},
 };
-
-/// Default and largest page of the user listing.
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 fn account_json(view: &AccountView) -> JsonValue {
     json!({
@@ -60,18 +56,10 @@ pub async fn list(
     uri: Uri,
 ) -> Result<Json<JsonValue>> {
     let q: ListQuery = query(&uri)?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit > MAX_LIMIT {
-        return Err(Error::invalid_param(format!("limit is at most {MAX_LIMIT}")));
-    }
+    let (limit, backwards) = page_params(q.limit, q.dir.as_deref())?;
     let from: usize = match q.from.as_deref() {
         Some(from) => from.parse().map_err(|_| Error::invalid_param("Invalid from"))?,
         None => 0,
-    };
-    let backwards = match q.dir.as_deref() {
-        None | Some("f") => false,
-        Some("b") => true,
-        Some(_) => return Err(Error::invalid_param("dir is f or b")),
     };
     let search = q.name.or(q.user_id).map(|n| n.to_lowercase());
     let mut accounts = tokio::task::spawn_blocking({

@@ -40,88 +40,61 @@ fn limit(limit: Option<ruma::UInt>) -> Option<usize> {
     limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX))
 }
 
-/// The common part of the three `/relations` endpoints.
-fn page(
-    services: &State,
-    caller: &Caller,
-    room_id: &ruma::RoomId,
-    event_id: &ruma::EventId,
-    query: RelationsQuery<'_>,
-) -> Result<Page> {
-    listing::relations(services, &caller.user_id, room_id, event_id, &query)
+/// The three `/relations` endpoints differ only in how much of the relation they pin down:
+/// `|body| (rel_type, event_type)` says which.
+macro_rules! relations_endpoint {
+    ($(#[$doc:meta])* $name:ident, $module:ident, |$body:ident| ($rel_type:expr, $event_type:expr)) => {
+        $(#[$doc])*
+        pub async fn $name(
+            services: State,
+            req: Ruma<$module::Request>,
+        ) -> Result<$module::Response> {
+            let caller = req.caller()?.clone();
+            let $body = req.body;
+            let (rel_type, event_type): (Option<String>, Option<String>) = ($rel_type, $event_type);
+            let query = RelationsQuery {
+                rel_type: rel_type.as_deref(),
+                event_type: event_type.as_deref(),
+                from: $body.from.as_deref(),
+                to: $body.to.as_deref(),
+                forward: $body.dir == Direction::Forward,
+                limit: limit($body.limit),
+                recurse: $body.recurse,
+            };
+            let page = listing::relations(
+                &services,
+                &caller.user_id,
+                &$body.room_id,
+                &$body.event_id,
+                &query,
+            )?;
+            let mut response = $module::Response::new(events(&services, &caller, &page)?);
+            response.next_batch = page.next_batch;
+            response.recursion_depth =
+                $body.recurse.then(|| RECURSION_DEPTH.try_into().unwrap_or_default());
+            Ok(response)
+        }
+    };
 }
 
-/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}`
-pub async fn relations(
-    services: State,
-    req: Ruma<relating::Request>,
-) -> Result<relating::Response> {
-    let caller = req.caller()?.clone();
-    let body = req.body;
-    let query = RelationsQuery {
-        rel_type: None,
-        event_type: None,
-        from: body.from.as_deref(),
-        to: body.to.as_deref(),
-        forward: body.dir == Direction::Forward,
-        limit: limit(body.limit),
-        recurse: body.recurse,
-    };
-    let page = page(&services, &caller, &body.room_id, &body.event_id, query)?;
-    let mut response = relating::Response::new(events(&services, &caller, &page)?);
-    response.next_batch = page.next_batch;
-    response.recursion_depth = body.recurse.then(|| RECURSION_DEPTH.try_into().unwrap_or_default());
-    Ok(response)
-}
-
-/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}`
-pub async fn relations_of_type(
-    services: State,
-    req: Ruma<relating_type::Request>,
-) -> Result<relating_type::Response> {
-    let caller = req.caller()?.clone();
-    let body = req.body;
-    let rel_type = body.rel_type.to_string();
-    let query = RelationsQuery {
-        rel_type: Some(&rel_type),
-        event_type: None,
-        from: body.from.as_deref(),
-        to: body.to.as_deref(),
-        forward: body.dir == Direction::Forward,
-        limit: limit(body.limit),
-        recurse: body.recurse,
-    };
-    let page = page(&services, &caller, &body.room_id, &body.event_id, query)?;
-    let mut response = relating_type::Response::new(events(&services, &caller, &page)?);
-    response.next_batch = page.next_batch;
-    response.recursion_depth = body.recurse.then(|| RECURSION_DEPTH.try_into().unwrap_or_default());
-    Ok(response)
-}
-
-/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}`
-pub async fn relations_of_type_and_event_type(
-    services: State,
-    req: Ruma<relating_type_event::Request>,
-) -> Result<relating_type_event::Response> {
-    let caller = req.caller()?.clone();
-    let body = req.body;
-    let rel_type = body.rel_type.to_string();
-    let event_type = body.event_type.to_string();
-    let query = RelationsQuery {
-        rel_type: Some(&rel_type),
-        event_type: Some(&event_type),
-        from: body.from.as_deref(),
-        to: body.to.as_deref(),
-        forward: body.dir == Direction::Forward,
-        limit: limit(body.limit),
-        recurse: body.recurse,
-    };
-    let page = page(&services, &caller, &body.room_id, &body.event_id, query)?;
-    let mut response = relating_type_event::Response::new(events(&services, &caller, &page)?);
-    response.next_batch = page.next_batch;
-    response.recursion_depth = body.recurse.then(|| RECURSION_DEPTH.try_into().unwrap_or_default());
-    Ok(response)
-}
+relations_endpoint!(
+    /// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}`
+    relations,
+    relating,
+    |body| (None, None)
+);
+relations_endpoint!(
+    /// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}`
+    relations_of_type,
+    relating_type,
+    |body| (Some(body.rel_type.to_string()), None)
+);
+relations_endpoint!(
+    /// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}`
+    relations_of_type_and_event_type,
+    relating_type_event,
+    |body| (Some(body.rel_type.to_string()), Some(body.event_type.to_string()))
+);
 
 /// `GET /_matrix/client/v1/rooms/{roomId}/threads`: thread roots, newest activity first.
 pub async fn threads(

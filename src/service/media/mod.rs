@@ -481,18 +481,24 @@ impl Media {
         if origin != self.server_name {
             return Err(Error::not_found("Media from other servers is not available"));
         }
+        let lookup = || -> Result<MediaRecord> {
+            self.records
+                .get(&(origin.as_str(), media_id))?
+                .filter(|r| !r.quarantined)
+                .ok_or_else(|| Error::not_found("Unknown media id"))
+        };
+        // Uploaded media needs no wake-up registration; only pending ids wait below.
+        let record = lookup()?;
+        if record.sha256.is_some() {
+            return Ok(record);
+        }
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         loop {
             let waiter = self.waiter(media_id);
             let notified = waiter.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let record = self
-                .records
-                .get(&(origin.as_str(), media_id))?
-                .filter(|r| !r.quarantined)
-                .ok_or_else(|| Error::not_found("Unknown media id"));
-            let record = match record {
+            let record = match lookup() {
                 Ok(record) if record.sha256.is_none() => record,
                 other => {
                     self.forget_waiter(media_id, &waiter);
