@@ -53,6 +53,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Who to contact about this server, served at `/.well-known/matrix/support`.
     pub support: SupportConfig,
+    /// Notifications and push gateways.
+    pub push: PushConfig,
 }
 
 /// The server's support contacts and page.
@@ -131,6 +133,28 @@ impl Config {
     /// Where file bodies are stored.
     pub fn media_path(&self) -> PathBuf {
         self.media.path.clone().unwrap_or_else(|| self.database.path.join("media"))
+    }
+}
+
+/// Notifications and deliveries to push gateways.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Days a notification stays listed in `/notifications`.
+    pub notification_retention_days: u64,
+    /// Seconds an undelivered push is retried before it is dropped.
+    pub max_delivery_age_secs: u64,
+    /// Pushers one user may have.
+    pub max_pushers_per_user: usize,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            notification_retention_days: 30,
+            max_delivery_age_secs: 86_400,
+            max_pushers_per_user: 20,
+        }
     }
 }
 
@@ -307,6 +331,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             audit: AuditConfig::default(),
             support: SupportConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }

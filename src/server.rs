@@ -95,6 +95,12 @@ impl Server {
         let app = router::build(services.clone());
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        tasks.spawn(crate::service::push::notifier::run(services.clone(), stopped.clone()));
+        tasks.spawn(crate::service::push::gateway::run(services.clone(), stopped.clone()));
+        tasks.spawn(crate::service::push::notifications::prune_daily(
+            services.clone(),
+            stopped.clone(),
+        ));
         if services.config.audit.retention_days > 0 {
             tasks.spawn(prune_audit_hourly(services.clone(), stopped.clone()));
         }

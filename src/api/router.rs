@@ -192,6 +192,9 @@ pub fn build(state: State) -> Router {
         .ruma(push::set_enabled_flag)
         .ruma(push::actions)
         .ruma(push::set_rule_actions)
+        .ruma(push::pushers)
+        .ruma(push::set_pusher)
+        .ruma(push::notifications)
         // Rooms
         .ruma(rooms::create)
         .ruma(rooms::join_by_id)

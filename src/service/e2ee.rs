@@ -207,6 +207,7 @@ impl E2ee {
     /// After devices of `user_id` were deleted: drops their keys, one-time and fallback keys
     /// and queued to-device messages, and tells room-mates the device list changed.
     pub fn forget_deleted_devices(&self, services: &Services, user_id: &UserId) -> Result<()> {
+        services.pushers.forget_deleted_devices(services, user_id)?;
         let mut batch = self.db.batch();
         let mut gone = Vec::new();
         for item in self.device_keys.scan_prefix(prefix(user_id.as_str())) {

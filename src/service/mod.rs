@@ -89,6 +89,12 @@ pub struct Services {
     pub audit: audit::Audit,
     /// Blocked rooms and room deletions.
     pub admin_rooms: admin_rooms::AdminRooms,
+    /// Users' pushers.
+    pub pushers: push::pushers::Pushers,
+    /// Judges persisted events against push rules.
+    pub notifier: push::notifier::Notifier,
+    /// The durable queue of pushes to gateways.
+    pub gateway: push::gateway::Gateway,
 }
 
 impl Services {
@@ -116,6 +122,11 @@ impl Services {
             relations: relations::Relations::new(&db),
             audit: audit::Audit::new(&db)?,
             admin_rooms: admin_rooms::AdminRooms::new(&db),
+            pushers: push::pushers::Pushers::new(&db)
+                .map_err(|e| StorageError::Init(e.to_string()))?,
+            notifier: push::notifier::Notifier::new(&db),
+            gateway: push::gateway::Gateway::new(&db)
+                .map_err(|e| StorageError::Init(e.to_string()))?,
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

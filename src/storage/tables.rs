@@ -119,6 +119,12 @@ pub const THREADS: &str = "threads";
 pub const AUDIT_LOG: &str = "audit_log";
 /// `room id` -> `BlockRecord`: rooms an admin blocked (nobody local may join).
 pub const BLOCKED_ROOMS: &str = "blocked_rooms";
+/// `user id 0xFF app id 0xFF pushkey` -> `PusherRecord`: where a user's notifications go.
+pub const PUSHERS: &str = "pushers";
+/// `user id 0xFF stream position` -> `NotificationRecord`: events that notified the user.
+pub const NOTIFICATIONS: &str = "notifications";
+/// `sequence number` -> `Delivery`: pushes waiting for their gateway, retried with backoff.
+pub const PUSH_QUEUE: &str = "push_queue";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -174,4 +180,7 @@ pub const ALL: &[&str] = &[
     THREADS,
     AUDIT_LOG,
     BLOCKED_ROOMS,
+    PUSHERS,
+    NOTIFICATIONS,
+    PUSH_QUEUE,
 ];

@@ -13,6 +13,7 @@ mod errors;
 mod media;
 mod process;
 mod push;
+mod pushers;
 mod rooms;
 mod sdk;
 mod sdk_threads;

@@ -1,11 +1,19 @@
-//! `/pushrules`: reading and changing a user's push rules.
+//! `/pushrules`, `/pushers` and `/notifications`: a user's push rules, where their
+//! notifications are pushed, and the notifications themselves.
 
 use ruma::{
     api::client::push::{
-        delete_pushrule::v3 as delete_rule, get_pushrule::v3 as get_rule,
-        get_pushrule_actions::v3 as get_actions, get_pushrule_enabled::v3 as get_enabled,
-        get_pushrules_all::v3 as get_all, get_pushrules_global_scope::v3 as get_global,
-        set_pushrule::v3 as set_rule, set_pushrule_actions::v3 as set_actions,
+        delete_pushrule::v3 as delete_rule,
+        get_notifications::v3 as get_notifications,
+        get_pushers::v3 as get_pushers,
+        get_pushrule::v3 as get_rule,
+        get_pushrule_actions::v3 as get_actions,
+        get_pushrule_enabled::v3 as get_enabled,
+        get_pushrules_all::v3 as get_all,
+        get_pushrules_global_scope::v3 as get_global,
+        set_pusher::v3::{self as set_pusher, PusherAction},
+        set_pushrule::v3 as set_rule,
+        set_pushrule_actions::v3 as set_actions,
         set_pushrule_enabled::v3 as set_enabled,
     },
     push::{AnyPushRule, RuleKind},
@@ -127,4 +135,76 @@ pub async fn set_rule_actions(
             .map_err(|_| not_found())
     })?;
     Ok(set_actions::Response::new())
+}
+
+/// `GET /_matrix/client/v3/pushers`
+pub async fn pushers(
+    services: State,
+    req: Ruma<get_pushers::Request>,
+) -> Result<get_pushers::Response> {
+    let caller = req.caller()?;
+    let list = services.pushers.of(&caller.user_id).iter().map(|p| p.pusher.clone()).collect();
+    Ok(get_pushers::Response::new(list))
+}
+
+/// `POST /_matrix/client/v3/pushers/set`: adds, replaces (`append` false) or removes
+/// (`kind: null`) a pusher.
+pub async fn set_pusher(
+    services: State,
+    req: Ruma<set_pusher::Request>,
+) -> Result<set_pusher::Response> {
+    let caller = req.caller()?.clone();
+    match req.body.action {
+        PusherAction::Post(post) => services.pushers.set(
+            &services,
+            &caller.user_id,
+            Some(caller.device_id.as_str()),
+            post.pusher,
+            post.append,
+        )?,
+        PusherAction::Delete(ids) => {
+            services.pushers.remove(&services, &caller.user_id, &ids.app_id, &ids.pushkey)?
+        }
+        _ => return Err(Error::invalid_param("Unsupported pusher action")),
+    }
+    Ok(set_pusher::Response::new())
+}
+
+/// `GET /_matrix/client/v3/notifications`
+pub async fn notifications(
+    services: State,
+    req: Ruma<get_notifications::Request>,
+) -> Result<get_notifications::Response> {
+    use ruma::{MilliSecondsSinceUnixEpoch, UInt, serde::Raw};
+    let caller = req.caller()?;
+    let body = &req.body;
+    let only_highlight = match body.only.as_deref() {
+        None => false,
+        Some("highlight") => true,
+        Some(_) => return Err(Error::invalid_param("`only` may only be `highlight`")),
+    };
+    let limit = body.limit.map_or(20, |l| usize::try_from(l).unwrap_or(usize::MAX));
+    let (page, next) = push::notifications::list(
+        &services,
+        &caller.user_id,
+        body.from.as_deref(),
+        limit,
+        only_highlight,
+    )?;
+    let notifications = page
+        .into_iter()
+        .map(|listed| {
+            let raw = serde_json::value::to_raw_value(&listed.event).map_err(Error::internal)?;
+            Ok(get_notifications::Notification::new(
+                listed.record.actions,
+                Raw::from_json(raw),
+                listed.read,
+                listed.record.room_id,
+                MilliSecondsSinceUnixEpoch(UInt::try_from(listed.record.ts).unwrap_or_default()),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut response = get_notifications::Response::new(notifications);
+    response.next_token = next;
+    Ok(response)
 }

@@ -734,6 +734,7 @@ impl Rooms {
         }
         services.audit.commit(batch, audit_entries)?;
         services.search.enqueue(short);
+        services.notifier.enqueue(short);
         let position = pending.position;
         drop(pending);
         if let Some((id, map)) = new_state {

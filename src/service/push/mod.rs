@@ -2,7 +2,12 @@
 //! direct chats, encrypted rooms, ...) and changed through the `/pushrules` API. The ruleset is
 //! kept as the `m.push_rules` account data that clients also read from sync.
 
-use ruma::{UserId, push::Ruleset};
+pub mod gateway;
+pub mod notifications;
+pub mod notifier;
+pub mod pushers;
+
+use ruma::{RoomId, UserId, push::Ruleset};
 use serde_json::{Value as JsonValue, json};
 
 use super::Services;
@@ -179,20 +184,31 @@ fn room_context(
     user_id: &UserId,
     joined_members: u64,
 ) -> Result<ruma::push::PushConditionRoomCtx> {
+    let mut context = member_context(room_id, user_id, member, joined_members);
+    context.power_levels = power_levels_context(services, record, state)?;
+    Ok(context)
+}
+
+/// The room context of `user_id` (display name from their `member` event), without power
+/// levels.
+fn member_context(
+    room_id: &RoomId,
+    user_id: &UserId,
+    member: Option<&crate::service::rooms::pdu::StoredPdu>,
+    joined_members: u64,
+) -> ruma::push::PushConditionRoomCtx {
     let display_name = member
         .and_then(|m| {
             let content = m.wire.get("content")?.as_object()?;
             content.get("displayname")?.as_str().map(str::to_owned)
         })
         .unwrap_or_else(|| user_id.localpart().to_owned());
-    let mut context = ruma::push::PushConditionRoomCtx::new(
+    ruma::push::PushConditionRoomCtx::new(
         room_id.to_owned(),
         ruma::UInt::try_from(joined_members).unwrap_or_default(),
         user_id.to_owned(),
         display_name,
-    );
-    context.power_levels = power_levels_context(services, record, state)?;
-    Ok(context)
+    )
 }
 
 /// `(notify, highlight)` for `event` under `rules`.
@@ -260,5 +276,6 @@ pub fn update<T>(
     let result = change(&mut rules)?;
     let content = json!({ "global": rules });
     services.account_data.store(services, user_id, None, PUSH_RULES, content)?;
+    services.notifier.forget_rules(user_id);
     Ok(result)
 }

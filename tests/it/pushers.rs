@@ -1,0 +1,366 @@
+//! Pushers, push gateway delivery and `/notifications`, with a real HTTP gateway on loopback.
+
+use std::{net::SocketAddr, time::Duration};
+
+use axum::{Json, Router, extract::State, routing::post};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::common::{TestServer, assert_error};
+
+/// A push gateway on loopback that hands every notification it receives to the test and
+/// rejects the pushkeys in `reject`.
+struct Gateway {
+    addr: SocketAddr,
+    received: mpsc::UnboundedReceiver<Value>,
+}
+
+impl Gateway {
+    async fn start(reject: &'static [&'static str]) -> Self {
+        Self::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), reject)
+    }
+
+    fn start_on(listener: tokio::net::TcpListener, reject: &'static [&'static str]) -> Self {
+        let (tx, received) = mpsc::unbounded_channel();
+        let app = Router::new()
+            .route(
+                "/_matrix/push/v1/notify",
+                post(
+                    move |State(tx): State<mpsc::UnboundedSender<Value>>,
+                          Json(body): Json<Value>| async move {
+                        let _ = tx.send(body);
+                        Json(json!({ "rejected": reject }))
+                    },
+                ),
+            )
+            .with_state(tx);
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, received }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/_matrix/push/v1/notify", self.addr)
+    }
+
+    async fn next(&mut self) -> Value {
+        tokio::time::timeout(Duration::from_secs(15), self.received.recv())
+            .await
+            .expect("the gateway receives a push in time")
+            .unwrap()
+    }
+}
+
+fn pusher(url: &str, pushkey: &str, format: Option<&str>) -> Value {
+    let mut data = json!({ "url": url });
+    if let Some(format) = format {
+        data["format"] = json!(format);
+    }
+    json!({
+        "kind": "http",
+        "app_id": "com.example.chat",
+        "pushkey": pushkey,
+        "app_display_name": "Chat",
+        "device_display_name": "Phone",
+        "lang": "en",
+        "data": data,
+    })
+}
+
+/// alice, bob and carol in one group room; returns (alice token, bob id, bob token, room).
+async fn pair(s: &TestServer) -> (String, String, String, String) {
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "battery staple").await;
+    let (_, carol, _) = s.register("carol", "tr0ub4dor").await;
+    let room = s.create_room(&alice, json!({ "preset": "public_chat", "name": "Team" })).await;
+    assert_eq!(s.membership(&bob, &room, "join", json!({})).await.0, StatusCode::OK);
+    assert_eq!(s.membership(&carol, &room, "join", json!({})).await.0, StatusCode::OK);
+    (alice, bob_id, bob, room)
+}
+
+#[tokio::test]
+async fn gateway_receives_the_spec_payload_for_an_offline_device() {
+    let s = TestServer::start().await;
+    let mut gateway = Gateway::start(&[]).await;
+    let (alice, bob_id, bob, room) = pair(&s).await;
+    let set = s
+        .post("/_matrix/client/v3/pushers/set", Some(&bob), pusher(&gateway.url(), "k1", None))
+        .await;
+    assert_eq!(set.0, StatusCode::OK, "{}", set.1);
+    let (_, listed) = s.get("/_matrix/client/v3/pushers", Some(&bob)).await;
+    assert_eq!(listed["pushers"][0]["pushkey"], "k1", "{listed}");
+    assert_eq!(listed["pushers"][0]["data"]["url"], gateway.url());
+
+    let sent = s.send_text(&alice, &room, "t1", "lunch at noon?").await;
+    let event_id = sent.1["event_id"].as_str().unwrap().to_owned();
+    let push = gateway.next().await;
+    let n = &push["notification"];
+    assert_eq!(n["event_id"], event_id, "{push}");
+    assert_eq!(n["room_id"], room);
+    assert_eq!(n["type"], "m.room.message");
+    assert_eq!(n["sender"], "@alice:localhost");
+    assert_eq!(n["room_name"], "Team");
+    assert_eq!(n["content"]["body"], "lunch at noon?");
+    assert_eq!(n["counts"]["unread"], 1);
+    assert_eq!(n["prio"], "low", "a plain group message is not urgent");
+    let device = &n["devices"][0];
+    assert_eq!(device["app_id"], "com.example.chat");
+    assert_eq!(device["pushkey"], "k1");
+    assert!(device["pushkey_ts"].is_u64());
+    assert!(device["data"].get("url").is_none(), "the gateway URL is not echoed: {device}");
+
+    // A mention highlights, with the sound tweak, at high priority; the badge counts both.
+    let mention = json!({
+        "msgtype": "m.text", "body": "bob: review please",
+        "m.mentions": { "user_ids": [bob_id] },
+    });
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t2");
+    assert_eq!(s.put(&path, Some(&alice), mention).await.0, StatusCode::OK);
+    let push = gateway.next().await;
+    let n = &push["notification"];
+    assert!(n.get("prio").is_none_or(|p| p == "high"), "high (the default when omitted): {push}");
+    assert_eq!(n["counts"]["unread"], 2);
+    let tweaks = n["devices"][0]["tweaks"].as_object().unwrap();
+    assert_eq!(tweaks["highlight"], true, "{push}");
+    assert_eq!(tweaks["sound"], "default");
+
+    // Reading the room resets the badge.
+    let last =
+        s.send_text(&alice, &room, "t3", "thanks").await.1["event_id"].as_str().unwrap().to_owned();
+    gateway.next().await;
+    let receipt =
+        format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{}", crate::common::enc(&last));
+    assert_eq!(s.post(&receipt, Some(&bob), json!({})).await.0, StatusCode::OK);
+    s.send_text(&alice, &room, "t4", "one more").await;
+    assert_eq!(gateway.next().await["notification"]["counts"]["unread"], 1);
+
+    // The sender's own messages never push to the sender.
+    let (_, alice_pushers) = s.get("/_matrix/client/v3/pushers", Some(&alice)).await;
+    assert_eq!(alice_pushers["pushers"], json!([]));
+}
+
+#[tokio::test]
+async fn event_id_only_pushers_get_ids_and_counts_only() {
+    let s = TestServer::start().await;
+    let mut gateway = Gateway::start(&[]).await;
+    let (alice, _, bob, room) = pair(&s).await;
+    let body = pusher(&gateway.url(), "k2", Some("event_id_only"));
+    assert_eq!(s.post("/_matrix/client/v3/pushers/set", Some(&bob), body).await.0, StatusCode::OK);
+    let event_id = s.send_text(&alice, &room, "t1", "secret plans").await.1["event_id"].clone();
+    let push = gateway.next().await;
+    let n = &push["notification"];
+    assert_eq!(n["event_id"], event_id, "{push}");
+    assert_eq!(n["room_id"], room);
+    assert_eq!(n["counts"]["unread"], 1);
+    assert_eq!(n["devices"][0]["data"]["format"], "event_id_only");
+    for field in ["content", "sender", "type", "room_name", "sender_display_name"] {
+        assert!(n.get(field).is_none(), "{field} must not be sent: {push}");
+    }
+}
+
+#[tokio::test]
+async fn rejected_pushkeys_are_removed_and_pushers_can_be_deleted() {
+    let s = TestServer::start().await;
+    let mut gateway = Gateway::start(&["stale"]).await;
+    let (alice, _, bob, room) = pair(&s).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(
+        s.post(set, Some(&bob), pusher(&gateway.url(), "stale", None)).await.0,
+        StatusCode::OK
+    );
+    s.send_text(&alice, &room, "t1", "hi").await;
+    gateway.next().await;
+    let mut removed = false;
+    for _ in 0..100 {
+        let (_, listed) = s.get("/_matrix/client/v3/pushers", Some(&bob)).await;
+        if listed["pushers"] == json!([]) {
+            removed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(removed, "a pushkey the gateway rejects is removed");
+
+    // `kind: null` deletes; deleting again is fine.
+    assert_eq!(s.post(set, Some(&bob), pusher(&gateway.url(), "k3", None)).await.0, StatusCode::OK);
+    let delete = json!({ "kind": null, "app_id": "com.example.chat", "pushkey": "k3" });
+    assert_eq!(s.post(set, Some(&bob), delete.clone()).await.0, StatusCode::OK);
+    assert_eq!(s.post(set, Some(&bob), delete).await.0, StatusCode::OK);
+    assert_eq!(s.get("/_matrix/client/v3/pushers", Some(&bob)).await.1["pushers"], json!([]));
+
+    // Without `append`, the same pushkey moves from one account to the other.
+    assert_eq!(s.post(set, Some(&bob), pusher(&gateway.url(), "k4", None)).await.0, StatusCode::OK);
+    assert_eq!(
+        s.post(set, Some(&alice), pusher(&gateway.url(), "k4", None)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(s.get("/_matrix/client/v3/pushers", Some(&bob)).await.1["pushers"], json!([]));
+
+    // Logging out removes the device's pushers.
+    assert_eq!(
+        s.post("/_matrix/client/v3/logout", Some(&alice), json!({})).await.0,
+        StatusCode::OK
+    );
+    let (_, again, _) = {
+        let (status, body) = s.login("alice", "correct horse").await;
+        assert_eq!(status, StatusCode::OK);
+        ((), body["access_token"].as_str().unwrap().to_owned(), ())
+    };
+    assert_eq!(s.get("/_matrix/client/v3/pushers", Some(&again)).await.1["pushers"], json!([]));
+}
+
+#[tokio::test]
+async fn bad_pushers_get_clear_errors() {
+    let s = TestServer::start_with(|c| c.outbound.allow_private_addresses = false).await;
+    let (_, bob, _) = s.register("bob", "battery staple").await;
+    let set = "/_matrix/client/v3/pushers/set";
+    let wrong_path = pusher("https://push.example.com/notify", "k", None);
+    assert_error(
+        &s.post(set, Some(&bob), wrong_path).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+    let loopback = pusher("http://127.0.0.1:9/_matrix/push/v1/notify", "k", None);
+    assert_error(
+        &s.post(set, Some(&bob), loopback).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+    let mut email = pusher("https://push.example.com/_matrix/push/v1/notify", "a@b.c", None);
+    email["kind"] = json!("email");
+    assert_error(&s.post(set, Some(&bob), email).await, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let no_url = json!({ "kind": "http", "app_id": "a", "pushkey": "k", "app_display_name": "A",
+        "device_display_name": "D", "lang": "en", "data": {} });
+    let result = s.post(set, Some(&bob), no_url).await;
+    assert_eq!(result.0, StatusCode::BAD_REQUEST, "{}", result.1);
+    let ok = pusher("https://push.example.com/_matrix/push/v1/notify", "k", None);
+    assert_eq!(s.post(set, Some(&bob), ok).await.0, StatusCode::OK);
+    assert_error(
+        &s.get("/_matrix/client/v3/notifications?only=everything", Some(&bob)).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+    assert_error(
+        &s.get("/_matrix/client/v3/notifications?from=nonsense", Some(&bob)).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_that_is_down_gets_the_push_after_a_restart() {
+    let s = TestServer::start().await;
+    // Reserve a port, then leave it closed while the message is sent.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let url = format!("http://{addr}/_matrix/push/v1/notify");
+    let (alice, _, bob, room) = pair(&s).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(s.post(set, Some(&bob), pusher(&url, "k5", None)).await.0, StatusCode::OK);
+    let event_id =
+        s.send_text(&alice, &room, "t1", "while you were out").await.1["event_id"].clone();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = s.restart().await;
+    let mut gateway = Gateway::start_on(tokio::net::TcpListener::bind(addr).await.unwrap(), &[]);
+    let push = gateway.next().await;
+    assert_eq!(push["notification"]["event_id"], event_id, "{push}");
+    drop(s);
+}
+
+#[tokio::test]
+async fn notifications_list_pages_highlights_and_read_state() {
+    let s = TestServer::start().await;
+    let (alice, bob_id, bob, room) = pair(&s).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            s.send_text(&alice, &room, &format!("m{i}"), &format!("note {i}")).await.1["event_id"]
+                .clone(),
+        );
+    }
+    let mention =
+        json!({ "msgtype": "m.text", "body": "bob?", "m.mentions": { "user_ids": [bob_id] } });
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/mention");
+    let mention_id = s.put(&path, Some(&alice), mention).await.1["event_id"].clone();
+
+    for _ in 0..100 {
+        let (_, all) = s.get("/_matrix/client/v3/notifications", Some(&bob)).await;
+        if all["notifications"].as_array().is_some_and(|n| n.len() == 6) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed = s.get("/_matrix/client/v3/notifications?limit=4", Some(&bob)).await.1;
+    let page = listed["notifications"].as_array().unwrap();
+    assert_eq!(page.len(), 4, "{listed}");
+    assert_eq!(page[0]["event"]["event_id"], mention_id, "newest first");
+    assert_eq!(page[0]["room_id"], room);
+    assert_eq!(page[0]["read"], false);
+    assert!(page[0]["actions"].as_array().unwrap().iter().any(|a| a["set_tweak"] == "highlight"));
+    assert!(page[0]["ts"].is_u64());
+    let next = listed["next_token"].as_str().expect("a next page").to_owned();
+    let (_, rest) =
+        s.get(&format!("/_matrix/client/v3/notifications?limit=4&from={next}"), Some(&bob)).await;
+    let rest = rest["notifications"].as_array().unwrap();
+    assert_eq!(rest.len(), 2, "{rest:?}");
+    assert_eq!(rest[1]["event"]["event_id"], ids[0]);
+
+    let (_, highlights) =
+        s.get("/_matrix/client/v3/notifications?only=highlight", Some(&bob)).await;
+    let highlights = highlights["notifications"].as_array().unwrap();
+    assert_eq!(highlights.len(), 1);
+    assert_eq!(highlights[0]["event"]["event_id"], mention_id);
+
+    let receipt = format!(
+        "/_matrix/client/v3/rooms/{room}/receipt/m.read/{}",
+        crate::common::enc(ids[2].as_str().unwrap())
+    );
+    assert_eq!(s.post(&receipt, Some(&bob), json!({})).await.0, StatusCode::OK);
+    let (_, after) = s.get("/_matrix/client/v3/notifications", Some(&bob)).await;
+    let read: Vec<bool> = after["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["read"].as_bool().unwrap())
+        .collect();
+    assert_eq!(read, [false, false, false, true, true, true]);
+
+    // alice's own messages never notify alice.
+    let (_, own) = s.get("/_matrix/client/v3/notifications", Some(&alice)).await;
+    assert_eq!(own["notifications"], json!([]));
+}
+
+#[tokio::test]
+async fn a_hanging_or_garbled_gateway_never_holds_up_sending() {
+    let s = TestServer::start().await;
+    let hang = Router::new().route(
+        "/_matrix/push/v1/notify",
+        post(|| async {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            "never"
+        }),
+    );
+    let garbage = Router::new().route("/_matrix/push/v1/notify", post(|| async { "}{ not json" }));
+    let mut urls = Vec::new();
+    for app in [hang, garbage] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!("http://{}/_matrix/push/v1/notify", listener.local_addr().unwrap()));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    }
+    let (alice, _, bob, room) = pair(&s).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    for (i, url) in urls.iter().enumerate() {
+        let body = pusher(url, &format!("k{i}"), None);
+        assert_eq!(s.post(set, Some(&bob), body).await.0, StatusCode::OK);
+    }
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        let sent = s.send_text(&alice, &room, &format!("t{i}"), "ping").await;
+        assert_eq!(sent.0, StatusCode::OK, "{}", sent.1);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "sends are not held up");
+    let (status, _) = s.get("/_matrix/client/v3/pushers", Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK);
+}
