@@ -406,6 +406,16 @@ async fn transaction_ids_are_idempotent_across_restart() {
     let s = s.restart().await;
     let again = s.send_text(&token, &room, "same-txn", "once").await;
     assert_eq!(again.1["event_id"], first.as_str());
+
+    // The same id in another room is another request: a new event there.
+    let other = s.create_room(&token, json!({})).await;
+    let elsewhere = event_id(&s.send_text(&token, &other, "same-txn", "once").await);
+    assert_ne!(elsewhere, first);
+    let (status, event) = s
+        .get(&format!("/_matrix/client/v3/rooms/{other}/event/{}", enc(&elsewhere)), Some(&token))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{event}");
+    assert_eq!(event["room_id"], other.as_str());
 }
 
 #[tokio::test]

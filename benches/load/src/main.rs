@@ -1,7 +1,8 @@
 //! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir and
 //! prints one table. `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET`
 //! drives any homeserver that offers shared-secret registration instead, so the same run can
-//! measure another server. `-- --only media` or `-- --only search` runs just those scenarios.
+//! measure another server. `-- --only media`, `-- --only search` or `-- --only threads` runs
+//! just those scenarios.
 
 use std::{
     sync::Arc,
@@ -13,6 +14,7 @@ use serde_json::{Value, json};
 
 mod media;
 mod search;
+mod threads;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -49,7 +51,7 @@ impl Target {
         })
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         user: &User,
@@ -121,6 +123,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Transaction ids unique across the whole run, so no send is answered from a retry cache.
+static TXN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// `senders` users each send into their room for `duration`; returns events per second.
 async fn send_rate(
     target: &Target,
@@ -135,7 +140,8 @@ async fn send_rate(
         tasks.push(tokio::spawn(async move {
             let mut sent = 0u64;
             while Instant::now() < deadline {
-                target.send(&user, &room, &format!("r{i}-{sent}"), "load").await?;
+                let txn = TXN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                target.send(&user, &room, &format!("r{i}-{txn}"), "load").await?;
                 sent += 1;
             }
             Ok::<u64, Error>(sent)
@@ -410,6 +416,9 @@ fn main() -> Result<(), Error> {
                 users.push(target.register(&format!("search{i}_{}", std::process::id())).await?);
             }
             search::rows(&target, &users).await?
+        } else if only.as_deref() == Some("threads") {
+            let users = threads::users(&target, "threads", 100).await?;
+            threads::rows(&target, &users).await?
         } else {
             run(target, &mut rss).await?
         };

@@ -217,9 +217,12 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
     let caller = req.caller()?.clone();
     let body = req.body;
     let rooms = &services.rooms;
-    if let Some(existing) =
-        rooms.transaction(&caller.user_id, caller.device_id.as_str(), body.txn_id.as_str())?
-    {
+    if let Some(existing) = rooms.transaction(
+        &caller.user_id,
+        caller.device_id.as_str(),
+        &body.room_id,
+        body.txn_id.as_str(),
+    )? {
         return Ok(redact::Response::new(existing));
     }
     let target = rooms.stored(&body.event_id)?.filter(|e| e.room_id == body.room_id);

@@ -430,14 +430,16 @@ impl Rooms {
         Ok(self.db.write(batch)?)
     }
 
-    /// The event a device already sent with `txn_id`, if any.
+    /// The event a device already sent to `room_id` with `txn_id`, if any. Transaction ids
+    /// are scoped to the room they were used in, as each request path is its own.
     pub fn transaction(
         &self,
         user_id: &UserId,
         device_id: &str,
+        room_id: &RoomId,
         txn_id: &str,
     ) -> Result<Option<OwnedEventId>> {
-        Ok(self.transactions.get(&(user_id.as_str(), device_id, txn_id))?)
+        Ok(self.transactions.get(&(user_id.as_str(), device_id, &*txn_key(room_id, txn_id)))?)
     }
 
     /// Applies the server's encryption policy to an `m.room.encryption` state event: refused
@@ -477,7 +479,7 @@ impl Rooms {
         let lock = self.lock(room_id);
         let _guard = lock.lock().await;
         if let Some((device, txn_id)) = txn
-            && let Some(existing) = self.transaction(sender, device, txn_id)?
+            && let Some(existing) = self.transaction(sender, device, room_id, txn_id)?
         {
             return Ok(existing);
         }
@@ -730,7 +732,8 @@ impl Rooms {
         self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         self.rooms.put(&mut batch, room_id.as_str(), &record);
         if let Some((device, txn_id)) = txn {
-            self.transactions.put(&mut batch, &(sender.as_str(), device, txn_id), &event_id);
+            let key = txn_key(&room_id, txn_id);
+            self.transactions.put(&mut batch, &(sender.as_str(), device, &*key), &event_id);
         }
         services.audit.commit(batch, audit_entries)?;
         services.search.enqueue(short);
@@ -867,4 +870,9 @@ impl Rooms {
             _ => false,
         })
     }
+}
+
+/// The stored key part of a transaction id used in `room_id`.
+fn txn_key(room_id: &RoomId, txn_id: &str) -> String {
+    format!("{room_id}\u{1f}{txn_id}")
 }
