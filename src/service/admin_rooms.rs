@@ -121,17 +121,16 @@ impl Services {
             failed_to_kick_users: Vec::new(),
             error: None,
         };
-        for (user_id, current) in self.rooms.members(room_id)? {
+        for (user_id, current) in self.rooms.members(room_id)?.iter() {
             let present = matches!(current.as_str(), "join" | "invite" | "knock");
             if !present || user_id.server_name() != self.server_name() {
                 continue;
             }
-            match membership::leave(self, room_id, &user_id, Some("This room was shut down")).await
-            {
-                Ok(_) => status.kicked_users.push(user_id),
+            match membership::leave(self, room_id, user_id, Some("This room was shut down")).await {
+                Ok(_) => status.kicked_users.push(user_id.clone()),
                 Err(err) => {
                     tracing::warn!(%room_id, %user_id, %err, "could not remove member");
-                    status.failed_to_kick_users.push(user_id);
+                    status.failed_to_kick_users.push(user_id.clone());
                 }
             }
         }

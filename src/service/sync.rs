@@ -186,8 +186,8 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                 continue;
             }
             let members = || -> Result<Vec<ruma::OwnedUserId>> {
-                let members = rooms.members(&room)?.into_iter();
-                Ok(members.filter(|(_, m)| m == "join").map(|(u, _)| u).collect())
+                let members = rooms.members(&room)?;
+                Ok(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| u.clone()).collect())
             };
             match (joined, user == req.user_id) {
                 (true, false) => changed_keys.push(user),

@@ -42,9 +42,9 @@ fn candidates(services: &Services, searcher: &UserId) -> Result<BTreeSet<OwnedUs
     let rooms = &services.rooms;
     let shared = rooms.rooms_of(searcher, "join")?;
     for room_id in shared.into_iter().chain(services.directory.published_rooms()?) {
-        for (user, membership) in rooms.members(&room_id)? {
+        for (user, membership) in rooms.members(&room_id)?.iter() {
             if membership == "join" {
-                users.insert(user);
+                users.insert(user.clone());
             }
             if users.len() >= MAX_SCAN {
                 return Ok(users);

@@ -44,6 +44,7 @@ pub enum StorageError {
 pub struct Db {
     inner: Arc<rocksdb::DB>,
     write_options: Arc<WriteOptions>,
+    unsynced_options: Arc<WriteOptions>,
 }
 
 fn max_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
@@ -96,7 +97,11 @@ impl Db {
         })?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(true);
-        Ok(Self { inner: Arc::new(db), write_options: Arc::new(write_options) })
+        Ok(Self {
+            inner: Arc::new(db),
+            write_options: Arc::new(write_options),
+            unsynced_options: Arc::new(WriteOptions::default()),
+        })
     }
 
     /// A typed handle on the column family `name` (one of [`tables`]).
@@ -118,6 +123,13 @@ impl Db {
         let multi_threaded = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if multi_threaded { tokio::task::block_in_place(write) } else { write() }?;
+        Ok(())
+    }
+
+    /// Applies `batch` atomically without waiting for the WAL sync. Only for data that can be
+    /// derived again from durable data after a power loss (the next synced write covers it).
+    pub fn write_unsynced(&self, batch: Batch) -> Result<(), StorageError> {
+        self.inner.write_opt(batch.inner, &self.unsynced_options)?;
         Ok(())
     }
 
@@ -244,6 +256,16 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     pub fn put(&self, batch: &mut Batch, key: &(impl Key + ?Sized), value: &V) {
         let bytes = serde_json::to_vec(value).expect("table values always serialize");
         batch.inner.put_cf(self.db.cf(self.name), key.to_key_bytes(), bytes);
+    }
+
+    /// `value` as stored, for writing under many keys with [`Table::put_encoded`].
+    pub fn encode(&self, value: &V) -> Vec<u8> {
+        serde_json::to_vec(value).expect("table values always serialize")
+    }
+
+    /// Queues `key = value` in `batch`, with `value` from [`Table::encode`].
+    pub fn put_encoded(&self, batch: &mut Batch, key: &[u8], value: &[u8]) {
+        batch.inner.put_cf(self.db.cf(self.name), key, value);
     }
 
     /// Queues the removal of `key` in `batch`.

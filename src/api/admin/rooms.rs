@@ -128,9 +128,9 @@ pub async fn members(
     let members: Vec<_> = services
         .rooms
         .members(&room_id)?
-        .into_iter()
+        .iter()
         .filter(|(_, m)| m == "join")
-        .map(|(u, _)| u)
+        .map(|(u, _)| u.clone())
         .collect();
     Ok(Json(json!({ "members": members, "total": members.len() })))
 }

@@ -179,7 +179,7 @@ pub async fn joined(
     }
     let state = services.rooms.current_state(room_id)?;
     let mut joined = BTreeMap::new();
-    for (user_id, membership) in services.rooms.members(room_id)? {
+    for (user_id, membership) in services.rooms.members(room_id)?.iter() {
         if membership != "join" {
             continue;
         }
@@ -191,7 +191,7 @@ pub async fn joined(
         member.display_name =
             content.get("displayname").and_then(|v| v.as_str()).map(str::to_owned);
         member.avatar_url = content.get("avatar_url").and_then(|v| v.as_str()).map(Into::into);
-        joined.insert(user_id, member);
+        joined.insert(user_id.clone(), member);
     }
     Ok(joined_members::Response::new(joined))
 }

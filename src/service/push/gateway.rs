@@ -14,7 +14,7 @@ use std::{
 };
 
 use ruma::{
-    OwnedEventId, OwnedRoomId, OwnedUserId, UInt, UserId,
+    EventId, OwnedEventId, OwnedRoomId, OwnedUserId, UInt, UserId,
     api::{
         client::push::PusherKind,
         push_gateway::send_event_notification::v1::{
@@ -63,13 +63,18 @@ pub struct Delivery {
 
 impl Delivery {
     /// A push of `record` to `pusher` of `user_id`.
-    pub fn new(user_id: &UserId, pusher: &PusherRecord, record: &NotificationRecord) -> Self {
+    pub fn new(
+        user_id: &UserId,
+        pusher: &PusherRecord,
+        record: &NotificationRecord,
+        event_id: &EventId,
+    ) -> Self {
         Self {
             user_id: user_id.to_owned(),
             app_id: pusher.pusher.ids.app_id.clone(),
             pushkey: pusher.pusher.ids.pushkey.clone(),
             room_id: record.room_id.clone(),
-            event_id: record.event_id.clone(),
+            event_id: event_id.to_owned(),
             actions: record.actions.clone(),
             queued_ms: record.ts,
         }

@@ -10,8 +10,8 @@ use std::{
 };
 
 use ruma::{
-    OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
-    push::{Action, FlattenedJson, PushConditionRoomCtx, Ruleset},
+    OwnedRoomId, OwnedUserId, UserId,
+    push::{Action, AnyPushRuleRef, FlattenedJson, PushCondition, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,7 @@ use crate::{
         Services,
         rooms::{pdu::StoredPdu, state::StateMap},
     },
-    storage::{Batch, Db, Table, tables},
+    storage::{Db, Key, Table, tables},
 };
 
 /// Events re-read after a restart, before the stored cursor, to cover writes that committed
@@ -32,6 +32,8 @@ use crate::{
 const REPLAY_MARGIN: u64 = 1000;
 /// Events judged together and written in one batch.
 const BATCH: usize = 256;
+/// How long the notifier waits for more events before judging what it has.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
 /// Rooms whose members and contexts are kept between batches.
 const ROOM_CACHE: usize = 1024;
 /// Rulesets kept between batches.
@@ -39,16 +41,21 @@ const RULES_CACHE: usize = 10_000;
 /// The key of the cursor in the global table.
 const CURSOR_KEY: &str = "push_cursor";
 
-/// One event that notified one user.
+/// One event that notified one user. Stored once per notified member, so kept small: the
+/// event itself is found by its short id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NotificationRecord {
     /// The room of the event.
+    #[serde(rename = "r")]
     pub room_id: OwnedRoomId,
-    /// The event.
-    pub event_id: OwnedEventId,
+    /// The event's short id.
+    #[serde(rename = "s")]
+    pub short: u64,
     /// When it was judged, in milliseconds.
+    #[serde(rename = "t")]
     pub ts: u64,
     /// The actions of the rule that matched.
+    #[serde(rename = "a")]
     pub actions: Vec<Action>,
 }
 
@@ -57,6 +64,74 @@ impl NotificationRecord {
     pub fn highlight(&self) -> bool {
         self.actions.iter().any(Action::is_highlight)
     }
+}
+
+/// A user's rules, each with the number under which its verdict on an event is shared with
+/// every other member whose rule is the same (most members keep the server defaults).
+struct Rules {
+    ruleset: Ruleset,
+    /// Per rule, in `ruleset.iter()` order; `None` when the verdict depends on the user.
+    shared: Vec<Option<usize>>,
+    /// Per rule, the number of its actions: rules with equal actions share one.
+    actions: Vec<usize>,
+}
+
+/// Cached rules, and the numbers given to shared rule keys.
+#[derive(Default)]
+struct RuleCache {
+    by_user: HashMap<OwnedUserId, Arc<Rules>>,
+    keys: HashMap<Box<str>, usize>,
+    actions: HashMap<String, usize>,
+}
+
+impl RuleCache {
+    fn compile(&mut self, ruleset: Ruleset) -> Rules {
+        let shared = ruleset
+            .iter()
+            .map(|rule| {
+                let key = shared_key(rule)?;
+                let next = self.keys.len();
+                Some(*self.keys.entry(key).or_insert(next))
+            })
+            .collect();
+        let actions = ruleset
+            .iter()
+            .map(|rule| {
+                let key = serde_json::to_string(rule.actions()).unwrap_or_default();
+                let next = self.actions.len();
+                *self.actions.entry(key).or_insert(next)
+            })
+            .collect();
+        Rules { ruleset, shared, actions }
+    }
+}
+
+/// The key of a rule whose verdict depends only on the event and the room (not on the member
+/// judged): its kind, id (the old mention rules behave by id) and conditions.
+fn shared_key(rule: AnyPushRuleRef<'_>) -> Option<Box<str>> {
+    let (kind, conditions) = match rule {
+        AnyPushRuleRef::Override(rule) => ("o", &rule.conditions),
+        AnyPushRuleRef::Underride(rule) => ("u", &rule.conditions),
+        AnyPushRuleRef::Content(rule) => {
+            return Some(format!("c{}\u{1f}{}", rule.rule_id, rule.pattern).into());
+        }
+        AnyPushRuleRef::Room(rule) => return Some(format!("r{}", rule.rule_id).into()),
+        AnyPushRuleRef::Sender(rule) => return Some(format!("s{}", rule.rule_id).into()),
+        #[allow(unreachable_patterns)]
+        _ => return None,
+    };
+    let independent = conditions.iter().all(|condition| {
+        matches!(
+            condition,
+            PushCondition::EventMatch(_)
+                | PushCondition::RoomMemberCount(_)
+                | PushCondition::SenderNotificationPermission(_)
+                | PushCondition::EventPropertyIs(_)
+                | PushCondition::EventPropertyContains(_)
+        )
+    });
+    let conditions = serde_json::to_string(conditions).ok()?;
+    independent.then(|| format!("{kind}{}\u{1f}{conditions}", rule.rule_id()).into())
 }
 
 /// Who a room's events may notify, at one state snapshot.
@@ -72,7 +147,7 @@ pub struct Notifier {
     receiver: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
     notifications: Table<NotificationRecord>,
     global: Table<u64>,
-    rules: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
+    rules: Mutex<RuleCache>,
     audiences: Mutex<HashMap<OwnedRoomId, Arc<Audience>>>,
 }
 
@@ -97,7 +172,7 @@ impl Notifier {
 
     /// Forgets the cached rules of `user_id` after they changed.
     pub fn forget_rules(&self, user_id: &UserId) {
-        self.rules.lock().unwrap_or_else(|e| e.into_inner()).remove(user_id);
+        self.rules.lock().unwrap_or_else(|e| e.into_inner()).by_user.remove(user_id);
     }
 
     /// The notifications table (read by `/notifications` and the gateway's badge counts).
@@ -105,17 +180,26 @@ impl Notifier {
         &self.notifications
     }
 
-    fn ruleset(&self, services: &Services, user_id: &UserId) -> Result<Arc<Ruleset>> {
-        if let Some(rules) = self.rules.lock().unwrap_or_else(|e| e.into_inner()).get(user_id) {
+    fn ruleset(&self, services: &Services, user_id: &UserId) -> Result<Arc<Rules>> {
+        if let Some(rules) =
+            self.rules.lock().unwrap_or_else(|e| e.into_inner()).by_user.get(user_id)
+        {
             return Ok(rules.clone());
         }
-        let rules = Arc::new(super::ruleset(services, user_id)?);
+        let ruleset = super::ruleset(services, user_id)?;
         let mut cache = self.rules.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= RULES_CACHE {
-            cache.clear();
-        }
-        cache.insert(user_id.to_owned(), rules.clone());
+        let rules = Arc::new(cache.compile(ruleset));
+        cache.by_user.insert(user_id.to_owned(), rules.clone());
         Ok(rules)
+    }
+
+    /// Bounds the rule cache; only between events, as numbers given out are reused after it.
+    fn trim_rules(&self) {
+        let mut cache = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let numbers = cache.keys.len() + cache.actions.len();
+        if cache.by_user.len() >= RULES_CACHE || numbers >= 4 * RULES_CACHE {
+            *cache = RuleCache::default();
+        }
     }
 
     /// The local members `event` may notify, with their contexts, cached per state snapshot.
@@ -172,9 +256,10 @@ impl Notifier {
     async fn judge_event(
         &self,
         services: &Services,
+        short: u64,
         event: &StoredPdu,
         replay: bool,
-        batch: &mut Batch,
+        records: &mut Vec<(Vec<u8>, Arc<[u8]>)>,
         deliveries: &mut Vec<Delivery>,
     ) -> Result<()> {
         if event.redacted_because.is_some() {
@@ -188,64 +273,111 @@ impl Notifier {
         let flat = FlattenedJson::from_raw(&raw);
         let invited = invitee(event, services);
         let invite_context;
-        let mut candidates: Vec<(&UserId, &PushConditionRoomCtx)> =
-            audience.members.iter().map(|(u, c)| (&**u, c)).collect();
+        // Members share one room context, so verdicts that do not depend on the member are
+        // judged once per event; an invitee has a context of their own.
+        let mut candidates: Vec<(&UserId, &PushConditionRoomCtx, bool)> =
+            audience.members.iter().map(|(u, c)| (&**u, c, true)).collect();
         if let Some(user) = &invited {
             let count = audience.members.len() as u64;
             invite_context = super::member_context(&event.room_id, user, None, count);
-            candidates.push((user, &invite_context));
+            candidates.push((user, &invite_context, false));
         }
+        // Per shared rule number: 0 not judged yet, 1 does not apply, 2 applies.
+        let mut verdicts: Vec<u8> = Vec::new();
+        // Members notified with the same actions get the same stored record, encoded once.
+        let mut encoded: Vec<(usize, Arc<[u8]>)> = Vec::new();
         let now = crate::service::now_ms();
-        for (user_id, context) in candidates {
+        for (user_id, context, member) in candidates {
             if user_id.as_str() == sender {
                 continue;
             }
             let rules = self.ruleset(services, user_id)?;
             let mut actions: &[Action] = &[];
-            for rule in rules.iter() {
-                if rule.applies(&flat, context).await {
+            let mut actions_number = usize::MAX;
+            for ((rule, shared), number) in
+                rules.ruleset.iter().zip(&rules.shared).zip(&rules.actions)
+            {
+                if !rule.enabled() {
+                    continue;
+                }
+                let applies = match shared.filter(|_| member) {
+                    Some(number) => {
+                        if verdicts.len() <= number {
+                            verdicts.resize(number + 1, 0);
+                        }
+                        if verdicts[number] == 0 {
+                            verdicts[number] = 1 + u8::from(rule.applies(&flat, context).await);
+                        }
+                        verdicts[number] == 2
+                    }
+                    None => rule.applies(&flat, context).await,
+                };
+                if applies {
                     actions = rule.actions();
+                    actions_number = *number;
                     break;
                 }
             }
             if !actions.iter().any(|a| matches!(a, Action::Notify)) {
                 continue;
             }
-            let key = (user_id.as_str(), event.position);
-            if replay && self.notifications.contains(&key)? {
+            let key = (user_id.as_str(), event.position).to_key_bytes();
+            if replay && self.notifications.contains(&key[..])? {
                 continue;
             }
-            let record = NotificationRecord {
+            let record = || NotificationRecord {
                 room_id: event.room_id.clone(),
-                event_id: event.event_id.clone(),
+                short,
                 ts: now,
                 actions: actions.to_vec(),
             };
-            self.notifications.put(batch, &key, &record);
-            for pusher in services.pushers.of(user_id) {
-                deliveries.push(Delivery::new(user_id, &pusher, &record));
+            let value = match encoded.iter().find(|(n, _)| *n == actions_number) {
+                Some((_, value)) => value.clone(),
+                None => {
+                    let value: Arc<[u8]> = self.notifications.encode(&record()).into();
+                    encoded.push((actions_number, value.clone()));
+                    value
+                }
+            };
+            let pushers = services.pushers.of(user_id);
+            if !pushers.is_empty() {
+                let record = record();
+                for pusher in pushers {
+                    deliveries.push(Delivery::new(user_id, &pusher, &record, &event.event_id));
+                }
             }
+            records.push((key, value));
         }
         Ok(())
     }
 
     /// Judges the events `shorts` and writes what they produced with the new cursor.
     async fn judge_all(&self, services: &Services, shorts: &[u64], replay: bool) -> Result<()> {
-        let mut batch = services.db.batch();
+        let mut records = Vec::new();
         let mut deliveries = Vec::new();
         let mut cursor = self.global.get(CURSOR_KEY)?.unwrap_or(0);
         for &short in shorts {
+            self.trim_rules();
             cursor = cursor.max(short);
             let Some(event) = services.rooms.stored_by_short_public(short)? else { continue };
-            if let Err(err) =
-                self.judge_event(services, &event, replay, &mut batch, &mut deliveries).await
+            if let Err(err) = self
+                .judge_event(services, short, &event, replay, &mut records, &mut deliveries)
+                .await
             {
                 tracing::warn!(%err, event_id = %event.event_id, "could not judge push rules");
             }
         }
+        // In key order, the memtable inserts each next to the last.
+        records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut batch = services.db.batch();
+        for (key, value) in &records {
+            self.notifications.put_encoded(&mut batch, key, value);
+        }
         self.global.put(&mut batch, CURSOR_KEY, &cursor);
         services.gateway.queue(&mut batch, deliveries);
-        services.db.write(batch)?;
+        // Everything here is derived from persisted events and replayed from the cursor after a
+        // power loss, so it need not wait for its own WAL sync.
+        services.db.write_unsynced(batch)?;
         services.gateway.wake();
         Ok(())
     }
@@ -288,12 +420,34 @@ fn invitee(event: &StoredPdu, services: &Services) -> Option<OwnedUserId> {
 }
 
 /// Runs the notifier until the server stops: first the catch-up, then each announced event.
-pub async fn run(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
-    let notifier = &services.notifier;
-    let Some(mut jobs) = notifier.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+/// Judging is CPU work, so it runs on a thread of its own, away from request handling, and
+/// events arriving close together are judged and written together.
+pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
+    let Some(jobs) = services.notifier.receiver.lock().unwrap_or_else(|e| e.into_inner()).take()
+    else {
         return;
     };
-    if let Err(err) = notifier.catch_up(&services).await {
+    let handle = tokio::runtime::Handle::current();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("notifier".into()).spawn(move || {
+        handle.block_on(judge_loop(&services, jobs, stopped));
+        let _ = done.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(err) => tracing::error!(%err, "could not start the notifier"),
+    }
+}
+
+async fn judge_loop(
+    services: &Services,
+    mut jobs: mpsc::UnboundedReceiver<u64>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let notifier = &services.notifier;
+    if let Err(err) = notifier.catch_up(services).await {
         tracing::error!(%err, "notifier could not catch up");
     }
     let mut shorts = Vec::with_capacity(BATCH);
@@ -302,7 +456,15 @@ pub async fn run(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
             _ = stopped.wait_for(|stop| *stop) => return,
             received = jobs.recv_many(&mut shorts, BATCH) => if received == 0 { return },
         }
-        if let Err(err) = notifier.judge_all(&services, &shorts, false).await {
+        // Under load, a moment's wait gathers the events that follow into the same write.
+        tokio::time::sleep(GATHER).await;
+        while shorts.len() < BATCH {
+            match jobs.try_recv() {
+                Ok(short) => shorts.push(short),
+                Err(_) => break,
+            }
+        }
+        if let Err(err) = notifier.judge_all(services, &shorts, false).await {
             tracing::error!(%err, "notifier could not record notifications");
         }
         shorts.clear();

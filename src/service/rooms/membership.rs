@@ -117,7 +117,7 @@ fn restricted_join_authoriser(
     let power = rooms.state_content(&state, "m.room.power_levels", "")?.unwrap_or_default();
     let invite_level = power.get("invite").and_then(|v| v.as_i64()).unwrap_or(0);
     let users_default = power.get("users_default").and_then(|v| v.as_i64()).unwrap_or(0);
-    for (member, membership) in rooms.members(room_id)? {
+    for (member, membership) in rooms.members(room_id)?.iter() {
         if membership != "join" || member.server_name() != services.server_name() {
             continue;
         }
@@ -126,9 +126,9 @@ fn restricted_join_authoriser(
             .and_then(|u| u.get(member.as_str()))
             .and_then(|v| v.as_i64())
             .unwrap_or(users_default);
-        let creator = rooms.is_creator(&state, &member)?;
+        let creator = rooms.is_creator(&state, member)?;
         if creator || level >= invite_level {
-            return Ok(Some(member));
+            return Ok(Some(member.clone()));
         }
     }
     Ok(None)

@@ -98,7 +98,17 @@ pub struct Rooms {
     short_room: Counter,
     last_create_ts: std::sync::atomic::AtomicU64,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each room's member list, read on every send; dropped when a membership changes.
+    members_cache: Mutex<HashMap<OwnedRoomId, Members>>,
+    /// Bumped on every membership change, so a list read before one is never cached after it.
+    members_generation: std::sync::atomic::AtomicU64,
 }
+
+/// A room's members with their membership, shared between readers.
+pub type Members = Arc<Vec<(ruma::OwnedUserId, String)>>;
+
+/// Rooms whose member lists are kept in memory.
+const MEMBERS_CACHE: usize = 10_000;
 
 /// Where an event goes: an existing room, or a new room of a version (its create event).
 enum Target<'a> {
@@ -127,6 +137,8 @@ impl Rooms {
             short_room: Counter::new(db, "short_room")?,
             last_create_ts: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::default(),
+            members_cache: Mutex::default(),
+            members_generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -367,7 +379,7 @@ impl Rooms {
         let mut mates = std::collections::BTreeSet::from([user_id.to_owned()]);
         for room in self.rooms_of(user_id, "join")? {
             mates.extend(
-                self.members(&room)?.into_iter().filter(|(_, m)| m == "join").map(|(u, _)| u),
+                self.members(&room)?.iter().filter(|(_, m)| m == "join").map(|(u, _)| u.clone()),
             );
         }
         Ok(mates)
@@ -404,7 +416,14 @@ impl Rooms {
     }
 
     /// Members of `room_id` with their membership.
-    pub fn members(&self, room_id: &RoomId) -> Result<Vec<(ruma::OwnedUserId, String)>> {
+    pub fn members(&self, room_id: &RoomId) -> Result<Members> {
+        use std::sync::atomic::Ordering;
+        if let Some(members) =
+            self.members_cache.lock().unwrap_or_else(|e| e.into_inner()).get(room_id)
+        {
+            return Ok(members.clone());
+        }
+        let generation = self.members_generation.load(Ordering::SeqCst);
         let mut members = Vec::new();
         for item in self.room_members.scan_prefix(prefix(room_id.as_str())) {
             let (key, membership) = item?;
@@ -415,7 +434,22 @@ impl Rooms {
                 members.push((user, membership));
             }
         }
+        let members = Arc::new(members);
+        let mut cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if self.members_generation.load(Ordering::SeqCst) == generation {
+            if cache.len() >= MEMBERS_CACHE {
+                cache.clear();
+            }
+            cache.insert(room_id.to_owned(), members.clone());
+        }
         Ok(members)
+    }
+
+    /// Drops the cached member list of `room_id` after its membership changed.
+    fn forget_members(&self, room_id: &RoomId) {
+        let mut cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
+        self.members_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        cache.remove(room_id);
     }
 
     /// Whether `user_id` left and forgot `room_id` (its history is then closed to them).
@@ -736,6 +770,9 @@ impl Rooms {
             self.transactions.put(&mut batch, &(sender.as_str(), device, &*key), &event_id);
         }
         services.audit.commit(batch, audit_entries)?;
+        if event.kind == TimelineEventType::RoomMember {
+            self.forget_members(&room_id);
+        }
         services.search.enqueue(short);
         services.notifier.enqueue(short);
         let position = pending.position;

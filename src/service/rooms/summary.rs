@@ -24,7 +24,7 @@ pub fn summary(services: &Services, room_id: &RoomId) -> Result<JsonValue> {
             .and_then(|c| c.get(name).cloned())
             .filter(|v| !v.is_null()))
     };
-    let joined = rooms.members(room_id)?.into_iter().filter(|(_, m)| m == "join").count();
+    let joined = rooms.members(room_id)?.iter().filter(|(_, m)| m == "join").count();
     let join_rules = rooms.state_content(&state, "m.room.join_rules", "")?.unwrap_or_default();
     let mut summary = Map::new();
     summary.insert("room_id".into(), json!(room_id));

@@ -99,7 +99,7 @@ pub async fn upgrade_room(
     append(NewEvent::state("m.room.power_levels", "", power.clone())).await?;
 
     // Bans carry over.
-    for (member, membership) in rooms.members(room_id)? {
+    for (member, membership) in rooms.members(room_id)?.iter() {
         if membership == "ban" {
             append(NewEvent::state(
                 "m.room.member",
