@@ -5,6 +5,7 @@ pub mod account_data;
 pub mod admin;
 pub mod admin_rooms;
 pub mod admin_users;
+pub mod analytics;
 pub mod audit;
 pub mod backup;
 pub mod e2ee;
@@ -89,6 +90,8 @@ pub struct Services {
     pub audit: audit::Audit,
     /// Blocked rooms and room deletions.
     pub admin_rooms: admin_rooms::AdminRooms,
+    /// Aggregates for the admin analytics.
+    pub analytics: analytics::Analytics,
 }
 
 impl Services {
@@ -116,6 +119,7 @@ impl Services {
             relations: relations::Relations::new(&db),
             audit: audit::Audit::new(&db)?,
             admin_rooms: admin_rooms::AdminRooms::new(&db),
+            analytics: analytics::Analytics::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
