@@ -134,8 +134,8 @@ pub const ANALYTICS_UNANSWERED: &str = "analytics_unanswered";
 pub const ANALYTICS_RESPONSE_TIMES: &str = "analytics_response_times";
 /// `poll start event id` -> `Poll` (question, answers, tally, end).
 pub const ANALYTICS_POLLS: &str = "analytics_polls";
-/// `day 0xFF poll start event id` -> nothing: polls by the day they started.
-pub const ANALYTICS_POLLS_BY_DAY: &str = "analytics_polls_by_day";
+/// `start ms 0xFF poll start event id` -> nothing: polls in the order they started.
+pub const ANALYTICS_POLLS_BY_TIME: &str = "analytics_polls_by_time";
 /// `poll start event id 0xFF user id` -> the user's latest `Vote`.
 pub const ANALYTICS_POLL_VOTES: &str = "analytics_poll_votes";
 
@@ -200,6 +200,6 @@ pub const ALL: &[&str] = &[
     ANALYTICS_UNANSWERED,
     ANALYTICS_RESPONSE_TIMES,
     ANALYTICS_POLLS,
-    ANALYTICS_POLLS_BY_DAY,
+    ANALYTICS_POLLS_BY_TIME,
     ANALYTICS_POLL_VOTES,
 ];

@@ -166,9 +166,12 @@ pub async fn active_users(
     let mut body = params.range_json(range);
     body["distinct_users"] = json!(distinct);
     body["days"] = json!(days);
-    Ok(respond(format, body.clone(), &rows_of(&body, "days"), &[
-        "day", "daily", "weekly", "monthly",
-    ]))
+    Ok(respond(
+        format,
+        body.clone(),
+        &rows_of(&body, "days"),
+        &["day", "daily", "weekly", "monthly"],
+    ))
 }
 
 /// `GET /_plaza/admin/v1/analytics/messages`: messages grouped by `group_by` (`day`, `room`,

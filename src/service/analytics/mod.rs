@@ -85,7 +85,7 @@ pub struct Analytics {
     unanswered: Table<Vec<Unanswered>>,
     responses: Table<ResponseSample>,
     polls: Table<Poll>,
-    polls_by_day: Table<()>,
+    polls_by_time: Table<()>,
     votes: Table<Vote>,
     touched: Mutex<(Day, HashSet<String>)>,
 }
@@ -117,8 +117,10 @@ impl Facts<'_> {
         let mut targets = Vec::new();
         let falling_back = relates.get("is_falling_back").and_then(|f| f.as_bool()) == Some(true);
         if !falling_back
-            && let Some(parent) =
-                relates.get("m.in_reply_to").and_then(|r| r.get("event_id")).and_then(|e| e.as_str())
+            && let Some(parent) = relates
+                .get("m.in_reply_to")
+                .and_then(|r| r.get("event_id"))
+                .and_then(|e| e.as_str())
         {
             targets.push(parent);
         }
@@ -140,7 +142,7 @@ impl Analytics {
             unanswered: db.table(tables::ANALYTICS_UNANSWERED),
             responses: db.table(tables::ANALYTICS_RESPONSE_TIMES),
             polls: db.table(tables::ANALYTICS_POLLS),
-            polls_by_day: db.table(tables::ANALYTICS_POLLS_BY_DAY),
+            polls_by_time: db.table(tables::ANALYTICS_POLLS_BY_TIME),
             votes: db.table(tables::ANALYTICS_POLL_VOTES),
             touched: Mutex::new((Day(0), HashSet::new())),
         }
@@ -199,10 +201,11 @@ impl Analytics {
         }
         if polls::START_TYPES.contains(&facts.kind) {
             let (id, room, sender) = (facts.event_id, facts.room_id, facts.sender);
-            if let Some(poll) = polls::parse_start(facts.kind, &facts.content, id, room, sender, facts.ts)
+            if let Some(poll) =
+                polls::parse_start(facts.kind, &facts.content, id, room, sender, facts.ts)
             {
                 self.polls.put(batch, id, &poll);
-                self.polls_by_day.put(batch, &(day.as_str(), id), &());
+                self.polls_by_time.put(batch, &(facts.ts, id), &());
             }
         } else if polls::RESPONSE_TYPES.contains(&facts.kind) {
             self.record_response(batch, &facts)?;

@@ -138,11 +138,7 @@ pub fn response_selections(kind: &str, content: &JsonValue) -> Option<Vec<String
     } else {
         content.get("org.matrix.msc3381.poll.response")?.get("answers")?
     };
-    list.as_array()?
-        .iter()
-        .take(MAX_ANSWERS * 4)
-        .map(|id| id.as_str().map(str::to_owned))
-        .collect()
+    list.as_array()?.iter().take(MAX_ANSWERS * 4).map(|id| id.as_str().map(str::to_owned)).collect()
 }
 
 impl Poll {

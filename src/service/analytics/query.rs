@@ -13,7 +13,7 @@ use super::{Analytics, ResponseSample, day::Day, polls::Poll};
 use crate::{
     error::{Error, Result},
     service::Services,
-    storage::split_key,
+    storage::{Key, split_key},
 };
 
 /// Longest range of days one query may cover.
@@ -380,15 +380,16 @@ impl Analytics {
 
     /// Polls started in `range` (of one room, if `room_id`), oldest first, at most `limit`.
     pub fn polls(&self, range: Range, room_id: Option<&str>, limit: usize) -> Result<Vec<Poll>> {
-        let (lower, upper) = range.key_bounds();
+        let (lower, upper) = (range.from.start_ms(), range.to.plus(1).start_ms());
         let mut polls = Vec::new();
-        for item in self.polls_by_day.scan_range(lower, upper, false) {
+        for item in self.polls_by_time.scan_range(lower.to_key_bytes(), upper.to_key_bytes(), false)
+        {
             let (key, ()) = item?;
-            let Some(poll) = key_parts(&key).get(1).map(|id| self.polls.get(*id)).transpose()?
-            else {
+            let event_id = key.get(9..).and_then(|id| std::str::from_utf8(id).ok());
+            let Some(poll) = event_id.map(|id| self.polls.get(id)).transpose()?.flatten() else {
                 continue;
             };
-            if let Some(poll) = poll.filter(|p| room_id.is_none_or(|r| r == p.room_id)) {
+            if room_id.is_none_or(|r| r == poll.room_id) {
                 polls.push(poll);
                 if polls.len() >= limit {
                     break;
