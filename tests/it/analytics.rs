@@ -360,3 +360,82 @@ async fn only_staff_read_analytics_and_bad_parameters_are_refused() {
         assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
     }
 }
+
+/// Feeds events with chosen timestamps straight to the aggregates, as the room service does
+/// after authorising them, so the reply times are known to the millisecond.
+#[tokio::test]
+async fn known_reply_times_give_exact_medians_and_p90s() {
+    use plaza::service::rooms::{pdu::StoredPdu, state::StateMap};
+    use ruma::{RoomVersionId, canonical_json::to_canonical_value};
+
+    let s = TestServer::start().await;
+    let (admin, token, _) = s.register("root", "password-r").await;
+    s.set_role(&admin, "admin");
+    let services = s.server().services().clone();
+    let room = "!known:localhost";
+    let store = |id: String, sender: &str, ts: u64, content: Value| {
+        let wire = json!({ "type": "m.room.message", "room_id": room, "sender": sender,
+            "origin_server_ts": ts, "content": content });
+        let ruma::CanonicalJsonValue::Object(wire) = to_canonical_value(wire).unwrap() else {
+            unreachable!()
+        };
+        let event = StoredPdu {
+            event_id: ruma::EventId::parse(id).unwrap(),
+            room_id: ruma::RoomId::parse(room).unwrap(),
+            position: 0,
+            state_before: 0,
+            state_after: 0,
+            wire,
+            redacted_because: None,
+            transaction: None,
+        };
+        let mut batch = services.db.batch();
+        services
+            .analytics
+            .record(&mut batch, &services, &event, &StateMap::new(), &RoomVersionId::V11)
+            .unwrap();
+        services.db.write(batch).unwrap();
+    };
+    // 2023-11-14, 08:00 UTC: alice asks ten questions an hour apart; bob answers the n-th after
+    // n minutes. Carol asks three; alice answers after 2, 4 and 6 minutes.
+    let (minute, hour) = (60_000, 3_600_000);
+    let start = 19_675 * 86_400_000 + 8 * hour;
+    for n in 1..=10 {
+        let asked = start + n * hour;
+        store(format!("$q{n}"), "@alice:localhost", asked, text("?"));
+        store(
+            format!("$a{n}"),
+            "@bob:localhost",
+            asked + n * minute,
+            reply("!", &format!("$q{n}")),
+        );
+    }
+    for (n, delay) in [(1, 2), (2, 4), (3, 6)] {
+        let asked = start + 12 * hour + n * hour;
+        store(format!("$c{n}"), "@carol:localhost", asked, text("?"));
+        store(
+            format!("$r{n}"),
+            "@alice:localhost",
+            asked + delay * minute,
+            reply("!", &format!("$c{n}")),
+        );
+    }
+
+    let path = format!("{BASE}/response_times?group_by=user&from=2023-11-14&to=2023-11-14");
+    let (status, body) = s.get(&path, Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Thirteen samples: 1..=10 minutes, 2, 4, 6: nearest-rank median is the 7th (5 minutes),
+    // p90 the 12th (9 minutes).
+    assert_eq!(body["overall"], json!({ "count": 13, "median_ms": 300_000, "p90_ms": 540_000 }));
+    assert_eq!(
+        body["rows"],
+        json!([
+            { "user_id": "@bob:localhost", "count": 10, "median_ms": 300_000, "p90_ms": 540_000 },
+            { "user_id": "@alice:localhost", "count": 3, "median_ms": 240_000, "p90_ms": 360_000 },
+        ])
+    );
+    let (_, body) = s
+        .get(&format!("{BASE}/messages?group_by=day&from=2023-11-14&to=2023-11-15"), Some(&token))
+        .await;
+    assert_eq!(body["rows"], json!([{ "day": "2023-11-14", "messages": 26 }]), "{body}");
+}
