@@ -98,7 +98,7 @@ impl Services {
     /// Builds every service over `db`.
     pub fn new(config: Config, db: Db) -> Result<Self, StorageError> {
         let stream = stream::Stream::new(&db)?;
-        Ok(Self {
+        let services = Self {
             keys: keys::ServerKeys::load_or_create(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             directory: rooms::directory::Directory::new(&db),
@@ -134,7 +134,11 @@ impl Services {
             stream,
             config,
             db,
-        })
+        };
+        let init = |e: crate::error::Error| StorageError::Init(e.to_string());
+        services.users.index_creation_times(&services.db).map_err(init)?;
+        services.media.index_upload_times().map_err(init)?;
+        Ok(services)
     }
 
     /// The server name user ids and room ids end in.

@@ -122,6 +122,20 @@ impl Users {
         }
     }
 
+    /// Indexes the creation time of accounts made before the index existed (once: while the
+    /// index is empty), in one batch.
+    pub fn index_creation_times(&self, db: &Db) -> Result<()> {
+        if self.by_creation.scan_prefix(Vec::new()).next().is_some() {
+            return Ok(());
+        }
+        let mut batch = db.batch();
+        for item in self.all_after(None) {
+            let (user_id, record) = item?;
+            self.by_creation.put(&mut batch, &(record.created_ms, user_id.as_str()), &());
+        }
+        Ok(db.write(batch)?)
+    }
+
     /// When each account created in `[from_ms, to_ms)` was created (ms), oldest first.
     pub fn created_between(
         &self,

@@ -29,7 +29,7 @@ use super::{now_ms, random_string};
 use crate::{
     config::MediaConfig,
     error::{Error, ErrorKind, Result},
-    storage::{Db, Key, StorageError, Table, prefix, tables},
+    storage::{Db, Key, StorageError, Table, prefix, split_key, tables},
 };
 
 /// Longest a download waits for an asynchronous upload to arrive.
@@ -387,6 +387,27 @@ impl Media {
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// Indexes by time the uploads made before the index existed (once: while the index is
+    /// empty), in one batch.
+    pub fn index_upload_times(&self) -> Result<()> {
+        if self.uploads.scan_prefix(Vec::new()).next().is_some() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for item in self.by_user.scan_prefix(Vec::new()) {
+            let (key, ()) = item?;
+            let parts: Vec<&[u8]> = split_key(&key).collect();
+            let [_, origin, media_id] = parts[..] else { continue };
+            if let Some(record) = self.records.get(&(origin, media_id))?
+                && record.sha256.is_some()
+            {
+                let upload = (record.uploader.to_string(), record.size);
+                self.uploads.put(&mut batch, &(record.created_ms, media_id), &upload);
+            }
+        }
+        Ok(self.db.write(batch)?)
     }
 
     /// Every upload by a user in `[from_ms, to_ms)`: `(when, uploader, bytes)`, oldest first.
