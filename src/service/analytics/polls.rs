@@ -162,7 +162,7 @@ impl Poll {
         self.ended_ts.is_none_or(|end| ts <= end)
     }
 
-    /// Adds (`sign` 1) or removes (`sign` -1) a vote's counted answers from the tally.
+    /// Adds a vote's counted answers to the tally (`add`), or takes them off it.
     pub fn apply(&mut self, vote: &Vote, add: bool) {
         let Some(selections) = vote.selections.as_ref().filter(|s| !s.is_empty()) else {
             return;
