@@ -311,6 +311,29 @@ async fn uploads_and_encrypted_rooms_count_metadata_only() {
     assert_eq!(body["rows"], json!([{ "room_id": room, "messages": 2 }]), "{body}");
     let (_, body) = s.get(&format!("{BASE}/polls?{range}"), Some(&token)).await;
     assert_eq!(body["polls"], json!([]), "{body}");
+
+    // After a restart with the account and upload indexes gone (as before they existed), they
+    // are rebuilt from the accounts and media; the other aggregates were stored with the events.
+    let s = s
+        .restart_after(|path| {
+            use plaza::storage::{Db, Table, tables};
+            let db = Db::open(path, 8).unwrap();
+            let mut batch = db.batch();
+            for name in [tables::USERS_BY_CREATION, tables::MEDIA_UPLOADS] {
+                let table: Table<Value> = db.table(name);
+                for item in table.scan_prefix(Vec::new()) {
+                    table.delete_raw(&mut batch, &item.unwrap().0);
+                }
+            }
+            db.write(batch).unwrap();
+        })
+        .await;
+    let (_, body) = s.get(&format!("{BASE}/uploads?{range}"), Some(&token)).await;
+    assert_eq!((body["total"].clone(), body["total_bytes"].clone()), (json!(1), json!(1234)));
+    let (_, body) = s.get(&format!("{BASE}/new_users?{range}"), Some(&token)).await;
+    assert_eq!(body["total"], 1, "{body}");
+    let (_, body) = s.get(&format!("{BASE}/messages?{range}"), Some(&token)).await;
+    assert_eq!(body["total"], 2, "{body}");
 }
 
 #[tokio::test]
