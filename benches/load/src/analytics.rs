@@ -52,8 +52,11 @@ pub async fn rows(
         tasks.push(tokio::spawn(async move {
             for m in (s..MESSAGES).step_by(SENDERS) {
                 let round = m / SENDERS;
-                let room =
-                    if round % 2 == 0 { &direct } else { &groups[(round / 2 + s) % GROUP_ROOMS] };
+                let room = if round.is_multiple_of(2) {
+                    &direct
+                } else {
+                    &groups[(round / 2 + s) % GROUP_ROOMS]
+                };
                 target.send(&user, room, &format!("a{m}"), "analytics load").await?;
             }
             Ok::<(), Error>(())
