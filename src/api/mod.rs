@@ -194,6 +194,7 @@ pub fn authenticate(
     }
     crate::service::audit::context::set_caller(record.user_id.as_str(), record.device_id.as_str());
     services.sessions.touch(&record, ip.map(|a| a.ip().to_string()), user_agent.map(str::to_owned));
+    services.analytics.touch(&record.user_id);
     Ok(Caller {
         user_id: record.user_id,
         device_id: record.device_id,

@@ -5,6 +5,7 @@ pub mod account_data;
 pub mod admin;
 pub mod admin_rooms;
 pub mod admin_users;
+pub mod analytics;
 pub mod audit;
 pub mod backup;
 pub mod e2ee;
@@ -95,13 +96,15 @@ pub struct Services {
     pub notifier: push::notifier::Notifier,
     /// The durable queue of pushes to gateways.
     pub gateway: push::gateway::Gateway,
+    /// Aggregates for the admin analytics.
+    pub analytics: analytics::Analytics,
 }
 
 impl Services {
     /// Builds every service over `db`.
     pub fn new(config: Config, db: Db) -> Result<Self, StorageError> {
         let stream = stream::Stream::new(&db)?;
-        Ok(Self {
+        let services = Self {
             keys: keys::ServerKeys::load_or_create(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             directory: rooms::directory::Directory::new(&db),
@@ -127,6 +130,7 @@ impl Services {
             notifier: push::notifier::Notifier::new(&db),
             gateway: push::gateway::Gateway::new(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
+            analytics: analytics::Analytics::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
@@ -141,7 +145,11 @@ impl Services {
             stream,
             config,
             db,
-        })
+        };
+        let init = |e: crate::error::Error| StorageError::Init(e.to_string());
+        services.users.index_creation_times(&services.db).map_err(init)?;
+        services.media.index_upload_times().map_err(init)?;
+        Ok(services)
     }
 
     /// The server name user ids and room ids end in.

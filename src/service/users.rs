@@ -13,7 +13,7 @@ use serde_json::Value as JsonValue;
 use super::random_string;
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Batch, Db, Table, tables},
+    storage::{Batch, Db, Key, Table, tables},
 };
 
 /// Largest profile field value accepted, in bytes of JSON.
@@ -110,11 +110,44 @@ pub type Profile = BTreeMap<String, JsonValue>;
 pub struct Users {
     users: Table<UserRecord>,
     profiles: Table<Profile>,
+    by_creation: Table<()>,
 }
 
 impl Users {
     pub(super) fn new(db: &Db) -> Self {
-        Self { users: db.table(tables::USERS), profiles: db.table(tables::PROFILES) }
+        Self {
+            users: db.table(tables::USERS),
+            profiles: db.table(tables::PROFILES),
+            by_creation: db.table(tables::USERS_BY_CREATION),
+        }
+    }
+
+    /// Indexes the creation time of accounts made before the index existed (once: while the
+    /// index is empty), in one batch.
+    pub fn index_creation_times(&self, db: &Db) -> Result<()> {
+        if self.by_creation.scan_prefix(Vec::new()).next().is_some() {
+            return Ok(());
+        }
+        let mut batch = db.batch();
+        for item in self.all_after(None) {
+            let (user_id, record) = item?;
+            self.by_creation.put(&mut batch, &(record.created_ms, user_id.as_str()), &());
+        }
+        Ok(db.write(batch)?)
+    }
+
+    /// When each account created in `[from_ms, to_ms)` was created (ms), oldest first.
+    pub fn created_between(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> impl Iterator<Item = Result<u64>> + '_ {
+        self.by_creation.scan_range(from_ms.to_key_bytes(), to_ms.to_key_bytes(), false).map(
+            |item| {
+                let (key, ()) = item?;
+                Ok(key.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes))
+            },
+        )
     }
 
     /// The account `user_id`, if it exists (deactivated accounts included).
@@ -186,6 +219,7 @@ impl Users {
             created_ms: super::now_ms(),
         };
         self.users.put(batch, user_id.as_str(), &record);
+        self.by_creation.put(batch, &(record.created_ms, user_id.as_str()), &());
         let name = displayname.unwrap_or_else(|| user_id.localpart());
         let profile = Profile::from([("displayname".to_owned(), JsonValue::from(name))]);
         self.profiles.put(batch, user_id.as_str(), &profile);

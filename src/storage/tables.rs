@@ -7,6 +7,8 @@ pub const GLOBAL: &str = "global";
 pub const COUNTERS: &str = "counters";
 /// `user id` -> `UserRecord` (password hash, admin flag, deactivation, ...).
 pub const USERS: &str = "users";
+/// `created ms 0xFF user id` -> nothing: accounts by creation time (new users per day).
+pub const USERS_BY_CREATION: &str = "users_by_creation";
 /// `user id` -> profile fields (`displayname`, `avatar_url`, custom fields) as a JSON object.
 pub const PROFILES: &str = "profiles";
 /// `user id 0xFF device id` -> `DeviceRecord`.
@@ -94,6 +96,8 @@ pub const MEDIA_BY_USER: &str = "media_by_user";
 /// `sha256 0xFF origin 0xFF media id[/thumbnail]` -> nothing: who uses each blob, so a blob
 /// file is removed only with its last user.
 pub const MEDIA_BY_HASH: &str = "media_by_hash";
+/// `upload ms 0xFF media id` -> `(uploader, bytes)`: users' uploads by time (uploads per day).
+pub const MEDIA_UPLOADS: &str = "media_uploads";
 /// `user id 0xFF media id` -> expiry (ms): asynchronous uploads created but not yet uploaded.
 pub const MEDIA_PENDING: &str = "media_pending";
 /// `user id` -> bytes the user's uploads take, for the storage quota.
@@ -126,11 +130,27 @@ pub const NOTIFICATIONS: &str = "notifications";
 /// `sequence number` -> `Delivery`: pushes waiting for their gateway, retried with backoff.
 pub const PUSH_QUEUE: &str = "push_queue";
 
+/// `day 0xFF user id` -> nothing: users active (a request or an event) on a UTC day.
+pub const ANALYTICS_ACTIVE_USERS: &str = "analytics_active_users";
+/// `day 0xFF room id 0xFF user id` -> messages the user sent in the room that day.
+pub const ANALYTICS_MESSAGES: &str = "analytics_messages";
+/// `room id` -> the room's latest messages still waiting for another member's answer.
+pub const ANALYTICS_UNANSWERED: &str = "analytics_unanswered";
+/// `day 0xFF room id 0xFF answered event id` -> `ResponseSample`, under the day of the answer.
+pub const ANALYTICS_RESPONSE_TIMES: &str = "analytics_response_times";
+/// `poll start event id` -> `Poll` (question, answers, tally, end).
+pub const ANALYTICS_POLLS: &str = "analytics_polls";
+/// `start ms 0xFF poll start event id` -> nothing: polls in the order they started.
+pub const ANALYTICS_POLLS_BY_TIME: &str = "analytics_polls_by_time";
+/// `poll start event id 0xFF user id` -> the user's latest `Vote`.
+pub const ANALYTICS_POLL_VOTES: &str = "analytics_poll_votes";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
     COUNTERS,
     USERS,
+    USERS_BY_CREATION,
     PROFILES,
     DEVICES,
     ACCESS_TOKENS,
@@ -168,6 +188,7 @@ pub const ALL: &[&str] = &[
     MEDIA,
     MEDIA_BY_USER,
     MEDIA_BY_HASH,
+    MEDIA_UPLOADS,
     MEDIA_PENDING,
     MEDIA_USAGE,
     MEDIA_THUMBNAILS,
@@ -183,4 +204,11 @@ pub const ALL: &[&str] = &[
     PUSHERS,
     NOTIFICATIONS,
     PUSH_QUEUE,
+    ANALYTICS_ACTIVE_USERS,
+    ANALYTICS_MESSAGES,
+    ANALYTICS_UNANSWERED,
+    ANALYTICS_RESPONSE_TIMES,
+    ANALYTICS_POLLS,
+    ANALYTICS_POLLS_BY_TIME,
+    ANALYTICS_POLL_VOTES,
 ];

@@ -1,8 +1,8 @@
 //! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir and
 //! prints one table. `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET`
 //! drives any homeserver that offers shared-secret registration instead, so the same run can
-//! measure another server. `-- --only media`, `-- --only search` or `-- --only threads` runs
-//! just those scenarios.
+//! measure another server. `-- --only media`, `-- --only search`, `-- --only threads` or
+//! `-- --only analytics` (Plaza only) runs just those scenarios.
 
 use std::{
     sync::Arc,
@@ -12,6 +12,7 @@ use std::{
 use hmac::Mac;
 use serde_json::{Value, json};
 
+mod analytics;
 mod media;
 mod search;
 mod threads;
@@ -33,13 +34,18 @@ struct User {
 
 impl Target {
     async fn register(&self, name: &str) -> Result<User, Error> {
+        self.register_as(name, false).await
+    }
+
+    async fn register_as(&self, name: &str, admin: bool) -> Result<User, Error> {
         let url = format!("{}/_synapse/admin/v1/register", self.base);
         let nonce: Value = self.http.get(&url).send().await?.json().await?;
         let nonce = nonce["nonce"].as_str().ok_or("no nonce")?;
         let password = "bench password 1";
         let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(self.secret.as_bytes())?;
-        mac.update(format!("{nonce}\0{name}\0{password}\0notadmin").as_bytes());
-        let body = json!({ "nonce": nonce, "username": name, "password": password, "admin": false,
+        let role = if admin { "admin" } else { "notadmin" };
+        mac.update(format!("{nonce}\0{name}\0{password}\0{role}").as_bytes());
+        let body = json!({ "nonce": nonce, "username": name, "password": password, "admin": admin,
                            "mac": hex::encode(mac.finalize().into_bytes()) });
         let created: Value = self.http.post(&url).json(&body).send().await?.json().await?;
         Ok(User {
@@ -419,6 +425,14 @@ fn main() -> Result<(), Error> {
         } else if only.as_deref() == Some("threads") {
             let users = threads::users(&target, "threads", 100).await?;
             threads::rows(&target, &users).await?
+        } else if only.as_deref() == Some("analytics") {
+            let id = std::process::id();
+            let admin = target.register_as(&format!("analyst_{id}"), true).await?;
+            let mut users = Vec::new();
+            for i in 0..analytics::SENDERS {
+                users.push(target.register(&format!("talker{i}_{id}")).await?);
+            }
+            analytics::rows(&target, &admin, &users).await?
         } else {
             run(target, &mut rss).await?
         };

@@ -4,6 +4,7 @@
 //! Every route takes [`Staff`] (admins and auditors: reading) or [`Admin`] (admins only:
 //! changing anything); anyone else gets `M_FORBIDDEN`.
 
+pub mod analytics;
 pub mod audit;
 pub mod media;
 pub mod register;

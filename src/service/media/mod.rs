@@ -29,7 +29,7 @@ use super::{now_ms, random_string};
 use crate::{
     config::MediaConfig,
     error::{Error, ErrorKind, Result},
-    storage::{Db, StorageError, Table, prefix, tables},
+    storage::{Db, Key, StorageError, Table, prefix, split_key, tables},
 };
 
 /// Longest a download waits for an asynchronous upload to arrive.
@@ -154,6 +154,7 @@ pub struct Media {
     pending: Table<u64>,
     usage: Table<u64>,
     by_hash: Table<()>,
+    uploads: Table<(String, u64)>,
     thumbnails: Table<ThumbnailRecord>,
     previews: Table<preview::PreviewRecord>,
     user_locks: Vec<Mutex<()>>,
@@ -197,6 +198,7 @@ impl Media {
             pending: db.table(tables::MEDIA_PENDING),
             usage: db.table(tables::MEDIA_USAGE),
             by_hash: db.table(tables::MEDIA_BY_HASH),
+            uploads: db.table(tables::MEDIA_UPLOADS),
             thumbnails: db.table(tables::MEDIA_THUMBNAILS),
             previews: db.table(tables::URL_PREVIEWS),
             user_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -379,8 +381,46 @@ impl Media {
             self.by_hash.put(&mut batch, &(sha256.as_str(), (origin, media_id)), &());
         }
         self.records.put(&mut batch, &(origin, media_id), record);
+        if counted {
+            let upload = (record.uploader.to_string(), record.size);
+            self.uploads.put(&mut batch, &(now_ms(), media_id), &upload);
+        }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// Indexes by time the uploads made before the index existed (once: while the index is
+    /// empty), in one batch.
+    pub fn index_upload_times(&self) -> Result<()> {
+        if self.uploads.scan_prefix(Vec::new()).next().is_some() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for item in self.by_user.scan_prefix(Vec::new()) {
+            let (key, ()) = item?;
+            let parts: Vec<&[u8]> = split_key(&key).collect();
+            let [_, origin, media_id] = parts[..] else { continue };
+            if let Some(record) = self.records.get(&(origin, media_id))?
+                && record.sha256.is_some()
+            {
+                let upload = (record.uploader.to_string(), record.size);
+                self.uploads.put(&mut batch, &(record.created_ms, media_id), &upload);
+            }
+        }
+        Ok(self.db.write(batch)?)
+    }
+
+    /// Every upload by a user in `[from_ms, to_ms)`: `(when, uploader, bytes)`, oldest first.
+    pub fn uploads_between(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> impl Iterator<Item = Result<(u64, String, u64)>> + '_ {
+        self.uploads.scan_range(from_ms.to_key_bytes(), to_ms.to_key_bytes(), false).map(|item| {
+            let (key, (uploader, size)) = item?;
+            let ts = key.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+            Ok((ts, uploader, size))
+        })
     }
 
     /// Reserves a media id for an asynchronous upload (`/create`).
