@@ -13,6 +13,8 @@ pub mod filters;
 pub mod history;
 pub mod keys;
 pub mod media;
+pub mod notices;
+pub mod onboarding;
 pub mod presence;
 pub mod push;
 pub mod ratelimit;
@@ -89,6 +91,8 @@ pub struct Services {
     pub audit: audit::Audit,
     /// Blocked rooms and room deletions.
     pub admin_rooms: admin_rooms::AdminRooms,
+    /// Each user's server notices room.
+    pub notices: notices::Notices,
 }
 
 impl Services {
@@ -116,6 +120,7 @@ impl Services {
             relations: relations::Relations::new(&db),
             audit: audit::Audit::new(&db)?,
             admin_rooms: admin_rooms::AdminRooms::new(&db),
+            notices: notices::Notices::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

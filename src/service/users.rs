@@ -46,6 +46,9 @@ pub struct UserRecord {
     pub auditor: bool,
     /// When the account was created (ms since the epoch).
     pub created_ms: u64,
+    /// The account's kind as admin tooling sets it (`bot`, `support`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_type: Option<String>,
 }
 
 /// What an account may do on the server as a whole.
@@ -85,6 +88,20 @@ impl std::str::FromStr for Role {
 }
 
 impl UserRecord {
+    /// A new, active account created now.
+    pub fn new(password_hash: Option<String>, admin: bool, guest: bool) -> Self {
+        Self {
+            password_hash,
+            admin,
+            deactivated: false,
+            locked: false,
+            guest,
+            auditor: false,
+            created_ms: super::now_ms(),
+            user_type: None,
+        }
+    }
+
     /// The account's role.
     pub fn role(&self) -> Role {
         if self.admin {
@@ -176,15 +193,7 @@ impl Users {
         guest: bool,
         displayname: Option<&str>,
     ) {
-        let record = UserRecord {
-            password_hash,
-            admin,
-            deactivated: false,
-            locked: false,
-            guest,
-            auditor: false,
-            created_ms: super::now_ms(),
-        };
+        let record = UserRecord::new(password_hash, admin, guest);
         self.users.put(batch, user_id.as_str(), &record);
         let name = displayname.unwrap_or_else(|| user_id.localpart());
         let profile = Profile::from([("displayname".to_owned(), JsonValue::from(name))]);
@@ -247,6 +256,11 @@ impl Users {
         }
         self.profiles.put(batch, user_id.as_str(), &profile);
         Ok(())
+    }
+
+    /// Queues replacing the whole profile of `user_id`.
+    pub fn put_profile(&self, batch: &mut Batch, user_id: &UserId, profile: &Profile) {
+        self.profiles.put(batch, user_id.as_str(), profile);
     }
 
     /// Queues the erasure of the profile (on deactivation).

@@ -120,6 +120,9 @@ pub const AUDIT_LOG: &str = "audit_log";
 /// `room id` -> `BlockRecord`: rooms an admin blocked (nobody local may join).
 pub const BLOCKED_ROOMS: &str = "blocked_rooms";
 
+/// `user id` -> room id: each user's server notices room.
+pub const SERVER_NOTICE_ROOMS: &str = "server_notice_rooms";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -174,4 +177,5 @@ pub const ALL: &[&str] = &[
     THREADS,
     AUDIT_LOG,
     BLOCKED_ROOMS,
+    SERVER_NOTICE_ROOMS,
 ];
