@@ -3,6 +3,7 @@
 
 mod accounts;
 mod admin;
+mod admin_more;
 mod audit;
 mod common;
 mod directory;
