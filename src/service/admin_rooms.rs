@@ -249,7 +249,7 @@ impl Services {
         if user_id.server_name() != self.server_name() {
             return Err(Error::invalid_param("Only local users can be joined to rooms"));
         }
-        if !self.users.get(user_id)?.is_some_and(|u| !u.deactivated) {
+        if self.users.get(user_id)?.is_none_or(|u| u.deactivated) {
             return Err(Error::not_found("No such user"));
         }
         let state = self.rooms.current_state(room_id)?;
@@ -295,7 +295,7 @@ impl Services {
         if user_id.server_name() != self.server_name() {
             return Err(Error::invalid_param("Only local users can be made room admins"));
         }
-        if !self.users.get(user_id)?.is_some_and(|u| !u.deactivated) {
+        if self.users.get(user_id)?.is_none_or(|u| u.deactivated) {
             return Err(Error::not_found("No such user"));
         }
         let record = self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
@@ -411,12 +411,11 @@ impl Services {
         Ok(found.into_iter().partition(|uri| uri.starts_with(&local_prefix)))
     }
 
-    /// Quarantines every known media item (local uploads and cached remote media) the events
-    /// of `room_id` refer to, for `actor`; returns how many.
-    pub fn quarantine_room_media(&self, actor: &UserId, room_id: &RoomId) -> Result<usize> {
-        let (local, remote) = self.room_media(room_id)?;
+    /// Quarantines every known media item (local uploads and cached remote media) among the
+    /// `mxc://` URIs `uris`, for `actor`; returns how many.
+    pub fn quarantine_media(&self, actor: &UserId, uris: &[String]) -> Result<usize> {
         let mut count = 0;
-        for uri in local.iter().chain(&remote) {
+        for uri in uris {
             let Some((origin, media_id)) = uri.trim_start_matches("mxc://").split_once('/') else {
                 continue;
             };

@@ -430,8 +430,8 @@ async fn registration_tokens_from_the_admin_api_register_accounts() {
     let (status, root) = register("root", "bootstrap".into()).await;
     assert_eq!(status, StatusCode::OK, "{root}");
     s.set_role("@root:localhost", "admin");
-    let admin = root["access_token"].as_str().unwrap().to_owned();
-    let admin = Some(admin.as_str());
+    let admin_token = root["access_token"].as_str().unwrap().to_owned();
+    let admin = Some(admin_token.as_str());
 
     let (status, made) = s
         .post(
@@ -496,7 +496,7 @@ async fn registration_tokens_from_the_admin_api_register_accounts() {
         "M_NOT_FOUND",
     );
     // Created twice, changed once, deleted once (the second deletion changed nothing).
-    assert_eq!(audited(&s, admin.unwrap(), "admin.registration_token.*").await.len(), 4);
+    assert_eq!(audited(&s, &admin_token, "admin.registration_token.*").await.len(), 4);
 }
 
 /// The joined room in `sync` whose timeline has an event with `body`, with its id.

@@ -83,7 +83,14 @@ pub async fn quarantine_room(
     Path(room): Path<String>,
 ) -> Result<Json<JsonValue>> {
     let room_id = super::rooms::room_id(&room)?;
-    let count = services.quarantine_room_media(&admin.0.user_id, &room_id)?;
+    let (local, remote) = tokio::task::spawn_blocking({
+        let services = services.clone();
+        move || services.room_media(&room_id)
+    })
+    .await
+    .map_err(Error::internal)??;
+    let uris: Vec<String> = local.into_iter().chain(remote).collect();
+    let count = services.quarantine_media(&admin.0.user_id, &uris)?;
     Ok(Json(json!({ "num_quarantined": count })))
 }
 

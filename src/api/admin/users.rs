@@ -179,13 +179,14 @@ pub async fn put(
         let _guard = services.registration.lock.lock().await;
         services.admin_upsert_user(&caller.user_id, &user_id, changes)?
     };
-    if created {
+    let account = view(&services, user_id.as_str())?;
+    if created && !account.record.deactivated {
         services.onboard(&user_id).await;
-    } else if profile_changed {
+    } else if profile_changed && !account.record.deactivated {
         crate::api::client::profile::propagate(&services, &user_id, "displayname").await;
     }
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(account_json(&view(&services, user_id.as_str())?))))
+    Ok((status, Json(account_json(&account))))
 }
 
 /// `GET /_synapse/admin/v1/whois/{userId}`: sessions with their last address and client.
