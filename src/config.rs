@@ -531,14 +531,13 @@ impl Config {
                 "not a stable room version",
             ),
             (
-                ruma::UserId::parse(format!(
-                    "@{}:{}",
-                    self.server_notices.localpart, self.server_name
-                ))
-                .is_err()
-                    || self.server_notices.localpart.is_empty(),
+                self.server_notices.localpart.is_empty()
+                    || self.server_notices.localpart.len() > 64
+                    || !self.server_notices.localpart.bytes().all(|b| {
+                        matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+')
+                    }),
                 "server_notices.localpart",
-                "not a valid user id localpart",
+                "1 to 64 of a-z, 0-9 and . _ = - / +",
             ),
             (
                 self.onboarding.auto_join_rooms.len() > MAX_AUTO_JOIN_ROOMS
@@ -644,6 +643,23 @@ mod tests {
             assert!(err.contains("mode"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn onboarding_rooms_and_notices_are_checked() {
+        let mut config = Config::default();
+        config.onboarding.auto_join_rooms = vec!["#general:localhost".into(), "general".into()];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("onboarding.auto_join_rooms"), "{err}");
+        config.onboarding.auto_join_rooms.pop();
+        config.onboarding.welcome_notice = Some("Welcome".into());
+        config.server_notices.enabled = false;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("welcome_notice"), "{err}");
+        config.server_notices.enabled = true;
+        config.server_notices.localpart = "Not Valid".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server_notices.localpart"), "{err}");
     }
 
     #[test]

@@ -257,6 +257,9 @@ impl Services {
         if current == "join" {
             return Ok(());
         }
+        if self.admin_rooms.blocked(room_id)?.is_some() {
+            return Err(Error::forbidden("This room has been blocked on this server"));
+        }
         let join_rule = self
             .rooms
             .state_content(&state, "m.room.join_rules", "")?

@@ -46,6 +46,9 @@ impl Services {
         if self.rooms.membership(&room_id, user_id)?.as_deref() == Some("join") {
             return Ok(());
         }
+        if self.admin_rooms.blocked(&room_id)?.is_some() {
+            return Err(Error::forbidden("The room is blocked"));
+        }
         if membership::join(self, &room_id, user_id, None, None).await.is_ok() {
             return Ok(());
         }

@@ -359,6 +359,21 @@ async fn force_join_and_make_room_admin() {
     }
     let records = audited(&s, admin, "admin.room.make_room_admin").await;
     assert_eq!(records.len(), 2, "{records:?}");
+
+    // Nobody is joined to a blocked room, not even by an admin.
+    let blocked = s.create_room(&c.user.1, json!({ "preset": "public_chat" })).await;
+    let block = format!("/_synapse/admin/v1/rooms/{blocked}/block");
+    assert_eq!(s.put(&block, Some(admin), json!({ "block": true })).await.0, StatusCode::OK);
+    assert_error(
+        &s.post(
+            &format!("/_synapse/admin/v1/join/{blocked}"),
+            Some(admin),
+            json!({ "user_id": bob }),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
 }
 
 #[tokio::test]
