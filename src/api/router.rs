@@ -8,7 +8,7 @@ use axum::{
     extract::{ConnectInfo, Request},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{MethodFilter, delete, get, on, post},
+    routing::{MethodFilter, delete, get, on, post, put},
 };
 use http::{HeaderValue, Method, StatusCode, header};
 use ruma::api::{IncomingRequest, OutgoingResponse, path_builder::PathBuilder};
@@ -269,6 +269,7 @@ pub fn build(state: State) -> Router {
             get(admin::tokens::get).put(admin::tokens::update).delete(admin::tokens::delete),
         )
         .route("/_synapse/admin/v1/send_server_notice", post(admin::notices::send))
+        .route("/_synapse/admin/v1/send_server_notice/{txn_id}", put(admin::notices::send_txn))
         .route(
             "/_synapse/admin/v1/rooms/{room_id}/block",
             get(admin::rooms::get_block).put(admin::rooms::set_block),

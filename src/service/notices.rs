@@ -44,13 +44,16 @@ impl Services {
     }
 
     /// Sends a server notice of type `kind` with `content` to the local user `user_id`;
-    /// `audit` (an admin's request) is written in the notice's batch. Returns the event id.
+    /// `audit` (an admin's request) is written in the notice's batch. `txn` (a requester and
+    /// its transaction id) makes a repeated request answer the first notice. Returns the
+    /// event id.
     pub async fn send_server_notice(
         &self,
         user_id: &UserId,
         kind: &str,
         content: JsonValue,
         audit: Option<Entry>,
+        txn: Option<(&str, &str)>,
     ) -> Result<OwnedEventId> {
         if !self.config.server_notices.enabled {
             return Err(Error::new(ErrorKind::Unknown, "Server notices are not enabled"));
@@ -77,7 +80,7 @@ impl Services {
         };
         let mut event = NewEvent::message(kind, content);
         event.audit.extend(audit.map(|entry| entry.room(&room_id)));
-        self.rooms.append(self, &room_id, &sender, event, None).await
+        self.rooms.append(self, &room_id, &sender, event, txn).await
     }
 
     /// The notices room of `user_id`, made (or the user brought back in) when needed.

@@ -24,7 +24,8 @@ impl Services {
                 content["format"] = json!("org.matrix.custom.html");
                 content["formatted_body"] = json!(html);
             }
-            let sent = self.send_server_notice(user_id, "m.room.message", content, None).await;
+            let sent =
+                self.send_server_notice(user_id, "m.room.message", content, None, None).await;
             if let Err(err) = sent {
                 tracing::warn!(%user_id, %err, "could not send the welcome notice");
             }

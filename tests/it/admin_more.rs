@@ -112,6 +112,11 @@ async fn new_routes_answer_by_role() {
             "/_synapse/admin/v1/send_server_notice".to_owned(),
             json!({ "user_id": user, "content": { "msgtype": "m.text", "body": "hi" } }),
         ),
+        (
+            Method::PUT,
+            "/_synapse/admin/v1/send_server_notice/t1".to_owned(),
+            json!({ "user_id": user, "content": { "msgtype": "m.text", "body": "hi" } }),
+        ),
         (Method::POST, format!("/_synapse/admin/v1/room/{room}/media/quarantine"), json!({})),
     ];
     for (method, route, body) in &writes {
@@ -593,8 +598,18 @@ async fn new_accounts_join_default_rooms_and_get_the_welcome_notice() {
         )
         .await;
     assert_eq!(event["content"]["body"], "Maintenance at noon", "{event}");
+    // With a transaction id, a repeated request answers the first notice.
+    let notice = json!({ "user_id": "@newbie:localhost", "content": { "msgtype": "m.text", "body": "Once" } });
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let path = "/_synapse/admin/v1/send_server_notice/txn1";
+        let (status, sent) = s.put(path, Some(&c.admin.1), notice.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{sent}");
+        ids.push(sent["event_id"].clone());
+    }
+    assert_eq!(ids[0], ids[1]);
     let records = audited(&s, &c.admin.1, "admin.server_notice").await;
-    assert_eq!(records.len(), 1);
+    assert_eq!(records.len(), 2);
     assert!(!records[0].to_string().contains("Maintenance"), "no content in the audit log");
 
     // Nobody may register as the notices account, and it gets no notices itself.
