@@ -1,6 +1,6 @@
-//! Who may create an account: configured and admin-made registration tokens, the one-time token
-//! that lets a newcomer make the first admin, and the shared-secret nonces that let existing
-//! admin tooling create users.
+//! Who may create an account: configured and admin-made registration tokens (and the audited
+//! admin lifecycle of the latter), the one-time token that lets a newcomer make the first
+//! admin, and the shared-secret nonces that let existing admin tooling create users.
 
 use std::{
     collections::HashMap,
@@ -9,11 +9,10 @@ use std::{
 };
 
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
-
 use ruma::UserId;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use super::{
     audit::{Audit, Entry},

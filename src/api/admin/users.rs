@@ -6,8 +6,7 @@ use axum::{
     body::Body,
     extract::{Path, State as AxumState},
 };
-use http::StatusCode;
-use http::Uri;
+use http::{StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
