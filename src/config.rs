@@ -55,7 +55,58 @@ pub struct Config {
     pub support: SupportConfig,
     /// Notifications and push gateways.
     pub push: PushConfig,
+    /// The account and rooms server notices come from.
+    pub server_notices: ServerNoticesConfig,
+    /// What new accounts get: rooms they join and a welcome notice.
+    pub onboarding: OnboardingConfig,
 }
+
+/// Server notices: messages from the server to one user, in a room of their own with the
+/// notices account, tagged `m.server_notice`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerNoticesConfig {
+    /// Whether notices can be sent (the admin route and the welcome notice).
+    pub enabled: bool,
+    /// Localpart of the account notices come from (reserved: nobody may register it).
+    pub localpart: String,
+    /// That account's display name.
+    pub display_name: String,
+    /// That account's avatar (`mxc://` URI).
+    pub avatar_url: Option<String>,
+    /// Name of each user's notices room.
+    pub room_name: String,
+}
+
+impl Default for ServerNoticesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            localpart: "notices".to_owned(),
+            display_name: "Server Notices".to_owned(),
+            avatar_url: None,
+            room_name: "Server Notices".to_owned(),
+        }
+    }
+}
+
+/// What every new account gets, whichever way it was created.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnboardingConfig {
+    /// Rooms (`#alias:server` or `!id:server`) new accounts join; missing or unjoinable ones
+    /// are skipped with a warning.
+    pub auto_join_rooms: Vec<String>,
+    /// Plain-text server notice sent to every new account.
+    pub welcome_notice: Option<String>,
+    /// HTML version of the welcome notice (`formatted_body`), optional.
+    pub welcome_notice_html: Option<String>,
+}
+
+/// Most rooms new accounts auto-join.
+pub const MAX_AUTO_JOIN_ROOMS: usize = 50;
+/// Longest welcome notice, in bytes (each of the text and HTML forms).
+pub const MAX_WELCOME_NOTICE: usize = 16 * 1024;
 
 /// The server's support contacts and page.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -332,6 +383,8 @@ impl Default for Config {
             audit: AuditConfig::default(),
             support: SupportConfig::default(),
             push: PushConfig::default(),
+            server_notices: ServerNoticesConfig::default(),
+            onboarding: OnboardingConfig::default(),
         }
     }
 }
@@ -453,7 +506,12 @@ impl Config {
         let bad_url = |url: &Option<String>| {
             url.as_ref().is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")))
         };
-        let checks: [(bool, &'static str, &str); 13] = [
+        let bad_room = |r: &String| {
+            ruma::RoomId::parse(r.as_str()).is_err()
+                && ruma::RoomAliasId::parse(r.as_str()).is_err()
+        };
+        let welcome_len = |t: &Option<String>| t.as_ref().map_or(0, String::len);
+        let checks: [(bool, &'static str, &str); 17] = [
             (self.listen.is_empty(), "listen", "at least one address is needed"),
             (bad_url(&self.public_baseurl), "public_baseurl", "must be an http(s) URL"),
             (
@@ -496,6 +554,32 @@ impl Config {
                 self.rooms.default_version.rules().is_none(),
                 "rooms.default_version",
                 "not a stable room version",
+            ),
+            (
+                self.server_notices.localpart.is_empty()
+                    || self.server_notices.localpart.len() > 64
+                    || !self.server_notices.localpart.bytes().all(|b| {
+                        matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+')
+                    }),
+                "server_notices.localpart",
+                "1 to 64 of a-z, 0-9 and . _ = - / +",
+            ),
+            (
+                self.onboarding.auto_join_rooms.len() > MAX_AUTO_JOIN_ROOMS
+                    || self.onboarding.auto_join_rooms.iter().any(bad_room),
+                "onboarding.auto_join_rooms",
+                "at most 50 room ids (`!id:server`) or aliases (`#name:server`)",
+            ),
+            (
+                welcome_len(&self.onboarding.welcome_notice) > MAX_WELCOME_NOTICE
+                    || welcome_len(&self.onboarding.welcome_notice_html) > MAX_WELCOME_NOTICE,
+                "onboarding.welcome_notice",
+                "at most 16 KiB",
+            ),
+            (
+                self.onboarding.welcome_notice.is_some() && !self.server_notices.enabled,
+                "onboarding.welcome_notice",
+                "needs server_notices.enabled",
             ),
         ];
         if let Some((_, key, reason)) = checks.into_iter().find(|(failed, ..)| *failed) {
@@ -584,6 +668,23 @@ mod tests {
             assert!(err.contains("mode"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn onboarding_rooms_and_notices_are_checked() {
+        let mut config = Config::default();
+        config.onboarding.auto_join_rooms = vec!["#general:localhost".into(), "general".into()];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("onboarding.auto_join_rooms"), "{err}");
+        config.onboarding.auto_join_rooms.pop();
+        config.onboarding.welcome_notice = Some("Welcome".into());
+        config.server_notices.enabled = false;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("welcome_notice"), "{err}");
+        config.server_notices.enabled = true;
+        config.server_notices.localpart = "Not Valid".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server_notices.localpart"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use axum::{
     extract::{ConnectInfo, Request},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{MethodFilter, delete, get, on, post},
+    routing::{MethodFilter, delete, get, on, post, put},
 };
 use http::{HeaderValue, Method, StatusCode, header};
 use ruma::api::{IncomingRequest, OutgoingResponse, path_builder::PathBuilder};
@@ -244,7 +244,7 @@ pub fn build(state: State) -> Router {
             get(admin::roles::get_admin).put(admin::roles::set_admin),
         )
         .route("/_synapse/admin/v2/users", get(admin::users::list))
-        .route("/_synapse/admin/v2/users/{user_id}", get(admin::users::get))
+        .route("/_synapse/admin/v2/users/{user_id}", get(admin::users::get).put(admin::users::put))
         .route("/_synapse/admin/v2/users/{user_id}/devices", get(admin::users::devices))
         .route("/_synapse/admin/v1/users/{user_id}/joined_rooms", get(admin::users::joined_rooms))
         .route("/_synapse/admin/v1/whois/{user_id}", get(admin::users::whois))
@@ -253,6 +253,26 @@ pub fn build(state: State) -> Router {
         .route("/_synapse/admin/v1/rooms", get(admin::rooms::list))
         .route("/_synapse/admin/v1/rooms/{room_id}", get(admin::rooms::get))
         .route("/_synapse/admin/v1/rooms/{room_id}/members", get(admin::rooms::members))
+        .route("/_synapse/admin/v1/rooms/{room_id}/state", get(admin::rooms::state))
+        .route("/_synapse/admin/v1/rooms/{room_id}/messages", get(admin::rooms::messages))
+        .route(
+            "/_synapse/admin/v1/rooms/{room_id}/make_room_admin",
+            post(admin::rooms::make_room_admin),
+        )
+        .route("/_synapse/admin/v1/join/{room}", post(admin::rooms::join))
+        .route("/_synapse/admin/v1/event_reports", get(admin::reports::list))
+        .route(
+            "/_synapse/admin/v1/event_reports/{report_id}",
+            get(admin::reports::get).delete(admin::reports::delete),
+        )
+        .route("/_synapse/admin/v1/registration_tokens", get(admin::tokens::list))
+        .route("/_synapse/admin/v1/registration_tokens/new", post(admin::tokens::create))
+        .route(
+            "/_synapse/admin/v1/registration_tokens/{token}",
+            get(admin::tokens::get).put(admin::tokens::update).delete(admin::tokens::delete),
+        )
+        .route("/_synapse/admin/v1/send_server_notice", post(admin::notices::send))
+        .route("/_synapse/admin/v1/send_server_notice/{txn_id}", put(admin::notices::send_txn))
         .route(
             "/_synapse/admin/v1/rooms/{room_id}/block",
             get(admin::rooms::get_block).put(admin::rooms::set_block),
@@ -279,6 +299,11 @@ pub fn build(state: State) -> Router {
         .route("/_synapse/admin/v1/media/{server_name}/{media_id}", delete(admin::media::delete))
         .route("/_synapse/admin/v1/media/delete", post(admin::media::delete_before))
         .route("/_synapse/admin/v1/users/{user_id}/media", get(admin::media::user_media))
+        .route(
+            "/_synapse/admin/v1/room/{room_id}/media/quarantine",
+            post(admin::media::quarantine_room),
+        )
+        .route("/_synapse/admin/v1/room/{room_id}/media", get(admin::media::room_media))
         .route("/_synapse/admin/v1/statistics/users/media", get(admin::media::statistics))
         .route("/_plaza/admin/v1/audit", get(admin::audit::list))
         .route("/_plaza/admin/v1/audit/verify", get(admin::audit::verify))

@@ -1,14 +1,20 @@
-//! Room administration: the room list with its details, blocking rooms, and deleting a room
-//! (every local member removed, the room unlisted and optionally blocked). Each decision is
-//! written with its audit record in one batch.
+//! Room administration: the room list with its details, blocking rooms, deleting a room
+//! (every local member removed, the room unlisted and optionally blocked), reading a room's
+//! history, force-joining users and granting room admin through a local member with power.
+//! Each decision is written with its audit record in one batch.
 
 use std::{collections::HashMap, sync::Mutex};
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId, api::client::filter::RoomEventFilter};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, json};
 
-use super::{Services, audit::Entry, now_ms, rooms::membership};
+use super::{
+    Services,
+    audit::Entry,
+    filters, now_ms,
+    rooms::{NewEvent, membership, pdu::StoredPdu},
+};
 use crate::{
     error::{Error, Result},
     storage::{Db, Table, tables},
@@ -194,5 +200,253 @@ impl Services {
             rooms.extend(self.room_details(&room_id)?);
         }
         Ok(rooms)
+    }
+}
+
+/// Most events looked at for one admin page of history.
+const MAX_SCAN: usize = 20_000;
+
+impl Services {
+    /// The local joined member of `room_id` with the most power who may invite, `preferred`
+    /// first when it qualifies.
+    pub fn local_inviter(
+        &self,
+        room_id: &RoomId,
+        preferred: Option<&UserId>,
+    ) -> Result<Option<OwnedUserId>> {
+        let Some(record) = self.rooms.room(room_id)? else { return Ok(None) };
+        let state = self.rooms.states.load(record.current_state)?;
+        let needed = self.rooms.required_level(&state, "invite", 0)?;
+        let mut best: Option<(i64, OwnedUserId)> = None;
+        for (member, membership) in self.rooms.members(room_id)?.iter().cloned() {
+            if membership != "join" || member.server_name() != self.server_name() {
+                continue;
+            }
+            let level = self.rooms.power_level(&state, &record.version, &member)?;
+            if level < needed {
+                continue;
+            }
+            if preferred == Some(&*member) {
+                return Ok(Some(member));
+            }
+            if best.as_ref().is_none_or(|(top, _)| level > *top) {
+                best = Some((level, member));
+            }
+        }
+        Ok(best.map(|(_, member)| member))
+    }
+
+    /// Joins the local user `user_id` to `room_id` for `actor`: directly when the room is
+    /// public, otherwise invited first by a local member who may invite (`actor` preferred).
+    /// Joining someone already joined changes nothing.
+    pub async fn admin_join(
+        &self,
+        actor: &UserId,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> Result<()> {
+        if user_id.server_name() != self.server_name() {
+            return Err(Error::invalid_param("Only local users can be joined to rooms"));
+        }
+        if self.users.get(user_id)?.is_none_or(|u| u.deactivated) {
+            return Err(Error::not_found("No such user"));
+        }
+        let state = self.rooms.current_state(room_id)?;
+        let current = self.rooms.membership_in(&state, user_id)?;
+        if current == "join" {
+            return Ok(());
+        }
+        if self.admin_rooms.blocked(room_id)?.is_some() {
+            return Err(Error::forbidden("This room has been blocked on this server"));
+        }
+        let join_rule = self
+            .rooms
+            .state_content(&state, "m.room.join_rules", "")?
+            .and_then(|c| c.get("join_rule").and_then(|r| r.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        let entry = |action: &str| Entry::new(action, Some(actor)).target(user_id).room(room_id);
+        if join_rule != "public" && current != "invite" {
+            let inviter = self.local_inviter(room_id, Some(actor))?.ok_or_else(|| {
+                Error::forbidden("The room is not public and no local member may invite")
+            })?;
+            let audit = vec![entry("admin.room.invite").details(json!({ "via": inviter }))];
+            membership::invite_audited(self, room_id, &inviter, user_id, None, false, audit)
+                .await?;
+        }
+        membership::join_audited(
+            self,
+            room_id,
+            user_id,
+            None,
+            None,
+            vec![entry("admin.room.join")],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Gives `user_id` the highest power a local member of `room_id` can grant, through the
+    /// local joined member with the most power who may change power levels; invites the user
+    /// when they are not in the room and it is not public.
+    pub async fn admin_make_room_admin(
+        &self,
+        actor: &UserId,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> Result<()> {
+        if user_id.server_name() != self.server_name() {
+            return Err(Error::invalid_param("Only local users can be made room admins"));
+        }
+        if self.users.get(user_id)?.is_none_or(|u| u.deactivated) {
+            return Err(Error::not_found("No such user"));
+        }
+        let record = self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let state = self.rooms.states.load(record.current_state)?;
+        let mut granter: Option<(i64, OwnedUserId)> = None;
+        for (member, membership) in self.rooms.members(room_id)?.iter().cloned() {
+            if membership != "join" || member.server_name() != self.server_name() {
+                continue;
+            }
+            if !self.rooms.may_send_state(room_id, &member, "m.room.power_levels")? {
+                continue;
+            }
+            let level = self.rooms.power_level(&state, &record.version, &member)?;
+            if granter.as_ref().is_none_or(|(top, _)| level > *top) {
+                granter = Some((level, member));
+            }
+        }
+        let (level, granter) = granter.ok_or_else(|| {
+            Error::forbidden("No local member of the room may change its power levels")
+        })?;
+        let mut power = self
+            .rooms
+            .state_content(&state, "m.room.power_levels", "")?
+            .unwrap_or_else(|| json!({ "users": {} }));
+        let listed = |power: &JsonValue| -> i64 {
+            power
+                .get("users")
+                .and_then(|u| u.as_object())
+                .map(|users| users.values().filter_map(JsonValue::as_i64).max().unwrap_or(0))
+                .unwrap_or(0)
+        };
+        // A creator's unlimited power (room version 12) cannot be listed; grant the most any
+        // listed user has, at least 100.
+        let grant = if level == i64::MAX { listed(&power).max(100) } else { level };
+        let current = self.rooms.power_level(&state, &record.version, user_id)?;
+        if current < grant {
+            if !power.get("users").is_some_and(JsonValue::is_object) {
+                power["users"] = json!({});
+            }
+            power["users"][user_id.as_str()] = json!(grant);
+            let entry = Entry::new("admin.room.make_room_admin", Some(actor))
+                .target(user_id)
+                .room(room_id)
+                .details(json!({ "via": granter, "level": grant }));
+            let event = NewEvent::state("m.room.power_levels", "", power).audited(entry);
+            self.rooms.append(self, room_id, &granter, event, None).await?;
+        }
+        let membership = self.rooms.membership(room_id, user_id)?;
+        let public = self
+            .rooms
+            .state_content(&state, "m.room.join_rules", "")?
+            .is_some_and(|c| c.get("join_rule").and_then(|r| r.as_str()) == Some("public"));
+        if !public && !matches!(membership.as_deref(), Some("join" | "invite")) {
+            let entry = Entry::new("admin.room.invite", Some(actor))
+                .target(user_id)
+                .room(room_id)
+                .details(json!({ "via": granter }));
+            membership::invite_audited(self, room_id, &granter, user_id, None, false, vec![entry])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A page of `room_id`'s events in `(after, upto]` for an admin: every event (history
+    /// visibility does not apply), filtered, at most `limit`. Returns the events and where the
+    /// next page starts, unless the range is exhausted.
+    pub fn admin_history(
+        &self,
+        room_id: &RoomId,
+        (after, upto): (u64, u64),
+        forward: bool,
+        limit: usize,
+        filter: &RoomEventFilter,
+    ) -> Result<(Vec<StoredPdu>, Option<u64>)> {
+        let record = self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let limit = limit.clamp(1, super::history::MAX_PAGE);
+        let mut chunk = Vec::with_capacity(limit);
+        let mut last_scanned = None;
+        let mut exhausted = true;
+        for (scanned, event) in self.rooms.timeline_range(&record, after, upto, forward).enumerate()
+        {
+            let event = event?;
+            if chunk.len() == limit || scanned == MAX_SCAN {
+                exhausted = false;
+                break;
+            }
+            last_scanned = Some(event.position);
+            if filters::matches(filter, &event) {
+                chunk.push(event);
+            }
+        }
+        let end = match (exhausted, last_scanned) {
+            (false, Some(position)) => {
+                Some(if forward { position } else { position.saturating_sub(1) })
+            }
+            _ => None,
+        };
+        Ok((chunk, end))
+    }
+
+    /// Every `mxc://` URI the events of `room_id` refer to (the newest
+    /// [`MAX_MEDIA_SCAN`] events), local and remote apart.
+    pub fn room_media(&self, room_id: &RoomId) -> Result<(Vec<String>, Vec<String>)> {
+        let record = self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let mut found = std::collections::BTreeSet::new();
+        for event in self.rooms.timeline(&record, false).take(MAX_MEDIA_SCAN) {
+            let event = event?;
+            if let Some(content) = event.wire.get("content") {
+                collect_mxc(&JsonValue::from(content.clone()), 0, &mut found);
+            }
+        }
+        let local_prefix = format!("mxc://{}/", self.server_name());
+        Ok(found.into_iter().partition(|uri| uri.starts_with(&local_prefix)))
+    }
+
+    /// Quarantines every known media item (local uploads and cached remote media) among the
+    /// `mxc://` URIs `uris`, for `actor`; returns how many.
+    pub fn quarantine_media(&self, actor: &UserId, uris: &[String]) -> Result<usize> {
+        let mut count = 0;
+        for uri in uris {
+            let Some((origin, media_id)) = uri.trim_start_matches("mxc://").split_once('/') else {
+                continue;
+            };
+            let Ok(origin) = ruma::ServerName::parse(origin) else { continue };
+            if !super::media::valid_media_id(media_id) {
+                continue;
+            }
+            if self.media.set_quarantined(&self.audit, actor, &origin, media_id, true)? {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// Most events looked at for a room's media.
+pub const MAX_MEDIA_SCAN: usize = 100_000;
+
+/// Adds every `mxc://` string in `value` (nested at most 8 deep) to `found`.
+fn collect_mxc(value: &JsonValue, depth: usize, found: &mut std::collections::BTreeSet<String>) {
+    if depth > 8 || found.len() >= MAX_MEDIA_SCAN {
+        return;
+    }
+    match value {
+        JsonValue::String(text) if text.starts_with("mxc://") && text.len() <= 512 => {
+            found.insert(text.clone());
+        }
+        JsonValue::Array(items) => items.iter().for_each(|v| collect_mxc(v, depth + 1, found)),
+        JsonValue::Object(map) => map.values().for_each(|v| collect_mxc(v, depth + 1, found)),
+        _ => {}
     }
 }

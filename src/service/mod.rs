@@ -14,6 +14,8 @@ pub mod filters;
 pub mod history;
 pub mod keys;
 pub mod media;
+pub mod notices;
+pub mod onboarding;
 pub mod presence;
 pub mod push;
 pub mod ratelimit;
@@ -98,6 +100,8 @@ pub struct Services {
     pub gateway: push::gateway::Gateway,
     /// Aggregates for the admin analytics.
     pub analytics: analytics::Analytics,
+    /// Each user's server notices room.
+    pub notices: notices::Notices,
 }
 
 impl Services {
@@ -131,6 +135,7 @@ impl Services {
             gateway: push::gateway::Gateway::new(&db)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             analytics: analytics::Analytics::new(&db),
+            notices: notices::Notices::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

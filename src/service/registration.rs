@@ -1,6 +1,6 @@
-//! Who may create an account: configured and admin-made registration tokens, the one-time token
-//! that lets a newcomer make the first admin, and the shared-secret nonces that let existing
-//! admin tooling create users.
+//! Who may create an account: configured and admin-made registration tokens (and the audited
+//! admin lifecycle of the latter), the one-time token that lets a newcomer make the first
+//! admin, and the shared-secret nonces that let existing admin tooling create users.
 
 use std::{
     collections::HashMap,
@@ -9,13 +9,18 @@ use std::{
 };
 
 use hmac::{Hmac, Mac};
+use ruma::UserId;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::{now_ms, random_string};
+use super::{
+    audit::{Audit, Entry},
+    now_ms, random_string,
+};
 use crate::{
     config::{Config, RegistrationMode},
-    error::Result,
+    error::{Error, ErrorKind, Result},
     storage::{Batch, Db, Table, tables},
 };
 
@@ -25,6 +30,19 @@ const FIRST_ADMIN_TOKEN: &str = "first_admin_token";
 const NONCE_TTL: Duration = Duration::from_secs(60);
 /// Most outstanding nonces.
 const MAX_NONCES: usize = 10_000;
+/// Most admin-made registration tokens.
+pub const MAX_TOKENS: usize = 10_000;
+/// Longest registration token.
+pub const MAX_TOKEN_LEN: usize = 64;
+
+/// Whether `token` is 1 to 64 of `[A-Za-z0-9._~-]`, as the spec asks.
+pub fn valid_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+}
 
 /// A registration token made by an admin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,6 +53,15 @@ pub struct RegistrationToken {
     pub completed: u32,
     /// When it stops working (ms since the epoch).
     pub expiry_time: Option<u64>,
+}
+
+impl RegistrationToken {
+    /// Whether the token would let someone register now.
+    pub fn is_valid(&self) -> bool {
+        let used_up = self.uses_allowed.is_some_and(|allowed| self.completed >= allowed);
+        let expired = self.expiry_time.is_some_and(|expiry| expiry <= now_ms());
+        !used_up && !expired
+    }
 }
 
 /// Registration state.
@@ -97,12 +124,10 @@ impl Registration {
         if config.registration.tokens.iter().any(|t| ct_eq(t, token)) {
             return Ok(Some(TokenKind::Configured));
         }
-        if let Some(record) = self.tokens.get(token)? {
-            let used_up = record.uses_allowed.is_some_and(|allowed| record.completed >= allowed);
-            let expired = record.expiry_time.is_some_and(|expiry| expiry <= now_ms());
-            if !used_up && !expired {
-                return Ok(Some(TokenKind::Stored(record)));
-            }
+        if let Some(record) = self.tokens.get(token)?
+            && record.is_valid()
+        {
+            return Ok(Some(TokenKind::Stored(record)));
         }
         Ok(None)
     }
@@ -133,6 +158,106 @@ impl Registration {
                 Some(false)
             }
         })
+    }
+
+    /// The admin-made token `token`, if any.
+    pub fn token(&self, token: &str) -> Result<Option<RegistrationToken>> {
+        if !valid_token(token) {
+            return Ok(None);
+        }
+        Ok(self.tokens.get(token)?)
+    }
+
+    /// Every admin-made token (up to [`MAX_TOKENS`]), in token order.
+    pub fn tokens(&self) -> Result<Vec<(String, RegistrationToken)>> {
+        self.tokens
+            .scan_prefix(Vec::new())
+            .take(MAX_TOKENS)
+            .map(|item| {
+                let (key, record) = item?;
+                Ok((String::from_utf8_lossy(&key).into_owned(), record))
+            })
+            .collect()
+    }
+
+    /// Creates `token` (a random one of `length` characters when `None`) for `actor`.
+    pub async fn create_token(
+        &self,
+        audit: &Audit,
+        actor: &UserId,
+        token: Option<String>,
+        length: usize,
+        record: RegistrationToken,
+    ) -> Result<String> {
+        let token = match token {
+            Some(token) if valid_token(&token) => token,
+            Some(_) => {
+                return Err(Error::invalid_param("Tokens are 1 to 64 of A-Z, a-z, 0-9, . _ ~ -"));
+            }
+            None if (1..=MAX_TOKEN_LEN).contains(&length) => random_string(length),
+            None => return Err(Error::invalid_param("length is 1 to 64")),
+        };
+        let _guard = self.lock.lock().await;
+        if self.tokens.get(&token)?.is_some() {
+            return Err(Error::invalid_param(format!("Token already exists: {token}")));
+        }
+        if self.tokens.scan_prefix(Vec::new()).nth(MAX_TOKENS - 1).is_some() {
+            return Err(Error::new(
+                ErrorKind::ResourceLimitExceeded,
+                "Too many registration tokens",
+            ));
+        }
+        let mut batch = self.db.batch();
+        self.tokens.put(&mut batch, &token, &record);
+        let entry =
+            Entry::new("admin.registration_token.create", Some(actor)).target(&token).details(
+                json!({ "uses_allowed": record.uses_allowed, "expiry_time": record.expiry_time }),
+            );
+        audit.commit(batch, [entry])?;
+        Ok(token)
+    }
+
+    /// Sets the uses allowed and expiry of `token` (`None` leaves one as it is); `None` when
+    /// there is no such token.
+    pub async fn update_token(
+        &self,
+        audit: &Audit,
+        actor: &UserId,
+        token: &str,
+        uses_allowed: Option<Option<u32>>,
+        expiry_time: Option<Option<u64>>,
+    ) -> Result<Option<RegistrationToken>> {
+        let _guard = self.lock.lock().await;
+        let Some(mut record) = self.token(token)? else { return Ok(None) };
+        if let Some(uses_allowed) = uses_allowed {
+            record.uses_allowed = uses_allowed;
+        }
+        if let Some(expiry_time) = expiry_time {
+            record.expiry_time = expiry_time;
+        }
+        let mut batch = self.db.batch();
+        self.tokens.put(&mut batch, token, &record);
+        let entry =
+            Entry::new("admin.registration_token.update", Some(actor)).target(token).details(
+                json!({ "uses_allowed": record.uses_allowed, "expiry_time": record.expiry_time }),
+            );
+        audit.commit(batch, [entry])?;
+        Ok(Some(record))
+    }
+
+    /// Deletes `token`; returns whether it existed (deleting again changes nothing).
+    pub async fn delete_token(&self, audit: &Audit, actor: &UserId, token: &str) -> Result<bool> {
+        let _guard = self.lock.lock().await;
+        if self.token(token)?.is_none() {
+            return Ok(false);
+        }
+        let mut batch = self.db.batch();
+        self.tokens.delete(&mut batch, token);
+        audit.commit(
+            batch,
+            [Entry::new("admin.registration_token.delete", Some(actor)).target(token)],
+        )?;
+        Ok(true)
     }
 
     /// A fresh nonce for shared-secret registration.

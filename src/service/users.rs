@@ -46,6 +46,9 @@ pub struct UserRecord {
     pub auditor: bool,
     /// When the account was created (ms since the epoch).
     pub created_ms: u64,
+    /// The account's kind as admin tooling sets it (`bot`, `support`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_type: Option<String>,
 }
 
 /// What an account may do on the server as a whole.
@@ -85,6 +88,20 @@ impl std::str::FromStr for Role {
 }
 
 impl UserRecord {
+    /// A new, active account created now.
+    pub fn new(password_hash: Option<String>, admin: bool, guest: bool) -> Self {
+        Self {
+            password_hash,
+            admin,
+            deactivated: false,
+            locked: false,
+            guest,
+            auditor: false,
+            created_ms: super::now_ms(),
+            user_type: None,
+        }
+    }
+
     /// The account's role.
     pub fn role(&self) -> Role {
         if self.admin {
@@ -209,15 +226,7 @@ impl Users {
         guest: bool,
         displayname: Option<&str>,
     ) {
-        let record = UserRecord {
-            password_hash,
-            admin,
-            deactivated: false,
-            locked: false,
-            guest,
-            auditor: false,
-            created_ms: super::now_ms(),
-        };
+        let record = UserRecord::new(password_hash, admin, guest);
         self.users.put(batch, user_id.as_str(), &record);
         self.by_creation.put(batch, &(record.created_ms, user_id.as_str()), &());
         let name = displayname.unwrap_or_else(|| user_id.localpart());
@@ -281,6 +290,11 @@ impl Users {
         }
         self.profiles.put(batch, user_id.as_str(), &profile);
         Ok(())
+    }
+
+    /// Queues replacing the whole profile of `user_id`.
+    pub fn put_profile(&self, batch: &mut Batch, user_id: &UserId, profile: &Profile) {
+        self.profiles.put(batch, user_id.as_str(), profile);
     }
 
     /// Queues the erasure of the profile (on deactivation).

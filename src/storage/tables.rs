@@ -145,6 +145,9 @@ pub const ANALYTICS_POLLS_BY_TIME: &str = "analytics_polls_by_time";
 /// `poll start event id 0xFF user id` -> the user's latest `Vote`.
 pub const ANALYTICS_POLL_VOTES: &str = "analytics_poll_votes";
 
+/// `user id` -> room id: each user's server notices room.
+pub const SERVER_NOTICE_ROOMS: &str = "server_notice_rooms";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -211,4 +214,5 @@ pub const ALL: &[&str] = &[
     ANALYTICS_POLLS,
     ANALYTICS_POLLS_BY_TIME,
     ANALYTICS_POLL_VOTES,
+    SERVER_NOTICE_ROOMS,
 ];

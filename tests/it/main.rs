@@ -3,6 +3,7 @@
 
 mod accounts;
 mod admin;
+mod admin_more;
 mod analytics;
 mod audit;
 mod common;

@@ -1,5 +1,6 @@
-//! The content repository in the Synapse admin API shapes: quarantine, deletion, per-user
-//! listings and storage statistics.
+//! The content repository in the Synapse admin API shapes: quarantine (of one item, a user's
+//! uploads or a room's media), deletion, per-user and per-room listings and storage
+//! statistics.
 
 use axum::{
     Json,
@@ -72,6 +73,38 @@ pub async fn quarantine_user(
     let user = user_id(&user)?;
     let count = services.media.quarantine_user(&services.audit, &admin.0.user_id, &user, true)?;
     Ok(Json(json!({ "num_quarantined": count })))
+}
+
+/// `POST /_synapse/admin/v1/room/{roomId}/media/quarantine`: every known media item the
+/// room's events refer to.
+pub async fn quarantine_room(
+    AxumState(services): AxumState<State>,
+    admin: Admin,
+    Path(room): Path<String>,
+) -> Result<Json<JsonValue>> {
+    let room_id = super::rooms::room_id(&room)?;
+    let (local, remote) = tokio::task::spawn_blocking({
+        let services = services.clone();
+        move || services.room_media(&room_id)
+    })
+    .await
+    .map_err(Error::internal)??;
+    let uris: Vec<String> = local.into_iter().chain(remote).collect();
+    let count = services.quarantine_media(&admin.0.user_id, &uris)?;
+    Ok(Json(json!({ "num_quarantined": count })))
+}
+
+/// `GET /_synapse/admin/v1/room/{roomId}/media`: `{"local": [mxc], "remote": [mxc]}`.
+pub async fn room_media(
+    AxumState(services): AxumState<State>,
+    _: Staff,
+    Path(room): Path<String>,
+) -> Result<Json<JsonValue>> {
+    let room_id = super::rooms::room_id(&room)?;
+    let (local, remote) = tokio::task::spawn_blocking(move || services.room_media(&room_id))
+        .await
+        .map_err(Error::internal)??;
+    Ok(Json(json!({ "local": local, "remote": remote })))
 }
 
 /// `DELETE /_synapse/admin/v1/media/{serverName}/{mediaId}`

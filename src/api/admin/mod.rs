@@ -7,9 +7,12 @@
 pub mod analytics;
 pub mod audit;
 pub mod media;
+pub mod notices;
 pub mod register;
+pub mod reports;
 pub mod roles;
 pub mod rooms;
+pub mod tokens;
 pub mod users;
 
 use std::net::SocketAddr;

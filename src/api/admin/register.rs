@@ -71,7 +71,7 @@ pub async fn register(
     )?;
     let hash = users::hash_password(body.password).await?;
 
-    let _guard = services.registration.lock.lock().await;
+    let guard = services.registration.lock.lock().await;
     if services.users.get(&user_id)?.is_some() {
         return Err(Error::new(ErrorKind::UserInUse, "User ID already taken."));
     }
@@ -92,6 +92,8 @@ pub async fn register(
         .details(json!({ "admin": body.admin }));
     services.audit.commit(batch, [entry])?;
     tracing::info!(%user_id, admin = body.admin, "registered account with the shared secret");
+    drop(guard);
+    services.onboard(&user_id).await;
     Ok(Json(json!({
         "access_token": issued.access_token,
         "user_id": user_id,

@@ -1,4 +1,5 @@
-//! Rooms in the Synapse admin API shapes: list, details, members, block and delete.
+//! Rooms in the Synapse admin API shapes: list, details, members, state, messages (admins
+//! only: message content), block, delete, force-join and granting room admin.
 
 use axum::{
     Json,
@@ -6,17 +7,19 @@ use axum::{
     extract::{Path, State as AxumState},
 };
 use http::Uri;
-use ruma::{OwnedRoomId, RoomId};
+use ruma::{OwnedRoomId, RoomId, api::client::filter::RoomEventFilter};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{Admin, Staff, json_body, page_params, query};
+use super::{Admin, Staff, json_body, page_params, query, user_id};
 use crate::{
-    api::State,
+    api::{State, client::sync::parse_token},
     error::{Error, ErrorKind, Result},
+    service::rooms::pdu::client_event,
 };
 
-fn room_id(raw: &str) -> Result<OwnedRoomId> {
+/// Parses a room id from a path.
+pub fn room_id(raw: &str) -> Result<OwnedRoomId> {
     RoomId::parse(raw).map_err(|_| Error::invalid_param("Invalid room id"))
 }
 
@@ -226,4 +229,109 @@ pub async fn delete_status(
         return Err(Error::not_found("No deletion of this room is known"));
     }
     Ok(Json(json!({ "results": results })))
+}
+
+/// `GET /_synapse/admin/v1/rooms/{roomId}/state`: the current state events.
+pub async fn state(
+    AxumState(services): AxumState<State>,
+    _: Staff,
+    Path(room): Path<String>,
+) -> Result<Json<JsonValue>> {
+    let room_id = room_id(&room)?;
+    let state = services.rooms.current_state(&room_id)?;
+    let events: Vec<JsonValue> = services
+        .rooms
+        .state_events(&state)?
+        .iter()
+        .map(|event| client_event(event, None))
+        .collect();
+    Ok(Json(json!({ "state": events })))
+}
+
+#[derive(Deserialize)]
+struct MessagesQuery {
+    from: Option<String>,
+    to: Option<String>,
+    dir: Option<String>,
+    limit: Option<usize>,
+    filter: Option<String>,
+}
+
+/// `GET /_synapse/admin/v1/rooms/{roomId}/messages`: the room's history as client
+/// `/messages` pages it (`from`, `to`, `dir`, `limit`, `filter`), whatever the history
+/// visibility. Admins only: this is message content.
+pub async fn messages(
+    AxumState(services): AxumState<State>,
+    _: Admin,
+    Path(room): Path<String>,
+    uri: Uri,
+) -> Result<Json<JsonValue>> {
+    let room_id = room_id(&room)?;
+    let q: MessagesQuery = query(&uri)?;
+    let (limit, backwards) = page_params(Some(q.limit.unwrap_or(10)), q.dir.as_deref())?;
+    let filter: RoomEventFilter = match q.filter.as_deref() {
+        Some(raw) if raw.len() > 8192 => return Err(Error::invalid_param("filter is too long")),
+        Some(raw) => serde_json::from_str(raw)
+            .map_err(|e| Error::invalid_param(format!("Invalid filter: {e}")))?,
+        None => RoomEventFilter::default(),
+    };
+    let forward = !backwards;
+    let current = services.stream.current();
+    let from = match q.from.as_deref() {
+        Some(token) => parse_token(&services, token)?,
+        None if forward => 0,
+        None => current,
+    };
+    let to = q.to.as_deref().map(|t| parse_token(&services, t)).transpose()?;
+    let range = if forward { (from, to.unwrap_or(current)) } else { (to.unwrap_or(0), from) };
+    let (chunk, end) = services.admin_history(&room_id, range, forward, limit, &filter)?;
+    let chunk: Vec<JsonValue> = chunk.iter().map(|event| client_event(event, None)).collect();
+    let mut body = json!({ "chunk": chunk, "start": format!("s{from}"), "state": [] });
+    if let Some(end) = end {
+        body["end"] = json!(format!("s{end}"));
+    }
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+struct JoinBody {
+    user_id: String,
+}
+
+/// `POST /_synapse/admin/v1/join/{roomIdOrAlias}` with `{"user_id"}`: joins a local user to a
+/// local room, invited first by a local member with the power to when the room is not public.
+pub async fn join(
+    AxumState(services): AxumState<State>,
+    Admin(caller): Admin,
+    Path(room): Path<String>,
+    body: Body,
+) -> Result<Json<JsonValue>> {
+    let body: JoinBody = json_body(&services, body).await?;
+    let user_id = user_id(&body.user_id)?;
+    let room_id = services.resolve_room(&room)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    services.admin_join(&caller.user_id, &room_id, &user_id).await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+#[derive(Default, Deserialize)]
+struct MakeAdminBody {
+    user_id: Option<String>,
+}
+
+/// `POST /_synapse/admin/v1/rooms/{roomId}/make_room_admin` with `{"user_id"?}` (the caller
+/// by default): the highest power a local member can grant.
+pub async fn make_room_admin(
+    AxumState(services): AxumState<State>,
+    Admin(caller): Admin,
+    Path(room): Path<String>,
+    body: Body,
+) -> Result<Json<JsonValue>> {
+    let body: MakeAdminBody = optional_body(&services, body).await?;
+    let target = match body.user_id {
+        Some(raw) => user_id(&raw)?,
+        None => caller.user_id.clone(),
+    };
+    let room_id = services.resolve_room(&room)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    services.admin_make_room_admin(&caller.user_id, &room_id, &target).await?;
+    Ok(Json(json!({})))
 }

@@ -1,12 +1,12 @@
-//! Accounts in the Synapse admin API shapes: listing, details, whois, devices, joined rooms,
-//! deactivation, password resets and locking.
+//! Accounts in the Synapse admin API shapes: listing, details, creation and changes, whois,
+//! devices, joined rooms, deactivation, password resets and locking.
 
 use axum::{
     Json,
     body::Body,
     extract::{Path, State as AxumState},
 };
-use http::Uri;
+use http::{StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
@@ -14,7 +14,10 @@ use super::{Admin, Staff, json_body, page_params, query, user_id};
 use crate::{
     api::State,
     error::{Error, Result},
-    service::{admin_users::AccountView, users},
+    service::{
+        admin_users::{AccountChanges, AccountView},
+        users,
+    },
 };
 
 fn account_json(view: &AccountView) -> JsonValue {
@@ -27,7 +30,7 @@ fn account_json(view: &AccountView) -> JsonValue {
         "displayname": view.displayname,
         "avatar_url": view.avatar_url,
         "creation_ts": view.record.created_ms,
-        "user_type": null,
+        "user_type": view.record.user_type,
         "shadow_banned": false,
         "erased": false,
         "threepids": [],
@@ -111,6 +114,78 @@ pub async fn get(
     Path(user): Path<String>,
 ) -> Result<Json<JsonValue>> {
     Ok(Json(account_json(&view(&services, &user)?)))
+}
+
+/// A field that may be absent (unchanged), `null` (cleared) or a string.
+fn optional_text(
+    body: &serde_json::Map<String, JsonValue>,
+    key: &str,
+) -> Result<Option<Option<String>>> {
+    match body.get(key) {
+        None => Ok(None),
+        Some(JsonValue::Null) => Ok(Some(None)),
+        Some(JsonValue::String(text)) => Ok(Some(Some(text.clone()))),
+        Some(_) => Err(Error::invalid_param(format!("{key} must be a string or null"))),
+    }
+}
+
+fn optional_bool(body: &serde_json::Map<String, JsonValue>, key: &str) -> Result<Option<bool>> {
+    match body.get(key) {
+        None | Some(JsonValue::Null) => Ok(None),
+        Some(JsonValue::Bool(flag)) => Ok(Some(*flag)),
+        Some(_) => Err(Error::invalid_param(format!("{key} must be a boolean"))),
+    }
+}
+
+/// `PUT /_synapse/admin/v2/users/{userId}`: creates the account (`201`) or changes it
+/// (`200`); answers the account as `GET` shows it. `threepids` and `external_ids` are
+/// accepted and ignored (this server keeps no third-party identifiers).
+pub async fn put(
+    AxumState(services): AxumState<State>,
+    Admin(caller): Admin,
+    Path(user): Path<String>,
+    body: Body,
+) -> Result<(StatusCode, Json<JsonValue>)> {
+    let body: serde_json::Map<String, JsonValue> = json_body(&services, body).await?;
+    let user_id = user_id(&user)?;
+    let password = match body.get("password") {
+        None | Some(JsonValue::Null) => None,
+        Some(JsonValue::String(password)) => Some(password.clone()),
+        Some(_) => return Err(Error::invalid_param("password must be a string")),
+    };
+    let password_hash = match password {
+        Some(password) => {
+            users::check_password_strength(
+                &password,
+                services.config.registration.min_password_length,
+            )?;
+            Some(users::hash_password(password).await?)
+        }
+        None => None,
+    };
+    let changes = AccountChanges {
+        password_hash,
+        logout_devices: optional_bool(&body, "logout_devices")?.unwrap_or(true),
+        displayname: optional_text(&body, "displayname")?,
+        avatar_url: optional_text(&body, "avatar_url")?,
+        admin: optional_bool(&body, "admin")?,
+        deactivated: optional_bool(&body, "deactivated")?,
+        locked: optional_bool(&body, "locked")?,
+        user_type: optional_text(&body, "user_type")?,
+    };
+    let profile_changed = changes.displayname.is_some() || changes.avatar_url.is_some();
+    let created = {
+        let _guard = services.registration.lock.lock().await;
+        services.admin_upsert_user(&caller.user_id, &user_id, changes)?
+    };
+    let account = view(&services, user_id.as_str())?;
+    if created && !account.record.deactivated {
+        services.onboard(&user_id).await;
+    } else if profile_changed && !account.record.deactivated {
+        crate::api::client::profile::propagate(&services, &user_id, "displayname").await;
+    }
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(account_json(&account))))
 }
 
 /// `GET /_synapse/admin/v1/whois/{userId}`: sessions with their last address and client.

@@ -57,7 +57,7 @@ pub async fn send(
     if kind == TimelineEventType::RoomRedaction {
         return Err(Error::bad_json("Use the redact endpoint to redact events"));
     }
-    let event = NewEvent { kind, content, state_key: None, redacts: None };
+    let event = NewEvent { kind, content, state_key: None, redacts: None, audit: Vec::new() };
     let txn = Some((caller.device_id.as_str(), body.txn_id.as_str()));
     let event_id =
         services.rooms.append(&services, &body.room_id, &caller.user_id, event, txn).await?;
@@ -245,6 +245,7 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
         content,
         state_key: None,
         redacts: Some(body.event_id.clone()),
+        audit: Vec::new(),
     };
     let txn = Some((caller.device_id.as_str(), body.txn_id.as_str()));
     let event_id = rooms.append(&services, &body.room_id, &caller.user_id, event, txn).await?;

@@ -85,7 +85,7 @@ pub async fn delete_field(
 
 /// After a display name or avatar change, refreshes the user's member event in every joined
 /// room so other members see the new name (failures are logged, the profile change stands).
-async fn propagate(services: &State, user_id: &UserId, field: &str) {
+pub async fn propagate(services: &State, user_id: &UserId, field: &str) {
     if !matches!(field, "displayname" | "avatar_url") {
         return;
     }

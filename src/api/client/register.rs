@@ -46,7 +46,9 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         _ => random_string(12).to_lowercase(),
     };
     let user_id = Users::new_user_id(&localpart, services.server_name())?;
-    if services.users.get(&user_id)?.is_some() {
+    if services.users.get(&user_id)?.is_some()
+        || localpart == services.config.server_notices.localpart
+    {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
     let password = match (body.password, guest) {
@@ -70,7 +72,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         None => None,
     };
 
-    let _guard = services.registration.lock.lock().await;
+    let guard = services.registration.lock.lock().await;
     if services.users.get(&user_id)?.is_some() {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
@@ -111,6 +113,10 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     }
     services.audit.commit(batch, entries)?;
     tracing::info!(%user_id, admin, guest, "registered account");
+    drop(guard);
+    if !guest {
+        services.onboard(&user_id).await;
+    }
 
     let mut response = register::Response::new(user_id);
     if let Some(issued) = issued {

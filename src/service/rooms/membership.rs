@@ -7,7 +7,7 @@ use serde_json::{Value as JsonValue, json};
 use super::NewEvent;
 use crate::{
     error::{Error, Result},
-    service::Services,
+    service::{Services, audit::Entry},
 };
 
 /// Longest reason accepted.
@@ -46,7 +46,19 @@ async fn send_member(
     target: &UserId,
     content: JsonValue,
 ) -> Result<OwnedEventId> {
-    let event = NewEvent::state("m.room.member", target.as_str(), content);
+    send_member_audited(services, room_id, sender, target, content, Vec::new()).await
+}
+
+async fn send_member_audited(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    content: JsonValue,
+    audit: Vec<Entry>,
+) -> Result<OwnedEventId> {
+    let mut event = NewEvent::state("m.room.member", target.as_str(), content);
+    event.audit = audit;
     services.rooms.append(services, room_id, sender, event, None).await
 }
 
@@ -67,6 +79,18 @@ pub async fn join(
     reason: Option<&str>,
     third_party_signed: Option<JsonValue>,
 ) -> Result<OwnedEventId> {
+    join_audited(services, room_id, user_id, reason, third_party_signed, Vec::new()).await
+}
+
+/// [`join`], with audit records written in the join event's batch (an admin's doing).
+pub async fn join_audited(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+    reason: Option<&str>,
+    third_party_signed: Option<JsonValue>,
+    audit: Vec<Entry>,
+) -> Result<OwnedEventId> {
     require_known_room(services, room_id)?;
     if services.admin_rooms.blocked(room_id)?.is_some() {
         return Err(Error::forbidden("This room has been blocked on this server"));
@@ -78,7 +102,7 @@ pub async fn join(
     if let Some(via) = restricted_join_authoriser(services, room_id, user_id)? {
         content["join_authorised_via_users_server"] = json!(via);
     }
-    send_member(services, room_id, user_id, user_id, content).await
+    send_member_audited(services, room_id, user_id, user_id, content, audit).await
 }
 
 /// For `restricted` rooms the joining user must be vouched for by a local member who can
@@ -155,6 +179,19 @@ pub async fn invite(
     reason: Option<&str>,
     is_direct: bool,
 ) -> Result<OwnedEventId> {
+    invite_audited(services, room_id, sender, target, reason, is_direct, Vec::new()).await
+}
+
+/// [`invite`], with audit records written in the invite event's batch (an admin's doing).
+pub async fn invite_audited(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    reason: Option<&str>,
+    is_direct: bool,
+    audit: Vec<Entry>,
+) -> Result<OwnedEventId> {
     require_known_room(services, room_id)?;
     if target.server_name() != services.server_name() {
         return Err(Error::forbidden("Inviting users of other servers needs federation"));
@@ -166,7 +203,7 @@ pub async fn invite(
     if is_direct {
         content["is_direct"] = json!(true);
     }
-    send_member(services, room_id, sender, target, content).await
+    send_member_audited(services, room_id, sender, target, content, audit).await
 }
 
 /// `user_id` leaves (or rejects an invite, or withdraws a knock).

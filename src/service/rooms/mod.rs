@@ -68,6 +68,8 @@ pub struct NewEvent {
     pub state_key: Option<String>,
     /// The redacted event, for redactions.
     pub redacts: Option<OwnedEventId>,
+    /// Audit records to write in the event's batch (an admin acting through the event).
+    pub audit: Vec<super::audit::Entry>,
 }
 
 impl NewEvent {
@@ -77,7 +79,30 @@ impl NewEvent {
         state_key: impl Into<String>,
         content: JsonValue,
     ) -> Self {
-        Self { kind: kind.into().into(), content, state_key: Some(state_key.into()), redacts: None }
+        Self {
+            kind: kind.into().into(),
+            content,
+            state_key: Some(state_key.into()),
+            redacts: None,
+            audit: Vec::new(),
+        }
+    }
+
+    /// A timeline (non-state) event.
+    pub fn message(kind: impl Into<String>, content: JsonValue) -> Self {
+        Self {
+            kind: kind.into().into(),
+            content,
+            state_key: None,
+            redacts: None,
+            audit: Vec::new(),
+        }
+    }
+
+    /// Adds an audit record written in the event's batch.
+    pub fn audited(mut self, entry: super::audit::Entry) -> Self {
+        self.audit.push(entry);
+        self
     }
 }
 
@@ -715,7 +740,9 @@ impl Rooms {
             None => None,
         };
 
-        let audit_entries = self.audit_entries(&room_id, sender, &event, pdu.redacts.as_deref())?;
+        let mut audit_entries =
+            self.audit_entries(&room_id, sender, &event, pdu.redacts.as_deref())?;
+        audit_entries.extend(event.audit.iter().cloned());
         // Authorised: write the event, its state, its indexes, the room and any audit record
         // in one batch.
         let mut batch = self.db.batch();

@@ -1,16 +1,22 @@
 //! Reports of events and rooms, kept for the server's admins.
 
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
-    service::{Counter, now_ms},
+    service::{
+        Counter,
+        audit::{Audit, Entry},
+        now_ms,
+    },
     storage::{Db, Table, tables},
 };
 
 /// Longest reason kept.
 const MAX_REASON: usize = 4096;
+/// Most reports an admin listing looks at.
+pub const MAX_LISTED: usize = 100_000;
 
 /// One report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,5 +74,21 @@ impl Reports {
                 Ok((id, report))
             })
             .collect()
+    }
+
+    /// The report `id`, if any.
+    pub fn get(&self, id: u64) -> Result<Option<Report>> {
+        Ok(self.reports.get(&id)?)
+    }
+
+    /// Deletes report `id` for `actor`; returns whether it existed (deleting again changes
+    /// nothing).
+    pub fn delete(&self, audit: &Audit, actor: &UserId, id: u64) -> Result<bool> {
+        let Some(report) = self.get(id)? else { return Ok(false) };
+        let mut batch = self.db.batch();
+        self.reports.delete(&mut batch, &id);
+        let entry = Entry::new("admin.report.delete", Some(actor)).target(id).room(&report.room_id);
+        audit.commit(batch, [entry])?;
+        Ok(true)
     }
 }
