@@ -55,6 +55,8 @@ pub struct Config {
     pub support: SupportConfig,
     /// Notifications and push gateways.
     pub push: PushConfig,
+    /// The Prometheus metrics listener.
+    pub metrics: MetricsConfig,
     /// The account and rooms server notices come from.
     pub server_notices: ServerNoticesConfig,
     /// What new accounts get: rooms they join and a welcome notice.
@@ -206,6 +208,23 @@ impl Default for PushConfig {
             max_delivery_age_secs: 86_400,
             max_pushers_per_user: 20,
         }
+    }
+}
+
+/// Prometheus metrics, served at `/metrics` on a listener of their own so they need not be
+/// exposed where clients connect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Whether the metrics listener runs.
+    pub enabled: bool,
+    /// Where it listens.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: false, listen: SocketAddr::from(([127, 0, 0, 1], 9009)) }
     }
 }
 
@@ -383,6 +402,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             support: SupportConfig::default(),
             push: PushConfig::default(),
+            metrics: MetricsConfig::default(),
             server_notices: ServerNoticesConfig::default(),
             onboarding: OnboardingConfig::default(),
         }

@@ -42,6 +42,7 @@ pub enum StartError {
 /// A running server.
 pub struct Server {
     addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     services: Arc<Services>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -125,12 +126,40 @@ impl Server {
             });
             tracing::info!(address = %local, server_name = %services.config.server_name, "listening");
         }
-        Ok(Self { addrs, services, stop, tasks })
+        let metrics_addr = if services.config.metrics.enabled {
+            let addr = services.config.metrics.listen;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let local =
+                listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+            let app = router::metrics_app(services.clone());
+            let mut stopped = stopped.clone();
+            tasks.spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+                {
+                    tracing::error!(%err, "metrics listener failed");
+                }
+            });
+            tracing::info!(address = %local, "serving metrics");
+            Some(local)
+        } else {
+            None
+        };
+        Ok(Self { addrs, metrics_addr, services, stop, tasks })
     }
 
     /// The bound addresses (with real ports when the config asked for port 0).
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The metrics listener's address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The services, for in-process tests and tooling.

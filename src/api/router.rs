@@ -5,7 +5,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use axum::{
     Router,
-    extract::{ConnectInfo, Request},
+    extract::{ConnectInfo, MatchedPath, Request},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{MethodFilter, delete, get, on, post, put},
@@ -23,7 +23,10 @@ use tower_http::{
 use super::{AuthKind, Ruma, RumaResponse, State, admin, client, media, well_known};
 use crate::{
     error::{Error, ErrorKind, Result},
-    service::audit::{self, context::RequestContext},
+    service::{
+        audit::{self, context::RequestContext},
+        metrics,
+    },
 };
 
 /// A handler for the ruma request `T`: registered at every path ruma knows for it.
@@ -321,12 +324,14 @@ pub fn build(state: State) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
 
     let trusted_proxies = state.config.limits.trusted_proxies.clone();
+    let metrics_state = state.clone();
     let layers = || {
         let trusted = trusted_proxies.clone();
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
             }))
+            .layer(middleware::from_fn_with_state(metrics_state.clone(), count_request))
             .layer(middleware::from_fn(matrix_errors))
             .layer(middleware::map_request(default_threads_include))
             .layer(middleware::from_fn(move |req: Request, next: Next| {
@@ -391,6 +396,35 @@ async fn default_threads_include(mut req: Request) -> Request {
         }
     }
     req
+}
+
+/// Counts the request in the metrics under its route template, with its final status.
+async fn count_request(
+    axum::extract::State(services): axum::extract::State<State>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let response = next.run(req).await;
+    let route = route.as_ref().map_or(metrics::UNMATCHED, MatchedPath::as_str);
+    services.metrics.request(&method, route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// The metrics listener's application: `GET /metrics` and nothing else.
+pub fn metrics_app(services: State) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|axum::extract::State(services): axum::extract::State<State>| async move {
+                let text = services.metrics.render(&services);
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+            }),
+        )
+        .fallback(not_found)
+        .with_state(services)
 }
 
 /// Runs the request with its address and user agent known to the audit log.

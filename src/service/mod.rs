@@ -14,6 +14,7 @@ pub mod filters;
 pub mod history;
 pub mod keys;
 pub mod media;
+pub mod metrics;
 pub mod notices;
 pub mod onboarding;
 pub mod presence;
@@ -102,6 +103,8 @@ pub struct Services {
     pub analytics: analytics::Analytics,
     /// Each user's server notices room.
     pub notices: notices::Notices,
+    /// Operational counters for `/metrics`.
+    pub metrics: metrics::Metrics,
 }
 
 impl Services {
@@ -136,6 +139,7 @@ impl Services {
                 .map_err(|e| StorageError::Init(e.to_string()))?,
             analytics: analytics::Analytics::new(&db),
             notices: notices::Notices::new(&db),
+            metrics: metrics::Metrics::default(),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

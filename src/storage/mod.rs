@@ -133,6 +133,21 @@ impl Db {
         Ok(())
     }
 
+    /// Per table: bytes of its files on disk and bytes of its write buffers in memory.
+    pub fn table_sizes(&self) -> Vec<(&'static str, u64, u64)> {
+        let property =
+            |cf, name: &str| self.inner.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+        tables::ALL
+            .iter()
+            .map(|name| {
+                let cf = self.cf(name);
+                let disk = property(cf, "rocksdb.total-sst-files-size")
+                    + property(cf, "rocksdb.total-blob-file-size");
+                (*name, disk, property(cf, "rocksdb.cur-size-all-mem-tables"))
+            })
+            .collect()
+    }
+
     /// Reads the counter `name` (0 if never written).
     pub fn counter(&self, name: &str) -> Result<u64, StorageError> {
         let cf = self.cf(tables::COUNTERS);

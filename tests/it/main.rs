@@ -13,6 +13,7 @@ mod edge_cases;
 mod ephemeral;
 mod errors;
 mod media;
+mod metrics;
 mod process;
 mod push;
 mod pushers;

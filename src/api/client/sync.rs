@@ -67,6 +67,7 @@ pub fn parse_token(services: &State, token: &str) -> Result<u64> {
 /// `GET /_matrix/client/v3/sync`: answers at once when there is news (or on an initial or
 /// full-state sync), otherwise waits up to `timeout` for the user's next change.
 pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<JsonResponse> {
+    let _waiting = services.metrics.sync_started();
     let caller = req.caller()?.clone();
     let body = req.body;
     let filter = match body.filter {

@@ -109,6 +109,8 @@ enum Outcome {
 pub struct Gateway {
     queue: Table<Delivery>,
     sequence: AtomicU64,
+    /// Deliveries in the queue (for metrics).
+    pending: AtomicU64,
     wake: Notify,
     backoff: Mutex<HashMap<PusherKey, Backoff>>,
 }
@@ -123,9 +125,11 @@ impl Gateway {
             }
             None => 0,
         };
+        let pending = queue.scan_prefix(Vec::new()).count() as u64;
         Ok(Self {
             queue,
             sequence: AtomicU64::new(last),
+            pending: AtomicU64::new(pending),
             wake: Notify::new(),
             backoff: Mutex::default(),
         })
@@ -133,10 +137,22 @@ impl Gateway {
 
     /// Adds `deliveries` to the queue in `batch`.
     pub fn queue(&self, batch: &mut Batch, deliveries: Vec<Delivery>) {
+        self.pending.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
         for delivery in deliveries {
             let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
             self.queue.put(batch, &sequence, &delivery);
         }
+    }
+
+    /// How many pushes wait in the queue.
+    pub fn queued(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    fn dequeued(&self, count: u64) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(count)));
     }
 
     /// Tells the sender that new pushes are queued.
@@ -165,6 +181,7 @@ impl Gateway {
         let max_age = services.config.push.max_delivery_age_secs.saturating_mul(1000);
         let mut due = Vec::new();
         let mut stale = services.db.batch();
+        let mut stale_count = 0;
         let mut next_retry: Option<u64> = None;
         let mut held = std::collections::HashSet::new();
         for entry in self.queue.scan_prefix(Vec::new()).take(ROUND) {
@@ -175,6 +192,7 @@ impl Gateway {
             });
             if gone || now.saturating_sub(delivery.queued_ms) > max_age {
                 self.queue.delete_raw(&mut stale, &key);
+                stale_count += 1;
                 continue;
             }
             if let Some(backoff) = self.backoff_of(&pusher_key).filter(|b| b.retry_at > now) {
@@ -188,6 +206,7 @@ impl Gateway {
         }
         if !stale.is_empty() {
             services.db.write(stale)?;
+            self.dequeued(stale_count);
         }
         if due.is_empty() {
             return Ok(next_retry.map(|t| Duration::from_millis(t.saturating_sub(now))));
@@ -211,6 +230,7 @@ impl Gateway {
                     self.record_outcome(delivery.pusher_key(), true);
                     self.queue.delete_raw(&mut batch, &key);
                     services.db.write(batch)?;
+                    self.dequeued(1);
                     if rejected {
                         tracing::info!(user = %delivery.user_id, app_id = %delivery.app_id, "gateway rejected pushkey; removing pusher");
                         services.pushers.remove(
@@ -229,6 +249,7 @@ impl Gateway {
                     tracing::warn!(user = %delivery.user_id, %why, "gateway refused a push");
                     self.queue.delete_raw(&mut batch, &key);
                     services.db.write(batch)?;
+                    self.dequeued(1);
                 }
             }
         }

@@ -817,6 +817,7 @@ impl Rooms {
         }
         services.search.enqueue(short);
         services.notifier.enqueue(short);
+        services.metrics.event_persisted();
         let position = pending.position;
         drop(pending);
         if let Some((id, map)) = new_state {
