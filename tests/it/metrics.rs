@@ -22,6 +22,20 @@ async fn scrape(http: &reqwest::Client, base: &str) -> String {
     response.text().await.unwrap()
 }
 
+/// Scrapes until `plaza_syncs_waiting` reads `expected` (or gives up after 2 s); the last text.
+async fn scrape_until_waiting(http: &reqwest::Client, base: &str, expected: f64) -> String {
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = scrape(http, base).await;
+        if sample(&text, "plaza_syncs_waiting") == Some(expected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sample(&text, "plaza_syncs_waiting"), Some(expected), "{text}");
+    text
+}
+
 /// Requests are counted by route template and status with latencies, persisted events and
 /// waiting syncs are tracked, and the metrics are not served where clients connect.
 #[tokio::test]
@@ -54,15 +68,7 @@ async fn metrics_count_requests_events_syncs_and_storage() {
         let token = token.clone();
         tokio::spawn(async move { http.get(url).bearer_auth(token).send().await })
     };
-    let mut text = String::new();
-    for _ in 0..200 {
-        text = scrape(&server.http, &metrics).await;
-        if sample(&text, "plaza_syncs_waiting") == Some(1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(sample(&text, "plaza_syncs_waiting"), Some(1.0), "{text}");
+    let text = scrape_until_waiting(&server.http, &metrics, 1.0).await;
 
     let send = "/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}";
     let sent = format!(r#"plaza_http_requests_total{{method="PUT",route="{send}",status="200"}}"#);
@@ -91,14 +97,7 @@ async fn metrics_count_requests_events_syncs_and_storage() {
     assert_eq!(sample(&text, "plaza_push_queue_length"), Some(0.0));
 
     waiting.abort();
-    for _ in 0..200 {
-        text = scrape(&server.http, &metrics).await;
-        if sample(&text, "plaza_syncs_waiting") == Some(0.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(sample(&text, "plaza_syncs_waiting"), Some(0.0), "{text}");
+    scrape_until_waiting(&server.http, &metrics, 0.0).await;
 
     // Clients' listener does not serve them; the metrics listener serves nothing else.
     let on_client = server.get("/metrics", None).await;
