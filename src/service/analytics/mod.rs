@@ -253,7 +253,8 @@ impl Analytics {
     /// Whether the room has exactly two joined members.
     fn is_direct(&self, services: &Services, room_id: &str) -> Result<bool> {
         let room_id = ruma::RoomId::parse(room_id).map_err(crate::error::Error::internal)?;
-        Ok(services.rooms.joined_count_up_to(&room_id, 3)? == 2)
+        let members = services.rooms.members(&room_id)?;
+        Ok(members.iter().filter(|(_, membership)| membership == "join").take(3).count() == 2)
     }
 
     /// Counts a poll response as its sender's latest vote if it is.

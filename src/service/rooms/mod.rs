@@ -477,20 +477,6 @@ impl Rooms {
         cache.remove(room_id);
     }
 
-    /// How many members are joined to `room_id`, counting no further than `limit`.
-    pub fn joined_count_up_to(&self, room_id: &RoomId, limit: usize) -> Result<usize> {
-        let mut joined = 0;
-        for item in self.room_members.scan_prefix(prefix(room_id.as_str())) {
-            if item?.1 == "join" {
-                joined += 1;
-                if joined >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(joined)
-    }
-
     /// Whether `user_id` left and forgot `room_id` (its history is then closed to them).
     pub fn forgotten(&self, room_id: &RoomId, user_id: &UserId) -> Result<bool> {
         Ok(!self.user_rooms.contains(&(user_id.as_str(), room_id.as_str()))?)
