@@ -101,6 +101,16 @@ impl Process {
     }
 }
 
+/// A test that fails midway must not leave its server running.
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 async fn register(p: &Process, name: &str) -> String {
     let body = json!({ "username": name, "password": "durable password", "auth": { "type": "m.login.dummy" } });
     let (status, body) = p.post("/_matrix/client/v3/register", None, body).await;
