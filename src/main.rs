@@ -145,6 +145,7 @@ async fn create_user(
         .target(&user_id)
         .details(serde_json::json!({ "admin": admin, "via": "cli" }));
     services.audit.commit(batch, [entry]).map_err(|e| e.to_string())?;
+    services.onboard(&user_id).await;
     println!("created {user_id}{}", if admin { " (admin)" } else { "" });
     Ok(())
 }

@@ -223,7 +223,8 @@ async fn kill_9_after_acknowledged_registration_loses_nothing() {
 async fn create_user_cli_refuses_while_running_and_works_when_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = write_config(dir.path(), port, "");
+    let config =
+        write_config(dir.path(), port, "[onboarding]\nwelcome_notice = \"Welcome aboard\"");
     let password_file = dir.path().join("pw");
     std::fs::write(&password_file, "cli password 1\n").unwrap();
     let pw_arg = password_file.to_str().unwrap();
@@ -246,6 +247,20 @@ async fn create_user_cli_refuses_while_running_and_works_when_stopped() {
     let p = start(&config, port, &[]).await;
     assert_eq!(p.login("carol", "cli password 1").await, StatusCode::OK);
     assert_eq!(p.login("dan", "stdin password").await, StatusCode::OK);
+    // Accounts made offline are onboarded like any other: the welcome notice waits for them.
+    let body = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "dan" }, "password": "stdin password" });
+    let (_, login) = p.post("/_matrix/client/v3/login", None, body).await;
+    let token = login["access_token"].as_str().unwrap();
+    let (status, joined) = p.get("/_matrix/client/v3/joined_rooms", token).await;
+    assert_eq!(status, StatusCode::OK);
+    let rooms = joined["joined_rooms"].as_array().unwrap();
+    assert_eq!(rooms.len(), 1, "{joined}");
+    let path =
+        format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", rooms[0].as_str().unwrap());
+    let (_, messages) = p.get(&path, token).await;
+    let notice =
+        messages["chunk"].as_array().unwrap().iter().find(|e| e["type"] == "m.room.message");
+    assert_eq!(notice.unwrap()["content"]["body"], "Welcome aboard", "{messages}");
     p.terminate();
 }
 
