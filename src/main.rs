@@ -137,6 +137,9 @@ async fn create_user(
     if services.users.get(&user_id).map_err(|e| e.to_string())?.is_some() {
         return Err(format!("{user_id} already exists"));
     }
+    if services.is_notices_localpart(user_id.localpart()) {
+        return Err(format!("{user_id} is the server notices account"));
+    }
     let hash = users::hash_password(password).await.map_err(|e| e.to_string())?;
     let mut batch = services.db.batch();
     services.registration.retire_first_admin_token(&mut batch);

@@ -156,6 +156,11 @@ impl Services {
             Some(record) => record,
             None => {
                 super::users::Users::new_user_id(user_id.localpart(), self.server_name())?;
+                if self.is_notices_localpart(user_id.localpart()) {
+                    return Err(Error::invalid_param(
+                        "That localpart is the server notices account's",
+                    ));
+                }
                 UserRecord::new(None, false, false)
             }
         };
@@ -286,6 +291,7 @@ impl Services {
         }
         if created {
             self.registration.retire_first_admin_token(&mut batch);
+            self.users.index_creation(&mut batch, user_id, record.created_ms);
         }
         self.users.put(&mut batch, user_id, &record);
         if created || !profile_changed.is_empty() || record.deactivated != before.deactivated {

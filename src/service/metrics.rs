@@ -54,8 +54,20 @@ impl Drop for SyncGuard<'_> {
 }
 
 impl Metrics {
-    /// Counts one answered request to `route` (a route template, or [`UNMATCHED`]).
+    /// Counts one answered request to `route` (a route template, or [`UNMATCHED`]). Methods
+    /// outside the standard ones count as `OTHER`, so clients cannot add labels at will.
     pub fn request(&self, method: &Method, route: &str, status: u16, took: Duration) {
+        let standard = [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PATCH,
+        ];
+        let other = Method::from_bytes(b"OTHER").expect("a valid method name");
+        let method = if standard.contains(method) { method } else { &other };
         let seconds = took.as_secs_f64();
         let bucket = BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len());
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());

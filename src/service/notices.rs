@@ -133,9 +133,20 @@ impl Services {
         Ok(())
     }
 
+    /// Whether `localpart` is the notices account's, which no one may create or register.
+    pub fn is_notices_localpart(&self, localpart: &str) -> bool {
+        localpart == self.config.server_notices.localpart
+    }
+
     /// Creates the notices account (no password: nobody logs in as it) if it does not exist.
+    /// An account of that name that someone can log in to is never used for notices.
     fn ensure_notices_account(&self, sender: &UserId) -> Result<()> {
-        if self.users.get(sender)?.is_some() {
+        if let Some(existing) = self.users.get(sender)? {
+            if existing.password_hash.is_some() {
+                return Err(Error::forbidden(
+                    "The server notices localpart belongs to an account with a password",
+                ));
+            }
             return Ok(());
         }
         let config = &self.config.server_notices;

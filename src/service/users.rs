@@ -167,6 +167,12 @@ impl Users {
         )
     }
 
+    /// Lists `user_id` among the accounts created at `created_ms` (for the new-users figures);
+    /// [`Users::create`] does this itself.
+    pub fn index_creation(&self, batch: &mut Batch, user_id: &UserId, created_ms: u64) {
+        self.by_creation.put(batch, &(created_ms, user_id.as_str()), &());
+    }
+
     /// The account `user_id`, if it exists (deactivated accounts included).
     pub fn get(&self, user_id: &UserId) -> Result<Option<UserRecord>> {
         Ok(self.users.get(user_id.as_str())?)
@@ -228,7 +234,7 @@ impl Users {
     ) {
         let record = UserRecord::new(password_hash, admin, guest);
         self.users.put(batch, user_id.as_str(), &record);
-        self.by_creation.put(batch, &(record.created_ms, user_id.as_str()), &());
+        self.index_creation(batch, user_id, record.created_ms);
         let name = displayname.unwrap_or_else(|| user_id.localpart());
         let profile = Profile::from([("displayname".to_owned(), JsonValue::from(name))]);
         self.profiles.put(batch, user_id.as_str(), &profile);

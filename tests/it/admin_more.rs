@@ -703,3 +703,24 @@ async fn a_rooms_media_is_listed_and_quarantined() {
     assert_eq!(fetch(&s).await.unwrap().status(), StatusCode::NOT_FOUND);
     assert_eq!(audited(&s, &c.admin.1, "media.quarantine").await.len(), 1);
 }
+
+/// The notices account's name cannot be taken through any way of making accounts, and accounts
+/// an admin creates count among the day's new users.
+#[tokio::test]
+async fn notices_name_is_reserved_and_admin_made_accounts_are_counted() {
+    let s = TestServer::start().await;
+    let c = cast(&s).await;
+    let admin = &c.admin.1;
+    let taken = s.get("/_matrix/client/v3/register/available?username=notices", None).await;
+    assert_error(&taken, StatusCode::BAD_REQUEST, "M_USER_IN_USE");
+    let made = s.put("/_synapse/admin/v2/users/@notices:localhost", Some(admin), json!({})).await;
+    assert_error(&made, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+
+    let analytics = "/_plaza/admin/v1/analytics/new_users";
+    let before = s.get(analytics, Some(admin)).await.1["total"].as_u64().unwrap();
+    let (status, _) =
+        s.put("/_synapse/admin/v2/users/@hire:localhost", Some(admin), json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let after = s.get(analytics, Some(admin)).await.1["total"].as_u64().unwrap();
+    assert_eq!(after, before + 1);
+}

@@ -56,6 +56,9 @@ async fn metrics_count_requests_events_syncs_and_storage() {
     assert_eq!(server.get("/_matrix/client/v3/nowhere", None).await.0, StatusCode::NOT_FOUND);
     let (status, _) = server.login("metered", "wrong password").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    let brew = reqwest::Method::from_bytes(b"BREW").unwrap();
+    let odd = server.http.request(brew, format!("{}/pot", server.base)).send().await.unwrap();
+    assert_eq!(odd.status(), StatusCode::NOT_FOUND);
 
     // A long poll is counted while it waits and no longer once it is abandoned.
     let since = server.get("/_matrix/client/v3/sync", Some(&token)).await.1["next_batch"]
@@ -80,6 +83,10 @@ async fn metrics_count_requests_events_syncs_and_storage() {
     );
     let unmatched = r#"plaza_http_requests_total{method="GET",route="unmatched",status="404"}"#;
     assert_eq!(sample(&text, unmatched), Some(1.0), "{text}");
+    // Methods outside the standard ones share one label.
+    let other = r#"plaza_http_requests_total{method="OTHER",route="unmatched",status="404"}"#;
+    assert_eq!(sample(&text, other), Some(1.0), "{text}");
+    assert!(!text.contains("BREW"));
     let login =
         r#"plaza_http_requests_total{method="POST",route="/_matrix/client/v3/login",status="403"}"#;
     assert_eq!(sample(&text, login), Some(1.0), "{text}");

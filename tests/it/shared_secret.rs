@@ -65,3 +65,15 @@ async fn disabled_without_secret() {
         "M_UNKNOWN",
     );
 }
+
+/// Shared-secret registration cannot take the server notices account's name.
+#[tokio::test]
+async fn notices_name_is_refused() {
+    let s = TestServer::start_with(|c| c.registration.shared_secret = Some("s3cret".into())).await;
+    let path = "/_synapse/admin/v1/register";
+    let nonce = s.get(path, None).await.1["nonce"].as_str().unwrap().to_owned();
+    let body = json!({ "nonce": nonce, "username": "notices", "password": "pw12345678",
+                       "mac": mac("s3cret", &[&nonce, "notices", "pw12345678", "notadmin"]) });
+    let refused = s.post(path, None, body).await;
+    assert_error(&refused, StatusCode::BAD_REQUEST, "M_USER_IN_USE");
+}

@@ -49,7 +49,8 @@ enum Format {
 
 fn parse_day(name: &str, text: &str) -> Result<Day> {
     let day = if text.bytes().all(|b| b.is_ascii_digit()) {
-        text.parse().ok().map(Day::from_ms)
+        // Up to the end of year 9999, as for dates.
+        text.parse().ok().filter(|ms: &u64| *ms < 253_402_300_800_000).map(Day::from_ms)
     } else {
         Day::parse(text)
     };

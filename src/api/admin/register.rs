@@ -72,7 +72,8 @@ pub async fn register(
     let hash = users::hash_password(body.password).await?;
 
     let guard = services.registration.lock.lock().await;
-    if services.users.get(&user_id)?.is_some() {
+    if services.users.get(&user_id)?.is_some() || services.is_notices_localpart(user_id.localpart())
+    {
         return Err(Error::new(ErrorKind::UserInUse, "User ID already taken."));
     }
     let mut batch = services.db.batch();

@@ -46,9 +46,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         _ => random_string(12).to_lowercase(),
     };
     let user_id = Users::new_user_id(&localpart, services.server_name())?;
-    if services.users.get(&user_id)?.is_some()
-        || localpart == services.config.server_notices.localpart
-    {
+    if services.users.get(&user_id)?.is_some() || services.is_notices_localpart(&localpart) {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
     let password = match (body.password, guest) {
@@ -134,7 +132,8 @@ pub async fn username_available(
     req: Ruma<availability::Request>,
 ) -> Result<availability::Response> {
     let user_id = Users::new_user_id(&req.body.username.to_lowercase(), services.server_name())?;
-    if services.users.get(&user_id)?.is_some() {
+    if services.users.get(&user_id)?.is_some() || services.is_notices_localpart(user_id.localpart())
+    {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
     Ok(availability::Response::new(true))

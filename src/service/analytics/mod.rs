@@ -157,13 +157,14 @@ impl Analytics {
             if touched.0 != today || touched.1.len() >= MAX_TOUCHED {
                 *touched = (today, HashSet::new());
             }
-            if !touched.1.insert(user_id.to_string()) {
+            if touched.1.contains(user_id.as_str()) || !touched.1.insert(user_id.to_string()) {
                 return;
             }
         }
+        // A figure, not acknowledged data: it need not wait for a WAL sync of its own.
         let mut batch = self.db.batch();
         self.active.put(&mut batch, &(today.key(), user_id.as_str()), &());
-        if let Err(err) = self.db.write(batch) {
+        if let Err(err) = self.db.write_unsynced(batch) {
             tracing::warn!(%err, "could not record an active user");
         }
     }
@@ -179,14 +180,20 @@ impl Analytics {
         version: &RoomVersionId,
     ) -> Result<()> {
         let ts = event.wire.get("origin_server_ts").and_then(|t| t.as_integer());
-        let facts = Facts {
+        let mut facts = Facts {
             event_id: event.event_id.as_str(),
             room_id: event.room_id.as_str(),
             sender: event.sender(),
             kind: event.kind(),
             ts: ts.map_or(0, |t| u64::try_from(i64::from(t)).unwrap_or(0)),
-            content: event.wire.get("content").map(|c| c.clone().into()).unwrap_or_default(),
+            content: JsonValue::Null,
         };
+        // Only messages and polls are read further; other events' content is never copied.
+        let kind = facts.kind;
+        let poll_types = [polls::START_TYPES, polls::RESPONSE_TYPES, polls::END_TYPES];
+        if MESSAGE_TYPES.contains(&kind) || poll_types.iter().any(|types| types.contains(&kind)) {
+            facts.content = event.wire.get("content").map(|c| c.clone().into()).unwrap_or_default();
+        }
         let day = Day::from_ms(facts.ts).key();
         self.active.put(batch, &(day.as_str(), facts.sender), &());
         let encrypted = state.contains_key(&("m.room.encryption".to_owned(), String::new()));

@@ -135,13 +135,20 @@ impl Gateway {
         })
     }
 
-    /// Adds `deliveries` to the queue in `batch`.
-    pub fn queue(&self, batch: &mut Batch, deliveries: Vec<Delivery>) {
-        self.pending.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
+    /// Adds `deliveries` to the queue in `batch`; once it is written, [`Gateway::queued_more`]
+    /// counts them.
+    pub fn queue(&self, batch: &mut Batch, deliveries: Vec<Delivery>) -> u64 {
+        let count = deliveries.len() as u64;
         for delivery in deliveries {
             let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
             self.queue.put(batch, &sequence, &delivery);
         }
+        count
+    }
+
+    /// Counts `count` pushes written to the queue.
+    pub fn queued_more(&self, count: u64) {
+        self.pending.fetch_add(count, Ordering::Relaxed);
     }
 
     /// How many pushes wait in the queue.

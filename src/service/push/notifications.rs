@@ -64,7 +64,7 @@ pub fn list(
             next = Some(last_listed.to_string());
             break;
         }
-        let event = match services.rooms.stored_by_short_public(record.short)? {
+        let event = match record.event(services)? {
             Some(event) if !only_highlight || record.highlight() => event,
             _ => {
                 skipped += 1;

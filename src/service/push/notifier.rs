@@ -10,7 +10,7 @@ use std::{
 };
 
 use ruma::{
-    OwnedRoomId, OwnedUserId, UserId,
+    OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
     push::{Action, AnyPushRuleRef, FlattenedJson, PushCondition, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
@@ -42,24 +42,36 @@ const RULES_CACHE: usize = 10_000;
 const CURSOR_KEY: &str = "push_cursor";
 
 /// One event that notified one user. Stored once per notified member, so kept small: the
-/// event itself is found by its short id.
+/// event itself is found by its short id. Records of earlier versions, with long field names
+/// and the event id instead of the short id, still read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NotificationRecord {
     /// The room of the event.
-    #[serde(rename = "r")]
+    #[serde(rename = "r", alias = "room_id")]
     pub room_id: OwnedRoomId,
-    /// The event's short id.
-    #[serde(rename = "s")]
+    /// The event's short id (0 in earlier records).
+    #[serde(rename = "s", default)]
     pub short: u64,
+    /// The event's id, in earlier records only.
+    #[serde(rename = "event_id", default, skip_serializing)]
+    pub legacy_event_id: Option<OwnedEventId>,
     /// When it was judged, in milliseconds.
-    #[serde(rename = "t")]
+    #[serde(rename = "t", alias = "ts")]
     pub ts: u64,
     /// The actions of the rule that matched.
-    #[serde(rename = "a")]
+    #[serde(rename = "a", alias = "actions")]
     pub actions: Vec<Action>,
 }
 
 impl NotificationRecord {
+    /// The event that notified, if it is still stored.
+    pub fn event(&self, services: &Services) -> Result<Option<StoredPdu>> {
+        match &self.legacy_event_id {
+            Some(event_id) if self.short == 0 => services.rooms.stored(event_id),
+            _ => services.rooms.stored_by_short_public(self.short),
+        }
+    }
+
     /// Whether the actions ask for a highlight.
     pub fn highlight(&self) -> bool {
         self.actions.iter().any(Action::is_highlight)
@@ -113,7 +125,8 @@ fn shared_key(rule: AnyPushRuleRef<'_>) -> Option<Box<str>> {
         AnyPushRuleRef::Override(rule) => ("o", &rule.conditions),
         AnyPushRuleRef::Underride(rule) => ("u", &rule.conditions),
         AnyPushRuleRef::Content(rule) => {
-            return Some(format!("c{}\u{1f}{}", rule.rule_id, rule.pattern).into());
+            let parts = serde_json::to_string(&(&rule.rule_id, &rule.pattern)).ok()?;
+            return Some(format!("c{parts}").into());
         }
         AnyPushRuleRef::Room(rule) => return Some(format!("r{}", rule.rule_id).into()),
         AnyPushRuleRef::Sender(rule) => return Some(format!("s{}", rule.rule_id).into()),
@@ -130,8 +143,8 @@ fn shared_key(rule: AnyPushRuleRef<'_>) -> Option<Box<str>> {
                 | PushCondition::EventPropertyContains(_)
         )
     });
-    let conditions = serde_json::to_string(conditions).ok()?;
-    independent.then(|| format!("{kind}{}\u{1f}{conditions}", rule.rule_id()).into())
+    let parts = serde_json::to_string(&(rule.rule_id(), conditions)).ok()?;
+    independent.then(|| format!("{kind}{parts}").into())
 }
 
 /// Who a room's events may notify, at one state snapshot.
@@ -251,7 +264,7 @@ impl Notifier {
         Ok(audience)
     }
 
-    /// Judges `event` for everyone it may notify, queueing records and pushes in `batch`.
+    /// Judges `event` for everyone it may notify, adding to `records` and `deliveries`.
     /// When `replay`, users already notified of it are skipped.
     async fn judge_event(
         &self,
@@ -328,6 +341,7 @@ impl Notifier {
             let record = || NotificationRecord {
                 room_id: event.room_id.clone(),
                 short,
+                legacy_event_id: None,
                 ts: now,
                 actions: actions.to_vec(),
             };
@@ -374,10 +388,11 @@ impl Notifier {
             self.notifications.put_encoded(&mut batch, key, value);
         }
         self.global.put(&mut batch, CURSOR_KEY, &cursor);
-        services.gateway.queue(&mut batch, deliveries);
+        let queued = services.gateway.queue(&mut batch, deliveries);
         // Everything here is derived from persisted events and replayed from the cursor after a
         // power loss, so it need not wait for its own WAL sync.
         services.db.write_unsynced(batch)?;
+        services.gateway.queued_more(queued);
         services.gateway.wake();
         Ok(())
     }
@@ -435,7 +450,11 @@ pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
     });
     match spawned {
         Ok(_) => {
-            let _ = finished.await;
+            if finished.await.is_err() {
+                tracing::error!(
+                    "the notifier stopped unexpectedly; notifications are not recorded"
+                );
+            }
         }
         Err(err) => tracing::error!(%err, "could not start the notifier"),
     }
@@ -468,5 +487,20 @@ async fn judge_loop(
             tracing::error!(%err, "notifier could not record notifications");
         }
         shorts.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NotificationRecord;
+
+    #[test]
+    fn earlier_records_still_read() {
+        let old = r#"{"room_id":"!r:x","event_id":"$e","ts":5,"actions":["notify"]}"#;
+        let record: NotificationRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((record.short, record.ts), (0, 5));
+        assert_eq!(record.legacy_event_id.as_deref().map(|e| e.as_str()), Some("$e"));
+        let new = serde_json::to_string(&record).unwrap();
+        assert!(!new.contains("event_id") && new.contains(r#""r":"!r:x""#), "{new}");
     }
 }
