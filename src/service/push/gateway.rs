@@ -401,28 +401,14 @@ fn payload(
 
 /// The badge count: the user's recent notifications they have not read yet.
 pub fn badge(services: &Services, user_id: &UserId) -> Result<u64> {
-    let mut read_upto: HashMap<OwnedRoomId, u64> = HashMap::new();
+    let mut reads = super::notifications::ReadPositions::default();
     let mut unread = 0;
     let table = services.notifier.table();
     for entry in table.scan_prefix_rev(crate::storage::prefix(user_id.as_str())).take(BADGE_WINDOW)
     {
         let (key, record) = entry?;
-        let position = key
-            .get(key.len().saturating_sub(8)..)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_be_bytes);
-        let read = match read_upto.get(&record.room_id) {
-            Some(read) => *read,
-            None => {
-                let read = services
-                    .ephemeral
-                    .read_position(services, &record.room_id, user_id)?
-                    .unwrap_or(0);
-                read_upto.insert(record.room_id.clone(), read);
-                read
-            }
-        };
-        unread += u64::from(position > read);
+        let read = reads.of(services, &record.room_id, user_id)?;
+        unread += u64::from(super::notifications::key_position(&key) > read);
     }
     Ok(unread)
 }

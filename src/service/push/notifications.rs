@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ruma::UserId;
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::Value as JsonValue;
 use tokio::sync::watch;
 
@@ -19,6 +19,30 @@ pub const MAX_LIMIT: usize = 100;
 const MAX_SKIPPED: usize = 1000;
 /// Records removed per write while pruning.
 const PRUNE_BATCH: usize = 10_000;
+
+/// The stream position a notifications key (`user id 0xFF position`) ends with.
+pub fn key_position(key: &[u8]) -> u64 {
+    key.get(key.len().saturating_sub(8)..)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// A user's read receipt positions, looked up once per room while going through their
+/// notifications.
+#[derive(Default)]
+pub struct ReadPositions(std::collections::HashMap<OwnedRoomId, u64>);
+
+impl ReadPositions {
+    /// How far `user_id` has read `room_id` (0 without a receipt).
+    pub fn of(&mut self, services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<u64> {
+        if let Some(read) = self.0.get(room_id) {
+            return Ok(*read);
+        }
+        let read = services.ephemeral.read_position(services, room_id, user_id)?.unwrap_or(0);
+        self.0.insert(room_id.to_owned(), read);
+        Ok(read)
+    }
+}
 
 /// One listed notification.
 pub struct Listed {
@@ -52,14 +76,11 @@ pub fn list(
     let mut page = Vec::new();
     let mut next = None;
     let mut skipped = 0;
-    let mut reads = std::collections::HashMap::new();
+    let mut reads = ReadPositions::default();
     let mut last_listed = before;
     for entry in services.notifier.table().scan_range(lower, upper, true) {
         let (key, record) = entry?;
-        let position = key
-            .get(key.len().saturating_sub(8)..)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_be_bytes);
+        let position = key_position(&key);
         if page.len() == limit {
             next = Some(last_listed.to_string());
             break;
@@ -75,17 +96,7 @@ pub fn list(
                 continue;
             }
         };
-        let read_upto = match reads.get(&record.room_id) {
-            Some(read) => *read,
-            None => {
-                let read = services
-                    .ephemeral
-                    .read_position(services, &record.room_id, user_id)?
-                    .unwrap_or(0);
-                reads.insert(record.room_id.clone(), read);
-                read
-            }
-        };
+        let read_upto = reads.of(services, &record.room_id, user_id)?;
         let json = crate::service::relations::serve(services, user_id, None, &event)?;
         page.push(Listed { record, event: json, read: position <= read_upto });
         last_listed = position;
