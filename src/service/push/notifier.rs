@@ -398,7 +398,8 @@ impl Notifier {
     }
 
     /// Judges events persisted after the stored cursor (minus a margin).
-    async fn catch_up(&self, services: &Services) -> Result<()> {
+    /// Stops early (to resume at the next start) when the server stops.
+    async fn catch_up(&self, services: &Services, stopped: &watch::Receiver<bool>) -> Result<()> {
         let cursor = self.global.get(CURSOR_KEY)?.unwrap_or(0);
         let mut shorts = Vec::with_capacity(BATCH);
         let mut total = 0usize;
@@ -407,6 +408,9 @@ impl Notifier {
             if shorts.len() == BATCH {
                 self.judge_all(services, &shorts, true).await?;
                 total += shorts.len();
+                if *stopped.borrow() {
+                    return Ok(());
+                }
                 shorts.clear();
             }
         }
@@ -443,19 +447,18 @@ pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
         return;
     };
     let handle = tokio::runtime::Handle::current();
-    let (done, finished) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new().name("notifier".into()).spawn(move || {
-        handle.block_on(judge_loop(&services, jobs, stopped));
-        let _ = done.send(());
-    });
+    let spawned = std::thread::Builder::new()
+        .name("notifier".into())
+        .spawn(move || handle.block_on(judge_loop(&services, jobs, stopped)));
+    // Joined, not signalled: the server is stopped only once the thread and its hold on the
+    // database are gone, so the database can be opened again at once.
     match spawned {
-        Ok(_) => {
-            if finished.await.is_err() {
-                tracing::error!(
-                    "the notifier stopped unexpectedly; notifications are not recorded"
-                );
+        Ok(thread) => match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                tracing::error!("the notifier stopped unexpectedly; notifications are not recorded")
             }
-        }
+        },
         Err(err) => tracing::error!(%err, "could not start the notifier"),
     }
 }
@@ -466,7 +469,7 @@ async fn judge_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let notifier = &services.notifier;
-    if let Err(err) = notifier.catch_up(services).await {
+    if let Err(err) = notifier.catch_up(services, &stopped).await {
         tracing::error!(%err, "notifier could not catch up");
     }
     let mut shorts = Vec::with_capacity(BATCH);
