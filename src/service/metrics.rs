@@ -66,8 +66,13 @@ impl Metrics {
             Method::OPTIONS,
             Method::PATCH,
         ];
-        let other = Method::from_bytes(b"OTHER").expect("a valid method name");
-        let method = if standard.contains(method) { method } else { &other };
+        let other;
+        let method = if standard.contains(method) {
+            method
+        } else {
+            other = Method::from_bytes(b"OTHER").expect("a valid method name");
+            &other
+        };
         let seconds = took.as_secs_f64();
         let bucket = BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len());
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());

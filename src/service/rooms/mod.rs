@@ -124,9 +124,15 @@ pub struct Rooms {
     last_create_ts: std::sync::atomic::AtomicU64,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Each room's member list, read on every send; dropped when a membership changes.
-    members_cache: Mutex<HashMap<OwnedRoomId, Members>>,
-    /// Bumped on every membership change, so a list read before one is never cached after it.
-    members_generation: std::sync::atomic::AtomicU64,
+    members_cache: Mutex<MembersCache>,
+}
+
+/// Cached member lists, and a count of membership changes so that a list read before one is
+/// never cached after it.
+#[derive(Default)]
+struct MembersCache {
+    rooms: HashMap<OwnedRoomId, Members>,
+    generation: u64,
 }
 
 /// A room's members with their membership, shared between readers.
@@ -163,7 +169,6 @@ impl Rooms {
             last_create_ts: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::default(),
             members_cache: Mutex::default(),
-            members_generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -442,13 +447,13 @@ impl Rooms {
 
     /// Members of `room_id` with their membership.
     pub fn members(&self, room_id: &RoomId) -> Result<Members> {
-        use std::sync::atomic::Ordering;
-        if let Some(members) =
-            self.members_cache.lock().unwrap_or_else(|e| e.into_inner()).get(room_id)
-        {
-            return Ok(members.clone());
-        }
-        let generation = self.members_generation.load(Ordering::SeqCst);
+        let generation = {
+            let cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(members) = cache.rooms.get(room_id) {
+                return Ok(members.clone());
+            }
+            cache.generation
+        };
         let mut members = Vec::new();
         for item in self.room_members.scan_prefix(prefix(room_id.as_str())) {
             let (key, membership) = item?;
@@ -461,11 +466,11 @@ impl Rooms {
         }
         let members = Arc::new(members);
         let mut cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if self.members_generation.load(Ordering::SeqCst) == generation {
-            if cache.len() >= MEMBERS_CACHE {
-                cache.clear();
+        if cache.generation == generation {
+            if cache.rooms.len() >= MEMBERS_CACHE {
+                cache.rooms.clear();
             }
-            cache.insert(room_id.to_owned(), members.clone());
+            cache.rooms.insert(room_id.to_owned(), members.clone());
         }
         Ok(members)
     }
@@ -473,8 +478,8 @@ impl Rooms {
     /// Drops the cached member list of `room_id` after its membership changed.
     fn forget_members(&self, room_id: &RoomId) {
         let mut cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
-        self.members_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        cache.remove(room_id);
+        cache.generation += 1;
+        cache.rooms.remove(room_id);
     }
 
     /// Whether `user_id` left and forgot `room_id` (its history is then closed to them).
