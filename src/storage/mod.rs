@@ -1,10 +1,19 @@
 //! RocksDB behind typed tables. This module knows keys, values and batches, nothing of Matrix:
 //! services describe a logical change as one [`Batch`] and [`Db::write`] makes it durable (WAL
-//! synced) before returning, so an acknowledged change survives a crash.
+//! synced) before returning, so an acknowledged change survives a crash. Writers that must not
+//! hold a lock across the sync use [`Db::write_deferred`] and await [`Db::durable`] after
+//! releasing it; concurrent waiters share one WAL sync (group commit).
 
 pub mod tables;
 
-use std::{marker::PhantomData, path::Path, sync::Arc};
+use std::{
+    marker::PhantomData,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, IteratorMode,
@@ -29,6 +38,9 @@ pub enum StorageError {
     /// Start-up work on stored data failed.
     #[error("cannot initialise from the database: {0}")]
     Init(String),
+    /// The WAL sync a deferred write waited for did not run to its end.
+    #[error("the write-ahead log sync did not finish: {0}")]
+    SyncAborted(String),
     /// A stored value did not decode: the data is damaged or from an incompatible version.
     #[error("corrupt value in table {table}: {source}")]
     Corrupt {
@@ -45,7 +57,22 @@ pub struct Db {
     inner: Arc<rocksdb::DB>,
     write_options: Arc<WriteOptions>,
     unsynced_options: Arc<WriteOptions>,
+    durability: Arc<Durability>,
 }
+
+/// Group commit for deferred writes: how many were written, how many a finished WAL sync
+/// covers, and the turn to run the next sync.
+#[derive(Default)]
+struct Durability {
+    written: AtomicU64,
+    synced: AtomicU64,
+    syncing: tokio::sync::Mutex<()>,
+}
+
+/// A deferred write, durable once [`Db::durable`] returns for it.
+#[must_use = "a deferred write is acknowledged only after `Db::durable`"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
 
 fn max_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
     let decode = |bytes: &[u8]| bytes.try_into().map(u64::from_be_bytes).unwrap_or(0);
@@ -101,6 +128,7 @@ impl Db {
             inner: Arc::new(db),
             write_options: Arc::new(write_options),
             unsynced_options: Arc::new(WriteOptions::default()),
+            durability: Arc::default(),
         })
     }
 
@@ -130,6 +158,41 @@ impl Db {
     /// derived again from durable data after a power loss (the next synced write covers it).
     pub fn write_unsynced(&self, batch: Batch) -> Result<(), StorageError> {
         self.inner.write_opt(batch.inner, &self.unsynced_options)?;
+        Ok(())
+    }
+
+    /// Applies `batch` atomically now (readers see it at once) and returns the ticket to await
+    /// with [`Db::durable`] before acknowledging it. A process crash cannot lose it (it is in
+    /// the operating system's buffers); a power loss before the sync loses it together with
+    /// every later write, never a write before it.
+    pub fn write_deferred(&self, batch: Batch) -> Result<Ticket, StorageError> {
+        self.inner.write_opt(batch.inner, &self.unsynced_options)?;
+        Ok(Ticket(self.durability.written.fetch_add(1, Ordering::AcqRel) + 1))
+    }
+
+    /// A ticket covering every write made so far: once durable, so is all of them.
+    pub fn ticket_now(&self) -> Ticket {
+        Ticket(self.durability.written.load(Ordering::Acquire))
+    }
+
+    /// Waits until the write behind `ticket` is durable. One caller at a time syncs the WAL,
+    /// covering every deferred write made before its sync began; the others find their ticket
+    /// covered or take the next turn.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), StorageError> {
+        let durability = &self.durability;
+        if durability.synced.load(Ordering::Acquire) >= ticket.0 {
+            return Ok(());
+        }
+        let _turn = durability.syncing.lock().await;
+        if durability.synced.load(Ordering::Acquire) >= ticket.0 {
+            return Ok(());
+        }
+        let covered = durability.written.load(Ordering::Acquire);
+        let db = self.inner.clone();
+        tokio::task::spawn_blocking(move || db.flush_wal(true))
+            .await
+            .map_err(|e| StorageError::SyncAborted(e.to_string()))??;
+        durability.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
 
@@ -399,6 +462,41 @@ mod tests {
         assert_eq!(values, vec![1, 2]);
         assert_eq!(db.counter("stream").unwrap(), 7);
         assert_eq!(table.get(&("@ab:x", "D3")).unwrap(), Some(3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_writes_share_syncs_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            let table: Table<u32> = db.table(tables::DEVICES);
+            let mut tasks = Vec::new();
+            for i in 0..64u32 {
+                let (db, table) = (db.clone(), table.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut batch = db.batch();
+                    table.put(&mut batch, &("@a:x", &*format!("D{i:02}")), &i);
+                    let ticket = db.write_deferred(batch).unwrap();
+                    // Visible before it is durable, acknowledged only after.
+                    assert_eq!(table.get(&("@a:x", &*format!("D{i:02}"))).unwrap(), Some(i));
+                    db.durable(ticket).await.unwrap();
+                    ticket
+                }));
+            }
+            let mut highest = Ticket(0);
+            for task in tasks {
+                highest = highest.max(task.await.unwrap());
+            }
+            assert_eq!(highest, db.ticket_now());
+            assert!(db.durability.synced.load(Ordering::Acquire) >= highest.0);
+            // A ticket already covered returns at once.
+            db.durable(Ticket(1)).await.unwrap();
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        let table: Table<u32> = db.table(tables::DEVICES);
+        let values: Vec<u32> =
+            table.scan_prefix(prefix("@a:x")).map(|item| item.unwrap().1).collect();
+        assert_eq!(values, (0..64).collect::<Vec<_>>());
     }
 
     #[test]

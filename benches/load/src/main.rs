@@ -1,8 +1,9 @@
 //! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir and
 //! prints one table. `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET`
 //! drives any homeserver that offers shared-secret registration instead, so the same run can
-//! measure another server. `-- --only media`, `-- --only search`, `-- --only threads` or
-//! `-- --only analytics` (Plaza only) runs just those scenarios.
+//! measure another server. `-- --only send` (send and fan-out), `-- --only media`,
+//! `-- --only search`, `-- --only threads` or `-- --only analytics` (Plaza only) runs just
+//! those scenarios.
 
 use std::{
     sync::Arc,
@@ -160,7 +161,13 @@ async fn send_rate(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn run(target: Target, rss: &mut Vec<(String, String)>) -> Result<Vec<[String; 3]>, Error> {
+/// The send, fan-out, sync and history rows, then search and media; `send_only` stops after
+/// fan-out.
+async fn run(
+    target: Target,
+    rss: &mut Vec<(String, String)>,
+    send_only: bool,
+) -> Result<Vec<[String; 3]>, Error> {
     let mut rows = Vec::new();
     let users: Vec<User> = {
         let mut users = Vec::new();
@@ -280,6 +287,10 @@ async fn run(target: Target, rss: &mut Vec<(String, String)>) -> Result<Vec<[Str
             latencies.len()
         ),
     ]);
+
+    if send_only {
+        return Ok(rows);
+    }
 
     // 4. Initial sync, 200 rooms × 20 messages.
     let reader = target.register(&format!("reader_{}", std::process::id())).await?;
@@ -434,7 +445,7 @@ fn main() -> Result<(), Error> {
             }
             analytics::rows(&target, &admin, &users).await?
         } else {
-            run(target, &mut rss).await?
+            run(target, &mut rss, only.as_deref() == Some("send")).await?
         };
         println!("\n| scenario | target | result |\n|---|---|---|");
         for [scenario, goal, result] in rows {

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use super::now_ms;
 use crate::{
     error::{Error, Result},
-    storage::{Batch, Db, StorageError, Table, tables},
+    storage::{Batch, Db, StorageError, Table, Ticket, tables},
 };
 
 /// The counter holding the highest sequence number written (raised in each record's batch, so
@@ -225,10 +225,29 @@ impl Audit {
 
     /// Writes `batch` with records of `entries` appended to it, atomically: the change and its
     /// audit records are durable together or not at all. Without entries this is a plain write.
-    pub fn commit(&self, mut batch: Batch, entries: impl IntoIterator<Item = Entry>) -> Result<()> {
+    pub fn commit(&self, batch: Batch, entries: impl IntoIterator<Item = Entry>) -> Result<()> {
+        self.commit_with(batch, entries, |batch| self.db.write(batch))
+    }
+
+    /// [`Audit::commit`] as a deferred write: the caller awaits the ticket with
+    /// [`Db::durable`] before acknowledging the change.
+    pub fn commit_deferred(
+        &self,
+        batch: Batch,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<Ticket> {
+        self.commit_with(batch, entries, |batch| self.db.write_deferred(batch))
+    }
+
+    fn commit_with<T>(
+        &self,
+        mut batch: Batch,
+        entries: impl IntoIterator<Item = Entry>,
+        write: impl FnOnce(Batch) -> std::result::Result<T, StorageError>,
+    ) -> Result<T> {
         let entries: Vec<Entry> = entries.into_iter().collect();
         if entries.is_empty() {
-            return Ok(self.db.write(batch)?);
+            return Ok(write(batch)?);
         }
         let context = context::current();
         let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,9 +278,9 @@ impl Audit {
             next = Head { seq: record.seq, hash: record.hash, ts: record.ts };
         }
         batch.raise_counter(&self.db, SEQ_COUNTER, next.seq);
-        self.db.write(batch)?;
+        let written = write(batch)?;
         *head = next;
-        Ok(())
+        Ok(written)
     }
 
     /// Records `entries` on their own (a failed login changes nothing else).

@@ -2,7 +2,9 @@
 //!
 //! Every event appended to a room goes through [`Rooms::append`] under that room's lock: auth
 //! events come from the current state, prev events from the forward extremities, and the event,
-//! its state snapshot, its timeline entry and its indexes are written in one batch.
+//! its state snapshot, its timeline entry and its indexes are written in one batch. The lock is
+//! released before that batch's WAL sync, so the next event of the room is built while the sync
+//! runs; the sender's answer and every sync wait for it.
 
 mod audited;
 pub mod create;
@@ -33,10 +35,10 @@ use self::{
     pdu::{Pdu, StoredPdu},
     state::{StateMap, States},
 };
-use super::{Counter, Services, now_ms, random_string};
+use super::{Counter, Services, now_ms, random_string, stream::Pending};
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Db, Key, Table, prefix, split_key, tables},
+    storage::{Db, Key, Table, Ticket, prefix, split_key, tables},
 };
 
 /// Largest event accepted, in bytes of canonical JSON (the spec's limit).
@@ -140,6 +142,10 @@ pub type Members = Arc<Vec<(ruma::OwnedUserId, String)>>;
 
 /// Rooms whose member lists are kept in memory.
 const MEMBERS_CACHE: usize = 10_000;
+
+/// An appended event whose WAL sync is still to come: its stream position stays hidden from
+/// syncs until the sync is done.
+type Unsynced<'a> = Option<(Pending<'a>, Ticket)>;
 
 /// Where an event goes: an existing room, or a new room of a version (its create event).
 enum Target<'a> {
@@ -541,14 +547,26 @@ impl Rooms {
         txn: Option<(&str, &str)>,
     ) -> Result<OwnedEventId> {
         let lock = self.lock(room_id);
-        let _guard = lock.lock().await;
+        let guard = lock.lock().await;
         if let Some((device, txn_id)) = txn
             && let Some(existing) = self.transaction(sender, device, room_id, txn_id)?
         {
+            // The first request may still be waiting for its sync.
+            let ticket = self.db.ticket_now();
+            drop(guard);
+            self.db.durable(ticket).await?;
             return Ok(existing);
         }
         let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        self.build_and_store(services, Target::Existing(room_id, record), sender, event, txn)
+        let target = Target::Existing(room_id, record);
+        let (event_id, unsynced) =
+            self.build_and_store(services, target, sender, event, txn, true)?;
+        drop(guard);
+        if let Some((pending, ticket)) = unsynced {
+            self.db.durable(ticket).await?;
+            drop(pending);
+        }
+        Ok(event_id)
     }
 
     /// Creates a room of `version` from its create event (whose `room_version` this sets);
@@ -563,19 +581,24 @@ impl Rooms {
     ) -> Result<OwnedRoomId> {
         content["room_version"] = serde_json::json!(version);
         let event = NewEvent::state("m.room.create", "", content);
-        let event_id = self.build_and_store(services, Target::New(version), sender, event, None)?;
+        let (event_id, _) =
+            self.build_and_store(services, Target::New(version), sender, event, None, false)?;
         let stored = self.stored(&event_id)?.ok_or_else(|| Error::internal("create event lost"))?;
         Ok(stored.room_id)
     }
 
-    fn build_and_store(
+    /// Builds, authorises and writes an event. With `defer_sync` the WAL sync is left to the
+    /// caller, who awaits the returned ticket (after releasing the room lock) and then drops the
+    /// pending position; otherwise the write is durable on return.
+    fn build_and_store<'s>(
         &self,
-        services: &Services,
+        services: &'s Services,
         target: Target<'_>,
         sender: &UserId,
         event: NewEvent,
         txn: Option<(&str, &str)>,
-    ) -> Result<OwnedEventId> {
+        defer_sync: bool,
+    ) -> Result<(OwnedEventId, Unsynced<'s>)> {
         let (room, version) = match target {
             Target::Existing(room_id, record) => {
                 let version = record.version.clone();
@@ -802,7 +825,12 @@ impl Rooms {
             self.transactions.put(&mut batch, &(sender.as_str(), device, &*key), &event_id);
         }
         services.analytics.record(&mut batch, services, &stored, &state, &version)?;
-        services.audit.commit(batch, audit_entries)?;
+        let ticket = if defer_sync {
+            Some(services.audit.commit_deferred(batch, audit_entries)?)
+        } else {
+            services.audit.commit(batch, audit_entries)?;
+            None
+        };
         if event.kind == TimelineEventType::RoomMember {
             self.forget_members(&room_id);
         }
@@ -810,7 +838,14 @@ impl Rooms {
         services.notifier.enqueue(short);
         services.metrics.event_persisted();
         let position = pending.position;
-        drop(pending);
+        // Syncs are woken once the position is released: at once, or after the deferred sync.
+        let unsynced = match ticket {
+            Some(ticket) => Some((pending, ticket)),
+            None => {
+                drop(pending);
+                None
+            }
+        };
         if let Some((id, map)) = new_state {
             self.states.remember(id, Arc::new(map));
         }
@@ -822,7 +857,7 @@ impl Rooms {
         {
             services.stream.wake_at(position, UserId::parse(target).ok().as_deref());
         }
-        Ok(event_id)
+        Ok((event_id, unsynced))
     }
 
     /// References to `ids` in the room version's format: bare ids, or `[id, hashes]` pairs.
