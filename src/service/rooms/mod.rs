@@ -127,6 +127,9 @@ pub struct Rooms {
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Each room's member list, read on every send; dropped when a membership changes.
     members_cache: Mutex<MembersCache>,
+    /// Parsed state events by short id, for the auth checks of every send; an entry is dropped
+    /// when its event is redacted.
+    auth_cache: Mutex<HashMap<u64, Arc<Pdu>>>,
 }
 
 /// Cached member lists, and a count of membership changes so that a list read before one is
@@ -142,6 +145,9 @@ pub type Members = Arc<Vec<(ruma::OwnedUserId, String)>>;
 
 /// Rooms whose member lists are kept in memory.
 const MEMBERS_CACHE: usize = 10_000;
+
+/// Parsed state events kept for auth checks (a few per room).
+const AUTH_CACHE: usize = 50_000;
 
 /// An appended event whose WAL sync is still to come: its stream position stays hidden from
 /// syncs until the sync is done.
@@ -175,6 +181,7 @@ impl Rooms {
             last_create_ts: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::default(),
             members_cache: Mutex::default(),
+            auth_cache: Mutex::default(),
         })
     }
 
@@ -232,6 +239,22 @@ impl Rooms {
 
     fn pdu(&self, event_id: &EventId) -> Option<Pdu> {
         self.stored(event_id).ok().flatten().and_then(|s| Pdu::from_stored(&s).ok())
+    }
+
+    /// The parsed state event `short`, from memory when it was read before.
+    fn auth_pdu(&self, short: u64) -> Result<Arc<Pdu>> {
+        let cached = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&short).cloned();
+        if let Some(pdu) = cached {
+            return Ok(pdu);
+        }
+        let stored = self.stored_by_short(short)?;
+        let pdu = Arc::new(Pdu::from_stored(&stored).map_err(Error::internal)?);
+        let mut cache = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= AUTH_CACHE {
+            cache.clear();
+        }
+        cache.insert(short, pdu.clone());
+        Ok(pdu)
     }
 
     /// The current state of a room.
@@ -624,11 +647,13 @@ impl Rooms {
             &rules.authorization,
         )
         .map_err(Error::bad_json)?;
-        let auth_events: Vec<OwnedEventId> = auth_types
+        let auth_pdus: Vec<Arc<Pdu>> = auth_types
             .iter()
             .filter_map(|(kind, key)| state.get(&(kind.to_string(), key.clone())))
-            .map(|short| self.stored_by_short(*short).map(|s| s.event_id))
+            .map(|short| self.auth_pdu(*short))
             .collect::<Result<_>>()?;
+        let auth_events: Vec<OwnedEventId> =
+            auth_pdus.iter().map(|pdu| pdu.event_id.clone()).collect();
         let prev_events = record.as_ref().map(|r| r.extremities.clone()).unwrap_or_default();
         let depth = record.as_ref().map_or(1, |r| r.depth + 1);
 
@@ -733,16 +758,18 @@ impl Rooms {
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
         state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
-            self.pdu(id)
+            match auth_pdus.iter().find(|auth| auth.event_id == *id) {
+                Some(auth) => Some(auth.clone()),
+                None => self.pdu(id).map(Arc::new),
+            }
         })
         .map_err(forbidden)?;
         state_res::check_state_dependent_auth_rules(
             &rules.authorization,
             &pdu,
             |kind: &StateEventType, key: &str| {
-                state.get(&(kind.to_string(), key.to_owned())).and_then(|short| {
-                    self.pdus.get(short).ok().flatten().and_then(|s| Pdu::from_stored(&s).ok())
-                })
+                let short = state.get(&(kind.to_string(), key.to_owned()))?;
+                self.auth_pdu(*short).ok()
             },
         )
         .map_err(forbidden)?;
@@ -890,6 +917,7 @@ impl Rooms {
         if stored.room_id != room_id {
             return Ok(());
         }
+        self.auth_cache.lock().unwrap_or_else(|e| e.into_inner()).remove(&short);
         ruma::canonical_json::redact_in_place(&mut stored.wire, &rules.redaction, None)
             .map_err(Error::internal)?;
         stored.redacted_because = Some(redaction.to_owned());
