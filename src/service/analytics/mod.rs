@@ -22,7 +22,10 @@ pub mod day;
 pub mod polls;
 pub mod query;
 
-use std::{collections::HashSet, sync::Mutex};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
 
 use ruma::{RoomVersionId, UserId};
 use serde::{Deserialize, Serialize};
@@ -45,6 +48,8 @@ use crate::{
 pub const MAX_UNANSWERED: usize = 50;
 /// Users remembered as already active today before the memory is cleared.
 const MAX_TOUCHED: usize = 100_000;
+/// Rooms whose waiting messages are kept in memory.
+const MAX_WAITING_ROOMS: usize = 10_000;
 
 /// Event types counted as messages.
 const MESSAGE_TYPES: [&str; 5] = [
@@ -82,7 +87,12 @@ pub struct Analytics {
     db: Db,
     active: Table<()>,
     messages: Table<u64>,
-    unanswered: Table<Vec<Unanswered>>,
+    /// `(room, event)` → the message waiting for an answer.
+    unanswered: Table<Unanswered>,
+    /// The earlier layout of the same table: room → its whole list; converted when read.
+    unanswered_lists: Table<Vec<Unanswered>>,
+    /// Each room's waiting messages, oldest first, as stored; written under the room's lock.
+    waiting: Mutex<HashMap<String, Vec<Unanswered>>>,
     responses: Table<ResponseSample>,
     polls: Table<Poll>,
     polls_by_time: Table<()>,
@@ -140,6 +150,8 @@ impl Analytics {
             active: db.table(tables::ANALYTICS_ACTIVE_USERS),
             messages: db.table(tables::ANALYTICS_MESSAGES),
             unanswered: db.table(tables::ANALYTICS_UNANSWERED),
+            unanswered_lists: db.table(tables::ANALYTICS_UNANSWERED),
+            waiting: Mutex::default(),
             responses: db.table(tables::ANALYTICS_RESPONSE_TIMES),
             polls: db.table(tables::ANALYTICS_POLLS),
             polls_by_time: db.table(tables::ANALYTICS_POLLS_BY_TIME),
@@ -230,7 +242,7 @@ impl Analytics {
         facts: &Facts<'_>,
         day: &str,
     ) -> Result<()> {
-        let mut waiting = self.unanswered.get(facts.room_id)?.unwrap_or_default();
+        let mut waiting = self.waiting_in(batch, facts.room_id)?;
         let targets = facts.answer_targets();
         let from_others = waiting.iter().any(|w| w.sender != facts.sender);
         let direct = from_others && self.is_direct(services, facts.room_id)?;
@@ -238,6 +250,7 @@ impl Analytics {
             w.sender != facts.sender && (direct || targets.contains(&w.event_id.as_str()))
         });
         for message in answered {
+            self.unanswered.delete(batch, &(facts.room_id, message.event_id.as_str()));
             let sample = ResponseSample {
                 delay_ms: facts.ts.saturating_sub(message.ts),
                 sender: message.sender,
@@ -246,15 +259,52 @@ impl Analytics {
             self.responses.put(batch, &(day, facts.room_id, message.event_id.as_str()), &sample);
         }
         waiting = still;
-        waiting.push(Unanswered {
+        let message = Unanswered {
             event_id: facts.event_id.to_owned(),
             sender: facts.sender.to_owned(),
             ts: facts.ts,
-        });
+        };
+        self.unanswered.put(batch, &(facts.room_id, facts.event_id), &message);
+        waiting.push(message);
         let excess = waiting.len().saturating_sub(MAX_UNANSWERED);
-        waiting.drain(..excess);
-        self.unanswered.put(batch, facts.room_id, &waiting);
+        for old in waiting.drain(..excess) {
+            self.unanswered.delete(batch, &(facts.room_id, old.event_id.as_str()));
+        }
+        let mut cache = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_WAITING_ROOMS {
+            cache.clear();
+        }
+        cache.insert(facts.room_id.to_owned(), waiting);
         Ok(())
+    }
+
+    /// The messages of `room_id` waiting for an answer, oldest first: from memory, else from
+    /// storage (a list in the earlier layout is rewritten as one entry per message in `batch`).
+    fn waiting_in(&self, batch: &mut Batch, room_id: &str) -> Result<Vec<Unanswered>> {
+        if let Some(waiting) =
+            self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(room_id)
+        {
+            return Ok(waiting);
+        }
+        let mut waiting = self
+            .unanswered
+            .scan_prefix(prefix(room_id))
+            .map(|item| Ok(item?.1))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(list) = self.unanswered_lists.get(room_id)? {
+            self.unanswered_lists.delete(batch, room_id);
+            for message in &list {
+                self.unanswered.put(batch, &(room_id, message.event_id.as_str()), message);
+            }
+            waiting.extend(list);
+        }
+        waiting.sort_by_key(|message| message.ts);
+        Ok(waiting)
+    }
+
+    /// Drops what memory holds for `room_id` after its event's batch failed to be written.
+    pub fn forget(&self, room_id: &str) {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(room_id);
     }
 
     /// Whether the room has exactly two joined members.
@@ -319,5 +369,41 @@ impl Analytics {
         poll.retally(&votes);
         self.polls.put(batch, poll_id, &poll);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(event_id: &str, ts: u64) -> Unanswered {
+        Unanswered { event_id: event_id.into(), sender: "@a:x".into(), ts }
+    }
+
+    #[test]
+    fn waiting_lists_of_the_earlier_layout_become_one_entry_per_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let analytics = Analytics::new(&db);
+        let mut batch = db.batch();
+        let old = vec![message("$b", 2), message("$c", 3)];
+        analytics.unanswered_lists.put(&mut batch, "!r:x", &old);
+        analytics.unanswered.put(&mut batch, &("!r:x", "$a"), &message("$a", 1));
+        db.write(batch).unwrap();
+
+        let mut batch = db.batch();
+        let waiting = analytics.waiting_in(&mut batch, "!r:x").unwrap();
+        let ids: Vec<&str> = waiting.iter().map(|m| m.event_id.as_str()).collect();
+        assert_eq!(ids, ["$a", "$b", "$c"]);
+        db.write(batch).unwrap();
+
+        assert!(analytics.unanswered_lists.get("!r:x").unwrap().is_none());
+        let mut stored: Vec<String> = analytics
+            .unanswered
+            .scan_prefix(prefix("!r:x"))
+            .map(|item| item.unwrap().1.event_id)
+            .collect();
+        stored.sort();
+        assert_eq!(stored, ["$a", "$b", "$c"]);
     }
 }

@@ -237,10 +237,6 @@ impl Rooms {
         Ok(self.pdus.get(&short)?)
     }
 
-    fn pdu(&self, event_id: &EventId) -> Option<Pdu> {
-        self.stored(event_id).ok().flatten().and_then(|s| Pdu::from_stored(&s).ok())
-    }
-
     /// The parsed state event `short`, from memory when it was read before.
     fn auth_pdu(&self, short: u64) -> Result<Arc<Pdu>> {
         let cached = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&short).cloned();
@@ -760,7 +756,8 @@ impl Rooms {
         state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
             match auth_pdus.iter().find(|auth| auth.event_id == *id) {
                 Some(auth) => Some(auth.clone()),
-                None => self.pdu(id).map(Arc::new),
+                // The create event of room version 12, named by the room id.
+                None => self.event_ids.get(id.as_str()).ok()?.and_then(|s| self.auth_pdu(s).ok()),
             }
         })
         .map_err(forbidden)?;
@@ -852,12 +849,12 @@ impl Rooms {
             self.transactions.put(&mut batch, &(sender.as_str(), device, &*key), &event_id);
         }
         services.analytics.record(&mut batch, services, &stored, &state, &version)?;
-        let ticket = if defer_sync {
-            Some(services.audit.commit_deferred(batch, audit_entries)?)
+        let committed = if defer_sync {
+            services.audit.commit_deferred(batch, audit_entries).map(Some)
         } else {
-            services.audit.commit(batch, audit_entries)?;
-            None
+            services.audit.commit(batch, audit_entries).map(|()| None)
         };
+        let ticket = committed.inspect_err(|_| services.analytics.forget(room_id.as_str()))?;
         if event.kind == TimelineEventType::RoomMember {
             self.forget_members(&room_id);
         }
