@@ -89,7 +89,8 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
         }
         let Some(record) = rooms.room(&room_id)? else { continue };
         let state = rooms.states.load(record.current_state)?;
-        let Some(member) = rooms.state_event(&state, "m.room.member", req.user_id.as_str())? else {
+        let Some(member) = rooms.state_pdu_of(&state, "m.room.member", req.user_id.as_str())?
+        else {
             continue;
         };
         // Membership as of `upto`: a change written after it waits for the next sync, and the
@@ -114,7 +115,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             }
             "invite" if !racing => {
                 let stale = !initial && member.position <= since;
-                if stale || ignored.contains(member.sender()) {
+                if stale || ignored.contains(member.sender.as_str()) {
                     continue;
                 }
                 let mut events: Vec<JsonValue> = Vec::new();
@@ -124,14 +125,21 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                     }
                 }
                 if let Some(inviter) =
-                    rooms.state_event(&state, "m.room.member", member.sender())?
+                    rooms.state_event(&state, "m.room.member", member.sender.as_str())?
                 {
                     events.push(stripped(&inviter));
                 }
-                events.push(stripped(&member));
+                events.extend(
+                    rooms
+                        .state_event(&state, "m.room.member", req.user_id.as_str())?
+                        .as_ref()
+                        .map(stripped),
+                );
                 invite.insert(room_id.to_string(), json!({ "invite_state": { "events": events } }));
             }
             "leave" | "ban" if !racing && (!initial || room_filter.include_leave) => {
+                let own = rooms.state_event(&state, "m.room.member", req.user_id.as_str())?;
+                let Some(member) = own else { continue };
                 if let Some(room) =
                     left_room(services, req, &record, &member, since, upto, initial)?
                 {
@@ -339,7 +347,7 @@ struct RoomNow<'a> {
     room_id: &'a RoomId,
     record: &'a RoomRecord,
     state: &'a StateMap,
-    member: &'a StoredPdu,
+    member: &'a crate::service::rooms::pdu::Pdu,
 }
 
 async fn joined_room(

@@ -471,3 +471,32 @@ async fn state_at_an_old_event_survives_many_later_changes() {
     let current = s.get(&path, Some(&token)).await;
     assert_eq!(current.1["topic"], "topic 1499");
 }
+
+#[tokio::test]
+async fn a_redacted_room_name_stops_naming_the_room_in_sync() {
+    let s = TestServer::start().await;
+    let (_, alice_token, _) = s.register("alice", "correct horse").await;
+    let (bob, _, _) = s.register("bob", "correct horse").await;
+    let room = s.create_room(&alice_token, json!({ "name": "Planning", "invite": [bob] })).await;
+    let summary = |body: &Value| body["rooms"]["join"][&room]["summary"].clone();
+    let (status, body) = s.get("/_matrix/client/v3/sync", Some(&alice_token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(summary(&body).get("m.heroes").is_none(), "named room: {body}");
+
+    let (_, name) = s
+        .get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/"), Some(&alice_token))
+        .await;
+    assert_eq!(name["name"], "Planning");
+    let (_, state) =
+        s.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(&alice_token)).await;
+    let name_event = state.as_array().unwrap().iter().find(|e| e["type"] == "m.room.name").unwrap();
+    let path = format!(
+        "/_matrix/client/v3/rooms/{room}/redact/{}/r1",
+        enc(name_event["event_id"].as_str().unwrap())
+    );
+    event_id(&s.put(&path, Some(&alice_token), json!({})).await);
+
+    // The name read (and kept in memory) before the redaction is not served after it.
+    let (_, body) = s.get("/_matrix/client/v3/sync", Some(&alice_token)).await;
+    assert_eq!(summary(&body)["m.heroes"], json!([bob]), "{body}");
+}

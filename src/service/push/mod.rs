@@ -65,7 +65,7 @@ pub async fn unread_counts(
     let rooms = &services.rooms;
     let Some(record) = rooms.room(room_id)? else { return Ok((0, 0)) };
     let state = rooms.states.load(record.current_state)?;
-    let member = rooms.state_event(&state, "m.room.member", user_id.as_str())?;
+    let member = rooms.state_pdu_of(&state, "m.room.member", user_id.as_str())?;
     let joined_at = member.as_ref().map_or(0, |m| m.position);
     let read = services
         .ephemeral
@@ -87,8 +87,15 @@ pub async fn unread_counts(
     if from >= upto {
         return Ok((notifications, highlights));
     }
-    let context =
-        room_context(services, room_id, &record, &state, member.as_ref(), user_id, joined_members)?;
+    let context = room_context(
+        services,
+        room_id,
+        &record,
+        &state,
+        member.as_deref(),
+        user_id,
+        joined_members,
+    )?;
     for event in rooms.timeline_range(&record, from, upto, false).take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
@@ -131,7 +138,7 @@ pub async fn unread_thread_counts(
     let mut counts = ThreadedCounts::default();
     let Some(record) = rooms.room(room_id)? else { return Ok(counts) };
     let state = rooms.states.load(record.current_state)?;
-    let member = rooms.state_event(&state, "m.room.member", user_id.as_str())?;
+    let member = rooms.state_pdu_of(&state, "m.room.member", user_id.as_str())?;
     let joined_at = member.as_ref().map_or(0, |m| m.position);
     let read = |threads: &[&str]| -> Result<u64> {
         let position = services.ephemeral.read_position_in(services, room_id, user_id, threads)?;
@@ -142,8 +149,15 @@ pub async fn unread_thread_counts(
         return Ok(counts);
     }
     let main_read = read(&["", "main"])?;
-    let context =
-        room_context(services, room_id, &record, &state, member.as_ref(), user_id, joined_members)?;
+    let context = room_context(
+        services,
+        room_id,
+        &record,
+        &state,
+        member.as_deref(),
+        user_id,
+        joined_members,
+    )?;
     let mut thread_reads = std::collections::HashMap::new();
     for event in rooms.timeline_range(&record, unthreaded, upto, false).take(MAX_COUNTED) {
         let event = event?;
@@ -180,7 +194,7 @@ fn room_context(
     room_id: &ruma::RoomId,
     record: &crate::service::rooms::RoomRecord,
     state: &crate::service::rooms::state::StateMap,
-    member: Option<&crate::service::rooms::pdu::StoredPdu>,
+    member: Option<&crate::service::rooms::pdu::Pdu>,
     user_id: &UserId,
     joined_members: u64,
 ) -> Result<ruma::push::PushConditionRoomCtx> {
@@ -194,14 +208,15 @@ fn room_context(
 fn member_context(
     room_id: &RoomId,
     user_id: &UserId,
-    member: Option<&crate::service::rooms::pdu::StoredPdu>,
+    member: Option<&crate::service::rooms::pdu::Pdu>,
     joined_members: u64,
 ) -> ruma::push::PushConditionRoomCtx {
+    #[derive(serde::Deserialize)]
+    struct Member {
+        displayname: Option<String>,
+    }
     let display_name = member
-        .and_then(|m| {
-            let content = m.wire.get("content")?.as_object()?;
-            content.get("displayname")?.as_str().map(str::to_owned)
-        })
+        .and_then(|m| serde_json::from_str::<Member>(m.content.get()).ok()?.displayname)
         .unwrap_or_else(|| user_id.localpart().to_owned());
     ruma::push::PushConditionRoomCtx::new(
         room_id.to_owned(),
@@ -249,10 +264,9 @@ fn power_levels_context(
         serde_json::from_value(power.get("notifications").cloned().unwrap_or_else(|| json!({})))
             .unwrap_or_default();
     let mut creators = Vec::new();
-    if let Some(create) = rooms.state_event(state, "m.room.create", "")? {
-        creators.extend(UserId::parse(create.sender()).ok());
-        let content: JsonValue =
-            create.wire.get("content").map(|c| c.clone().into()).unwrap_or_default();
+    if let Some(create) = rooms.state_pdu_of(state, "m.room.create", "")? {
+        creators.push(create.sender.clone());
+        let content = create.content_value();
         let additional = content.get("additional_creators").cloned().unwrap_or_default();
         creators.extend(serde_json::from_value::<Vec<OwnedUserId>>(additional).unwrap_or_default());
     }

@@ -237,9 +237,8 @@ impl Notifier {
             if kind != "m.room.member" {
                 continue;
             }
-            let Some(member) = rooms.stored_by_short_public(*short)? else { continue };
-            let content = member.wire.get("content").and_then(|c| c.as_object());
-            if content.and_then(|c| c.get("membership")).and_then(|m| m.as_str()) == Some("join") {
+            let member = rooms.state_pdu(*short)?;
+            if member.membership() == Some("join") {
                 joined.push((state_key.clone(), member));
             }
         }

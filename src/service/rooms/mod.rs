@@ -127,9 +127,17 @@ pub struct Rooms {
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Each room's member list, read on every send; dropped when a membership changes.
     members_cache: Mutex<MembersCache>,
-    /// Parsed state events by short id, for the auth checks of every send; an entry is dropped
-    /// when its event is redacted.
-    auth_cache: Mutex<HashMap<u64, Arc<Pdu>>>,
+    /// Parsed state events by short id, for the auth checks of every send and the state
+    /// lookups of every sync.
+    state_cache: Mutex<StateCache>,
+}
+
+/// Parsed state events, and a count of redactions so that an event read before one is never
+/// cached after it.
+#[derive(Default)]
+struct StateCache {
+    pdus: HashMap<u64, Arc<Pdu>>,
+    generation: u64,
 }
 
 /// Cached member lists, and a count of membership changes so that a list read before one is
@@ -146,8 +154,8 @@ pub type Members = Arc<Vec<(ruma::OwnedUserId, String)>>;
 /// Rooms whose member lists are kept in memory.
 const MEMBERS_CACHE: usize = 10_000;
 
-/// Parsed state events kept for auth checks (a few per room).
-const AUTH_CACHE: usize = 50_000;
+/// Parsed state events kept in memory.
+const STATE_CACHE: usize = 20_000;
 
 /// An appended event whose WAL sync is still to come: its stream position stays hidden from
 /// syncs until the sync is done.
@@ -181,7 +189,7 @@ impl Rooms {
             last_create_ts: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::default(),
             members_cache: Mutex::default(),
-            auth_cache: Mutex::default(),
+            state_cache: Mutex::default(),
         })
     }
 
@@ -238,19 +246,31 @@ impl Rooms {
     }
 
     /// The parsed state event `short`, from memory when it was read before.
-    fn auth_pdu(&self, short: u64) -> Result<Arc<Pdu>> {
-        let cached = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&short).cloned();
-        if let Some(pdu) = cached {
-            return Ok(pdu);
-        }
+    pub fn state_pdu(&self, short: u64) -> Result<Arc<Pdu>> {
+        let generation = {
+            let cache = self.state_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(pdu) = cache.pdus.get(&short) {
+                return Ok(pdu.clone());
+            }
+            cache.generation
+        };
         let stored = self.stored_by_short(short)?;
         let pdu = Arc::new(Pdu::from_stored(&stored).map_err(Error::internal)?);
-        let mut cache = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= AUTH_CACHE {
-            cache.clear();
+        let mut cache = self.state_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.generation == generation {
+            if cache.pdus.len() >= STATE_CACHE {
+                cache.pdus.clear();
+            }
+            cache.pdus.insert(short, pdu.clone());
         }
-        cache.insert(short, pdu.clone());
         Ok(pdu)
+    }
+
+    /// Drops the parsed form of `short` once its redaction is written.
+    fn forget_state_pdu(&self, short: u64) {
+        let mut cache = self.state_cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.pdus.remove(&short);
+        cache.generation += 1;
     }
 
     /// The current state of a room.
@@ -272,6 +292,17 @@ impl Rooms {
         }
     }
 
+    /// The parsed state event `(kind, state_key)` in `state`, if set; read from memory after
+    /// the first time.
+    pub fn state_pdu_of(
+        &self,
+        state: &StateMap,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<Arc<Pdu>>> {
+        state.get(&(kind.to_owned(), state_key.to_owned())).map(|s| self.state_pdu(*s)).transpose()
+    }
+
     /// The content of the state event `(kind, state_key)` in `state`, if set.
     pub fn state_content(
         &self,
@@ -279,9 +310,12 @@ impl Rooms {
         kind: &str,
         state_key: &str,
     ) -> Result<Option<JsonValue>> {
-        Ok(self
-            .state_event(state, kind, state_key)?
-            .and_then(|e| e.wire.get("content").map(|c| c.clone().into())))
+        match self.state_pdu_of(state, kind, state_key)? {
+            Some(pdu) => {
+                Ok(Some(serde_json::from_str(pdu.content.get()).map_err(Error::internal)?))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Every event of a state map, loaded.
@@ -299,16 +333,18 @@ impl Rooms {
 
     /// Whether `user_id` created the room (or is an additional creator, from room version 12).
     pub fn is_creator(&self, state: &StateMap, user_id: &UserId) -> Result<bool> {
-        let Some(create) = self.state_event(state, "m.room.create", "")? else { return Ok(false) };
-        let sender = create.wire.get("sender").and_then(|s| s.as_str());
-        let additional = create
-            .wire
-            .get("content")
-            .and_then(|c| c.as_object())
-            .and_then(|c| c.get("additional_creators"))
-            .and_then(|a| a.as_array())
-            .is_some_and(|a| a.iter().any(|u| u.as_str() == Some(user_id.as_str())));
-        Ok(sender == Some(user_id.as_str()) || additional)
+        let Some(create) = self.state_pdu_of(state, "m.room.create", "")? else { return Ok(false) };
+        if create.sender == user_id {
+            return Ok(true);
+        }
+        #[derive(serde::Deserialize)]
+        struct Creators {
+            #[serde(default)]
+            additional_creators: Vec<JsonValue>,
+        }
+        let content: Creators = serde_json::from_str(create.content.get())
+            .unwrap_or(Creators { additional_creators: Vec::new() });
+        Ok(content.additional_creators.iter().any(|u| u.as_str() == Some(user_id.as_str())))
     }
 
     /// The power level of `user_id` in `state`; room creators rank above everyone from room
@@ -646,7 +682,7 @@ impl Rooms {
         let auth_pdus: Vec<Arc<Pdu>> = auth_types
             .iter()
             .filter_map(|(kind, key)| state.get(&(kind.to_string(), key.clone())))
-            .map(|short| self.auth_pdu(*short))
+            .map(|short| self.state_pdu(*short))
             .collect::<Result<_>>()?;
         let auth_events: Vec<OwnedEventId> =
             auth_pdus.iter().map(|pdu| pdu.event_id.clone()).collect();
@@ -757,7 +793,7 @@ impl Rooms {
             match auth_pdus.iter().find(|auth| auth.event_id == *id) {
                 Some(auth) => Some(auth.clone()),
                 // The create event of room version 12, named by the room id.
-                None => self.event_ids.get(id.as_str()).ok()?.and_then(|s| self.auth_pdu(s).ok()),
+                None => self.event_ids.get(id.as_str()).ok()?.and_then(|s| self.state_pdu(s).ok()),
             }
         })
         .map_err(forbidden)?;
@@ -766,7 +802,7 @@ impl Rooms {
             &pdu,
             |kind: &StateEventType, key: &str| {
                 let short = state.get(&(kind.to_string(), key.to_owned()))?;
-                self.auth_pdu(*short).ok()
+                self.state_pdu(*short).ok()
             },
         )
         .map_err(forbidden)?;
@@ -828,11 +864,13 @@ impl Rooms {
             self.user_rooms.put(&mut batch, &(target.as_str(), room_id.as_str()), &membership);
             self.room_members.put(&mut batch, &(room_id.as_str(), target.as_str()), &membership);
         }
+        let mut redacted_short = None;
         if let Some(target) = &pdu.redacts {
             if let Some(redacted) = self.stored(target)?.filter(|e| e.room_id == room_id) {
                 services.relations.unindex(&mut batch, record.short_id, &redacted)?;
             }
-            self.apply_redaction(&mut batch, &room_id, target, &event_id, &rules)?;
+            redacted_short =
+                self.apply_redaction(&mut batch, &room_id, target, &event_id, &rules)?;
         }
         stored.state_after = record.current_state;
         record.extremities = vec![event_id.clone()];
@@ -855,6 +893,9 @@ impl Rooms {
             services.audit.commit(batch, audit_entries).map(|()| None)
         };
         let ticket = committed.inspect_err(|_| services.analytics.forget(room_id.as_str()))?;
+        if let Some(short) = redacted_short {
+            self.forget_state_pdu(short);
+        }
         if event.kind == TimelineEventType::RoomMember {
             self.forget_members(&room_id);
         }
@@ -900,7 +941,8 @@ impl Rooms {
         Ok(JsonValue::Array(refs))
     }
 
-    /// Queues the redaction of `target` (if it is in this room) by `redaction`.
+    /// Queues the redaction of `target` (if it is in this room) by `redaction`; returns its
+    /// short id.
     fn apply_redaction(
         &self,
         batch: &mut crate::storage::Batch,
@@ -908,18 +950,17 @@ impl Rooms {
         target: &EventId,
         redaction: &EventId,
         rules: &RoomVersionRules,
-    ) -> Result<()> {
-        let Some(short) = self.event_ids.get(target.as_str())? else { return Ok(()) };
+    ) -> Result<Option<u64>> {
+        let Some(short) = self.event_ids.get(target.as_str())? else { return Ok(None) };
         let mut stored = self.stored_by_short(short)?;
         if stored.room_id != room_id {
-            return Ok(());
+            return Ok(None);
         }
-        self.auth_cache.lock().unwrap_or_else(|e| e.into_inner()).remove(&short);
         ruma::canonical_json::redact_in_place(&mut stored.wire, &rules.redaction, None)
             .map_err(Error::internal)?;
         stored.redacted_because = Some(redaction.to_owned());
         self.pdus.put(batch, &short, &stored);
-        Ok(())
+        Ok(Some(short))
     }
 
     /// Every stored event from short id `from` on, in short id order (for rebuilding indexes).

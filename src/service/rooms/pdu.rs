@@ -114,6 +114,10 @@ pub struct Pdu {
     pub redacts: Option<OwnedEventId>,
     /// Depth in the DAG.
     pub depth: u64,
+    /// The global stream position it was accepted at.
+    pub position: u64,
+    /// The snapshot of the room state before it.
+    pub state_before: u64,
 }
 
 impl Pdu {
@@ -147,7 +151,19 @@ impl Pdu {
                 None
             },
             depth: wire.depth,
+            position: stored.position,
+            state_before: stored.state_before,
         })
+    }
+
+    /// The `membership` of a member event's content.
+    pub fn membership(&self) -> Option<&str> {
+        #[derive(Deserialize)]
+        struct Member<'a> {
+            #[serde(borrow)]
+            membership: Option<&'a str>,
+        }
+        serde_json::from_str::<Member<'_>>(self.content.get()).ok()?.membership
     }
 
     /// The content as a JSON value.

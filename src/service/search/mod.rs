@@ -177,6 +177,7 @@ impl Search {
             reader: self.reader.clone(),
             fields: self.fields,
             cursor,
+            replayed: 0,
             dirty_since: None,
         };
         let thread = std::thread::Builder::new().name("search-indexer".into()).spawn(move || {
@@ -299,6 +300,9 @@ struct Indexer {
     fields: Fields,
     /// The highest event short id indexed.
     cursor: u64,
+    /// The highest event short id the catch-up indexed: an event up to it may be in the index
+    /// already and is replaced, not added twice; later events are new to the index.
+    replayed: u64,
     dirty_since: Option<Instant>,
 }
 
@@ -309,6 +313,7 @@ impl Indexer {
         let mut count = 0u64;
         for entry in services.rooms.events_from(from + 1) {
             let (short, event) = entry?;
+            self.replayed = short;
             self.add(short, &event);
             count += 1;
         }
@@ -365,7 +370,9 @@ impl Indexer {
         if let Some(target) = content_redacts.and_then(|r| r.as_str()) {
             self.writer.delete_term(Term::from_field_text(f.event_id, target));
         }
-        self.writer.delete_term(Term::from_field_text(f.event_id, event.event_id.as_str()));
+        if short <= self.replayed {
+            self.writer.delete_term(Term::from_field_text(f.event_id, event.event_id.as_str()));
+        }
         if event.redacted_because.is_some() {
             return;
         }
