@@ -246,9 +246,13 @@ impl Analytics {
         let targets = facts.answer_targets();
         let from_others = waiting.iter().any(|w| w.sender != facts.sender);
         let direct = from_others && self.is_direct(services, facts.room_id)?;
-        let (answered, still): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|w| {
-            w.sender != facts.sender && (direct || targets.contains(&w.event_id.as_str()))
-        });
+        let (answered, still): (Vec<_>, Vec<_>) = if direct || !targets.is_empty() {
+            waiting.into_iter().partition(|w| {
+                w.sender != facts.sender && (direct || targets.contains(&w.event_id.as_str()))
+            })
+        } else {
+            (Vec::new(), waiting) // nothing is answered
+        };
         for message in answered {
             self.unanswered.delete(batch, &(facts.room_id, message.event_id.as_str()));
             let sample = ResponseSample {

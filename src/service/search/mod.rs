@@ -38,6 +38,8 @@ use crate::error::{Error, Result};
 /// Events indexed again after a restart, before the last committed one, to cover writes that
 /// committed out of order around it.
 const REINDEX_MARGIN: u64 = 1000;
+/// How long the indexer waits, once woken, for more events to take together.
+const GATHER: Duration = Duration::from_millis(5);
 /// How long an added event may wait before a commit makes it searchable.
 const COMMIT_DELAY: Duration = Duration::from_millis(500);
 /// Memory the index writer may buffer.
@@ -330,21 +332,21 @@ impl Indexer {
                 None => Duration::from_secs(3600),
             };
             match jobs.recv_timeout(wait) {
-                Ok(Job::Index(short)) => {
-                    let Some(services) = self.services.upgrade() else { break };
-                    match services.rooms.stored_by_short_public(short) {
-                        Ok(Some(event)) => self.add(short, &event),
-                        Ok(None) => {}
-                        Err(err) => tracing::warn!(%err, short, "event not indexed"),
+                Ok(job @ Job::Index(_)) => {
+                    // Let more events arrive and take them together: senders then rarely need
+                    // to wake this thread.
+                    std::thread::sleep(GATHER);
+                    let more = std::iter::from_fn(|| jobs.try_recv().ok());
+                    if !std::iter::once(job).chain(more).all(|job| self.handle(job)) {
+                        break;
                     }
                 }
-                Ok(Job::Flush(done)) => {
-                    if let Err(err) = self.commit() {
-                        tracing::error!(%err, "search commit failed");
+                Ok(job) => {
+                    if !self.handle(job) {
+                        break;
                     }
-                    let _ = done.send(());
                 }
-                Ok(Job::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
                     if let Err(err) = self.commit() {
                         tracing::error!(%err, "search commit failed");
@@ -353,6 +355,29 @@ impl Indexer {
             }
         }
         let _ = self.commit();
+    }
+
+    /// Does `job`; false when the indexer is to stop.
+    fn handle(&mut self, job: Job) -> bool {
+        match job {
+            Job::Index(short) => {
+                let Some(services) = self.services.upgrade() else { return false };
+                match services.rooms.stored_by_short_public(short) {
+                    Ok(Some(event)) => self.add(short, &event),
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!(%err, short, "event not indexed"),
+                }
+                true
+            }
+            Job::Flush(done) => {
+                if let Err(err) = self.commit() {
+                    tracing::error!(%err, "search commit failed");
+                }
+                let _ = done.send(());
+                true
+            }
+            Job::Stop => false,
+        }
     }
 
     /// Adds (or replaces) the searchable text of `event`; a redaction removes its target.
