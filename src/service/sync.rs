@@ -76,7 +76,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     let mut has_changes = false;
 
     let ignored = ignored_users(services, req.user_id)?;
-    let rules = super::push::ruleset(services, req.user_id)?;
+    let rules = services.notifier.ruleset(services, req.user_id)?;
     // Account data changed in the window, by room ("" for global), read once.
     let mut account_changes: HashMap<String, Vec<String>> = HashMap::new();
     for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {

@@ -80,12 +80,20 @@ impl NotificationRecord {
 
 /// A user's rules, each with the number under which its verdict on an event is shared with
 /// every other member whose rule is the same (most members keep the server defaults).
-struct Rules {
+pub struct Rules {
     ruleset: Ruleset,
     /// Per rule, in `ruleset.iter()` order; `None` when the verdict depends on the user.
     shared: Vec<Option<usize>>,
     /// Per rule, the number of its actions: rules with equal actions share one.
     actions: Vec<usize>,
+}
+
+impl std::ops::Deref for Rules {
+    type Target = Ruleset;
+
+    fn deref(&self) -> &Ruleset {
+        &self.ruleset
+    }
 }
 
 /// Cached rules, and the numbers given to shared rule keys.
@@ -193,7 +201,8 @@ impl Notifier {
         &self.notifications
     }
 
-    fn ruleset(&self, services: &Services, user_id: &UserId) -> Result<Arc<Rules>> {
+    /// The push rules of `user_id`, kept in memory until they change.
+    pub fn ruleset(&self, services: &Services, user_id: &UserId) -> Result<Arc<Rules>> {
         if let Some(rules) =
             self.rules.lock().unwrap_or_else(|e| e.into_inner()).by_user.get(user_id)
         {
