@@ -21,6 +21,9 @@ use rocksdb::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+/// Memory all tables' write buffers may hold together, in MiB.
+const WRITE_BUFFERS_MB: usize = 64;
+
 /// Separates the parts of a composite key; no Matrix identifier contains this byte.
 pub const SEP: u8 = 0xFF;
 
@@ -97,6 +100,8 @@ impl Db {
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         db_options.set_keep_log_file_num(4);
+        // All tables together keep at most this much in write buffers before flushing.
+        db_options.set_db_write_buffer_size(WRITE_BUFFERS_MB << 20);
 
         // Column families left by a newer version must be opened too, or RocksDB refuses.
         let existing = rocksdb::DB::list_cf(&Options::default(), path).unwrap_or_default();

@@ -1,7 +1,8 @@
-//! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir and
-//! prints one table. `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET`
-//! drives any homeserver that offers shared-secret registration instead, so the same run can
-//! measure another server. `-- --only send` (send and fan-out), `-- --only media`,
+//! Load benchmark: `cargo run --release -p plaza-load` starts a release Plaza on a temp dir (in
+//! a child process, so its memory is measured apart from the generator's) and prints one table.
+//! `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET` drives any
+//! homeserver that offers shared-secret registration instead, so the same run can measure
+//! another server. `-- --only send` (send and fan-out), `-- --only media`,
 //! `-- --only search`, `-- --only threads` or `-- --only analytics` (Plaza only) runs just
 //! those scenarios.
 
@@ -116,11 +117,59 @@ impl Target {
     }
 }
 
-fn rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+/// The process id of the Plaza this run started, whose memory the RSS rows report.
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// A memory figure of the server (`VmRSS` now, `VmHWM` peak) in MB.
+fn status_mb(field: &str) -> Option<f64> {
+    let pid = SERVER_PID.get()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The server's resident memory now, in MB.
+fn rss_mb() -> Option<f64> {
+    status_mb("VmRSS:")
+}
+
+/// Runs a Plaza on `dir` in this process until standard input closes, after printing its
+/// address: the run's own server, kept apart from the generator so its memory is its own.
+async fn serve(dir: &std::path::Path) -> Result<(), Error> {
+    let mut config = plaza::Config { listen: vec!["127.0.0.1:0".parse()?], ..Default::default() };
+    config.database.path = dir.join("db");
+    config.registration.shared_secret = Some("bench-secret".into());
+    config.limits.rate_per_second = 1_000_000;
+    config.limits.rate_burst = 1_000_000;
+    config.log.filter = "warn".into();
+    config.media.max_upload_size = 2 << 30;
+    let server = plaza::Server::start(config).await?;
+    println!("http://{}", server.addrs()[0]);
+    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+        .await??;
+    server.stop().await;
+    Ok(())
+}
+
+/// Starts the run's server as a child process on `dir`; returns it and its base URL.
+fn spawn_server(dir: &std::path::Path) -> Result<(std::process::Child, String), Error> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("--serve")
+        .arg(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no server output")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if !line.starts_with("http://") {
+        let _ = child.kill();
+        return Err(format!("the server did not start: {line}").into());
+    }
+    let _ = SERVER_PID.set(child.id());
+    Ok((child, line.trim().to_owned()))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -163,11 +212,7 @@ async fn send_rate(
 
 /// The send, fan-out, sync and history rows, then search and media; `send_only` stops after
 /// fan-out.
-async fn run(
-    target: Target,
-    rss: &mut Vec<(String, String)>,
-    send_only: bool,
-) -> Result<Vec<[String; 3]>, Error> {
+async fn run(target: Target, send_only: bool) -> Result<Vec<[String; 3]>, Error> {
     let mut rows = Vec::new();
     let users: Vec<User> = {
         let mut users = Vec::new();
@@ -358,12 +403,6 @@ async fn run(
     rows.extend(search::rows(&target, &users).await?);
     rows.extend(media::rows(&target, &owner).await?);
 
-    if let Some(peak) = rss_mb() {
-        rss.push((
-            "peak (server and load generator in one process)".into(),
-            format!("{peak:.0} MB"),
-        ));
-    }
     Ok(rows)
 }
 
@@ -389,9 +428,12 @@ fn main() -> Result<(), Error> {
     let arg =
         |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let runtime = tokio::runtime::Runtime::new()?;
+    if let Some(dir) = arg("--serve") {
+        return runtime.block_on(serve(std::path::Path::new(&dir)));
+    }
     runtime.block_on(async {
         let http = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
-        let mut rss = Vec::new();
+        let mut rss: Vec<(String, String)> = Vec::new();
         let mut server = None;
         let _dir;
         let target = match (arg("--url"), arg("--shared-secret")) {
@@ -400,18 +442,10 @@ fn main() -> Result<(), Error> {
             }
             _ => {
                 let dir = tempfile::tempdir()?;
-                let mut config =
-                    plaza::Config { listen: vec!["127.0.0.1:0".parse()?], ..Default::default() };
-                config.database.path = dir.path().join("db");
-                config.registration.shared_secret = Some("bench-secret".into());
-                config.limits.rate_per_second = 1_000_000;
-                config.limits.rate_burst = 1_000_000;
-                config.log.filter = "warn".into();
-                config.media.max_upload_size = 2 << 30;
-                let started = plaza::Server::start(config).await?;
-                let base = format!("http://{}", started.addrs()[0]);
-                server = Some(started);
+                let (child, base) = spawn_server(dir.path())?;
+                server = Some(child);
                 _dir = dir;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Some(idle) = rss_mb() {
                     rss.push(("idle after start".into(), format!("{idle:.0} MB")));
                 }
@@ -445,8 +479,11 @@ fn main() -> Result<(), Error> {
             }
             analytics::rows(&target, &admin, &users).await?
         } else {
-            run(target, &mut rss, only.as_deref() == Some("send")).await?
+            run(target, only.as_deref() == Some("send")).await?
         };
+        if let Some(peak) = status_mb("VmHWM:") {
+            rss.push(("server peak over the run".into(), format!("{peak:.0} MB")));
+        }
         println!("\n| scenario | target | result |\n|---|---|---|");
         for [scenario, goal, result] in rows {
             println!("| {scenario} | {goal} | {result} |");
@@ -454,8 +491,9 @@ fn main() -> Result<(), Error> {
         for (what, value) in rss {
             println!("| RSS, {what} | < 50 MB idle, < 200 MB peak | {value} |");
         }
-        if let Some(server) = server {
-            server.stop().await;
+        if let Some(mut server) = server {
+            drop(server.stdin.take()); // the server stops when its input closes
+            server.wait()?;
         }
         Ok(())
     })
