@@ -26,6 +26,8 @@ COPY --from=builder /src/target/release/plaza /usr/local/bin/plaza
 # in the container unless overridden with `docker run -e`.
 ENV PLAZA_DATABASE__PATH=/data/db \
     PLAZA_LISTEN='["0.0.0.0:8008"]'
+# Two malloc arenas instead of one per busy thread: the same speed with far less memory held.
+ENV MALLOC_ARENA_MAX=2
 VOLUME ["/data"]
 EXPOSE 8008
 USER plaza

@@ -411,7 +411,7 @@ impl Default for Config {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { path: PathBuf::from("./data"), cache_mb: 256 }
+        Self { path: PathBuf::from("./data"), cache_mb: 64 }
     }
 }
 
@@ -636,7 +636,7 @@ mod tests {
                 server_name = "file.example"
                 [database]
                 path = "/from/file"
-                cache_mb = 64
+                cache_mb = 96
                 "#,
             )?;
             jail.set_env("PLAZA_DATABASE__PATH", "/from/env");
@@ -644,7 +644,7 @@ mod tests {
             let config = Config::load(Some("plaza.toml".as_ref())).map_err(|e| e.to_string())?;
             assert_eq!(config.server_name.as_str(), "file.example");
             assert_eq!(config.database.path, PathBuf::from("/from/env"));
-            assert_eq!(config.database.cache_mb, 64);
+            assert_eq!(config.database.cache_mb, 96);
             assert_eq!(config.listen.len(), 2);
             assert_eq!(config.listen[0].to_string(), "0.0.0.0:8008");
             Ok(())
