@@ -263,14 +263,7 @@ fn power_levels_context(
     let notifications: NotificationPowerLevels =
         serde_json::from_value(power.get("notifications").cloned().unwrap_or_else(|| json!({})))
             .unwrap_or_default();
-    let mut creators = Vec::new();
-    if let Some(create) = rooms.state_pdu_of(state, "m.room.create", "")? {
-        creators.push(create.sender.clone());
-        let content = create.content_value();
-        let additional = content.get("additional_creators").cloned().unwrap_or_default();
-        creators.extend(serde_json::from_value::<Vec<OwnedUserId>>(additional).unwrap_or_default());
-    }
-    let power_rules = RoomPowerLevelsRules::new(&rules.authorization, creators);
+    let power_rules = RoomPowerLevelsRules::new(&rules.authorization, rooms.creators(state)?);
     Ok(Some(ruma::push::PushConditionPowerLevelsCtx::new(
         users,
         users_default,

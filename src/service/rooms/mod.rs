@@ -325,26 +325,31 @@ impl Rooms {
 
     /// The membership of `user_id` in `state` (`"leave"` when none).
     pub fn membership_in(&self, state: &StateMap, user_id: &UserId) -> Result<String> {
-        Ok(self
-            .state_content(state, "m.room.member", user_id.as_str())?
-            .and_then(|c| c.get("membership").and_then(|m| m.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| "leave".to_owned()))
+        let member = self.state_pdu_of(state, "m.room.member", user_id.as_str())?;
+        Ok(member.as_ref().and_then(|m| m.membership()).unwrap_or("leave").to_owned())
     }
 
-    /// Whether `user_id` created the room (or is an additional creator, from room version 12).
-    pub fn is_creator(&self, state: &StateMap, user_id: &UserId) -> Result<bool> {
-        let Some(create) = self.state_pdu_of(state, "m.room.create", "")? else { return Ok(false) };
-        if create.sender == user_id {
-            return Ok(true);
-        }
+    /// The room's creators: the create event's sender, then its `additional_creators` (room
+    /// version 12) that are valid user ids.
+    pub fn creators(&self, state: &StateMap) -> Result<Vec<ruma::OwnedUserId>> {
+        let Some(create) = self.state_pdu_of(state, "m.room.create", "")? else {
+            return Ok(Vec::new());
+        };
         #[derive(serde::Deserialize)]
         struct Creators {
             #[serde(default)]
             additional_creators: Vec<JsonValue>,
         }
-        let content: Creators = serde_json::from_str(create.content.get())
-            .unwrap_or(Creators { additional_creators: Vec::new() });
-        Ok(content.additional_creators.iter().any(|u| u.as_str() == Some(user_id.as_str())))
+        let additional = serde_json::from_str::<Creators>(create.content.get())
+            .map(|c| c.additional_creators)
+            .unwrap_or_default();
+        let valid = additional.iter().filter_map(|u| UserId::parse(u.as_str()?).ok());
+        Ok(std::iter::once(create.sender.clone()).chain(valid).collect())
+    }
+
+    /// Whether `user_id` created the room (or is an additional creator, from room version 12).
+    pub fn is_creator(&self, state: &StateMap, user_id: &UserId) -> Result<bool> {
+        Ok(self.creators(state)?.iter().any(|creator| creator == user_id))
     }
 
     /// The power level of `user_id` in `state`; room creators rank above everyone from room

@@ -165,11 +165,6 @@ impl Pdu {
         }
         serde_json::from_str::<Member<'_>>(self.content.get()).ok()?.membership
     }
-
-    /// The content as a JSON value.
-    pub fn content_value(&self) -> JsonValue {
-        serde_json::from_str(self.content.get()).unwrap_or(JsonValue::Null)
-    }
 }
 
 /// The client-server format of a stored event, for the member `viewer` (who sees their own

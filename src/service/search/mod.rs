@@ -40,6 +40,8 @@ use crate::error::{Error, Result};
 const REINDEX_MARGIN: u64 = 1000;
 /// How long the indexer waits, once woken, for more events to take together.
 const GATHER: Duration = Duration::from_millis(5);
+/// Most jobs taken together, so that commits still come on time under a steady stream.
+const GATHER_MAX: usize = 4096;
 /// How long an added event may wait before a commit makes it searchable.
 const COMMIT_DELAY: Duration = Duration::from_millis(500);
 /// Memory the index writer may buffer.
@@ -336,7 +338,7 @@ impl Indexer {
                     // Let more events arrive and take them together: senders then rarely need
                     // to wake this thread.
                     std::thread::sleep(GATHER);
-                    let more = std::iter::from_fn(|| jobs.try_recv().ok());
+                    let more = std::iter::from_fn(|| jobs.try_recv().ok()).take(GATHER_MAX);
                     if !std::iter::once(job).chain(more).all(|job| self.handle(job)) {
                         break;
                     }
