@@ -241,3 +241,26 @@ async fn timestamp_to_event_finds_the_nearest_visible_event() {
         format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts=99999999999999&dir=f");
     assert_error(&s.get(&future, Some(&alice)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn an_additional_creator_of_a_v12_room_may_upgrade_it() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let (_, carol, _) = s.register("carol", "correct horse").await;
+    let room = s
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "room_version": "12",
+            "creation_content": { "additional_creators": [bob_id] } }),
+        )
+        .await;
+    s.membership(&bob, &room, "join", json!({})).await;
+    s.membership(&carol, &room, "join", json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/upgrade");
+    // Carol is an ordinary member; bob is listed nowhere in the power levels.
+    let denied = s.post(&path, Some(&carol), json!({ "new_version": "12" })).await;
+    assert_error(&denied, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let (status, body) = s.post(&path, Some(&bob), json!({ "new_version": "12" })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
