@@ -404,11 +404,10 @@ pub fn badge(services: &Services, user_id: &UserId) -> Result<u64> {
     let mut reads = super::notifications::ReadPositions::default();
     let mut unread = 0;
     let table = services.notifier.table();
-    for entry in table.scan_prefix_rev(crate::storage::prefix(user_id.as_str())).take(BADGE_WINDOW)
-    {
-        let (key, record) = entry?;
-        let read = reads.of(services, &record.room_id, user_id)?;
-        unread += u64::from(super::notifications::key_position(&key) > read);
+    for entry in super::notifications::walk(table, user_id, None).take(BADGE_WINDOW) {
+        let entry = entry?;
+        let read = reads.of(services, &entry.record.room_id, user_id)?;
+        unread += u64::from(entry.position > read);
     }
     Ok(unread)
 }

@@ -2,7 +2,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ruma::{OwnedRoomId, RoomId, UserId};
+use ruma::{OwnedRoomId, RoomId, UserId, push::Action};
+use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
 use tokio::sync::watch;
 
@@ -10,14 +11,14 @@ use super::notifier::NotificationRecord;
 use crate::{
     error::{Error, Result},
     service::{Services, now_ms},
-    storage::prefix,
+    storage::{Table, prefix},
 };
 
 /// The most notifications one page may hold.
 pub const MAX_LIMIT: usize = 100;
 /// Records skipped (filtered out or gone) while filling one page.
 const MAX_SKIPPED: usize = 1000;
-/// Records removed per write while pruning.
+/// Runs removed per write while pruning.
 const PRUNE_BATCH: usize = 10_000;
 
 /// The stream position a notifications key (`user id 0xFF position`) ends with.
@@ -25,6 +26,150 @@ pub fn key_position(key: &[u8]) -> u64 {
     key.get(key.len().saturating_sub(8)..)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u64::from_be_bytes)
+}
+
+/// The events that notified one user in one judged batch, stored under the stream position of
+/// the newest. Recording a run per batch instead of a record per event keeps a busy room's
+/// notifications to one small write per member, and members notified alike share one encoding.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NotificationRun {
+    /// The rooms the entries are in.
+    #[serde(rename = "r")]
+    pub rooms: Vec<OwnedRoomId>,
+    /// The distinct action lists of the entries.
+    #[serde(rename = "a")]
+    pub actions: Vec<Vec<Action>>,
+    /// When the batch was judged, in milliseconds.
+    #[serde(rename = "t")]
+    pub ts: u64,
+    /// `(stream position, short id, room index, actions index)` per event, oldest first.
+    #[serde(rename = "e")]
+    pub entries: Vec<(u64, u64, u32, u32)>,
+}
+
+impl NotificationRun {
+    /// The notification of entry `index`.
+    fn record(&self, index: usize) -> Option<(u64, NotificationRecord)> {
+        let &(position, short, room, actions) = self.entries.get(index)?;
+        let record = NotificationRecord {
+            room_id: self.rooms.get(room as usize)?.clone(),
+            short,
+            legacy_event_id: None,
+            ts: self.ts,
+            actions: self.actions.get(actions as usize)?.clone(),
+        };
+        Some((position, record))
+    }
+}
+
+/// A value of the notifications table: a run, or a single record written by earlier versions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stored {
+    /// A run of notifications (this version).
+    Run(NotificationRun),
+    /// One notification, keyed by its own position (earlier versions).
+    One(NotificationRecord),
+}
+
+impl Stored {
+    /// How many notifications it holds.
+    fn len(&self) -> usize {
+        match self {
+            Self::Run(run) => run.entries.len(),
+            Self::One(_) => 1,
+        }
+    }
+
+    /// When it was judged, in milliseconds.
+    fn ts(&self) -> u64 {
+        match self {
+            Self::Run(run) => run.ts,
+            Self::One(record) => record.ts,
+        }
+    }
+
+    /// Notification `index` (oldest first) with its position; `key` is the position it is
+    /// stored under.
+    fn record(&self, key: u64, index: usize) -> Option<(u64, NotificationRecord)> {
+        match self {
+            Self::Run(run) => run.record(index),
+            Self::One(record) => (index == 0).then(|| (key, record.clone())),
+        }
+    }
+}
+
+/// Where a walk through a user's notifications resumes: the stored key position of a run and
+/// how many of its notifications (oldest first) are still to come. Written `run_remaining`; a
+/// bare position (tokens of earlier versions) resumes before that key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    run: u64,
+    remaining: usize,
+}
+
+impl std::str::FromStr for Token {
+    type Err = Error;
+
+    fn from_str(token: &str) -> Result<Self> {
+        let invalid = || Error::invalid_param("Invalid from token");
+        let (run, remaining) = token.split_once('_').unwrap_or((token, "0"));
+        Ok(Self {
+            run: run.parse().map_err(|_| invalid())?,
+            remaining: remaining.parse().map_err(|_| invalid())?,
+        })
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}_{}", self.run, self.remaining)
+    }
+}
+
+/// One of a user's notifications, met while walking them newest first.
+pub struct Entry {
+    /// Where the walk resumes after this entry.
+    pub after: Token,
+    /// The stream position of the event.
+    pub position: u64,
+    /// The notification.
+    pub record: NotificationRecord,
+}
+
+/// `user_id`'s notifications newest first, from the start or from `from`.
+pub fn walk<'a>(
+    table: &'a Table<Stored>,
+    user_id: &UserId,
+    from: Option<Token>,
+) -> impl Iterator<Item = Result<Entry>> + 'a {
+    let lower = prefix(user_id.as_str());
+    let runs: Box<dyn Iterator<Item = _>> = match from {
+        None => Box::new(table.scan_prefix_rev(lower)),
+        Some(token) => {
+            let mut upper = lower.clone();
+            upper.extend_from_slice(&token.run.saturating_add(1).to_be_bytes());
+            Box::new(table.scan_range(lower, upper, true))
+        }
+    };
+    runs.flat_map(move |run| {
+        let (key, stored) = match run {
+            Ok(run) => run,
+            Err(err) => return vec![Err(err.into())],
+        };
+        let key = key_position(&key);
+        let count = match from {
+            Some(token) if token.run == key => token.remaining.min(stored.len()),
+            _ => stored.len(),
+        };
+        (0..count)
+            .rev()
+            .filter_map(|index| {
+                let (position, record) = stored.record(key, index)?;
+                Some(Ok(Entry { after: Token { run: key, remaining: index }, position, record }))
+            })
+            .collect()
+    })
 }
 
 /// A user's read receipt positions, looked up once per room while going through their
@@ -63,26 +208,17 @@ pub fn list(
     limit: usize,
     only_highlight: bool,
 ) -> Result<(Vec<Listed>, Option<String>)> {
-    let before = match from {
-        Some(token) => {
-            token.parse::<u64>().map_err(|_| Error::invalid_param("Invalid from token"))?
-        }
-        None => u64::MAX,
-    };
+    let from = from.map(str::parse::<Token>).transpose()?;
     let limit = limit.clamp(1, MAX_LIMIT);
-    let lower = prefix(user_id.as_str());
-    let mut upper = lower.clone();
-    upper.extend_from_slice(&before.to_be_bytes());
     let mut page = Vec::new();
     let mut next = None;
     let mut skipped = 0;
     let mut reads = ReadPositions::default();
-    let mut last_listed = before;
-    for entry in services.notifier.table().scan_range(lower, upper, true) {
-        let (key, record) = entry?;
-        let position = key_position(&key);
+    let mut last_listed = None;
+    for entry in walk(services.notifier.table(), user_id, from) {
+        let Entry { after, position, record } = entry?;
         if page.len() == limit {
-            next = Some(last_listed.to_string());
+            next = last_listed.map(|token: Token| token.to_string());
             break;
         }
         let event = match record.event(services)? {
@@ -90,7 +226,7 @@ pub fn list(
             _ => {
                 skipped += 1;
                 if skipped > MAX_SKIPPED {
-                    next = Some(position.to_string());
+                    next = Some(after.to_string());
                     break;
                 }
                 continue;
@@ -99,7 +235,7 @@ pub fn list(
         let read_upto = reads.of(services, &record.room_id, user_id)?;
         let json = crate::service::relations::serve(services, user_id, None, &event)?;
         page.push(Listed { record, event: json, read: position <= read_upto });
-        last_listed = position;
+        last_listed = Some(after);
     }
     Ok((page, next))
 }
@@ -116,19 +252,19 @@ pub fn prune(services: &Services) -> Result<usize> {
     let mut batch = services.db.batch();
     let mut queued = 0;
     for entry in table.scan_prefix(Vec::new()) {
-        let (key, record) = entry?;
-        if record.ts < cutoff {
+        let (key, stored) = entry?;
+        if stored.ts() < cutoff {
             table.delete_raw(&mut batch, &key);
+            removed += stored.len();
             queued += 1;
             if queued == PRUNE_BATCH {
                 services.db.write(std::mem::replace(&mut batch, services.db.batch()))?;
-                removed += queued;
                 queued = 0;
             }
         }
     }
     services.db.write(batch)?;
-    Ok(removed + queued)
+    Ok(removed)
 }
 
 /// Prunes old notifications at start and then daily until the server stops.
@@ -145,5 +281,65 @@ pub async fn prune_daily(services: Arc<Services>, mut stopped: watch::Receiver<b
             _ = stopped.wait_for(|stop| *stop) => return,
             () = tokio::time::sleep(Duration::from_secs(86_400)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::{push::Action, user_id};
+
+    use super::{NotificationRun, Stored, Token, walk};
+    use crate::{
+        service::push::notifier::NotificationRecord,
+        storage::{Db, tables},
+    };
+
+    #[test]
+    fn walking_pages_through_runs_and_earlier_records_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let table = db.table::<Stored>(tables::NOTIFICATIONS);
+        let bob = user_id!("@bob:x");
+        let room = ruma::owned_room_id!("!r:x");
+        let mut batch = db.batch();
+        let one = NotificationRecord {
+            room_id: room.clone(),
+            short: 1,
+            legacy_event_id: None,
+            ts: 1,
+            actions: vec![Action::Notify],
+        };
+        table.put(&mut batch, &(bob.as_str(), 10u64), &Stored::One(one));
+        let run = |entries: Vec<(u64, u64, u32, u32)>| {
+            Stored::Run(NotificationRun {
+                rooms: vec![room.clone()],
+                actions: vec![vec![Action::Notify]],
+                ts: 2,
+                entries,
+            })
+        };
+        table.put(&mut batch, &(bob.as_str(), 13u64), &run(vec![(11, 2, 0, 0), (13, 3, 0, 0)]));
+        table.put(&mut batch, &(bob.as_str(), 16u64), &run(vec![(14, 4, 0, 0), (16, 5, 0, 0)]));
+        let other = user_id!("@bobby:x");
+        table.put(&mut batch, &(other.as_str(), 20u64), &run(vec![(20, 6, 0, 0)]));
+        db.write(batch).unwrap();
+
+        let all: Vec<_> =
+            walk(&table, bob, None).map(|e| e.unwrap()).map(|e| (e.position, e.after)).collect();
+        let positions: Vec<u64> = all.iter().map(|(p, _)| *p).collect();
+        assert_eq!(positions, [16, 14, 13, 11, 10]);
+        // Resuming after each entry lists exactly the ones after it, through any token.
+        for (i, (_, after)) in all.iter().enumerate() {
+            let token: Token = after.to_string().parse().unwrap();
+            let rest: Vec<u64> =
+                walk(&table, bob, Some(token)).map(|e| e.unwrap().position).collect();
+            assert_eq!(rest, positions[i + 1..], "after {after}");
+        }
+        // A bare position, as earlier versions gave out, resumes before that key.
+        let legacy: Token = "16".parse().unwrap();
+        let rest: Vec<u64> =
+            walk(&table, bob, Some(legacy)).map(|e| e.unwrap().position).collect();
+        assert_eq!(rest, [13, 11, 10]);
+        assert!("x_1".parse::<Token>().is_err() && "1_x".parse::<Token>().is_err());
     }
 }

@@ -1,8 +1,8 @@
 //! The notifier: judges each persisted event against the push rules of every local member it
 //! could notify, records the notifications (`/notifications`) and queues pushes for members
 //! with pushers. It runs beside the send path, fed with each event as it is persisted, so a
-//! send never waits on rule evaluation or on a gateway. Its cursor is stored with its output;
-//! after a crash it re-reads from there, and what it had already recorded is skipped.
+//! send never waits on rule evaluation or on a gateway. Which events it has judged is stored
+//! with its output; after a crash it judges the ones it had not.
 
 use std::{
     collections::HashMap,
@@ -17,7 +17,10 @@ use ruma::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::gateway::Delivery;
+use super::{
+    gateway::Delivery,
+    notifications::{NotificationRun, Stored},
+};
 use crate::{
     error::{Error, Result},
     service::{
@@ -27,9 +30,10 @@ use crate::{
     storage::{Db, Key, Table, tables},
 };
 
-/// Events re-read after a restart, before the stored cursor, to cover writes that committed
-/// out of order around it.
-const REPLAY_MARGIN: u64 = 1000;
+/// Short ids below the highest judged one whose judging is tracked one by one: events are
+/// announced nearly in short id order, and one further back is taken as judged (or as never
+/// persisted).
+const WINDOW: u64 = 1024;
 /// Events judged together and written in one batch.
 const BATCH: usize = 256;
 /// How long the notifier waits for more events before judging what it has.
@@ -38,12 +42,14 @@ const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
 const ROOM_CACHE: usize = 1024;
 /// Rulesets kept between batches.
 const RULES_CACHE: usize = 10_000;
-/// The key of the cursor in the global table.
-const CURSOR_KEY: &str = "push_cursor";
+/// The key of the judged events in the global table.
+const JUDGED_KEY: &str = "push_judged";
+/// The key of the cursor of earlier versions (the highest judged short id).
+const LEGACY_CURSOR_KEY: &str = "push_cursor";
 
-/// One event that notified one user. Stored once per notified member, so kept small: the
-/// event itself is found by its short id. Records of earlier versions, with long field names
-/// and the event id instead of the short id, still read.
+/// One event that notified one user. Stored in runs ([`NotificationRun`]); earlier versions
+/// stored each alone, with long field names and the event id instead of the short id in the
+/// first of them, and those still read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NotificationRecord {
     /// The room of the event.
@@ -162,12 +168,149 @@ struct Audience {
     members: Vec<(OwnedUserId, PushConditionRoomCtx)>,
 }
 
+/// Which events the notifier has judged: every short id up to `high`, except those in the
+/// [`WINDOW`] below it whose bit is clear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Judged {
+    #[serde(rename = "h")]
+    high: u64,
+    /// Bit `d` (word `d / 64`, bit `d % 64`) tells whether `high - d` is judged.
+    #[serde(rename = "b")]
+    bits: Vec<u64>,
+}
+
+/// The words of the judged window.
+const WORDS: usize = (WINDOW / 64) as usize;
+
+impl Judged {
+    /// Everything up to `high` judged.
+    fn upto(high: u64) -> Self {
+        Self { high, bits: vec![u64::MAX; WORDS] }
+    }
+
+    /// Whether the event `short` is judged.
+    fn contains(&self, short: u64) -> bool {
+        match self.high.checked_sub(short) {
+            None => false,
+            Some(d) if d >= WINDOW => true,
+            Some(d) => self.bits.get((d / 64) as usize).is_some_and(|w| w >> (d % 64) & 1 == 1),
+        }
+    }
+
+    /// Records `short` as judged.
+    fn insert(&mut self, short: u64) {
+        self.bits.resize(WORDS, u64::MAX);
+        if short > self.high {
+            // Every bit moves `by` places further from `high`; the ones between are clear.
+            let by = short - self.high;
+            self.high = short;
+            let (words, shift) = ((by / 64) as usize, (by % 64) as u32);
+            for i in (0..WORDS).rev() {
+                let from = |j: usize| i.checked_sub(j).map_or(0, |k| self.bits[k]);
+                let high = if by >= WINDOW { 0 } else { from(words) << shift };
+                let carried =
+                    if shift == 0 || by >= WINDOW { 0 } else { from(words + 1) >> (64 - shift) };
+                self.bits[i] = high | carried;
+            }
+        }
+        let d = self.high - short;
+        if d < WINDOW {
+            self.bits[(d / 64) as usize] |= 1 << (d % 64);
+        }
+    }
+}
+
+/// One batch's notifications, gathered per user before they are written as runs.
+#[derive(Default)]
+struct Gathered {
+    rooms: Vec<OwnedRoomId>,
+    actions: Vec<Vec<Action>>,
+    /// Rule action numbers (see [`Rules`]) and their index in `actions`.
+    numbers: HashMap<usize, u32>,
+    /// Per user, `(position, short id, room index, actions index)` per event.
+    users: HashMap<OwnedUserId, Vec<(u64, u64, u32, u32)>>,
+}
+
+impl Gathered {
+    /// The index of `room_id`; a batch's events come from few rooms, the latest usually.
+    fn room(&mut self, room_id: &ruma::RoomId) -> u32 {
+        let index = match self.rooms.iter().rposition(|r| r == room_id) {
+            Some(index) => index,
+            None => {
+                self.rooms.push(room_id.to_owned());
+                self.rooms.len() - 1
+            }
+        };
+        index as u32
+    }
+
+    /// The index of the action list that rule action number `number` names.
+    fn actions(&mut self, number: usize, actions: &[Action]) -> u32 {
+        *self.numbers.entry(number).or_insert_with(|| {
+            self.actions.push(actions.to_vec());
+            (self.actions.len() - 1) as u32
+        })
+    }
+
+    /// Records that `user_id` was notified.
+    fn add(&mut self, user_id: &UserId, entry: (u64, u64, u32, u32)) {
+        match self.users.get_mut(user_id) {
+            Some(entries) => entries.push(entry),
+            None => {
+                self.users.insert(user_id.to_owned(), vec![entry]);
+            }
+        }
+    }
+
+    /// `(key, encoded run)` per user, in key order; users notified alike share one encoding.
+    fn runs(mut self, table: &Table<Stored>, ts: u64) -> Vec<(Vec<u8>, Arc<[u8]>)> {
+        let mut encoded: HashMap<Vec<(u64, u64, u32, u32)>, Arc<[u8]>> = HashMap::new();
+        let mut runs = Vec::with_capacity(self.users.len());
+        for (user_id, mut entries) in std::mem::take(&mut self.users) {
+            entries.sort_unstable();
+            let Some(&(newest, ..)) = entries.last() else { continue };
+            let value = match encoded.get(&entries) {
+                Some(value) => value.clone(),
+                None => {
+                    let value: Arc<[u8]> = table.encode(&Stored::Run(self.run(&entries, ts))).into();
+                    encoded.insert(entries, value.clone());
+                    value
+                }
+            };
+            runs.push(((user_id.as_str(), newest).to_key_bytes(), value));
+        }
+        // In key order, the memtable inserts each next to the last.
+        runs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        runs
+    }
+
+    /// The run of `entries`, with only the rooms and action lists they use.
+    fn run(&self, entries: &[(u64, u64, u32, u32)], ts: u64) -> NotificationRun {
+        let mut run = NotificationRun { ts, ..NotificationRun::default() };
+        let mut rooms = HashMap::new();
+        let mut actions = HashMap::new();
+        for &(position, short, room, action) in entries {
+            let room = *rooms.entry(room).or_insert_with(|| {
+                run.rooms.push(self.rooms[room as usize].clone());
+                (run.rooms.len() - 1) as u32
+            });
+            let action = *actions.entry(action).or_insert_with(|| {
+                run.actions.push(self.actions[action as usize].clone());
+                (run.actions.len() - 1) as u32
+            });
+            run.entries.push((position, short, room, action));
+        }
+        run
+    }
+}
+
 /// The notifier's queue and caches.
 pub struct Notifier {
     jobs: mpsc::UnboundedSender<u64>,
     receiver: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
-    notifications: Table<NotificationRecord>,
+    notifications: Table<Stored>,
     global: Table<u64>,
+    judged: Table<Judged>,
     rules: Mutex<RuleCache>,
     audiences: Mutex<HashMap<OwnedRoomId, Arc<Audience>>>,
 }
@@ -181,6 +324,7 @@ impl Notifier {
             receiver: Mutex::new(Some(receiver)),
             notifications: db.table(tables::NOTIFICATIONS),
             global: db.table(tables::GLOBAL),
+            judged: db.table(tables::GLOBAL),
             rules: Mutex::default(),
             audiences: Mutex::default(),
         }
@@ -197,7 +341,7 @@ impl Notifier {
     }
 
     /// The notifications table (read by `/notifications` and the gateway's badge counts).
-    pub fn table(&self) -> &Table<NotificationRecord> {
+    pub fn table(&self) -> &Table<Stored> {
         &self.notifications
     }
 
@@ -272,15 +416,13 @@ impl Notifier {
         Ok(audience)
     }
 
-    /// Judges `event` for everyone it may notify, adding to `records` and `deliveries`.
-    /// When `replay`, users already notified of it are skipped.
+    /// Judges `event` for everyone it may notify, adding to `gathered` and `deliveries`.
     async fn judge_event(
         &self,
         services: &Services,
         short: u64,
         event: &StoredPdu,
-        replay: bool,
-        records: &mut Vec<(Vec<u8>, Arc<[u8]>)>,
+        gathered: &mut Gathered,
         deliveries: &mut Vec<Delivery>,
     ) -> Result<()> {
         if event.redacted_because.is_some() {
@@ -305,8 +447,7 @@ impl Notifier {
         }
         // Per shared rule number: 0 not judged yet, 1 does not apply, 2 applies.
         let mut verdicts: Vec<u8> = Vec::new();
-        // Members notified with the same actions get the same stored record, encoded once.
-        let mut encoded: Vec<(usize, Arc<[u8]>)> = Vec::new();
+        let room = gathered.room(&event.room_id);
         let now = crate::service::now_ms();
         for (user_id, context, member) in candidates {
             if user_id.as_str() == sender {
@@ -342,79 +483,89 @@ impl Notifier {
             if !actions.iter().any(|a| matches!(a, Action::Notify)) {
                 continue;
             }
-            let key = (user_id.as_str(), event.position).to_key_bytes();
-            if replay && self.notifications.contains(&key[..])? {
-                continue;
-            }
-            let record = || NotificationRecord {
-                room_id: event.room_id.clone(),
-                short,
-                legacy_event_id: None,
-                ts: now,
-                actions: actions.to_vec(),
-            };
-            let value = match encoded.iter().find(|(n, _)| *n == actions_number) {
-                Some((_, value)) => value.clone(),
-                None => {
-                    let value: Arc<[u8]> = self.notifications.encode(&record()).into();
-                    encoded.push((actions_number, value.clone()));
-                    value
-                }
-            };
+            let index = gathered.actions(actions_number, actions);
+            gathered.add(user_id, (event.position, short, room, index));
             let pushers = services.pushers.of(user_id);
             if !pushers.is_empty() {
-                let record = record();
+                let record = NotificationRecord {
+                    room_id: event.room_id.clone(),
+                    short,
+                    legacy_event_id: None,
+                    ts: now,
+                    actions: actions.to_vec(),
+                };
                 for pusher in pushers {
                     deliveries.push(Delivery::new(user_id, &pusher, &record, &event.event_id));
                 }
             }
-            records.push((key, value));
         }
         Ok(())
     }
 
-    /// Judges the events `shorts` and writes what they produced with the new cursor.
-    async fn judge_all(&self, services: &Services, shorts: &[u64], replay: bool) -> Result<()> {
-        let mut records = Vec::new();
+    /// Which events are judged, as stored.
+    fn stored_judged(&self) -> Result<Judged> {
+        match self.judged.get(JUDGED_KEY)? {
+            Some(judged) => Ok(judged),
+            // Earlier versions re-judged a margin before their cursor; what they left unjudged
+            // there after a crash is not known and is taken as judged.
+            None => Ok(Judged::upto(self.global.get(LEGACY_CURSOR_KEY)?.unwrap_or(0))),
+        }
+    }
+
+    /// Judges the events `shorts` and writes what they produced with the judged set, which
+    /// is updated once the write is done.
+    async fn judge_all(
+        &self,
+        services: &Services,
+        shorts: &[u64],
+        judged: &mut Judged,
+    ) -> Result<()> {
+        let mut gathered = Gathered::default();
         let mut deliveries = Vec::new();
-        let mut cursor = self.global.get(CURSOR_KEY)?.unwrap_or(0);
+        let mut now_judged = judged.clone();
         for &short in shorts {
             self.trim_rules();
-            cursor = cursor.max(short);
+            now_judged.insert(short);
             let Some(event) = services.rooms.stored_by_short_public(short)? else { continue };
-            if let Err(err) = self
-                .judge_event(services, short, &event, replay, &mut records, &mut deliveries)
-                .await
+            if let Err(err) =
+                self.judge_event(services, short, &event, &mut gathered, &mut deliveries).await
             {
                 tracing::warn!(%err, event_id = %event.event_id, "could not judge push rules");
             }
         }
-        // In key order, the memtable inserts each next to the last.
-        records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut batch = services.db.batch();
-        for (key, value) in &records {
-            self.notifications.put_encoded(&mut batch, key, value);
+        for (key, value) in gathered.runs(&self.notifications, crate::service::now_ms()) {
+            self.notifications.put_encoded(&mut batch, &key, &value);
         }
-        self.global.put(&mut batch, CURSOR_KEY, &cursor);
+        self.judged.put(&mut batch, JUDGED_KEY, &now_judged);
         let queued = services.gateway.queue(&mut batch, deliveries);
-        // Everything here is derived from persisted events and replayed from the cursor after a
-        // power loss, so it need not wait for its own WAL sync.
+        // Everything here is derived from persisted events and judged again after a power
+        // loss, so it need not wait for its own WAL sync.
         services.db.write_unsynced(batch)?;
+        *judged = now_judged;
         services.gateway.queued_more(queued);
         services.gateway.wake();
         Ok(())
     }
 
-    /// Judges events persisted after the stored cursor (minus a margin).
-    /// Stops early (to resume at the next start) when the server stops.
-    async fn catch_up(&self, services: &Services, stopped: &watch::Receiver<bool>) -> Result<()> {
-        let cursor = self.global.get(CURSOR_KEY)?.unwrap_or(0);
+    /// Judges the persisted events not judged yet. Stops early (to resume at the next start)
+    /// when the server stops.
+    async fn catch_up(
+        &self,
+        services: &Services,
+        judged: &mut Judged,
+        stopped: &watch::Receiver<bool>,
+    ) -> Result<()> {
         let mut shorts = Vec::with_capacity(BATCH);
         let mut total = 0usize;
-        for entry in services.rooms.events_from(cursor.saturating_sub(REPLAY_MARGIN) + 1) {
-            shorts.push(entry?.0);
+        for entry in services.rooms.events_from(judged.high.saturating_sub(WINDOW) + 1) {
+            let short = entry?.0;
+            if judged.contains(short) {
+                continue;
+            }
+            shorts.push(short);
             if shorts.len() == BATCH {
-                self.judge_all(services, &shorts, true).await?;
+                self.judge_all(services, &shorts, judged).await?;
                 total += shorts.len();
                 if *stopped.borrow() {
                     return Ok(());
@@ -424,7 +575,7 @@ impl Notifier {
         }
         if !shorts.is_empty() {
             total += shorts.len();
-            self.judge_all(services, &shorts, true).await?;
+            self.judge_all(services, &shorts, judged).await?;
         }
         if total > 0 {
             tracing::debug!(events = total, "notifier caught up");
@@ -477,7 +628,14 @@ async fn judge_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let notifier = &services.notifier;
-    if let Err(err) = notifier.catch_up(services, &stopped).await {
+    let mut judged = match notifier.stored_judged() {
+        Ok(judged) => judged,
+        Err(err) => {
+            tracing::error!(%err, "notifier could not read what it judged; notifications are not recorded");
+            return;
+        }
+    };
+    if let Err(err) = notifier.catch_up(services, &mut judged, &stopped).await {
         tracing::error!(%err, "notifier could not catch up");
     }
     let mut shorts = Vec::with_capacity(BATCH);
@@ -494,7 +652,7 @@ async fn judge_loop(
                 Err(_) => break,
             }
         }
-        if let Err(err) = notifier.judge_all(services, &shorts, false).await {
+        if let Err(err) = notifier.judge_all(services, &shorts, &mut judged).await {
             tracing::error!(%err, "notifier could not record notifications");
         }
         shorts.clear();
@@ -503,15 +661,43 @@ async fn judge_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::NotificationRecord;
+    use super::{Judged, Stored, WINDOW};
 
     #[test]
     fn earlier_records_still_read() {
         let old = r#"{"room_id":"!r:x","event_id":"$e","ts":5,"actions":["notify"]}"#;
-        let record: NotificationRecord = serde_json::from_str(old).unwrap();
+        let Stored::One(record) = serde_json::from_str(old).unwrap() else { panic!("a run") };
         assert_eq!((record.short, record.ts), (0, 5));
         assert_eq!(record.legacy_event_id.as_deref().map(|e| e.as_str()), Some("$e"));
-        let new = serde_json::to_string(&record).unwrap();
-        assert!(!new.contains("event_id") && new.contains(r#""r":"!r:x""#), "{new}");
+        let short = r#"{"r":"!r:x","s":7,"t":5,"a":["notify"]}"#;
+        let Stored::One(record) = serde_json::from_str(short).unwrap() else { panic!("a run") };
+        assert_eq!((record.short, record.room_id.as_str()), (7, "!r:x"));
+        let run = r#"{"r":["!r:x"],"a":[["notify"]],"t":5,"e":[[3,7,0,0]]}"#;
+        assert!(matches!(serde_json::from_str(run).unwrap(), Stored::Run(_)));
+    }
+
+    #[test]
+    fn judged_events_are_tracked_across_the_window() {
+        let mut judged = Judged::upto(0);
+        assert!(judged.contains(0) && !judged.contains(1));
+        // Announced out of order: 5 before 3 and 4, 4 never.
+        judged.insert(5);
+        judged.insert(3);
+        assert!(judged.contains(5) && judged.contains(3) && !judged.contains(4));
+        assert!(!judged.contains(1) && !judged.contains(2) && judged.contains(0));
+        // Moving `high` by less than a word, by words, and past the window keeps the bits.
+        judged.insert(70);
+        assert!(judged.contains(3) && !judged.contains(4) && judged.contains(5));
+        judged.insert(70 + 128);
+        assert!(judged.contains(70) && !judged.contains(71) && !judged.contains(4));
+        assert!(judged.contains(3) && judged.contains(5));
+        let stored = serde_json::to_string(&judged).unwrap();
+        let read: Judged = serde_json::from_str(&stored).unwrap();
+        assert_eq!(read, judged);
+        judged.insert(198 + WINDOW);
+        assert!(judged.contains(198) && !judged.contains(199) && !judged.contains(198 + WINDOW - 1));
+        judged.insert(198 + 3 * WINDOW);
+        assert!(judged.contains(198 + WINDOW) && judged.contains(198 + 2 * WINDOW));
+        assert!(!judged.contains(198 + 2 * WINDOW + 1) && judged.contains(198 + 3 * WINDOW));
     }
 }
