@@ -364,3 +364,96 @@ async fn a_hanging_or_garbled_gateway_never_holds_up_sending() {
     let (status, _) = s.get("/_matrix/client/v3/pushers", Some(&bob)).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// `user`'s notifications, paging `limit` at a time: `(event id, highlight)` newest first.
+async fn all_notifications(s: &TestServer, user: &str, limit: usize) -> Vec<(String, bool)> {
+    let mut listed = Vec::new();
+    let mut from = String::new();
+    loop {
+        let path = format!("/_matrix/client/v3/notifications?limit={limit}{from}");
+        let (status, page) = s.get(&path, Some(user)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for n in page["notifications"].as_array().unwrap() {
+            let highlight =
+                n["actions"].as_array().unwrap().iter().any(|a| a["set_tweak"] == "highlight");
+            listed.push((n["event"]["event_id"].as_str().unwrap().to_owned(), highlight));
+        }
+        match page["next_token"].as_str() {
+            Some(next) => from = format!("&from={next}"),
+            None => return listed,
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_notifier_finds_names_keywords_and_invites_and_pages_through_bursts() {
+    let s = TestServer::start().await;
+    let (alice, bob_id, bob, room) = pair(&s).await;
+    let member = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{bob_id}");
+    let named = json!({ "membership": "join", "displayname": "Robert" });
+    assert_eq!(s.put(&member, Some(&bob), named).await.0, StatusCode::OK);
+    let highlight = json!(["notify", { "set_tweak": "highlight" }]);
+    for (id, pattern) in [("budget", "budget"), ("deadline", "deadl*")] {
+        let rule = json!({ "pattern": pattern, "actions": highlight });
+        let path = format!("/_matrix/client/v3/pushrules/global/content/{id}");
+        assert_eq!(s.put(&path, Some(&bob), rule).await.0, StatusCode::OK);
+    }
+    let bodies = [
+        ("plain", "hello all", false),
+        ("name", "ROBERT, look at this", true),
+        ("user", "ping bob please", true),
+        ("keyword", "the Budget is due", true),
+        ("wildcard", "deadlines!", true),
+        ("part", "robertson and bobby were here", false),
+    ];
+    let mut expected = Vec::new();
+    for (txn, body, highlights) in bodies {
+        let id =
+            s.send_text(&alice, &room, txn, body).await.1["event_id"].as_str().unwrap().to_owned();
+        expected.push((id, highlights));
+    }
+    // A burst sent at once is judged in few batches: each of its events listed once.
+    let txns: Vec<String> = (0..12).map(|i| format!("b{i}")).collect();
+    let burst = txns.iter().map(|txn| s.send_text(&alice, &room, txn, "burst"));
+    let burst: Vec<String> = futures_util::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(|(_, sent)| sent["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    let (dave_id, dave, _) = s.register("dave", "hunter22").await;
+    let invite = format!("/_matrix/client/v3/rooms/{room}/invite");
+    assert_eq!(
+        s.post(&invite, Some(&alice), json!({ "user_id": dave_id })).await.0,
+        StatusCode::OK
+    );
+
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = all_notifications(&s, &bob, 5).await;
+        if listed.len() >= expected.len() + burst.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), listed.len(), "each listed once: {listed:?}");
+    assert_eq!(listed.len(), expected.len() + burst.len(), "{listed:?}");
+    assert!(burst.iter().all(|id| seen.contains(&id.as_str())));
+    // The messages sent one after another come last, newest first, highlighted as their
+    // rules say (word boundaries: "robertson" and "bobby" do not name bob).
+    let mut singles = listed[burst.len()..].to_vec();
+    singles.reverse();
+    assert_eq!(singles, expected);
+
+    let mut invited = Vec::new();
+    for _ in 0..100 {
+        invited = all_notifications(&s, &dave, 5).await;
+        if !invited.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(invited.len(), 1, "the invite notifies dave: {invited:?}");
+}

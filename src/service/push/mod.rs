@@ -23,11 +23,50 @@ pub fn ruleset(services: &Services, user_id: &UserId) -> Result<Ruleset> {
             let mut stored: Ruleset =
                 serde_json::from_value(content["global"].clone()).map_err(Error::internal)?;
             // Server-default rules added since the user last changed theirs appear too.
-            stored.update_with_server_default(Ruleset::server_default(user_id));
+            stored.update_with_server_default(server_default(user_id));
             Ok(stored)
         }
-        None => Ok(Ruleset::server_default(user_id)),
+        None => Ok(server_default(user_id)),
     }
+}
+
+/// The server-default rules: the spec's current ones, with the legacy mention rules
+/// (display name, user name, `@room` in the body) that clients which do not send `m.mentions`
+/// still rely on. Events carrying `m.mentions` skip the legacy rules.
+fn server_default(user_id: &UserId) -> Ruleset {
+    let mut rules = Ruleset::server_default(user_id);
+    let sound_and_highlight = json!(["notify", { "set_tweak": "sound", "value": "default" }, { "set_tweak": "highlight" }]);
+    let legacy = |rule: JsonValue| serde_json::from_value(rule).expect("a valid push rule");
+    let display_name = legacy(json!({
+        "rule_id": ".m.rule.contains_display_name", "default": true, "enabled": true,
+        "conditions": [{ "kind": "contains_display_name" }],
+        "actions": sound_and_highlight,
+    }));
+    let room_notif = legacy(json!({
+        "rule_id": ".m.rule.roomnotif", "default": true, "enabled": true,
+        "conditions": [
+            { "kind": "event_match", "key": "content.body", "pattern": "@room" },
+            { "kind": "sender_notification_permission", "key": "room" },
+        ],
+        "actions": ["notify", { "set_tweak": "highlight" }],
+    }));
+    // In the spec's order: each after the rule for intentional mentions that replaced it.
+    let mut overrides: Vec<_> = std::mem::take(&mut rules.override_).into_iter().collect();
+    for (after, rule) in
+        [(".m.rule.is_user_mention", display_name), (".m.rule.is_room_mention", room_notif)]
+    {
+        let at =
+            overrides.iter().position(|r| r.rule_id == after).map_or(overrides.len(), |i| i + 1);
+        overrides.insert(at, rule);
+    }
+    rules.override_ = overrides.into_iter().collect();
+    let user_name = serde_json::from_value(json!({
+        "rule_id": ".m.rule.contains_user_name", "default": true, "enabled": true,
+        "pattern": user_id.localpart(), "actions": sound_and_highlight,
+    }))
+    .expect("a valid push rule");
+    rules.content.insert(user_name);
+    rules
 }
 
 /// The `m.push_rules` account data content for `user_id` (the defaults until changed).

@@ -337,8 +337,7 @@ mod tests {
         }
         // A bare position, as earlier versions gave out, resumes before that key.
         let legacy: Token = "16".parse().unwrap();
-        let rest: Vec<u64> =
-            walk(&table, bob, Some(legacy)).map(|e| e.unwrap().position).collect();
+        let rest: Vec<u64> = walk(&table, bob, Some(legacy)).map(|e| e.unwrap().position).collect();
         assert_eq!(rest, [13, 11, 10]);
         assert!("x_1".parse::<Token>().is_err() && "1_x".parse::<Token>().is_err());
     }

@@ -92,6 +92,52 @@ pub struct Rules {
     shared: Vec<Option<usize>>,
     /// Per rule, the number of its actions: rules with equal actions share one.
     actions: Vec<usize>,
+    /// Per rule, text the event's body must contain for the rule to apply.
+    needles: Vec<Option<Needle>>,
+}
+
+/// Lowercased text a rule cannot match without: checking it once against the body spares
+/// most members the rule's own (allocating) match. Only for patterns without wildcards, where
+/// the rule's match itself starts by finding the lowercased pattern in the lowercased body.
+enum Needle {
+    /// A fixed pattern on `content.body`.
+    Text(Box<str>),
+    /// The member's display name (`contains_display_name`).
+    DisplayName,
+}
+
+impl Needle {
+    /// The needle of `rule`, if it has one.
+    fn of(rule: AnyPushRuleRef<'_>) -> Option<Self> {
+        let plain = |pattern: &str| !pattern.contains(['*', '?']);
+        let conditions = match rule {
+            AnyPushRuleRef::Content(rule) => {
+                return plain(&rule.pattern)
+                    .then(|| Self::Text(rule.pattern.to_lowercase().into()));
+            }
+            AnyPushRuleRef::Override(rule) => &rule.conditions,
+            AnyPushRuleRef::Underride(rule) => &rule.conditions,
+            _ => return None,
+        };
+        conditions.iter().find_map(|condition| match condition {
+            PushCondition::EventMatch(m) if m.key == "content.body" && plain(&m.pattern) => {
+                Some(Self::Text(m.pattern.to_lowercase().into()))
+            }
+            #[allow(deprecated)]
+            PushCondition::ContainsDisplayName => Some(Self::DisplayName),
+            _ => None,
+        })
+    }
+
+    /// Whether a rule with this needle may apply to an event with lowercased `body`, for a
+    /// member whose lowercased display name is `display_name` (`None` when it has wildcards).
+    fn may_match(&self, body: Option<&str>, display_name: Option<&str>) -> bool {
+        let Some(body) = body else { return false };
+        match self {
+            Self::Text(text) => body.contains(&**text),
+            Self::DisplayName => display_name.is_none_or(|name| body.contains(name)),
+        }
+    }
 }
 
 impl std::ops::Deref for Rules {
@@ -108,6 +154,9 @@ struct RuleCache {
     by_user: HashMap<OwnedUserId, Arc<Rules>>,
     keys: HashMap<Box<str>, usize>,
     actions: HashMap<String, usize>,
+    /// Changes whenever cached rules change or their numbers are given out anew, so rules
+    /// held elsewhere (audiences) are known to be stale.
+    generation: u64,
 }
 
 impl RuleCache {
@@ -128,7 +177,8 @@ impl RuleCache {
                 *self.actions.entry(key).or_insert(next)
             })
             .collect();
-        Rules { ruleset, shared, actions }
+        let needles = ruleset.iter().map(Needle::of).collect();
+        Rules { ruleset, shared, actions, needles }
     }
 }
 
@@ -161,11 +211,28 @@ fn shared_key(rule: AnyPushRuleRef<'_>) -> Option<Box<str>> {
     independent.then(|| format!("{kind}{parts}").into())
 }
 
-/// Who a room's events may notify, at one state snapshot.
+/// Who a room's events may notify, at one state snapshot and rules generation.
 struct Audience {
     snapshot: u64,
-    /// Each local joined member with the context their rules are judged in.
-    members: Vec<(OwnedUserId, PushConditionRoomCtx)>,
+    generation: u64,
+    members: Vec<Member>,
+}
+
+/// A local joined member, with what judging an event for them needs.
+struct Member {
+    user_id: OwnedUserId,
+    context: PushConditionRoomCtx,
+    rules: Arc<Rules>,
+    /// The lowercased display name, unless it has wildcards.
+    display_name: Option<Box<str>>,
+}
+
+impl Member {
+    fn new(user_id: OwnedUserId, context: PushConditionRoomCtx, rules: Arc<Rules>) -> Self {
+        let name = &context.user_display_name;
+        let display_name = (!name.contains(['*', '?'])).then(|| name.to_lowercase().into());
+        Self { user_id, context, rules, display_name }
+    }
 }
 
 /// Which events the notifier has judged: every short id up to `high`, except those in the
@@ -220,15 +287,20 @@ impl Judged {
     }
 }
 
-/// One batch's notifications, gathered per user before they are written as runs.
+/// One notification as gathered: `(position, short id, room index, actions index)`.
+type Noted = (u64, u64, u32, u32);
+
+/// One batch's notifications, gathered per member before they are written as runs.
 #[derive(Default)]
 struct Gathered {
     rooms: Vec<OwnedRoomId>,
     actions: Vec<Vec<Action>>,
     /// Rule action numbers (see [`Rules`]) and their index in `actions`.
     numbers: HashMap<usize, u32>,
-    /// Per user, `(position, short id, room index, actions index)` per event.
-    users: HashMap<OwnedUserId, Vec<(u64, u64, u32, u32)>>,
+    /// Per audience met, each member's notifications (by member index).
+    groups: Vec<(Arc<Audience>, Vec<Vec<Noted>>)>,
+    /// Notifications of users outside any audience (invitees).
+    others: Vec<(OwnedUserId, Vec<Noted>)>,
 }
 
 impl Gathered {
@@ -252,28 +324,46 @@ impl Gathered {
         })
     }
 
-    /// Records that `user_id` was notified.
-    fn add(&mut self, user_id: &UserId, entry: (u64, u64, u32, u32)) {
-        match self.users.get_mut(user_id) {
-            Some(entries) => entries.push(entry),
+    /// The notification lists of `audience`'s members.
+    fn group(&mut self, audience: &Arc<Audience>) -> &mut Vec<Vec<Noted>> {
+        let index = match self.groups.iter().rposition(|(a, _)| Arc::ptr_eq(a, audience)) {
+            Some(index) => index,
             None => {
-                self.users.insert(user_id.to_owned(), vec![entry]);
+                self.groups.push((audience.clone(), vec![Vec::new(); audience.members.len()]));
+                self.groups.len() - 1
             }
+        };
+        &mut self.groups[index].1
+    }
+
+    /// Records that `user_id`, of no audience, was notified.
+    fn add_other(&mut self, user_id: &UserId, noted: Noted) {
+        match self.others.iter_mut().find(|(u, _)| u == user_id) {
+            Some((_, list)) => list.push(noted),
+            None => self.others.push((user_id.to_owned(), vec![noted])),
         }
     }
 
-    /// `(key, encoded run)` per user, in key order; users notified alike share one encoding.
+    /// `(key, encoded run)` per notified user, in key order; users notified alike (most of a
+    /// room's members) share one encoding.
     fn runs(mut self, table: &Table<Stored>, ts: u64) -> Vec<(Vec<u8>, Arc<[u8]>)> {
-        let mut encoded: HashMap<Vec<(u64, u64, u32, u32)>, Arc<[u8]>> = HashMap::new();
-        let mut runs = Vec::with_capacity(self.users.len());
-        for (user_id, mut entries) in std::mem::take(&mut self.users) {
-            entries.sort_unstable();
-            let Some(&(newest, ..)) = entries.last() else { continue };
-            let value = match encoded.get(&entries) {
-                Some(value) => value.clone(),
+        const RECENT: usize = 16;
+        let mut encoded: Vec<(Vec<Noted>, Arc<[u8]>)> = Vec::new();
+        let mut runs = Vec::new();
+        let groups = std::mem::take(&mut self.groups);
+        let members = groups.iter().flat_map(|(audience, lists)| {
+            audience.members.iter().map(|m| &*m.user_id).zip(lists.iter().cloned())
+        });
+        let others = std::mem::take(&mut self.others);
+        let others = others.iter().map(|(u, list)| (&**u, list.clone()));
+        for (user_id, mut list) in members.chain(others) {
+            list.sort_unstable();
+            let Some(&(newest, ..)) = list.last() else { continue };
+            let value = match encoded.iter().rev().take(RECENT).find(|(l, _)| *l == list) {
+                Some((_, value)) => value.clone(),
                 None => {
-                    let value: Arc<[u8]> = table.encode(&Stored::Run(self.run(&entries, ts))).into();
-                    encoded.insert(entries, value.clone());
+                    let value: Arc<[u8]> = table.encode(&Stored::Run(self.run(&list, ts))).into();
+                    encoded.push((list, value.clone()));
                     value
                 }
             };
@@ -284,12 +374,12 @@ impl Gathered {
         runs
     }
 
-    /// The run of `entries`, with only the rooms and action lists they use.
-    fn run(&self, entries: &[(u64, u64, u32, u32)], ts: u64) -> NotificationRun {
+    /// The run of `list`, with only the rooms and action lists it uses.
+    fn run(&self, list: &[Noted], ts: u64) -> NotificationRun {
         let mut run = NotificationRun { ts, ..NotificationRun::default() };
         let mut rooms = HashMap::new();
         let mut actions = HashMap::new();
-        for &(position, short, room, action) in entries {
+        for &(position, short, room, action) in list {
             let room = *rooms.entry(room).or_insert_with(|| {
                 run.rooms.push(self.rooms[room as usize].clone());
                 (run.rooms.len() - 1) as u32
@@ -304,10 +394,13 @@ impl Gathered {
     }
 }
 
+/// An event to judge, by short id, with the event itself when the appender hands it over.
+type Job = (u64, Option<Arc<StoredPdu>>);
+
 /// The notifier's queue and caches.
 pub struct Notifier {
-    jobs: mpsc::UnboundedSender<u64>,
-    receiver: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
+    jobs: mpsc::UnboundedSender<Job>,
+    receiver: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
     notifications: Table<Stored>,
     global: Table<u64>,
     judged: Table<Judged>,
@@ -330,14 +423,21 @@ impl Notifier {
         }
     }
 
-    /// Announces a persisted event (by short id).
-    pub fn enqueue(&self, short: u64) {
-        let _ = self.jobs.send(short);
+    /// Announces the persisted event `event`, of short id `short`.
+    pub fn enqueue(&self, short: u64, event: Arc<StoredPdu>) {
+        let _ = self.jobs.send((short, Some(event)));
     }
 
     /// Forgets the cached rules of `user_id` after they changed.
     pub fn forget_rules(&self, user_id: &UserId) {
-        self.rules.lock().unwrap_or_else(|e| e.into_inner()).by_user.remove(user_id);
+        let mut cache = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        cache.by_user.remove(user_id);
+        cache.generation += 1;
+    }
+
+    /// The generation of the cached rules.
+    fn rules_generation(&self) -> u64 {
+        self.rules.lock().unwrap_or_else(|e| e.into_inner()).generation
     }
 
     /// The notifications table (read by `/notifications` and the gateway's badge counts).
@@ -364,19 +464,23 @@ impl Notifier {
         let mut cache = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         let numbers = cache.keys.len() + cache.actions.len();
         if cache.by_user.len() >= RULES_CACHE || numbers >= 4 * RULES_CACHE {
-            *cache = RuleCache::default();
+            let generation = cache.generation + 1;
+            *cache = RuleCache { generation, ..RuleCache::default() };
         }
     }
 
-    /// The local members `event` may notify, with their contexts, cached per state snapshot.
+    /// The local members `event` may notify, with their contexts and rules, cached per state
+    /// snapshot until any rules change.
     fn audience(&self, services: &Services, event: &StoredPdu) -> Result<Arc<Audience>> {
         let snapshot = event.state_before;
+        // Read before the rules are, so rules changed meanwhile leave this audience stale.
+        let generation = self.rules_generation();
         let cached = self
             .audiences
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&event.room_id)
-            .filter(|a| a.snapshot == snapshot)
+            .filter(|a| a.snapshot == snapshot && a.generation == generation)
             .cloned();
         if let Some(audience) = cached {
             return Ok(audience);
@@ -405,9 +509,10 @@ impl Notifier {
             }
             let mut context = super::member_context(&event.room_id, &user_id, Some(&member), count);
             context.power_levels = power.clone();
-            members.push((user_id, context));
+            let rules = self.ruleset(services, &user_id)?;
+            members.push(Member::new(user_id, context, rules));
         }
-        let audience = Arc::new(Audience { snapshot, members });
+        let audience = Arc::new(Audience { snapshot, generation, members });
         let mut cache = self.audiences.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= ROOM_CACHE {
             cache.clear();
@@ -434,70 +539,60 @@ impl Notifier {
         let raw: Raw<ruma::events::AnySyncTimelineEvent> =
             Raw::from_json(serde_json::value::to_raw_value(&json).map_err(Error::internal)?);
         let flat = FlattenedJson::from_raw(&raw);
-        let invited = invitee(event, services);
-        let invite_context;
-        // Members share one room context, so verdicts that do not depend on the member are
-        // judged once per event; an invitee has a context of their own.
-        let mut candidates: Vec<(&UserId, &PushConditionRoomCtx, bool)> =
-            audience.members.iter().map(|(u, c)| (&**u, c, true)).collect();
-        if let Some(user) = &invited {
-            let count = audience.members.len() as u64;
-            invite_context = super::member_context(&event.room_id, user, None, count);
-            candidates.push((user, &invite_context, false));
-        }
-        // Per shared rule number: 0 not judged yet, 1 does not apply, 2 applies.
-        let mut verdicts: Vec<u8> = Vec::new();
+        let body = flat.get_str("content.body").map(str::to_lowercase);
         let room = gathered.room(&event.room_id);
         let now = crate::service::now_ms();
-        for (user_id, context, member) in candidates {
-            if user_id.as_str() == sender {
+        // Per shared rule number: 0 not judged yet, 1 does not apply, 2 applies.
+        let mut verdicts: Vec<u8> = Vec::new();
+        let mut notified = Vec::new();
+        for (index, member) in audience.members.iter().enumerate() {
+            if member.user_id.as_str() == sender {
                 continue;
             }
-            let rules = self.ruleset(services, user_id)?;
-            let mut actions: &[Action] = &[];
-            let mut actions_number = usize::MAX;
-            for ((rule, shared), number) in
-                rules.ruleset.iter().zip(&rules.shared).zip(&rules.actions)
-            {
-                if !rule.enabled() {
-                    continue;
-                }
-                let applies = match shared.filter(|_| member) {
-                    Some(number) => {
-                        if verdicts.len() <= number {
-                            verdicts.resize(number + 1, 0);
-                        }
-                        if verdicts[number] == 0 {
-                            verdicts[number] = 1 + u8::from(rule.applies(&flat, context).await);
-                        }
-                        verdicts[number] == 2
-                    }
-                    None => rule.applies(&flat, context).await,
-                };
-                if applies {
-                    actions = rule.actions();
-                    actions_number = *number;
-                    break;
-                }
+            let rule = judge_member(member, true, &flat, body.as_deref(), &mut verdicts).await;
+            if let Some(rule) = rule {
+                notified.push((index, rule));
             }
-            if !actions.iter().any(|a| matches!(a, Action::Notify)) {
-                continue;
+        }
+        // An invitee is no member yet: judged in a context of their own.
+        let invited = invitee(event, services)
+            .map(|user| {
+                let count = audience.members.len() as u64;
+                let context = super::member_context(&event.room_id, &user, None, count);
+                let rules = self.ruleset(services, &user)?;
+                Ok::<_, Error>(Member::new(user, context, rules))
+            })
+            .transpose()?;
+        let mut invitee_rule = None;
+        if let Some(member) = &invited {
+            invitee_rule = judge_member(member, false, &flat, body.as_deref(), &mut verdicts).await;
+        }
+        let mut deliver = |member: &Member, actions: &[Action]| {
+            let pushers = services.pushers.of(&member.user_id);
+            if pushers.is_empty() {
+                return;
             }
-            let index = gathered.actions(actions_number, actions);
-            gathered.add(user_id, (event.position, short, room, index));
-            let pushers = services.pushers.of(user_id);
-            if !pushers.is_empty() {
-                let record = NotificationRecord {
-                    room_id: event.room_id.clone(),
-                    short,
-                    legacy_event_id: None,
-                    ts: now,
-                    actions: actions.to_vec(),
-                };
-                for pusher in pushers {
-                    deliveries.push(Delivery::new(user_id, &pusher, &record, &event.event_id));
-                }
+            let record = NotificationRecord {
+                room_id: event.room_id.clone(),
+                short,
+                legacy_event_id: None,
+                ts: now,
+                actions: actions.to_vec(),
+            };
+            for pusher in pushers {
+                deliveries.push(Delivery::new(&member.user_id, &pusher, &record, &event.event_id));
             }
+        };
+        for &(index, (rule, actions)) in &notified {
+            let member = &audience.members[index];
+            let actions_index = gathered.actions(member.rules.actions[rule], actions);
+            gathered.group(&audience)[index].push((event.position, short, room, actions_index));
+            deliver(member, actions);
+        }
+        if let (Some(member), Some((rule, actions))) = (&invited, invitee_rule) {
+            let actions_index = gathered.actions(member.rules.actions[rule], actions);
+            gathered.add_other(&member.user_id, (event.position, short, room, actions_index));
+            deliver(member, actions);
         }
         Ok(())
     }
@@ -512,21 +607,28 @@ impl Notifier {
         }
     }
 
-    /// Judges the events `shorts` and writes what they produced with the judged set, which
+    /// Judges the events of `jobs` and writes what they produced with the judged set, which
     /// is updated once the write is done.
     async fn judge_all(
         &self,
         services: &Services,
-        shorts: &[u64],
+        jobs: &[Job],
         judged: &mut Judged,
     ) -> Result<()> {
         let mut gathered = Gathered::default();
         let mut deliveries = Vec::new();
         let mut now_judged = judged.clone();
-        for &short in shorts {
+        for (short, event) in jobs {
+            let short = *short;
             self.trim_rules();
             now_judged.insert(short);
-            let Some(event) = services.rooms.stored_by_short_public(short)? else { continue };
+            let event = match event {
+                Some(event) => event.clone(),
+                None => match services.rooms.stored_by_short_public(short)? {
+                    Some(event) => Arc::new(event),
+                    None => continue,
+                },
+            };
             if let Err(err) =
                 self.judge_event(services, short, &event, &mut gathered, &mut deliveries).await
             {
@@ -556,32 +658,75 @@ impl Notifier {
         judged: &mut Judged,
         stopped: &watch::Receiver<bool>,
     ) -> Result<()> {
-        let mut shorts = Vec::with_capacity(BATCH);
+        let mut pending = Vec::with_capacity(BATCH);
         let mut total = 0usize;
         for entry in services.rooms.events_from(judged.high.saturating_sub(WINDOW) + 1) {
             let short = entry?.0;
             if judged.contains(short) {
                 continue;
             }
-            shorts.push(short);
-            if shorts.len() == BATCH {
-                self.judge_all(services, &shorts, judged).await?;
-                total += shorts.len();
+            pending.push((short, None));
+            if pending.len() == BATCH {
+                self.judge_all(services, &pending, judged).await?;
+                total += pending.len();
                 if *stopped.borrow() {
                     return Ok(());
                 }
-                shorts.clear();
+                pending.clear();
             }
         }
-        if !shorts.is_empty() {
-            total += shorts.len();
-            self.judge_all(services, &shorts, judged).await?;
+        if !pending.is_empty() {
+            total += pending.len();
+            self.judge_all(services, &pending, judged).await?;
         }
         if total > 0 {
             tracing::debug!(events = total, "notifier caught up");
         }
         Ok(())
     }
+}
+
+/// The index and actions of the first of `member`'s rules that applies to the event, if it
+/// notifies.
+/// Verdicts of rules shared among members are taken from and added to `verdicts` when
+/// `shared` (the member is judged in the room's common context); `body` is the event's
+/// lowercased body.
+async fn judge_member<'a>(
+    member: &'a Member,
+    shared: bool,
+    flat: &FlattenedJson,
+    body: Option<&str>,
+    verdicts: &mut Vec<u8>,
+) -> Option<(usize, &'a [Action])> {
+    let rules = &member.rules;
+    let context = &member.context;
+    for (index, (rule, number)) in rules.ruleset.iter().zip(&rules.shared).enumerate() {
+        if !rule.enabled() {
+            continue;
+        }
+        let needle = rules.needles[index].as_ref();
+        if needle.is_some_and(|n| !n.may_match(body, member.display_name.as_deref())) {
+            continue;
+        }
+        let applies = match number.filter(|_| shared) {
+            Some(number) => {
+                if verdicts.len() <= number {
+                    verdicts.resize(number + 1, 0);
+                }
+                if verdicts[number] == 0 {
+                    verdicts[number] = 1 + u8::from(rule.applies(flat, context).await);
+                }
+                verdicts[number] == 2
+            }
+            None => rule.applies(flat, context).await,
+        };
+        if applies {
+            let actions = rule.actions();
+            let notifies = actions.iter().any(|a| matches!(a, Action::Notify));
+            return notifies.then_some((index, actions));
+        }
+    }
+    None
 }
 
 /// The local user a membership event invites, if any.
@@ -624,7 +769,7 @@ pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
 
 async fn judge_loop(
     services: &Services,
-    mut jobs: mpsc::UnboundedReceiver<u64>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let notifier = &services.notifier;
@@ -638,24 +783,24 @@ async fn judge_loop(
     if let Err(err) = notifier.catch_up(services, &mut judged, &stopped).await {
         tracing::error!(%err, "notifier could not catch up");
     }
-    let mut shorts = Vec::with_capacity(BATCH);
+    let mut pending = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             _ = stopped.wait_for(|stop| *stop) => return,
-            received = jobs.recv_many(&mut shorts, BATCH) => if received == 0 { return },
+            received = jobs.recv_many(&mut pending, BATCH) => if received == 0 { return },
         }
         // Under load, a moment's wait gathers the events that follow into the same write.
         tokio::time::sleep(GATHER).await;
-        while shorts.len() < BATCH {
+        while pending.len() < BATCH {
             match jobs.try_recv() {
-                Ok(short) => shorts.push(short),
+                Ok(job) => pending.push(job),
                 Err(_) => break,
             }
         }
-        if let Err(err) = notifier.judge_all(services, &shorts, &mut judged).await {
+        if let Err(err) = notifier.judge_all(services, &pending, &mut judged).await {
             tracing::error!(%err, "notifier could not record notifications");
         }
-        shorts.clear();
+        pending.clear();
     }
 }
 
@@ -695,7 +840,9 @@ mod tests {
         let read: Judged = serde_json::from_str(&stored).unwrap();
         assert_eq!(read, judged);
         judged.insert(198 + WINDOW);
-        assert!(judged.contains(198) && !judged.contains(199) && !judged.contains(198 + WINDOW - 1));
+        assert!(
+            judged.contains(198) && !judged.contains(199) && !judged.contains(198 + WINDOW - 1)
+        );
         judged.insert(198 + 3 * WINDOW);
         assert!(judged.contains(198 + WINDOW) && judged.contains(198 + 2 * WINDOW));
         assert!(!judged.contains(198 + 2 * WINDOW + 1) && judged.contains(198 + 3 * WINDOW));

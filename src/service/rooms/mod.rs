@@ -905,7 +905,7 @@ impl Rooms {
             self.forget_members(&room_id);
         }
         services.search.enqueue(short);
-        services.notifier.enqueue(short);
+        services.notifier.enqueue(short, Arc::new(stored));
         services.metrics.event_persisted();
         let position = pending.position;
         // Syncs are woken once the position is released: at once, or after the deferred sync.
