@@ -86,8 +86,7 @@ impl Ephemeral {
             services.stream.wake_at(position, [&*receipt.user_id]);
         } else {
             let members = services.rooms.members(room_id)?;
-            let audience = members.iter().filter(|(_, m)| m == "join").map(|(u, _)| &**u);
-            services.stream.wake_at(position, audience);
+            services.stream.wake_members_at(position, &members, &["join"]);
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use std::{
 use ruma::{OwnedUserId, UserId};
 use tokio::sync::Notify;
 
-use super::Counter;
+use super::{Counter, rooms::Members};
 use crate::storage::{Batch, Db, StorageError};
 
 /// The stream of user-visible changes.
@@ -19,8 +19,16 @@ pub struct Stream {
     /// Positions handed out whose batch is not written (or abandoned) yet.
     in_flight: Mutex<BTreeSet<u64>>,
     /// Wake-ups for changes above the watermark, sent once it passes them.
-    deferred: Mutex<BTreeMap<u64, Vec<OwnedUserId>>>,
+    deferred: Mutex<BTreeMap<u64, Vec<Woken>>>,
     waiters: Mutex<HashMap<OwnedUserId, Arc<Notify>>>,
+}
+
+/// Whom a deferred wake-up is for.
+enum Woken {
+    /// These users.
+    Users(Vec<OwnedUserId>),
+    /// A room's members (the shared list), those in `memberships` only.
+    Members(Members, &'static [&'static str]),
 }
 
 /// A position being written; dropping it (after the write, or on failure) releases it.
@@ -81,7 +89,26 @@ impl Stream {
             drop(deferred);
             self.wake(users);
         } else {
-            deferred.entry(position).or_default().extend(users.into_iter().map(ToOwned::to_owned));
+            let users = users.into_iter().map(ToOwned::to_owned).collect();
+            deferred.entry(position).or_default().push(Woken::Users(users));
+        }
+    }
+
+    /// Like [`Stream::wake_at`] for the `members` of a room whose membership is one of
+    /// `memberships`; the shared member list is kept, not copied, until the wake-up is sent.
+    pub fn wake_members_at(
+        &self,
+        position: u64,
+        members: &Members,
+        memberships: &'static [&'static str],
+    ) {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if position <= self.current() {
+            drop(deferred);
+            self.wake(members_in(members, memberships));
+        } else {
+            let woken = Woken::Members(members.clone(), memberships);
+            deferred.entry(position).or_default().push(woken);
         }
     }
 
@@ -95,8 +122,11 @@ impl Stream {
             let later = deferred.split_off(&current.saturating_add(1));
             std::mem::replace(&mut *deferred, later)
         };
-        for users in ready.values() {
-            self.wake(users.iter().map(|u| &**u));
+        for woken in ready.values().flatten() {
+            match woken {
+                Woken::Users(users) => self.wake(users.iter().map(|u| &**u)),
+                Woken::Members(members, memberships) => self.wake(members_in(members, memberships)),
+            }
         }
     }
 
@@ -109,4 +139,12 @@ impl Stream {
             }
         }
     }
+}
+
+/// The users among `members` whose membership is one of `memberships`.
+fn members_in<'a>(
+    members: &'a Members,
+    memberships: &'static [&'static str],
+) -> impl Iterator<Item = &'a UserId> {
+    members.iter().filter(|(_, m)| memberships.contains(&m.as_str())).map(|(u, _)| &**u)
 }

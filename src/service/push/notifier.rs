@@ -94,6 +94,10 @@ pub struct Rules {
     actions: Vec<usize>,
     /// Per rule, text the event's body must contain for the rule to apply.
     needles: Vec<Option<Needle>>,
+    /// Per rule, its conditions that do not depend on the member, as `(index among the rule's
+    /// conditions, number)`: their verdicts are shared, so a rule of the member's own (such as
+    /// one naming them) with one that fails is rejected without judging it for the member.
+    preconditions: Vec<Vec<(usize, usize)>>,
 }
 
 /// Lowercased text a rule cannot match without: checking it once against the body spares
@@ -154,6 +158,7 @@ struct RuleCache {
     by_user: HashMap<OwnedUserId, Arc<Rules>>,
     keys: HashMap<Box<str>, usize>,
     actions: HashMap<String, usize>,
+    conditions: HashMap<String, usize>,
     /// Changes whenever cached rules change or their numbers are given out anew, so rules
     /// held elsewhere (audiences) are known to be stale.
     generation: u64,
@@ -178,7 +183,21 @@ impl RuleCache {
             })
             .collect();
         let needles = ruleset.iter().map(Needle::of).collect();
-        Rules { ruleset, shared, actions, needles }
+        let preconditions = ruleset
+            .iter()
+            .map(|rule| {
+                let conditions = conditions_of(rule).iter().enumerate();
+                let independent = conditions.filter(|(_, c)| independent(c));
+                independent
+                    .filter_map(|(index, condition)| {
+                        let key = serde_json::to_string(condition).ok()?;
+                        let next = self.conditions.len();
+                        Some((index, *self.conditions.entry(key).or_insert(next)))
+                    })
+                    .collect()
+            })
+            .collect();
+        Rules { ruleset, shared, actions, needles, preconditions }
     }
 }
 
@@ -197,18 +216,29 @@ fn shared_key(rule: AnyPushRuleRef<'_>) -> Option<Box<str>> {
         #[allow(unreachable_patterns)]
         _ => return None,
     };
-    let independent = conditions.iter().all(|condition| {
-        matches!(
-            condition,
-            PushCondition::EventMatch(_)
-                | PushCondition::RoomMemberCount(_)
-                | PushCondition::SenderNotificationPermission(_)
-                | PushCondition::EventPropertyIs(_)
-                | PushCondition::EventPropertyContains(_)
-        )
-    });
     let parts = serde_json::to_string(&(rule.rule_id(), conditions)).ok()?;
-    independent.then(|| format!("{kind}{parts}").into())
+    conditions.iter().all(independent).then(|| format!("{kind}{parts}").into())
+}
+
+/// Whether the verdict of `condition` depends only on the event and the room, not on the
+/// member judged.
+fn independent(condition: &PushCondition) -> bool {
+    matches!(
+        condition,
+        PushCondition::EventMatch(_)
+            | PushCondition::RoomMemberCount(_)
+            | PushCondition::SenderNotificationPermission(_)
+            | PushCondition::EventPropertyIs(_)
+            | PushCondition::EventPropertyContains(_)
+    )
+}
+
+/// The conditions of `rule` (none for the kinds matched by pattern or id).
+fn conditions_of(rule: AnyPushRuleRef<'_>) -> &[PushCondition] {
+    match rule {
+        AnyPushRuleRef::Override(rule) | AnyPushRuleRef::Underride(rule) => &rule.conditions,
+        _ => &[],
+    }
 }
 
 /// Who a room's events may notify, at one state snapshot and rules generation.
@@ -462,7 +492,7 @@ impl Notifier {
     /// Bounds the rule cache; only between events, as numbers given out are reused after it.
     fn trim_rules(&self) {
         let mut cache = self.rules.lock().unwrap_or_else(|e| e.into_inner());
-        let numbers = cache.keys.len() + cache.actions.len();
+        let numbers = cache.keys.len() + cache.actions.len() + cache.conditions.len();
         if cache.by_user.len() >= RULES_CACHE || numbers >= 4 * RULES_CACHE {
             let generation = cache.generation + 1;
             *cache = RuleCache { generation, ..RuleCache::default() };
@@ -542,8 +572,7 @@ impl Notifier {
         let body = flat.get_str("content.body").map(str::to_lowercase);
         let room = gathered.room(&event.room_id);
         let now = crate::service::now_ms();
-        // Per shared rule number: 0 not judged yet, 1 does not apply, 2 applies.
-        let mut verdicts: Vec<u8> = Vec::new();
+        let mut verdicts = Verdicts::default();
         let mut notified = Vec::new();
         for (index, member) in audience.members.iter().enumerate() {
             if member.user_id.as_str() == sender {
@@ -686,17 +715,38 @@ impl Notifier {
     }
 }
 
+/// Verdicts on one event shared among the members judged in the room's common context, by
+/// rule and by condition number: 0 not judged yet, 1 does not apply, 2 applies.
+#[derive(Default)]
+struct Verdicts {
+    rules: Vec<u8>,
+    conditions: Vec<u8>,
+}
+
+/// The condition verdict numbered `number` in `verdicts`, judged with `judge` the first time.
+async fn verdict(
+    verdicts: &mut Vec<u8>,
+    number: usize,
+    judge: impl std::future::Future<Output = bool>,
+) -> bool {
+    if verdicts.len() <= number {
+        verdicts.resize(number + 1, 0);
+    }
+    if verdicts[number] == 0 {
+        verdicts[number] = 1 + u8::from(judge.await);
+    }
+    verdicts[number] == 2
+}
+
 /// The index and actions of the first of `member`'s rules that applies to the event, if it
-/// notifies.
-/// Verdicts of rules shared among members are taken from and added to `verdicts` when
-/// `shared` (the member is judged in the room's common context); `body` is the event's
-/// lowercased body.
+/// notifies. Shared verdicts are taken from and added to `verdicts` when `shared` (the member
+/// is judged in the room's common context); `body` is the event's lowercased body.
 async fn judge_member<'a>(
     member: &'a Member,
     shared: bool,
     flat: &FlattenedJson,
     body: Option<&str>,
-    verdicts: &mut Vec<u8>,
+    verdicts: &mut Verdicts,
 ) -> Option<(usize, &'a [Action])> {
     let rules = &member.rules;
     let context = &member.context;
@@ -708,17 +758,33 @@ async fn judge_member<'a>(
         if needle.is_some_and(|n| !n.may_match(body, member.display_name.as_deref())) {
             continue;
         }
-        let applies = match number.filter(|_| shared) {
-            Some(number) => {
-                if verdicts.len() <= number {
-                    verdicts.resize(number + 1, 0);
+        let number = number.filter(|_| shared);
+        let known = number.and_then(|n| verdicts.rules.get(n).copied()).filter(|v| *v != 0);
+        let applies = match known {
+            Some(known) => known == 2,
+            None => {
+                let mut applies = true;
+                if shared {
+                    let conditions = conditions_of(rule);
+                    for &(at, n) in &rules.preconditions[index] {
+                        let judged = conditions[at].applies(flat, context);
+                        if !verdict(&mut verdicts.conditions, n, judged).await {
+                            applies = false;
+                            break;
+                        }
+                    }
                 }
-                if verdicts[number] == 0 {
-                    verdicts[number] = 1 + u8::from(rule.applies(flat, context).await);
+                if applies {
+                    applies = rule.applies(flat, context).await;
                 }
-                verdicts[number] == 2
+                if let Some(n) = number {
+                    if verdicts.rules.len() <= n {
+                        verdicts.rules.resize(n + 1, 0);
+                    }
+                    verdicts.rules[n] = 1 + u8::from(applies);
+                }
+                applies
             }
-            None => rule.applies(flat, context).await,
         };
         if applies {
             let actions = rule.actions();

@@ -920,8 +920,7 @@ impl Rooms {
             self.states.remember(id, Arc::new(map));
         }
         let members = self.members(&room_id)?;
-        let audience = members.iter().filter(|(_, m)| m != "leave").map(|(u, _)| &**u);
-        services.stream.wake_at(position, audience);
+        services.stream.wake_members_at(position, &members, &["join", "invite", "knock", "ban"]);
         if let Some(target) =
             event.state_key.as_deref().filter(|_| event.kind == TimelineEventType::RoomMember)
         {
