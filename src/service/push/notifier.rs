@@ -94,10 +94,17 @@ pub struct Rules {
     actions: Vec<usize>,
     /// Per rule, text the event's body must contain for the rule to apply.
     needles: Vec<Option<Needle>>,
-    /// Per rule, its conditions that do not depend on the member, as `(index among the rule's
-    /// conditions, number)`: their verdicts are shared, so a rule of the member's own (such as
-    /// one naming them) with one that fails is rejected without judging it for the member.
-    preconditions: Vec<Vec<(usize, usize)>>,
+    /// Per rule, checks whose outcome is shared among members, so a rule of the member's own
+    /// (such as one naming them) that cannot apply is rejected without judging it for them.
+    preconditions: Vec<Vec<Precondition>>,
+}
+
+/// A check a rule must pass to apply, whose outcome on an event is the same for every member.
+enum Precondition {
+    /// The event has a value at `key` (numbered): the rule has a condition on that property.
+    Key { key: Box<str>, number: usize },
+    /// The rule's condition `at`, which does not depend on the member (numbered).
+    Condition { at: usize, number: usize },
 }
 
 /// Lowercased text a rule cannot match without: checking it once against the body spares
@@ -159,6 +166,7 @@ struct RuleCache {
     keys: HashMap<Box<str>, usize>,
     actions: HashMap<String, usize>,
     conditions: HashMap<String, usize>,
+    properties: HashMap<Box<str>, usize>,
     /// Changes whenever cached rules change or their numbers are given out anew, so rules
     /// held elsewhere (audiences) are known to be stale.
     generation: u64,
@@ -183,21 +191,37 @@ impl RuleCache {
             })
             .collect();
         let needles = ruleset.iter().map(Needle::of).collect();
-        let preconditions = ruleset
-            .iter()
-            .map(|rule| {
-                let conditions = conditions_of(rule).iter().enumerate();
-                let independent = conditions.filter(|(_, c)| independent(c));
-                independent
-                    .filter_map(|(index, condition)| {
-                        let key = serde_json::to_string(condition).ok()?;
-                        let next = self.conditions.len();
-                        Some((index, *self.conditions.entry(key).or_insert(next)))
-                    })
-                    .collect()
-            })
-            .collect();
+        let preconditions = ruleset.iter().map(|rule| self.preconditions(rule)).collect();
         Rules { ruleset, shared, actions, needles, preconditions }
+    }
+}
+
+impl RuleCache {
+    /// The checks `rule` must pass, property checks (the cheapest) first.
+    fn preconditions(&mut self, rule: AnyPushRuleRef<'_>) -> Vec<Precondition> {
+        let mut checks = Vec::new();
+        let conditions = conditions_of(rule);
+        for condition in conditions {
+            let key = match condition {
+                PushCondition::EventMatch(c) if c.key != "room_id" => &c.key,
+                PushCondition::EventPropertyIs(c) => &c.key,
+                PushCondition::EventPropertyContains(c) => &c.key,
+                _ => continue,
+            };
+            let next = self.properties.len();
+            let number = *self.properties.entry(key.as_str().into()).or_insert(next);
+            checks.push(Precondition::Key { key: key.as_str().into(), number });
+        }
+        for (at, condition) in conditions.iter().enumerate() {
+            if !independent(condition) {
+                continue;
+            }
+            let Ok(json) = serde_json::to_string(condition) else { continue };
+            let next = self.conditions.len();
+            let number = *self.conditions.entry(json).or_insert(next);
+            checks.push(Precondition::Condition { at, number });
+        }
+        checks
     }
 }
 
@@ -327,8 +351,8 @@ struct Gathered {
     actions: Vec<Vec<Action>>,
     /// Rule action numbers (see [`Rules`]) and their index in `actions`.
     numbers: HashMap<usize, u32>,
-    /// Per audience met, each member's notifications (by member index).
-    groups: Vec<(Arc<Audience>, Vec<Vec<Noted>>)>,
+    /// Per audience met, its members' notifications as `(member index, notification)`.
+    groups: Vec<(Arc<Audience>, Vec<(usize, Noted)>)>,
     /// Notifications of users outside any audience (invitees).
     others: Vec<(OwnedUserId, Vec<Noted>)>,
 }
@@ -354,12 +378,12 @@ impl Gathered {
         })
     }
 
-    /// The notification lists of `audience`'s members.
-    fn group(&mut self, audience: &Arc<Audience>) -> &mut Vec<Vec<Noted>> {
+    /// The notifications of `audience`'s members.
+    fn group(&mut self, audience: &Arc<Audience>) -> &mut Vec<(usize, Noted)> {
         let index = match self.groups.iter().rposition(|(a, _)| Arc::ptr_eq(a, audience)) {
             Some(index) => index,
             None => {
-                self.groups.push((audience.clone(), vec![Vec::new(); audience.members.len()]));
+                self.groups.push((audience.clone(), Vec::new()));
                 self.groups.len() - 1
             }
         };
@@ -380,13 +404,18 @@ impl Gathered {
         const RECENT: usize = 16;
         let mut encoded: Vec<(Vec<Noted>, Arc<[u8]>)> = Vec::new();
         let mut runs = Vec::new();
-        let groups = std::mem::take(&mut self.groups);
-        let members = groups.iter().flat_map(|(audience, lists)| {
-            audience.members.iter().map(|m| &*m.user_id).zip(lists.iter().cloned())
-        });
+        let mut groups = std::mem::take(&mut self.groups);
         let others = std::mem::take(&mut self.others);
-        let others = others.iter().map(|(u, list)| (&**u, list.clone()));
-        for (user_id, mut list) in members.chain(others) {
+        let mut lists: Vec<(&UserId, Vec<Noted>)> = Vec::new();
+        for (audience, noted) in &mut groups {
+            noted.sort_unstable();
+            for chunk in noted.chunk_by(|a, b| a.0 == b.0) {
+                let user_id = &*audience.members[chunk[0].0].user_id;
+                lists.push((user_id, chunk.iter().map(|(_, n)| *n).collect()));
+            }
+        }
+        lists.extend(others.iter().map(|(user_id, list)| (&**user_id, list.clone())));
+        for (user_id, mut list) in lists {
             list.sort_unstable();
             let Some(&(newest, ..)) = list.last() else { continue };
             let value = match encoded.iter().rev().take(RECENT).find(|(l, _)| *l == list) {
@@ -492,7 +521,10 @@ impl Notifier {
     /// Bounds the rule cache; only between events, as numbers given out are reused after it.
     fn trim_rules(&self) {
         let mut cache = self.rules.lock().unwrap_or_else(|e| e.into_inner());
-        let numbers = cache.keys.len() + cache.actions.len() + cache.conditions.len();
+        let numbers = cache.keys.len()
+            + cache.actions.len()
+            + cache.conditions.len()
+            + cache.properties.len();
         if cache.by_user.len() >= RULES_CACHE || numbers >= 4 * RULES_CACHE {
             let generation = cache.generation + 1;
             *cache = RuleCache { generation, ..RuleCache::default() };
@@ -573,7 +605,7 @@ impl Notifier {
         let room = gathered.room(&event.room_id);
         let now = crate::service::now_ms();
         let mut verdicts = Verdicts::default();
-        let mut notified = Vec::new();
+        let mut notified = Vec::with_capacity(audience.members.len());
         for (index, member) in audience.members.iter().enumerate() {
             if member.user_id.as_str() == sender {
                 continue;
@@ -615,7 +647,7 @@ impl Notifier {
         for &(index, (rule, actions)) in &notified {
             let member = &audience.members[index];
             let actions_index = gathered.actions(member.rules.actions[rule], actions);
-            gathered.group(&audience)[index].push((event.position, short, room, actions_index));
+            gathered.group(&audience).push((index, (event.position, short, room, actions_index)));
             deliver(member, actions);
         }
         if let (Some(member), Some((rule, actions))) = (&invited, invitee_rule) {
@@ -721,9 +753,10 @@ impl Notifier {
 struct Verdicts {
     rules: Vec<u8>,
     conditions: Vec<u8>,
+    properties: Vec<u8>,
 }
 
-/// The condition verdict numbered `number` in `verdicts`, judged with `judge` the first time.
+/// The verdict numbered `number` in `verdicts`, judged with `judge` the first time.
 async fn verdict(
     verdicts: &mut Vec<u8>,
     number: usize,
@@ -766,9 +799,18 @@ async fn judge_member<'a>(
                 let mut applies = true;
                 if shared {
                     let conditions = conditions_of(rule);
-                    for &(at, n) in &rules.preconditions[index] {
-                        let judged = conditions[at].applies(flat, context);
-                        if !verdict(&mut verdicts.conditions, n, judged).await {
+                    for check in &rules.preconditions[index] {
+                        let passed = match check {
+                            Precondition::Key { key, number } => {
+                                let present = std::future::ready(flat.get(key).is_some());
+                                verdict(&mut verdicts.properties, *number, present).await
+                            }
+                            Precondition::Condition { at, number } => {
+                                let judged = conditions[*at].applies(flat, context);
+                                verdict(&mut verdicts.conditions, *number, judged).await
+                            }
+                        };
+                        if !passed {
                             applies = false;
                             break;
                         }
