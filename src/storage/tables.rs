@@ -125,8 +125,12 @@ pub const AUDIT_LOG: &str = "audit_log";
 pub const BLOCKED_ROOMS: &str = "blocked_rooms";
 /// `user id 0xFF app id 0xFF pushkey` -> `PusherRecord`: where a user's notifications go.
 pub const PUSHERS: &str = "pushers";
-/// `user id 0xFF stream position` -> `NotificationRecord`: events that notified the user.
+/// `user id 0xFF stream position` -> `notifications::Stored`: the events that notified the
+/// user in one judged batch (newest at that position), or which shared run holds them.
 pub const NOTIFICATIONS: &str = "notifications";
+/// `stream position 0xFF list number` -> `NotificationRun`: one batch's notifications shared by
+/// every member notified alike (most of a room's members).
+pub const NOTIFICATION_RUNS: &str = "notification_runs";
 /// `sequence number` -> `Delivery`: pushes waiting for their gateway, retried with backoff.
 pub const PUSH_QUEUE: &str = "push_queue";
 
@@ -206,6 +210,7 @@ pub const ALL: &[&str] = &[
     BLOCKED_ROOMS,
     PUSHERS,
     NOTIFICATIONS,
+    NOTIFICATION_RUNS,
     PUSH_QUEUE,
     ANALYTICS_ACTIVE_USERS,
     ANALYTICS_MESSAGES,

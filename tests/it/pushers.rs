@@ -457,3 +457,36 @@ async fn the_notifier_finds_names_keywords_and_invites_and_pages_through_bursts(
     }
     assert_eq!(invited.len(), 1, "the invite notifies dave: {invited:?}");
 }
+
+#[tokio::test]
+async fn retention_removes_own_and_shared_runs_alike() {
+    let s = TestServer::start().await;
+    let (alice, bob_id, bob, room) = pair(&s).await;
+    // bob alone is mentioned (a run of his own); everyone is notified of the rest (shared).
+    let mention =
+        json!({ "msgtype": "m.text", "body": "bob?", "m.mentions": { "user_ids": [bob_id] } });
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/r0");
+    assert_eq!(s.put(&path, Some(&alice), mention).await.0, StatusCode::OK);
+    for i in 1..4 {
+        s.send_text(&alice, &room, &format!("r{i}"), "for everyone").await;
+    }
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = all_notifications(&s, &bob, 2).await;
+        if listed.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    let services = s.server().services().clone();
+    let now = plaza::service::now_ms();
+    let week_ago = now - 7 * 86_400_000;
+    let kept = plaza::service::push::notifications::prune_before(&services, week_ago).unwrap();
+    assert_eq!(kept, 0);
+    assert_eq!(all_notifications(&s, &bob, 2).await.len(), 4);
+    let removed = plaza::service::push::notifications::prune_before(&services, now + 1).unwrap();
+    assert_eq!(removed, 8, "bob's four and carol's four");
+    assert!(all_notifications(&s, &bob, 2).await.is_empty());
+    assert!(services.notifier.runs().scan_prefix(Vec::new()).next().is_none());
+}

@@ -403,8 +403,9 @@ fn payload(
 pub fn badge(services: &Services, user_id: &UserId) -> Result<u64> {
     let mut reads = super::notifications::ReadPositions::default();
     let mut unread = 0;
-    let table = services.notifier.table();
-    for entry in super::notifications::walk(table, user_id, None).take(BADGE_WINDOW) {
+    let notifier = &services.notifier;
+    let walk = super::notifications::walk(notifier.table(), notifier.runs(), user_id, None);
+    for entry in walk.take(BADGE_WINDOW) {
         let entry = entry?;
         let read = reads.of(services, &entry.record.room_id, user_id)?;
         unread += u64::from(entry.position > read);

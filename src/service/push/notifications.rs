@@ -62,30 +62,47 @@ impl NotificationRun {
     }
 }
 
-/// A value of the notifications table: a run, or a single record written by earlier versions.
+/// A value of the notifications table: a run of the user's own, a shared run, or a single
+/// record written by earlier versions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Stored {
-    /// A run of notifications (this version).
+    /// A run of notifications.
     Run(NotificationRun),
+    /// A run shared with other members: list `k` of the batch whose newest event is at the
+    /// key's position, in the shared runs table.
+    Shared {
+        /// The list number within the batch.
+        k: u32,
+    },
     /// One notification, keyed by its own position (earlier versions).
     One(NotificationRecord),
 }
 
-impl Stored {
+/// A user's stored value with the shared run it names read in.
+enum Resolved {
+    Run(NotificationRun),
+    One(NotificationRecord),
+    /// A shared run pruned meanwhile.
+    Gone,
+}
+
+impl Resolved {
+    /// `stored`, at key position `key`, with a shared run read from `runs`.
+    fn of(stored: Stored, key: u64, runs: &Table<NotificationRun>) -> Result<Self> {
+        Ok(match stored {
+            Stored::Run(run) => Self::Run(run),
+            Stored::One(record) => Self::One(record),
+            Stored::Shared { k } => runs.get(&(key, u64::from(k)))?.map_or(Self::Gone, Self::Run),
+        })
+    }
+
     /// How many notifications it holds.
     fn len(&self) -> usize {
         match self {
             Self::Run(run) => run.entries.len(),
             Self::One(_) => 1,
-        }
-    }
-
-    /// When it was judged, in milliseconds.
-    fn ts(&self) -> u64 {
-        match self {
-            Self::Run(run) => run.ts,
-            Self::One(record) => record.ts,
+            Self::Gone => 0,
         }
     }
 
@@ -95,6 +112,7 @@ impl Stored {
         match self {
             Self::Run(run) => run.record(index),
             Self::One(record) => (index == 0).then(|| (key, record.clone())),
+            Self::Gone => None,
         }
     }
 }
@@ -137,14 +155,16 @@ pub struct Entry {
     pub record: NotificationRecord,
 }
 
-/// `user_id`'s notifications newest first, from the start or from `from`.
+/// `user_id`'s notifications newest first, from the start or from `from`; shared runs are
+/// read from `runs`.
 pub fn walk<'a>(
     table: &'a Table<Stored>,
+    runs: &'a Table<NotificationRun>,
     user_id: &UserId,
     from: Option<Token>,
 ) -> impl Iterator<Item = Result<Entry>> + 'a {
     let lower = prefix(user_id.as_str());
-    let runs: Box<dyn Iterator<Item = _>> = match from {
+    let stored: Box<dyn Iterator<Item = _>> = match from {
         None => Box::new(table.scan_prefix_rev(lower)),
         Some(token) => {
             let mut upper = lower.clone();
@@ -152,12 +172,16 @@ pub fn walk<'a>(
             Box::new(table.scan_range(lower, upper, true))
         }
     };
-    runs.flat_map(move |run| {
+    stored.flat_map(move |run| {
         let (key, stored) = match run {
             Ok(run) => run,
             Err(err) => return vec![Err(err.into())],
         };
         let key = key_position(&key);
+        let stored = match Resolved::of(stored, key, runs) {
+            Ok(resolved) => resolved,
+            Err(err) => return vec![Err(err)],
+        };
         let count = match from {
             Some(token) if token.run == key => token.remaining.min(stored.len()),
             _ => stored.len(),
@@ -215,7 +239,8 @@ pub fn list(
     let mut skipped = 0;
     let mut reads = ReadPositions::default();
     let mut last_listed = None;
-    for entry in walk(services.notifier.table(), user_id, from) {
+    let notifier = &services.notifier;
+    for entry in walk(notifier.table(), notifier.runs(), user_id, from) {
         let Entry { after, position, record } = entry?;
         if page.len() == limit {
             next = last_listed.map(|token: Token| token.to_string());
@@ -246,25 +271,62 @@ pub fn prune(services: &Services) -> Result<usize> {
     if days == 0 {
         return Ok(0);
     }
-    let cutoff = now_ms().saturating_sub(days.saturating_mul(86_400_000));
-    let table = services.notifier.table();
+    prune_before(services, now_ms().saturating_sub(days.saturating_mul(86_400_000)))
+}
+
+/// Removes notifications judged before `cutoff` (milliseconds); returns how many.
+pub fn prune_before(services: &Services, cutoff: u64) -> Result<usize> {
     let mut removed = 0;
-    let mut batch = services.db.batch();
-    let mut queued = 0;
+    let mut deleter = Deleter { services, batch: services.db.batch(), queued: 0 };
+    let notifier = &services.notifier;
+    let (table, runs) = (notifier.table(), notifier.runs());
     for entry in table.scan_prefix(Vec::new()) {
         let (key, stored) = entry?;
-        if stored.ts() < cutoff {
-            table.delete_raw(&mut batch, &key);
-            removed += stored.len();
-            queued += 1;
-            if queued == PRUNE_BATCH {
-                services.db.write(std::mem::replace(&mut batch, services.db.batch()))?;
-                queued = 0;
-            }
+        let (ts, count) = match &stored {
+            Stored::Run(run) => (run.ts, run.entries.len()),
+            Stored::One(record) => (record.ts, 1),
+            // Pruned with the shared run it names, or once that is gone.
+            Stored::Shared { k } => runs
+                .get(&(key_position(&key), u64::from(*k)))?
+                .map_or((0, 0), |run| (run.ts, run.entries.len())),
+        };
+        if ts < cutoff {
+            removed += count;
+            deleter.delete(table, &key)?;
         }
     }
-    services.db.write(batch)?;
+    for entry in runs.scan_prefix(Vec::new()) {
+        let (key, run) = entry?;
+        if run.ts < cutoff {
+            deleter.delete(runs, &key)?;
+        }
+    }
+    services.db.write(deleter.batch)?;
     Ok(removed)
+}
+
+/// Deletes keys in writes of [`PRUNE_BATCH`].
+struct Deleter<'a> {
+    services: &'a Services,
+    batch: crate::storage::Batch,
+    queued: usize,
+}
+
+impl Deleter<'_> {
+    fn delete<V: Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        table: &Table<V>,
+        key: &[u8],
+    ) -> Result<()> {
+        table.delete_raw(&mut self.batch, key);
+        self.queued += 1;
+        if self.queued == PRUNE_BATCH {
+            let full = std::mem::replace(&mut self.batch, self.services.db.batch());
+            self.services.db.write(full)?;
+            self.queued = 0;
+        }
+        Ok(())
+    }
 }
 
 /// Prunes old notifications at start and then daily until the server stops.
@@ -299,6 +361,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), 8).unwrap();
         let table = db.table::<Stored>(tables::NOTIFICATIONS);
+        let runs = db.table::<NotificationRun>(tables::NOTIFICATION_RUNS);
         let bob = user_id!("@bob:x");
         let room = ruma::owned_room_id!("!r:x");
         let mut batch = db.batch();
@@ -320,24 +383,32 @@ mod tests {
         };
         table.put(&mut batch, &(bob.as_str(), 13u64), &run(vec![(11, 2, 0, 0), (13, 3, 0, 0)]));
         table.put(&mut batch, &(bob.as_str(), 16u64), &run(vec![(14, 4, 0, 0), (16, 5, 0, 0)]));
+        // A shared run (list 1 of the batch whose newest event is at 19), and one pruned.
+        table.put(&mut batch, &(bob.as_str(), 19u64), &Stored::Shared { k: 1 });
+        let Stored::Run(shared) = run(vec![(17, 6, 0, 0), (19, 7, 0, 0)]) else { unreachable!() };
+        runs.put(&mut batch, &(19u64, 1u64), &shared);
+        table.put(&mut batch, &(bob.as_str(), 18u64), &Stored::Shared { k: 0 });
         let other = user_id!("@bobby:x");
         table.put(&mut batch, &(other.as_str(), 20u64), &run(vec![(20, 6, 0, 0)]));
         db.write(batch).unwrap();
 
-        let all: Vec<_> =
-            walk(&table, bob, None).map(|e| e.unwrap()).map(|e| (e.position, e.after)).collect();
+        let all: Vec<_> = walk(&table, &runs, bob, None)
+            .map(|e| e.unwrap())
+            .map(|e| (e.position, e.after))
+            .collect();
         let positions: Vec<u64> = all.iter().map(|(p, _)| *p).collect();
-        assert_eq!(positions, [16, 14, 13, 11, 10]);
+        assert_eq!(positions, [19, 17, 16, 14, 13, 11, 10]);
         // Resuming after each entry lists exactly the ones after it, through any token.
         for (i, (_, after)) in all.iter().enumerate() {
             let token: Token = after.to_string().parse().unwrap();
             let rest: Vec<u64> =
-                walk(&table, bob, Some(token)).map(|e| e.unwrap().position).collect();
+                walk(&table, &runs, bob, Some(token)).map(|e| e.unwrap().position).collect();
             assert_eq!(rest, positions[i + 1..], "after {after}");
         }
         // A bare position, as earlier versions gave out, resumes before that key.
         let legacy: Token = "16".parse().unwrap();
-        let rest: Vec<u64> = walk(&table, bob, Some(legacy)).map(|e| e.unwrap().position).collect();
+        let rest: Vec<u64> =
+            walk(&table, &runs, bob, Some(legacy)).map(|e| e.unwrap().position).collect();
         assert_eq!(rest, [13, 11, 10]);
         assert!("x_1".parse::<Token>().is_err() && "1_x".parse::<Token>().is_err());
     }

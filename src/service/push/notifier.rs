@@ -27,7 +27,7 @@ use crate::{
         Services,
         rooms::{pdu::StoredPdu, state::StateMap},
     },
-    storage::{Db, Key, Table, tables},
+    storage::{Batch, Db, Key, Table, tables},
 };
 
 /// Short ids below the highest judged one whose judging is tracked one by one: events are
@@ -37,7 +37,7 @@ const WINDOW: u64 = 1024;
 /// Events judged together and written in one batch.
 const BATCH: usize = 256;
 /// How long the notifier waits for more events before judging what it has.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 /// Rooms whose members and contexts are kept between batches.
 const ROOM_CACHE: usize = 1024;
 /// Rulesets kept between batches.
@@ -398,12 +398,9 @@ impl Gathered {
         }
     }
 
-    /// `(key, encoded run)` per notified user, in key order; users notified alike (most of a
-    /// room's members) share one encoding.
-    fn runs(mut self, table: &Table<Stored>, ts: u64) -> Vec<(Vec<u8>, Arc<[u8]>)> {
-        const RECENT: usize = 16;
-        let mut encoded: Vec<(Vec<Noted>, Arc<[u8]>)> = Vec::new();
-        let mut runs = Vec::new();
+    /// Adds each notified user's run to `batch`. Users notified alike (most of a room's
+    /// members) share one stored run and get only its number.
+    fn write(mut self, notifier: &Notifier, batch: &mut Batch, ts: u64) {
         let mut groups = std::mem::take(&mut self.groups);
         let others = std::mem::take(&mut self.others);
         let mut lists: Vec<(&UserId, Vec<Noted>)> = Vec::new();
@@ -415,22 +412,39 @@ impl Gathered {
             }
         }
         lists.extend(others.iter().map(|(user_id, list)| (&**user_id, list.clone())));
-        for (user_id, mut list) in lists {
+        // Distinct lists, each with how many users share it.
+        let mut distinct: Vec<(&[Noted], usize)> = Vec::new();
+        let mut named = Vec::with_capacity(lists.len());
+        for (user_id, list) in &mut lists {
             list.sort_unstable();
             let Some(&(newest, ..)) = list.last() else { continue };
-            let value = match encoded.iter().rev().take(RECENT).find(|(l, _)| *l == list) {
-                Some((_, value)) => value.clone(),
+            let k = match distinct.iter().rposition(|(l, _)| *l == &list[..]) {
+                Some(k) => k,
                 None => {
-                    let value: Arc<[u8]> = table.encode(&Stored::Run(self.run(&list, ts))).into();
-                    encoded.push((list, value.clone()));
-                    value
+                    distinct.push((list, 0));
+                    distinct.len() - 1
                 }
             };
-            runs.push(((user_id.as_str(), newest).to_key_bytes(), value));
+            distinct[k].1 += 1;
+            named.push(((user_id.as_str(), newest).to_key_bytes(), k));
+        }
+        let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(distinct.len());
+        for (k, (list, users)) in distinct.iter().enumerate() {
+            let run = self.run(list, ts);
+            let stored = if *users > 1 {
+                let newest = list.last().map_or(0, |n| n.0);
+                notifier.runs.put(batch, &(newest, k as u64), &run);
+                Stored::Shared { k: k as u32 }
+            } else {
+                Stored::Run(run)
+            };
+            encoded.push(notifier.notifications.encode(&stored));
         }
         // In key order, the memtable inserts each next to the last.
-        runs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        runs
+        named.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, k) in named {
+            notifier.notifications.put_encoded(batch, &key, &encoded[k]);
+        }
     }
 
     /// The run of `list`, with only the rooms and action lists it uses.
@@ -461,6 +475,7 @@ pub struct Notifier {
     jobs: mpsc::UnboundedSender<Job>,
     receiver: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
     notifications: Table<Stored>,
+    runs: Table<NotificationRun>,
     global: Table<u64>,
     judged: Table<Judged>,
     rules: Mutex<RuleCache>,
@@ -475,6 +490,7 @@ impl Notifier {
             jobs,
             receiver: Mutex::new(Some(receiver)),
             notifications: db.table(tables::NOTIFICATIONS),
+            runs: db.table(tables::NOTIFICATION_RUNS),
             global: db.table(tables::GLOBAL),
             judged: db.table(tables::GLOBAL),
             rules: Mutex::default(),
@@ -502,6 +518,11 @@ impl Notifier {
     /// The notifications table (read by `/notifications` and the gateway's badge counts).
     pub fn table(&self) -> &Table<Stored> {
         &self.notifications
+    }
+
+    /// The runs shared by members notified alike.
+    pub fn runs(&self) -> &Table<NotificationRun> {
+        &self.runs
     }
 
     /// The push rules of `user_id`, kept in memory until they change.
@@ -697,9 +718,7 @@ impl Notifier {
             }
         }
         let mut batch = services.db.batch();
-        for (key, value) in gathered.runs(&self.notifications, crate::service::now_ms()) {
-            self.notifications.put_encoded(&mut batch, &key, &value);
-        }
+        gathered.write(self, &mut batch, crate::service::now_ms());
         self.judged.put(&mut batch, JUDGED_KEY, &now_judged);
         let queued = services.gateway.queue(&mut batch, deliveries);
         // Everything here is derived from persisted events and judged again after a power
