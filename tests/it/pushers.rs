@@ -392,6 +392,13 @@ async fn the_notifier_finds_names_keywords_and_invites_and_pages_through_bursts(
     let member = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{bob_id}");
     let named = json!({ "membership": "join", "displayname": "Robert" });
     assert_eq!(s.put(&member, Some(&bob), named).await.0, StatusCode::OK);
+    // carol turns off notifications for ordinary messages: only her own rules differ.
+    let carol = s.login("carol", "tr0ub4dor").await.1["access_token"].as_str().unwrap().to_owned();
+    let message_rule = "/_matrix/client/v3/pushrules/global/underride/.m.rule.message/enabled";
+    assert_eq!(
+        s.put(message_rule, Some(&carol), json!({ "enabled": false })).await.0,
+        StatusCode::OK
+    );
     let highlight = json!(["notify", { "set_tweak": "highlight" }]);
     for (id, pattern) in [("budget", "budget"), ("deadline", "deadl*")] {
         let rule = json!({ "pattern": pattern, "actions": highlight });
@@ -456,6 +463,7 @@ async fn the_notifier_finds_names_keywords_and_invites_and_pages_through_bursts(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(invited.len(), 1, "the invite notifies dave: {invited:?}");
+    assert_eq!(all_notifications(&s, &carol, 5).await, [], "carol turned messages off");
 }
 
 #[tokio::test]

@@ -11,7 +11,10 @@ use std::{
 
 use ruma::{
     OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
-    push::{Action, AnyPushRuleRef, FlattenedJson, PushCondition, PushConditionRoomCtx, Ruleset},
+    push::{
+        Action, AnyPushRule, AnyPushRuleRef, FlattenedJson, PushCondition, PushConditionRoomCtx,
+        Ruleset,
+    },
     serde::Raw,
 };
 use serde::{Deserialize, Serialize};
@@ -84,19 +87,35 @@ impl NotificationRecord {
     }
 }
 
-/// A user's rules, each with the number under which its verdict on an event is shared with
-/// every other member whose rule is the same (most members keep the server defaults).
+/// A user's rules, split for judging a room's members together. Most rules are the same for
+/// every member who kept the server defaults: each such rule has a number, shared by equal
+/// rules of other users, under which its verdict on an event is judged once. The few rules
+/// of the user's own (those naming them) are judged for them alone. Members whose sequence
+/// of shared rules is the same (their signature) reach the same first shared rule that
+/// applies, so that too is found once per event.
 pub struct Rules {
     ruleset: Ruleset,
-    /// Per rule, in `ruleset.iter()` order; `None` when the verdict depends on the user.
+    /// Per rule, in `ruleset.iter()` order: its shared number, `None` for the user's own.
     shared: Vec<Option<usize>>,
     /// Per rule, the number of its actions: rules with equal actions share one.
     actions: Vec<usize>,
-    /// Per rule, text the event's body must contain for the rule to apply.
-    needles: Vec<Option<Needle>>,
-    /// Per rule, checks whose outcome is shared among members, so a rule of the member's own
-    /// (such as one naming them) that cannot apply is rejected without judging it for them.
-    preconditions: Vec<Vec<Precondition>>,
+    /// Per rule, its actions.
+    rule_actions: Vec<Vec<Action>>,
+    /// The user's own rules, in order.
+    own: Vec<OwnRule>,
+    /// The number of the sequence of shared rules (with their places and enabled flags).
+    signature: usize,
+}
+
+/// A rule judged for its user alone.
+struct OwnRule {
+    /// Its place in `ruleset.iter()` order.
+    index: usize,
+    rule: AnyPushRule,
+    /// Text the event's body must contain for it to apply.
+    needle: Option<Needle>,
+    /// Checks shared among members that it must pass.
+    preconditions: Vec<Precondition>,
 }
 
 /// A check a rule must pass to apply, whose outcome on an event is the same for every member.
@@ -167,17 +186,23 @@ struct RuleCache {
     actions: HashMap<String, usize>,
     conditions: HashMap<String, usize>,
     properties: HashMap<Box<str>, usize>,
+    signatures: HashMap<Vec<(usize, bool)>, usize>,
     /// Changes whenever cached rules change or their numbers are given out anew, so rules
     /// held elsewhere (audiences) are known to be stale.
     generation: u64,
 }
 
 impl RuleCache {
-    fn compile(&mut self, ruleset: Ruleset) -> Rules {
-        let shared = ruleset
+    fn compile(&mut self, user_id: &UserId, ruleset: Ruleset) -> Rules {
+        // A key naming the user (their id, or their localpart as a pattern) is their own.
+        let localpart = format!("\"{}\"", user_id.localpart());
+        let shared: Vec<Option<usize>> = ruleset
             .iter()
             .map(|rule| {
                 let key = shared_key(rule)?;
+                if key.contains(user_id.as_str()) || key.contains(&localpart) {
+                    return None;
+                }
                 let next = self.keys.len();
                 Some(*self.keys.entry(key).or_insert(next))
             })
@@ -190,9 +215,26 @@ impl RuleCache {
                 *self.actions.entry(key).or_insert(next)
             })
             .collect();
-        let needles = ruleset.iter().map(Needle::of).collect();
-        let preconditions = ruleset.iter().map(|rule| self.preconditions(rule)).collect();
-        Rules { ruleset, shared, actions, needles, preconditions }
+        let rule_actions = ruleset.iter().map(|rule| rule.actions().to_vec()).collect();
+        let own = ruleset
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| shared[*index].is_none())
+            .map(|(index, rule)| OwnRule {
+                index,
+                rule: rule.to_owned(),
+                needle: Needle::of(rule),
+                preconditions: self.preconditions(rule),
+            })
+            .collect();
+        let sequence: Vec<(usize, bool)> = ruleset
+            .iter()
+            .zip(&shared)
+            .map(|(rule, number)| number.map_or((usize::MAX, false), |n| (n, rule.enabled())))
+            .collect();
+        let next = self.signatures.len();
+        let signature = *self.signatures.entry(sequence).or_insert(next);
+        Rules { ruleset, shared, actions, rule_actions, own, signature }
     }
 }
 
@@ -534,7 +576,7 @@ impl Notifier {
         }
         let ruleset = super::ruleset(services, user_id)?;
         let mut cache = self.rules.lock().unwrap_or_else(|e| e.into_inner());
-        let rules = Arc::new(cache.compile(ruleset));
+        let rules = Arc::new(cache.compile(user_id, ruleset));
         cache.by_user.insert(user_id.to_owned(), rules.clone());
         Ok(rules)
     }
@@ -631,7 +673,7 @@ impl Notifier {
             if member.user_id.as_str() == sender {
                 continue;
             }
-            let rule = judge_member(member, true, &flat, body.as_deref(), &mut verdicts).await;
+            let rule = judge_member(member, &flat, body.as_deref(), &mut verdicts).await;
             if let Some(rule) = rule {
                 notified.push((index, rule));
             }
@@ -647,7 +689,7 @@ impl Notifier {
             .transpose()?;
         let mut invitee_rule = None;
         if let Some(member) = &invited {
-            invitee_rule = judge_member(member, false, &flat, body.as_deref(), &mut verdicts).await;
+            invitee_rule = judge_invitee(member, &flat).await;
         }
         let mut deliver = |member: &Member, actions: &[Action]| {
             let pushers = services.pushers.of(&member.user_id);
@@ -766,13 +808,15 @@ impl Notifier {
     }
 }
 
-/// Verdicts on one event shared among the members judged in the room's common context, by
-/// rule and by condition number: 0 not judged yet, 1 does not apply, 2 applies.
+/// Verdicts on one event shared among the members judged in the room's common context: by
+/// rule, condition and property number, 0 not judged yet, 1 does not apply, 2 applies; and by
+/// signature, the first shared rule that applies (0 not judged yet, 1 none, 2 + its place).
 #[derive(Default)]
 struct Verdicts {
     rules: Vec<u8>,
     conditions: Vec<u8>,
     properties: Vec<u8>,
+    firsts: Vec<usize>,
 }
 
 /// The verdict numbered `number` in `verdicts`, judged with `judge` the first time.
@@ -790,67 +834,96 @@ async fn verdict(
     verdicts[number] == 2
 }
 
-/// The index and actions of the first of `member`'s rules that applies to the event, if it
-/// notifies. Shared verdicts are taken from and added to `verdicts` when `shared` (the member
-/// is judged in the room's common context); `body` is the event's lowercased body.
+/// The place and actions of the first of a room member's rules that applies to the event, if
+/// it notifies; `body` is the event's lowercased body.
 async fn judge_member<'a>(
     member: &'a Member,
-    shared: bool,
     flat: &FlattenedJson,
     body: Option<&str>,
     verdicts: &mut Verdicts,
 ) -> Option<(usize, &'a [Action])> {
     let rules = &member.rules;
     let context = &member.context;
-    for (index, (rule, number)) in rules.ruleset.iter().zip(&rules.shared).enumerate() {
-        if !rule.enabled() {
-            continue;
-        }
-        let needle = rules.needles[index].as_ref();
-        if needle.is_some_and(|n| !n.may_match(body, member.display_name.as_deref())) {
-            continue;
-        }
-        let number = number.filter(|_| shared);
-        let known = number.and_then(|n| verdicts.rules.get(n).copied()).filter(|v| *v != 0);
-        let applies = match known {
-            Some(known) => known == 2,
-            None => {
-                let mut applies = true;
-                if shared {
-                    let conditions = conditions_of(rule);
-                    for check in &rules.preconditions[index] {
-                        let passed = match check {
-                            Precondition::Key { key, number } => {
-                                let present = std::future::ready(flat.get(key).is_some());
-                                verdict(&mut verdicts.properties, *number, present).await
-                            }
-                            Precondition::Condition { at, number } => {
-                                let judged = conditions[*at].applies(flat, context);
-                                verdict(&mut verdicts.conditions, *number, judged).await
-                            }
-                        };
-                        if !passed {
-                            applies = false;
-                            break;
-                        }
-                    }
-                }
-                if applies {
-                    applies = rule.applies(flat, context).await;
-                }
-                if let Some(n) = number {
-                    if verdicts.rules.len() <= n {
-                        verdicts.rules.resize(n + 1, 0);
-                    }
-                    verdicts.rules[n] = 1 + u8::from(applies);
-                }
-                applies
+    let signature = rules.signature;
+    if verdicts.firsts.len() <= signature {
+        verdicts.firsts.resize(signature + 1, 0);
+    }
+    if verdicts.firsts[signature] == 0 {
+        let mut first = 1;
+        for (index, (rule, number)) in rules.ruleset.iter().zip(&rules.shared).enumerate() {
+            let Some(number) = *number else { continue };
+            if rule.enabled()
+                && verdict(&mut verdicts.rules, number, rule.applies(flat, context)).await
+            {
+                first = index + 2;
+                break;
             }
-        };
-        if applies {
-            let actions = rule.actions();
-            let notifies = actions.iter().any(|a| matches!(a, Action::Notify));
-            return notifies.then_some((index, actions));
+        }
+        verdicts.firsts[signature] = first;
+    }
+    let first = verdicts.firsts[signature].checked_sub(2);
+    let mut outcome = first;
+    for own in &rules.own {
+        if first.is_some_and(|first| own.index > first) {
+            break;
+        }
+        if own.applies(member, flat, body, verdicts).await {
+            outcome = Some(own.index);
+            break;
+        }
+    }
+    let actions = &rules.rule_actions[outcome?][..];
+    actions.iter().any(|a| matches!(a, Action::Notify)).then_some((outcome?, actions))
+}
+
+impl OwnRule {
+    /// Whether the rule applies to the event for `member`; checks shared among members first.
+    async fn applies(
+        &self,
+        member: &Member,
+        flat: &FlattenedJson,
+        body: Option<&str>,
+        verdicts: &mut Verdicts,
+    ) -> bool {
+        let rule = self.rule.as_ref();
+        if !rule.enabled() {
+            return false;
+        }
+        if self.needle.as_ref().is_some_and(|n| !n.may_match(body, member.display_name.as_deref()))
+        {
+            return false;
+        }
+        let conditions = conditions_of(rule);
+        for check in &self.preconditions {
+            let passed = match check {
+                Precondition::Key { key, number } => {
+                    let present = std::future::ready(flat.get(key).is_some());
+                    verdict(&mut verdicts.properties, *number, present).await
+                }
+                Precondition::Condition { at, number } => {
+                    let judged = conditions[*at].applies(flat, &member.context);
+                    verdict(&mut verdicts.conditions, *number, judged).await
+                }
+            };
+            if !passed {
+                return false;
+            }
+        }
+        rule.applies(flat, &member.context).await
+    }
+}
+
+/// The place and actions of the first of an invitee's rules that applies to the event, if it
+/// notifies (judged alone: their context is not the members').
+async fn judge_invitee<'a>(
+    invitee: &'a Member,
+    flat: &FlattenedJson,
+) -> Option<(usize, &'a [Action])> {
+    let rules = &invitee.rules;
+    for (index, rule) in rules.ruleset.iter().enumerate() {
+        if rule.enabled() && rule.applies(flat, &invitee.context).await {
+            let actions = &rules.rule_actions[index][..];
+            return actions.iter().any(|a| matches!(a, Action::Notify)).then_some((index, actions));
         }
     }
     None
