@@ -11,7 +11,7 @@ const THREADS: usize = 1000;
 const LISTINGS: usize = 100;
 const MEMBERS: usize = 100;
 const SENDERS: usize = 20;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// Registers `count` users named after `prefix`.
 pub async fn users(target: &Target, prefix: &str, count: usize) -> Result<Vec<User>, Error> {

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use super::{
     gateway::Delivery,
     notifications::{NotificationRun, Stored},
+    pushers::PusherRecord,
 };
 use crate::{
     error::{Error, Result},
@@ -307,10 +308,10 @@ fn conditions_of(rule: AnyPushRuleRef<'_>) -> &[PushCondition] {
     }
 }
 
-/// Who a room's events may notify, at one state snapshot and rules generation.
+/// Who a room's events may notify, at one state snapshot and rules and pushers generation.
 struct Audience {
     snapshot: u64,
-    generation: u64,
+    generation: (u64, u64),
     members: Vec<Member>,
 }
 
@@ -321,13 +322,21 @@ struct Member {
     rules: Arc<Rules>,
     /// The lowercased display name, unless it has wildcards.
     display_name: Option<Box<str>>,
+    /// Where their notifications are pushed.
+    pushers: Vec<Arc<PusherRecord>>,
 }
 
 impl Member {
-    fn new(user_id: OwnedUserId, context: PushConditionRoomCtx, rules: Arc<Rules>) -> Self {
+    fn new(
+        services: &Services,
+        user_id: OwnedUserId,
+        context: PushConditionRoomCtx,
+        rules: Arc<Rules>,
+    ) -> Self {
         let name = &context.user_display_name;
         let display_name = (!name.contains(['*', '?'])).then(|| name.to_lowercase().into());
-        Self { user_id, context, rules, display_name }
+        let pushers = services.pushers.of(&user_id);
+        Self { user_id, context, rules, display_name, pushers }
     }
 }
 
@@ -598,8 +607,8 @@ impl Notifier {
     /// snapshot until any rules change.
     fn audience(&self, services: &Services, event: &StoredPdu) -> Result<Arc<Audience>> {
         let snapshot = event.state_before;
-        // Read before the rules are, so rules changed meanwhile leave this audience stale.
-        let generation = self.rules_generation();
+        // Read before the rules and pushers are, so changes meanwhile leave this audience stale.
+        let generation = (self.rules_generation(), services.pushers.generation());
         let cached = self
             .audiences
             .lock()
@@ -635,7 +644,7 @@ impl Notifier {
             let mut context = super::member_context(&event.room_id, &user_id, Some(&member), count);
             context.power_levels = power.clone();
             let rules = self.ruleset(services, &user_id)?;
-            members.push(Member::new(user_id, context, rules));
+            members.push(Member::new(services, user_id, context, rules));
         }
         let audience = Arc::new(Audience { snapshot, generation, members });
         let mut cache = self.audiences.lock().unwrap_or_else(|e| e.into_inner());
@@ -684,7 +693,7 @@ impl Notifier {
                 let count = audience.members.len() as u64;
                 let context = super::member_context(&event.room_id, &user, None, count);
                 let rules = self.ruleset(services, &user)?;
-                Ok::<_, Error>(Member::new(user, context, rules))
+                Ok::<_, Error>(Member::new(services, user, context, rules))
             })
             .transpose()?;
         let mut invitee_rule = None;
@@ -692,8 +701,7 @@ impl Notifier {
             invitee_rule = judge_invitee(member, &flat).await;
         }
         let mut deliver = |member: &Member, actions: &[Action]| {
-            let pushers = services.pushers.of(&member.user_id);
-            if pushers.is_empty() {
+            if member.pushers.is_empty() {
                 return;
             }
             let record = NotificationRecord {
@@ -703,8 +711,8 @@ impl Notifier {
                 ts: now,
                 actions: actions.to_vec(),
             };
-            for pusher in pushers {
-                deliveries.push(Delivery::new(&member.user_id, &pusher, &record, &event.event_id));
+            for pusher in &member.pushers {
+                deliveries.push(Delivery::new(&member.user_id, pusher, &record, &event.event_id));
             }
         };
         for &(index, (rule, actions)) in &notified {

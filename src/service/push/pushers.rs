@@ -37,6 +37,8 @@ pub struct PusherRecord {
 pub struct Pushers {
     table: Table<PusherRecord>,
     by_user: RwLock<HashMap<OwnedUserId, Vec<Arc<PusherRecord>>>>,
+    /// Changes with every change of any pusher, so copies held elsewhere are known stale.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Pushers {
@@ -52,7 +54,7 @@ impl Pushers {
                 by_user.entry(user).or_default().push(Arc::new(record));
             }
         }
-        Ok(Self { table, by_user: RwLock::new(by_user) })
+        Ok(Self { table, by_user: RwLock::new(by_user), generation: Default::default() })
     }
 
     /// `user_id`'s pushers.
@@ -63,6 +65,17 @@ impl Pushers {
             .get(user_id)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// The generation of the pushers: read it before copying pushers, and the copy is current
+    /// while it stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks every copy of the pushers stale; called with the map locked for writing.
+    fn changed(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Whether `user_id` has any pusher.
@@ -113,6 +126,7 @@ impl Pushers {
         let list = map.entry(user_id.to_owned()).or_default();
         list.retain(|p| !same(p, &app_id, &pushkey));
         list.push(Arc::new(record));
+        self.changed();
         Ok(())
     }
 
@@ -127,12 +141,9 @@ impl Pushers {
         let mut batch = services.db.batch();
         self.table.delete(&mut batch, &(user_id.as_str(), app_id, pushkey));
         services.db.write(batch)?;
-        remove_from(
-            &mut self.by_user.write().unwrap_or_else(|e| e.into_inner()),
-            user_id,
-            app_id,
-            pushkey,
-        );
+        let mut map = self.by_user.write().unwrap_or_else(|e| e.into_inner());
+        remove_from(&mut map, user_id, app_id, pushkey);
+        self.changed();
         Ok(())
     }
 
@@ -160,6 +171,7 @@ impl Pushers {
         for p in doomed {
             remove_from(&mut map, user_id, &p.pusher.ids.app_id, &p.pusher.ids.pushkey);
         }
+        self.changed();
         Ok(())
     }
 }
