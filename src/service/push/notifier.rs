@@ -452,24 +452,47 @@ impl Gathered {
     /// Adds each notified user's run to `batch`. Users notified alike (most of a room's
     /// members) share one stored run and get only its number.
     fn write(mut self, notifier: &Notifier, batch: &mut Batch, ts: u64) {
-        let mut groups = std::mem::take(&mut self.groups);
-        let others = std::mem::take(&mut self.others);
-        let mut lists: Vec<(&UserId, Vec<Noted>)> = Vec::new();
-        for (audience, noted) in &mut groups {
-            noted.sort_unstable();
-            for chunk in noted.chunk_by(|a, b| a.0 == b.0) {
-                let user_id = &*audience.members[chunk[0].0].user_id;
-                lists.push((user_id, chunk.iter().map(|(_, n)| *n).collect()));
+        let groups = std::mem::take(&mut self.groups);
+        let mut others = std::mem::take(&mut self.others);
+        // Each group's notifications ordered by member (a counting sort: they were added event
+        // by event), so every member's list is a slice of one buffer.
+        let mut lists: Vec<(&UserId, &mut [Noted])> = Vec::new();
+        let mut buffers: Vec<(&Audience, Vec<usize>, Vec<Noted>)> = Vec::new();
+        for (audience, noted) in &groups {
+            let mut starts = vec![0; audience.members.len() + 1];
+            for (member, _) in noted {
+                starts[member + 1] += 1;
+            }
+            for i in 1..starts.len() {
+                starts[i] += starts[i - 1];
+            }
+            let mut next = starts.clone();
+            let mut ordered = vec![(0, 0, 0, 0); noted.len()];
+            for &(member, entry) in noted {
+                ordered[next[member]] = entry;
+                next[member] += 1;
+            }
+            buffers.push((audience, starts, ordered));
+        }
+        for (audience, starts, ordered) in &mut buffers {
+            let mut rest = &mut ordered[..];
+            for (member, bounds) in starts.windows(2).enumerate() {
+                let (list, tail) = rest.split_at_mut(bounds[1] - bounds[0]);
+                rest = tail;
+                if !list.is_empty() {
+                    lists.push((&audience.members[member].user_id, list));
+                }
             }
         }
-        lists.extend(others.iter().map(|(user_id, list)| (&**user_id, list.clone())));
+        lists.extend(others.iter_mut().map(|(user_id, list)| (&**user_id, &mut list[..])));
         // Distinct lists, each with how many users share it.
         let mut distinct: Vec<(&[Noted], usize)> = Vec::new();
         let mut named = Vec::with_capacity(lists.len());
-        for (user_id, list) in &mut lists {
+        for (user_id, list) in lists {
             list.sort_unstable();
+            let list = &*list;
             let Some(&(newest, ..)) = list.last() else { continue };
-            let k = match distinct.iter().rposition(|(l, _)| *l == &list[..]) {
+            let k = match distinct.iter().rposition(|(l, _)| *l == list) {
                 Some(k) => k,
                 None => {
                     distinct.push((list, 0));
@@ -905,7 +928,7 @@ impl OwnRule {
         for check in &self.preconditions {
             let passed = match check {
                 Precondition::Key { key, number } => {
-                    let present = std::future::ready(flat.get(key).is_some());
+                    let present = async { flat.get(key).is_some() };
                     verdict(&mut verdicts.properties, *number, present).await
                 }
                 Precondition::Condition { at, number } => {
