@@ -394,6 +394,8 @@ impl Judged {
 
 /// One notification as gathered: `(position, short id, room index, actions index)`.
 type Noted = (u64, u64, u32, u32);
+/// One notification of an audience's member: `(member index, notification)`.
+type MemberNoted = (usize, Noted);
 
 /// One batch's notifications, gathered per member before they are written as runs.
 #[derive(Default)]
@@ -402,8 +404,8 @@ struct Gathered {
     actions: Vec<Vec<Action>>,
     /// Rule action numbers (see [`Rules`]) and their index in `actions`.
     numbers: HashMap<usize, u32>,
-    /// Per audience met, its members' notifications as `(member index, notification)`.
-    groups: Vec<(Arc<Audience>, Vec<(usize, Noted)>)>,
+    /// Per audience met, its members' notifications.
+    groups: Vec<(Arc<Audience>, Vec<MemberNoted>)>,
     /// Notifications of users outside any audience (invitees).
     others: Vec<(OwnedUserId, Vec<Noted>)>,
 }
@@ -430,7 +432,7 @@ impl Gathered {
     }
 
     /// The notifications of `audience`'s members.
-    fn group(&mut self, audience: &Arc<Audience>) -> &mut Vec<(usize, Noted)> {
+    fn group(&mut self, audience: &Arc<Audience>) -> &mut Vec<MemberNoted> {
         let index = match self.groups.iter().rposition(|(a, _)| Arc::ptr_eq(a, audience)) {
             Some(index) => index,
             None => {
