@@ -458,7 +458,8 @@ impl Gathered {
         let mut others = std::mem::take(&mut self.others);
         // Each group's notifications ordered by member (a counting sort: they were added event
         // by event), so every member's list is a slice of one buffer.
-        let mut lists: Vec<(&UserId, &mut [Noted])> = Vec::new();
+        // `(group, user, list)`: lists of different groups (rooms) are never alike.
+        let mut lists: Vec<(usize, &UserId, &mut [Noted])> = Vec::new();
         let mut buffers: Vec<(&Audience, Vec<usize>, Vec<Noted>)> = Vec::new();
         for (audience, noted) in &groups {
             let mut starts = vec![0; audience.members.len() + 1];
@@ -476,25 +477,38 @@ impl Gathered {
             }
             buffers.push((audience, starts, ordered));
         }
-        for (audience, starts, ordered) in &mut buffers {
+        let groups_count = buffers.len();
+        for (group, (audience, starts, ordered)) in buffers.iter_mut().enumerate() {
             let mut rest = &mut ordered[..];
             for (member, bounds) in starts.windows(2).enumerate() {
                 let (list, tail) = rest.split_at_mut(bounds[1] - bounds[0]);
                 rest = tail;
                 if !list.is_empty() {
-                    lists.push((&audience.members[member].user_id, list));
+                    lists.push((group, &audience.members[member].user_id, list));
                 }
             }
         }
-        lists.extend(others.iter_mut().map(|(user_id, list)| (&**user_id, &mut list[..])));
-        // Distinct lists, each with how many users share it.
+        let others = others.iter_mut().enumerate();
+        lists.extend(
+            others.map(|(i, (user_id, list))| (groups_count + i, &**user_id, &mut list[..])),
+        );
+        // Distinct lists, each with how many users share it; a group's few distinct lists
+        // (its members differ mostly by which events they sent) are looked through.
+        const LOOKED_AT: usize = 32;
         let mut distinct: Vec<(&[Noted], usize)> = Vec::new();
         let mut named = Vec::with_capacity(lists.len());
-        for (user_id, list) in lists {
+        let (mut current, mut group_start) = (usize::MAX, 0);
+        for (group, user_id, list) in lists {
+            if group != current {
+                (current, group_start) = (group, distinct.len());
+            }
             list.sort_unstable();
             let list = &*list;
             let Some(&(newest, ..)) = list.last() else { continue };
-            let k = match distinct.iter().rposition(|(l, _)| *l == list) {
+            let candidates = distinct[group_start..].iter().enumerate().rev().take(LOOKED_AT);
+            let mut found =
+                candidates.filter(|(_, (l, _))| *l == list).map(|(k, _)| group_start + k);
+            let k = match found.next() {
                 Some(k) => k,
                 None => {
                     distinct.push((list, 0));
