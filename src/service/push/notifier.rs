@@ -708,10 +708,7 @@ impl Notifier {
         }
         let sender = event.sender();
         let audience = self.audience(services, event)?;
-        let json = crate::service::rooms::pdu::client_event(event, None);
-        let raw: Raw<ruma::events::AnySyncTimelineEvent> =
-            Raw::from_json(serde_json::value::to_raw_value(&json).map_err(Error::internal)?);
-        let flat = FlattenedJson::from_raw(&raw);
+        let flat = flattened(event)?;
         let body = flat.get_str("content.body").map(str::to_lowercase);
         let room = gathered.room(&event.room_id);
         let now = crate::service::now_ms();
@@ -974,6 +971,38 @@ async fn judge_invitee<'a>(
         }
     }
     None
+}
+
+/// The fields of `event` push rules look at, flattened: its id, room, sender, type, state key,
+/// timestamp and content (not the federation fields, nor the viewer-specific `unsigned`).
+fn flattened(event: &StoredPdu) -> Result<FlattenedJson> {
+    #[derive(Serialize)]
+    struct Judged<'a> {
+        event_id: &'a ruma::EventId,
+        room_id: &'a ruma::RoomId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sender: Option<&'a ruma::CanonicalJsonValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        r#type: Option<&'a ruma::CanonicalJsonValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        state_key: Option<&'a ruma::CanonicalJsonValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        origin_server_ts: Option<&'a ruma::CanonicalJsonValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content: Option<&'a ruma::CanonicalJsonValue>,
+    }
+    let wire = &event.wire;
+    let judged = Judged {
+        event_id: &event.event_id,
+        room_id: &event.room_id,
+        sender: wire.get("sender"),
+        r#type: wire.get("type"),
+        state_key: wire.get("state_key"),
+        origin_server_ts: wire.get("origin_server_ts"),
+        content: wire.get("content"),
+    };
+    let raw = serde_json::value::to_raw_value(&judged).map_err(Error::internal)?;
+    Ok(FlattenedJson::from_raw(&Raw::<serde_json::Value>::from_json(raw)))
 }
 
 /// The local user a membership event invites, if any.
