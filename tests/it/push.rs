@@ -159,4 +159,13 @@ async fn room_mentions_need_the_notification_power_level() {
         "{}",
         carol_sync["rooms"]["join"][&room]["unread_notifications"]
     );
+    // The legacy rule: "@room" in the body of an event without `m.mentions`, same power check.
+    s.send_text(&bob, &room, "b2", "@room lunch?").await;
+    s.send_text(&alice, &room, "a2", "@room all hands at noon").await;
+    let (_, carol_sync) = s.get("/_matrix/client/v3/sync", Some(&carol)).await;
+    assert_eq!(
+        carol_sync["rooms"]["join"][&room]["unread_notifications"]["highlight_count"], 2,
+        "{}",
+        carol_sync["rooms"]["join"][&room]["unread_notifications"]
+    );
 }
