@@ -101,11 +101,8 @@ pub async fn unread_counts(
     joined_members: u64,
     upto: u64,
 ) -> Result<(u64, u64)> {
-    let rooms = &services.rooms;
-    let Some(record) = rooms.room(room_id)? else { return Ok((0, 0)) };
-    let state = rooms.states.load(record.current_state)?;
-    let member = rooms.state_pdu_of(&state, "m.room.member", user_id.as_str())?;
-    let joined_at = member.as_ref().map_or(0, |m| m.position);
+    let Some(room) = Counting::of(services, room_id, user_id)? else { return Ok((0, 0)) };
+    let joined_at = room.joined_at();
     let read = services
         .ephemeral
         .read_position(services, room_id, user_id)?
@@ -126,16 +123,8 @@ pub async fn unread_counts(
     if from >= upto {
         return Ok((notifications, highlights));
     }
-    let context = room_context(
-        services,
-        room_id,
-        &record,
-        &state,
-        member.as_deref(),
-        user_id,
-        joined_members,
-    )?;
-    for event in rooms.timeline_range(&record, from, upto, false).take(MAX_COUNTED) {
+    let context = room.context(services, room_id, user_id, joined_members)?;
+    for event in services.rooms.timeline_range(&room.record, from, upto, false).take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
             continue;
@@ -173,12 +162,9 @@ pub async fn unread_thread_counts(
     joined_members: u64,
     upto: u64,
 ) -> Result<ThreadedCounts> {
-    let rooms = &services.rooms;
     let mut counts = ThreadedCounts::default();
-    let Some(record) = rooms.room(room_id)? else { return Ok(counts) };
-    let state = rooms.states.load(record.current_state)?;
-    let member = rooms.state_pdu_of(&state, "m.room.member", user_id.as_str())?;
-    let joined_at = member.as_ref().map_or(0, |m| m.position);
+    let Some(room) = Counting::of(services, room_id, user_id)? else { return Ok(counts) };
+    let joined_at = room.joined_at();
     let read = |threads: &[&str]| -> Result<u64> {
         let position = services.ephemeral.read_position_in(services, room_id, user_id, threads)?;
         Ok(position.unwrap_or(joined_at).max(joined_at))
@@ -188,17 +174,10 @@ pub async fn unread_thread_counts(
         return Ok(counts);
     }
     let main_read = read(&["", "main"])?;
-    let context = room_context(
-        services,
-        room_id,
-        &record,
-        &state,
-        member.as_deref(),
-        user_id,
-        joined_members,
-    )?;
+    let context = room.context(services, room_id, user_id, joined_members)?;
     let mut thread_reads = std::collections::HashMap::new();
-    for event in rooms.timeline_range(&record, unthreaded, upto, false).take(MAX_COUNTED) {
+    let events = services.rooms.timeline_range(&room.record, unthreaded, upto, false);
+    for event in events.take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
             continue;
@@ -227,19 +206,41 @@ pub async fn unread_thread_counts(
     Ok(counts)
 }
 
-/// What push rules need to know of a room and of the user judging its events.
-fn room_context(
-    services: &Services,
-    room_id: &ruma::RoomId,
-    record: &crate::service::rooms::RoomRecord,
-    state: &crate::service::rooms::state::StateMap,
-    member: Option<&crate::service::rooms::pdu::Pdu>,
-    user_id: &UserId,
-    joined_members: u64,
-) -> Result<ruma::push::PushConditionRoomCtx> {
-    let mut context = member_context(room_id, user_id, member, joined_members);
-    context.power_levels = power_levels_context(services, record, state)?;
-    Ok(context)
+/// A room as counting a member's unread events in it starts: its record, current state and
+/// the member's event.
+struct Counting {
+    record: crate::service::rooms::RoomRecord,
+    state: std::sync::Arc<crate::service::rooms::state::StateMap>,
+    member: Option<std::sync::Arc<crate::service::rooms::pdu::Pdu>>,
+}
+
+impl Counting {
+    /// `room_id` for `user_id`, if the room exists.
+    fn of(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<Option<Self>> {
+        let rooms = &services.rooms;
+        let Some(record) = rooms.room(room_id)? else { return Ok(None) };
+        let state = rooms.states.load(record.current_state)?;
+        let member = rooms.state_pdu_of(&state, "m.room.member", user_id.as_str())?;
+        Ok(Some(Self { record, state, member }))
+    }
+
+    /// Where the member's membership event stands: nothing before it counts.
+    fn joined_at(&self) -> u64 {
+        self.member.as_ref().map_or(0, |m| m.position)
+    }
+
+    /// What push rules need to know of the room and of `user_id` judging its events.
+    fn context(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        user_id: &UserId,
+        joined_members: u64,
+    ) -> Result<ruma::push::PushConditionRoomCtx> {
+        let mut context = member_context(room_id, user_id, self.member.as_deref(), joined_members);
+        context.power_levels = power_levels_context(services, &self.record, &self.state)?;
+        Ok(context)
+    }
 }
 
 /// The room context of `user_id` (display name from their `member` event), without power
