@@ -75,6 +75,7 @@ impl Ephemeral {
         let thread = receipt.thread_id.as_deref().unwrap_or_default();
         let mut batch = self.db.batch();
         let pending = services.stream.next(&mut batch);
+        services.stream.rooms.mark(room_id.to_owned(), pending.position);
         let key =
             (room_id.as_str(), (receipt.user_id.as_str(), receipt.receipt_type.as_str(), thread));
         self.receipts.put(&mut batch, &key, &receipt);
@@ -230,6 +231,13 @@ impl Ephemeral {
             services.stream.wake(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| &**u));
         }
         Ok(())
+    }
+
+    /// Whether typing in `room_id` changed after serial `after` (None: unknown, so yes).
+    pub fn typing_changed(&self, room_id: &RoomId, after: Option<u64>) -> bool {
+        let Some(after) = after else { return true };
+        let typing = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+        typing.get(room_id).is_some_and(|room| room.serial > after)
     }
 
     /// The `m.typing` event of `room_id` if it changed after serial `after` (or, with None, if

@@ -118,6 +118,9 @@ impl Presences {
         viewer: &UserId,
         after: Option<u64>,
     ) -> Result<Vec<JsonValue>> {
+        if after.is_some_and(|after| after >= services.ephemeral.typing_serial()) {
+            return Ok(Vec::new());
+        }
         let changed: Vec<(OwnedUserId, JsonValue)> = {
             let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             users

@@ -1,13 +1,15 @@
 //! The global stream: positions for every change a user must see, the watermark below which
 //! every change is durable (so a sync token never skips a slower concurrent write), and
-//! per-user wake-ups for long-polling syncs.
+//! per-user wake-ups for long-polling syncs; and where each room and user last changed, so
+//! an incremental sync passes over what is quiet without reading it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    hash::Hash,
     sync::{Arc, Mutex},
 };
 
-use ruma::{OwnedUserId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, UserId};
 use tokio::sync::Notify;
 
 use super::{Counter, rooms::Members};
@@ -21,6 +23,53 @@ pub struct Stream {
     /// Wake-ups for changes above the watermark, sent once it passes them.
     deferred: Mutex<BTreeMap<u64, Vec<Woken>>>,
     waiters: Mutex<HashMap<OwnedUserId, Arc<Notify>>>,
+    /// Where each room's timeline or receipts last changed.
+    pub rooms: Marks<OwnedRoomId>,
+    /// Where each user's account data last changed.
+    pub account_data: Marks<OwnedUserId>,
+    /// Where anyone's device keys last changed.
+    pub key_changes: Marks<()>,
+    /// Where anyone last joined or left a room.
+    pub joins_and_leaves: Marks<()>,
+}
+
+/// Most rooms or users whose last change is remembered one by one; past it, all are forgotten
+/// and taken to have changed at the highest position forgotten.
+const MARKS: usize = 100_000;
+
+/// The last position at which each of a kind of thing changed. A mark is set when the position
+/// is handed out, before its batch is written, so a sync that can read the change also sees
+/// the mark; things not marked since the start count as changed at the start.
+pub struct Marks<K> {
+    marks: Mutex<(HashMap<K, u64>, u64)>,
+}
+
+impl<K: Eq + Hash> Marks<K> {
+    fn new(floor: u64) -> Self {
+        Self { marks: Mutex::new((HashMap::new(), floor)) }
+    }
+
+    /// Records a change of `key` at `position`.
+    pub fn mark(&self, key: K, position: u64) {
+        let mut guard = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let (marks, floor) = &mut *guard;
+        if marks.len() >= MARKS && !marks.contains_key(&key) {
+            *floor = marks.values().copied().fold(*floor, u64::max);
+            marks.clear();
+        }
+        let mark = marks.entry(key).or_insert(0);
+        *mark = (*mark).max(position);
+    }
+
+    /// Whether `key` is unchanged after `position`.
+    pub fn quiet_since<Q>(&self, key: &Q, position: u64) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
+        let guard = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.get(key).copied().unwrap_or(guard.1) <= position
+    }
 }
 
 /// Whom a deferred wake-up is for.
@@ -47,11 +96,17 @@ impl Drop for Pending<'_> {
 
 impl Stream {
     pub(super) fn new(db: &Db) -> Result<Self, StorageError> {
+        let counter = Counter::new(db, "stream")?;
+        let start = counter.current();
         Ok(Self {
-            counter: Counter::new(db, "stream")?,
+            counter,
             in_flight: Mutex::default(),
             deferred: Mutex::default(),
             waiters: Mutex::default(),
+            rooms: Marks::new(start),
+            account_data: Marks::new(start),
+            key_changes: Marks::new(start),
+            joins_and_leaves: Marks::new(start),
         })
     }
 

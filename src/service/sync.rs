@@ -74,17 +74,33 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             && room_filter.rooms.as_ref().is_none_or(|rooms| rooms.iter().any(|r| r == room_id))
     };
     let mut has_changes = false;
+    // Only what changed after `since` is read: quiet rooms are passed over unread.
+    let incremental = !initial && !req.full_state;
+    let marks = &services.stream;
 
-    let ignored = ignored_users(services, req.user_id)?;
-    let rules = services.notifier.ruleset(services, req.user_id)?;
+    let viewer = Viewer {
+        rules: services.notifier.ruleset(services, req.user_id)?,
+        ignored: ignored_users(services, req.user_id)?,
+    };
     // Account data changed in the window, by room ("" for global), read once.
     let mut account_changes: HashMap<String, Vec<String>> = HashMap::new();
-    for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {
-        account_changes.entry(room).or_default().push(kind);
+    if !marks.account_data.quiet_since(req.user_id, since) {
+        for (room, kind) in services.account_data.changed(req.user_id, since, upto)? {
+            account_changes.entry(room).or_default().push(kind);
+        }
     }
     let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
     for (room_id, _) in rooms.memberships_of(req.user_id)? {
         if !room_allowed(&room_id) {
+            continue;
+        }
+        // Every change a room can show (events, memberships included, and receipts) marks it;
+        // typing and room account data are looked up apart.
+        if incremental
+            && marks.rooms.quiet_since(&*room_id, since)
+            && !account_changes.contains_key(room_id.as_str())
+            && !services.ephemeral.typing_changed(&room_id, req.since_typing)
+        {
             continue;
         }
         let Some(record) = rooms.room(&room_id)? else { continue };
@@ -108,14 +124,14 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                 let room_now =
                     RoomNow { room_id: &room_id, record: &record, state: &state, member: &member };
                 if let Some(room) =
-                    joined_room(services, req, &rules, room_now, changes, window).await?
+                    joined_room(services, req, &viewer, room_now, changes, window).await?
                 {
                     join.insert(room_id.to_string(), room);
                 }
             }
             "invite" if !racing => {
                 let stale = !initial && member.position <= since;
-                if stale || ignored.contains(member.sender.as_str()) {
+                if stale || viewer.ignored.contains(member.sender.as_str()) {
                     continue;
                 }
                 let mut events: Vec<JsonValue> = Vec::new();
@@ -140,8 +156,8 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             "leave" | "ban" if !racing && (!initial || room_filter.include_leave) => {
                 let own = rooms.state_event(&state, "m.room.member", req.user_id.as_str())?;
                 let Some(member) = own else { continue };
-                if let Some(room) =
-                    left_room(services, req, &record, &member, since, upto, initial)?
+                let window = (since, upto, initial);
+                if let Some(room) = left_room(services, req, &viewer, &record, &member, window)?
                 {
                     leave.insert(room_id.to_string(), room);
                 }
@@ -184,7 +200,8 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     // devices are news), and people no longer sharing any (`left`).
     let mut changed_keys = Vec::new();
     let mut left_users = Vec::new();
-    if !initial {
+    let keys_quiet = marks.key_changes.quiet_since(&(), since);
+    if !initial && !(keys_quiet && marks.joins_and_leaves.quiet_since(&(), since)) {
         changed_keys = rooms.sharing_with(req.user_id, e2ee.changed_users(since, upto)?)?;
         let mine: HashSet<_> =
             rooms.memberships_of(req.user_id)?.into_iter().map(|(r, _)| r).collect();
@@ -259,13 +276,13 @@ struct Window {
 fn timeline(
     services: &Services,
     req: &SyncRequest<'_>,
+    ignored: &HashSet<String>,
     record: &RoomRecord,
     after: u64,
     upto: u64,
 ) -> Result<Window> {
     let filter = &req.filter.room.timeline;
     let limit = timeline_limit(filter);
-    let ignored = ignored_users(services, req.user_id)?;
     let mut events = Vec::with_capacity(limit);
     let mut limited = false;
     let mut any = false;
@@ -341,6 +358,12 @@ fn state_section(
     Ok(events)
 }
 
+/// What the syncing user's own settings make of events: their push rules and whom they ignore.
+struct Viewer {
+    rules: std::sync::Arc<super::push::notifier::Rules>,
+    ignored: HashSet<String>,
+}
+
 /// A room as the sync loop already loaded it: record, current state and the syncer's member
 /// event.
 struct RoomNow<'a> {
@@ -353,7 +376,7 @@ struct RoomNow<'a> {
 async fn joined_room(
     services: &Services,
     req: &SyncRequest<'_>,
-    rules: &ruma::push::Ruleset,
+    viewer: &Viewer,
     room: RoomNow<'_>,
     account_changes: &[String],
     (since, upto, initial): (u64, u64, bool),
@@ -361,7 +384,8 @@ async fn joined_room(
     let rooms = &services.rooms;
     let RoomNow { room_id, record, state: current, member } = room;
     let newly_joined = !initial && member.position > since;
-    let Window { events, limited, any } = timeline(services, req, record, since, upto)?;
+    let Window { events, limited, any } =
+        timeline(services, req, &viewer.ignored, record, since, upto)?;
     let mut account_data = Vec::new();
     for kind in account_changes {
         if let Some(content) = services.account_data.get(req.user_id, Some(room_id), kind)? {
@@ -404,14 +428,14 @@ async fn joined_room(
     let mut thread_counts = Map::new();
     let (notifications, highlights) = if by_thread {
         let counts =
-            super::push::unread_thread_counts(services, rules, room_id, req.user_id, joined, upto)
+            super::push::unread_thread_counts(services, &viewer.rules, room_id, req.user_id, joined, upto)
                 .await?;
         for (root, (n, h)) in counts.threads {
             thread_counts.insert(root, json!({ "notification_count": n, "highlight_count": h }));
         }
         counts.main
     } else {
-        super::push::unread_counts(services, rules, room_id, req.user_id, joined, upto).await?
+        super::push::unread_counts(services, &viewer.rules, room_id, req.user_id, joined, upto).await?
     };
     let mut room = json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
@@ -430,16 +454,16 @@ async fn joined_room(
 fn left_room(
     services: &Services,
     req: &SyncRequest<'_>,
+    viewer: &Viewer,
     record: &RoomRecord,
     left: &StoredPdu,
-    since: u64,
-    upto: u64,
-    initial: bool,
+    (since, upto, initial): (u64, u64, bool),
 ) -> Result<Option<JsonValue>> {
     if (!initial && left.position <= since) || left.position > upto {
         return Ok(None);
     }
-    let Window { events, limited, .. } = timeline(services, req, record, since, left.position)?;
+    let Window { events, limited, .. } =
+        timeline(services, req, &viewer.ignored, record, since, left.position)?;
     let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> = events
         .iter()

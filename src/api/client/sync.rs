@@ -102,6 +102,19 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Js
         tokio::pin!(notified);
         notified.as_mut().enable();
         let upto = services.stream.current();
+        // Nothing at all has happened since the token: wait without building an empty answer.
+        let caught_up = since.as_ref().is_some_and(|s| {
+            s.position == upto
+                && s.typing == Some(services.ephemeral.typing_serial())
+                && s.to_device.is_none_or(|d| d == upto)
+        });
+        if caught_up && !body.full_state && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+            continue;
+        }
         let response = build_sync(&services, &request, upto).await?;
         let done = since.is_none() || body.full_state || response.has_changes;
         if done || tokio::time::Instant::now() >= deadline {
