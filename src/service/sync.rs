@@ -1,7 +1,10 @@
 //! `/sync` (v3): everything a user's device must learn between two stream positions, built
 //! from prefix scans of each room's timeline and the per-user change logs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use ruma::{
     RoomId, UserId,
@@ -90,7 +93,8 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
         }
     }
     let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
-    for (room_id, _) in rooms.memberships_of(req.user_id)? {
+    let memberships = rooms.memberships_of(req.user_id)?;
+    for (room_id, _) in memberships.iter() {
         if !room_allowed(&room_id) {
             continue;
         }
@@ -203,11 +207,10 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     let keys_quiet = marks.key_changes.quiet_since(&(), since);
     if !initial && !(keys_quiet && marks.joins_and_leaves.quiet_since(&(), since)) {
         changed_keys = rooms.sharing_with(req.user_id, e2ee.changed_users(since, upto)?)?;
-        let mine: HashSet<_> =
-            rooms.memberships_of(req.user_id)?.into_iter().map(|(r, _)| r).collect();
+        let mine: HashSet<&RoomId> = memberships.iter().map(|(r, _)| &**r).collect();
         let mut candidates = std::collections::BTreeSet::new();
         for (room, user, joined) in rooms.joins_and_leaves(since, upto)? {
-            if !mine.contains(&room) {
+            if !mine.contains(&*room) {
                 continue;
             }
             let members = || -> Result<Vec<ruma::OwnedUserId>> {
@@ -269,6 +272,8 @@ struct Window {
     limited: bool,
     /// Whether the range held any event at all (shown or not).
     any: bool,
+    /// The state before the range, when the scan reached its first event.
+    state_before: Option<u64>,
 }
 
 /// The newest visible timeline events in `(after, upto]`, looking at no more than
@@ -286,6 +291,7 @@ fn timeline(
     let mut events = Vec::with_capacity(limit);
     let mut limited = false;
     let mut any = false;
+    let mut state_before = None;
     for (scanned, event) in services.rooms.timeline_range(record, after, upto, false).enumerate() {
         let event = event?;
         any = true;
@@ -293,6 +299,7 @@ fn timeline(
             limited = true;
             break;
         }
+        state_before = Some(event.state_before);
         if !services.rooms.can_see(req.user_id, &event)? {
             continue;
         }
@@ -306,7 +313,10 @@ fn timeline(
         events.push(event);
     }
     events.reverse();
-    Ok(Window { events, limited, any })
+    if limited {
+        state_before = None;
+    }
+    Ok(Window { events, limited, any, state_before })
 }
 
 /// Users whose events `user_id` does not want (`m.ignored_user_list`).
@@ -335,6 +345,24 @@ fn state_section(
     let senders: HashSet<&str> =
         timeline.iter().map(StoredPdu::sender).chain([req.user_id.as_str()]).collect();
     let mut events = Vec::new();
+    // The state did not change since the token: only lazily loaded senders are sent.
+    if since_state.is_some_and(|since| std::ptr::eq(since, at_start)) {
+        if lazy {
+            for sender in senders {
+                let Some(short) = at_start.get(&("m.room.member".to_owned(), sender.to_owned()))
+                else {
+                    continue;
+                };
+                let Some(event) = services.rooms.stored_by_short_public(*short)? else { continue };
+                if !in_timeline.contains(event.event_id.as_str())
+                    && filters::matches(&req.filter.room.state, &event)
+                {
+                    events.push(client_event(&event, None));
+                }
+            }
+        }
+        return Ok(events);
+    }
     for ((kind, key), short) in at_start {
         let is_member = kind == "m.room.member";
         if lazy && is_member && !senders.contains(key.as_str()) {
@@ -384,7 +412,7 @@ async fn joined_room(
     let rooms = &services.rooms;
     let RoomNow { room_id, record, state: current, member } = room;
     let newly_joined = !initial && member.position > since;
-    let Window { events, limited, any } =
+    let Window { events, limited, any, state_before } =
         timeline(services, req, &viewer.ignored, record, since, upto)?;
     let mut account_data = Vec::new();
     for kind in account_changes {
@@ -402,13 +430,24 @@ async fn joined_room(
         return Ok(None);
     }
 
-    let at_start = match events.first() {
-        Some(first) => rooms.states.load(first.state_before)?,
-        None => rooms.state_at_position(record, upto)?,
+    let at_start_id = match events.first() {
+        Some(first) => Some(first.state_before),
+        None => rooms.state_id_at_position(record, upto)?,
     };
     // Incremental syncs send what changed since the token that the timeline does not carry
     // (a gap, or events the filter or the ignore list kept out).
-    let since_state = if fresh { None } else { Some(rooms.state_at_position(record, since)?) };
+    let since_id = match (fresh, state_before) {
+        (true, _) => None,
+        (false, Some(id)) => Some(Some(id)),
+        (false, None) => Some(rooms.state_id_at_position(record, since)?),
+    };
+    let load = |id: Option<u64>| id.map_or_else(|| Ok(Arc::default()), |id| rooms.states.load(id));
+    let at_start = load(at_start_id)?;
+    let since_state = match since_id {
+        Some(id) if id == at_start_id => Some(at_start.clone()),
+        Some(id) => Some(load(id)?),
+        None => None,
+    };
     let state = state_section(services, req, &at_start, since_state.as_deref(), &events)?;
     let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
     let state_news = state.iter().any(|e| !(lazy && e["type"] == "m.room.member"));

@@ -7,10 +7,18 @@ pub mod notifications;
 pub mod notifier;
 pub mod pushers;
 
-use ruma::{RoomId, UserId, push::Ruleset};
+use std::sync::Arc;
+
+use ruma::{
+    RoomId, UserId,
+    push::{FlattenedJson, PushConditionPowerLevelsCtx, Ruleset},
+};
 use serde_json::{Value as JsonValue, json};
 
-use super::Services;
+use super::{
+    Services,
+    rooms::{RoomRecord, pdu::StoredPdu, state::StateMap},
+};
 use crate::error::{Error, Result};
 
 /// The account data type the ruleset is stored as.
@@ -82,12 +90,59 @@ const MAX_CACHED: usize = 100_000;
 /// `(read position, counted up to, notifications, highlights)` of one user in one room.
 type Counted = (u64, u64, u64, u64);
 
-/// Counts already worked out, so each sync only judges events that arrived since the last.
+/// Events kept flattened for push rules, newest last.
+const FLATTENED_KEPT: usize = 32;
+/// Rooms' power levels kept as push rules read them, by state snapshot.
+const POWERS_KEPT: usize = 1_024;
+
+/// Counts already worked out, so each sync only judges events that arrived since the last;
+/// and what judging shares between the syncs one event wakes.
 #[derive(Default)]
 pub struct UnreadCache {
     counts: std::sync::Mutex<
         std::collections::HashMap<(ruma::OwnedUserId, ruma::OwnedRoomId), Counted>,
     >,
+    /// The newest events judged, flattened, by stream position.
+    flattened: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<FlattenedJson>)>>,
+    /// Power levels for push rules, by state snapshot.
+    powers: std::sync::Mutex<std::collections::HashMap<u64, Option<PushConditionPowerLevelsCtx>>>,
+}
+
+impl UnreadCache {
+    /// `event` flattened for push rules, flattened once for every sync that judges it.
+    fn flattened(&self, event: &StoredPdu) -> Result<Arc<FlattenedJson>> {
+        let lock = || self.flattened.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, flat)) = lock().iter().find(|(p, _)| *p == event.position) {
+            return Ok(flat.clone());
+        }
+        let flat = Arc::new(notifier::flattened(event)?);
+        let mut kept = lock();
+        if kept.len() >= FLATTENED_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((event.position, flat.clone()));
+        Ok(flat)
+    }
+
+    /// The room's power levels as push rules need them, read once per state snapshot.
+    fn power_levels(
+        &self,
+        services: &Services,
+        record: &RoomRecord,
+        state: &StateMap,
+    ) -> Result<Option<PushConditionPowerLevelsCtx>> {
+        let lock = || self.powers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(powers) = lock().get(&record.current_state) {
+            return Ok(powers.clone());
+        }
+        let powers = power_levels_context(services, record, state)?;
+        let mut kept = lock();
+        if kept.len() >= POWERS_KEPT {
+            kept.clear();
+        }
+        kept.insert(record.current_state, powers.clone());
+        Ok(powers)
+    }
 }
 
 /// `(notifications, highlights)` among the events of `room_id` that `user_id` has not read:
@@ -129,7 +184,7 @@ pub async fn unread_counts(
         if event.sender() == user_id.as_str() {
             continue;
         }
-        let (notify, highlight) = judge(rules, &context, &event).await?;
+        let (notify, highlight) = judge(services, rules, &context, &event).await?;
         notifications += u64::from(notify);
         highlights += u64::from(highlight);
     }
@@ -193,7 +248,7 @@ pub async fn unread_thread_counts(
         if event.position <= read_upto {
             continue;
         }
-        let (notify, highlight) = judge(rules, &context, &event).await?;
+        let (notify, highlight) = judge(services, rules, &context, &event).await?;
         if notify {
             let slot = match thread {
                 Some(root) => counts.threads.entry(root).or_default(),
@@ -209,9 +264,9 @@ pub async fn unread_thread_counts(
 /// A room as counting a member's unread events in it starts: its record, current state and
 /// the member's event.
 struct Counting {
-    record: crate::service::rooms::RoomRecord,
-    state: std::sync::Arc<crate::service::rooms::state::StateMap>,
-    member: Option<std::sync::Arc<crate::service::rooms::pdu::Pdu>>,
+    record: RoomRecord,
+    state: Arc<StateMap>,
+    member: Option<Arc<crate::service::rooms::pdu::Pdu>>,
 }
 
 impl Counting {
@@ -238,7 +293,7 @@ impl Counting {
         joined_members: u64,
     ) -> Result<ruma::push::PushConditionRoomCtx> {
         let mut context = member_context(room_id, user_id, self.member.as_deref(), joined_members);
-        context.power_levels = power_levels_context(services, &self.record, &self.state)?;
+        context.power_levels = services.unread.power_levels(services, &self.record, &self.state)?;
         Ok(context)
     }
 }
@@ -266,27 +321,32 @@ fn member_context(
     )
 }
 
-/// `(notify, highlight)` for `event` under `rules`.
-pub async fn judge(
+/// `(notify, highlight)` for `event` under `rules`: the actions of the first enabled rule
+/// that applies.
+async fn judge(
+    services: &Services,
     rules: &Ruleset,
     context: &ruma::push::PushConditionRoomCtx,
-    event: &crate::service::rooms::pdu::StoredPdu,
+    event: &StoredPdu,
 ) -> Result<(bool, bool)> {
-    use ruma::{push::Action, serde::Raw};
-    let json = crate::service::rooms::pdu::client_event(event, None);
-    let raw: Raw<ruma::events::AnySyncTimelineEvent> =
-        Raw::from_json(serde_json::value::to_raw_value(&json).map_err(Error::internal)?);
-    let actions = rules.get_actions(&raw, context).await;
-    let notify = actions.iter().any(|a| matches!(a, Action::Notify));
-    Ok((notify, notify && actions.iter().any(Action::is_highlight)))
+    use ruma::push::Action;
+    let flat = services.unread.flattened(event)?;
+    for rule in rules.iter() {
+        if rule.enabled() && rule.applies(&flat, context).await {
+            let actions = rule.actions();
+            let notify = actions.iter().any(|a| matches!(a, Action::Notify));
+            return Ok((notify, notify && actions.iter().any(Action::is_highlight)));
+        }
+    }
+    Ok((false, false))
 }
 
 /// The room's power levels as push rules need them (who may notify `@room`).
 fn power_levels_context(
     services: &Services,
-    record: &crate::service::rooms::RoomRecord,
-    state: &crate::service::rooms::state::StateMap,
-) -> Result<Option<ruma::push::PushConditionPowerLevelsCtx>> {
+    record: &RoomRecord,
+    state: &StateMap,
+) -> Result<Option<PushConditionPowerLevelsCtx>> {
     use ruma::{
         Int, OwnedUserId, power_levels::NotificationPowerLevels,
         room_version_rules::RoomPowerLevelsRules,

@@ -975,7 +975,7 @@ async fn judge_invitee<'a>(
 
 /// The fields of `event` push rules look at, flattened: its id, room, sender, type, state key,
 /// timestamp and content (not the federation fields, nor the viewer-specific `unsigned`).
-fn flattened(event: &StoredPdu) -> Result<FlattenedJson> {
+pub(super) fn flattened(event: &StoredPdu) -> Result<FlattenedJson> {
     #[derive(Serialize)]
     struct Judged<'a> {
         event_id: &'a ruma::EventId,

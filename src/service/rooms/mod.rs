@@ -127,6 +127,10 @@ pub struct Rooms {
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Each room's member list, read on every send; dropped when a membership changes.
     members_cache: Mutex<MembersCache>,
+    /// Each user's rooms, for every sync.
+    memberships_cache: Mutex<MembershipsCache>,
+    /// The newest events, for the syncs they wake.
+    recent: Mutex<RecentEvents>,
     /// Parsed state events by short id, for the auth checks of every send and the state
     /// lookups of every sync.
     state_cache: Mutex<StateCache>,
@@ -150,6 +154,30 @@ struct MembersCache {
 
 /// A room's members with their membership, shared between readers.
 pub type Members = Arc<Vec<(ruma::OwnedUserId, String)>>;
+
+/// A user's rooms with their membership there, shared between readers.
+pub type Memberships = Arc<Vec<(OwnedRoomId, String)>>;
+
+/// Cached room lists of users, and a count of membership changes so that a list read before
+/// one is never cached after it.
+#[derive(Default)]
+struct MembershipsCache {
+    users: HashMap<ruma::OwnedUserId, Memberships>,
+    generation: u64,
+}
+
+/// Users whose room lists are kept in memory.
+const MEMBERSHIPS_CACHE: usize = 100_000;
+
+/// The newest events as written, read by the syncs they wake without parsing them again.
+#[derive(Default)]
+struct RecentEvents {
+    events: HashMap<u64, Arc<StoredPdu>>,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// Newest events kept in memory.
+const RECENT_EVENTS: usize = 2_048;
 
 /// Rooms whose member lists are kept in memory.
 const MEMBERS_CACHE: usize = 10_000;
@@ -189,6 +217,8 @@ impl Rooms {
             last_create_ts: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::default(),
             members_cache: Mutex::default(),
+            memberships_cache: Mutex::default(),
+            recent: Mutex::default(),
             state_cache: Mutex::default(),
         })
     }
@@ -237,12 +267,30 @@ impl Rooms {
     }
 
     fn stored_by_short(&self, short: u64) -> Result<StoredPdu> {
-        self.pdus.get(&short)?.ok_or_else(|| Error::internal(format!("missing event {short}")))
+        self.stored_by_short_public(short)?
+            .ok_or_else(|| Error::internal(format!("missing event {short}")))
     }
 
     /// The stored event with short id `short`, if any.
     pub fn stored_by_short_public(&self, short: u64) -> Result<Option<StoredPdu>> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(event) = recent.events.get(&short) {
+            return Ok(Some(StoredPdu::clone(event)));
+        }
+        drop(recent);
         Ok(self.pdus.get(&short)?)
+    }
+
+    /// Keeps a just-written event in memory for the syncs it wakes.
+    fn remember_recent(&self, short: u64, event: Arc<StoredPdu>) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.order.len() >= RECENT_EVENTS
+            && let Some(oldest) = recent.order.pop_front()
+        {
+            recent.events.remove(&oldest);
+        }
+        recent.order.push_back(short);
+        recent.events.insert(short, event);
     }
 
     /// The parsed state event `short`, from memory when it was read before.
@@ -271,6 +319,8 @@ impl Rooms {
         let mut cache = self.state_cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.pdus.remove(&short);
         cache.generation += 1;
+        drop(cache);
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).events.remove(&short);
     }
 
     /// The current state of a room.
@@ -440,22 +490,19 @@ impl Rooms {
 
     /// Rooms `user_id` has the given membership in.
     pub fn rooms_of(&self, user_id: &UserId, membership: &str) -> Result<Vec<OwnedRoomId>> {
-        let mut rooms = Vec::new();
-        for item in self.user_rooms.scan_prefix(prefix(user_id.as_str())) {
-            let (key, value) = item?;
-            if value == membership
-                && let Some(room) = split_key(&key)
-                    .nth(1)
-                    .and_then(|r| RoomId::parse(std::str::from_utf8(r).ok()?).ok())
-            {
-                rooms.push(room);
-            }
-        }
-        Ok(rooms)
+        let memberships = self.memberships_of(user_id)?;
+        Ok(memberships.iter().filter(|(_, m)| m == membership).map(|(r, _)| r.clone()).collect())
     }
 
     /// Every room `user_id` has a (not forgotten) membership in, with that membership.
-    pub fn memberships_of(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, String)>> {
+    pub fn memberships_of(&self, user_id: &UserId) -> Result<Memberships> {
+        let generation = {
+            let cache = self.memberships_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(memberships) = cache.users.get(user_id) {
+                return Ok(memberships.clone());
+            }
+            cache.generation
+        };
         let mut rooms = Vec::new();
         for item in self.user_rooms.scan_prefix(prefix(user_id.as_str())) {
             let (key, membership) = item?;
@@ -464,7 +511,22 @@ impl Rooms {
                 .and_then(|r| RoomId::parse(std::str::from_utf8(r).ok()?).ok());
             rooms.extend(room.map(|room| (room, membership)));
         }
+        let rooms = Arc::new(rooms);
+        let mut cache = self.memberships_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.generation == generation {
+            if cache.users.len() >= MEMBERSHIPS_CACHE {
+                cache.users.clear();
+            }
+            cache.users.insert(user_id.to_owned(), rooms.clone());
+        }
         Ok(rooms)
+    }
+
+    /// Drops the cached room list of `user_id` after one of their memberships changed.
+    fn forget_memberships(&self, user_id: &UserId) {
+        let mut cache = self.memberships_cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.generation += 1;
+        cache.users.remove(user_id);
     }
 
     /// `user_id` and everyone joined to a room `user_id` is joined to.
@@ -557,7 +619,9 @@ impl Rooms {
     pub fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
         let mut batch = self.db.batch();
         self.user_rooms.delete(&mut batch, &(user_id.as_str(), room_id.as_str()));
-        Ok(self.db.write(batch)?)
+        self.db.write(batch)?;
+        self.forget_memberships(user_id);
+        Ok(())
     }
 
     /// The event a device already sent to `room_id` with `txn_id`, if any. Transaction ids
@@ -905,9 +969,14 @@ impl Rooms {
         }
         if event.kind == TimelineEventType::RoomMember {
             self.forget_members(&room_id);
+            if let Some(user) = event.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) {
+                self.forget_memberships(&user);
+            }
         }
+        let stored = Arc::new(stored);
+        self.remember_recent(short, stored.clone());
         services.search.enqueue(short);
-        services.notifier.enqueue(short, Arc::new(stored));
+        services.notifier.enqueue(short, stored);
         services.metrics.event_persisted();
         let position = pending.position;
         // Syncs are woken once the position is released: at once, or after the deferred sync.
@@ -1011,10 +1080,18 @@ impl Rooms {
 
     /// The room state as of stream position `position` (after every event up to it).
     pub fn state_at_position(&self, record: &RoomRecord, position: u64) -> Result<Arc<StateMap>> {
-        match self.timeline_range(record, 0, position, false).next() {
-            Some(event) => self.states.load(event?.state_after_or_before()),
+        match self.state_id_at_position(record, position)? {
+            Some(id) => self.states.load(id),
             None => Ok(Arc::default()),
         }
+    }
+
+    /// The snapshot id of the room state as of `position` (None before the room began).
+    pub fn state_id_at_position(&self, record: &RoomRecord, position: u64) -> Result<Option<u64>> {
+        self.timeline_range(record, 0, position, false)
+            .next()
+            .map(|event| Ok(event?.state_after_or_before()))
+            .transpose()
     }
 
     /// Whether `user_id` may see `event` under the room's history visibility.
