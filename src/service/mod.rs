@@ -204,3 +204,13 @@ pub fn random_string(len: usize) -> String {
     use rand::{Rng, distributions::Alphanumeric};
     rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
+
+/// Lowers the calling thread's CPU priority (and that of threads it starts), for background
+/// work such as search indexing that must not delay requests.
+pub fn background_priority() {
+    // SAFETY: setpriority reads no memory of ours; `0` names the calling thread on Linux.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if result != 0 {
+        tracing::debug!("background work keeps its priority");
+    }
+}

@@ -464,17 +464,19 @@ async fn joined_room(
     let summary = summary(services, room_id, current, req.user_id)?;
     let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
     let by_thread = req.filter.room.timeline.unread_thread_notifications;
+    let counting = super::push::Counting { room_id, record, state: current, member: Some(member) };
     let mut thread_counts = Map::new();
     let (notifications, highlights) = if by_thread {
         let counts =
-            super::push::unread_thread_counts(services, &viewer.rules, room_id, req.user_id, joined, upto)
+            super::push::unread_thread_counts(services, &viewer.rules, &counting, req.user_id, joined, upto)
                 .await?;
         for (root, (n, h)) in counts.threads {
             thread_counts.insert(root, json!({ "notification_count": n, "highlight_count": h }));
         }
         counts.main
     } else {
-        super::push::unread_counts(services, &viewer.rules, room_id, req.user_id, joined, upto).await?
+        super::push::unread_counts(services, &viewer.rules, &counting, req.user_id, joined, upto)
+            .await?
     };
     let mut room = json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },

@@ -151,12 +151,12 @@ impl UnreadCache {
 pub async fn unread_counts(
     services: &Services,
     rules: &Ruleset,
-    room_id: &ruma::RoomId,
+    room: &Counting<'_>,
     user_id: &UserId,
     joined_members: u64,
     upto: u64,
 ) -> Result<(u64, u64)> {
-    let Some(room) = Counting::of(services, room_id, user_id)? else { return Ok((0, 0)) };
+    let room_id = room.room_id;
     let joined_at = room.joined_at();
     let read = services
         .ephemeral
@@ -178,8 +178,8 @@ pub async fn unread_counts(
     if from >= upto {
         return Ok((notifications, highlights));
     }
-    let context = room.context(services, room_id, user_id, joined_members)?;
-    for event in services.rooms.timeline_range(&room.record, from, upto, false).take(MAX_COUNTED) {
+    let context = room.context(services, user_id, joined_members)?;
+    for event in services.rooms.timeline_range(room.record, from, upto, false).take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
             continue;
@@ -212,13 +212,13 @@ pub struct ThreadedCounts {
 pub async fn unread_thread_counts(
     services: &Services,
     rules: &Ruleset,
-    room_id: &ruma::RoomId,
+    room: &Counting<'_>,
     user_id: &UserId,
     joined_members: u64,
     upto: u64,
 ) -> Result<ThreadedCounts> {
     let mut counts = ThreadedCounts::default();
-    let Some(room) = Counting::of(services, room_id, user_id)? else { return Ok(counts) };
+    let room_id = room.room_id;
     let joined_at = room.joined_at();
     let read = |threads: &[&str]| -> Result<u64> {
         let position = services.ephemeral.read_position_in(services, room_id, user_id, threads)?;
@@ -229,9 +229,9 @@ pub async fn unread_thread_counts(
         return Ok(counts);
     }
     let main_read = read(&["", "main"])?;
-    let context = room.context(services, room_id, user_id, joined_members)?;
+    let context = room.context(services, user_id, joined_members)?;
     let mut thread_reads = std::collections::HashMap::new();
-    let events = services.rooms.timeline_range(&room.record, unthreaded, upto, false);
+    let events = services.rooms.timeline_range(room.record, unthreaded, upto, false);
     for event in events.take(MAX_COUNTED) {
         let event = event?;
         if event.sender() == user_id.as_str() {
@@ -261,39 +261,34 @@ pub async fn unread_thread_counts(
     Ok(counts)
 }
 
-/// A room as counting a member's unread events in it starts: its record, current state and
-/// the member's event.
-struct Counting {
-    record: RoomRecord,
-    state: Arc<StateMap>,
-    member: Option<Arc<crate::service::rooms::pdu::Pdu>>,
+/// A room as counting a member's unread events in it sees it: its record, current state and
+/// the member's event (as the sync that counts already loaded them).
+pub struct Counting<'a> {
+    /// The room.
+    pub room_id: &'a RoomId,
+    /// Its record.
+    pub record: &'a RoomRecord,
+    /// Its current state.
+    pub state: &'a StateMap,
+    /// The counting member's membership event.
+    pub member: Option<&'a crate::service::rooms::pdu::Pdu>,
 }
 
-impl Counting {
-    /// `room_id` for `user_id`, if the room exists.
-    fn of(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<Option<Self>> {
-        let rooms = &services.rooms;
-        let Some(record) = rooms.room(room_id)? else { return Ok(None) };
-        let state = rooms.states.load(record.current_state)?;
-        let member = rooms.state_pdu_of(&state, "m.room.member", user_id.as_str())?;
-        Ok(Some(Self { record, state, member }))
-    }
-
+impl Counting<'_> {
     /// Where the member's membership event stands: nothing before it counts.
     fn joined_at(&self) -> u64 {
-        self.member.as_ref().map_or(0, |m| m.position)
+        self.member.map_or(0, |m| m.position)
     }
 
     /// What push rules need to know of the room and of `user_id` judging its events.
     fn context(
         &self,
         services: &Services,
-        room_id: &RoomId,
         user_id: &UserId,
         joined_members: u64,
     ) -> Result<ruma::push::PushConditionRoomCtx> {
-        let mut context = member_context(room_id, user_id, self.member.as_deref(), joined_members);
-        context.power_levels = services.unread.power_levels(services, &self.record, &self.state)?;
+        let mut context = member_context(self.room_id, user_id, self.member, joined_members);
+        context.power_levels = services.unread.power_levels(services, self.record, self.state)?;
         Ok(context)
     }
 }

@@ -143,7 +143,17 @@ impl Search {
         let directory = MmapDirectory::open(path).map_err(index_error)?;
         let index = Index::open_or_create(directory, schema).map_err(index_error)?;
         index.tokenizers().register("plaza", TextAnalyzer::from(tokenizer::PlazaTokenizer));
-        let writer = index.writer_with_num_threads(1, WRITER_HEAP).map_err(index_error)?;
+        // The writer's indexing and merge threads start at background priority.
+        let writer = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    super::background_priority();
+                    index.writer_with_num_threads(1, WRITER_HEAP)
+                })
+                .join()
+        })
+        .map_err(|_| index_error("the writer could not start"))?
+        .map_err(index_error)?;
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -185,6 +195,7 @@ impl Search {
             dirty_since: None,
         };
         let thread = std::thread::Builder::new().name("search-indexer".into()).spawn(move || {
+            super::background_priority();
             if let Err(err) = indexer.catch_up() {
                 tracing::error!(%err, "search index could not catch up");
             }
