@@ -169,11 +169,54 @@ struct MembershipsCache {
 /// Users whose room lists are kept in memory.
 const MEMBERSHIPS_CACHE: usize = 100_000;
 
-/// The newest events as written, read by the syncs they wake without parsing them again.
+/// The newest events as written, read by the syncs they wake without parsing them again, and
+/// each room's newest timeline entries, so those syncs find them without a database scan.
 #[derive(Default)]
 struct RecentEvents {
+    /// Events by short id (redacted ones are dropped and read from the database).
     events: HashMap<u64, Arc<StoredPdu>>,
-    order: std::collections::VecDeque<u64>,
+    /// `(room short id, event short id)` in the order written, oldest first.
+    order: std::collections::VecDeque<(u64, u64)>,
+    /// Per room short id, `(position, event short id)` in timeline order: every event of the
+    /// room from the first one kept on, since appends to a room are serialised.
+    timelines: HashMap<u64, std::collections::VecDeque<(u64, u64)>>,
+}
+
+impl RecentEvents {
+    /// Adds the newest event of room `room`, forgetting the oldest kept beyond `capacity`.
+    fn remember(&mut self, room: u64, short: u64, event: Arc<StoredPdu>, capacity: usize) {
+        if self.order.len() >= capacity
+            && let Some((oldest_room, oldest)) = self.order.pop_front()
+        {
+            self.events.remove(&oldest);
+            if let Some(timeline) = self.timelines.get_mut(&oldest_room) {
+                timeline.pop_front();
+                if timeline.is_empty() {
+                    self.timelines.remove(&oldest_room);
+                }
+            }
+        }
+        self.order.push_back((room, short));
+        self.timelines.entry(room).or_default().push_back((event.position, short));
+        self.events.insert(short, event);
+    }
+
+    /// The short ids of room `room`'s events with `after < position <= upto`, oldest first,
+    /// if none of them was forgotten (kept ones start at or before `after`).
+    fn range(&self, room: u64, after: u64, upto: u64) -> Option<Vec<u64>> {
+        let timeline = self.timelines.get(&room)?;
+        if timeline.front()?.0 > after {
+            return None;
+        }
+        let start = timeline.partition_point(|(position, _)| *position <= after);
+        Some(
+            timeline
+                .range(start..)
+                .take_while(|(position, _)| *position <= upto)
+                .map(|(_, short)| *short)
+                .collect(),
+        )
+    }
 }
 
 /// Newest events kept in memory.
@@ -281,16 +324,17 @@ impl Rooms {
         Ok(self.pdus.get(&short)?)
     }
 
-    /// Keeps a just-written event in memory for the syncs it wakes.
-    fn remember_recent(&self, short: u64, event: Arc<StoredPdu>) {
+    /// Keeps a just-written event of room `room` (short id) in memory for the syncs it wakes;
+    /// called under the room's lock, before its position is released.
+    fn remember_recent(&self, room: u64, short: u64, event: Arc<StoredPdu>) {
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if recent.order.len() >= RECENT_EVENTS
-            && let Some(oldest) = recent.order.pop_front()
-        {
-            recent.events.remove(&oldest);
-        }
-        recent.order.push_back(short);
-        recent.events.insert(short, event);
+        recent.remember(room, short, event, RECENT_EVENTS);
+    }
+
+    /// The short ids of room `room`'s events with `after < position <= upto`, oldest first,
+    /// when memory holds all of them.
+    fn recent_range(&self, room: u64, after: u64, upto: u64) -> Option<Vec<u64>> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).range(room, after, upto)
     }
 
     /// The parsed state event `short`, from memory when it was read before.
@@ -974,7 +1018,7 @@ impl Rooms {
             }
         }
         let stored = Arc::new(stored);
-        self.remember_recent(short, stored.clone());
+        self.remember_recent(record.short_id, short, stored.clone());
         services.search.enqueue(short);
         services.notifier.enqueue(short, stored);
         services.metrics.event_persisted();
@@ -1071,11 +1115,19 @@ impl Rooms {
         upto: u64,
         forward: bool,
     ) -> impl Iterator<Item = Result<StoredPdu>> + '_ {
-        let lower = (record.short_id, after.saturating_add(1)).to_key_bytes();
-        let upper = (record.short_id, upto.saturating_add(1)).to_key_bytes();
-        self.timeline
-            .scan_range(lower, upper, !forward)
-            .map(move |item| self.stored_by_short(item?.1))
+        let remembered = self.recent_range(record.short_id, after, upto);
+        let scanned = remembered.is_none().then(|| {
+            let lower = (record.short_id, after.saturating_add(1)).to_key_bytes();
+            let upper = (record.short_id, upto.saturating_add(1)).to_key_bytes();
+            self.timeline.scan_range(lower, upper, !forward).map(|item| Ok(item?.1))
+        });
+        let mut remembered = remembered.unwrap_or_default();
+        if !forward {
+            remembered.reverse();
+        }
+        remembered.into_iter().map(Ok).chain(scanned.into_iter().flatten()).map(move |short: Result<u64>| {
+            self.stored_by_short(short?)
+        })
     }
 
     /// The room state as of stream position `position` (after every event up to it).
@@ -1130,4 +1182,47 @@ impl Rooms {
 /// The stored key part of a transaction id used in `room_id`.
 fn txn_key(room_id: &RoomId, txn_id: &str) -> String {
     format!("{room_id}\u{1f}{txn_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(position: u64) -> Arc<StoredPdu> {
+        Arc::new(StoredPdu {
+            event_id: ruma::event_id!("$e:plaza.test").to_owned(),
+            room_id: ruma::room_id!("!r:plaza.test").to_owned(),
+            position,
+            state_before: 0,
+            state_after: 0,
+            wire: ruma::CanonicalJsonObject::new(),
+            redacted_because: None,
+            transaction: None,
+        })
+    }
+
+    #[test]
+    fn recent_timelines_answer_only_ranges_they_hold_whole() {
+        let mut recent = RecentEvents::default();
+        // Room 1 gets positions 10, 12, 14, 16; room 2 gets 11, 13, 15; three are kept.
+        for (short, position) in (10..17).enumerate() {
+            let room = 1 + position % 2;
+            recent.remember(room, short as u64, event(position), 3);
+        }
+        // Kept: positions 14 (room 1), 15 (room 2), 16 (room 1).
+        assert_eq!(recent.range(1, 14, 100), Some(vec![6]));
+        assert_eq!(recent.range(1, 13, 100), None, "position 12 was forgotten");
+        assert_eq!(recent.range(1, 14, 15), Some(vec![]), "16 is past upto");
+        assert_eq!(recent.range(2, 15, 100), Some(vec![]));
+        assert_eq!(recent.range(2, 14, 100), None, "room 2 keeps only 15");
+        assert_eq!(recent.range(3, 0, 100), None, "nothing kept of room 3");
+        assert!(recent.events.contains_key(&6) && !recent.events.contains_key(&3));
+        // Forgetting a room's last kept event drops the room.
+        for short in 7..10 {
+            recent.remember(1, short, event(10 + short), 3);
+        }
+        assert!(!recent.timelines.contains_key(&2));
+        assert_eq!(recent.range(1, 17, 19), Some(vec![8, 9]));
+        assert_eq!(recent.range(1, 16, 19), None, "position 16 was forgotten");
+    }
 }
