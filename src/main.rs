@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::new(&config.log.filter);
     tracing_subscriber::fmt().with_env_filter(filter).init();
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match plaza::server::runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("plaza: cannot start the async runtime: {err}");

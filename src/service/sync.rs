@@ -95,19 +95,19 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
     let memberships = rooms.memberships_of(req.user_id)?;
     for (room_id, _) in memberships.iter() {
-        if !room_allowed(&room_id) {
+        if !room_allowed(room_id) {
             continue;
         }
         // Every change a room can show (events, memberships included, and receipts) marks it;
         // typing and room account data are looked up apart.
         if incremental
-            && marks.rooms.quiet_since(&*room_id, since)
+            && marks.rooms.quiet_since(room_id, since)
             && !account_changes.contains_key(room_id.as_str())
-            && !services.ephemeral.typing_changed(&room_id, req.since_typing)
+            && !services.ephemeral.typing_changed(room_id, req.since_typing)
         {
             continue;
         }
-        let Some(record) = rooms.room(&room_id)? else { continue };
+        let Some(record) = rooms.room(room_id)? else { continue };
         let state = rooms.states.load(record.current_state)?;
         let Some(member) = rooms.state_pdu_of(&state, "m.room.member", req.user_id.as_str())?
         else {
@@ -125,8 +125,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             "join" => {
                 let changes = account_changes.get(room_id.as_str()).map_or(&[][..], Vec::as_slice);
                 let window = (since, upto, initial);
-                let room_now =
-                    RoomNow { room_id: &room_id, record: &record, state: &state, member: &member };
+                let room_now = RoomNow { room_id, record: &record, state: &state, member: &member };
                 if let Some(room) =
                     joined_room(services, req, &viewer, room_now, changes, window).await?
                 {
@@ -161,8 +160,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                 let own = rooms.state_event(&state, "m.room.member", req.user_id.as_str())?;
                 let Some(member) = own else { continue };
                 let window = (since, upto, initial);
-                if let Some(room) = left_room(services, req, &viewer, &record, &member, window)?
-                {
+                if let Some(room) = left_room(services, req, &viewer, &record, &member, window)? {
                     leave.insert(room_id.to_string(), room);
                 }
             }
@@ -204,8 +202,10 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     // devices are news), and people no longer sharing any (`left`).
     let mut changed_keys = Vec::new();
     let mut left_users = Vec::new();
-    let keys_quiet = marks.key_changes.quiet_since(&(), since);
-    if !initial && !(keys_quiet && marks.joins_and_leaves.quiet_since(&(), since)) {
+    // Nothing to tell when no keys changed and nobody joined or left anywhere.
+    let quiet =
+        marks.key_changes.quiet_since(&(), since) && marks.joins_and_leaves.quiet_since(&(), since);
+    if !initial && !quiet {
         changed_keys = rooms.sharing_with(req.user_id, e2ee.changed_users(since, upto)?)?;
         let mine: HashSet<&RoomId> = memberships.iter().map(|(r, _)| &**r).collect();
         let mut candidates = std::collections::BTreeSet::new();
@@ -467,9 +467,15 @@ async fn joined_room(
     let counting = super::push::Counting { room_id, record, state: current, member: Some(member) };
     let mut thread_counts = Map::new();
     let (notifications, highlights) = if by_thread {
-        let counts =
-            super::push::unread_thread_counts(services, &viewer.rules, &counting, req.user_id, joined, upto)
-                .await?;
+        let counts = super::push::unread_thread_counts(
+            services,
+            &viewer.rules,
+            &counting,
+            req.user_id,
+            joined,
+            upto,
+        )
+        .await?;
         for (root, (n, h)) in counts.threads {
             thread_counts.insert(root, json!({ "notification_count": n, "highlight_count": h }));
         }

@@ -158,7 +158,7 @@ fn spawn_server(dir: &std::path::Path) -> Result<(std::process::Child, String), 
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("--serve")
         .arg(dir)
-        // As the container image runs it: fewer malloc arenas, less memory held by them.
+        // As the container image runs it: fewer arenas for the storage engine's allocations.
         .env("MALLOC_ARENA_MAX", "2")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -429,7 +429,7 @@ fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let arg =
         |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = plaza::server::runtime()?;
     if let Some(dir) = arg("--serve") {
         return runtime.block_on(serve(std::path::Path::new(&dir)));
     }

@@ -1125,9 +1125,11 @@ impl Rooms {
         if !forward {
             remembered.reverse();
         }
-        remembered.into_iter().map(Ok).chain(scanned.into_iter().flatten()).map(move |short: Result<u64>| {
-            self.stored_by_short(short?)
-        })
+        remembered
+            .into_iter()
+            .map(Ok)
+            .chain(scanned.into_iter().flatten())
+            .map(move |short: Result<u64>| self.stored_by_short(short?))
     }
 
     /// The room state as of stream position `position` (after every event up to it).
