@@ -303,3 +303,89 @@ async fn filters_lazy_members_ignored_users_and_restart() {
     let resumed = sync(&s, &bob, &format!("since={token}")).await;
     assert_eq!(timeline_bodies(&resumed, &room), vec!["before restart", "after restart"]);
 }
+
+/// The rooms an incremental sync names, sorted.
+fn joined_rooms(sync: &Value) -> Vec<String> {
+    let mut rooms: Vec<String> =
+        sync["rooms"]["join"].as_object().unwrap().keys().cloned().collect();
+    rooms.sort();
+    rooms
+}
+
+fn ephemeral_types(sync: &Value, room: &str) -> Vec<String> {
+    sync["rooms"]["join"][room]["ephemeral"]["events"]
+        .as_array()
+        .map(|events| events.iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn incremental_syncs_name_exactly_the_rooms_that_changed_across_restarts() {
+    let s = std::sync::Arc::new(TestServer::start().await);
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let mut rooms = Vec::new();
+    for _ in 0..3 {
+        let room = s.create_room(&alice, json!({ "invite": [bob_id] })).await;
+        s.membership(&bob, &room, "join", json!({})).await;
+        rooms.push(room);
+    }
+    let (a, b, c) = (&rooms[0], &rooms[1], &rooms[2]);
+    let (_, old) = s.send_text(&alice, a, "old", "before the token").await;
+    let old = old["event_id"].as_str().unwrap().to_owned();
+    let next = |body: &Value| body["next_batch"].as_str().unwrap().to_owned();
+    let since = next(&sync(&s, &bob, "").await);
+
+    // Room account data only: that room alone, with its tag.
+    let tag = format!("/_matrix/client/v3/user/{}/rooms/{b}/tags/u.work", enc(&bob_id));
+    assert_eq!(s.put(&tag, Some(&bob), json!({ "order": 0.5 })).await.0, StatusCode::OK);
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    assert_eq!(joined_rooms(&body), vec![b.clone()], "{body}");
+    assert_eq!(body["rooms"]["join"][b]["account_data"]["events"][0]["type"], "m.tag");
+    let since = next(&body);
+
+    // Typing only.
+    let typing = format!("/_matrix/client/v3/rooms/{c}/typing/{}", enc("@alice:localhost"));
+    let started = json!({ "typing": true, "timeout": 30000 });
+    assert_eq!(s.put(&typing, Some(&alice), started).await.0, StatusCode::OK);
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    assert_eq!(joined_rooms(&body), vec![c.clone()], "{body}");
+    assert_eq!(ephemeral_types(&body, c), vec!["m.typing"]);
+    let since = next(&body);
+
+    // A receipt on an event from before the token: the room comes with it, and no timeline.
+    let receipt = format!("/_matrix/client/v3/rooms/{a}/receipt/m.read/{}", enc(&old));
+    assert_eq!(s.post(&receipt, Some(&alice), json!({})).await.0, StatusCode::OK);
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    assert_eq!(joined_rooms(&body), vec![a.clone()], "{body}");
+    assert_eq!(ephemeral_types(&body, a), vec!["m.receipt"]);
+    assert!(timeline_bodies(&body, a).is_empty());
+    let since = next(&body);
+
+    // Caught up: the long-poll waits, then wakes for a message in one room.
+    let sender = {
+        let (s, alice, c) = (s.clone(), alice.clone(), c.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.send_text(&alice, &c, "live", "still there?").await;
+        })
+    };
+    let waited = Instant::now();
+    let body = sync(&s, &bob, &format!("since={since}&timeout=20000")).await;
+    let waited = waited.elapsed();
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(joined_rooms(&body), vec![c.clone()], "{body}");
+    assert_eq!(timeline_bodies(&body, c), vec!["still there?"]);
+    sender.await.unwrap();
+    let since = next(&body);
+
+    // After a restart the old token still works, and only the room with news is named.
+    let s = std::sync::Arc::into_inner(s).unwrap().restart().await;
+    s.send_text(&alice, b, "after", "after the restart").await;
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    assert_eq!(joined_rooms(&body), vec![b.clone()], "{body}");
+    assert_eq!(timeline_bodies(&body, b), vec!["after the restart"]);
+    let since = next(&body);
+    let quiet = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    assert!(joined_rooms(&quiet).is_empty(), "{quiet}");
+}

@@ -195,7 +195,6 @@ impl Search {
             dirty_since: None,
         };
         let thread = std::thread::Builder::new().name("search-indexer".into()).spawn(move || {
-            super::background_priority();
             if let Err(err) = indexer.catch_up() {
                 tracing::error!(%err, "search index could not catch up");
             }
