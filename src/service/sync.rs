@@ -1,5 +1,6 @@
 //! `/sync` (v3): everything a user's device must learn between two stream positions, built
-//! from prefix scans of each room's timeline and the per-user change logs.
+//! from prefix scans of each room's timeline and the per-user change logs; rooms and logs the
+//! stream's marks show unchanged since the token are passed over unread.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -337,7 +338,7 @@ fn state_section(
     services: &Services,
     req: &SyncRequest<'_>,
     at_start: &StateMap,
-    since_state: Option<&StateMap>,
+    since_state: Since<'_>,
     timeline: &[StoredPdu],
 ) -> Result<Vec<JsonValue>> {
     let in_timeline: HashSet<&str> = timeline.iter().map(|e| e.event_id.as_str()).collect();
@@ -346,7 +347,7 @@ fn state_section(
         timeline.iter().map(StoredPdu::sender).chain([req.user_id.as_str()]).collect();
     let mut events = Vec::new();
     // The state did not change since the token: only lazily loaded senders are sent.
-    if since_state.is_some_and(|since| std::ptr::eq(since, at_start)) {
+    if let Since::Same = since_state {
         if lazy {
             for sender in senders {
                 let Some(short) = at_start.get(&("m.room.member".to_owned(), sender.to_owned()))
@@ -370,8 +371,7 @@ fn state_section(
         }
         // Senders' member events go out with lazy loading even when unchanged, so the client
         // can always show who wrote what.
-        let unchanged =
-            since_state.is_some_and(|since| since.get(&(kind.clone(), key.clone())) == Some(short));
+        let unchanged = matches!(since_state, Since::Was(since) if since.get(&(kind.clone(), key.clone())) == Some(short));
         if unchanged && !(lazy && is_member) {
             continue;
         }
@@ -384,6 +384,17 @@ fn state_section(
         events.push(client_event(&event, None));
     }
     Ok(events)
+}
+
+/// The room state at the sync token, as the state section compares with it.
+#[derive(Clone, Copy)]
+enum Since<'a> {
+    /// No token (initial, full-state or newly joined): the whole state goes out.
+    Fresh,
+    /// The same state as at the timeline's start: nothing changed in between.
+    Same,
+    /// A different state.
+    Was(&'a StateMap),
 }
 
 /// What the syncing user's own settings make of events: their push rules and whom they ignore.
@@ -443,12 +454,16 @@ async fn joined_room(
     };
     let load = |id: Option<u64>| id.map_or_else(|| Ok(Arc::default()), |id| rooms.states.load(id));
     let at_start = load(at_start_id)?;
-    let since_state = match since_id {
-        Some(id) if id == at_start_id => Some(at_start.clone()),
-        Some(id) => Some(load(id)?),
-        None => None,
+    let was = match since_id {
+        Some(id) if id != at_start_id => Some(load(id)?),
+        _ => None,
     };
-    let state = state_section(services, req, &at_start, since_state.as_deref(), &events)?;
+    let since_state = match (since_id, &was) {
+        (None, _) => Since::Fresh,
+        (Some(_), Some(was)) => Since::Was(was),
+        (Some(_), None) => Since::Same,
+    };
+    let state = state_section(services, req, &at_start, since_state, &events)?;
     let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
     let state_news = state.iter().any(|e| !(lazy && e["type"] == "m.room.member"));
     if !fresh && events.is_empty() && !state_news && account_data.is_empty() && ephemeral.is_empty()
