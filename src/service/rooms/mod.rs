@@ -126,9 +126,9 @@ pub struct Rooms {
     last_create_ts: std::sync::atomic::AtomicU64,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Each room's member list, read on every send; dropped when a membership changes.
-    members_cache: Mutex<MembersCache>,
-    /// Each user's rooms, for every sync.
-    memberships_cache: Mutex<MembershipsCache>,
+    members_cache: ListCache<OwnedRoomId, (ruma::OwnedUserId, String)>,
+    /// Each user's rooms, for every sync; dropped when one of their memberships changes.
+    memberships_cache: ListCache<ruma::OwnedUserId, (OwnedRoomId, String)>,
     /// The newest events, for the syncs they wake.
     recent: Mutex<RecentEvents>,
     /// Parsed state events by short id, for the auth checks of every send and the state
@@ -144,12 +144,59 @@ struct StateCache {
     generation: u64,
 }
 
-/// Cached member lists, and a count of membership changes so that a list read before one is
-/// never cached after it.
-#[derive(Default)]
-struct MembersCache {
-    rooms: HashMap<OwnedRoomId, Members>,
+/// Lists read from an index (a room's members, a user's rooms) kept in memory, with a count
+/// of changes so that a list read before a change is never cached after it.
+struct ListCache<K, V> {
+    inner: Mutex<Lists<K, V>>,
+    capacity: usize,
+}
+
+/// The lists of a [`ListCache`] and its count of changes.
+struct Lists<K, V> {
+    lists: HashMap<K, Arc<Vec<V>>>,
     generation: u64,
+}
+
+impl<K: Eq + std::hash::Hash, V> ListCache<K, V> {
+    fn new(capacity: usize) -> Self {
+        let inner = Mutex::new(Lists { lists: HashMap::new(), generation: 0 });
+        Self { inner, capacity }
+    }
+
+    /// The list of `key`, from memory or else from `read` (then kept).
+    fn get_or_read<Q>(&self, key: &Q, read: impl FnOnce() -> Result<Vec<V>>) -> Result<Arc<Vec<V>>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ToOwned<Owned = K> + ?Sized,
+    {
+        let generation = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(list) = inner.lists.get(key) {
+                return Ok(list.clone());
+            }
+            inner.generation
+        };
+        let list = Arc::new(read()?);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.generation == generation {
+            if inner.lists.len() >= self.capacity {
+                inner.lists.clear();
+            }
+            inner.lists.insert(key.to_owned(), list.clone());
+        }
+        Ok(list)
+    }
+
+    /// Drops the list of `key` after a change to it.
+    fn forget<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.generation += 1;
+        inner.lists.remove(key);
+    }
 }
 
 /// A room's members with their membership, shared between readers.
@@ -157,14 +204,6 @@ pub type Members = Arc<Vec<(ruma::OwnedUserId, String)>>;
 
 /// A user's rooms with their membership there, shared between readers.
 pub type Memberships = Arc<Vec<(OwnedRoomId, String)>>;
-
-/// Cached room lists of users, and a count of membership changes so that a list read before
-/// one is never cached after it.
-#[derive(Default)]
-struct MembershipsCache {
-    users: HashMap<ruma::OwnedUserId, Memberships>,
-    generation: u64,
-}
 
 /// Users whose room lists are kept in memory.
 const MEMBERSHIPS_CACHE: usize = 100_000;
@@ -259,8 +298,8 @@ impl Rooms {
             short_room: Counter::new(db, "short_room")?,
             last_create_ts: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::default(),
-            members_cache: Mutex::default(),
-            memberships_cache: Mutex::default(),
+            members_cache: ListCache::new(MEMBERS_CACHE),
+            memberships_cache: ListCache::new(MEMBERSHIPS_CACHE),
             recent: Mutex::default(),
             state_cache: Mutex::default(),
         })
@@ -540,37 +579,22 @@ impl Rooms {
 
     /// Every room `user_id` has a (not forgotten) membership in, with that membership.
     pub fn memberships_of(&self, user_id: &UserId) -> Result<Memberships> {
-        let generation = {
-            let cache = self.memberships_cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(memberships) = cache.users.get(user_id) {
-                return Ok(memberships.clone());
+        self.memberships_cache.get_or_read(user_id, || {
+            let mut rooms = Vec::new();
+            for item in self.user_rooms.scan_prefix(prefix(user_id.as_str())) {
+                let (key, membership) = item?;
+                let room = split_key(&key)
+                    .nth(1)
+                    .and_then(|r| RoomId::parse(std::str::from_utf8(r).ok()?).ok());
+                rooms.extend(room.map(|room| (room, membership)));
             }
-            cache.generation
-        };
-        let mut rooms = Vec::new();
-        for item in self.user_rooms.scan_prefix(prefix(user_id.as_str())) {
-            let (key, membership) = item?;
-            let room = split_key(&key)
-                .nth(1)
-                .and_then(|r| RoomId::parse(std::str::from_utf8(r).ok()?).ok());
-            rooms.extend(room.map(|room| (room, membership)));
-        }
-        let rooms = Arc::new(rooms);
-        let mut cache = self.memberships_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.generation == generation {
-            if cache.users.len() >= MEMBERSHIPS_CACHE {
-                cache.users.clear();
-            }
-            cache.users.insert(user_id.to_owned(), rooms.clone());
-        }
-        Ok(rooms)
+            Ok(rooms)
+        })
     }
 
     /// Drops the cached room list of `user_id` after one of their memberships changed.
     fn forget_memberships(&self, user_id: &UserId) {
-        let mut cache = self.memberships_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.generation += 1;
-        cache.users.remove(user_id);
+        self.memberships_cache.forget(user_id);
     }
 
     /// `user_id` and everyone joined to a room `user_id` is joined to.
@@ -619,39 +643,24 @@ impl Rooms {
 
     /// Members of `room_id` with their membership.
     pub fn members(&self, room_id: &RoomId) -> Result<Members> {
-        let generation = {
-            let cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(members) = cache.rooms.get(room_id) {
-                return Ok(members.clone());
+        self.members_cache.get_or_read(room_id, || {
+            let mut members = Vec::new();
+            for item in self.room_members.scan_prefix(prefix(room_id.as_str())) {
+                let (key, membership) = item?;
+                if let Some(user) = split_key(&key)
+                    .nth(1)
+                    .and_then(|u| UserId::parse(std::str::from_utf8(u).ok()?).ok())
+                {
+                    members.push((user, membership));
+                }
             }
-            cache.generation
-        };
-        let mut members = Vec::new();
-        for item in self.room_members.scan_prefix(prefix(room_id.as_str())) {
-            let (key, membership) = item?;
-            if let Some(user) = split_key(&key)
-                .nth(1)
-                .and_then(|u| UserId::parse(std::str::from_utf8(u).ok()?).ok())
-            {
-                members.push((user, membership));
-            }
-        }
-        let members = Arc::new(members);
-        let mut cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.generation == generation {
-            if cache.rooms.len() >= MEMBERS_CACHE {
-                cache.rooms.clear();
-            }
-            cache.rooms.insert(room_id.to_owned(), members.clone());
-        }
-        Ok(members)
+            Ok(members)
+        })
     }
 
     /// Drops the cached member list of `room_id` after its membership changed.
     fn forget_members(&self, room_id: &RoomId) {
-        let mut cache = self.members_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.generation += 1;
-        cache.rooms.remove(room_id);
+        self.members_cache.forget(room_id);
     }
 
     /// Whether `user_id` left and forgot `room_id` (its history is then closed to them).
