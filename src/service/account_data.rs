@@ -100,7 +100,7 @@ impl AccountData {
         let mut batch = services.db.batch();
         let pending = services.stream.next(&mut batch);
         let position = pending.position;
-        services.stream.account_data.mark(user_id.to_owned(), position);
+        services.stream.account_data.mark(user_id, position);
         self.data.put(&mut batch, &(user_id.as_str(), room, event_type), &content);
         self.changes.put(
             &mut batch,

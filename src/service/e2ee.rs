@@ -137,7 +137,7 @@ impl E2ee {
         }
         let pending = changed.then(|| services.stream.next(&mut batch));
         if let Some(pending) = &pending {
-            services.stream.key_changes.mark((), pending.position);
+            services.stream.key_changes.mark(&(), pending.position);
             self.key_changes.put(&mut batch, &pending.position, &user_id.to_owned());
         }
         self.db.write(batch)?;
@@ -153,7 +153,7 @@ impl E2ee {
     pub fn note_change(&self, services: &Services, user_id: &UserId) -> Result<()> {
         let mut batch = self.db.batch();
         let pending = services.stream.next(&mut batch);
-        services.stream.key_changes.mark((), pending.position);
+        services.stream.key_changes.mark(&(), pending.position);
         self.key_changes.put(&mut batch, &pending.position, &user_id.to_owned());
         self.db.write(batch)?;
         let position = pending.position;

@@ -75,7 +75,7 @@ impl Ephemeral {
         let thread = receipt.thread_id.as_deref().unwrap_or_default();
         let mut batch = self.db.batch();
         let pending = services.stream.next(&mut batch);
-        services.stream.rooms.mark(room_id.to_owned(), pending.position);
+        services.stream.rooms.mark(room_id, pending.position);
         let key =
             (room_id.as_str(), (receipt.user_id.as_str(), receipt.receipt_type.as_str(), thread));
         self.receipts.put(&mut batch, &key, &receipt);

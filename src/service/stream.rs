@@ -49,16 +49,23 @@ impl<K: Eq + Hash> Marks<K> {
         Self { marks: Mutex::new((HashMap::new(), floor)) }
     }
 
-    /// Records a change of `key` at `position`.
-    pub fn mark(&self, key: K, position: u64) {
+    /// Records a change of `key` at `position` (the key is copied only when first marked).
+    pub fn mark<Q>(&self, key: &Q, position: u64)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + Hash + ToOwned<Owned = K> + ?Sized,
+    {
         let mut guard = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         let (marks, floor) = &mut *guard;
-        if marks.len() >= MARKS && !marks.contains_key(&key) {
+        if let Some(mark) = marks.get_mut(key) {
+            *mark = (*mark).max(position);
+            return;
+        }
+        if marks.len() >= MARKS {
             *floor = marks.values().copied().fold(*floor, u64::max);
             marks.clear();
         }
-        let mark = marks.entry(key).or_insert(0);
-        *mark = (*mark).max(position);
+        marks.insert(key.to_owned(), position);
     }
 
     /// Whether `key` is unchanged after `position`.
@@ -202,4 +209,28 @@ fn members_in<'a>(
     memberships: &'static [&'static str],
 ) -> impl Iterator<Item = &'a UserId> {
     members.iter().filter(|(_, m)| memberships.contains(&m.as_str())).map(|(u, _)| &**u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_tell_what_changed_and_stay_conservative_past_their_cap() {
+        let marks: Marks<u64> = Marks::new(10);
+        assert!(marks.quiet_since(&1, 10), "nothing marked since the start at 10");
+        assert!(!marks.quiet_since(&1, 9), "before the start, anything may have changed");
+        marks.mark(&1, 20);
+        marks.mark(&1, 15);
+        assert!(!marks.quiet_since(&1, 19) && marks.quiet_since(&1, 20), "the highest mark holds");
+        assert!(marks.quiet_since(&2, 10));
+        // Past the cap every mark is forgotten, and the highest becomes everyone's start.
+        for key in 100..100 + MARKS as u64 {
+            marks.mark(&key, 30);
+        }
+        marks.mark(&7, 40);
+        assert!(!marks.quiet_since(&1, 29), "forgotten marks count as changed at 30");
+        assert!(!marks.quiet_since(&2, 29) && marks.quiet_since(&2, 30));
+        assert!(!marks.quiet_since(&7, 39) && marks.quiet_since(&7, 40));
+    }
 }

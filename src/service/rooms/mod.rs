@@ -945,7 +945,7 @@ impl Rooms {
         let short = self.short_event.next(&mut batch);
         let pending = services.stream.next(&mut batch);
         stored.position = pending.position;
-        services.stream.rooms.mark(room_id.clone(), pending.position);
+        services.stream.rooms.mark(&*room_id, pending.position);
         let mut record = match record {
             Some(record) if record.short_id != 0 => record,
             _ => RoomRecord {
@@ -978,7 +978,7 @@ impl Rooms {
             let was_joined = self.membership(&room_id, &user)?.as_deref() == Some("join");
             let joined = membership == "join";
             if was_joined != joined {
-                services.stream.joins_and_leaves.mark((), stored.position);
+                services.stream.joins_and_leaves.mark(&(), stored.position);
                 self.joins_and_leaves.put(
                     &mut batch,
                     &stored.position,
