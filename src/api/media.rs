@@ -18,21 +18,17 @@ use http::{HeaderValue, StatusCode, header, request::Parts};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use ruma::{OwnedServerName, ServerName};
 use serde_json::{Value as JsonValue, json};
-use tower::ServiceExt;
-use tower_http::services::ServeFile;
 
 use super::{AuthMode, Caller, State, caller_from_parts};
 use crate::{
     error::{Error, ErrorKind, Result},
-    service::media::{Blob, UploadInfo, essence, thumbnail::Spec, valid_media_id},
+    service::media::{Blob, UploadInfo, blocks, essence, thumbnail::Spec, valid_media_id},
 };
 
 /// How long an upload may go without a byte arriving before it is abandoned.
 const UPLOAD_IDLE: Duration = Duration::from_secs(60);
 /// How long a download waits for an asynchronous upload by default (the spec's 20 s).
 const DEFAULT_WAIT_MS: u64 = 20_000;
-/// Bytes read from disk at a time while serving a file.
-const READ_CHUNK: usize = 256 * 1024;
 /// Largest thumbnail edge a client may ask for.
 const MAX_THUMBNAIL_REQUEST: u32 = 10_000;
 
@@ -183,7 +179,11 @@ async fn receive(state: &State, body: Body) -> Result<Blob> {
             Ok(Some(Err(err))) => {
                 return Err(Error::new(ErrorKind::Unknown, format!("The upload broke off: {err}")));
             }
-            Ok(Some(Ok(chunk))) => upload.write(&chunk).await?,
+            Ok(Some(Ok(chunk))) => {
+                upload.absorb(&chunk)?;
+                drop(chunk);
+                upload.drain().await?;
+            }
         }
     }
     state.media.finish(upload).await
@@ -395,6 +395,101 @@ fn content_disposition(content_type: &str, filename: Option<&str>) -> HeaderValu
     HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("attachment"))
 }
 
+/// What a `Range` header asks of a body of a given size.
+#[derive(Debug, PartialEq, Eq)]
+enum Wanted {
+    Whole,
+    /// First and last byte, inclusive.
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+/// Reads a `Range` header against a body of `size` bytes. One range is served. Several, or a
+/// header that does not parse, get the whole body, as HTTP allows; so does an `If-Range` that
+/// names another version.
+fn wanted(headers: &http::HeaderMap, etag: &HeaderValue, size: u64) -> Wanted {
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Wanted::Whole;
+    };
+    if headers.get(header::IF_RANGE).is_some_and(|tag| tag != etag) {
+        return Wanted::Whole;
+    }
+    let Some((first, last)) = range
+        .trim()
+        .strip_prefix("bytes=")
+        .filter(|spec| !spec.contains(','))
+        .and_then(|spec| spec.split_once('-'))
+    else {
+        return Wanted::Whole;
+    };
+    let number = |text: &str| text.trim().parse::<u64>().ok().filter(|_| !text.contains('+'));
+    match (first.trim().is_empty(), number(first), last.trim().is_empty(), number(last)) {
+        // `-n`: the last n bytes.
+        (true, _, false, Some(n)) if n > 0 && size > 0 => {
+            Wanted::Part(size - n.min(size), size - 1)
+        }
+        (true, _, false, Some(_)) => Wanted::Unsatisfiable,
+        // `a-` and `a-b`.
+        (false, Some(start), true, _) if start < size => Wanted::Part(start, size - 1),
+        (false, Some(start), false, Some(end)) if start <= end && start < size => {
+            Wanted::Part(start, end.min(size - 1))
+        }
+        (false, Some(start), true, _) | (false, Some(start), false, Some(_)) if start >= size => {
+            Wanted::Unsatisfiable
+        }
+        _ => Wanted::Whole,
+    }
+}
+
+/// The blob's bytes (or the part a `Range` asks for), streamed from disk in pooled blocks.
+async fn body_response(
+    state: &State,
+    headers: &http::HeaderMap,
+    sha256: &str,
+    content_type: &str,
+    etag: &HeaderValue,
+) -> Result<Response> {
+    let file = match tokio::fs::File::open(state.media.blob_path(sha256)).await {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            tracing::error!(%sha256, "media body missing from disk");
+            return Err(Error::not_found("The media's content is missing"));
+        }
+        Err(err) => return Err(Error::internal(err)),
+    };
+    let size = file.metadata().await.map_err(Error::internal)?.len();
+    let (status, start, len) = match wanted(headers, etag, size) {
+        Wanted::Whole => (StatusCode::OK, 0, size),
+        Wanted::Part(first, last) => (StatusCode::PARTIAL_CONTENT, first, last - first + 1),
+        Wanted::Unsatisfiable => {
+            let range =
+                HeaderValue::from_str(&format!("bytes */{size}")).map_err(Error::internal)?;
+            let mut refused =
+                Error::new(ErrorKind::Unknown, "The requested range is not satisfiable")
+                    .into_response();
+            *refused.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            refused.headers_mut().insert(header::CONTENT_RANGE, range);
+            return Ok(refused);
+        }
+    };
+    let file = file.into_std().await;
+    let mut response = Response::new(Body::from_stream(blocks::read(file, start, len)));
+    *response.status_mut() = status;
+    let mime: mime::Mime = content_type.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
+    let out = response.headers_mut();
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(mime.as_ref()).map_err(Error::internal)?,
+    );
+    out.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    out.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        let range = format!("bytes {start}-{}/{size}", start + len - 1);
+        out.insert(header::CONTENT_RANGE, HeaderValue::from_str(&range).map_err(Error::internal)?);
+    }
+    Ok(response)
+}
+
 /// Streams the blob `sha256` with caching, range and safety headers.
 async fn serve(
     state: &State,
@@ -413,19 +508,7 @@ async fn serve(
     let mut response = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        let mime: mime::Mime = content_type.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
-        let path = state.media.blob_path(sha256);
-        let request = Request::from_parts(parts, Body::empty());
-        let served = ServeFile::new_with_mime(&path, &mime)
-            .with_buf_chunk_size(READ_CHUNK)
-            .oneshot(request)
-            .await
-            .map_err(Error::internal)?;
-        if served.status() == StatusCode::NOT_FOUND {
-            tracing::error!(%sha256, "media body missing from disk");
-            return Err(Error::not_found("The media's content is missing"));
-        }
-        served.map(Body::new)
+        body_response(state, &parts.headers, sha256, content_type, &etag).await?
     };
     let headers = response.headers_mut();
     headers.insert(header::ETAG, etag);
@@ -455,5 +538,37 @@ mod tests {
             "attachment; filename*=utf-8''%E5%AD%A3%E5%BA%A6%E9%A2%84%E7%AE%97.pdf"
         );
         assert_eq!(header("IMAGE/PNG; q=1", None), "inline");
+    }
+
+    #[test]
+    fn ranges() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        let ask = |range: &str, if_range: Option<&str>, size| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(header::RANGE, HeaderValue::from_str(range).unwrap());
+            if let Some(tag) = if_range {
+                headers.insert(header::IF_RANGE, HeaderValue::from_str(tag).unwrap());
+            }
+            wanted(&headers, &etag, size)
+        };
+        assert_eq!(wanted(&http::HeaderMap::new(), &etag, 10), Wanted::Whole);
+        assert_eq!(ask("bytes=2-5", None, 10), Wanted::Part(2, 5));
+        assert_eq!(ask("bytes=2-50", None, 10), Wanted::Part(2, 9));
+        assert_eq!(ask("bytes=7-", None, 10), Wanted::Part(7, 9));
+        assert_eq!(ask("bytes=-3", None, 10), Wanted::Part(7, 9));
+        assert_eq!(ask("bytes=-30", None, 10), Wanted::Part(0, 9));
+        assert_eq!(ask("bytes=10-", None, 10), Wanted::Unsatisfiable);
+        assert_eq!(ask("bytes=12-20", None, 10), Wanted::Unsatisfiable);
+        assert_eq!(ask("bytes=-0", None, 10), Wanted::Unsatisfiable);
+        assert_eq!(ask("bytes=0-", None, 0), Wanted::Unsatisfiable);
+        assert_eq!(ask("bytes=-5", None, 0), Wanted::Unsatisfiable);
+        // Several ranges, nonsense and reversed ranges get the whole body.
+        for whole in
+            ["bytes=0-1,4-5", "bytes=5-2", "items=0-1", "bytes=x-2", "bytes=+1-2", "bytes=-"]
+        {
+            assert_eq!(ask(whole, None, 10), Wanted::Whole, "{whole}");
+        }
+        assert_eq!(ask("bytes=2-5", Some("\"abc\""), 10), Wanted::Part(2, 5));
+        assert_eq!(ask("bytes=2-5", Some("\"old\""), 10), Wanted::Whole);
     }
 }

@@ -166,6 +166,12 @@ async fn legacy_download_works_when_not_frozen_and_config_advertises_limit() {
     );
 }
 
+/// The ETag a download of `id` carries.
+async fn partial_etag(s: &TestServer, token: &str, id: &str) -> String {
+    let response = get_media(s, &download_url(s, id), Some(token)).await;
+    response.headers()[header::ETAG].to_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn range_requests_and_unsafe_types() {
     let s = TestServer::start().await;
@@ -196,6 +202,27 @@ async fn range_requests_and_unsafe_types() {
         .unwrap();
     assert_eq!(tail.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(tail.bytes().await.unwrap(), bytes[9990..]);
+
+    let ranged = |range: &'static str| {
+        s.http.get(download_url(&s, &video)).bearer_auth(&token).header(header::RANGE, range)
+    };
+    let beyond = ranged("bytes=10000-").send().await.unwrap();
+    assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(beyond.headers()[header::CONTENT_RANGE], "bytes */10000");
+    assert_eq!(beyond.json::<serde_json::Value>().await.unwrap()["errcode"], "M_UNKNOWN");
+    let several = ranged("bytes=0-1,5-6").send().await.unwrap();
+    assert_eq!(several.status(), StatusCode::OK);
+    assert_eq!(several.headers()[header::ACCEPT_RANGES], "bytes");
+    assert_eq!(several.bytes().await.unwrap(), bytes);
+    let stale = ranged("bytes=0-1").header(header::IF_RANGE, "\"another\"").send().await.unwrap();
+    assert_eq!(stale.status(), StatusCode::OK);
+    let etag = partial_etag(&s, &token, &video).await;
+    let fresh = ranged("bytes=0-1").header(header::IF_RANGE, etag).send().await.unwrap();
+    assert_eq!(fresh.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(fresh.bytes().await.unwrap(), bytes[..2]);
+    let head = s.http.head(download_url(&s, &video)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()[header::CONTENT_LENGTH], "10000");
 
     for unsafe_type in ["text/html", "image/svg+xml", "application/javascript"] {
         let id = upload_ok(&s, &token, unsafe_type, b"<script>alert(1)</script>".to_vec()).await;

@@ -5,12 +5,13 @@
 //! remote media can live beside local uploads once federation fetches them.
 
 pub mod admin;
+pub mod blocks;
 pub mod preview;
 pub mod thumbnail;
 
 use std::{
     collections::HashMap,
-    io,
+    io::{self, Write},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -19,10 +20,7 @@ use std::{
 use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::{
-    io::AsyncWriteExt,
-    sync::{Notify, Semaphore},
-};
+use tokio::sync::{Notify, Semaphore};
 
 use self::thumbnail::{Spec, Thumbnail};
 use super::{now_ms, random_string};
@@ -85,13 +83,14 @@ pub struct UploadInfo {
     pub filename: Option<String>,
 }
 
-/// Bytes gathered before each write to disk: few large writes instead of many small ones.
-const WRITE_BUFFER: usize = 256 * 1024;
-
 /// A body being streamed to a temp file; dropped unfinished, the temp file is removed.
 pub struct Upload {
-    file: Option<tokio::fs::File>,
-    buffer: Vec<u8>,
+    file: Option<std::fs::File>,
+    /// The block being filled.
+    block: Box<[u8]>,
+    filled: usize,
+    /// Filled blocks not yet written.
+    full: Vec<Box<[u8]>>,
     temp: PathBuf,
     hasher: Sha256,
     size: u64,
@@ -99,25 +98,60 @@ pub struct Upload {
 }
 
 impl Upload {
-    /// Appends a chunk, refusing with `M_TOO_LARGE` once the upload passes the size limit.
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
+    /// Copies a chunk in without waiting, refusing with `M_TOO_LARGE` once the upload passes
+    /// the size limit. The caller can then let the chunk go before [`Upload::drain`] waits
+    /// for the disk, so the connection's read buffer is free to be reused meanwhile.
+    pub fn absorb(&mut self, mut chunk: &[u8]) -> Result<()> {
         self.size += chunk.len() as u64;
         if self.size > self.limit {
             return Err(too_large(self.limit));
         }
         self.hasher.update(chunk);
-        self.buffer.extend_from_slice(chunk);
-        if self.buffer.len() >= WRITE_BUFFER {
-            self.flush().await?;
+        while !chunk.is_empty() {
+            let n = chunk.len().min(self.block.len() - self.filled);
+            self.block[self.filled..self.filled + n].copy_from_slice(&chunk[..n]);
+            self.filled += n;
+            chunk = &chunk[n..];
+            if self.filled == self.block.len() {
+                self.full.push(std::mem::replace(&mut self.block, blocks::take()));
+                self.filled = 0;
+            }
         }
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<()> {
-        let file = self.file.as_mut().ok_or_else(|| Error::internal("upload already finished"))?;
-        file.write_all(&self.buffer).await.map_err(Error::internal)?;
-        self.buffer.clear();
-        Ok(())
+    /// Writes the filled blocks to the file, off the async workers.
+    pub async fn drain(&mut self) -> Result<()> {
+        self.write_out(false).await
+    }
+
+    /// Writes the filled blocks, and with `partial` the block being filled too.
+    async fn write_out(&mut self, partial: bool) -> Result<()> {
+        let tail = if partial { self.filled } else { 0 };
+        if self.full.is_empty() && tail == 0 {
+            return Ok(());
+        }
+        let mut file =
+            self.file.take().ok_or_else(|| Error::internal("upload already finished"))?;
+        let mut full = std::mem::take(&mut self.full);
+        let block = std::mem::take(&mut self.block);
+        let (file, block, written) = tokio::task::spawn_blocking(move || {
+            let written = full
+                .drain(..)
+                .try_for_each(|b| {
+                    let written = file.write_all(&b);
+                    blocks::give(b);
+                    written
+                })
+                .and_then(|()| file.write_all(&block[..tail]));
+            (file, block, written)
+        })
+        .await
+        .map_err(Error::internal)?;
+        self.file = Some(file);
+        self.block = block;
+        self.filled -= tail;
+        written.map_err(Error::internal)
     }
 
     /// Bytes received so far.
@@ -128,7 +162,10 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        blocks::give(std::mem::take(&mut self.block));
+        self.full.drain(..).for_each(blocks::give);
+        // `finish` takes the path once the file is in place.
+        if !self.temp.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.temp);
         }
     }
@@ -160,6 +197,21 @@ pub struct Media {
     user_locks: Vec<Mutex<()>>,
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     thumbnail_permits: Arc<Semaphore>,
+}
+
+/// Syncs a received temp file and renames it to its blob path, then syncs the directory so
+/// the rename survives a crash; if that blob already exists, the temp file is dropped instead.
+fn place(file: std::fs::File, temp: &Path, path: &Path) -> io::Result<()> {
+    if path.exists() {
+        drop(file);
+        return std::fs::remove_file(temp);
+    }
+    file.sync_all()?;
+    drop(file);
+    let dir = path.parent().unwrap_or(path);
+    std::fs::create_dir_all(dir)?;
+    std::fs::rename(temp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn too_large(limit: u64) -> Error {
@@ -276,8 +328,10 @@ impl Media {
         let temp = self.root.join("tmp").join(random_string(24));
         let file = tokio::fs::File::create(&temp).await.map_err(Error::internal)?;
         Ok(Upload {
-            file: Some(file),
-            buffer: Vec::with_capacity(WRITE_BUFFER),
+            file: Some(file.into_std().await),
+            block: blocks::take(),
+            filled: 0,
+            full: Vec::new(),
             temp,
             hasher: Sha256::new(),
             size: 0,
@@ -287,49 +341,29 @@ impl Media {
 
     /// Makes a received body durable under its hash (sharing the file with identical uploads).
     pub async fn finish(&self, mut upload: Upload) -> Result<Blob> {
-        upload.flush().await?;
-        let mut file =
-            upload.file.take().ok_or_else(|| Error::internal("upload finished twice"))?;
+        upload.write_out(true).await?;
+        let file = upload.file.take().ok_or_else(|| Error::internal("upload finished twice"))?;
         let sha256 = hex::encode(std::mem::take(&mut upload.hasher).finalize());
         let temp = std::mem::take(&mut upload.temp);
-        let result = async {
-            file.flush().await?;
-            file.sync_all().await?;
-            drop(file);
-            self.place(&temp, &sha256).await
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&temp).await;
-        }
-        result.map_err(Error::internal)?;
-        Ok(Blob { sha256, size: upload.size })
-    }
-
-    /// Renames a synced temp file to its blob path, or drops it if that blob already exists,
-    /// then syncs the directory so the rename survives a crash.
-    async fn place(&self, temp: &Path, sha256: &str) -> io::Result<()> {
-        let path = self.blob_path(sha256);
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let temp = temp.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)?;
-            if path.exists() {
-                std::fs::remove_file(&temp)?;
-                return Ok(());
+        let path = self.blob_path(&sha256);
+        let placed = tokio::task::spawn_blocking(move || {
+            let placed = place(file, &temp, &path);
+            if placed.is_err() {
+                let _ = std::fs::remove_file(&temp);
             }
-            std::fs::rename(&temp, &path)?;
-            std::fs::File::open(&dir)?.sync_all()
+            placed
         })
         .await
-        .map_err(io::Error::other)?
+        .map_err(Error::internal)?;
+        placed.map_err(Error::internal)?;
+        Ok(Blob { sha256, size: upload.size })
     }
 
     /// Stores bytes already in memory (thumbnails, fetched preview images) as a blob.
     pub async fn store_bytes(&self, bytes: &[u8]) -> Result<Blob> {
         let mut upload = self.begin().await?;
         upload.limit = u64::MAX;
-        upload.write(bytes).await?;
+        upload.absorb(bytes)?;
         self.finish(upload).await
     }
 
