@@ -77,8 +77,9 @@ fn check_server_name(db: &Db, config: &Config) -> Result<(), StartError> {
 }
 
 /// Threads kept for blocking work (file I/O, thumbnails, password hashing): enough to keep the
-/// disk busy, few enough that each thread's allocator cache stays small.
-const BLOCKING_THREADS: usize = 16;
+/// disk busy, few enough that each thread's allocator pages stay few. WAL syncs do not wait
+/// for these: they have a thread of their own.
+const BLOCKING_THREADS: usize = 8;
 
 /// The async runtime the server runs on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -91,7 +92,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 impl Server {
     /// Starts serving on every configured address.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        crate::service::no_huge_pages();
+        crate::service::settle_memory();
         let services = Arc::new(open_services(config)?);
         services.search.start(&services);
         let no_users = services.users.is_empty().map_err(|e| StartError::Init(e.to_string()))?;

@@ -179,6 +179,16 @@ fn render_storage(out: &mut String, services: &Services) {
     for (table, _, memory) in &sizes {
         let _ = writeln!(out, "plaza_db_table_memory_bytes{{table=\"{table}\"}} {memory}");
     }
+    let memory = services.db.memory();
+    let name = "plaza_db_memory_bytes";
+    family(out, name, "gauge", "Bytes the storage engine holds in memory, by kind.");
+    for (kind, bytes) in [
+        ("write_buffers", memory.write_buffers),
+        ("block_cache", memory.block_cache),
+        ("table_readers", memory.table_readers),
+    ] {
+        let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {bytes}");
+    }
 }
 
 fn render_process(out: &mut String) {

@@ -215,12 +215,27 @@ pub fn background_priority() {
     }
 }
 
-/// Keeps the process on regular pages: with transparent huge pages the allocator's arenas
-/// grow resident memory in 2 MiB steps and large buffers fault in slowly.
-pub fn no_huge_pages() {
+/// Settles how the process holds memory, before the storage engine starts:
+/// - regular pages only: with transparent huge pages the allocator's arenas grow resident
+///   memory in 2 MiB steps and large buffers fault in slowly;
+/// - the C library's allocator, which only the storage engine uses, keeps two arenas and maps
+///   every block of 128 KiB or more on its own. Left to itself it raises that threshold after
+///   the first write buffer is freed, and then keeps every later buffer's memory after flushes.
+pub fn settle_memory() {
     // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
     let result = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     if result != 0 {
         tracing::debug!("transparent huge pages stay as the system sets them");
+    }
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt takes plain integers and only changes the C allocator's settings.
+        let set = unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2) == 1
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) == 1
+        };
+        if !set {
+            tracing::debug!("the C allocator keeps its own settings");
+        }
     }
 }

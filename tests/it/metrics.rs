@@ -101,6 +101,9 @@ async fn metrics_count_requests_events_syncs_and_storage() {
     assert!(sample(&text, "plaza_events_persisted_total").unwrap() >= 8.0, "{text}");
     assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 1e6);
     assert!(sample(&text, r#"plaza_db_table_memory_bytes{table="pdus"}"#).unwrap() > 0.0);
+    let write_buffers = r#"plaza_db_memory_bytes{kind="write_buffers"}"#;
+    assert!(sample(&text, write_buffers).unwrap() > 0.0, "{text}");
+    assert!(sample(&text, r#"plaza_db_memory_bytes{kind="block_cache"}"#).is_some());
     assert_eq!(sample(&text, "plaza_push_queue_length"), Some(0.0));
 
     waiting.abort();
