@@ -296,6 +296,22 @@ where
 /// response so it routes like every other endpoint.
 pub struct JsonResponse(pub serde_json::Value);
 
+/// A response body that is already JSON text.
+pub struct RawJsonResponse(pub Box<serde_json::value::RawValue>);
+
+impl OutgoingResponse for RawJsonResponse {
+    fn try_into_http_response<T: Default + bytes::BufMut>(
+        self,
+    ) -> Result<http::Response<T>, ruma::api::error::IntoHttpError> {
+        let mut body = T::default();
+        body.put_slice(self.0.get().as_bytes());
+        http::Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(ruma::api::error::IntoHttpError::from)
+    }
+}
+
 impl OutgoingResponse for JsonResponse {
     fn try_into_http_response<T: Default + bytes::BufMut>(
         self,

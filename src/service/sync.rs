@@ -11,7 +11,8 @@ use ruma::{
     RoomId, UserId,
     api::client::filter::{FilterDefinition, RoomEventFilter},
 };
-use serde_json::{Map, Value as JsonValue, json};
+use serde::Serialize;
+use serde_json::{Map, Value as JsonValue, json, value::RawValue};
 
 use super::{
     Services, filters,
@@ -21,7 +22,7 @@ use super::{
         state::StateMap,
     },
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Timeline events per room when the filter does not say.
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
@@ -60,8 +61,9 @@ pub struct SyncRequest<'a> {
 
 /// A sync response and whether it carries anything (long-polls wait while it does not).
 pub struct SyncResponse {
-    /// The response body.
-    pub body: JsonValue,
+    /// The response body, already serialized: each room is turned into text as soon as it is
+    /// built, so a sync over many rooms never holds all their JSON trees at once.
+    pub body: Box<RawValue>,
     /// Whether anything changed.
     pub has_changes: bool,
 }
@@ -93,7 +95,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             account_changes.entry(room).or_default().push(kind);
         }
     }
-    let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
+    let (mut join, mut invite, mut leave) = (Rooms::new(), Rooms::new(), Rooms::new());
     let memberships = rooms.memberships_of(req.user_id)?;
     for (room_id, _) in memberships.iter() {
         if !room_allowed(room_id) {
@@ -130,7 +132,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                 if let Some(room) =
                     joined_room(services, req, &viewer, room_now, changes, window).await?
                 {
-                    join.insert(room_id.to_string(), room);
+                    join.insert(room_id.to_string(), to_raw_value(&room)?);
                 }
             }
             "invite" if !racing => {
@@ -155,14 +157,15 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                         .as_ref()
                         .map(stripped),
                 );
-                invite.insert(room_id.to_string(), json!({ "invite_state": { "events": events } }));
+                let room = json!({ "invite_state": { "events": events } });
+                invite.insert(room_id.to_string(), to_raw_value(&room)?);
             }
             "leave" | "ban" if !racing && (!initial || room_filter.include_leave) => {
                 let own = rooms.state_event(&state, "m.room.member", req.user_id.as_str())?;
                 let Some(member) = own else { continue };
                 let window = (since, upto, initial);
                 if let Some(room) = left_room(services, req, &viewer, &record, &member, window)? {
-                    leave.insert(room_id.to_string(), room);
+                    leave.insert(room_id.to_string(), to_raw_value(&room)?);
                 }
             }
             _ => {}
@@ -235,9 +238,8 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
         changed_keys.dedup();
     }
     has_changes |= !to_device.is_empty() || !changed_keys.is_empty() || !left_users.is_empty();
-    let body = json!({
+    let rest = json!({
         "next_batch": format!("s{upto}_{typing}_{to_device_upto}"),
-        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
         "account_data": { "events": global_account_data },
         "presence": { "events": presence },
         "to_device": { "events": to_device },
@@ -245,7 +247,32 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
         "device_one_time_keys_count": e2ee.counts(req.user_id, req.device_id)?,
         "device_unused_fallback_key_types": e2ee.unused_fallback_types(req.user_id, req.device_id)?,
     });
-    Ok(SyncResponse { body, has_changes })
+    let body = Body { rest, rooms: RoomSections { join, invite, leave, knock: Rooms::new() } };
+    Ok(SyncResponse { body: to_raw_value(&body)?, has_changes })
+}
+
+/// Room id to the room's serialized section.
+type Rooms = BTreeMap<String, Box<RawValue>>;
+
+/// The `rooms` part of a sync response.
+#[derive(Serialize)]
+struct RoomSections {
+    join: Rooms,
+    invite: Rooms,
+    leave: Rooms,
+    knock: Rooms,
+}
+
+/// A sync response: its rooms apart, everything else as one object.
+#[derive(Serialize)]
+struct Body {
+    rooms: RoomSections,
+    #[serde(flatten)]
+    rest: JsonValue,
+}
+
+fn to_raw_value<T: Serialize>(value: &T) -> Result<Box<RawValue>> {
+    serde_json::value::to_raw_value(value).map_err(Error::internal)
 }
 
 /// The stripped form of a state event shown to invitees.

@@ -17,7 +17,7 @@ use ruma::api::{
 use serde_json::{Value as JsonValue, json};
 
 use crate::{
-    api::{Caller, JsonResponse, Ruma, State},
+    api::{Caller, JsonResponse, RawJsonResponse, Ruma, State},
     error::{Error, ErrorKind, Result},
     service::{
         history, relations,
@@ -66,7 +66,7 @@ pub fn parse_token(services: &State, token: &str) -> Result<u64> {
 
 /// `GET /_matrix/client/v3/sync`: answers at once when there is news (or on an initial or
 /// full-state sync), otherwise waits up to `timeout` for the user's next change.
-pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<JsonResponse> {
+pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<RawJsonResponse> {
     let _waiting = services.metrics.sync_started();
     let caller = req.caller()?.clone();
     let body = req.body;
@@ -118,7 +118,7 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Js
         let response = build_sync(&services, &request, upto).await?;
         let done = since.is_none() || body.full_state || response.has_changes;
         if done || tokio::time::Instant::now() >= deadline {
-            return Ok(JsonResponse(response.body));
+            return Ok(RawJsonResponse(response.body));
         }
         tokio::select! {
             () = &mut notified => {}
