@@ -81,6 +81,55 @@ fn check_server_name(db: &Db, config: &Config) -> Result<(), StartError> {
 /// for these: they have a thread of their own.
 const BLOCKING_THREADS: usize = 8;
 
+/// Bytes a connection reads from its socket at a time at most. Small enough that a burst of
+/// uploads keeps small buffers that the allocator reuses, large enough for few reads.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Serves `app` on `listener` (HTTP/1.1 and HTTP/2) until `shutdown` resolves, then waits for
+/// open connections to finish their requests. Each request carries its peer's address.
+async fn serve(listener: TcpListener, app: axum::Router, shutdown: impl Future<Output = ()>) {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo, TokioTimer},
+        server::{conn::auto, graceful::GracefulShutdown},
+    };
+    use tower::ServiceExt;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).max_buf_size(READ_BUFFER);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%err, "cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let connection =
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A failed connection is the client's doing (reset, malformed request).
+            if let Err(err) = connection.await {
+                tracing::debug!(%err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// The async runtime the server runs on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -128,15 +177,12 @@ impl Server {
                 listener.local_addr().map_err(|source| StartError::Bind { addr: *addr, source })?;
             addrs.push(local);
             let mut stopped = stopped.clone();
-            let app = app.clone().into_make_service_with_connect_info::<SocketAddr>();
+            let app = app.clone();
             tasks.spawn(async move {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-                {
-                    tracing::error!(%err, "listener failed");
-                }
+                serve(listener, app, shutdown).await;
             });
             tracing::info!(address = %local, server_name = %services.config.server_name, "listening");
         }
@@ -153,10 +199,7 @@ impl Server {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-                {
-                    tracing::error!(%err, "metrics listener failed");
-                }
+                serve(listener, app, shutdown).await;
             });
             tracing::info!(address = %local, "serving metrics");
             Some(local)
