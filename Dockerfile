@@ -26,9 +26,6 @@ COPY --from=builder /src/target/release/plaza /usr/local/bin/plaza
 # in the container unless overridden with `docker run -e`.
 ENV PLAZA_DATABASE__PATH=/data/db \
     PLAZA_LISTEN='["0.0.0.0:8008"]'
-# The storage engine allocates through the C library: two malloc arenas instead of one per busy
-# thread hold far less memory at the same speed (the server's own code uses its own allocator).
-ENV MALLOC_ARENA_MAX=2
 VOLUME ["/data"]
 EXPOSE 8008
 USER plaza

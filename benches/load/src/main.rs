@@ -158,8 +158,6 @@ fn spawn_server(dir: &std::path::Path) -> Result<(std::process::Child, String), 
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("--serve")
         .arg(dir)
-        // As the container image runs it: fewer arenas for the storage engine's allocations.
-        .env("MALLOC_ARENA_MAX", "2")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
