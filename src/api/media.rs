@@ -414,9 +414,11 @@ fn wanted(headers: &http::HeaderMap, etag: &HeaderValue, size: u64) -> Wanted {
     if headers.get(header::IF_RANGE).is_some_and(|tag| tag != etag) {
         return Wanted::Whole;
     }
+    let range = range.trim();
     let Some((first, last)) = range
-        .trim()
-        .strip_prefix("bytes=")
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case("bytes="))
+        .map(|_| &range[6..])
         .filter(|spec| !spec.contains(','))
         .and_then(|spec| spec.split_once('-'))
     else {
@@ -434,7 +436,8 @@ fn wanted(headers: &http::HeaderMap, etag: &HeaderValue, size: u64) -> Wanted {
         (false, Some(start), false, Some(end)) if start <= end && start < size => {
             Wanted::Part(start, end.min(size - 1))
         }
-        (false, Some(start), true, _) | (false, Some(start), false, Some(_)) if start >= size => {
+        (false, Some(start), true, _) if start >= size => Wanted::Unsatisfiable,
+        (false, Some(start), false, Some(end)) if start <= end && start >= size => {
             Wanted::Unsatisfiable
         }
         _ => Wanted::Whole,
@@ -559,13 +562,20 @@ mod tests {
         assert_eq!(ask("bytes=-30", None, 10), Wanted::Part(0, 9));
         assert_eq!(ask("bytes=10-", None, 10), Wanted::Unsatisfiable);
         assert_eq!(ask("bytes=12-20", None, 10), Wanted::Unsatisfiable);
+        assert_eq!(ask("Bytes=2-5", None, 10), Wanted::Part(2, 5));
         assert_eq!(ask("bytes=-0", None, 10), Wanted::Unsatisfiable);
         assert_eq!(ask("bytes=0-", None, 0), Wanted::Unsatisfiable);
         assert_eq!(ask("bytes=-5", None, 0), Wanted::Unsatisfiable);
         // Several ranges, nonsense and reversed ranges get the whole body.
-        for whole in
-            ["bytes=0-1,4-5", "bytes=5-2", "items=0-1", "bytes=x-2", "bytes=+1-2", "bytes=-"]
-        {
+        for whole in [
+            "bytes=0-1,4-5",
+            "bytes=5-2",
+            "bytes=12-5",
+            "items=0-1",
+            "bytes=x-2",
+            "bytes=+1-2",
+            "bytes=-",
+        ] {
             assert_eq!(ask(whole, None, 10), Wanted::Whole, "{whole}");
         }
         assert_eq!(ask("bytes=2-5", Some("\"abc\""), 10), Wanted::Part(2, 5));

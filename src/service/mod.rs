@@ -227,7 +227,10 @@ pub fn settle_memory() {
     if result != 0 {
         tracing::debug!("transparent huge pages stay as the system sets them");
     }
+    // An operator's own settings for it win.
     #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
+        && std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
     {
         // SAFETY: mallopt takes plain integers and only changes the C allocator's settings.
         let set = unsafe {

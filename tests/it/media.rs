@@ -167,7 +167,7 @@ async fn legacy_download_works_when_not_frozen_and_config_advertises_limit() {
 }
 
 /// The ETag a download of `id` carries.
-async fn partial_etag(s: &TestServer, token: &str, id: &str) -> String {
+async fn etag_of(s: &TestServer, token: &str, id: &str) -> String {
     let response = get_media(s, &download_url(s, id), Some(token)).await;
     response.headers()[header::ETAG].to_str().unwrap().to_owned()
 }
@@ -216,7 +216,7 @@ async fn range_requests_and_unsafe_types() {
     assert_eq!(several.bytes().await.unwrap(), bytes);
     let stale = ranged("bytes=0-1").header(header::IF_RANGE, "\"another\"").send().await.unwrap();
     assert_eq!(stale.status(), StatusCode::OK);
-    let etag = partial_etag(&s, &token, &video).await;
+    let etag = etag_of(&s, &token, &video).await;
     let fresh = ranged("bytes=0-1").header(header::IF_RANGE, etag).send().await.unwrap();
     assert_eq!(fresh.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(fresh.bytes().await.unwrap(), bytes[..2]);

@@ -255,7 +255,8 @@ impl Media {
             previews: db.table(tables::URL_PREVIEWS),
             user_locks: (0..64).map(|_| Mutex::new(())).collect(),
             waiters: Mutex::default(),
-            thumbnail_permits: Arc::new(Semaphore::new(cores)),
+            // Never more than half the blocking pool, which file transfers need too.
+            thumbnail_permits: Arc::new(Semaphore::new(cores.min(4))),
             root,
             db: db.clone(),
         })

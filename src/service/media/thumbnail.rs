@@ -174,21 +174,30 @@ pub fn render(
 /// Decodes a JPEG, upright, at the smallest of its built-in reduced scales (1/8, 1/4, 1/2)
 /// that still covers every spec: a camera photo then costs a sixteenth of the memory and time
 /// of a full decode, and the file is streamed rather than read whole. `None` when no reduced
-/// scale will do or the pixels are neither plain RGB nor grey; the caller then decodes in full.
+/// scale will do, the pixels are neither plain RGB nor grey, or this decoder cannot read the
+/// file; the caller then decodes in full.
 fn jpeg_scaled(path: &Path, specs: &[Spec], max_pixels: u64) -> Result<Option<DynamicImage>> {
     use image::metadata::Orientation;
-    use jpeg_decoder::PixelFormat;
-    let bad = |_| cannot("the image could not be decoded");
+    use jpeg_decoder::{CodingProcess, PixelFormat};
     let file = std::io::BufReader::new(std::fs::File::open(path).map_err(Error::internal)?);
     let mut decoder = jpeg_decoder::Decoder::new(file);
     decoder.set_max_decoding_buffer_size(MAX_ALLOC as usize);
-    decoder.read_info().map_err(bad)?;
+    // Anything this decoder cannot read (a truncated file, say) goes to the full decoder.
+    if decoder.read_info().is_err() {
+        return Ok(None);
+    }
     let Some(info) = decoder.info() else { return Ok(None) };
     let (width, height) = (u32::from(info.width), u32::from(info.height));
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(cannot("the image has too many pixels"));
     }
-    if !matches!(info.pixel_format, PixelFormat::RGB24 | PixelFormat::L8) {
+    let channels = match info.pixel_format {
+        PixelFormat::RGB24 => 3,
+        PixelFormat::L8 => 1,
+        _ => return Ok(None),
+    };
+    // Lossless JPEGs ignore the scale.
+    if info.coding_process == CodingProcess::Lossless {
         return Ok(None);
     }
     // The orientation sits in a marker before the frame header, so it is known by now.
@@ -220,14 +229,22 @@ fn jpeg_scaled(path: &Path, specs: &[Spec], max_pixels: u64) -> Result<Option<Dy
     else {
         return Ok(None);
     };
-    let (w, h) = decoder.scale(w, h).map_err(bad)?;
-    let pixels = decoder.decode().map_err(bad)?;
+    // The decoder settles for a scale that is large enough in one axis; both must be.
+    let Ok((w, h)) = decoder.scale(w, h) else { return Ok(None) };
     let (w, h) = (u32::from(w), u32::from(h));
-    let image = match info.pixel_format {
-        PixelFormat::RGB24 => image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
-        _ => image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8),
+    if w < need.0 || h < need.1 {
+        return Ok(None);
+    }
+    let Ok(pixels) = decoder.decode() else { return Ok(None) };
+    if pixels.len() as u64 != u64::from(w) * u64::from(h) * channels {
+        return Ok(None);
+    }
+    let image = if channels == 3 {
+        image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8)
+    } else {
+        image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)
     };
-    let Some(mut image) = image else { return Err(cannot("the image could not be decoded")) };
+    let Some(mut image) = image else { return Ok(None) };
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
     }
@@ -367,6 +384,33 @@ mod tests {
         assert_eq!(size(100, 200), Some((400, 300)));
         assert_eq!(size(401, 10), None);
         assert!(jpeg_scaled(&path, &[spec(10, 10, true)], 1000).is_err());
+
+        // Cut short: left to the full decoder, which still makes the thumbnail.
+        let whole = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.jpg");
+        std::fs::write(&cut, &whole[..whole.len() - 2]).unwrap();
+        assert!(jpeg_scaled(&cut, &[STANDARD[0]], 100_000_000).unwrap().is_none());
+        let made = render(&cut, &[STANDARD[0]], 100_000_000).unwrap();
+        assert!(made[0].1.is_ok());
+
+        // A 4-pixel-wide strip: the decoder's own choice of scale would be too small.
+        let strip = dir.path().join("strip.jpg");
+        DynamicImage::ImageRgb8(image::RgbImage::new(4, 1000))
+            .save_with_format(&strip, ImageFormat::Jpeg)
+            .unwrap();
+        let made = render(&strip, &[STANDARD[2]], 100_000_000).unwrap();
+        let thumb = made[0].1.as_ref().unwrap();
+        assert_eq!((thumb.width, thumb.height), (1, 240));
+
+        // Grey photos take the scaled path too.
+        let grey = dir.path().join("grey.jpg");
+        DynamicImage::ImageLuma8(image::GrayImage::from_fn(800, 600, |x, _| {
+            image::Luma([x as u8])
+        }))
+        .save_with_format(&grey, ImageFormat::Jpeg)
+        .unwrap();
+        let small = jpeg_scaled(&grey, &[spec(100, 75, true)], 100_000_000).unwrap().unwrap();
+        assert_eq!((small.width(), small.height(), small.color()), (100, 75, image::ColorType::L8));
 
         let specs = [STANDARD[0], STANDARD[2], spec(100, 50, true), spec(5000, 5000, false)];
         let made = render(&path, &specs, 100_000_000).unwrap();
