@@ -460,7 +460,26 @@ async fn body_response(
         }
         Err(err) => return Err(Error::internal(err)),
     };
-    let size = file.metadata().await.map_err(Error::internal)?.len();
+    let metadata = file.metadata().await.map_err(Error::internal)?;
+    let size = metadata.len();
+    let modified = metadata.modified().ok().map(httpdate::HttpDate::from);
+    // `If-Modified-Since` counts only without `If-None-Match`, which `serve` has answered.
+    let unchanged = modified.is_some_and(|modified| {
+        !headers.contains_key(header::IF_NONE_MATCH)
+            && headers
+                .get(header::IF_MODIFIED_SINCE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<httpdate::HttpDate>().ok())
+                .is_some_and(|since| modified <= since)
+    });
+    let last_modified = modified.and_then(|m| HeaderValue::from_str(&m.to_string()).ok());
+    if unchanged {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        if let Some(value) = last_modified {
+            response.headers_mut().insert(header::LAST_MODIFIED, value);
+        }
+        return Ok(response);
+    }
     let (status, start, len) = match wanted(headers, etag, size) {
         Wanted::Whole => (StatusCode::OK, 0, size),
         Wanted::Part(first, last) => (StatusCode::PARTIAL_CONTENT, first, last - first + 1),
@@ -486,6 +505,9 @@ async fn body_response(
     );
     out.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     out.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(value) = last_modified {
+        out.insert(header::LAST_MODIFIED, value);
+    }
     if status == StatusCode::PARTIAL_CONTENT {
         let range = format!("bytes {start}-{}/{size}", start + len - 1);
         out.insert(header::CONTENT_RANGE, HeaderValue::from_str(&range).map_err(Error::internal)?);

@@ -3,7 +3,7 @@
 use std::{io::Cursor, path::Path, time::Duration};
 
 use image::{DynamicImage, ImageFormat, RgbImage};
-use reqwest::{StatusCode, header};
+use reqwest::{StatusCode, header, header::HeaderValue};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -126,6 +126,17 @@ async fn uploads_round_trip_share_storage_and_survive_restart() {
         .await
         .unwrap();
     assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+    let modified = named.headers()[header::LAST_MODIFIED].clone();
+    let since = |date: HeaderValue| {
+        s.http
+            .get(download_url(&s, &second))
+            .bearer_auth(&token)
+            .header(header::IF_MODIFIED_SINCE, date)
+            .send()
+    };
+    assert_eq!(since(modified).await.unwrap().status(), StatusCode::NOT_MODIFIED);
+    let long_ago = HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(since(long_ago).await.unwrap().status(), StatusCode::OK);
 
     // New media is frozen out of the unauthenticated download path.
     let legacy =

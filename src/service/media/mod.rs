@@ -199,19 +199,29 @@ pub struct Media {
     thumbnail_permits: Arc<Semaphore>,
 }
 
-/// Syncs a received temp file and renames it to its blob path, then syncs the directory so
-/// the rename survives a crash; if that blob already exists, the temp file is dropped instead.
+/// Syncs a received temp file and renames it to its blob path, then syncs the directories the
+/// rename and any new directory live in, so both survive a crash. If that blob already exists
+/// the temp file is dropped instead; the directory is still synced, since a concurrent
+/// identical upload may have renamed its file in without having synced yet.
 fn place(file: std::fs::File, temp: &Path, path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(path);
     if path.exists() {
         drop(file);
-        return std::fs::remove_file(temp);
+        std::fs::remove_file(temp)?;
+        return std::fs::File::open(dir)?.sync_all();
     }
     file.sync_all()?;
     drop(file);
-    let dir = path.parent().unwrap_or(path);
+    let created: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     std::fs::create_dir_all(dir)?;
     std::fs::rename(temp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()?;
+    for new in created {
+        if let Some(parent) = new.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 fn too_large(limit: u64) -> Error {
