@@ -452,15 +452,22 @@ async fn body_response(
     content_type: &str,
     etag: &HeaderValue,
 ) -> Result<Response> {
-    let file = match tokio::fs::File::open(state.media.blob_path(sha256)).await {
-        Ok(file) => file,
+    let path = state.media.blob_path(sha256);
+    let opened = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let metadata = file.metadata()?;
+        Ok::<_, std::io::Error>((file, metadata))
+    })
+    .await
+    .map_err(Error::internal)?;
+    let (file, metadata) = match opened {
+        Ok(opened) => opened,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             tracing::error!(%sha256, "media body missing from disk");
             return Err(Error::not_found("The media's content is missing"));
         }
         Err(err) => return Err(Error::internal(err)),
     };
-    let metadata = file.metadata().await.map_err(Error::internal)?;
     let size = metadata.len();
     let modified = metadata.modified().ok().map(httpdate::HttpDate::from);
     // `If-Modified-Since` counts only without `If-None-Match`, which `serve` has answered.
@@ -494,7 +501,6 @@ async fn body_response(
             return Ok(refused);
         }
     };
-    let file = file.into_std().await;
     let mut response = Response::new(Body::from_stream(blocks::read(file, start, len)));
     *response.status_mut() = status;
     let mime: mime::Mime = content_type.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);

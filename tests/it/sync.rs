@@ -13,6 +13,21 @@ async fn sync(s: &TestServer, token: &str, query: &str) -> Value {
     body
 }
 
+/// Sends a text 300 ms from now, for a long-poll to wake on.
+fn send_later(
+    s: &std::sync::Arc<TestServer>,
+    token: &str,
+    room: &str,
+    txn: &'static str,
+    body: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    let (s, token, room) = (s.clone(), token.to_owned(), room.to_owned());
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.send_text(&token, &room, txn, body).await;
+    })
+}
+
 fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
     sync["rooms"]["join"][room]["timeline"]["events"]
         .as_array()
@@ -99,13 +114,7 @@ async fn long_poll_wakes_when_a_message_arrives() {
     s.membership(&bob, &room, "join", json!({})).await;
     let token = sync(&s, &bob, "").await["next_batch"].as_str().unwrap().to_owned();
 
-    let sender = {
-        let (s, alice, room) = (s.clone(), alice.clone(), room.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            s.send_text(&alice, &room, "late", "wake up").await;
-        })
-    };
+    let sender = send_later(&s, &alice, &room, "late", "wake up");
     let started = Instant::now();
     let woke = sync(&s, &bob, &format!("since={token}&timeout=20000")).await;
     assert!(
@@ -363,13 +372,7 @@ async fn incremental_syncs_name_exactly_the_rooms_that_changed_across_restarts()
     let since = next(&body);
 
     // Caught up: the long-poll waits, then wakes for a message in one room.
-    let sender = {
-        let (s, alice, c) = (s.clone(), alice.clone(), c.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            s.send_text(&alice, &c, "live", "still there?").await;
-        })
-    };
+    let sender = send_later(&s, &alice, c, "live", "still there?");
     let waited = Instant::now();
     let body = sync(&s, &bob, &format!("since={since}&timeout=20000")).await;
     let waited = waited.elapsed();

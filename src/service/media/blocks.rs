@@ -15,20 +15,40 @@ pub const SIZE: usize = 256 * 1024;
 /// Idle blocks kept for reuse (8 MiB); more are freed.
 const KEPT: usize = 32;
 
-static IDLE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+/// Idle blocks waiting for reuse.
+struct Pool {
+    idle: Mutex<Vec<Box<[u8]>>>,
+}
+
+impl Pool {
+    const fn new() -> Self {
+        Self { idle: Mutex::new(Vec::new()) }
+    }
+
+    fn take(&self) -> Box<[u8]> {
+        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| vec![0; SIZE].into_boxed_slice())
+    }
+
+    fn give(&self, block: Box<[u8]>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if block.len() == SIZE && idle.len() < KEPT {
+            idle.push(block);
+        }
+    }
+}
+
+/// The process's one pool.
+static POOL: Pool = Pool::new();
 
 /// A block of [`SIZE`] bytes, from the pool when one is idle.
 pub fn take() -> Box<[u8]> {
-    let reused = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    reused.unwrap_or_else(|| vec![0; SIZE].into_boxed_slice())
+    POOL.take()
 }
 
 /// Hands a block back for reuse.
 pub fn give(block: Box<[u8]>) {
-    let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
-    if block.len() == SIZE && idle.len() < KEPT {
-        idle.push(block);
-    }
+    POOL.give(block);
 }
 
 /// The first `len` bytes of a block, as a body chunk; the block returns to the pool once the
@@ -93,21 +113,25 @@ mod tests {
 
     #[test]
     fn blocks_are_reused_and_the_pool_stays_bounded() {
-        let first = take();
+        // A pool of the test's own, so that other tests' transfers cannot take its blocks.
+        let pool = Pool::new();
+        let first = pool.take();
         let address = first.as_ptr();
-        let chunk = Filled::new(first, 10);
-        assert_eq!(chunk.as_ref().len(), 10);
-        drop(chunk);
-        // Other tests may take blocks concurrently, so look for ours among a few.
-        let taken: Vec<_> = (0..KEPT + 8).map(|_| take()).collect();
-        assert!(taken.iter().any(|b| b.as_ptr() == address));
+        pool.give(first);
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), address, "an idle block is handed out again");
+        pool.give(again);
+        let taken: Vec<_> = (0..KEPT + 8).map(|_| pool.take()).collect();
         assert!(taken.iter().all(|b| b.len() == SIZE));
         for block in taken {
-            give(block);
+            pool.give(block);
         }
-        assert!(IDLE.lock().unwrap().len() <= KEPT);
-        give(vec![0; 3].into_boxed_slice());
-        assert!(IDLE.lock().unwrap().iter().all(|b| b.len() == SIZE));
+        assert_eq!(pool.idle.lock().unwrap().len(), KEPT);
+        pool.give(vec![0; 3].into_boxed_slice());
+        assert_eq!(pool.idle.lock().unwrap().len(), KEPT, "odd sizes are not kept");
+
+        let chunk = Filled::new(take(), 10);
+        assert_eq!(chunk.as_ref().len(), 10);
     }
 
     #[tokio::test]
