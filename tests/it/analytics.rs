@@ -410,6 +410,7 @@ async fn known_reply_times_give_exact_medians_and_p90s() {
             state_after: 0,
             wire,
             redacted_because: None,
+            redaction: None,
             transaction: None,
         };
         let mut batch = services.db.batch();

@@ -907,6 +907,7 @@ impl Rooms {
             state_after: 0,
             wire,
             redacted_because: None,
+            redaction: None,
             transaction: txn.map(|(device, txn_id)| (device.to_owned(), txn_id.to_owned())),
         };
         let pdu = Pdu::from_stored(&stored)
@@ -988,13 +989,13 @@ impl Rooms {
             self.user_rooms.put(&mut batch, &(target.as_str(), room_id.as_str()), &membership);
             self.room_members.put(&mut batch, &(room_id.as_str(), target.as_str()), &membership);
         }
-        let mut redacted_short = None;
+        let mut redacted_shorts = Vec::new();
         if let Some(target) = &pdu.redacts {
             if let Some(redacted) = self.stored(target)?.filter(|e| e.room_id == room_id) {
                 services.relations.unindex(&mut batch, record.short_id, &redacted)?;
             }
-            redacted_short =
-                self.apply_redaction(&mut batch, &room_id, target, &event_id, &rules)?;
+            redacted_shorts =
+                self.apply_redaction(&mut batch, &room_id, target, &stored, &rules)?;
         }
         stored.state_after = record.current_state;
         record.extremities = vec![event_id.clone()];
@@ -1017,7 +1018,7 @@ impl Rooms {
             services.audit.commit(batch, audit_entries).map(|()| None)
         };
         let ticket = committed.inspect_err(|_| services.analytics.forget(room_id.as_str()))?;
-        if let Some(short) = redacted_short {
+        for short in redacted_shorts {
             self.forget_state_pdu(short);
         }
         if event.kind == TimelineEventType::RoomMember {
@@ -1069,26 +1070,44 @@ impl Rooms {
         Ok(JsonValue::Array(refs))
     }
 
-    /// Queues the redaction of `target` (if it is in this room) by `redaction`; returns its
-    /// short id.
+    /// Queues the redaction of `target` (if it is in this room) by `redaction`, which is kept
+    /// with it for `unsigned.redacted_because`; returns the short ids of the events changed
+    /// (when `target` is itself a redaction, the event it redacted shows it redacted too).
     fn apply_redaction(
         &self,
         batch: &mut crate::storage::Batch,
         room_id: &RoomId,
         target: &EventId,
-        redaction: &EventId,
+        redaction: &StoredPdu,
         rules: &RoomVersionRules,
-    ) -> Result<Option<u64>> {
-        let Some(short) = self.event_ids.get(target.as_str())? else { return Ok(None) };
+    ) -> Result<Vec<u64>> {
+        let Some(short) = self.event_ids.get(target.as_str())? else { return Ok(Vec::new()) };
         let mut stored = self.stored_by_short(short)?;
         if stored.room_id != room_id {
-            return Ok(None);
+            return Ok(Vec::new());
         }
+        // Read before redacting: room versions before 11 drop the top-level `redacts`.
+        let redacted_by_target = Pdu::from_stored(&stored).ok().and_then(|pdu| pdu.redacts);
         ruma::canonical_json::redact_in_place(&mut stored.wire, &rules.redaction, None)
             .map_err(Error::internal)?;
-        stored.redacted_because = Some(redaction.to_owned());
+        stored.redacted_because = Some(redaction.event_id.clone());
+        stored.redaction = Some(pdu::redaction_event(redaction));
         self.pdus.put(batch, &short, &stored);
-        Ok(Some(short))
+        let mut changed = vec![short];
+        if let Some(earlier) = redacted_by_target
+            && let Some(earlier_short) = self.event_ids.get(earlier.as_str())?
+        {
+            let mut earlier = self.stored_by_short(earlier_short)?;
+            if earlier.room_id == room_id && earlier.redacted_because.as_deref() == Some(target) {
+                let mut shown = pdu::redaction_event(&stored);
+                // Its `redacts` is what it still names, whatever the room version kept.
+                shown["redacts"] = serde_json::json!(earlier.event_id);
+                earlier.redaction = Some(shown);
+                self.pdus.put(batch, &earlier_short, &earlier);
+                changed.push(earlier_short);
+            }
+        }
+        Ok(changed)
     }
 
     /// Every stored event from short id `from` on, in short id order (for rebuilding indexes).
@@ -1208,6 +1227,7 @@ mod tests {
             state_after: 0,
             wire: ruma::CanonicalJsonObject::new(),
             redacted_because: None,
+            redaction: None,
             transaction: None,
         })
     }

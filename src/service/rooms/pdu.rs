@@ -2,8 +2,8 @@
 //! sees them, and as clients receive them.
 
 use ruma::{
-    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId,
-    RoomId, UserId, events::TimelineEventType,
+    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
+    OwnedUserId, RoomId, UserId, events::TimelineEventType,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, json, value::RawValue as RawJsonValue};
@@ -27,6 +27,11 @@ pub struct StoredPdu {
     /// The event that redacted this one, if any.
     #[serde(default)]
     pub redacted_because: Option<OwnedEventId>,
+    /// That redaction as clients see it (without `unsigned`), kept with the redacted event so
+    /// serving `unsigned.redacted_because` reads nothing more. Absent for events redacted
+    /// before it was kept, which show the redaction's id alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redaction: Option<JsonValue>,
     /// The transaction id the sending device used, shown to that device only.
     #[serde(default)]
     pub transaction: Option<(String, String)>,
@@ -182,20 +187,26 @@ pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> Json
     if let Some(state_key) = wire.get("state_key") {
         event["state_key"] = json!(state_key);
     }
-    if let Some(redacts) = wire.get("redacts") {
+    if let Some(redacts) = redacts_of(wire) {
         event["redacts"] = json!(redacts);
     }
     let mut unsigned = serde_json::Map::new();
     let now = crate::service::now_ms();
-    if let Some(ts) = wire
-        .get("origin_server_ts")
-        .and_then(|t| serde_json::to_value(t).ok())
-        .and_then(|t| t.as_u64())
-    {
+    if let Some(ts) = origin_server_ts(wire) {
         unsigned.insert("age".into(), json!(now.saturating_sub(ts)));
     }
     if let Some(because) = &stored.redacted_because {
-        unsigned.insert("redacted_because".into(), json!({ "event_id": because }));
+        let redaction = match &stored.redaction {
+            Some(redaction) => {
+                let mut redaction = redaction.clone();
+                if let Some(ts) = redaction["origin_server_ts"].as_u64() {
+                    redaction["unsigned"] = json!({ "age": now.saturating_sub(ts) });
+                }
+                redaction
+            }
+            None => json!({ "event_id": because }),
+        };
+        unsigned.insert("redacted_because".into(), redaction);
     }
     if let (Some((user, device)), Some((sender_device, txn))) = (viewer, &stored.transaction)
         && wire.get("sender").and_then(|s| s.as_str()) == Some(user.as_str())
@@ -205,6 +216,43 @@ pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> Json
     }
     event["unsigned"] = JsonValue::Object(unsigned);
     event
+}
+
+/// The client-server form of the redaction `stored`, as kept with the event it redacts (its
+/// `unsigned` is made when served).
+pub fn redaction_event(stored: &StoredPdu) -> JsonValue {
+    let mut event = client_event(stored, None);
+    if let JsonValue::Object(fields) = &mut event {
+        fields.remove("unsigned");
+    }
+    event
+}
+
+/// The event a redaction names: the top-level `redacts` (room versions 1 to 10) or, since
+/// room version 11, `content.redacts`, which clients are also given at the top level.
+fn redacts_of(wire: &CanonicalJsonObject) -> Option<&CanonicalJsonValue> {
+    if let Some(redacts) = wire.get("redacts") {
+        return Some(redacts);
+    }
+    if wire.get("type").and_then(|t| t.as_str()) != Some("m.room.redaction")
+        || wire.contains_key("state_key")
+    {
+        return None;
+    }
+    match wire.get("content") {
+        Some(CanonicalJsonValue::Object(content)) => {
+            content.get("redacts").filter(|r| matches!(r, CanonicalJsonValue::String(_)))
+        }
+        _ => None,
+    }
+}
+
+/// The event's `origin_server_ts`, in ms since the epoch.
+fn origin_server_ts(wire: &CanonicalJsonObject) -> Option<u64> {
+    match wire.get("origin_server_ts") {
+        Some(CanonicalJsonValue::Integer(ts)) => u64::try_from(i64::from(*ts)).ok(),
+        _ => None,
+    }
 }
 
 impl ruma::state_res::Event for Pdu {
