@@ -95,7 +95,8 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             account_changes.entry(room).or_default().push(kind);
         }
     }
-    let (mut join, mut invite, mut leave) = (Rooms::new(), Rooms::new(), Rooms::new());
+    let (mut join, mut invite, mut leave, mut knock) =
+        (Rooms::new(), Rooms::new(), Rooms::new(), Rooms::new());
     let memberships = rooms.memberships_of(req.user_id)?;
     for (room_id, _) in memberships.iter() {
         if !room_allowed(room_id) {
@@ -140,25 +141,18 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                 if stale || viewer.ignored.contains(member.sender.as_str()) {
                     continue;
                 }
-                let mut events: Vec<JsonValue> = Vec::new();
-                for kind in INVITE_STATE {
-                    if let Some(event) = rooms.state_event(&state, kind, "")? {
-                        events.push(stripped(&event));
-                    }
-                }
-                if let Some(inviter) =
-                    rooms.state_event(&state, "m.room.member", member.sender.as_str())?
-                {
-                    events.push(stripped(&inviter));
-                }
-                events.extend(
-                    rooms
-                        .state_event(&state, "m.room.member", req.user_id.as_str())?
-                        .as_ref()
-                        .map(stripped),
-                );
+                let events = stripped_state(services, &state, &member, req.user_id)?;
                 let room = json!({ "invite_state": { "events": events } });
                 invite.insert(room_id.to_string(), to_raw_value(&room)?);
+            }
+            // A knock waiting for an answer: the room as a knocker may see it.
+            "knock" if !racing => {
+                if !initial && member.position <= since {
+                    continue;
+                }
+                let events = stripped_state(services, &state, &member, req.user_id)?;
+                let room = json!({ "knock_state": { "events": events } });
+                knock.insert(room_id.to_string(), to_raw_value(&room)?);
             }
             "leave" | "ban" if !racing && (!initial || room_filter.include_leave) => {
                 let own = rooms.state_event(&state, "m.room.member", req.user_id.as_str())?;
@@ -171,7 +165,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             _ => {}
         }
     }
-    has_changes |= !(join.is_empty() && invite.is_empty() && leave.is_empty());
+    has_changes |= !(join.is_empty() && invite.is_empty() && leave.is_empty() && knock.is_empty());
 
     let mut global_account_data = Vec::new();
     for kind in account_changes.get("").into_iter().flatten() {
@@ -247,7 +241,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
         "device_one_time_keys_count": e2ee.counts(req.user_id, req.device_id)?,
         "device_unused_fallback_key_types": e2ee.unused_fallback_types(req.user_id, req.device_id)?,
     });
-    let body = Body { rest, rooms: RoomSections { join, invite, leave, knock: Rooms::new() } };
+    let body = Body { rest, rooms: RoomSections { join, invite, leave, knock } };
     Ok(SyncResponse { body: to_raw_value(&body)?, has_changes })
 }
 
@@ -273,6 +267,32 @@ struct Body {
 
 fn to_raw_value<T: Serialize>(value: &T) -> Result<Box<RawValue>> {
     serde_json::value::to_raw_value(value).map_err(Error::internal)
+}
+
+/// The stripped state shown to an invitee or a knocker: the room's description, the member
+/// event of whoever sent the user's membership (the inviter) and the user's own.
+fn stripped_state(
+    services: &Services,
+    state: &StateMap,
+    member: &crate::service::rooms::pdu::Pdu,
+    user_id: &UserId,
+) -> Result<Vec<JsonValue>> {
+    let rooms = &services.rooms;
+    let mut events: Vec<JsonValue> = Vec::new();
+    for kind in INVITE_STATE {
+        if let Some(event) = rooms.state_event(state, kind, "")? {
+            events.push(stripped(&event));
+        }
+    }
+    if member.sender != user_id
+        && let Some(sender) = rooms.state_event(state, "m.room.member", member.sender.as_str())?
+    {
+        events.push(stripped(&sender));
+    }
+    events.extend(
+        rooms.state_event(state, "m.room.member", user_id.as_str())?.as_ref().map(stripped),
+    );
+    Ok(events)
 }
 
 /// The stripped form of a state event shown to invitees.
@@ -360,18 +380,23 @@ fn ignored_users(services: &Services, user_id: &UserId) -> Result<HashSet<String
 
 /// State events to send with a timeline: all of `at_start` (initial, full or newly joined) or
 /// what changed since `since_state` (gappy), minus what the timeline carries itself, with
-/// lazily loaded members cut down to the timeline's senders.
+/// lazily loaded members cut down to the timeline's senders and `heroes`.
 fn state_section(
     services: &Services,
     req: &SyncRequest<'_>,
     at_start: &StateMap,
     since_state: Since<'_>,
     timeline: &[StoredPdu],
+    heroes: &[&str],
 ) -> Result<Vec<JsonValue>> {
     let in_timeline: HashSet<&str> = timeline.iter().map(|e| e.event_id.as_str()).collect();
     let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
-    let senders: HashSet<&str> =
-        timeline.iter().map(StoredPdu::sender).chain([req.user_id.as_str()]).collect();
+    let senders: HashSet<&str> = timeline
+        .iter()
+        .map(StoredPdu::sender)
+        .chain([req.user_id.as_str()])
+        .chain(heroes.iter().copied())
+        .collect();
     let mut events = Vec::new();
     // The state did not change since the token: only lazily loaded senders are sent.
     if let Since::Same = since_state {
@@ -490,8 +515,24 @@ async fn joined_room(
         (Some(_), Some(was)) => Since::Was(was),
         (Some(_), None) => Since::Same,
     };
-    let state = state_section(services, req, &at_start, since_state, &events)?;
+    // With lazy loading the heroes' member events must come along, so clients can name the
+    // room: sent when the state changed or the timeline carries state (the heroes may have
+    // changed); an unchanged state was sent before.
     let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
+    let heroes_may_change =
+        !matches!(since_state, Since::Same) || events.iter().any(|e| e.state_key().is_some());
+    let early_summary = if lazy && heroes_may_change {
+        Some(summary(services, room_id, current, req.user_id)?)
+    } else {
+        None
+    };
+    let heroes: Vec<&str> = early_summary
+        .as_ref()
+        .and_then(|summary| summary.get("m.heroes"))
+        .and_then(JsonValue::as_array)
+        .map(|heroes| heroes.iter().filter_map(JsonValue::as_str).collect())
+        .unwrap_or_default();
+    let state = state_section(services, req, &at_start, since_state, &events, &heroes)?;
     let state_news = state.iter().any(|e| !(lazy && e["type"] == "m.room.member"));
     if !fresh && events.is_empty() && !state_news && account_data.is_empty() && ephemeral.is_empty()
     {
@@ -503,7 +544,10 @@ async fn joined_room(
         .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
         .collect::<Result<_>>()?;
 
-    let summary = summary(services, room_id, current, req.user_id)?;
+    let summary = match early_summary {
+        Some(summary) => summary,
+        None => summary(services, room_id, current, req.user_id)?,
+    };
     let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
     let by_thread = req.filter.room.timeline.unread_thread_notifications;
     let counting = super::push::Counting { room_id, record, state: current, member: Some(member) };
