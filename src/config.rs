@@ -39,6 +39,8 @@ pub struct Config {
     pub log: LogConfig,
     /// TURN servers handed to clients for calls.
     pub turn: TurnConfig,
+    /// OpenID tokens for widgets and integration managers.
+    pub openid: OpenIdConfig,
     /// Room defaults.
     pub rooms: RoomsConfig,
     /// Who the user directory finds.
@@ -372,6 +374,14 @@ pub struct TurnConfig {
     pub ttl_secs: u64,
 }
 
+/// OpenID tokens (`/user/{userId}/openid/request_token`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenIdConfig {
+    /// Lifetime of an OpenID token, in seconds (1 to 86400).
+    pub token_ttl_secs: u64,
+}
+
 /// Room defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -394,6 +404,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             turn: TurnConfig::default(),
+            openid: OpenIdConfig::default(),
             rooms: RoomsConfig::default(),
             user_directory: UserDirectoryConfig::default(),
             presence: PresenceConfig::default(),
@@ -462,6 +473,12 @@ impl Default for LogConfig {
 impl Default for TurnConfig {
     fn default() -> Self {
         Self { uris: Vec::new(), shared_secret: None, ttl_secs: 86_400 }
+    }
+}
+
+impl Default for OpenIdConfig {
+    fn default() -> Self {
+        Self { token_ttl_secs: 3600 }
     }
 }
 
@@ -604,6 +621,12 @@ impl Config {
         ];
         if let Some((_, key, reason)) = checks.into_iter().find(|(failed, ..)| *failed) {
             return Err(ConfigError::Value { key, reason: reason.to_owned() });
+        }
+        if !(1..=86_400).contains(&self.openid.token_ttl_secs) {
+            return Err(ConfigError::Value {
+                key: "openid.token_ttl_secs",
+                reason: "must be 1 to 86400".to_owned(),
+            });
         }
         if self.encryption.encrypt_private_rooms_by_default && !self.encryption.allowed {
             return Err(ConfigError::Value {

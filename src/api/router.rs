@@ -88,6 +88,7 @@ pub fn build(state: State) -> Router {
         events, keys, presence, profile, push, register, relations, rooms, search, session, space,
         sync, user_directory, voip,
     };
+    use client::{openid, thirdparty};
     use ruma::api::client::account::{
         add_3pid, bind_3pid, request_3pid_management_token_via_email,
         request_3pid_management_token_via_msisdn, request_password_change_token_via_email,
@@ -119,6 +120,8 @@ pub fn build(state: State) -> Router {
         .ruma(account::get_3pids)
         .ruma(account::delete_3pid)
         .ruma(account::unbind_3pid)
+        .ruma(openid::request_token)
+        .ruma(openid::userinfo)
         .ruma(account::threepid_denied::<add_3pid::v3::Request>)
         .ruma(account::threepid_denied::<bind_3pid::v3::Request>)
         .ruma(account::threepid_denied::<request_3pid_management_token_via_email::v3::Request>)
@@ -143,6 +146,8 @@ pub fn build(state: State) -> Router {
         .ruma(account_data::get_room)
         .ruma(account_data::set_room)
         .ruma(voip::turn_server)
+        .ruma(thirdparty::protocols)
+        .ruma(thirdparty::protocol)
         // Sync and history
         .ruma(sync::sync)
         .ruma(sync::create)

@@ -17,6 +17,7 @@ pub mod media;
 pub mod metrics;
 pub mod notices;
 pub mod onboarding;
+pub mod openid;
 pub mod presence;
 pub mod push;
 pub mod ratelimit;
@@ -53,6 +54,8 @@ pub struct Services {
     pub users: users::Users,
     /// Devices and their access and refresh tokens.
     pub sessions: sessions::Sessions,
+    /// OpenID tokens for widgets and integration managers.
+    pub openid: openid::OpenId,
     /// Per-user and per-room account data.
     pub account_data: account_data::AccountData,
     /// Registration tokens and shared-secret nonces.
@@ -147,6 +150,7 @@ impl Services {
             rooms: rooms::Rooms::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             users: users::Users::new(&db),
             sessions: sessions::Sessions::new(&db, config.registration.access_token_ttl_secs),
+            openid: openid::OpenId::new(&db, config.openid.token_ttl_secs),
             account_data: account_data::AccountData::new(&db),
             registration: registration::Registration::new(&db),
             uiaa: uiaa::Uiaa::default(),

@@ -17,6 +17,11 @@ pub const DEVICES: &str = "devices";
 pub const ACCESS_TOKENS: &str = "access_tokens";
 /// `sha256(refresh token)` -> `TokenRecord`.
 pub const REFRESH_TOKENS: &str = "refresh_tokens";
+/// `sha256(OpenID token)` -> `OpenIdToken` (user, expiry): tokens for widgets and
+/// integration managers, good only for `/openid/userinfo`.
+pub const OPENID_TOKENS: &str = "openid_tokens";
+/// `expiry ms 0xFF sha256(OpenID token)` -> nothing: OpenID tokens by expiry, for pruning.
+pub const OPENID_EXPIRY: &str = "openid_expiry";
 /// `user id 0xFF room id (empty for global) 0xFF event type` -> account data content.
 pub const ACCOUNT_DATA: &str = "account_data";
 /// `user id 0xFF stream position` -> `(room id, event type)` of the account data changed then.
@@ -162,6 +167,8 @@ pub const ALL: &[&str] = &[
     DEVICES,
     ACCESS_TOKENS,
     REFRESH_TOKENS,
+    OPENID_TOKENS,
+    OPENID_EXPIRY,
     ACCOUNT_DATA,
     ACCOUNT_DATA_CHANGES,
     REGISTRATION_TOKENS,

@@ -6,6 +6,7 @@ mod admin;
 mod admin_more;
 mod analytics;
 mod audit;
+mod client_spec;
 mod common;
 mod directory;
 mod e2ee;

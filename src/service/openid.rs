@@ -1,0 +1,93 @@
+//! OpenID tokens: short-lived proofs of identity a client hands to a widget or an integration
+//! manager, which checks them with `/openid/userinfo`. They live in a table of their own, so
+//! one can never act as an access token, and are stored only as SHA-256 digests.
+
+use ruma::{OwnedUserId, UserId};
+use serde::{Deserialize, Serialize};
+
+use super::{Services, now_ms, random_string, sessions::token_hash};
+use crate::{
+    error::{Error, ErrorKind, Result},
+    storage::{Db, Table, tables},
+};
+
+/// Most expired tokens pruned alongside each new one (keeps issuing cheap).
+const PRUNE_PER_ISSUE: usize = 64;
+
+/// Whom an OpenID token vouches for, and until when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenIdToken {
+    /// The account that asked for it.
+    pub user_id: OwnedUserId,
+    /// When it stops being valid (ms since the epoch).
+    pub expires_ms: u64,
+}
+
+/// Issued OpenID tokens.
+pub struct OpenId {
+    ttl_secs: u64,
+    tokens: Table<OpenIdToken>,
+    by_expiry: Table<()>,
+    db: Db,
+}
+
+impl OpenId {
+    pub(super) fn new(db: &Db, ttl_secs: u64) -> Self {
+        Self {
+            ttl_secs,
+            tokens: db.table(tables::OPENID_TOKENS),
+            by_expiry: db.table(tables::OPENID_EXPIRY),
+            db: db.clone(),
+        }
+    }
+
+    /// How long a token stays valid, in seconds (`openid.token_ttl_secs`).
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl_secs
+    }
+
+    /// Issues a token for `user_id`, valid for [`Self::ttl_secs`]; expired tokens are pruned in
+    /// the same write.
+    pub fn issue(&self, user_id: &UserId) -> Result<String> {
+        let token = random_string(32);
+        let hash = token_hash(&token);
+        let now = now_ms();
+        let expires_ms = now + self.ttl_secs * 1000;
+        let mut batch = self.db.batch();
+        let upper = (now + 1).to_be_bytes().to_vec();
+        for entry in self.by_expiry.scan_range(Vec::new(), upper, false).take(PRUNE_PER_ISSUE) {
+            let (key, ()) = entry?;
+            if let Some(expired) = key.get(9..) {
+                self.tokens.delete_raw(&mut batch, expired);
+            }
+            self.by_expiry.delete_raw(&mut batch, &key);
+        }
+        let record = OpenIdToken { user_id: user_id.to_owned(), expires_ms };
+        self.tokens.put(&mut batch, hash.as_str(), &record);
+        self.by_expiry.put(&mut batch, &(expires_ms, hash.as_str()), &());
+        self.db.write(batch)?;
+        Ok(token)
+    }
+
+    /// The user `token` vouches for; unknown and expired tokens, and those of accounts
+    /// deactivated since, answer 401 `M_UNKNOWN_TOKEN` (an expired one is deleted).
+    pub fn verify(&self, services: &Services, token: &str) -> Result<OwnedUserId> {
+        let unknown = || {
+            Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown or expired token")
+        };
+        let hash = token_hash(token);
+        let record = self.tokens.get(hash.as_str())?.ok_or_else(unknown)?;
+        if record.expires_ms <= now_ms() {
+            let mut batch = self.db.batch();
+            self.tokens.delete(&mut batch, hash.as_str());
+            self.by_expiry.delete(&mut batch, &(record.expires_ms, hash.as_str()));
+            self.db.write(batch)?;
+            return Err(unknown());
+        }
+        let user = services.users.get(&record.user_id)?;
+        if user.is_none_or(|user| user.deactivated) {
+            return Err(unknown());
+        }
+        Ok(record.user_id)
+    }
+}
