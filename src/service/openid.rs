@@ -91,3 +91,39 @@ impl OpenId {
         Ok(record.user_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issuing_prunes_expired_tokens_and_keeps_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let openid = OpenId::new(&db, 60);
+        let alice = ruma::user_id!("@alice:plaza.test");
+        let live = token_hash(&openid.issue(alice).unwrap());
+        // Two tokens that expired a while ago, as left behind by clients that never used them.
+        let mut batch = db.batch();
+        let expired: Vec<String> = (0..2).map(|i| token_hash(&format!("old{i}"))).collect();
+        for (i, hash) in expired.iter().enumerate() {
+            let expires_ms = now_ms() - 10_000 + i as u64;
+            let record = OpenIdToken { user_id: alice.to_owned(), expires_ms };
+            openid.tokens.put(&mut batch, hash.as_str(), &record);
+            openid.by_expiry.put(&mut batch, &(expires_ms, hash.as_str()), &());
+        }
+        db.write(batch).unwrap();
+
+        let newest = token_hash(&openid.issue(alice).unwrap());
+        for hash in &expired {
+            assert!(openid.tokens.get(hash.as_str()).unwrap().is_none(), "{hash} pruned");
+        }
+        let left: Vec<_> = openid.by_expiry.scan_from(Vec::new()).map(|e| e.unwrap().0).collect();
+        assert_eq!(left.len(), 2, "only the live tokens stay indexed");
+        for hash in [&live, &newest] {
+            let record = openid.tokens.get(hash.as_str()).unwrap().unwrap();
+            assert_eq!(record.user_id, alice);
+            assert!(record.expires_ms > now_ms() + 50_000);
+        }
+    }
+}
