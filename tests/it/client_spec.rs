@@ -370,3 +370,38 @@ async fn thirdparty_protocols_and_turn_server_answer_empty_without_them() {
     assert_eq!(body["uris"], json!(["turn:turn.example.com:3478?transport=udp"]));
     assert_eq!(body["ttl"], 86_400);
 }
+
+#[tokio::test]
+async fn events_redacted_before_redactions_were_kept_show_the_whole_redaction() {
+    use plaza::{
+        service::rooms::pdu::StoredPdu,
+        storage::{Db, tables},
+    };
+
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let target = sent_id(&s.send_text(&alice, &room, "m", "oops").await);
+    let path = format!("/_matrix/client/v3/rooms/{room}/redact/{}/r", enc(&target));
+    let redaction = sent_id(&s.put(&path, Some(&alice), json!({ "reason": "typo" })).await);
+
+    // Stored as older versions left it: the redaction's id alone.
+    let s = s
+        .restart_after(|db_path| {
+            let db = Db::open(db_path, 8).unwrap();
+            let short = db.table::<u64>(tables::EVENT_IDS).get(target.as_str()).unwrap().unwrap();
+            let pdus = db.table::<StoredPdu>(tables::PDUS);
+            let mut stored = pdus.get(&short).unwrap().unwrap();
+            assert!(stored.redaction.take().is_some());
+            let mut batch = db.batch();
+            pdus.put(&mut batch, &short, &stored);
+            db.write(batch).unwrap();
+        })
+        .await;
+    let (_, alice) = s.login("alice", "correct horse").await;
+    let alice = alice["access_token"].as_str().unwrap();
+    let event = format!("/_matrix/client/v3/rooms/{room}/event/{}", enc(&target));
+    let (status, redacted) = s.get(&event, Some(alice)).await;
+    assert_eq!(status, StatusCode::OK, "{redacted}");
+    assert_redacted(&redacted, &redaction, &target, "typo");
+}

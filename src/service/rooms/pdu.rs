@@ -28,8 +28,8 @@ pub struct StoredPdu {
     #[serde(default)]
     pub redacted_because: Option<OwnedEventId>,
     /// That redaction as clients see it (without `unsigned`), kept with the redacted event so
-    /// serving `unsigned.redacted_because` reads nothing more. Absent for events redacted
-    /// before it was kept, which show the redaction's id alone.
+    /// serving `unsigned.redacted_because` reads nothing more (events redacted before it was
+    /// kept have it looked up when read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redaction: Option<JsonValue>,
     /// The transaction id the sending device used, shown to that device only.
@@ -204,6 +204,7 @@ pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> Json
                 }
                 redaction
             }
+            // The redaction itself is missing from the database.
             None => json!({ "event_id": because }),
         };
         unsigned.insert("redacted_because".into(), redaction);
