@@ -418,6 +418,20 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         batch.inner.delete_cf(self.db.cf(self.name), key.to_key_bytes());
     }
 
+    /// Queues the removal of every key starting with `prefix` in `batch`, as one range
+    /// tombstone (no scan).
+    pub fn delete_prefix(&self, batch: &mut Batch, prefix: Vec<u8>) {
+        let mut upper = prefix.clone();
+        // The smallest key above every key with the prefix: drop trailing 0xFF bytes and
+        // raise the last one left. A prefix of only 0xFF bytes has no upper bound.
+        while upper.last() == Some(&u8::MAX) {
+            upper.pop();
+        }
+        let Some(last) = upper.last_mut() else { return };
+        *last += 1;
+        batch.inner.delete_range_cf(self.db.cf(self.name), prefix, upper);
+    }
+
     /// Queues the removal of the raw encoded `key` in `batch` (for keys read back from a scan).
     pub fn delete_raw(&self, batch: &mut Batch, key: &[u8]) {
         batch.inner.delete_cf(self.db.cf(self.name), key);

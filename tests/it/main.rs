@@ -7,6 +7,7 @@ mod admin_more;
 mod analytics;
 mod audit;
 mod common;
+mod correctness;
 mod directory;
 mod e2ee;
 mod edge_cases;
