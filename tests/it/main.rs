@@ -4,6 +4,7 @@
 mod accounts;
 mod admin;
 mod admin_more;
+mod admin_reads;
 mod analytics;
 mod audit;
 mod common;
