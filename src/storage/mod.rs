@@ -545,6 +545,26 @@ mod tests {
         assert_eq!(table.get(&("@ab:x", "D3")).unwrap(), Some(3));
     }
 
+    #[test]
+    fn prefix_deletes_remove_exactly_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let table: Table<u32> = db.table(tables::TRANSACTIONS);
+        let mut batch = db.batch();
+        table.put(&mut batch, &("@a:x", "D1", "t1"), &1);
+        table.put(&mut batch, &("@a:x", "D1", ("send", "t2")), &2);
+        table.put(&mut batch, &("@a:x", "D10", "t1"), &3);
+        table.put(&mut batch, &("@a:x", "D2", "t1"), &4);
+        table.put(&mut batch, &("@a:xy", "D1", "t1"), &5);
+        db.write(batch).unwrap();
+        let mut batch = db.batch();
+        table.delete_prefix(&mut batch, prefix(&("@a:x", "D1")));
+        db.write(batch).unwrap();
+        let left: Vec<u32> = table.scan_from(Vec::new()).map(|item| item.unwrap().1).collect();
+        // In key order: `@a:xy` sorts before `@a:x` 0xFF.
+        assert_eq!(left, vec![5, 3, 4]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deferred_writes_share_syncs_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -57,7 +57,8 @@ async fn transaction_ids_are_scoped_per_device_and_endpoint() {
     let (status, login) = s.login(&alice, "password-a").await;
     assert_eq!(status, StatusCode::OK, "{login}");
     let other = login["access_token"].as_str().unwrap();
-    assert_ne!(say(&s, other, &room, "t1", "from the phone").await, message);
+    let phone = say(&s, other, &room, "t1", "from the phone").await;
+    assert_ne!(phone, message);
 
     // A logged-out device's ids go with it; a new device with the same id starts afresh.
     let device = login["device_id"].as_str().unwrap();
@@ -74,7 +75,7 @@ async fn transaction_ids_are_scoped_per_device_and_endpoint() {
     assert_eq!(status, StatusCode::OK, "{login}");
     let again = login["access_token"].as_str().unwrap();
     let fresh = say(&s, again, &room, "t1", "after logging in again").await;
-    assert_ne!(fresh, message);
+    assert_ne!(fresh, phone);
 }
 
 #[tokio::test]

@@ -53,12 +53,12 @@ pub async fn send(
     let caller = req.caller()?.clone();
     let body = req.body;
     let content = content_object(body.body.json().get())?;
-    let kind = TimelineEventType::from(body.event_type.to_string());
+    let event_type = body.event_type.to_string();
+    let kind = TimelineEventType::from(event_type.as_str());
     if kind == TimelineEventType::RoomRedaction {
         return Err(Error::bad_json("Use the redact endpoint to redact events"));
     }
     let event = NewEvent { kind, content, state_key: None, redacts: None, audit: Vec::new() };
-    let event_type = body.event_type.to_string();
     let txn = Txn {
         device: caller.device_id.as_str(),
         id: body.txn_id.as_str(),

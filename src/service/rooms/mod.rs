@@ -824,7 +824,8 @@ impl Rooms {
             }
             Target::New(version) => (None, version.clone()),
         };
-        check_field_sizes(&event, sender, room.as_ref().map(|(room_id, _)| *room_id))?;
+        let kind = event.kind.to_string();
+        check_field_sizes(&kind, &event, sender, room.as_ref().map(|(room_id, _)| *room_id))?;
         let rules = version.rules().ok_or_else(|| {
             Error::new(ErrorKind::UnsupportedRoomVersion, "Unsupported room version")
         })?;
@@ -877,7 +878,7 @@ impl Rooms {
             CanonicalJsonValue::Integer(ruma::Int::new_saturating(ts as i64)),
         );
         wire.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
-        wire.insert("type".into(), CanonicalJsonValue::String(event.kind.to_string()));
+        wire.insert("type".into(), CanonicalJsonValue::String(kind));
         if let Some(state_key) = &event.state_key {
             wire.insert("state_key".into(), CanonicalJsonValue::String(state_key.clone()));
         }
@@ -1233,9 +1234,14 @@ impl Rooms {
 
 /// Refuses an event whose `type`, `state_key`, `sender` or `room_id` is longer than the spec's
 /// 255 bytes, with `M_TOO_LARGE`.
-fn check_field_sizes(event: &NewEvent, sender: &UserId, room_id: Option<&RoomId>) -> Result<()> {
+fn check_field_sizes(
+    kind: &str,
+    event: &NewEvent,
+    sender: &UserId,
+    room_id: Option<&RoomId>,
+) -> Result<()> {
     let lengths = [
-        ("type", event.kind.to_string().len()),
+        ("type", kind.len()),
         ("state_key", event.state_key.as_ref().map_or(0, String::len)),
         ("sender", sender.as_str().len()),
         ("room_id", room_id.map_or(0, |r| r.as_str().len())),
