@@ -49,6 +49,12 @@ async fn admin_reads_of_content_are_audited() {
         .await
         .unwrap();
     assert_eq!(uploaded.status(), StatusCode::OK);
+    let start = json!({ "m.poll": { "question": { "m.text": [{ "body": "Lunch?" }] },
+        "answers": [{ "m.id": "y", "m.text": [{ "body": "Yes" }] }] } });
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.poll.start/p1");
+    let (status, poll) = s.put(&path, Some(&token), start).await;
+    assert_eq!(status, StatusCode::OK, "{poll}");
+    let poll = poll["event_id"].as_str().unwrap();
 
     // Room messages: each request is one record, with the range read and the reason given.
     let messages = format!("/_synapse/admin/v1/rooms/{room}/messages");
@@ -75,6 +81,7 @@ async fn admin_reads_of_content_are_audited() {
         (&auditor_token, format!("/_synapse/admin/v1/users/{user}/media"), "user_media"),
         (&admin_token, format!("/_synapse/admin/v1/room/{room}/media"), "room_media"),
         (&auditor_token, "/_plaza/admin/v1/analytics/polls".to_owned(), "polls"),
+        (&admin_token, format!("/_plaza/admin/v1/analytics/polls/{}", enc(poll)), "poll"),
     ];
     for (who, route, what) in &reads {
         let separator = if route.contains('?') { '&' } else { '?' };
@@ -90,6 +97,14 @@ async fn admin_reads_of_content_are_audited() {
     assert_eq!(report["room_id"], room);
     assert_eq!(report["details"]["event_id"], event_id);
     assert_eq!(audited(&s, &admin_token, "admin.read.user_media").await[0]["target"], user);
+    let polls = &audited(&s, &admin_token, "admin.read.polls").await[0];
+    assert_eq!(
+        (polls["target"].as_str(), polls["details"]["polls"].as_u64()),
+        (Some("*"), Some(1))
+    );
+    let one = &audited(&s, &admin_token, "admin.read.poll").await[0];
+    assert_eq!((one["target"].as_str(), one["room_id"].as_str()), (Some(poll), Some(&*room)));
+    assert!(!one.to_string().contains("Lunch"), "no content in the log");
 
     // A reason past 1000 bytes is refused before anything is read; failed reads leave nothing.
     let long = "r".repeat(1001);
@@ -101,7 +116,7 @@ async fn admin_reads_of_content_are_audited() {
     assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
     let missing = s.get("/_synapse/admin/v1/event_reports/999", Some(&admin_token)).await;
     assert_error(&missing, StatusCode::NOT_FOUND, "M_NOT_FOUND");
-    assert_eq!(audited(&s, &admin_token, "admin.read.*").await.len(), 7);
+    assert_eq!(audited(&s, &admin_token, "admin.read.*").await.len(), 8);
 
     let (status, verify) = s.get("/_plaza/admin/v1/audit/verify", Some(&admin_token)).await;
     assert_eq!((status, verify["ok"].as_bool()), (StatusCode::OK, Some(true)), "{verify}");
