@@ -46,6 +46,25 @@ pub enum AuthMode {
     Required,
     /// An access token is used when present.
     Optional,
+    /// An access token is required, but it may have expired and its account may be locked:
+    /// logging out must always work.
+    EndSession,
+}
+
+/// The mode the extractor uses for the ruma request `T`: ruma's, except that the logout
+/// endpoints take expired tokens and locked accounts too.
+fn auth_mode<T: IncomingRequest + 'static>() -> AuthMode
+where
+    T::Authentication: AuthKind,
+{
+    use std::any::TypeId;
+
+    use ruma::api::client::session::{logout, logout_all};
+    let id = TypeId::of::<T>();
+    if id == TypeId::of::<logout::v3::Request>() || id == TypeId::of::<logout_all::v3::Request>() {
+        return AuthMode::EndSession;
+    }
+    <T::Authentication as AuthKind>::MODE
 }
 
 /// Maps a ruma authentication scheme to what the extractor must do.
@@ -147,9 +166,10 @@ pub fn caller_from_parts(
         .map(|ua| ua.chars().take(512).collect::<String>());
     let caller = match (mode, access_token(parts)?) {
         (AuthMode::None, _) | (AuthMode::Optional, None) => None,
-        (AuthMode::Required, None) => {
+        (AuthMode::Required | AuthMode::EndSession, None) => {
             return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
         }
+        (AuthMode::EndSession, Some(token)) => Some(authenticate_to_end_session(services, &token)?),
         (_, Some(token)) => Some(authenticate(services, &token, ip, user_agent.as_deref())?),
     };
     Ok((caller, ip, user_agent))
@@ -195,6 +215,25 @@ pub fn authenticate(
     crate::service::audit::context::set_caller(record.user_id.as_str(), record.device_id.as_str());
     services.sessions.touch(&record, ip.map(|a| a.ip().to_string()), user_agent.map(str::to_owned));
     services.analytics.touch(&record.user_id);
+    Ok(Caller {
+        user_id: record.user_id,
+        device_id: record.device_id,
+        admin: user.admin,
+        auditor: user.auditor,
+        guest: user.guest,
+    })
+}
+
+/// Authenticates `token` for logging out: an expired token (of a refreshable session) and a
+/// locked account still may; an unknown, replaced or deleted token and a deactivated account
+/// may not.
+fn authenticate_to_end_session(services: &Services, token: &str) -> Result<Caller> {
+    let record = services.sessions.authenticate_allowing_expired(token)?;
+    let user = services.users.get(&record.user_id)?.filter(|user| !user.deactivated);
+    let user = user.ok_or_else(|| {
+        Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown access token")
+    })?;
+    crate::service::audit::context::set_caller(record.user_id.as_str(), record.device_id.as_str());
     Ok(Caller {
         user_id: record.user_id,
         device_id: record.device_id,
@@ -254,21 +293,19 @@ fn map_parse_error(err: FromHttpRequestError) -> Error {
 
 impl<T> FromRequest<State> for Ruma<T>
 where
-    T: IncomingRequest + Send,
+    T: IncomingRequest + Send + 'static,
     T::Authentication: AuthKind,
 {
     type Rejection = Error;
 
     async fn from_request(req: Request, services: &State) -> Result<Self> {
         let (mut parts, body) = req.into_parts();
-        let path_args: Vec<String> = RawPathParams::from_request_parts(&mut parts, services)
+        let raw_params = RawPathParams::from_request_parts(&mut parts, services)
             .await
-            .map_err(|_| Error::invalid_param("Invalid path parameter encoding"))?
-            .iter()
-            .map(|(_, value)| value.to_owned())
-            .collect();
-        let (caller, ip, user_agent) =
-            caller_from_parts(services, &parts, <T::Authentication as AuthKind>::MODE)?;
+            .map_err(|_| Error::invalid_param("Invalid path parameter encoding"))?;
+        check_id_lengths(&raw_params)?;
+        let path_args: Vec<String> = raw_params.iter().map(|(_, value)| value.to_owned()).collect();
+        let (caller, ip, user_agent) = caller_from_parts(services, &parts, auth_mode::<T>())?;
 
         if T::RATE_LIMITED {
             let key = match &caller {
@@ -289,6 +326,23 @@ where
         let request = http::Request::from_parts(parts, bytes);
         let body = T::try_from_http_request(request, &path_args).map_err(map_parse_error)?;
         Ok(Self { body, caller, ip, user_agent })
+    }
+}
+
+/// Longest room, user or event id or room alias, in bytes (the spec's limit).
+pub const MAX_ID_BYTES: usize = 255;
+
+/// Path parameters (as ruma names them) that hold room, user or event ids or room aliases.
+const ID_PARAMS: &[&str] =
+    &["room_id", "user_id", "event_id", "room_id_or_alias", "room_alias", "thread_root"];
+
+/// Refuses room, user and event ids and aliases in the path longer than the spec's 255 bytes
+/// (ruma's own check may be compiled out), with `M_INVALID_PARAM`.
+fn check_id_lengths(params: &RawPathParams) -> Result<()> {
+    match params.iter().find(|(name, value)| value.len() > MAX_ID_BYTES && ID_PARAMS.contains(name))
+    {
+        Some((name, _)) => Err(Error::invalid_param(format!("{name} is longer than 255 bytes"))),
+        None => Ok(()),
     }
 }
 

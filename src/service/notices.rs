@@ -10,7 +10,7 @@ use super::{
     Services,
     audit::Entry,
     rooms::{
-        NewEvent,
+        NewEvent, Txn, TxnEndpoint,
         create::{CreateRoom, Preset, create_room},
         membership,
     },
@@ -80,6 +80,7 @@ impl Services {
         };
         let mut event = NewEvent::message(kind, content);
         event.audit.extend(audit.map(|entry| entry.room(&room_id)));
+        let txn = txn.map(|(device, id)| Txn { device, id, endpoint: TxnEndpoint::Notice });
         self.rooms.append(self, &room_id, &sender, event, txn).await
     }
 

@@ -81,6 +81,8 @@ pub struct Sessions {
     access_tokens: Table<TokenRecord>,
     refresh_tokens: Table<TokenRecord>,
     last_seen: Table<LastSeen>,
+    /// Transaction ids of room sends and to-device sends, scoped per device: they go with it.
+    device_txns: [Table<serde_json::Value>; 2],
     access_token_ttl_ms: u64,
     last_seen_written: Mutex<HashMap<String, u64>>,
     user_locks: Vec<Mutex<()>>,
@@ -103,6 +105,7 @@ impl Sessions {
             access_tokens: db.table(tables::ACCESS_TOKENS),
             refresh_tokens: db.table(tables::REFRESH_TOKENS),
             last_seen: db.table(tables::LAST_SEEN),
+            device_txns: [db.table(tables::TRANSACTIONS), db.table(tables::TO_DEVICE_TXNS)],
             access_token_ttl_ms: access_token_ttl_secs * 1000,
             last_seen_written: Mutex::default(),
             user_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -122,6 +125,19 @@ impl Sessions {
     /// Finds who `token` acts for. Expired tokens answer `M_UNKNOWN_TOKEN` with `soft_logout`;
     /// a token whose device no longer names it (deleted, logged out, replaced) is unknown.
     pub fn authenticate(&self, token: &str) -> Result<TokenRecord> {
+        let record = self.authenticate_allowing_expired(token)?;
+        if record.expires_ms.is_some_and(|expires| expires <= now_ms()) {
+            return Err(Error::new(
+                ErrorKind::UnknownToken { soft_logout: true },
+                "Access token has expired",
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Finds who `token` acts for, expired or not (logging out takes an expired token); a
+    /// token whose device no longer names it is unknown.
+    pub fn authenticate_allowing_expired(&self, token: &str) -> Result<TokenRecord> {
         let hash = token_hash(token);
         let unknown =
             || Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown access token");
@@ -136,12 +152,6 @@ impl Sessions {
         }
         if device.previous_refresh_token_hash.is_some() {
             self.retire_previous_refresh(&record)?;
-        }
-        if record.expires_ms.is_some_and(|expires| expires <= now_ms()) {
-            return Err(Error::new(
-                ErrorKind::UnknownToken { soft_logout: true },
-                "Access token has expired",
-            ));
         }
         Ok(record)
     }
@@ -341,7 +351,9 @@ impl Sessions {
         Ok(self.db.write(batch)?)
     }
 
-    /// Queues the deletion of devices and their tokens. Unknown ids are ignored.
+    /// Queues the deletion of devices, their tokens and the transaction ids they used (a
+    /// device's ids mean nothing once it is gone, and keeping them would grow without end).
+    /// Unknown ids are ignored.
     pub fn delete_devices<'a>(
         &self,
         batch: &mut Batch,
@@ -353,6 +365,9 @@ impl Sessions {
                 self.revoke_tokens(batch, &record);
                 self.devices.delete(batch, &(user_id.as_str(), device_id.as_str()));
                 self.last_seen.delete(batch, &(user_id.as_str(), device_id.as_str()));
+                for txns in &self.device_txns {
+                    txns.delete_prefix(batch, prefix(&(user_id.as_str(), device_id.as_str())));
+                }
             }
         }
         Ok(())

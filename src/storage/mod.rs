@@ -418,6 +418,20 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         batch.inner.delete_cf(self.db.cf(self.name), key.to_key_bytes());
     }
 
+    /// Queues the removal of every key starting with `prefix` in `batch`, as one range
+    /// tombstone (no scan).
+    pub fn delete_prefix(&self, batch: &mut Batch, prefix: Vec<u8>) {
+        let mut upper = prefix.clone();
+        // The smallest key above every key with the prefix: drop trailing 0xFF bytes and
+        // raise the last one left. A prefix of only 0xFF bytes has no upper bound.
+        while upper.last() == Some(&u8::MAX) {
+            upper.pop();
+        }
+        let Some(last) = upper.last_mut() else { return };
+        *last += 1;
+        batch.inner.delete_range_cf(self.db.cf(self.name), prefix, upper);
+    }
+
     /// Queues the removal of the raw encoded `key` in `batch` (for keys read back from a scan).
     pub fn delete_raw(&self, batch: &mut Batch, key: &[u8]) {
         batch.inner.delete_cf(self.db.cf(self.name), key);
@@ -529,6 +543,26 @@ mod tests {
         assert_eq!(values, vec![1, 2]);
         assert_eq!(db.counter("stream").unwrap(), 7);
         assert_eq!(table.get(&("@ab:x", "D3")).unwrap(), Some(3));
+    }
+
+    #[test]
+    fn prefix_deletes_remove_exactly_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let table: Table<u32> = db.table(tables::TRANSACTIONS);
+        let mut batch = db.batch();
+        table.put(&mut batch, &("@a:x", "D1", "t1"), &1);
+        table.put(&mut batch, &("@a:x", "D1", ("send", "t2")), &2);
+        table.put(&mut batch, &("@a:x", "D10", "t1"), &3);
+        table.put(&mut batch, &("@a:x", "D2", "t1"), &4);
+        table.put(&mut batch, &("@a:xy", "D1", "t1"), &5);
+        db.write(batch).unwrap();
+        let mut batch = db.batch();
+        table.delete_prefix(&mut batch, prefix(&("@a:x", "D1")));
+        db.write(batch).unwrap();
+        let left: Vec<u32> = table.scan_from(Vec::new()).map(|item| item.unwrap().1).collect();
+        // In key order: `@a:xy` sorts before `@a:x` 0xFF.
+        assert_eq!(left, vec![5, 3, 4]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,7 +43,10 @@ pub const STATE_SNAPSHOTS: &str = "state_snapshots";
 pub const USER_ROOMS: &str = "user_rooms";
 /// `room id 0xFF user id` -> membership.
 pub const ROOM_MEMBERS: &str = "room_members";
-/// `user id 0xFF device id 0xFF room id 0x1F transaction id` -> event id, for idempotent sends.
+/// `user id 0xFF device id 0xFF endpoint 0xFF room id 0xFF event type or redacted event id
+/// 0xFF transaction id` -> event id, for idempotent sends (scoped per device and endpoint path;
+/// older versions wrote `... device id 0xFF room id 0x1F transaction id`, never read now and
+/// removed with the device).
 pub const TRANSACTIONS: &str = "transactions";
 
 /// `room alias` -> `AliasRecord` (room id, creator).

@@ -4,10 +4,12 @@
 mod accounts;
 mod admin;
 mod admin_more;
+mod admin_reads;
 mod analytics;
 mod audit;
 mod client_spec;
 mod common;
+mod correctness;
 mod directory;
 mod e2ee;
 mod edge_cases;

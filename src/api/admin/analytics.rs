@@ -18,6 +18,7 @@ use crate::{
     error::{Error, Result},
     service::{
         Services,
+        admin::{AdminRead, check_read_reason},
         analytics::{
             day::Day,
             polls::Poll,
@@ -39,6 +40,7 @@ struct Params {
     user_id: Option<String>,
     limit: Option<usize>,
     format: Option<String>,
+    reason: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -303,31 +305,64 @@ fn poll_rows(polls: &[Poll]) -> Vec<JsonValue> {
 }
 
 /// `GET /_plaza/admin/v1/analytics/polls`: polls started in the range (of one `room_id`, if
-/// given), oldest first, with their tallies.
-pub async fn polls(AxumState(services): AxumState<State>, _: Staff, uri: Uri) -> Result<Response> {
+/// given), oldest first, with their tallies. Questions and answers are content: each read is
+/// audited as `admin.read.polls` with the optional `reason`.
+pub async fn polls(
+    AxumState(services): AxumState<State>,
+    Staff(caller): Staff,
+    uri: Uri,
+) -> Result<Response> {
     let params: Params = query(&uri)?;
     let (range, format, filter) = (params.range()?, params.format()?, params.filter()?);
     let limit = params.limit(100, 1000)?;
-    let polls =
-        blocking(services, move |s| s.analytics.polls(range, filter.room_id.as_deref(), limit))
-            .await?;
+    check_read_reason(params.reason.as_deref())?;
+    let room_id = filter.room_id.clone();
+    let polls = blocking(services.clone(), move |s| {
+        s.analytics.polls(range, filter.room_id.as_deref(), limit)
+    })
+    .await?;
+    let room = room_id.as_deref().and_then(|r| RoomId::parse(r).ok());
+    services.record_admin_read(
+        &caller.user_id,
+        AdminRead {
+            what: "polls",
+            target: room_id.as_deref().unwrap_or("*"),
+            room_id: room.as_deref(),
+            reason: params.reason.as_deref(),
+            details: json!({ "from": params.from, "to": params.to, "polls": polls.len() }),
+        },
+    )?;
     let mut body = params.range_json(range);
     body["polls"] = json!(polls);
     Ok(respond(format, body, &poll_rows(&polls), &POLL_COLUMNS))
 }
 
-/// `GET /_plaza/admin/v1/analytics/polls/{eventId}`: one poll and its tally.
+/// `GET /_plaza/admin/v1/analytics/polls/{eventId}`: one poll and its tally; audited as
+/// `admin.read.poll` with the optional `reason`.
 pub async fn poll(
     AxumState(services): AxumState<State>,
-    _: Staff,
+    Staff(caller): Staff,
     Path(event_id): Path<String>,
     uri: Uri,
 ) -> Result<Response> {
     let params: Params = query(&uri)?;
     let format = params.format()?;
-    let poll = blocking(services, move |s| s.analytics.poll(&event_id))
+    check_read_reason(params.reason.as_deref())?;
+    let target = event_id.clone();
+    let poll = blocking(services.clone(), move |s| s.analytics.poll(&event_id))
         .await?
         .ok_or_else(|| Error::not_found("Unknown poll"))?;
+    let room = RoomId::parse(poll.room_id.as_str()).ok();
+    services.record_admin_read(
+        &caller.user_id,
+        AdminRead {
+            what: "poll",
+            target: &target,
+            room_id: room.as_deref(),
+            reason: params.reason.as_deref(),
+            details: json!({}),
+        },
+    )?;
     let rows = poll_rows(std::slice::from_ref(&poll));
     Ok(respond(format, json!(poll), &rows, &POLL_COLUMNS))
 }

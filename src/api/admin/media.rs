@@ -11,11 +11,11 @@ use ruma::ServerName;
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{Admin, Staff, query, user_id};
+use super::{Admin, Staff, query, read_reason, user_id};
 use crate::{
     api::State,
     error::{Error, Result},
-    service::media::valid_media_id,
+    service::{admin::AdminRead, media::valid_media_id},
 };
 
 fn media_key(server_name: &str, media_id: &str) -> Result<ruma::OwnedServerName> {
@@ -94,16 +94,32 @@ pub async fn quarantine_room(
     Ok(Json(json!({ "num_quarantined": count })))
 }
 
-/// `GET /_synapse/admin/v1/room/{roomId}/media`: `{"local": [mxc], "remote": [mxc]}`.
+/// `GET /_synapse/admin/v1/room/{roomId}/media`: `{"local": [mxc], "remote": [mxc]}`; audited
+/// as `admin.read.room_media` with the optional `reason`.
 pub async fn room_media(
     AxumState(services): AxumState<State>,
-    _: Staff,
+    Staff(caller): Staff,
     Path(room): Path<String>,
+    uri: Uri,
 ) -> Result<Json<JsonValue>> {
     let room_id = super::rooms::room_id(&room)?;
-    let (local, remote) = tokio::task::spawn_blocking(move || services.room_media(&room_id))
-        .await
-        .map_err(Error::internal)??;
+    let reason = read_reason(&uri)?;
+    let (local, remote) = tokio::task::spawn_blocking({
+        let (services, room_id) = (services.clone(), room_id.clone());
+        move || services.room_media(&room_id)
+    })
+    .await
+    .map_err(Error::internal)??;
+    services.record_admin_read(
+        &caller.user_id,
+        AdminRead {
+            what: "room_media",
+            target: room_id.as_str(),
+            room_id: Some(&room_id),
+            reason: reason.as_deref(),
+            details: json!({ "media": local.len() + remote.len() }),
+        },
+    )?;
     Ok(Json(json!({ "local": local, "remote": remote })))
 }
 
@@ -149,13 +165,16 @@ pub async fn delete_before(
     Ok(Json(json!({ "total": deleted.len(), "deleted_media": deleted })))
 }
 
-/// `GET /_synapse/admin/v1/users/{userId}/media`
+/// `GET /_synapse/admin/v1/users/{userId}/media`; audited as `admin.read.user_media` with the
+/// optional `reason`.
 pub async fn user_media(
     AxumState(services): AxumState<State>,
-    _: Staff,
+    Staff(caller): Staff,
     Path(user): Path<String>,
+    uri: Uri,
 ) -> Result<Json<JsonValue>> {
     let user = user_id(&user)?;
+    let reason = read_reason(&uri)?;
     let media: Vec<JsonValue> = services
         .media
         .user_media(&user)?
@@ -173,6 +192,16 @@ pub async fn user_media(
             })
         })
         .collect();
+    services.record_admin_read(
+        &caller.user_id,
+        AdminRead {
+            what: "user_media",
+            target: user.as_str(),
+            room_id: None,
+            reason: reason.as_deref(),
+            details: json!({ "media": media.len() }),
+        },
+    )?;
     Ok(Json(json!({ "total": media.len(), "media": media })))
 }
 

@@ -105,7 +105,23 @@ pub fn query<T: DeserializeOwned>(uri: &http::Uri) -> Result<T> {
         .map_err(|e| Error::invalid_param(format!("Invalid query parameter: {}", e.body_text())))
 }
 
+#[derive(serde::Deserialize)]
+struct ReasonQuery {
+    reason: Option<String>,
+}
+
+/// The optional `reason` query parameter of a route that reads content, recorded with the
+/// read in the audit log; refused before anything is read when too long.
+pub fn read_reason(uri: &http::Uri) -> Result<Option<String>> {
+    let reason = query::<ReasonQuery>(uri)?.reason;
+    crate::service::admin::check_read_reason(reason.as_deref())?;
+    Ok(reason)
+}
+
 /// Parses a user id from a path.
 pub fn user_id(raw: &str) -> Result<OwnedUserId> {
+    if raw.len() > super::MAX_ID_BYTES {
+        return Err(Error::invalid_param("User ids are at most 255 bytes"));
+    }
     UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))
 }

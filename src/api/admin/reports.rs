@@ -9,11 +9,14 @@ use http::Uri;
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{Admin, Staff, page_params, query};
+use super::{Admin, Staff, page_params, query, read_reason};
 use crate::{
     api::State,
     error::{Error, Result},
-    service::rooms::{pdu::client_event, reports::Report},
+    service::{
+        admin::AdminRead,
+        rooms::{pdu::client_event, reports::Report},
+    },
 };
 
 /// The report as the listing shows it: who reported what, with the room's name and alias.
@@ -96,19 +99,32 @@ fn report_id(raw: &str) -> Result<u64> {
 }
 
 /// `GET /_synapse/admin/v1/event_reports/{reportId}`: the report with the reported event
-/// (`event_json`). Admins only: this is message content.
+/// (`event_json`). Admins only: this is message content, and each read is audited as
+/// `admin.read.report` with the optional `reason`.
 pub async fn get(
     AxumState(services): AxumState<State>,
-    _: Admin,
+    Admin(caller): Admin,
     Path(id): Path<String>,
+    uri: Uri,
 ) -> Result<Json<JsonValue>> {
     let id = report_id(&id)?;
+    let reason = read_reason(&uri)?;
     let report = services.reports.get(id)?.ok_or_else(|| Error::not_found("No such report"))?;
     let mut body = report_json(&services, id, &report)?;
     let event = match &report.event_id {
         Some(event_id) => services.rooms.stored(event_id)?,
         None => None,
     };
+    services.record_admin_read(
+        &caller.user_id,
+        AdminRead {
+            what: "report",
+            target: &id.to_string(),
+            room_id: Some(&report.room_id),
+            reason: reason.as_deref(),
+            details: json!({ "event_id": report.event_id }),
+        },
+    )?;
     body["event_json"] = event.map_or(JsonValue::Null, |event| client_event(&event, None));
     Ok(Json(body))
 }

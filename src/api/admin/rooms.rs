@@ -1,5 +1,6 @@
 //! Rooms in the Synapse admin API shapes: list, details, members, state, messages (admins
-//! only: message content), block, delete, force-join and granting room admin.
+//! only: message content), block, delete, force-join and granting room admin. Reading state or
+//! messages is audited.
 
 use axum::{
     Json,
@@ -11,15 +12,21 @@ use ruma::{OwnedRoomId, RoomId, api::client::filter::RoomEventFilter};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{Admin, Staff, json_body, page_params, query, user_id};
+use super::{Admin, Staff, json_body, page_params, query, read_reason, user_id};
 use crate::{
     api::{State, client::sync::parse_token},
     error::{Error, ErrorKind, Result},
-    service::rooms::pdu::client_event,
+    service::{
+        admin::{AdminRead, check_read_reason},
+        rooms::pdu::client_event,
+    },
 };
 
 /// Parses a room id from a path.
 pub fn room_id(raw: &str) -> Result<OwnedRoomId> {
+    if raw.len() > crate::api::MAX_ID_BYTES {
+        return Err(Error::invalid_param("Room ids are at most 255 bytes"));
+    }
     RoomId::parse(raw).map_err(|_| Error::invalid_param("Invalid room id"))
 }
 
@@ -231,13 +238,16 @@ pub async fn delete_status(
     Ok(Json(json!({ "results": results })))
 }
 
-/// `GET /_synapse/admin/v1/rooms/{roomId}/state`: the current state events.
+/// `GET /_synapse/admin/v1/rooms/{roomId}/state`: the current state events; the read is
+/// audited as `admin.read.room_state` with the optional `reason`.
 pub async fn state(
     AxumState(services): AxumState<State>,
-    _: Staff,
+    Staff(caller): Staff,
     Path(room): Path<String>,
+    uri: Uri,
 ) -> Result<Json<JsonValue>> {
     let room_id = room_id(&room)?;
+    let reason = read_reason(&uri)?;
     let state = services.rooms.current_state(&room_id)?;
     let events: Vec<JsonValue> = services
         .rooms
@@ -245,6 +255,16 @@ pub async fn state(
         .iter()
         .map(|event| client_event(event, None))
         .collect();
+    services.record_admin_read(
+        &caller.user_id,
+        AdminRead {
+            what: "room_state",
+            target: room_id.as_str(),
+            room_id: Some(&room_id),
+            reason: reason.as_deref(),
+            details: json!({ "events": events.len() }),
+        },
+    )?;
     Ok(Json(json!({ "state": events })))
 }
 
@@ -255,19 +275,22 @@ struct MessagesQuery {
     dir: Option<String>,
     limit: Option<usize>,
     filter: Option<String>,
+    reason: Option<String>,
 }
 
 /// `GET /_synapse/admin/v1/rooms/{roomId}/messages`: the room's history as client
 /// `/messages` pages it (`from`, `to`, `dir`, `limit`, `filter`), whatever the history
-/// visibility. Admins only: this is message content.
+/// visibility. Admins only: this is message content. Each request is audited as
+/// `admin.read.room_messages` with its range and the optional `reason`.
 pub async fn messages(
     AxumState(services): AxumState<State>,
-    _: Admin,
+    Admin(caller): Admin,
     Path(room): Path<String>,
     uri: Uri,
 ) -> Result<Json<JsonValue>> {
     let room_id = room_id(&room)?;
     let q: MessagesQuery = query(&uri)?;
+    check_read_reason(q.reason.as_deref())?;
     let (limit, backwards) = page_params(Some(q.limit.unwrap_or(10)), q.dir.as_deref())?;
     let filter: RoomEventFilter = match q.filter.as_deref() {
         Some(raw) if raw.len() > 8192 => return Err(Error::invalid_param("filter is too long")),
@@ -286,6 +309,22 @@ pub async fn messages(
     let range = if forward { (from, to.unwrap_or(current)) } else { (to.unwrap_or(0), from) };
     let (chunk, end) = services.admin_history(&room_id, range, forward, limit, &filter)?;
     let chunk: Vec<JsonValue> = chunk.iter().map(|event| client_event(event, None)).collect();
+    services.record_admin_read(
+        &caller.user_id,
+        AdminRead {
+            what: "room_messages",
+            target: room_id.as_str(),
+            room_id: Some(&room_id),
+            reason: q.reason.as_deref(),
+            details: json!({
+                "from": from,
+                "to": to,
+                "dir": if forward { "f" } else { "b" },
+                "limit": limit,
+                "events": chunk.len(),
+            }),
+        },
+    )?;
     let mut body = json!({ "chunk": chunk, "start": format!("s{from}"), "state": [] });
     if let Some(end) = end {
         body["end"] = json!(format!("s{end}"));

@@ -28,7 +28,7 @@ use crate::{
     api::{Ruma, State},
     error::{Error, Result},
     service::rooms::{
-        NewEvent,
+        NewEvent, Txn, TxnEndpoint,
         pdu::{StoredPdu, client_event},
         reports::Report,
     },
@@ -53,14 +53,19 @@ pub async fn send(
     let caller = req.caller()?.clone();
     let body = req.body;
     let content = content_object(body.body.json().get())?;
-    let kind = TimelineEventType::from(body.event_type.to_string());
+    let event_type = body.event_type.to_string();
+    let kind = TimelineEventType::from(event_type.as_str());
     if kind == TimelineEventType::RoomRedaction {
         return Err(Error::bad_json("Use the redact endpoint to redact events"));
     }
     let event = NewEvent { kind, content, state_key: None, redacts: None, audit: Vec::new() };
-    let txn = Some((caller.device_id.as_str(), body.txn_id.as_str()));
+    let txn = Txn {
+        device: caller.device_id.as_str(),
+        id: body.txn_id.as_str(),
+        endpoint: TxnEndpoint::Send(&event_type),
+    };
     let event_id =
-        services.rooms.append(&services, &body.room_id, &caller.user_id, event, txn).await?;
+        services.rooms.append(&services, &body.room_id, &caller.user_id, event, Some(txn)).await?;
     Ok(send_message::Response::new(event_id))
 }
 
@@ -217,12 +222,12 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
     let caller = req.caller()?.clone();
     let body = req.body;
     let rooms = &services.rooms;
-    if let Some(existing) = rooms.transaction(
-        &caller.user_id,
-        caller.device_id.as_str(),
-        &body.room_id,
-        body.txn_id.as_str(),
-    )? {
+    let txn = Txn {
+        device: caller.device_id.as_str(),
+        id: body.txn_id.as_str(),
+        endpoint: TxnEndpoint::Redact(&body.event_id),
+    };
+    if let Some(existing) = rooms.transaction(&caller.user_id, &body.room_id, txn)? {
         return Ok(redact::Response::new(existing));
     }
     let target = rooms.stored(&body.event_id)?.filter(|e| e.room_id == body.room_id);
@@ -247,8 +252,8 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
         redacts: Some(body.event_id.clone()),
         audit: Vec::new(),
     };
-    let txn = Some((caller.device_id.as_str(), body.txn_id.as_str()));
-    let event_id = rooms.append(&services, &body.room_id, &caller.user_id, event, txn).await?;
+    let event_id =
+        rooms.append(&services, &body.room_id, &caller.user_id, event, Some(txn)).await?;
     Ok(redact::Response::new(event_id))
 }
 

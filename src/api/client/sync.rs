@@ -73,6 +73,12 @@ pub async fn sync(services: State, req: Ruma<sync_events::Request>) -> Result<Ra
     let filter = match body.filter {
         None => FilterDefinition::default(),
         Some(Filter::FilterDefinition(definition)) => definition,
+        // Ruma reads an inline filter it cannot parse as a filter id; ids never start with `{`.
+        Some(Filter::FilterId(id)) if id.trim_start().starts_with('{') => {
+            let problem = serde_json::from_str::<FilterDefinition>(&id).err();
+            let problem = problem.map_or_else(String::new, |e| format!(": {e}"));
+            return Err(Error::invalid_param(format!("Invalid inline filter{problem}")));
+        }
         Some(Filter::FilterId(id)) => services.filters.get(&caller.user_id, &id)?,
         Some(_) => return Err(Error::bad_json("Unsupported filter")),
     };

@@ -123,10 +123,11 @@ impl Relations {
         }
     }
 
-    /// Works out what a new event of `kind` from `sender` relates to. Relations to unknown
-    /// events, events of another room, or (for threads) events that relate to something
-    /// themselves are treated as no relation; a second identical reaction is refused with
-    /// `M_DUPLICATE_ANNOTATION`.
+    /// Works out what a new event of `kind` from `sender` relates to. A relation (of any
+    /// type, rich replies included) to an event of another room is refused with
+    /// `M_INVALID_PARAM`, for state events too; relations to unknown events, or (for threads)
+    /// to events that relate to something themselves are treated as no relation; a second
+    /// identical reaction is refused with `M_DUPLICATE_ANNOTATION`.
     pub fn prepare(
         &self,
         services: &Services,
@@ -135,20 +136,27 @@ impl Relations {
         sender: &UserId,
         event: &crate::service::rooms::NewEvent,
     ) -> Result<Option<Links>> {
+        let content = &event.content;
+        let Some((rel_type, parent, key, reply)) = relates_to(content) else { return Ok(None) };
+        let in_room = |id: Option<&str>| -> Result<Option<StoredPdu>> {
+            let Some(Ok(id)) = id.map(EventId::parse) else { return Ok(None) };
+            match services.rooms.stored(&id)? {
+                Some(target) if target.room_id != room_id => Err(Error::invalid_param(
+                    "An event can only relate to an event of the same room",
+                )),
+                target => Ok(target),
+            }
+        };
+        let parent_event = if rel_type.is_some() { in_room(parent)? } else { None };
+        let reply_event = in_room(reply)?;
         let kind = event.kind.to_string();
-        let (kind, content) = (kind.as_str(), &event.content);
+        let kind = kind.as_str();
         if event.state_key.is_some() || kind == "m.room.redaction" {
             return Ok(None);
         }
-        let Some((rel_type, parent, key, reply)) = relates_to(content) else { return Ok(None) };
-        let in_room = |id: &str| -> Result<Option<StoredPdu>> {
-            let Ok(id) = EventId::parse(id) else { return Ok(None) };
-            Ok(services.rooms.stored(&id)?.filter(|e| e.room_id == room_id))
-        };
         let mut links = Vec::new();
-        if let (Some(rel_type), Some(parent)) = (rel_type, parent)
+        if let (Some(rel_type), Some(target)) = (rel_type, parent_event)
             && REL_TYPES.contains(&rel_type)
-            && let Some(target) = in_room(parent)?
         {
             let target_content = content_of(&target);
             let target_relates = relates_to(&target_content)
@@ -159,7 +167,7 @@ impl Relations {
                 "m.thread" if target_relates.is_some() => {}
                 "m.annotation" => {
                     if let Some(key) = key {
-                        let dedup = (parent, sender.as_str(), (kind, key));
+                        let dedup = (target.event_id.as_str(), sender.as_str(), (kind, key));
                         if self.annotations.contains(&dedup)? {
                             return Err(Error::new(
                                 ErrorKind::DuplicateAnnotation,
@@ -172,9 +180,7 @@ impl Relations {
                 _ => links.push((target.event_id, rel_type.to_owned(), None)),
             }
         }
-        if let Some(reply) = reply
-            && let Some(target) = in_room(reply)?
-        {
+        if let Some(target) = reply_event {
             links.push((target.event_id, REPLY.to_owned(), None));
         }
         Ok((!links.is_empty()).then_some(Links { links, room_short }))

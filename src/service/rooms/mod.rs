@@ -43,6 +43,8 @@ use crate::{
 
 /// Largest event accepted, in bytes of canonical JSON (the spec's limit).
 pub const MAX_PDU_BYTES: usize = 65_536;
+/// Longest `type`, `state_key`, `sender` and `room_id` of an event, in bytes (the spec's limit).
+pub const MAX_FIELD_BYTES: usize = 255;
 
 /// What is stored for a room.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +107,47 @@ impl NewEvent {
     pub fn audited(mut self, entry: super::audit::Entry) -> Self {
         self.audit.push(entry);
         self
+    }
+}
+
+/// A client transaction: who sent it, its id and the endpoint it came through. Transaction
+/// ids are scoped to one device and one endpoint path, so the same id on `/send` and on
+/// `/redact` (or for another event type or target) names two different requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Txn<'a> {
+    /// The device whose token was used (for server notices, the requesting admin).
+    pub device: &'a str,
+    /// The client's transaction id.
+    pub id: &'a str,
+    /// The endpoint path it was used on.
+    pub endpoint: TxnEndpoint<'a>,
+}
+
+/// The endpoint path, beyond the room, a transaction id was used on.
+#[derive(Debug, Clone, Copy)]
+pub enum TxnEndpoint<'a> {
+    /// `PUT /rooms/{roomId}/send/{eventType}/{txnId}`, with the event type.
+    Send(&'a str),
+    /// `PUT /rooms/{roomId}/redact/{eventId}/{txnId}`, with the redacted event.
+    Redact(&'a EventId),
+    /// `PUT /_synapse/admin/v1/send_server_notice/{txnId}`.
+    Notice,
+}
+
+impl Txn<'_> {
+    /// The stored key: `user 0xFF device 0xFF endpoint 0xFF room id 0xFF parameter 0xFF
+    /// transaction id`. Every part is UTF-8, which never holds the 0xFF separator, so keys of
+    /// different requests never meet; and since the endpoint never starts with `!`, keys
+    /// written by versions that scoped ids by room only (`... 0xFF room id 0x1F transaction
+    /// id`) are never read as these.
+    fn key(&self, sender: &UserId, room_id: &RoomId) -> Vec<u8> {
+        let (endpoint, param) = match self.endpoint {
+            TxnEndpoint::Send(kind) => ("send", kind),
+            TxnEndpoint::Redact(event_id) => ("redact", event_id.as_str()),
+            TxnEndpoint::Notice => ("notice", ""),
+        };
+        let path = (endpoint, (room_id.as_str(), (param, self.id)));
+        (sender.as_str(), self.device, path).to_key_bytes()
     }
 }
 
@@ -691,16 +734,14 @@ impl Rooms {
         Ok(())
     }
 
-    /// The event a device already sent to `room_id` with `txn_id`, if any. Transaction ids
-    /// are scoped to the room they were used in, as each request path is its own.
+    /// The event `user_id` already sent to `room_id` in the transaction `txn`, if any.
     pub fn transaction(
         &self,
         user_id: &UserId,
-        device_id: &str,
         room_id: &RoomId,
-        txn_id: &str,
+        txn: Txn<'_>,
     ) -> Result<Option<OwnedEventId>> {
-        Ok(self.transactions.get(&(user_id.as_str(), device_id, &*txn_key(room_id, txn_id)))?)
+        Ok(self.transactions.get(txn.key(user_id, room_id).as_slice())?)
     }
 
     /// Applies the server's encryption policy to an `m.room.encryption` state event: refused
@@ -727,20 +768,20 @@ impl Rooms {
         Ok(())
     }
 
-    /// Appends an event from `sender` to an existing room. `txn` is `(device id, transaction
-    /// id)` for idempotent client sends: a repeat returns the first event.
+    /// Appends an event from `sender` to an existing room. `txn` makes client sends
+    /// idempotent: a repeat returns the first event.
     pub async fn append(
         &self,
         services: &Services,
         room_id: &RoomId,
         sender: &UserId,
         event: NewEvent,
-        txn: Option<(&str, &str)>,
+        txn: Option<Txn<'_>>,
     ) -> Result<OwnedEventId> {
         let lock = self.lock(room_id);
         let guard = lock.lock().await;
-        if let Some((device, txn_id)) = txn
-            && let Some(existing) = self.transaction(sender, device, room_id, txn_id)?
+        if let Some(txn) = txn
+            && let Some(existing) = self.transaction(sender, room_id, txn)?
         {
             // The first request may still be waiting for its sync.
             let ticket = self.db.ticket_now();
@@ -787,7 +828,7 @@ impl Rooms {
         target: Target<'_>,
         sender: &UserId,
         event: NewEvent,
-        txn: Option<(&str, &str)>,
+        txn: Option<Txn<'_>>,
         defer_sync: bool,
     ) -> Result<(OwnedEventId, Unsynced<'s>)> {
         let (room, version) = match target {
@@ -797,6 +838,8 @@ impl Rooms {
             }
             Target::New(version) => (None, version.clone()),
         };
+        let kind = event.kind.to_string();
+        check_field_sizes(&kind, &event, sender, room.as_ref().map(|(room_id, _)| *room_id))?;
         let rules = version.rules().ok_or_else(|| {
             Error::new(ErrorKind::UnsupportedRoomVersion, "Unsupported room version")
         })?;
@@ -849,7 +892,7 @@ impl Rooms {
             CanonicalJsonValue::Integer(ruma::Int::new_saturating(ts as i64)),
         );
         wire.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
-        wire.insert("type".into(), CanonicalJsonValue::String(event.kind.to_string()));
+        wire.insert("type".into(), CanonicalJsonValue::String(kind));
         if let Some(state_key) = &event.state_key {
             wire.insert("state_key".into(), CanonicalJsonValue::String(state_key.clone()));
         }
@@ -922,7 +965,7 @@ impl Rooms {
             wire,
             redacted_because: None,
             redaction: None,
-            transaction: txn.map(|(device, txn_id)| (device.to_owned(), txn_id.to_owned())),
+            transaction: txn.map(|txn| (txn.device.to_owned(), txn.id.to_owned())),
         };
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
@@ -1021,9 +1064,8 @@ impl Rooms {
         self.event_ids.put(&mut batch, event_id.as_str(), &short);
         self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         self.rooms.put(&mut batch, room_id.as_str(), &record);
-        if let Some((device, txn_id)) = txn {
-            let key = txn_key(&room_id, txn_id);
-            self.transactions.put(&mut batch, &(sender.as_str(), device, &*key), &event_id);
+        if let Some(txn) = txn {
+            self.transactions.put(&mut batch, txn.key(sender, &room_id).as_slice(), &event_id);
         }
         services.analytics.record(&mut batch, services, &stored, &state, &version)?;
         let committed = if defer_sync {
@@ -1223,9 +1265,27 @@ impl Rooms {
     }
 }
 
-/// The stored key part of a transaction id used in `room_id`.
-fn txn_key(room_id: &RoomId, txn_id: &str) -> String {
-    format!("{room_id}\u{1f}{txn_id}")
+/// Refuses an event whose `type`, `state_key`, `sender` or `room_id` is longer than the spec's
+/// 255 bytes, with `M_TOO_LARGE`.
+fn check_field_sizes(
+    kind: &str,
+    event: &NewEvent,
+    sender: &UserId,
+    room_id: Option<&RoomId>,
+) -> Result<()> {
+    let lengths = [
+        ("type", kind.len()),
+        ("state_key", event.state_key.as_ref().map_or(0, String::len)),
+        ("sender", sender.as_str().len()),
+        ("room_id", room_id.map_or(0, |r| r.as_str().len())),
+    ];
+    match lengths.into_iter().find(|(_, len)| *len > MAX_FIELD_BYTES) {
+        Some((field, _)) => Err(Error::new(
+            ErrorKind::TooLarge,
+            format!("An event's {field} is at most {MAX_FIELD_BYTES} bytes"),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
