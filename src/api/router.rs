@@ -20,7 +20,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-use super::{AuthKind, Ruma, RumaResponse, State, admin, client, media, well_known};
+use super::{AuthKind, Ruma, RumaResponse, State, admin, client, landing, media, well_known};
 use crate::{
     error::{Error, ErrorKind, Result},
     service::{
@@ -310,6 +310,7 @@ pub fn build(state: State) -> Router {
         .route("/_synapse/admin/v1/statistics/users/media", get(admin::media::statistics))
         .route("/_plaza/admin/v1/audit", get(admin::audit::list))
         .route("/_plaza/admin/v1/audit/verify", get(admin::audit::verify))
+        .route("/_plaza/admin/v1/audit/checkpoint", get(admin::audit::checkpoint))
         .route("/_plaza/admin/v1/analytics/active_users", get(admin::analytics::active_users))
         .route("/_plaza/admin/v1/analytics/messages", get(admin::analytics::messages))
         .route("/_plaza/admin/v1/analytics/rooms/top", get(admin::analytics::top_rooms))
@@ -318,6 +319,7 @@ pub fn build(state: State) -> Router {
         .route("/_plaza/admin/v1/analytics/response_times", get(admin::analytics::response_times))
         .route("/_plaza/admin/v1/analytics/polls", get(admin::analytics::polls))
         .route("/_plaza/admin/v1/analytics/polls/{event_id}", get(admin::analytics::poll))
+        .route("/", get(landing::page))
         .route("/_plaza/health", get(|| async { "OK" }))
         .route("/health", get(|| async { "OK" }))
         .fallback(not_found)
@@ -329,7 +331,9 @@ pub fn build(state: State) -> Router {
         let trusted = trusted_proxies.clone();
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                let route = req.extensions().get::<MatchedPath>();
+                let route = route.map_or(metrics::UNMATCHED, MatchedPath::as_str);
+                tracing::info_span!("request", method = %req.method(), route = %route)
             }))
             .layer(middleware::from_fn_with_state(metrics_state.clone(), count_request))
             .layer(middleware::from_fn(matrix_errors))
@@ -398,7 +402,9 @@ async fn default_threads_include(mut req: Request) -> Request {
     req
 }
 
-/// Counts the request in the metrics under its route template, with its final status.
+/// Counts the request in the metrics under its route template, with its final status, and
+/// writes the request log line: status, duration and caller, in the request's span (method
+/// and route template). Never the query string (it may hold an access token) nor the body.
 async fn count_request(
     axum::extract::State(services): axum::extract::State<State>,
     req: Request,
@@ -407,11 +413,33 @@ async fn count_request(
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().cloned();
+    // Only an unmatched request logs its path: a route template says all a matched one needs.
+    let path = route.is_none().then(|| req.uri().path().to_owned());
     let response = next.run(req).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
     let route = route.as_ref().map_or(metrics::UNMATCHED, MatchedPath::as_str);
-    services.metrics.request(&method, route, response.status().as_u16(), started.elapsed());
+    services.metrics.request(&method, route, status, elapsed);
+    let served = response.extensions().get::<Served>();
+    let user = served.and_then(|s| s.0.caller.get()).map_or("-", |(user, _)| user.as_str());
+    let duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0;
+    let path = path
+        .as_deref()
+        .map(|p| tracing::field::display(&p[..p.floor_char_boundary(MAX_LOGGED_PATH)]));
+    if status >= 500 {
+        tracing::error!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
+    } else {
+        tracing::info!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
+    }
     response
 }
+
+/// Longest unmatched path written to the request log, in bytes.
+const MAX_LOGGED_PATH: usize = 256;
+
+/// The request's context, handed from [`request_context`] to the request log on the way out.
+#[derive(Clone)]
+struct Served(std::sync::Arc<RequestContext>);
 
 /// The metrics listener's application: `GET /metrics` and nothing else.
 pub fn metrics_app(services: State) -> Router {
@@ -430,18 +458,20 @@ pub fn metrics_app(services: State) -> Router {
 /// Runs the request with its address and user agent known to the audit log.
 async fn request_context(trusted: Vec<ipnet::IpNet>, req: Request, next: Next) -> Response {
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let context = RequestContext {
+    let context = std::sync::Arc::new(RequestContext {
         ip: super::client_address(&trusted, peer, req.headers()).map(|a| a.ip().to_string()),
         user_agent: super::user_agent(req.headers()),
         caller: std::sync::OnceLock::new(),
-    };
-    audit::context::scope(context, next.run(req)).await
+    });
+    let mut response = audit::context::scope_shared(context.clone(), next.run(req)).await;
+    response.extensions_mut().insert(Served(context));
+    response
 }
 
 /// Replaces any error answer that is not already a Matrix error (framework rejections,
 /// timeouts) with one, so clients always get `errcode` + `error`.
 async fn matrix_errors(req: Request, next: Next) -> Response {
-    let response = next.run(req).await;
+    let mut response = next.run(req).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
@@ -462,6 +492,7 @@ async fn matrix_errors(req: Request, next: Next) -> Response {
     let reason = status.canonical_reason().unwrap_or("Request failed");
     let mut matrix = Error::new(kind, reason).into_response();
     *matrix.status_mut() = status;
+    *matrix.extensions_mut() = std::mem::take(response.extensions_mut());
     matrix.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     matrix
 }

@@ -14,6 +14,7 @@ mod ephemeral;
 mod errors;
 mod media;
 mod metrics;
+mod operators;
 mod process;
 mod push;
 mod pushers;
