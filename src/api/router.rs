@@ -402,9 +402,7 @@ async fn default_threads_include(mut req: Request) -> Request {
     req
 }
 
-/// Counts the request in the metrics under its route template, with its final status, and
-/// writes the request log line: status, duration and caller, in the request's span (method
-/// and route template). Never the query string (it may hold an access token) nor the body.
+/// Counts the request in the metrics under its route template, with its final status.
 async fn count_request(
     axum::extract::State(services): axum::extract::State<State>,
     req: Request,
@@ -413,33 +411,14 @@ async fn count_request(
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().cloned();
-    // Only an unmatched request logs its path: a route template says all a matched one needs.
-    let path = route.is_none().then(|| req.uri().path().to_owned());
     let response = next.run(req).await;
-    let elapsed = started.elapsed();
-    let status = response.status().as_u16();
     let route = route.as_ref().map_or(metrics::UNMATCHED, MatchedPath::as_str);
-    services.metrics.request(&method, route, status, elapsed);
-    let served = response.extensions().get::<Served>();
-    let user = served.and_then(|s| s.0.caller.get()).map_or("-", |(user, _)| user.as_str());
-    let duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0;
-    let path = path
-        .as_deref()
-        .map(|p| tracing::field::display(&p[..p.floor_char_boundary(MAX_LOGGED_PATH)]));
-    if status >= 500 {
-        tracing::error!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
-    } else {
-        tracing::info!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
-    }
+    services.metrics.request(&method, route, response.status().as_u16(), started.elapsed());
     response
 }
 
 /// Longest unmatched path written to the request log, in bytes.
 const MAX_LOGGED_PATH: usize = 256;
-
-/// The request's context, handed from [`request_context`] to the request log on the way out.
-#[derive(Clone)]
-struct Served(std::sync::Arc<RequestContext>);
 
 /// The metrics listener's application: `GET /metrics` and nothing else.
 pub fn metrics_app(services: State) -> Router {
@@ -455,23 +434,39 @@ pub fn metrics_app(services: State) -> Router {
         .with_state(services)
 }
 
-/// Runs the request with its address and user agent known to the audit log.
+/// Runs the request with its address and user agent known to the audit log, then writes the
+/// request log line: status, duration and authenticated caller, inside the request's span
+/// (method and route template). Never the query string (it may hold an access token) nor the
+/// body; the path only of a request no route matched.
 async fn request_context(trusted: Vec<ipnet::IpNet>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let unmatched = req.extensions().get::<MatchedPath>().is_none();
+    let path = unmatched.then(|| req.uri().path().to_owned());
     let context = std::sync::Arc::new(RequestContext {
         ip: super::client_address(&trusted, peer, req.headers()).map(|a| a.ip().to_string()),
         user_agent: super::user_agent(req.headers()),
         caller: std::sync::OnceLock::new(),
     });
-    let mut response = audit::context::scope_shared(context.clone(), next.run(req)).await;
-    response.extensions_mut().insert(Served(context));
+    let response = audit::context::scope_shared(context.clone(), next.run(req)).await;
+    let status = response.status().as_u16();
+    let duration_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
+    let user = context.caller.get().map_or("-", |(user, _)| user.as_str());
+    let path = path
+        .as_deref()
+        .map(|p| tracing::field::display(&p[..p.floor_char_boundary(MAX_LOGGED_PATH)]));
+    if status >= 500 {
+        tracing::error!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
+    } else {
+        tracing::info!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
+    }
     response
 }
 
 /// Replaces any error answer that is not already a Matrix error (framework rejections,
 /// timeouts) with one, so clients always get `errcode` + `error`.
 async fn matrix_errors(req: Request, next: Next) -> Response {
-    let mut response = next.run(req).await;
+    let response = next.run(req).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
@@ -492,7 +487,6 @@ async fn matrix_errors(req: Request, next: Next) -> Response {
     let reason = status.canonical_reason().unwrap_or("Request failed");
     let mut matrix = Error::new(kind, reason).into_response();
     *matrix.status_mut() = status;
-    *matrix.extensions_mut() = std::mem::take(response.extensions_mut());
     matrix.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     matrix
 }
