@@ -245,6 +245,9 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Longest `audit.checkpoint_interval_secs`: a week.
+pub const MAX_CHECKPOINT_INTERVAL_SECS: u64 = 7 * 86_400;
+
 /// Audit log settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -597,7 +600,7 @@ impl Config {
                 && ruma::RoomAliasId::parse(r.as_str()).is_err()
         };
         let welcome_len = |t: &Option<String>| t.as_ref().map_or(0, String::len);
-        let checks: [(bool, &'static str, &str); 19] = [
+        let checks: [(bool, &'static str, &str); 20] = [
             (self.listen.is_empty(), "listen", "at least one address is needed"),
             (bad_url(&self.public_baseurl), "public_baseurl", "must be an http(s) URL"),
             (
@@ -681,6 +684,11 @@ impl Config {
                     }),
                 "branding.logo_url",
                 "must be an http(s) URL of at most 2048 bytes",
+            ),
+            (
+                self.audit.checkpoint_interval_secs > MAX_CHECKPOINT_INTERVAL_SECS,
+                "audit.checkpoint_interval_secs",
+                "at most 604800 (a week); 0 turns checkpoints off",
             ),
         ];
         if let Some((_, key, reason)) = checks.into_iter().find(|(failed, ..)| *failed) {
@@ -817,6 +825,9 @@ mod tests {
         assert!(err.contains("branding.company_name"), "{err}");
         config.branding.company_name = Some("Acme <Corp>".into());
         assert!(config.validate().is_ok());
+        config.audit.checkpoint_interval_secs = MAX_CHECKPOINT_INTERVAL_SECS + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("audit.checkpoint_interval_secs"), "{err}");
     }
 
     #[test]
