@@ -300,7 +300,8 @@ fn verify_audit(
     };
     match audit.contains(&checkpoint).map_err(|e| fail(EXIT_DATABASE, e.to_string()))? {
         Containment::Contained => {
-            println!("checkpoint at record {} is contained", checkpoint.seq);
+            // Standard output stays the JSON report alone.
+            eprintln!("plaza: the audit log contains the checkpoint at record {}", checkpoint.seq);
             Ok(())
         }
         Containment::Differs { found } => {

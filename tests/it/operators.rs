@@ -375,6 +375,9 @@ async fn signed_checkpoints_expose_a_consistent_rewrite_of_the_audit_log() {
             for against in [text.as_str(), file_arg.as_str()] {
                 let out = verify(dir, &["--against", against]);
                 assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+                let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(report["ok"], true, "{report}");
+                assert!(stderr(&out).contains("contains the checkpoint"), "{}", stderr(&out));
             }
             // A checkpoint edited, another server's, unreadable, or under another key.
             let mut moved = checkpoint.clone();
