@@ -63,7 +63,24 @@ pub struct Config {
     pub server_notices: ServerNoticesConfig,
     /// What new accounts get: rooms they join and a welcome notice.
     pub onboarding: OnboardingConfig,
+    /// The company's name and logo, shown on the landing page at `/`.
+    pub branding: BrandingConfig,
 }
+
+/// The company behind the server, shown on the landing page.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrandingConfig {
+    /// The company's name; the server name is shown when unset.
+    pub company_name: Option<String>,
+    /// An `https://` (or `http://`) URL of the company's logo.
+    pub logo_url: Option<String>,
+}
+
+/// Longest `branding.company_name`, in bytes.
+pub const MAX_COMPANY_NAME: usize = 200;
+/// Longest `branding.logo_url`, in bytes.
+pub const MAX_LOGO_URL: usize = 2048;
 
 /// Server notices: messages from the server to one user, in a room of their own with the
 /// notices account, tagged `m.server_notice`.
@@ -230,13 +247,25 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Longest `audit.checkpoint_interval_secs`: a week.
+pub const MAX_CHECKPOINT_INTERVAL_SECS: u64 = 7 * 86_400;
+
 /// Audit log settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// Days audit records are kept; older ones are pruned behind a signed anchor. 0 keeps
     /// them forever.
     pub retention_days: u64,
+    /// Seconds between signed checkpoints of the log's head written to the log output; 0
+    /// turns them off (the export endpoint still answers).
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { retention_days: 0, checkpoint_interval_secs: 3600 }
+    }
 }
 
 /// End-to-end encryption policy.
@@ -416,6 +445,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             server_notices: ServerNoticesConfig::default(),
             onboarding: OnboardingConfig::default(),
+            branding: BrandingConfig::default(),
         }
     }
 }
@@ -521,6 +551,45 @@ pub enum ConfigError {
     },
 }
 
+/// The file read when neither `--config` nor `PLAZA_CONFIG` names one, relative to the working
+/// directory: the shipped example, whose values are the built-in defaults.
+pub const DEFAULT_CONFIG_FILE: &str = "conf/plaza.toml";
+
+/// The configuration file to read: the one named by `--config` or `PLAZA_CONFIG` (which must
+/// then exist), else [`DEFAULT_CONFIG_FILE`] when it exists in the working directory, else none.
+pub fn config_file(named: Option<&std::path::Path>) -> Option<PathBuf> {
+    match named {
+        Some(path) => Some(path.to_owned()),
+        None => {
+            let default = std::path::Path::new(DEFAULT_CONFIG_FILE);
+            default.is_file().then(|| default.to_owned())
+        }
+    }
+}
+
+/// Dependencies that log at `info` once per event or per index commit: quiet unless the
+/// filter asks for `debug` or names them.
+const NOISY_TARGETS: [&str; 2] = ["ruma_state_res", "tantivy"];
+
+impl LogConfig {
+    /// The tracing filter for `filter`, with [`NOISY_TARGETS`] held to `warn` unless the
+    /// default level is `debug` or finer or the filter names them itself.
+    pub fn env_filter(&self) -> tracing_subscriber::EnvFilter {
+        let parts: Vec<&str> = self.filter.split(',').map(str::trim).collect();
+        let verbose =
+            parts.iter().any(|p| matches!(p.to_ascii_lowercase().as_str(), "debug" | "trace"));
+        let mut filter = self.filter.clone();
+        if !verbose {
+            for target in NOISY_TARGETS {
+                if !parts.iter().any(|p| p.starts_with(target)) {
+                    filter.push_str(&format!(",{target}=warn"));
+                }
+            }
+        }
+        tracing_subscriber::EnvFilter::new(filter)
+    }
+}
+
 impl Config {
     /// The layered configuration sources: defaults, then `file` (if any), then `PLAZA_*`.
     pub fn figment(file: Option<&std::path::Path>) -> Figment {
@@ -548,7 +617,7 @@ impl Config {
                 && ruma::RoomAliasId::parse(r.as_str()).is_err()
         };
         let welcome_len = |t: &Option<String>| t.as_ref().map_or(0, String::len);
-        let checks: [(bool, &'static str, &str); 17] = [
+        let checks: [(bool, &'static str, &str); 20] = [
             (self.listen.is_empty(), "listen", "at least one address is needed"),
             (bad_url(&self.public_baseurl), "public_baseurl", "must be an http(s) URL"),
             (
@@ -618,6 +687,26 @@ impl Config {
                 "onboarding.welcome_notice",
                 "needs server_notices.enabled",
             ),
+            (
+                self.branding.company_name.as_ref().is_some_and(|n| {
+                    n.trim().is_empty() || n.len() > MAX_COMPANY_NAME || n.chars().any(char::is_control)
+                }),
+                "branding.company_name",
+                "1 to 200 bytes of text without control characters",
+            ),
+            (
+                bad_url(&self.branding.logo_url)
+                    || self.branding.logo_url.as_ref().is_some_and(|u| {
+                        u.len() > MAX_LOGO_URL || url::Url::parse(u).map_or(true, |u| !u.has_host())
+                    }),
+                "branding.logo_url",
+                "must be an http(s) URL of at most 2048 bytes",
+            ),
+            (
+                self.audit.checkpoint_interval_secs > MAX_CHECKPOINT_INTERVAL_SECS,
+                "audit.checkpoint_interval_secs",
+                "at most 604800 (a week); 0 turns checkpoints off",
+            ),
         ];
         if let Some((_, key, reason)) = checks.into_iter().find(|(failed, ..)| *failed) {
             return Err(ConfigError::Value { key, reason: reason.to_owned() });
@@ -682,6 +771,9 @@ mod tests {
         assert_eq!(config.listen, defaults.listen);
         assert_eq!(config.database.path, defaults.database.path);
         assert_eq!(config.registration.mode, RegistrationMode::Disabled);
+        // Read by `cargo run --release` without arguments: every value is the built-in one.
+        let json = |c: &Config| serde_json::to_value(c).unwrap();
+        assert_eq!(json(&config), json(&defaults));
     }
 
     #[test]
@@ -742,5 +834,35 @@ mod tests {
         assert!(err.contains("support.contacts"), "{err}");
         config.support.contacts[0].email_address = Some("it@example.com".into());
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn branding_is_checked() {
+        let mut config = Config::default();
+        config.branding.logo_url = Some("javascript:alert(1)".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("branding.logo_url"), "{err}");
+        config.branding.logo_url = Some("https://cdn.example.com/logo.png".into());
+        config.branding.company_name = Some("Acme\nCorp".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("branding.company_name"), "{err}");
+        config.branding.company_name = Some("Acme <Corp>".into());
+        assert!(config.validate().is_ok());
+        config.audit.checkpoint_interval_secs = MAX_CHECKPOINT_INTERVAL_SECS + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("audit.checkpoint_interval_secs"), "{err}");
+    }
+
+    #[test]
+    fn noisy_dependencies_are_quiet_unless_asked_for() {
+        let filter = |text: &str| LogConfig { filter: text.into() }.env_filter().to_string();
+        assert!(filter("info").contains("tantivy=warn"), "{}", filter("info"));
+        assert!(filter("info").contains("ruma_state_res=warn"));
+        assert!(!filter("debug").contains("tantivy"));
+        let named = filter("info,tantivy=info");
+        assert!(
+            !named.contains("tantivy=warn") && named.contains("ruma_state_res=warn"),
+            "{named}"
+        );
     }
 }

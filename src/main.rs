@@ -7,18 +7,23 @@ use plaza::{
     Config,
     server::{self, Server},
     service::{
-        audit::{Audit, Entry},
+        audit::{
+            Audit, Entry,
+            checkpoint::{Checkpoint, Containment, MAX_CHECKPOINT_BYTES},
+        },
         keys::ServerKeys,
         users::{self, Role, Users},
     },
-    storage::Db,
+    storage::{Db, Table, tables},
 };
+use ruma::OwnedServerName;
 
 /// A Matrix homeserver for companies' group chat.
 #[derive(Parser)]
 #[command(name = "plaza", version, about)]
 struct Cli {
-    /// Configuration file (TOML); defaults to $PLAZA_CONFIG, then built-in defaults.
+    /// Configuration file (TOML); defaults to $PLAZA_CONFIG, then `conf/plaza.toml` in the
+    /// working directory if it exists, then built-in defaults.
     #[arg(long, global = true, env = plaza::config::CONFIG_ENV)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -56,25 +61,65 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the hash chain and report the first broken link (exit status 1 if any).
+    /// Recompute the hash chain and report the first broken link. Exit status: 0 intact,
+    /// 1 chain broken, 2 bad configuration or arguments, 3 database cannot be opened (locked
+    /// by a running server, missing or unreadable), 4 the log no longer holds the checkpoint
+    /// given with `--against`, 5 that checkpoint is unreadable, another server's or forged.
     Verify {
         /// The database directory; defaults to `database.path` of the configuration.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// A signed checkpoint (a file, or the JSON itself) the log must still contain.
+        #[arg(long, value_name = "CHECKPOINT")]
+        against: Option<String>,
+        /// The server's public key (unpadded base64) to check the checkpoint with, instead of
+        /// the key stored in the database.
+        #[arg(long, requires = "against")]
+        public_key: Option<String>,
     },
+}
+
+/// Why a command failed, and the exit status that says so.
+struct Failure {
+    status: u8,
+    message: String,
+}
+
+/// Exit status: the audit chain is broken.
+const EXIT_BROKEN: u8 = 1;
+/// Exit status: bad configuration or arguments.
+const EXIT_CONFIG: u8 = 2;
+/// Exit status: the database cannot be opened (locked by a running server, missing, damaged).
+const EXIT_DATABASE: u8 = 3;
+/// Exit status: the audit log no longer holds the checkpoint it was checked against.
+const EXIT_CHECKPOINT_MISSING: u8 = 4;
+/// Exit status: the checkpoint is unreadable, another server's, or its signature fails.
+const EXIT_CHECKPOINT_INVALID: u8 = 5;
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self { status: 1, message }
+    }
+}
+
+fn fail(status: u8, message: impl Into<String>) -> Failure {
+    Failure { status, message: message.into() }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let config_file = plaza::config::config_file(cli.config.as_deref());
+    let config = match Config::load(config_file.as_deref()) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("plaza: {err}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.filter);
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(config.log.env_filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
 
     let runtime = match plaza::server::runtime() {
         Ok(runtime) => runtime,
@@ -85,26 +130,50 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => serve(config).await,
+            Command::Serve => serve(config, config_file).await.map_err(Failure::from),
             Command::CreateUser { name, admin, password_file } => {
-                create_user(config, &name, admin, password_file).await
+                create_user(config, &name, admin, password_file).await.map_err(Failure::from)
             }
-            Command::SetRole { user, role } => set_role(config, &user, &role),
-            Command::Audit { command: AuditCommand::Verify { data_dir } } => {
-                verify_audit(config, data_dir)
+            Command::SetRole { user, role } => {
+                set_role(config, &user, &role).map_err(Failure::from)
+            }
+            Command::Audit { command: AuditCommand::Verify { data_dir, against, public_key } } => {
+                verify_audit(config, data_dir, against, public_key)
             }
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("plaza: {message}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("plaza: {}", failure.message);
+            ExitCode::from(failure.status)
         }
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+/// Says where the configuration came from: the file read (if any) and the names (never the
+/// values, which may be secrets) of the `PLAZA_*` variables laid over it.
+fn log_config_sources(file: Option<&std::path::Path>) {
+    let overrides: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with("PLAZA_") && name != plaza::config::CONFIG_ENV)
+        .collect();
+    let overrides = overrides.join(" ");
+    match file {
+        Some(file) => {
+            let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned());
+            tracing::info!(file = %path.display(), env = %overrides, "configuration read");
+        }
+        None => tracing::info!(
+            env = %overrides,
+            "no configuration file (no --config, no PLAZA_CONFIG, no {} here): built-in defaults",
+            plaza::config::DEFAULT_CONFIG_FILE
+        ),
+    }
+}
+
+async fn serve(config: Config, config_file: Option<PathBuf>) -> Result<(), String> {
+    log_config_sources(config_file.as_deref());
     let server = Server::start(config).await.map_err(|e| e.to_string())?;
     server.run_until_signal().await;
     Ok(())
@@ -163,22 +232,104 @@ fn set_role(config: Config, user: &str, role: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn verify_audit(mut config: Config, data_dir: Option<PathBuf>) -> Result<(), String> {
+fn verify_audit(
+    mut config: Config,
+    data_dir: Option<PathBuf>,
+    against: Option<String>,
+    public_key: Option<String>,
+) -> Result<(), Failure> {
+    use base64::Engine as _;
+    let checkpoint = against.as_deref().map(read_checkpoint).transpose()?;
+    let public_key = public_key
+        .map(|key| {
+            let engine = base64::engine::general_purpose::STANDARD_NO_PAD;
+            engine
+                .decode(key.trim().trim_end_matches('='))
+                .ok()
+                .filter(|key| key.len() == 32)
+                .ok_or_else(|| fail(EXIT_CONFIG, "--public-key is 32 bytes in unpadded base64"))
+        })
+        .transpose()?;
     if let Some(dir) = data_dir {
         config.database.path = dir;
     }
     if !config.database.path.is_dir() {
-        return Err(format!("no database at {}", config.database.path.display()));
+        return Err(fail(
+            EXIT_DATABASE,
+            format!("no database at {}", config.database.path.display()),
+        ));
     }
-    let db = Db::open(&config.database.path, 8).map_err(|e| e.to_string())?;
-    let keys = ServerKeys::load_or_create(&db).map_err(|e| e.to_string())?;
-    let audit = Audit::new(&db).map_err(|e| e.to_string())?;
-    let report = audit.verify(&keys.key_pair().public_key()).map_err(|e| e.to_string())?;
-    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
-    match report.first_broken {
-        None => Ok(()),
-        Some(broken) => {
-            Err(format!("audit log broken at record {}: {}", broken.seq, broken.reason))
+    let db = Db::open(&config.database.path, 8).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    let keys = ServerKeys::load_or_create(&db).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    let audit = Audit::new(&db).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    if let Some(checkpoint) = &checkpoint {
+        // The database's own server name: `--data-dir` may point at another server's data.
+        let global: Table<String> = db.table(tables::GLOBAL);
+        let server_name = match global.get("server_name") {
+            Ok(Some(name)) => OwnedServerName::try_from(name)
+                .map_err(|e| fail(EXIT_DATABASE, format!("stored server name: {e}")))?,
+            Ok(None) => config.server_name.clone(),
+            Err(err) => return Err(fail(EXIT_DATABASE, err.to_string())),
+        };
+        let stored = keys.key_pair().public_key();
+        if public_key.as_ref().is_some_and(|given| given.as_slice() != stored.as_slice()) {
+            eprintln!("plaza: warning: the database's signing key is not the given public key");
         }
+        let key = public_key.unwrap_or_else(|| stored.to_vec());
+        checkpoint.verify(&server_name, &key).map_err(|e| fail(EXIT_CHECKPOINT_INVALID, e))?;
     }
+    let report = audit
+        .verify(&keys.key_pair().public_key())
+        .map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    if let Some(broken) = report.first_broken {
+        return Err(fail(
+            EXIT_BROKEN,
+            format!("audit log broken at record {}: {}", broken.seq, broken.reason),
+        ));
+    }
+    let Some(checkpoint) = checkpoint else { return Ok(()) };
+    let missing = |why: String| {
+        fail(
+            EXIT_CHECKPOINT_MISSING,
+            format!(
+                "audit log does not contain the checkpoint at record {} (hash {}): {why}",
+                checkpoint.seq, checkpoint.head_hash
+            ),
+        )
+    };
+    match audit.contains(&checkpoint).map_err(|e| fail(EXIT_DATABASE, e.to_string()))? {
+        Containment::Contained => {
+            // Standard output stays the JSON report alone.
+            eprintln!("plaza: the audit log contains the checkpoint at record {}", checkpoint.seq);
+            Ok(())
+        }
+        Containment::Differs { found } => {
+            Err(missing(format!("the log holds hash {found} there (rewritten)")))
+        }
+        Containment::Truncated { head_seq } => {
+            Err(missing(format!("the log ends at record {head_seq} (records removed)")))
+        }
+        Containment::Pruned { anchor_seq } => Err(missing(format!(
+            "records up to {anchor_seq} were pruned by retention, so it cannot be checked"
+        ))),
+    }
+}
+
+/// Reads a checkpoint given as JSON text or as the path of a file holding it.
+fn read_checkpoint(arg: &str) -> Result<Checkpoint, Failure> {
+    let invalid = |message: String| fail(EXIT_CHECKPOINT_INVALID, message);
+    let text = if arg.trim_start().starts_with('{') {
+        arg.to_owned()
+    } else {
+        use std::io::Read as _;
+        let file =
+            std::fs::File::open(arg).map_err(|e| invalid(format!("cannot read {arg}: {e}")))?;
+        let mut text = String::new();
+        file.take(MAX_CHECKPOINT_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| invalid(format!("cannot read {arg}: {e}")))?;
+        text
+    };
+    Checkpoint::parse(&text).map_err(invalid)
 }

@@ -168,6 +168,12 @@ impl Server {
         if services.config.audit.retention_days > 0 {
             tasks.spawn(prune_audit_hourly(services.clone(), stopped.clone()));
         }
+        if services.config.audit.checkpoint_interval_secs > 0 {
+            let interval =
+                std::time::Duration::from_secs(services.config.audit.checkpoint_interval_secs);
+            let checkpoints = crate::service::audit::checkpoint::run;
+            tasks.spawn(checkpoints(services.clone(), interval, stopped.clone()));
+        }
         let mut addrs = Vec::new();
         for addr in &services.config.listen {
             let listener = TcpListener::bind(addr)

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod landing;
 pub mod media;
 pub mod router;
 pub mod well_known;

@@ -20,7 +20,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-use super::{AuthKind, Ruma, RumaResponse, State, admin, client, media, well_known};
+use super::{AuthKind, Ruma, RumaResponse, State, admin, client, landing, media, well_known};
 use crate::{
     error::{Error, ErrorKind, Result},
     service::{
@@ -315,6 +315,7 @@ pub fn build(state: State) -> Router {
         .route("/_synapse/admin/v1/statistics/users/media", get(admin::media::statistics))
         .route("/_plaza/admin/v1/audit", get(admin::audit::list))
         .route("/_plaza/admin/v1/audit/verify", get(admin::audit::verify))
+        .route("/_plaza/admin/v1/audit/checkpoint", get(admin::audit::checkpoint))
         .route("/_plaza/admin/v1/analytics/active_users", get(admin::analytics::active_users))
         .route("/_plaza/admin/v1/analytics/messages", get(admin::analytics::messages))
         .route("/_plaza/admin/v1/analytics/rooms/top", get(admin::analytics::top_rooms))
@@ -323,6 +324,7 @@ pub fn build(state: State) -> Router {
         .route("/_plaza/admin/v1/analytics/response_times", get(admin::analytics::response_times))
         .route("/_plaza/admin/v1/analytics/polls", get(admin::analytics::polls))
         .route("/_plaza/admin/v1/analytics/polls/{event_id}", get(admin::analytics::poll))
+        .route("/", get(landing::page))
         .route("/_plaza/health", get(|| async { "OK" }))
         .route("/health", get(|| async { "OK" }))
         .fallback(not_found)
@@ -334,7 +336,9 @@ pub fn build(state: State) -> Router {
         let trusted = trusted_proxies.clone();
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                let route = req.extensions().get::<MatchedPath>();
+                let route = route.map_or(metrics::UNMATCHED, MatchedPath::as_str);
+                tracing::info_span!("request", method = %req.method(), route = %route)
             }))
             .layer(middleware::from_fn_with_state(metrics_state.clone(), count_request))
             .layer(middleware::from_fn(matrix_errors))
@@ -418,6 +422,9 @@ async fn count_request(
     response
 }
 
+/// Longest unmatched path written to the request log, in bytes.
+const MAX_LOGGED_PATH: usize = 256;
+
 /// The metrics listener's application: `GET /metrics` and nothing else.
 pub fn metrics_app(services: State) -> Router {
     Router::new()
@@ -432,15 +439,33 @@ pub fn metrics_app(services: State) -> Router {
         .with_state(services)
 }
 
-/// Runs the request with its address and user agent known to the audit log.
+/// Runs the request with its address and user agent known to the audit log, then writes the
+/// request log line: status, duration and authenticated caller, inside the request's span
+/// (method and route template). Never the query string (it may hold an access token) nor the
+/// body; the path only of a request no route matched.
 async fn request_context(trusted: Vec<ipnet::IpNet>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let context = RequestContext {
+    let unmatched = req.extensions().get::<MatchedPath>().is_none();
+    let path = unmatched.then(|| req.uri().path().to_owned());
+    let context = std::sync::Arc::new(RequestContext {
         ip: super::client_address(&trusted, peer, req.headers()).map(|a| a.ip().to_string()),
         user_agent: super::user_agent(req.headers()),
         caller: std::sync::OnceLock::new(),
-    };
-    audit::context::scope(context, next.run(req)).await
+    });
+    let response = audit::context::scope_shared(context.clone(), next.run(req)).await;
+    let status = response.status().as_u16();
+    let duration_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
+    let user = context.caller.get().map_or("-", |(user, _)| user.as_str());
+    let path = path
+        .as_deref()
+        .map(|p| tracing::field::display(&p[..p.floor_char_boundary(MAX_LOGGED_PATH)]));
+    if status >= 500 {
+        tracing::error!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
+    } else {
+        tracing::info!(target: "plaza::request", status, duration_ms, user = %user, path, "request");
+    }
+    response
 }
 
 /// Replaces any error answer that is not already a Matrix error (framework rejections,

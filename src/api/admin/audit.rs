@@ -1,5 +1,5 @@
 //! The audit log over HTTP: filtered pages as JSON, whole ranges streamed as NDJSON or CSV,
-//! and chain verification.
+//! chain verification and signed checkpoints.
 
 use axum::{
     Json,
@@ -17,6 +17,7 @@ use crate::{
     api::State,
     error::{Error, Result},
     service::audit::{
+        checkpoint::Checkpoint,
         parse_token,
         query::{CSV_HEADER, Filter, MAX_LIMIT, csv_row},
     },
@@ -157,4 +158,13 @@ pub async fn verify(AxumState(services): AxumState<State>, _: Staff) -> Result<J
         .await
         .map_err(Error::internal)??;
     Ok(Json(serde_json::to_value(report).map_err(Error::internal)?))
+}
+
+/// `GET /_plaza/admin/v1/audit/checkpoint`: a checkpoint of the log's head signed with the
+/// server key, to keep outside the server and check with `plaza audit verify --against`.
+pub async fn checkpoint(
+    AxumState(services): AxumState<State>,
+    _: Staff,
+) -> Result<Json<Checkpoint>> {
+    Ok(Json(services.audit_checkpoint().await?))
 }

@@ -35,3 +35,12 @@ pub fn current() -> Option<std::sync::Arc<RequestContext>> {
 pub fn set_caller(user_id: &str, device_id: &str) {
     let _ = CONTEXT.try_with(|c| c.caller.set((user_id.to_owned(), device_id.to_owned())));
 }
+
+/// Runs `future` with `context` as the current request, which the caller keeps a handle on
+/// to read what the request learnt (its authenticated caller) once it is answered.
+pub async fn scope_shared<F: Future>(
+    context: std::sync::Arc<RequestContext>,
+    future: F,
+) -> F::Output {
+    CONTEXT.scope(context, future).await
+}

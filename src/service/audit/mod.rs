@@ -7,6 +7,7 @@
 //! batch", so the chain never forks. Retention prunes the oldest records and keeps the hash of
 //! the last pruned one as a signed anchor the remaining chain is verified from.
 
+pub mod checkpoint;
 pub mod context;
 pub mod query;
 
