@@ -331,6 +331,22 @@ async fn openid_tokens_die_with_their_account() {
     assert_eq!(issued["expires_in"], 3600);
     let userinfo = format!("/_matrix/federation/v1/openid/userinfo?access_token={}", enc(token));
     assert_eq!(s.get(&userinfo, None).await.0, StatusCode::OK);
+
+    // A locked account's tokens no longer vouch for it.
+    let (admin_id, admin, _) = s.register("admin", "correct horse").await;
+    s.set_role(&admin_id, "admin");
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let path = format!("/_matrix/client/v3/user/{bob_id}/openid/request_token");
+    let (_, issued) = s.post(&path, Some(&bob), json!({})).await;
+    let bob_token = issued["access_token"].as_str().unwrap();
+    let bob_info =
+        format!("/_matrix/federation/v1/openid/userinfo?access_token={}", enc(bob_token));
+    assert_eq!(s.get(&bob_info, None).await.0, StatusCode::OK);
+    let account = format!("/_synapse/admin/v2/users/{bob_id}");
+    let (status, body) = s.put(&account, Some(&admin), json!({ "locked": true })).await;
+    assert_eq!((status, body["locked"].clone()), (StatusCode::OK, json!(true)), "{body}");
+    assert_error(&s.get(&bob_info, None).await, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
+
     let (status, body) = s
         .post(
             "/_matrix/client/v3/account/deactivate",
