@@ -390,7 +390,7 @@ async fn thirdparty_protocols_and_turn_server_answer_empty_without_them() {
 #[tokio::test]
 async fn events_redacted_before_redactions_were_kept_show_the_whole_redaction() {
     use plaza::{
-        service::rooms::pdu::StoredPdu,
+        service::rooms::{migrate::REDACTION_COPIES_DONE, pdu::StoredPdu},
         storage::{Db, tables},
     };
 
@@ -401,16 +401,19 @@ async fn events_redacted_before_redactions_were_kept_show_the_whole_redaction() 
     let path = format!("/_matrix/client/v3/rooms/{room}/redact/{}/r", enc(&target));
     let redaction = sent_id(&s.put(&path, Some(&alice), json!({ "reason": "typo" })).await);
 
-    // Stored as older versions left it: the redaction's id alone.
+    let stored_target = |db: &Db| {
+        let short = db.table::<u64>(tables::EVENT_IDS).get(target.as_str()).unwrap().unwrap();
+        (short, db.table::<StoredPdu>(tables::PDUS).get(&short).unwrap().unwrap())
+    };
+    // Stored as older versions left it: the redaction's id alone, and no migration run yet.
     let s = s
         .restart_after(|db_path| {
             let db = Db::open(db_path, 8).unwrap();
-            let short = db.table::<u64>(tables::EVENT_IDS).get(target.as_str()).unwrap().unwrap();
-            let pdus = db.table::<StoredPdu>(tables::PDUS);
-            let mut stored = pdus.get(&short).unwrap().unwrap();
+            let (short, mut stored) = stored_target(&db);
             assert!(stored.redaction.take().is_some());
             let mut batch = db.batch();
-            pdus.put(&mut batch, &short, &stored);
+            db.table::<StoredPdu>(tables::PDUS).put(&mut batch, &short, &stored);
+            db.table::<bool>(tables::GLOBAL).delete(&mut batch, REDACTION_COPIES_DONE);
             db.write(batch).unwrap();
         })
         .await;
@@ -420,4 +423,18 @@ async fn events_redacted_before_redactions_were_kept_show_the_whole_redaction() 
     let (status, redacted) = s.get(&event, Some(alice)).await;
     assert_eq!(status, StatusCode::OK, "{redacted}");
     assert_redacted(&redacted, &redaction, &target, "typo");
+
+    // The start-up migration stored the copy, so later reads need nothing more.
+    s.restart_after(|db_path| {
+        let db = Db::open(db_path, 8).unwrap();
+        let (_, stored) = stored_target(&db);
+        let copy = stored.redaction.expect("the redaction is stored with the event again");
+        assert_eq!(copy["event_id"], redaction.as_str());
+        assert_eq!(copy["redacts"], target.as_str());
+        assert_eq!(
+            db.table::<bool>(tables::GLOBAL).get(REDACTION_COPIES_DONE).unwrap(),
+            Some(true)
+        );
+    })
+    .await;
 }

@@ -10,6 +10,7 @@ mod audited;
 pub mod create;
 pub mod directory;
 pub mod membership;
+pub mod migrate;
 pub mod pdu;
 pub mod reports;
 pub mod state;
@@ -343,23 +344,9 @@ impl Rooms {
     /// The stored event `event_id`.
     pub fn stored(&self, event_id: &EventId) -> Result<Option<StoredPdu>> {
         match self.event_ids.get(event_id.as_str())? {
-            Some(short) => self.read_pdu(short),
+            Some(short) => Ok(self.pdus.get(&short)?),
             None => Ok(None),
         }
-    }
-
-    /// Reads the event `short` from the database. An event redacted before redactions were
-    /// kept with the events they redact gets its redaction looked up (in memory only).
-    fn read_pdu(&self, short: u64) -> Result<Option<StoredPdu>> {
-        let Some(mut stored) = self.pdus.get(&short)? else { return Ok(None) };
-        if stored.redaction.is_none()
-            && let Some(because) = &stored.redacted_because
-            && let Some(redaction_short) = self.event_ids.get(because.as_str())?
-            && let Some(redaction) = self.pdus.get(&redaction_short)?
-        {
-            stored.redaction = Some(pdu::redaction_event(&redaction));
-        }
-        Ok(Some(stored))
     }
 
     fn stored_by_short(&self, short: u64) -> Result<StoredPdu> {
@@ -374,7 +361,7 @@ impl Rooms {
             return Ok(Some(StoredPdu::clone(event)));
         }
         drop(recent);
-        self.read_pdu(short)
+        Ok(self.pdus.get(&short)?)
     }
 
     /// Keeps a just-written event of room `room` (short id) in memory for the syncs it wakes;

@@ -29,7 +29,7 @@ pub struct StoredPdu {
     pub redacted_because: Option<OwnedEventId>,
     /// That redaction as clients see it (without `unsigned`), kept with the redacted event so
     /// serving `unsigned.redacted_because` reads nothing more (events redacted before it was
-    /// kept have it looked up when read).
+    /// kept are given it by a start-up migration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redaction: Option<JsonValue>,
     /// The transaction id the sending device used, shown to that device only.
