@@ -636,14 +636,13 @@ fn summary(
 ) -> Result<JsonValue> {
     let members = services.rooms.members(room_id)?;
     let count = |membership: &str| members.iter().filter(|(_, m)| m == membership).count();
-    let named = services
-        .rooms
-        .state_content(state, "m.room.name", "")?
-        .is_some_and(|c| c.get("name").is_some())
-        || services
-            .rooms
-            .state_content(state, "m.room.canonical_alias", "")?
-            .is_some_and(|c| c.get("alias").is_some());
+    // A name or alias that is empty names nothing: heroes then apply as if it were unset.
+    let set = |kind: &str, field: &str| -> Result<bool> {
+        Ok(services.rooms.state_content(state, kind, "")?.is_some_and(|content| {
+            content.get(field).and_then(JsonValue::as_str).is_some_and(|v| !v.is_empty())
+        }))
+    };
+    let named = set("m.room.name", "name")? || set("m.room.canonical_alias", "alias")?;
     let mut summary = BTreeMap::from([
         ("m.joined_member_count", json!(count("join"))),
         ("m.invited_member_count", json!(count("invite"))),

@@ -212,6 +212,24 @@ async fn lazy_loaded_sync_carries_the_heroes_member_events() {
 }
 
 #[tokio::test]
+async fn rooms_whose_name_is_empty_get_heroes() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "preset": "public_chat", "name": "Lobby" })).await;
+    assert_eq!(s.membership(&bob, &room, "join", json!({})).await.0, StatusCode::OK);
+    let (_, body) = s.get("/_matrix/client/v3/sync?timeout=0", Some(&alice)).await;
+    let summary = &body["rooms"]["join"][&room]["summary"];
+    assert!(summary.get("m.heroes").is_none(), "named, so no heroes: {summary}");
+
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/");
+    sent_id(&s.put(&path, Some(&alice), json!({ "name": "" })).await);
+    let (_, body) = s.get("/_matrix/client/v3/sync?timeout=0", Some(&alice)).await;
+    let summary = &body["rooms"]["join"][&room]["summary"];
+    assert_eq!(summary["m.heroes"], json!([bob_id]), "{body}");
+}
+
+#[tokio::test]
 async fn knocks_show_in_the_knock_section_with_stripped_state() {
     let s = TestServer::start().await;
     let (_, alice, _) = s.register("alice", "correct horse").await;
