@@ -209,6 +209,27 @@ async fn lazy_loaded_sync_carries_the_heroes_member_events() {
         .filter(|e| e["state_key"] == bob_id.as_str() || e["state_key"] == carol_id.as_str())
         .collect();
     assert!(repeated.is_empty(), "{next}");
+
+    // A third user joins and becomes a hero: with the state changed since the token, the
+    // incremental sync carries the new hero's member event, though the join fell out of the
+    // timeline and the new hero wrote nothing.
+    let since = next["next_batch"].as_str().unwrap();
+    let (dave_id, dave, _) = s.register("dave", "correct horse").await;
+    assert_eq!(s.membership(&dave, &room, "join", json!({})).await.0, StatusCode::OK);
+    sent_id(&s.send_text(&alice, &room, "t3", "welcome").await);
+    let (_, next) = s.get(&format!("{path}&since={since}"), Some(&alice)).await;
+    let joined = &next["rooms"]["join"][&room];
+    assert_eq!(joined["timeline"]["events"].as_array().map(Vec::len), Some(1), "{next}");
+    assert_eq!(joined["timeline"]["limited"], true, "{next}");
+    let heroes = joined["summary"]["m.heroes"].as_array().unwrap_or_else(|| panic!("{joined}"));
+    assert!(heroes.contains(&json!(dave_id)), "{joined}");
+    let member = joined["state"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == dave_id.as_str())
+        .unwrap_or_else(|| panic!("{dave_id}'s member event missing from {joined}"));
+    assert_eq!(member["content"]["membership"], "join", "{member}");
 }
 
 #[tokio::test]
