@@ -162,6 +162,7 @@ impl Services {
         let init = |e: crate::error::Error| StorageError::Init(e.to_string());
         services.users.index_creation_times(&services.db).map_err(init)?;
         services.media.index_upload_times().map_err(init)?;
+        services.rooms.fill_redaction_copies().map_err(init)?;
         Ok(services)
     }
 

@@ -70,7 +70,7 @@ impl OpenId {
     }
 
     /// The user `token` vouches for; unknown and expired tokens, and those of accounts
-    /// deactivated since, answer 401 `M_UNKNOWN_TOKEN` (an expired one is deleted).
+    /// deactivated or locked since, answer 401 `M_UNKNOWN_TOKEN` (an expired one is deleted).
     pub fn verify(&self, services: &Services, token: &str) -> Result<OwnedUserId> {
         let unknown = || {
             Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown or expired token")
@@ -85,7 +85,7 @@ impl OpenId {
             return Err(unknown());
         }
         let user = services.users.get(&record.user_id)?;
-        if user.is_none_or(|user| user.deactivated) {
+        if user.is_none_or(|user| user.deactivated || user.locked) {
             return Err(unknown());
         }
         Ok(record.user_id)

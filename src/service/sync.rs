@@ -387,16 +387,10 @@ fn state_section(
     at_start: &StateMap,
     since_state: Since<'_>,
     timeline: &[StoredPdu],
-    heroes: &[&str],
 ) -> Result<Vec<JsonValue>> {
     let in_timeline: HashSet<&str> = timeline.iter().map(|e| e.event_id.as_str()).collect();
     let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
-    let senders: HashSet<&str> = timeline
-        .iter()
-        .map(StoredPdu::sender)
-        .chain([req.user_id.as_str()])
-        .chain(heroes.iter().copied())
-        .collect();
+    let senders = lazy_senders(req, timeline);
     let mut events = Vec::new();
     // The state did not change since the token: only lazily loaded senders are sent.
     if let Since::Same = since_state {
@@ -434,6 +428,36 @@ fn state_section(
             continue;
         }
         events.push(client_event(&event, None));
+    }
+    Ok(events)
+}
+
+/// The users whose member events lazy loading sends: the timeline's senders and the syncer.
+fn lazy_senders<'a>(req: &'a SyncRequest<'_>, timeline: &'a [StoredPdu]) -> HashSet<&'a str> {
+    timeline.iter().map(StoredPdu::sender).chain([req.user_id.as_str()]).collect()
+}
+
+/// The member events at the timeline's start of `heroes` that the lazily loaded state section
+/// does not already carry (as senders', or in the timeline itself).
+fn hero_members(
+    services: &Services,
+    req: &SyncRequest<'_>,
+    at_start: &StateMap,
+    timeline: &[StoredPdu],
+    heroes: &[&str],
+) -> Result<Vec<JsonValue>> {
+    let senders = lazy_senders(req, timeline);
+    let mut events = Vec::new();
+    for hero in heroes.iter().filter(|hero| !senders.contains(**hero)) {
+        let Some(short) = at_start.get(&("m.room.member".to_owned(), (*hero).to_owned())) else {
+            continue;
+        };
+        let Some(event) = services.rooms.stored_by_short_public(*short)? else { continue };
+        if !timeline.iter().any(|e| e.event_id == event.event_id)
+            && filters::matches(&req.filter.room.state, &event)
+        {
+            events.push(client_event(&event, None));
+        }
     }
     Ok(events)
 }
@@ -515,28 +539,26 @@ async fn joined_room(
         (Some(_), Some(was)) => Since::Was(was),
         (Some(_), None) => Since::Same,
     };
-    // With lazy loading the heroes' member events must come along, so clients can name the
-    // room: sent when the state changed or the timeline carries state (the heroes may have
-    // changed); an unchanged state was sent before.
     let lazy = !req.filter.room.state.lazy_load_options.is_disabled();
-    let heroes_may_change =
-        !matches!(since_state, Since::Same) || events.iter().any(|e| e.state_key().is_some());
-    let early_summary = if lazy && heroes_may_change {
-        Some(summary(services, room_id, current, req.user_id)?)
-    } else {
-        None
-    };
-    let heroes: Vec<&str> = early_summary
-        .as_ref()
-        .and_then(|summary| summary.get("m.heroes"))
-        .and_then(JsonValue::as_array)
-        .map(|heroes| heroes.iter().filter_map(JsonValue::as_str).collect())
-        .unwrap_or_default();
-    let state = state_section(services, req, &at_start, since_state, &events, &heroes)?;
+    let mut state = state_section(services, req, &at_start, since_state, &events)?;
+    // Lazily loaded member events alone are no news (and the heroes' add only more of them).
     let state_news = state.iter().any(|e| !(lazy && e["type"] == "m.room.member"));
     if !fresh && events.is_empty() && !state_news && account_data.is_empty() && ephemeral.is_empty()
     {
         return Ok(None);
+    }
+    let summary = summary(services, room_id, current, req.user_id)?;
+    // With lazy loading the heroes' member events must come along, so clients can name the
+    // room: sent when the state changed or the timeline carries state (the heroes may have
+    // changed); an unchanged state was sent before.
+    let heroes_may_change =
+        !matches!(since_state, Since::Same) || events.iter().any(|e| e.state_key().is_some());
+    if lazy
+        && heroes_may_change
+        && let Some(heroes) = summary.get("m.heroes").and_then(JsonValue::as_array)
+    {
+        let heroes: Vec<&str> = heroes.iter().filter_map(JsonValue::as_str).collect();
+        state.extend(hero_members(services, req, &at_start, &events, &heroes)?);
     }
     let prev_batch = events.first().map_or(upto, |e| e.position.saturating_sub(1));
     let timeline: Vec<JsonValue> = events
@@ -544,10 +566,6 @@ async fn joined_room(
         .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
         .collect::<Result<_>>()?;
 
-    let summary = match early_summary {
-        Some(summary) => summary,
-        None => summary(services, room_id, current, req.user_id)?,
-    };
     let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
     let by_thread = req.filter.room.timeline.unread_thread_notifications;
     let counting = super::push::Counting { room_id, record, state: current, member: Some(member) };
@@ -618,14 +636,13 @@ fn summary(
 ) -> Result<JsonValue> {
     let members = services.rooms.members(room_id)?;
     let count = |membership: &str| members.iter().filter(|(_, m)| m == membership).count();
-    let named = services
-        .rooms
-        .state_content(state, "m.room.name", "")?
-        .is_some_and(|c| c.get("name").is_some())
-        || services
-            .rooms
-            .state_content(state, "m.room.canonical_alias", "")?
-            .is_some_and(|c| c.get("alias").is_some());
+    // A name or alias that is empty names nothing: heroes then apply as if it were unset.
+    let set = |kind: &str, field: &str| -> Result<bool> {
+        Ok(services.rooms.state_content(state, kind, "")?.is_some_and(|content| {
+            content.get(field).and_then(JsonValue::as_str).is_some_and(|v| !v.is_empty())
+        }))
+    };
+    let named = set("m.room.name", "name")? || set("m.room.canonical_alias", "alias")?;
     let mut summary = BTreeMap::from([
         ("m.joined_member_count", json!(count("join"))),
         ("m.invited_member_count", json!(count("invite"))),

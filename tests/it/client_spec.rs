@@ -209,6 +209,45 @@ async fn lazy_loaded_sync_carries_the_heroes_member_events() {
         .filter(|e| e["state_key"] == bob_id.as_str() || e["state_key"] == carol_id.as_str())
         .collect();
     assert!(repeated.is_empty(), "{next}");
+
+    // A third user joins and becomes a hero: with the state changed since the token, the
+    // incremental sync carries the new hero's member event, though the join fell out of the
+    // timeline and the new hero wrote nothing.
+    let since = next["next_batch"].as_str().unwrap();
+    let (dave_id, dave, _) = s.register("dave", "correct horse").await;
+    assert_eq!(s.membership(&dave, &room, "join", json!({})).await.0, StatusCode::OK);
+    sent_id(&s.send_text(&alice, &room, "t3", "welcome").await);
+    let (_, next) = s.get(&format!("{path}&since={since}"), Some(&alice)).await;
+    let joined = &next["rooms"]["join"][&room];
+    assert_eq!(joined["timeline"]["events"].as_array().map(Vec::len), Some(1), "{next}");
+    assert_eq!(joined["timeline"]["limited"], true, "{next}");
+    let heroes = joined["summary"]["m.heroes"].as_array().unwrap_or_else(|| panic!("{joined}"));
+    assert!(heroes.contains(&json!(dave_id)), "{joined}");
+    let member = joined["state"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == dave_id.as_str())
+        .unwrap_or_else(|| panic!("{dave_id}'s member event missing from {joined}"));
+    assert_eq!(member["content"]["membership"], "join", "{member}");
+}
+
+#[tokio::test]
+async fn rooms_whose_name_is_empty_get_heroes() {
+    let s = TestServer::start().await;
+    let (_, alice, _) = s.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let room = s.create_room(&alice, json!({ "preset": "public_chat", "name": "Lobby" })).await;
+    assert_eq!(s.membership(&bob, &room, "join", json!({})).await.0, StatusCode::OK);
+    let (_, body) = s.get("/_matrix/client/v3/sync?timeout=0", Some(&alice)).await;
+    let summary = &body["rooms"]["join"][&room]["summary"];
+    assert!(summary.get("m.heroes").is_none(), "named, so no heroes: {summary}");
+
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/");
+    sent_id(&s.put(&path, Some(&alice), json!({ "name": "" })).await);
+    let (_, body) = s.get("/_matrix/client/v3/sync?timeout=0", Some(&alice)).await;
+    let summary = &body["rooms"]["join"][&room]["summary"];
+    assert_eq!(summary["m.heroes"], json!([bob_id]), "{body}");
 }
 
 #[tokio::test]
@@ -331,6 +370,22 @@ async fn openid_tokens_die_with_their_account() {
     assert_eq!(issued["expires_in"], 3600);
     let userinfo = format!("/_matrix/federation/v1/openid/userinfo?access_token={}", enc(token));
     assert_eq!(s.get(&userinfo, None).await.0, StatusCode::OK);
+
+    // A locked account's tokens no longer vouch for it.
+    let (admin_id, admin, _) = s.register("admin", "correct horse").await;
+    s.set_role(&admin_id, "admin");
+    let (bob_id, bob, _) = s.register("bob", "correct horse").await;
+    let path = format!("/_matrix/client/v3/user/{bob_id}/openid/request_token");
+    let (_, issued) = s.post(&path, Some(&bob), json!({})).await;
+    let bob_token = issued["access_token"].as_str().unwrap();
+    let bob_info =
+        format!("/_matrix/federation/v1/openid/userinfo?access_token={}", enc(bob_token));
+    assert_eq!(s.get(&bob_info, None).await.0, StatusCode::OK);
+    let account = format!("/_synapse/admin/v2/users/{bob_id}");
+    let (status, body) = s.put(&account, Some(&admin), json!({ "locked": true })).await;
+    assert_eq!((status, body["locked"].clone()), (StatusCode::OK, json!(true)), "{body}");
+    assert_error(&s.get(&bob_info, None).await, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
+
     let (status, body) = s
         .post(
             "/_matrix/client/v3/account/deactivate",
@@ -374,7 +429,7 @@ async fn thirdparty_protocols_and_turn_server_answer_empty_without_them() {
 #[tokio::test]
 async fn events_redacted_before_redactions_were_kept_show_the_whole_redaction() {
     use plaza::{
-        service::rooms::pdu::StoredPdu,
+        service::rooms::{migrate::REDACTION_COPIES_DONE, pdu::StoredPdu},
         storage::{Db, tables},
     };
 
@@ -385,16 +440,19 @@ async fn events_redacted_before_redactions_were_kept_show_the_whole_redaction() 
     let path = format!("/_matrix/client/v3/rooms/{room}/redact/{}/r", enc(&target));
     let redaction = sent_id(&s.put(&path, Some(&alice), json!({ "reason": "typo" })).await);
 
-    // Stored as older versions left it: the redaction's id alone.
+    let stored_target = |db: &Db| {
+        let short = db.table::<u64>(tables::EVENT_IDS).get(target.as_str()).unwrap().unwrap();
+        (short, db.table::<StoredPdu>(tables::PDUS).get(&short).unwrap().unwrap())
+    };
+    // Stored as older versions left it: the redaction's id alone, and no migration run yet.
     let s = s
         .restart_after(|db_path| {
             let db = Db::open(db_path, 8).unwrap();
-            let short = db.table::<u64>(tables::EVENT_IDS).get(target.as_str()).unwrap().unwrap();
-            let pdus = db.table::<StoredPdu>(tables::PDUS);
-            let mut stored = pdus.get(&short).unwrap().unwrap();
+            let (short, mut stored) = stored_target(&db);
             assert!(stored.redaction.take().is_some());
             let mut batch = db.batch();
-            pdus.put(&mut batch, &short, &stored);
+            db.table::<StoredPdu>(tables::PDUS).put(&mut batch, &short, &stored);
+            db.table::<bool>(tables::GLOBAL).delete(&mut batch, REDACTION_COPIES_DONE);
             db.write(batch).unwrap();
         })
         .await;
@@ -404,4 +462,18 @@ async fn events_redacted_before_redactions_were_kept_show_the_whole_redaction() 
     let (status, redacted) = s.get(&event, Some(alice)).await;
     assert_eq!(status, StatusCode::OK, "{redacted}");
     assert_redacted(&redacted, &redaction, &target, "typo");
+
+    // The start-up migration stored the copy, so later reads need nothing more.
+    s.restart_after(|db_path| {
+        let db = Db::open(db_path, 8).unwrap();
+        let (_, stored) = stored_target(&db);
+        let copy = stored.redaction.expect("the redaction is stored with the event again");
+        assert_eq!(copy["event_id"], redaction.as_str());
+        assert_eq!(copy["redacts"], target.as_str());
+        assert_eq!(
+            db.table::<bool>(tables::GLOBAL).get(REDACTION_COPIES_DONE).unwrap(),
+            Some(true)
+        );
+    })
+    .await;
 }

@@ -10,6 +10,7 @@ mod audited;
 pub mod create;
 pub mod directory;
 pub mod membership;
+pub mod migrate;
 pub mod pdu;
 pub mod reports;
 pub mod state;
@@ -386,23 +387,9 @@ impl Rooms {
     /// The stored event `event_id`.
     pub fn stored(&self, event_id: &EventId) -> Result<Option<StoredPdu>> {
         match self.event_ids.get(event_id.as_str())? {
-            Some(short) => self.read_pdu(short),
+            Some(short) => Ok(self.pdus.get(&short)?),
             None => Ok(None),
         }
-    }
-
-    /// Reads the event `short` from the database. An event redacted before redactions were
-    /// kept with the events they redact gets its redaction looked up (in memory only).
-    fn read_pdu(&self, short: u64) -> Result<Option<StoredPdu>> {
-        let Some(mut stored) = self.pdus.get(&short)? else { return Ok(None) };
-        if stored.redaction.is_none()
-            && let Some(because) = &stored.redacted_because
-            && let Some(redaction_short) = self.event_ids.get(because.as_str())?
-            && let Some(redaction) = self.pdus.get(&redaction_short)?
-        {
-            stored.redaction = Some(pdu::redaction_event(&redaction));
-        }
-        Ok(Some(stored))
     }
 
     fn stored_by_short(&self, short: u64) -> Result<StoredPdu> {
@@ -417,7 +404,7 @@ impl Rooms {
             return Ok(Some(StoredPdu::clone(event)));
         }
         drop(recent);
-        self.read_pdu(short)
+        Ok(self.pdus.get(&short)?)
     }
 
     /// Keeps a just-written event of room `room` (short id) in memory for the syncs it wakes;
@@ -1047,12 +1034,20 @@ impl Rooms {
             self.room_members.put(&mut batch, &(room_id.as_str(), target.as_str()), &membership);
         }
         let mut redacted_shorts = Vec::new();
-        if let Some(target) = &pdu.redacts {
-            if let Some(redacted) = self.stored(target)?.filter(|e| e.room_id == room_id) {
+        if let Some(target) = &pdu.redacts
+            && let Some(target_short) = self.event_ids.get(target.as_str())?
+        {
+            let redacted = self.stored_by_short(target_short)?;
+            if redacted.room_id == room_id {
                 services.relations.unindex(&mut batch, record.short_id, &redacted)?;
+                redacted_shorts = self.apply_redaction(
+                    &mut batch,
+                    &room_id,
+                    (target_short, redacted),
+                    &stored,
+                    &rules,
+                )?;
             }
-            redacted_shorts =
-                self.apply_redaction(&mut batch, &room_id, target, &stored, &rules)?;
         }
         stored.state_after = record.current_state;
         record.extremities = vec![event_id.clone()];
@@ -1126,24 +1121,21 @@ impl Rooms {
         Ok(JsonValue::Array(refs))
     }
 
-    /// Queues the redaction of `target` (if it is in this room) by `redaction`, which is kept
-    /// with it for `unsigned.redacted_because`; returns the short ids of the events changed
-    /// (when `target` is itself a redaction, the event it redacted shows it redacted too).
+    /// Queues the redaction of `target` (its short id and the event, of room `room_id`) by
+    /// `redaction`, which is kept with it for `unsigned.redacted_because`; returns the short
+    /// ids of the events changed (when `target` is itself a redaction, the event it redacted
+    /// shows it redacted too).
     fn apply_redaction(
         &self,
         batch: &mut crate::storage::Batch,
         room_id: &RoomId,
-        target: &EventId,
+        (short, mut stored): (u64, StoredPdu),
         redaction: &StoredPdu,
         rules: &RoomVersionRules,
     ) -> Result<Vec<u64>> {
-        let Some(short) = self.event_ids.get(target.as_str())? else { return Ok(Vec::new()) };
-        let mut stored = self.stored_by_short(short)?;
-        if stored.room_id != room_id {
-            return Ok(Vec::new());
-        }
+        let target = stored.event_id.clone();
         // Read before redacting: room versions before 11 drop the top-level `redacts`.
-        let redacted_by_target = Pdu::from_stored(&stored).ok().and_then(|pdu| pdu.redacts);
+        let redacted_by_target = pdu::redacted_by(&stored.wire);
         ruma::canonical_json::redact_in_place(&mut stored.wire, &rules.redaction, None)
             .map_err(Error::internal)?;
         stored.redacted_because = Some(redaction.event_id.clone());
@@ -1154,7 +1146,7 @@ impl Rooms {
             && let Some(earlier_short) = self.event_ids.get(earlier.as_str())?
         {
             let mut earlier = self.stored_by_short(earlier_short)?;
-            if earlier.room_id == room_id && earlier.redacted_because.as_deref() == Some(target) {
+            if earlier.room_id == room_id && earlier.redacted_because.as_ref() == Some(&target) {
                 let mut shown = pdu::redaction_event(&stored);
                 // Its `redacts` is what it still names, whatever the room version kept.
                 shown["redacts"] = serde_json::json!(earlier.event_id);

@@ -2,8 +2,8 @@
 //! sees them, and as clients receive them.
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
-    OwnedUserId, RoomId, UserId, events::TimelineEventType,
+    CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId,
+    OwnedRoomId, OwnedUserId, RoomId, UserId, events::TimelineEventType,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, json, value::RawValue as RawJsonValue};
@@ -29,7 +29,7 @@ pub struct StoredPdu {
     pub redacted_because: Option<OwnedEventId>,
     /// That redaction as clients see it (without `unsigned`), kept with the redacted event so
     /// serving `unsigned.redacted_because` reads nothing more (events redacted before it was
-    /// kept have it looked up when read).
+    /// kept are given it by a start-up migration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redaction: Option<JsonValue>,
     /// The transaction id the sending device used, shown to that device only.
@@ -227,6 +227,17 @@ pub fn redaction_event(stored: &StoredPdu) -> JsonValue {
         fields.remove("unsigned");
     }
     event
+}
+
+/// The event the redaction `wire` names, read from its JSON; `None` for other event types.
+pub fn redacted_by(wire: &CanonicalJsonObject) -> Option<OwnedEventId> {
+    if wire.get("type").and_then(|t| t.as_str()) != Some("m.room.redaction") {
+        return None;
+    }
+    match redacts_of(wire)? {
+        CanonicalJsonValue::String(id) => EventId::parse(id).ok(),
+        _ => None,
+    }
 }
 
 /// The event a redaction names: the top-level `redacts` (room versions 1 to 10) or, since
