@@ -61,6 +61,10 @@ pub struct Config {
     pub server_notices: ServerNoticesConfig,
     /// What new accounts get: rooms they join and a welcome notice.
     pub onboarding: OnboardingConfig,
+    /// Off-boarding: who inherits the rooms a deactivated account would orphan.
+    pub offboarding: OffboardingConfig,
+    /// The persisted per-user jobs that off-board and onboard accounts.
+    pub jobs: JobsConfig,
 }
 
 /// Server notices: messages from the server to one user, in a room of their own with the
@@ -104,6 +108,27 @@ pub struct OnboardingConfig {
     /// HTML version of the welcome notice (`formatted_body`), optional.
     pub welcome_notice_html: Option<String>,
 }
+
+/// Off-boarding of deactivated accounts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffboardingConfig {
+    /// The local account given power in rooms where a deactivated account was the only
+    /// member able to change power levels, when the admin names no successor.
+    pub default_successor: Option<ruma::OwnedUserId>,
+}
+
+/// The persisted per-user jobs (off-boarding, onboarding).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Pause between two steps of a job (one room left or joined), in milliseconds, to spread
+    /// a large off-boarding's load over time. 0: no pause.
+    pub pause_between_steps_ms: u64,
+}
+
+/// Longest pause between two steps of a job.
+pub const MAX_JOB_PAUSE_MS: u64 = 60_000;
 
 /// Most rooms new accounts auto-join.
 pub const MAX_AUTO_JOIN_ROOMS: usize = 50;
@@ -405,6 +430,8 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             server_notices: ServerNoticesConfig::default(),
             onboarding: OnboardingConfig::default(),
+            offboarding: OffboardingConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -604,6 +631,23 @@ impl Config {
         ];
         if let Some((_, key, reason)) = checks.into_iter().find(|(failed, ..)| *failed) {
             return Err(ConfigError::Value { key, reason: reason.to_owned() });
+        }
+        if self.jobs.pause_between_steps_ms > MAX_JOB_PAUSE_MS {
+            return Err(ConfigError::Value {
+                key: "jobs.pause_between_steps_ms",
+                reason: format!("at most {MAX_JOB_PAUSE_MS}"),
+            });
+        }
+        if self
+            .offboarding
+            .default_successor
+            .as_ref()
+            .is_some_and(|user| user.server_name() != self.server_name)
+        {
+            return Err(ConfigError::Value {
+                key: "offboarding.default_successor",
+                reason: "must be an account of this server".to_owned(),
+            });
         }
         if self.encryption.encrypt_private_rooms_by_default && !self.encryption.allowed {
             return Err(ConfigError::Value {

@@ -14,6 +14,7 @@ mod ephemeral;
 mod errors;
 mod media;
 mod metrics;
+mod offboarding;
 mod process;
 mod push;
 mod pushers;
