@@ -752,6 +752,20 @@ mod tests {
     }
 
     #[test]
+    fn job_pause_and_default_successor_are_checked() {
+        let mut config = Config::default();
+        config.jobs.pause_between_steps_ms = MAX_JOB_PAUSE_MS + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("jobs.pause_between_steps_ms"), "{err}");
+        config.jobs.pause_between_steps_ms = MAX_JOB_PAUSE_MS;
+        config.offboarding.default_successor = Some("@it:elsewhere.example".try_into().unwrap());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("offboarding.default_successor"), "{err}");
+        config.offboarding.default_successor = Some("@it:localhost".try_into().unwrap());
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
     fn support_contacts_need_a_way_to_reach_them() {
         let mut config = Config::default();
         config.support.contacts = vec![SupportContact {

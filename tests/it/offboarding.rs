@@ -407,12 +407,13 @@ async fn spawn(config: &std::path::Path, port: u16) -> Process {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    // Killed and waited for on drop, should the start fail.
+    let process = Process { child, base: format!("http://127.0.0.1:{port}") };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let response = reqwest::get(format!("{base}/_matrix/client/versions")).await;
+        let response = reqwest::get(format!("{}/_matrix/client/versions", process.base)).await;
         if response.is_ok_and(|r| r.status() == StatusCode::OK) {
-            return Process { child, base };
+            return process;
         }
         assert!(Instant::now() < deadline, "server did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
