@@ -65,6 +65,10 @@ pub struct Config {
     pub onboarding: OnboardingConfig,
     /// The company's name and logo, shown on the landing page at `/`.
     pub branding: BrandingConfig,
+    /// Off-boarding: who inherits the rooms a deactivated account would orphan.
+    pub offboarding: OffboardingConfig,
+    /// The persisted per-user jobs that off-board and onboard accounts.
+    pub jobs: JobsConfig,
 }
 
 /// The company behind the server, shown on the landing page.
@@ -123,6 +127,27 @@ pub struct OnboardingConfig {
     /// HTML version of the welcome notice (`formatted_body`), optional.
     pub welcome_notice_html: Option<String>,
 }
+
+/// Off-boarding of deactivated accounts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffboardingConfig {
+    /// The local account given power in rooms where a deactivated account was the only
+    /// member able to change power levels, when the admin names no successor.
+    pub default_successor: Option<ruma::OwnedUserId>,
+}
+
+/// The persisted per-user jobs (off-boarding, onboarding).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Pause between two steps of a job (one room left or joined), in milliseconds, to spread
+    /// a large off-boarding's load over time. 0: no pause.
+    pub pause_between_steps_ms: u64,
+}
+
+/// Longest pause between two steps of a job.
+pub const MAX_JOB_PAUSE_MS: u64 = 60_000;
 
 /// Most rooms new accounts auto-join.
 pub const MAX_AUTO_JOIN_ROOMS: usize = 50;
@@ -446,6 +471,8 @@ impl Default for Config {
             server_notices: ServerNoticesConfig::default(),
             onboarding: OnboardingConfig::default(),
             branding: BrandingConfig::default(),
+            offboarding: OffboardingConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -717,6 +744,23 @@ impl Config {
                 reason: "must be 1 to 86400".to_owned(),
             });
         }
+        if self.jobs.pause_between_steps_ms > MAX_JOB_PAUSE_MS {
+            return Err(ConfigError::Value {
+                key: "jobs.pause_between_steps_ms",
+                reason: format!("at most {MAX_JOB_PAUSE_MS}"),
+            });
+        }
+        if self
+            .offboarding
+            .default_successor
+            .as_ref()
+            .is_some_and(|user| user.server_name() != self.server_name)
+        {
+            return Err(ConfigError::Value {
+                key: "offboarding.default_successor",
+                reason: "must be an account of this server".to_owned(),
+            });
+        }
         if self.encryption.encrypt_private_rooms_by_default && !self.encryption.allowed {
             return Err(ConfigError::Value {
                 key: "encryption.encrypt_private_rooms_by_default",
@@ -820,6 +864,20 @@ mod tests {
         config.server_notices.localpart = "Not Valid".into();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("server_notices.localpart"), "{err}");
+    }
+
+    #[test]
+    fn job_pause_and_default_successor_are_checked() {
+        let mut config = Config::default();
+        config.jobs.pause_between_steps_ms = MAX_JOB_PAUSE_MS + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("jobs.pause_between_steps_ms"), "{err}");
+        config.jobs.pause_between_steps_ms = MAX_JOB_PAUSE_MS;
+        config.offboarding.default_successor = Some("@it:elsewhere.example".try_into().unwrap());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("offboarding.default_successor"), "{err}");
+        config.offboarding.default_successor = Some("@it:localhost".try_into().unwrap());
+        assert!(config.validate().is_ok());
     }
 
     #[test]

@@ -213,11 +213,14 @@ async fn create_user(
     let mut batch = services.db.batch();
     services.registration.retire_first_admin_token(&mut batch);
     services.users.create(&mut batch, &user_id, Some(hash), admin, false, None);
+    services.queue_onboarding(&mut batch, &user_id);
     let entry = Entry::new("admin.user.create", None)
         .target(&user_id)
         .details(serde_json::json!({ "admin": admin, "via": "cli" }));
     services.audit.commit(batch, [entry]).map_err(|e| e.to_string())?;
-    services.onboard(&user_id).await;
+    // No server runs here: the onboarding runs now (and resumes at the next start if cut).
+    let (_keep, running) = tokio::sync::watch::channel(false);
+    plaza::service::jobs::run_user(std::sync::Arc::new(services), user_id.clone(), running).await;
     println!("created {user_id}{}", if admin { " (admin)" } else { "" });
     Ok(())
 }

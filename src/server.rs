@@ -165,6 +165,7 @@ impl Server {
             services.clone(),
             stopped.clone(),
         ));
+        tasks.spawn(crate::service::jobs::run(services.clone(), stopped.clone()));
         if services.config.audit.retention_days > 0 {
             tasks.spawn(prune_audit_hourly(services.clone(), stopped.clone()));
         }

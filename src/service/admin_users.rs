@@ -8,6 +8,7 @@ use serde_json::{Value as JsonValue, json};
 use super::{
     Services,
     audit::Entry,
+    offboarding::Deactivation,
     users::{Role, UserRecord},
 };
 use crate::error::{Error, ErrorKind, Result};
@@ -74,31 +75,6 @@ impl Services {
             accounts.extend(self.account_view(&user_id)?);
         }
         Ok(accounts)
-    }
-
-    /// Deactivates `user_id` for `actor`: no more logins, sessions and profile removed.
-    /// Deactivating an account twice does nothing the second time. Returns whether it changed.
-    pub fn admin_deactivate(&self, actor: &UserId, user_id: &UserId, erase: bool) -> Result<bool> {
-        let guard = self.sessions.lock_user(user_id);
-        let mut record =
-            self.users.get(user_id)?.ok_or_else(|| Error::not_found("No such user"))?;
-        if record.deactivated {
-            return Ok(false);
-        }
-        record.deactivated = true;
-        record.password_hash = None;
-        record.set_role(super::users::Role::User);
-        let mut batch = self.db.batch();
-        self.users.put(&mut batch, user_id, &record);
-        self.users.clear_profile(&mut batch, user_id);
-        self.sessions.delete_all_devices(&mut batch, user_id, None)?;
-        let entry = Entry::new("admin.user.deactivate", Some(actor))
-            .target(user_id)
-            .details(json!({ "erase": erase }));
-        self.audit.commit(batch, [entry])?;
-        drop(guard);
-        self.e2ee.forget_deleted_devices(self, user_id)?;
-        Ok(true)
     }
 
     /// Sets a new password hash for `user_id`, optionally ending every session.
@@ -201,6 +177,10 @@ impl Services {
         }
         if reactivating {
             record.deactivated = false;
+            if record.erased {
+                record.erased = false;
+                self.queue_unerase(&mut batch, user_id);
+            }
         }
         if let Some(hash) = changes.password_hash {
             if record.deactivated && changes.deactivated != Some(false) {
@@ -242,17 +222,10 @@ impl Services {
             profile_changed.push(field);
         }
 
-        if changes.deactivated == Some(true) && !record.deactivated {
-            if actor == user_id {
-                return Err(Error::forbidden("Deactivate your own account from a client instead"));
-            }
-            record.deactivated = true;
-            record.password_hash = None;
-            record.set_role(Role::User);
-            profile.clear();
-            self.sessions.delete_all_devices(&mut batch, user_id, None)?;
-            sessions_ended = true;
-            entries.push(entry("admin.user.deactivate").details(json!({ "erase": false })));
+        // Deactivation is its own change, made once the others are written.
+        let deactivate = changes.deactivated == Some(true) && !record.deactivated;
+        if deactivate && actor == user_id {
+            return Err(Error::forbidden("Deactivate your own account from a client instead"));
         }
 
         if created {
@@ -292,6 +265,9 @@ impl Services {
         if created {
             self.registration.retire_first_admin_token(&mut batch);
             self.users.index_creation(&mut batch, user_id, record.created_ms);
+            if !deactivate {
+                self.queue_onboarding(&mut batch, user_id);
+            }
         }
         self.users.put(&mut batch, user_id, &record);
         if created || !profile_changed.is_empty() || record.deactivated != before.deactivated {
@@ -303,8 +279,20 @@ impl Services {
         }
         self.audit.commit(batch, entries)?;
         drop(guard);
+        if reactivating {
+            self.forget_erased(user_id);
+        }
         if sessions_ended {
             self.e2ee.forget_deleted_devices(self, user_id)?;
+        }
+        if deactivate {
+            let request = Deactivation {
+                actor: actor.to_owned(),
+                erase: false,
+                successor: None,
+                action: "admin.user.deactivate",
+            };
+            self.deactivate_account(user_id, request)?;
         }
         tracing::info!(%user_id, %actor, created, "account changed by an admin");
         Ok(created)

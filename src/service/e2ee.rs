@@ -14,7 +14,7 @@ use serde_json::{Map, Value as JsonValue, json};
 use super::Services;
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Db, Key, Table, prefix, split_key, tables},
+    storage::{Batch, Db, Key, Table, prefix, split_key, tables},
 };
 
 /// Most unclaimed one-time keys kept per device.
@@ -239,6 +239,30 @@ impl E2ee {
             self.db.write(batch)?;
         }
         self.note_change(services, user_id)
+    }
+
+    /// Queues, in `batch`, the removal of every device key, one-time key, fallback key and
+    /// queued to-device message of `user_id` (a deactivation); returns how many one-time keys
+    /// and to-device messages went.
+    pub fn queue_forget_user(&self, batch: &mut Batch, user_id: &UserId) -> Result<(u64, u64)> {
+        let user = prefix(user_id.as_str());
+        for item in self.device_keys.scan_prefix(user.clone()) {
+            self.device_keys.delete_raw(batch, &item?.0);
+        }
+        let mut one_time_keys = 0;
+        for item in self.one_time_keys.scan_prefix(user.clone()) {
+            self.one_time_keys.delete_raw(batch, &item?.0);
+            one_time_keys += 1;
+        }
+        for item in self.fallback_keys.scan_prefix(user.clone()) {
+            self.fallback_keys.delete_raw(batch, &item?.0);
+        }
+        let mut to_device = 0;
+        for item in self.to_device.scan_prefix(user) {
+            self.to_device.delete_raw(batch, &item?.0);
+            to_device += 1;
+        }
+        Ok((one_time_keys, to_device))
     }
 
     /// Hands out one one-time key of `algorithm` for a device (falling back to its fallback

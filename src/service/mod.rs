@@ -12,10 +12,12 @@ pub mod e2ee;
 pub mod ephemeral;
 pub mod filters;
 pub mod history;
+pub mod jobs;
 pub mod keys;
 pub mod media;
 pub mod metrics;
 pub mod notices;
+pub mod offboarding;
 pub mod onboarding;
 pub mod openid;
 pub mod presence;
@@ -108,6 +110,10 @@ pub struct Services {
     pub notices: notices::Notices,
     /// Operational counters for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// Persisted per-user jobs (off-boarding, onboarding).
+    pub jobs: jobs::Jobs,
+    /// Erased accounts.
+    pub erased: offboarding::Erased,
 }
 
 impl Services {
@@ -143,6 +149,8 @@ impl Services {
             analytics: analytics::Analytics::new(&db),
             notices: notices::Notices::new(&db),
             metrics: metrics::Metrics::default(),
+            jobs: jobs::Jobs::new(&db),
+            erased: offboarding::Erased::load(&db)?,
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

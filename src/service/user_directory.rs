@@ -69,7 +69,8 @@ pub fn search(
         let display_name = profile.get("displayname").and_then(|v| v.as_str()).map(str::to_owned);
         let matches = user_id.as_str().to_lowercase().contains(&term)
             || display_name.as_ref().is_some_and(|n| n.to_lowercase().contains(&term));
-        if !matches {
+        // Deactivated accounts leave the directory at once, before their rooms are left.
+        if !matches || services.users.get(&user_id)?.is_none_or(|u| u.deactivated) {
             continue;
         }
         if hits.len() == limit {

@@ -34,6 +34,10 @@ pub struct UserRecord {
     /// Deactivated accounts cannot log in and their id is never reused.
     #[serde(default)]
     pub deactivated: bool,
+    /// Erased accounts (deactivated with `erase`): their events are served redacted to
+    /// anyone who was not in the room when they were sent.
+    #[serde(default)]
+    pub erased: bool,
     /// Locked accounts keep their data but every request is refused.
     #[serde(default)]
     pub locked: bool,
@@ -94,6 +98,7 @@ impl UserRecord {
             password_hash,
             admin,
             deactivated: false,
+            erased: false,
             locked: false,
             guest,
             auditor: false,

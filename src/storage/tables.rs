@@ -160,6 +160,13 @@ pub const ANALYTICS_POLL_VOTES: &str = "analytics_poll_votes";
 /// `user id` -> room id: each user's server notices room.
 pub const SERVER_NOTICE_ROOMS: &str = "server_notice_rooms";
 
+/// `user id 0xFF job kind` -> `Job`: a persisted per-user job (off-boarding, onboarding)
+/// still to finish; resumed at start.
+pub const JOBS: &str = "jobs";
+/// `user id` -> nothing: erased accounts, whose events are served redacted to those who did
+/// not see them when they were sent.
+pub const ERASED_USERS: &str = "erased_users";
+
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
     GLOBAL,
@@ -230,4 +237,6 @@ pub const ALL: &[&str] = &[
     ANALYTICS_POLLS_BY_TIME,
     ANALYTICS_POLL_VOTES,
     SERVER_NOTICE_ROOMS,
+    JOBS,
+    ERASED_USERS,
 ];

@@ -17,6 +17,7 @@ mod ephemeral;
 mod errors;
 mod media;
 mod metrics;
+mod offboarding;
 mod operators;
 mod process;
 mod push;

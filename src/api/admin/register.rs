@@ -86,6 +86,7 @@ pub async fn register(
         false,
         body.displayname.as_deref(),
     );
+    services.queue_onboarding(&mut batch, &user_id);
     let issued = services.sessions.issue(&mut batch, &user_id, None, None, false)?;
     let entry = Entry::new("admin.user.register_shared_secret", None)
         .target(&user_id)
@@ -94,7 +95,7 @@ pub async fn register(
     services.audit.commit(batch, [entry])?;
     tracing::info!(%user_id, admin = body.admin, "registered account with the shared secret");
     drop(guard);
-    services.onboard(&user_id).await;
+    services.await_onboarding(&user_id).await;
     Ok(Json(json!({
         "access_token": issued.access_token,
         "user_id": user_id,

@@ -16,6 +16,7 @@ use crate::{
     error::{Error, Result},
     service::{
         admin_users::{AccountChanges, AccountView},
+        offboarding::Deactivation,
         users,
     },
 };
@@ -32,7 +33,7 @@ fn account_json(view: &AccountView) -> JsonValue {
         "creation_ts": view.record.created_ms,
         "user_type": view.record.user_type,
         "shadow_banned": false,
-        "erased": false,
+        "erased": view.record.erased,
         "threepids": [],
         "external_ids": [],
         "role": view.record.role().as_str(),
@@ -180,7 +181,7 @@ pub async fn put(
     };
     let account = view(&services, user_id.as_str())?;
     if created && !account.record.deactivated {
-        services.onboard(&user_id).await;
+        services.await_onboarding(&user_id).await;
     } else if profile_changed && !account.record.deactivated {
         crate::api::client::profile::propagate(&services, &user_id, "displayname").await;
     }
@@ -243,13 +244,17 @@ pub async fn joined_rooms(
     Ok(Json(json!({ "total": rooms.len(), "joined_rooms": rooms })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct DeactivateBody {
     #[serde(default)]
     erase: bool,
+    #[serde(default)]
+    successor: Option<String>,
 }
 
-/// `POST /_synapse/admin/v1/deactivate/{userId}`; repeating it changes nothing.
+/// `POST /_synapse/admin/v1/deactivate/{userId}`: deactivates at once and off-boards in the
+/// background; `successor` (Plaza's addition) inherits power in rooms the account would
+/// orphan. Repeating it changes nothing (except that it may erase).
 pub async fn deactivate(
     AxumState(services): AxumState<State>,
     Admin(caller): Admin,
@@ -259,7 +264,7 @@ pub async fn deactivate(
     let body: DeactivateBody = json_body(&services, body).await.or_else(|err| {
         // An empty body means the defaults.
         if err.kind() == Some(&crate::error::ErrorKind::NotJson) {
-            Ok(DeactivateBody { erase: false })
+            Ok(DeactivateBody::default())
         } else {
             Err(err)
         }
@@ -268,7 +273,20 @@ pub async fn deactivate(
     if user_id == caller.user_id {
         return Err(Error::forbidden("Deactivate your own account from a client instead"));
     }
-    services.admin_deactivate(&caller.user_id, &user_id, body.erase)?;
+    let successor = match body.successor.as_deref() {
+        Some(successor) => Some(
+            ruma::UserId::parse(successor)
+                .map_err(|_| Error::invalid_param("successor is not a valid user id"))?,
+        ),
+        None => None,
+    };
+    let request = Deactivation {
+        actor: caller.user_id.clone(),
+        erase: body.erase,
+        successor,
+        action: "admin.user.deactivate",
+    };
+    services.deactivate_account(&user_id, request)?;
     Ok(Json(json!({ "id_server_unbind_result": "success" })))
 }
 

@@ -17,6 +17,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     service::{
         audit::Entry,
+        offboarding::Deactivation,
         uiaa::{self, PASSWORD},
         users,
     },
@@ -72,7 +73,8 @@ pub async fn change_password(
 }
 
 /// `POST /_matrix/client/v3/account/deactivate`: the account can never log in again; its
-/// sessions and profile are removed.
+/// sessions, keys, pushers and profile go at once, and a background job takes it out of every
+/// room. Nothing is bound to an identity server, so unbinding always succeeds.
 pub async fn deactivate(
     services: State,
     req: Ruma<deactivate::Request>,
@@ -80,23 +82,14 @@ pub async fn deactivate(
     let caller = req.caller()?.clone();
     uiaa::authorize(&services, req.body.auth.as_ref(), &[&[PASSWORD]], Some(&caller.user_id))
         .await?;
-    let user_lock = services.sessions.lock_user(&caller.user_id);
-    let mut record =
-        services.users.get(&caller.user_id)?.ok_or_else(|| Error::not_found("No such user"))?;
-    record.deactivated = true;
-    record.password_hash = None;
-    let mut batch = services.db.batch();
-    services.users.put(&mut batch, &caller.user_id, &record);
-    services.users.clear_profile(&mut batch, &caller.user_id);
-    services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
-    let entry = Entry::new("user.deactivate", Some(&caller.user_id))
-        .target(&caller.user_id)
-        .details(json!({ "erase": req.body.erase }));
-    services.audit.commit(batch, [entry])?;
-    drop(user_lock);
-    services.e2ee.forget_deleted_devices(&services, &caller.user_id)?;
-    tracing::info!(user_id = %caller.user_id, erase = req.body.erase, "account deactivated");
-    Ok(deactivate::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
+    let request = Deactivation {
+        actor: caller.user_id.clone(),
+        erase: req.body.erase,
+        successor: None,
+        action: "user.deactivate",
+    };
+    services.deactivate_account(&caller.user_id, request)?;
+    Ok(deactivate::Response::new(ThirdPartyIdRemovalStatus::Success))
 }
 
 /// `GET /_matrix/client/v3/account/3pid`: always empty.

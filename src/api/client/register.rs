@@ -85,6 +85,9 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         services.registration.retire_first_admin_token(&mut batch);
     }
     services.users.create(&mut batch, &user_id, password_hash, admin, guest, None);
+    if !guest {
+        services.queue_onboarding(&mut batch, &user_id);
+    }
     let issued = if body.inhibit_login {
         None
     } else {
@@ -113,7 +116,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     tracing::info!(%user_id, admin, guest, "registered account");
     drop(guard);
     if !guest {
-        services.onboard(&user_id).await;
+        services.await_onboarding(&user_id).await;
     }
 
     let mut response = register::Response::new(user_id);

@@ -147,6 +147,26 @@ impl Pushers {
         Ok(())
     }
 
+    /// Queues, in `batch`, the removal of every pusher of `user_id` (a deactivation); call
+    /// [`Pushers::forget_user`] once the batch is written. Returns how many there were.
+    pub fn queue_remove_all(&self, batch: &mut crate::storage::Batch, user_id: &UserId) -> usize {
+        let pushers = self.of(user_id);
+        for p in &pushers {
+            let ids = &p.pusher.ids;
+            self.table
+                .delete(batch, &(user_id.as_str(), ids.app_id.as_str(), ids.pushkey.as_str()));
+        }
+        pushers.len()
+    }
+
+    /// Drops `user_id`'s pushers from memory after [`Pushers::queue_remove_all`] was written.
+    pub fn forget_user(&self, user_id: &UserId) {
+        let mut map = self.by_user.write().unwrap_or_else(|e| e.into_inner());
+        if map.remove(user_id).is_some() {
+            self.changed();
+        }
+    }
+
     /// Removes the pushers set by devices of `user_id` that no longer exist (logged out or
     /// deleted; all of them once the account is deactivated).
     pub fn forget_deleted_devices(&self, services: &Services, user_id: &UserId) -> Result<()> {

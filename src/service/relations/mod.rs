@@ -415,6 +415,8 @@ pub fn serve(
     device: Option<&str>,
     event: &StoredPdu,
 ) -> Result<JsonValue> {
+    let erased = services.erased_view(viewer, event)?;
+    let event = erased.as_ref().unwrap_or(event);
     let mut json = client_event(event, device.map(|d| (viewer, d)));
     if let Some(bundle) = services.relations.aggregations(services, viewer, event)? {
         json["unsigned"]["m.relations"] = bundle;

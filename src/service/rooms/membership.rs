@@ -213,13 +213,24 @@ pub async fn leave(
     user_id: &UserId,
     reason: Option<&str>,
 ) -> Result<OwnedEventId> {
+    leave_audited(services, room_id, user_id, reason, Vec::new()).await
+}
+
+/// [`leave`], with audit records written in the leave event's batch (an off-boarding).
+pub async fn leave_audited(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+    reason: Option<&str>,
+    audit: Vec<Entry>,
+) -> Result<OwnedEventId> {
     require_known_room(services, room_id)?;
     match services.rooms.membership(room_id, user_id)?.as_deref() {
         Some("join" | "invite" | "knock") => {}
         _ => return Err(Error::forbidden("You are not in this room")),
     }
     let content = member_content(services, user_id, "leave", reason)?;
-    send_member(services, room_id, user_id, user_id, content).await
+    send_member_audited(services, room_id, user_id, user_id, content, audit).await
 }
 
 /// What a moderator does to another member.

@@ -80,6 +80,10 @@ pub async fn room_events(
         if !joined.contains(&event.room_id) || !rooms.can_see(user_id, &event)? {
             return Ok(None);
         }
+        // An erased sender's words are not found by those they are served redacted to.
+        if services.erased_view(user_id, &event)?.is_some() {
+            return Ok(None);
+        }
         Ok(Some(event))
     })?;
 

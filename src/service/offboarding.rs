@@ -1,0 +1,399 @@
+//! Off-boarding: deactivating an account, by its user or an admin. What must stop at once
+//! stops in the deactivation's own batch (logins, devices, access and refresh tokens, pushers,
+//! device and one-time keys, queued to-device messages, the profile, the user directory);
+//! the rooms follow in a persisted job (see [`super::jobs`]): every room is left, every invite
+//! rejected and every knock withdrawn, each in its own event's batch with its audit record.
+//! Where the account was the only member able to change power levels, a successor is given
+//! that power first, so no room is orphaned.
+//!
+//! Erasure: an erased account's events are served redacted to anyone who was not joined to the
+//! room when they were sent. Erased accounts are few and kept in memory, so serving others'
+//! events costs one atomic load.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use ruma::{OwnedUserId, RoomId, UserId};
+use serde_json::{Value as JsonValue, json};
+use tokio::sync::watch;
+
+use super::{
+    Services,
+    audit::Entry,
+    jobs::{Job, JobKind, Offboarding, Outcome, pause},
+    now_ms,
+    rooms::{NewEvent, membership, pdu::StoredPdu},
+    users::Role,
+};
+use crate::{
+    error::{Error, ErrorKind, Result},
+    storage::{Db, StorageError, Table, tables},
+};
+
+/// Most room ids named in the audit record of rooms an off-boarding could not leave.
+const MAX_FAILED_LISTED: usize = 100;
+
+/// Erased accounts, durably and in memory.
+pub struct Erased {
+    table: Table<()>,
+    users: RwLock<HashSet<String>>,
+    any: AtomicBool,
+}
+
+impl Erased {
+    /// Loads the erased accounts.
+    pub(super) fn load(db: &Db) -> Result<Self, StorageError> {
+        let table: Table<()> = db.table(tables::ERASED_USERS);
+        let mut users = HashSet::new();
+        for item in table.scan_prefix(Vec::new()) {
+            let (key, ()) = item?;
+            if let Ok(user) = std::str::from_utf8(&key) {
+                users.insert(user.to_owned());
+            }
+        }
+        let any = AtomicBool::new(!users.is_empty());
+        Ok(Self { table, users: RwLock::new(users), any })
+    }
+
+    /// Whether the account `user_id` is erased.
+    pub fn contains(&self, user_id: &str) -> bool {
+        self.any.load(Ordering::Acquire)
+            && self.users.read().unwrap_or_else(|e| e.into_inner()).contains(user_id)
+    }
+
+    fn queue(&self, batch: &mut crate::storage::Batch, user_id: &UserId, erased: bool) {
+        if erased {
+            self.table.put(batch, user_id.as_str(), &());
+        } else {
+            self.table.delete(batch, user_id.as_str());
+        }
+    }
+
+    fn remember(&self, user_id: &UserId, erased: bool) {
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        if erased {
+            users.insert(user_id.as_str().to_owned());
+        } else {
+            users.remove(user_id.as_str());
+        }
+        self.any.store(!users.is_empty(), Ordering::Release);
+    }
+}
+
+/// A deactivation as asked for.
+#[derive(Debug, Clone)]
+pub struct Deactivation {
+    /// Who asks: the user, or an admin.
+    pub actor: OwnedUserId,
+    /// Erase the account too.
+    pub erase: bool,
+    /// Who inherits power in rooms the account would orphan (else the configured default).
+    pub successor: Option<OwnedUserId>,
+    /// The audit action (`user.deactivate`, `admin.user.deactivate`).
+    pub action: &'static str,
+}
+
+impl Services {
+    /// Deactivates `user_id` as `request` says and queues its off-boarding job, all in one
+    /// batch with the audit record. A second deactivation changes nothing (but may erase).
+    /// Returns whether the account changed.
+    pub fn deactivate_account(&self, user_id: &UserId, request: Deactivation) -> Result<bool> {
+        let successor = self.successor_for(user_id, request.successor.as_deref())?;
+        let guard = self.sessions.lock_user(user_id);
+        let mut record =
+            self.users.get(user_id)?.ok_or_else(|| Error::not_found("No such user"))?;
+        let mut batch = self.db.batch();
+        if record.deactivated {
+            if !request.erase || record.erased {
+                return Ok(false);
+            }
+            record.erased = true;
+            self.users.put(&mut batch, user_id, &record);
+            self.erased.queue(&mut batch, user_id, true);
+            let entry = Entry::new(request.action, Some(&request.actor))
+                .target(user_id)
+                .details(json!({ "erase": true, "already_deactivated": true }));
+            self.audit.commit(batch, [entry])?;
+            self.erased.remember(user_id, true);
+            return Ok(true);
+        }
+        record.deactivated = true;
+        record.password_hash = None;
+        record.set_role(Role::User);
+        record.erased |= request.erase;
+        self.users.put(&mut batch, user_id, &record);
+        self.users.clear_profile(&mut batch, user_id);
+        let devices = self.sessions.devices(user_id)?.len();
+        self.sessions.delete_all_devices(&mut batch, user_id, None)?;
+        let dehydrated: Table<JsonValue> = self.db.table(tables::DEHYDRATED_DEVICES);
+        dehydrated.delete(&mut batch, user_id.as_str());
+        let (one_time_keys, to_device) = self.e2ee.queue_forget_user(&mut batch, user_id)?;
+        let pushers = self.pushers.queue_remove_all(&mut batch, user_id);
+        if record.erased {
+            self.erased.queue(&mut batch, user_id, true);
+        }
+        let memberships = self.rooms.memberships_of(user_id)?;
+        let count = |kind: &str| memberships.iter().filter(|(_, m)| m == kind).count();
+        self.jobs.delete(&mut batch, user_id, JobKind::Onboard);
+        let job = Offboarding {
+            actor: request.actor.clone(),
+            erase: record.erased,
+            successor: successor.clone(),
+            started_ms: now_ms(),
+        };
+        self.jobs.put(&mut batch, user_id, &Job::Offboard(job));
+        let entry =
+            Entry::new(request.action, Some(&request.actor)).target(user_id).details(json!({
+                "erase": request.erase,
+                "successor": successor,
+                "devices": devices,
+                "pushers": pushers,
+                "one_time_keys": one_time_keys,
+                "to_device_messages": to_device,
+                "rooms": count("join"),
+                "invites": count("invite"),
+                "knocks": count("knock"),
+            }));
+        self.audit.commit(batch, [entry])?;
+        drop(guard);
+        self.pushers.forget_user(user_id);
+        if record.erased {
+            self.erased.remember(user_id, true);
+        }
+        self.jobs.wake();
+        if let Err(err) = self.e2ee.note_change(self, user_id) {
+            tracing::warn!(%user_id, %err, "could not announce the device list change");
+        }
+        tracing::info!(%user_id, actor = %request.actor, erase = record.erased, "account deactivated");
+        Ok(true)
+    }
+
+    /// Lifts the erasure of a reactivated account, in `batch`; call [`Services::forget_erased`]
+    /// once it is written.
+    pub fn queue_unerase(&self, batch: &mut crate::storage::Batch, user_id: &UserId) {
+        self.erased.queue(batch, user_id, false);
+    }
+
+    /// Drops `user_id` from the erased accounts in memory.
+    pub fn forget_erased(&self, user_id: &UserId) {
+        self.erased.remember(user_id, false);
+    }
+
+    /// The successor of `user_id`: the one asked for (which must be an active local account
+    /// other than `user_id`), else the configured default when that is usable.
+    fn successor_for(
+        &self,
+        user_id: &UserId,
+        asked: Option<&UserId>,
+    ) -> Result<Option<OwnedUserId>> {
+        let usable = |candidate: &UserId| -> Result<bool> {
+            Ok(candidate != user_id
+                && candidate.server_name() == self.server_name()
+                && self.users.get(candidate)?.is_some_and(|u| !u.deactivated && !u.guest))
+        };
+        if let Some(asked) = asked {
+            if !usable(asked)? {
+                return Err(Error::invalid_param(
+                    "The successor must be another active account of this server",
+                ));
+            }
+            return Ok(Some(asked.to_owned()));
+        }
+        match &self.config.offboarding.default_successor {
+            Some(default) if usable(default)? => Ok(Some(default.clone())),
+            Some(default) => {
+                tracing::warn!(%default, "the default successor is not an active account here");
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Runs (or resumes) the off-boarding of `user_id`: every room it is in, invited to or
+    /// knocking on is left, one room per step; then the job is removed with its audit record.
+    pub(super) async fn offboard(
+        &self,
+        user_id: &UserId,
+        job: &Offboarding,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<Outcome> {
+        let pending: Vec<_> = self
+            .rooms
+            .memberships_of(user_id)?
+            .iter()
+            .filter(|(_, m)| matches!(m.as_str(), "join" | "invite" | "knock"))
+            .cloned()
+            .collect();
+        let (mut left, mut rejected, mut withdrawn, mut handed_over) = (0u64, 0u64, 0u64, 0u64);
+        let mut failed = Vec::new();
+        let mut reactivated = false;
+        for (room_id, _) in pending {
+            if !pause(self, stopped).await {
+                return Ok(Outcome::Stopped);
+            }
+            // An admin may reactivate the account meanwhile: its rooms are then its own again.
+            if !self.users.get(user_id)?.is_some_and(|u| u.deactivated) {
+                reactivated = true;
+                break;
+            }
+            match self.offboard_room(user_id, job, &room_id).await {
+                Ok(Some((membership, granted))) => {
+                    match membership.as_str() {
+                        "join" => left += 1,
+                        "invite" => rejected += 1,
+                        _ => withdrawn += 1,
+                    }
+                    handed_over += u64::from(granted);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(%user_id, %room_id, %err, "off-boarding could not leave a room");
+                    failed.push(room_id);
+                }
+            }
+        }
+        let mut batch = self.db.batch();
+        self.jobs.delete(&mut batch, user_id, JobKind::Offboard);
+        let failed_count = failed.len();
+        failed.truncate(MAX_FAILED_LISTED);
+        let entry =
+            Entry::new("offboarding.complete", Some(&job.actor)).target(user_id).details(json!({
+                "rooms_left": left,
+                "invites_rejected": rejected,
+                "knocks_withdrawn": withdrawn,
+                "successor_grants": handed_over,
+                "failed": failed_count,
+                "failed_rooms": failed,
+                "reactivated": reactivated,
+                "started_ms": job.started_ms,
+            }));
+        self.audit.commit(batch, [entry])?;
+        tracing::info!(%user_id, left, rejected, withdrawn, "off-boarding complete");
+        Ok(Outcome::Done)
+    }
+
+    /// Leaves one room (rejects the invite, withdraws the knock), handing power to the
+    /// successor first where needed. Returns the membership left and whether power was
+    /// handed over, or `None` when there was nothing left to do.
+    async fn offboard_room(
+        &self,
+        user_id: &UserId,
+        job: &Offboarding,
+        room_id: &RoomId,
+    ) -> Result<Option<(String, bool)>> {
+        let Some(membership) = self.rooms.membership(room_id, user_id)? else { return Ok(None) };
+        if !matches!(membership.as_str(), "join" | "invite" | "knock") {
+            return Ok(None);
+        }
+        let mut granted = false;
+        if membership == "join"
+            && let Some(successor) = &job.successor
+        {
+            // A failed hand-over does not keep the account in the room.
+            match self.hand_over(user_id, successor, room_id, &job.actor).await {
+                Ok(done) => granted = done,
+                Err(err) => {
+                    tracing::warn!(%user_id, %room_id, %successor, %err, "no hand-over");
+                }
+            }
+        }
+        let entry = Entry::new("offboarding.leave", Some(&job.actor))
+            .target(user_id)
+            .room(room_id)
+            .details(json!({ "previous": membership }));
+        membership::leave_audited(self, room_id, user_id, None, vec![entry]).await?;
+        Ok(Some((membership, granted)))
+    }
+
+    /// When `user_id` is the only joined member of `room_id` able to change power levels and
+    /// others remain, gives `successor` that power (and an invite when not in the room).
+    /// Returns whether it did.
+    async fn hand_over(
+        &self,
+        user_id: &UserId,
+        successor: &UserId,
+        room_id: &RoomId,
+        actor: &UserId,
+    ) -> Result<bool> {
+        let rooms = &self.rooms;
+        let record = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let state = rooms.states.load(record.current_state)?;
+        let power = rooms.state_content(&state, "m.room.power_levels", "")?;
+        let level = |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+        let required = power
+            .as_ref()
+            .and_then(|p| {
+                p.get("events").and_then(|e| e.get("m.room.power_levels")).and_then(level)
+            })
+            .or_else(|| power.as_ref().and_then(|p| p.get("state_default")).and_then(level))
+            .unwrap_or(if power.is_some() { 50 } else { 0 });
+        let mine = rooms.power_level(&state, &record.version, user_id)?;
+        if mine < required {
+            return Ok(false);
+        }
+        let mut others = false;
+        for (member, membership) in rooms.members(room_id)?.iter() {
+            if membership != "join" || member == user_id {
+                continue;
+            }
+            others = true;
+            if rooms.power_level(&state, &record.version, member)? >= required {
+                return Ok(false);
+            }
+        }
+        let successor_membership = rooms.membership(room_id, successor)?;
+        if !others || successor_membership.as_deref() == Some("ban") {
+            return Ok(false);
+        }
+        let privileged = record
+            .version
+            .rules()
+            .is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
+        if !(privileged && rooms.is_creator(&state, successor)?) {
+            // Creators of room version 12 rank above every level and are never listed.
+            let granted = if mine == i64::MAX { required.max(100) } else { mine };
+            let mut content = power.unwrap_or_else(|| json!({ "users": {} }));
+            if !content.get("users").is_some_and(JsonValue::is_object) {
+                content["users"] = json!({});
+            }
+            content["users"][successor.as_str()] = json!(granted);
+            let entry = Entry::new("offboarding.successor", Some(actor))
+                .target(successor)
+                .room(room_id)
+                .details(json!({ "from": user_id, "level": granted }));
+            let event = NewEvent::state("m.room.power_levels", "", content).audited(entry);
+            rooms.append(self, room_id, user_id, event, None).await?;
+        }
+        if !matches!(successor_membership.as_deref(), Some("join" | "invite")) {
+            membership::invite(self, room_id, user_id, successor, None, false).await?;
+        }
+        Ok(true)
+    }
+
+    /// The copy of `event` that `viewer` is served when its sender is erased and `viewer` was
+    /// not joined to the room when it was sent: redacted. `None` when `event` is served as is.
+    pub fn erased_view(&self, viewer: &UserId, event: &StoredPdu) -> Result<Option<StoredPdu>> {
+        if !self.erased.contains(event.sender()) || event.redacted_because.is_some() {
+            return Ok(None);
+        }
+        let state = self.rooms.states.load(event.state_before)?;
+        if self.rooms.membership_in(&state, viewer)? == "join" {
+            return Ok(None);
+        }
+        let record =
+            self.rooms.room(&event.room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let rules = record
+            .version
+            .rules()
+            .ok_or_else(|| Error::new(ErrorKind::Unknown, "Unsupported room version"))?;
+        let mut copy = event.clone();
+        ruma::canonical_json::redact_in_place(&mut copy.wire, &rules.redaction, None)
+            .map_err(Error::internal)?;
+        Ok(Some(copy))
+    }
+}
