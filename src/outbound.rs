@@ -156,7 +156,14 @@ impl Outbound {
         let policy = Arc::new(AddressPolicy::new(config));
         let redirect_policy = policy.clone();
         let max_redirects = config.max_redirects;
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder();
+        // Proxy variables of the environment are ignored: a proxy would resolve and reach
+        // internal names for us. Only a proxy named in the configuration is used.
+        let builder = match &config.proxy {
+            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy)?),
+            None => builder.no_proxy(),
+        };
+        let client = builder
             .user_agent(concat!("Plaza/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
             .timeout(Duration::from_secs(config.request_timeout_secs))
