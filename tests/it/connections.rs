@@ -127,7 +127,8 @@ async fn idle_connections_cannot_starve_a_server_with_1024_descriptors() {
         }
     }
     for partial in [&b"GET /_matrix/client/versions HTTP/1.1\r\n"[..], b"PRI * HTTP/2.0\r\n"] {
-        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr));
+        let mut stream = connect.await.expect("the server accepts connections").unwrap();
         stream.write_all(partial).await.unwrap();
         idle.push(stream);
     }
