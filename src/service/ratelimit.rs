@@ -7,7 +7,10 @@ use std::{
     collections::HashMap,
     hash::Hash,
     num::NonZeroU32,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -73,7 +76,13 @@ fn emission_interval(rate: RateConfig) -> Duration {
 pub struct UserLimiter {
     limiter: DefaultKeyedRateLimiter<OwnedUserId>,
     clock: DefaultClock,
+    /// Checks so far: the table's size (a walk over its shards) is looked at only now and
+    /// then.
+    checks: AtomicU64,
 }
+
+/// How many checks pass between two looks at a limiter's size.
+const PRUNE_EVERY: u64 = 1024;
 
 impl UserLimiter {
     /// A limiter allowing `rate`.
@@ -82,12 +91,18 @@ impl UserLimiter {
         let quota = Quota::with_period(emission_interval(rate))
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
-        Self { limiter: Governor::keyed(quota), clock: DefaultClock::default() }
+        Self {
+            limiter: Governor::keyed(quota),
+            clock: DefaultClock::default(),
+            checks: AtomicU64::new(0),
+        }
     }
 
     /// Counts one action of `user_id`; `M_LIMIT_EXCEEDED` with the wait when over the limit.
     pub fn check(&self, user_id: &OwnedUserId) -> Result<()> {
-        if self.limiter.len() > MAX_KEYS {
+        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(PRUNE_EVERY)
+            && self.limiter.len() > MAX_KEYS
+        {
             self.limiter.retain_recent();
         }
         self.limiter
