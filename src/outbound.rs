@@ -254,6 +254,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_configured_proxy_is_used_and_still_refuses_address_literals() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = OutboundConfig {
+            proxy: Some(format!("http://{}", proxy.local_addr().unwrap())),
+            ..OutboundConfig::default()
+        };
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = proxy.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let _ = seen_tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = stream.write_all(reply).await;
+            }
+        });
+        let outbound = Outbound::new(&config).unwrap();
+        let refused = outbound.request(reqwest::Method::GET, "http://127.0.0.1:9/");
+        assert!(matches!(refused, Err(OutboundError::Forbidden(_))));
+        let response = outbound
+            .request(reqwest::Method::GET, "http://example.test/page")
+            .unwrap()
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "ok");
+        let head = seen_rx.recv().await.unwrap();
+        assert!(head.starts_with("GET http://example.test/page HTTP/1.1"), "{head}");
+        assert!(seen_rx.try_recv().is_err(), "only the permitted request reached the proxy");
+    }
+
+    #[tokio::test]
     async fn loopback_is_reached_only_when_allowed() {
         let addr = local_server().await;
         let strict = Outbound::new(&OutboundConfig::default()).unwrap();
