@@ -388,6 +388,10 @@ pub struct OutboundConfig {
     pub request_timeout_secs: u64,
     /// Maximum redirects followed.
     pub max_redirects: usize,
+    /// An HTTP proxy every outgoing request goes through (`http://host:port`). Proxy
+    /// environment variables (`HTTP_PROXY`, ...) are ignored: a proxy resolves host names
+    /// itself, beyond the reach of the address policy, so using one must be a decision.
+    pub proxy: Option<String>,
 }
 
 /// Bounds on what clients may ask of the server.
@@ -406,6 +410,74 @@ pub struct LimitsConfig {
     /// Reverse proxies whose `X-Forwarded-For` names the real client (for rate limits and
     /// last-seen addresses).
     pub trusted_proxies: Vec<IpNet>,
+    /// Failed password attempts (login and re-authentication), counted per account whatever
+    /// address they come from.
+    pub login_failures: LoginFailuresConfig,
+    /// Accounts created through `/register`, counted per client address.
+    pub registration: RateConfig,
+    /// Events sent (`/send`, `/state`), counted per user; admins are exempt.
+    pub messages: RateConfig,
+    /// Deadlines and caps on client connections.
+    pub connections: ConnectionsConfig,
+}
+
+/// A token bucket: `burst` actions at once, refilled at `per_second` (fractions allowed, so
+/// `0.17` is one every six seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Sustained actions per second.
+    pub per_second: f64,
+    /// Actions allowed at once before the sustained rate applies.
+    pub burst: u32,
+}
+
+impl RateConfig {
+    /// Whether the rate is usable (positive, finite, not slower than one a year).
+    fn is_valid(&self) -> bool {
+        self.per_second.is_finite() && self.per_second >= 1e-7 && self.burst > 0
+    }
+}
+
+/// Failed password attempts per account.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginFailuresConfig {
+    /// Sustained failures per second per account.
+    pub per_second: f64,
+    /// Failures allowed at once per account.
+    pub burst: u32,
+    /// Repeated failures for one account within this many seconds share one audit record.
+    pub audit_window_secs: u64,
+}
+
+impl Default for LoginFailuresConfig {
+    fn default() -> Self {
+        Self { per_second: 0.17, burst: 3, audit_window_secs: 60 }
+    }
+}
+
+/// Deadlines and caps on client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    /// Seconds a new connection has to send its first complete request head (protocol
+    /// detection included).
+    pub header_timeout_secs: u64,
+    /// Seconds an idle connection (no request in flight, no bytes moving) is kept open; on
+    /// HTTP/1.1 each later request head must also be complete within it.
+    pub keep_alive_secs: u64,
+    /// Most connections open at once; 0 derives it from the open-file limit, keeping a
+    /// reserve of descriptors for the database, files and new connections.
+    pub max: usize,
+    /// Most concurrent requests (streams) on one HTTP/2 connection.
+    pub http2_max_streams: u32,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        Self { header_timeout_secs: 10, keep_alive_secs: 60, max: 0, http2_max_streams: 100 }
+    }
 }
 
 /// Logging.
@@ -505,6 +577,7 @@ impl Default for OutboundConfig {
             connect_timeout_secs: 10,
             request_timeout_secs: 30,
             max_redirects: 5,
+            proxy: None,
         }
     }
 }
@@ -517,6 +590,10 @@ impl Default for LimitsConfig {
             rate_per_second: 10,
             rate_burst: 50,
             trusted_proxies: Vec::new(),
+            login_failures: LoginFailuresConfig::default(),
+            registration: RateConfig { per_second: 0.17, burst: 3 },
+            messages: RateConfig { per_second: 0.2, burst: 10 },
+            connections: ConnectionsConfig::default(),
         }
     }
 }
@@ -644,7 +721,7 @@ impl Config {
                 && ruma::RoomAliasId::parse(r.as_str()).is_err()
         };
         let welcome_len = |t: &Option<String>| t.as_ref().map_or(0, String::len);
-        let checks: [(bool, &'static str, &str); 20] = [
+        let checks: [(bool, &'static str, &str); 21] = [
             (self.listen.is_empty(), "listen", "at least one address is needed"),
             (bad_url(&self.public_baseurl), "public_baseurl", "must be an http(s) URL"),
             (
@@ -664,6 +741,7 @@ impl Config {
             ),
             (self.media.max_upload_size == 0, "media.max_upload_size", "must be positive"),
             (bad_url(&self.support.page), "support.page", "must be an http(s) URL"),
+            (bad_url(&self.outbound.proxy), "outbound.proxy", "must be an http(s) URL"),
             (
                 self.support.contacts.iter().any(|c| {
                     c.role.is_empty() || (c.matrix_id.is_none() && c.email_address.is_none())
@@ -761,6 +839,7 @@ impl Config {
                 reason: "must be an account of this server".to_owned(),
             });
         }
+        self.validate_limits()?;
         if self.encryption.encrypt_private_rooms_by_default && !self.encryption.allowed {
             return Err(ConfigError::Value {
                 key: "encryption.encrypt_private_rooms_by_default",
@@ -770,6 +849,57 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| ConfigError::Value { key: "log.filter", reason: e.to_string() })?;
         Ok(())
+    }
+
+    /// Checks the abuse limits and connection deadlines.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        let failures = RateConfig {
+            per_second: limits.login_failures.per_second,
+            burst: limits.login_failures.burst,
+        };
+        let connections = &limits.connections;
+        let checks: [(bool, &'static str, &str); 7] = [
+            (
+                !failures.is_valid(),
+                "limits.login_failures",
+                "per_second and burst must be positive",
+            ),
+            (
+                !(1..=86_400).contains(&limits.login_failures.audit_window_secs),
+                "limits.login_failures.audit_window_secs",
+                "1 to 86400",
+            ),
+            (
+                !limits.registration.is_valid(),
+                "limits.registration",
+                "per_second and burst must be positive",
+            ),
+            (
+                !limits.messages.is_valid(),
+                "limits.messages",
+                "per_second and burst must be positive",
+            ),
+            (
+                !(1..=3_600).contains(&connections.header_timeout_secs),
+                "limits.connections.header_timeout_secs",
+                "1 to 3600",
+            ),
+            (
+                !(1..=86_400).contains(&connections.keep_alive_secs),
+                "limits.connections.keep_alive_secs",
+                "1 to 86400",
+            ),
+            (
+                connections.http2_max_streams == 0,
+                "limits.connections.http2_max_streams",
+                "must be positive",
+            ),
+        ];
+        match checks.into_iter().find(|(failed, ..)| *failed) {
+            Some((_, key, reason)) => Err(ConfigError::Value { key, reason: reason.to_owned() }),
+            None => Ok(()),
+        }
     }
 
     /// The base URL clients should use, when one is configured.
@@ -818,6 +948,20 @@ mod tests {
         // Read by `cargo run --release` without arguments: every value is the built-in one.
         let json = |c: &Config| serde_json::to_value(c).unwrap();
         assert_eq!(json(&config), json(&defaults));
+    }
+
+    #[test]
+    fn abuse_limits_are_checked() {
+        let mut config = Config::default();
+        config.limits.messages.per_second = 0.0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.messages"), "{err}");
+        config.limits.messages.per_second = f64::NAN;
+        assert!(config.validate().is_err());
+        config.limits.messages.per_second = 0.2;
+        config.limits.connections.header_timeout_secs = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.connections.header_timeout_secs"), "{err}");
     }
 
     #[test]

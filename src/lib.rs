@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod outbound;
 pub mod server;

@@ -156,7 +156,14 @@ impl Outbound {
         let policy = Arc::new(AddressPolicy::new(config));
         let redirect_policy = policy.clone();
         let max_redirects = config.max_redirects;
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder();
+        // Proxy variables of the environment are ignored: a proxy would resolve and reach
+        // internal names for us. Only a proxy named in the configuration is used.
+        let builder = match &config.proxy {
+            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy)?),
+            None => builder.no_proxy(),
+        };
+        let client = builder
             .user_agent(concat!("Plaza/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
             .timeout(Duration::from_secs(config.request_timeout_secs))
@@ -244,6 +251,39 @@ mod tests {
         let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         addr
+    }
+
+    #[tokio::test]
+    async fn a_configured_proxy_is_used_and_still_refuses_address_literals() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = OutboundConfig {
+            proxy: Some(format!("http://{}", proxy.local_addr().unwrap())),
+            ..OutboundConfig::default()
+        };
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = proxy.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let _ = seen_tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = stream.write_all(reply).await;
+            }
+        });
+        let outbound = Outbound::new(&config).unwrap();
+        let refused = outbound.request(reqwest::Method::GET, "http://127.0.0.1:9/");
+        assert!(matches!(refused, Err(OutboundError::Forbidden(_))));
+        let response = outbound
+            .request(reqwest::Method::GET, "http://example.test/page")
+            .unwrap()
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "ok");
+        let head = seen_rx.recv().await.unwrap();
+        assert!(head.starts_with("GET http://example.test/page HTTP/1.1"), "{head}");
+        assert!(seen_rx.try_recv().is_err(), "only the permitted request reached the proxy");
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use crate::{
     api::router,
     config::Config,
+    connections::{self, Gate},
     service::Services,
     storage::{Db, StorageError, Table, tables},
 };
@@ -86,16 +87,33 @@ const BLOCKING_THREADS: usize = 8;
 const READ_BUFFER: usize = 64 * 1024;
 
 /// Serves `app` on `listener` (HTTP/1.1 and HTTP/2) until `shutdown` resolves, then waits for
-/// open connections to finish their requests. Each request carries its peer's address.
-async fn serve(listener: TcpListener, app: axum::Router, shutdown: impl Future<Output = ()>) {
+/// open connections to finish their requests. Each request carries its peer's address; every
+/// connection is admitted and watched by `gate` (deadlines, the connection cap).
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    gate: Arc<Gate>,
+    http2_max_streams: u32,
+    shutdown: impl Future<Output = ()>,
+) {
     use hyper_util::{
         rt::{TokioExecutor, TokioIo, TokioTimer},
         server::{conn::auto, graceful::GracefulShutdown},
     };
     use tower::ServiceExt;
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).max_buf_size(READ_BUFFER);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(READ_BUFFER)
+        .header_read_timeout(gate.keep_alive());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(http2_max_streams)
+        .max_header_list_size(READ_BUFFER as u32)
+        .keep_alive_interval(HTTP2_PING_INTERVAL)
+        .keep_alive_timeout(HTTP2_PING_TIMEOUT);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -103,32 +121,52 @@ async fn serve(listener: TcpListener, app: axum::Router, shutdown: impl Future<O
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::warn!(%err, "cannot accept a connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    // Out of file descriptors: idle connections make room; wait a little
+                    // instead of spinning.
+                    gate.on_accept_error(&err);
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        let Some(admitted) = gate.admit(stream) else { continue };
         let app = app.clone();
+        let requests = admitted.guard.requests();
         let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+            let in_flight = requests.start();
             req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
+            let response = app.clone().oneshot(req.map(axum::body::Body::new));
+            async move {
+                let response = response.await;
+                drop(in_flight);
+                response
+            }
         });
-        let connection =
-            builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(admitted.stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
+        let guard = admitted.guard;
         tokio::spawn(async move {
-            // A failed connection is the client's doing (reset, malformed request).
-            if let Err(err) = connection.await {
-                tracing::debug!(%err, "connection ended with an error");
+            tokio::select! {
+                // A failed connection is the client's doing (reset, malformed request).
+                result = connection => if let Err(err) = result {
+                    tracing::debug!(%err, "connection ended with an error");
+                },
+                // Past its deadline, or evicted to make room: dropping it closes the socket.
+                () = guard.expired() => {}
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
 }
+
+/// How often an HTTP/2 client is pinged to find out whether it is still there.
+const HTTP2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long an HTTP/2 ping may go unanswered before the connection is closed.
+const HTTP2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The async runtime the server runs on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -157,6 +195,9 @@ impl Server {
         }
 
         let app = router::build(services.clone());
+        let connections = &services.config.limits.connections;
+        let gate = Arc::new(Gate::new(connections, open_file_limit()));
+        let http2_max_streams = connections.http2_max_streams;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(crate::service::push::notifier::run(services.clone(), stopped.clone()));
@@ -166,6 +207,7 @@ impl Server {
             stopped.clone(),
         ));
         tasks.spawn(crate::service::jobs::run(services.clone(), stopped.clone()));
+        tasks.spawn(flush_login_failures(services.clone(), stopped.clone()));
         if services.config.audit.retention_days > 0 {
             tasks.spawn(prune_audit_hourly(services.clone(), stopped.clone()));
         }
@@ -185,11 +227,12 @@ impl Server {
             addrs.push(local);
             let mut stopped = stopped.clone();
             let app = app.clone();
+            let gate = gate.clone();
             tasks.spawn(async move {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                serve(listener, app, shutdown).await;
+                serve(listener, app, gate, http2_max_streams, shutdown).await;
             });
             tracing::info!(address = %local, server_name = %services.config.server_name, "listening");
         }
@@ -202,11 +245,12 @@ impl Server {
                 listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
             let app = router::metrics_app(services.clone());
             let mut stopped = stopped.clone();
+            let gate = gate.clone();
             tasks.spawn(async move {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                serve(listener, app, shutdown).await;
+                serve(listener, app, gate, http2_max_streams, shutdown).await;
             });
             tracing::info!(address = %local, "serving metrics");
             Some(local)
@@ -242,6 +286,29 @@ impl Server {
         shutdown_signal().await;
         tracing::info!("shutting down");
         self.stop().await;
+    }
+}
+
+/// The open-file limit, raised to the hard limit on the first call (once per process).
+fn open_file_limit() -> Option<u64> {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(connections::raise_open_file_limit)
+}
+
+/// Writes the audit summaries of repeated failed logins as their windows close, until the
+/// server stops (and once more then).
+async fn flush_login_failures(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let stop = tokio::select! {
+            _ = stopped.wait_for(|stop| *stop) => true,
+            () = tokio::time::sleep(services.abuse.audit_window()) => false,
+        };
+        if let Err(err) = services.abuse.flush_login_failures(&services.audit, stop) {
+            tracing::warn!(%err, "cannot write the failed-login summaries");
+        }
+        if stop {
+            return;
+        }
     }
 }
 

@@ -107,6 +107,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether the per-user abuse limits (`[limits.messages]`) apply: not to admins. This is
+    /// the one place an exemption is decided, so application service users registered with
+    /// `rate_limited: false` can be exempted here once application services exist.
+    pub fn rate_limited(&self) -> bool {
+        !self.admin
+    }
+}
+
+impl Caller {
     /// `M_FORBIDDEN` unless the caller is `user_id`: for endpoints that act on one's own data.
     pub fn must_be(&self, user_id: &ruma::UserId) -> Result<()> {
         if self.user_id != user_id {

@@ -1,6 +1,7 @@
 //! All Matrix behaviour. `Services` is built once at start and handed to every handler; each
 //! service owns its tables and talks to the others only through it.
 
+pub mod abuse;
 pub mod account_data;
 pub mod admin;
 pub mod admin_rooms;
@@ -66,6 +67,8 @@ pub struct Services {
     pub uiaa: uiaa::Uiaa,
     /// Limits on rate-limited endpoints.
     pub rate_limiter: ratelimit::RateLimiter,
+    /// Failed passwords per account, registrations per address, events per user.
+    pub abuse: abuse::Abuse,
     /// The server's signing key.
     pub keys: keys::ServerKeys,
     /// Rooms: events, state, membership.
@@ -163,6 +166,7 @@ impl Services {
             registration: registration::Registration::new(&db),
             uiaa: uiaa::Uiaa::default(),
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
+            abuse: abuse::Abuse::new(&config.limits),
             stream,
             config,
             db,

@@ -212,10 +212,13 @@ async fn check_stage(
             if user_id.is_some_and(|user_id| user_id != claimed) {
                 return Err(forbidden());
             }
-            // Password guesses through user-interactive auth count against the rate limit.
-            services.rate_limiter.check(&format!("uia-password:{claimed}"))?;
+            // Password guesses through user-interactive auth count as failed logins.
+            let audit = &services.audit;
+            services.abuse.check_login(audit, claimed.as_str(), &identifier.user)?;
             let record = services.users.get(&claimed)?.ok_or_else(forbidden)?;
             if !users::verify_password(password.password.clone(), record.password_hash).await {
+                let name = &identifier.user;
+                services.abuse.login_failed(audit, claimed.as_str(), name, "bad_credentials")?;
                 return Err(forbidden());
             }
             Ok((PASSWORD, None))

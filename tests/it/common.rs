@@ -22,6 +22,13 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     config.database.cache_mb = 8;
     config.registration.mode = RegistrationMode::Open;
     config.outbound.allow_private_addresses = true;
+    // Tests register many accounts from one address and send quickly; the abuse limits'
+    // own tests set theirs.
+    let plenty = plaza::config::RateConfig { per_second: 1_000.0, burst: 10_000 };
+    config.limits.registration = plenty;
+    config.limits.messages = plenty;
+    config.limits.login_failures.per_second = plenty.per_second;
+    config.limits.login_failures.burst = plenty.burst;
     config
 }
 

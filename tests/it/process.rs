@@ -24,10 +24,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Abuse limits high enough for tests that register and send quickly from one address.
+const PLENTY: &str = "[limits.registration]\nper_second = 1000.0\nburst = 10000\n[limits.messages]\nper_second = 1000.0\nburst = 10000\n";
+
 fn write_config(dir: &std::path::Path, port: u16, extra: &str) -> std::path::PathBuf {
     let path = dir.join("plaza.toml");
     let text = format!(
-        "server_name = \"example.test\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n[database]\npath = \"{}\"\ncache_mb = 8\n[registration]\nmode = \"open\"\n",
+        "server_name = \"example.test\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n[database]\npath = \"{}\"\ncache_mb = 8\n[registration]\nmode = \"open\"\n{PLENTY}",
         dir.join("db").display()
     );
     std::fs::write(&path, text).unwrap();

@@ -142,6 +142,13 @@ async fn serve(dir: &std::path::Path) -> Result<(), Error> {
     config.registration.shared_secret = Some("bench-secret".into());
     config.limits.rate_per_second = 1_000_000;
     config.limits.rate_burst = 1_000_000;
+    // The load generator registers, logs in and sends far faster than a person: it raises
+    // the abuse limits the way an operator would, in the configuration.
+    let plenty = plaza::config::RateConfig { per_second: 1_000_000.0, burst: 1_000_000 };
+    config.limits.registration = plenty;
+    config.limits.messages = plenty;
+    config.limits.login_failures.per_second = plenty.per_second;
+    config.limits.login_failures.burst = plenty.burst;
     config.log.filter = "warn".into();
     config.media.max_upload_size = 2 << 30;
     let server = plaza::Server::start(config).await?;

@@ -51,6 +51,7 @@ pub async fn send(
     req: Ruma<send_message::Request>,
 ) -> Result<send_message::Response> {
     let caller = req.caller()?.clone();
+    services.abuse.message(&caller.user_id, caller.rate_limited())?;
     let body = req.body;
     let content = content_object(body.body.json().get())?;
     let event_type = body.event_type.to_string();
@@ -75,6 +76,7 @@ pub async fn send_state(
     req: Ruma<send_state::Request>,
 ) -> Result<send_state::Response> {
     let caller = req.caller()?.clone();
+    services.abuse.message(&caller.user_id, caller.rate_limited())?;
     let body = req.body;
     let content = content_object(body.body.json().get())?;
     let kind = body.event_type.to_string();

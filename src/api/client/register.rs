@@ -34,6 +34,8 @@ fn flows(services: &State) -> Result<&'static [&'static [Stage]]> {
 
 /// `POST /_matrix/client/v3/register`
 pub async fn register(services: State, req: Ruma<register::Request>) -> Result<register::Response> {
+    let ip = req.ip.map(|addr| addr.ip());
+    services.abuse.check_registration(ip)?;
     let body = req.body;
     let guest = body.kind == RegistrationKind::Guest;
     if guest && !services.config.registration.allow_guests {
@@ -74,6 +76,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     if services.users.get(&user_id)?.is_some() {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
+    services.abuse.spend_registration(ip)?;
     let mut batch = services.db.batch();
     let mut admin = false;
     if let Some(token) = &authorized.registration_token {

@@ -11,8 +11,6 @@ use ruma::api::client::{
     uiaa::UserIdentifier,
 };
 
-use serde_json::json;
-
 use crate::{
     api::{Ruma, State},
     error::{Error, ErrorKind, Result},
@@ -43,16 +41,20 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
         (None, None) => return Err(Error::new(ErrorKind::MissingParam, "Missing identifier")),
     };
     let forbidden = || Error::forbidden("Invalid username or password");
-    let failed = |reason: &str| {
-        let target: String = name.chars().take(255).collect();
-        let entry = Entry::new("user.login_failed", None)
-            .target(target)
-            .details(json!({ "reason": reason }));
-        services.audit.record([entry])
+    let parsed = Users::parse_local_user(name, services.server_name());
+    // Failures count per account whatever address they come from.
+    let account = match &parsed {
+        Ok(user_id) => user_id.as_str(),
+        Err(_) => name,
     };
-    let Ok(user_id) = Users::parse_local_user(name, services.server_name()) else {
-        failed("invalid_user")?;
-        return Err(forbidden());
+    services.abuse.check_login(&services.audit, account, name)?;
+    let failed = |reason| services.abuse.login_failed(&services.audit, account, name, reason);
+    let user_id = match &parsed {
+        Ok(user_id) => user_id.clone(),
+        Err(_) => {
+            failed("invalid_user")?;
+            return Err(forbidden());
+        }
     };
     let record = services.users.get(&user_id)?;
     let hash = record.as_ref().and_then(|r| r.password_hash.clone());
