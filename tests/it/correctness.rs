@@ -97,8 +97,15 @@ async fn event_fields_over_255_bytes_are_too_large() {
     assert_error(&result, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
     let initial =
         json!({ "initial_state": [{ "type": "m.custom", "state_key": long, "content": {} }] });
+    let (_, joined) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
     let result = s.post("/_matrix/client/v3/createRoom", Some(&token), initial).await;
     assert_error(&result, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
+    let initial = json!({ "initial_state": [{ "type": long, "state_key": "", "content": {} }] });
+    let result = s.post("/_matrix/client/v3/createRoom", Some(&token), initial).await;
+    assert_error(&result, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
+    // Refused before anything was written: no half-made room to be joined to.
+    let (_, after) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
+    assert_eq!(after, joined);
     // A room id over 255 bytes is not a room id.
     let room_id = format!("!{}:localhost", "r".repeat(260));
     let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/t2");
@@ -149,6 +156,21 @@ async fn relations_to_another_room_are_refused() {
     let content = json!({ "m.relates_to": { "rel_type": "m.reference", "event_id": elsewhere } });
     let result = s.put(&path, Some(&token), content).await;
     assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+
+    // Initial state of a new room cannot relate to anything known, and is refused before
+    // the room is made.
+    let (_, joined) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
+    for relates_to in [
+        json!({ "rel_type": "m.reference", "event_id": elsewhere }),
+        json!({ "m.in_reply_to": { "event_id": elsewhere } }),
+    ] {
+        let initial = json!({ "initial_state": [
+            { "type": "m.custom", "state_key": "", "content": { "m.relates_to": relates_to } }] });
+        let result = s.post("/_matrix/client/v3/createRoom", Some(&token), initial).await;
+        assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    }
+    let (_, after) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
+    assert_eq!(after, joined);
 
     // Within the room, and to events the server does not know, relations are fine.
     for (i, target) in [local.as_str(), "$unknown-event"].iter().enumerate() {

@@ -826,7 +826,8 @@ impl Rooms {
             Target::New(version) => (None, version.clone()),
         };
         let kind = event.kind.to_string();
-        check_field_sizes(&kind, &event, sender, room.as_ref().map(|(room_id, _)| *room_id))?;
+        let (state_key, room_id) = (event.state_key.as_deref(), room.as_ref().map(|(id, _)| *id));
+        check_field_sizes(&kind, state_key, sender, room_id)?;
         let rules = version.rules().ok_or_else(|| {
             Error::new(ErrorKind::UnsupportedRoomVersion, "Unsupported room version")
         })?;
@@ -1258,16 +1259,16 @@ impl Rooms {
 }
 
 /// Refuses an event whose `type`, `state_key`, `sender` or `room_id` is longer than the spec's
-/// 255 bytes, with `M_TOO_LARGE`.
-fn check_field_sizes(
+/// 255 bytes, with `M_TOO_LARGE` (`room_id` is `None` for a room not made yet).
+pub fn check_field_sizes(
     kind: &str,
-    event: &NewEvent,
+    state_key: Option<&str>,
     sender: &UserId,
     room_id: Option<&RoomId>,
 ) -> Result<()> {
     let lengths = [
         ("type", kind.len()),
-        ("state_key", event.state_key.as_ref().map_or(0, String::len)),
+        ("state_key", state_key.map_or(0, str::len)),
         ("sender", sender.as_str().len()),
         ("room_id", room_id.map_or(0, |r| r.as_str().len())),
     ];
