@@ -82,7 +82,9 @@ pub const CROSS_SIGNING_KEYS: &str = "cross_signing_keys";
 pub const KEY_CHANGES: &str = "key_changes";
 /// `user id 0xFF device id 0xFF stream position` -> `ToDevice` message awaiting delivery.
 pub const TO_DEVICE: &str = "to_device";
-/// `sender 0xFF device id 0xFF transaction id` -> nothing: to-device sends already done.
+/// `sender 0xFF device id 0xFF event type 0xFF transaction id` -> nothing: to-device sends
+/// already done (`PUT /sendToDevice/{eventType}/{txnId}`); dropped with the device. Older
+/// versions wrote `sender 0xFF device id 0xFF transaction id`, never read now.
 pub const TO_DEVICE_TXNS: &str = "to_device_txns";
 
 /// `user id 0xFF version` -> backup `Version` (algorithm, auth data, etag).

@@ -1,6 +1,7 @@
-//! Correctness at the edges of the client API: transaction ids scoped per device and endpoint,
-//! the spec's size limits on event fields, relations kept within a room, logging out with an
-//! expired token or a locked account, and malformed inline `/sync` filters.
+//! Correctness at the edges of the client API: transaction ids scoped per device and endpoint
+//! (room sends, to-device sends, server notices), the spec's size limits on event fields,
+//! relations kept within a room, logging out with an expired token or a locked account, and
+//! malformed inline `/sync` filters.
 
 use reqwest::StatusCode;
 use serde_json::json;
@@ -12,6 +13,20 @@ async fn say(s: &TestServer, token: &str, room: &str, txn: &str, text: &str) -> 
     let (status, body) = s.send_text(token, room, txn, text).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["event_id"].as_str().unwrap().to_owned()
+}
+
+/// Logs `user` in on the device `device`; returns the access token.
+async fn login_device(s: &TestServer, user: &str, password: &str, device: &str) -> String {
+    let (status, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            None,
+            json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user },
+                "password": password, "device_id": device }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    login["access_token"].as_str().unwrap().to_owned()
 }
 
 /// Whether `event_id` is redacted, as `/event` shows it.
@@ -270,4 +285,43 @@ async fn malformed_inline_sync_filters_are_bad_requests() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let result = s.get("/_matrix/client/v3/sync?filter=12345", Some(&token)).await;
     assert_error(&result, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn to_device_transaction_ids_are_scoped_per_event_type() {
+    let s = TestServer::start().await;
+    let (alice, alice_token, alice_device) = s.register("alice", "password-a").await;
+    let (bob, _, _) = s.register("bob", "password-b").await;
+    let bob_token = login_device(&s, &bob, "password-b", "BOBPHONE").await;
+    let (_, first) = s.get("/_matrix/client/v3/sync", Some(&alice_token)).await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let send = |kind: &'static str, token: String| {
+        let path = format!("/_matrix/client/v3/sendToDevice/{kind}/t1");
+        let body = json!({ "messages": { alice.as_str(): {
+            alice_device.as_str(): { "kind": kind } } } });
+        let s = &s;
+        async move {
+            let (status, body) = s.put(&path, Some(&token), body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    // The same id under two event types is two requests; a repeat of one is not.
+    send("m.test.a", bob_token.clone()).await;
+    send("m.test.b", bob_token.clone()).await;
+    send("m.test.a", bob_token.clone()).await;
+    // A logged-out device's ids go with it: the same device id, logged in again, starts afresh.
+    let (status, _) = s.post("/_matrix/client/v3/logout", Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let again = login_device(&s, &bob, "password-b", "BOBPHONE").await;
+    send("m.test.a", again).await;
+
+    let (_, got) =
+        s.get(&format!("/_matrix/client/v3/sync?since={since}"), Some(&alice_token)).await;
+    let kinds: Vec<&str> = got["to_device"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["m.test.a", "m.test.b", "m.test.a"], "{got}");
 }
