@@ -265,6 +265,12 @@ impl E2ee {
         Ok((one_time_keys, to_device))
     }
 
+    /// Queues the removal of the to-device transaction ids `device_id` of `user_id` used (the
+    /// device is being deleted; its ids mean nothing without it).
+    pub fn forget_device_txns(&self, batch: &mut Batch, user_id: &UserId, device_id: &DeviceId) {
+        self.to_device_txns.delete_prefix(batch, prefix(&(user_id.as_str(), device_id.as_str())));
+    }
+
     /// Hands out one one-time key of `algorithm` for a device (falling back to its fallback
     /// key), each one-time key exactly once.
     pub fn claim(

@@ -23,7 +23,7 @@ use std::{
 };
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId, OwnedRoomId, RoomId,
+    CanonicalJsonObject, CanonicalJsonValue, DeviceId, EventId, OwnedEventId, OwnedRoomId, RoomId,
     RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
     room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersion, RoomVersionRules},
@@ -39,7 +39,7 @@ use self::{
 use super::{Counter, Services, now_ms, random_string, stream::Pending};
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Db, Key, Table, Ticket, prefix, split_key, tables},
+    storage::{Batch, Db, Key, Table, Ticket, prefix, split_key, tables},
 };
 
 /// Largest event accepted, in bytes of canonical JSON (the spec's limit).
@@ -731,6 +731,12 @@ impl Rooms {
         Ok(self.transactions.get(txn.key(user_id, room_id).as_slice())?)
     }
 
+    /// Queues the removal of the transaction ids `device_id` of `user_id` used for room sends
+    /// (the device is being deleted; its ids mean nothing without it).
+    pub fn forget_device_txns(&self, batch: &mut Batch, user_id: &UserId, device_id: &DeviceId) {
+        self.transactions.delete_prefix(batch, prefix(&(user_id.as_str(), device_id.as_str())));
+    }
+
     /// Applies the server's encryption policy to an `m.room.encryption` state event: refused
     /// when encryption is not allowed, and once a room is encrypted its algorithm never changes
     /// (the server never downgrades a room).
@@ -1128,7 +1134,7 @@ impl Rooms {
     /// shows it redacted too).
     fn apply_redaction(
         &self,
-        batch: &mut crate::storage::Batch,
+        batch: &mut Batch,
         room_id: &RoomId,
         (short, mut stored): (u64, StoredPdu),
         redaction: &StoredPdu,
