@@ -325,3 +325,36 @@ async fn to_device_transaction_ids_are_scoped_per_event_type() {
         .collect();
     assert_eq!(kinds, ["m.test.a", "m.test.b", "m.test.a"], "{got}");
 }
+
+#[tokio::test]
+async fn server_notice_transaction_ids_are_scoped_per_admin_device() {
+    let s = TestServer::start().await;
+    let (admin, _, _) = s.register("root", "password-r").await;
+    s.set_role(&admin, "admin");
+    s.register("alice", "password-a").await;
+    let laptop = login_device(&s, &admin, "password-r", "LAPTOP").await;
+    let phone = login_device(&s, &admin, "password-r", "PHONE").await;
+    let notice =
+        json!({ "user_id": "@alice:localhost", "content": { "msgtype": "m.text", "body": "hi" } });
+    let send = |token: String| {
+        let notice = notice.clone();
+        let s = &s;
+        async move {
+            let path = "/_synapse/admin/v1/send_server_notice/n1";
+            let (status, sent) = s.put(path, Some(&token), notice).await;
+            assert_eq!(status, StatusCode::OK, "{sent}");
+            sent["event_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let first = send(laptop.clone()).await;
+    assert_eq!(send(laptop.clone()).await, first, "a repeat answers the first notice");
+    let from_phone = send(phone).await;
+    assert_ne!(from_phone, first, "another device's id is another request");
+
+    // Logging the device out forgets its ids.
+    let (status, _) = s.post("/_matrix/client/v3/logout", Some(&laptop), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let laptop = login_device(&s, &admin, "password-r", "LAPTOP").await;
+    let fresh = send(laptop).await;
+    assert!(fresh != first && fresh != from_phone, "{fresh}");
+}

@@ -60,6 +60,7 @@ pub async fn send(
     }
     let event = NewEvent { kind, content, state_key: None, redacts: None, audit: Vec::new() };
     let txn = Txn {
+        user: &caller.user_id,
         device: caller.device_id.as_str(),
         id: body.txn_id.as_str(),
         endpoint: TxnEndpoint::Send(&event_type),
@@ -223,11 +224,12 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
     let body = req.body;
     let rooms = &services.rooms;
     let txn = Txn {
+        user: &caller.user_id,
         device: caller.device_id.as_str(),
         id: body.txn_id.as_str(),
         endpoint: TxnEndpoint::Redact(&body.event_id),
     };
-    if let Some(existing) = rooms.transaction(&caller.user_id, &body.room_id, txn)? {
+    if let Some(existing) = rooms.transaction(&body.room_id, txn)? {
         return Ok(redact::Response::new(existing));
     }
     let target = rooms.stored(&body.event_id)?.filter(|e| e.room_id == body.room_id);

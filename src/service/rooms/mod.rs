@@ -111,12 +111,15 @@ impl NewEvent {
     }
 }
 
-/// A client transaction: who sent it, its id and the endpoint it came through. Transaction
-/// ids are scoped to one device and one endpoint path, so the same id on `/send` and on
-/// `/redact` (or for another event type or target) names two different requests.
+/// A client transaction: who made the request, its id and the endpoint it came through.
+/// Transaction ids are scoped to one device and one endpoint path, so the same id on `/send`
+/// and on `/redact` (or for another event type or target) names two different requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Txn<'a> {
-    /// The device whose token was used (for server notices, the requesting admin).
+    /// The account whose token was used: the sender, or for server notices the requesting
+    /// admin (the notices account sends them).
+    pub user: &'a UserId,
+    /// The device of that token.
     pub device: &'a str,
     /// The client's transaction id.
     pub id: &'a str,
@@ -141,14 +144,14 @@ impl Txn<'_> {
     /// different requests never meet; and since the endpoint never starts with `!`, keys
     /// written by versions that scoped ids by room only (`... 0xFF room id 0x1F transaction
     /// id`) are never read as these.
-    fn key(&self, sender: &UserId, room_id: &RoomId) -> Vec<u8> {
+    fn key(&self, room_id: &RoomId) -> Vec<u8> {
         let (endpoint, param) = match self.endpoint {
             TxnEndpoint::Send(kind) => ("send", kind),
             TxnEndpoint::Redact(event_id) => ("redact", event_id.as_str()),
             TxnEndpoint::Notice => ("notice", ""),
         };
         let path = (endpoint, (room_id.as_str(), (param, self.id)));
-        (sender.as_str(), self.device, path).to_key_bytes()
+        (self.user.as_str(), self.device, path).to_key_bytes()
     }
 }
 
@@ -721,18 +724,13 @@ impl Rooms {
         Ok(())
     }
 
-    /// The event `user_id` already sent to `room_id` in the transaction `txn`, if any.
-    pub fn transaction(
-        &self,
-        user_id: &UserId,
-        room_id: &RoomId,
-        txn: Txn<'_>,
-    ) -> Result<Option<OwnedEventId>> {
-        Ok(self.transactions.get(txn.key(user_id, room_id).as_slice())?)
+    /// The event already sent to `room_id` in the transaction `txn`, if any.
+    pub fn transaction(&self, room_id: &RoomId, txn: Txn<'_>) -> Result<Option<OwnedEventId>> {
+        Ok(self.transactions.get(txn.key(room_id).as_slice())?)
     }
 
     /// Queues the removal of the transaction ids `device_id` of `user_id` used for room sends
-    /// (the device is being deleted; its ids mean nothing without it).
+    /// and server notices (the device is being deleted; its ids mean nothing without it).
     pub fn forget_device_txns(&self, batch: &mut Batch, user_id: &UserId, device_id: &DeviceId) {
         self.transactions.delete_prefix(batch, prefix(&(user_id.as_str(), device_id.as_str())));
     }
@@ -774,7 +772,7 @@ impl Rooms {
         let lock = self.lock(room_id);
         let guard = lock.lock().await;
         if let Some(txn) = txn
-            && let Some(existing) = self.transaction(sender, room_id, txn)?
+            && let Some(existing) = self.transaction(room_id, txn)?
         {
             // The first request may still be waiting for its sync.
             let ticket = self.db.ticket_now();
@@ -959,7 +957,10 @@ impl Rooms {
             wire,
             redacted_because: None,
             redaction: None,
-            transaction: txn.map(|txn| (txn.device.to_owned(), txn.id.to_owned())),
+            // Shown to the sending device only; a notice's requester is not its sender.
+            transaction: txn
+                .filter(|txn| txn.user == sender)
+                .map(|txn| (txn.device.to_owned(), txn.id.to_owned())),
         };
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
@@ -1067,7 +1068,7 @@ impl Rooms {
         self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         self.rooms.put(&mut batch, room_id.as_str(), &record);
         if let Some(txn) = txn {
-            self.transactions.put(&mut batch, txn.key(sender, &room_id).as_slice(), &event_id);
+            self.transactions.put(&mut batch, txn.key(&room_id).as_slice(), &event_id);
         }
         services.analytics.record(&mut batch, services, &stored, &state, &version)?;
         let committed = if defer_sync {
