@@ -152,24 +152,22 @@ impl Relations {
         }
     }
 
-    /// Works out what a new event of `kind` from `sender` relates to. A relation (of any
-    /// type, rich replies included) to an event of another room is refused with
-    /// `M_INVALID_PARAM`, for state events too; relations to unknown events, or (for threads)
-    /// to events that relate to something themselves are treated as no relation; a second
-    /// identical reaction is refused with `M_DUPLICATE_ANNOTATION`.
+    /// Works out what a new event (with its type rendered as `kind`) from `sender` relates to.
+    /// A relation (of any type, rich replies included) to an event of another room is refused
+    /// with `M_INVALID_PARAM`, for state events too; relations to unknown events, or (for
+    /// threads) to events that relate to something themselves are treated as no relation; a
+    /// second identical reaction is refused with `M_DUPLICATE_ANNOTATION`.
     pub fn prepare(
         &self,
         services: &Services,
         room_id: &RoomId,
         room_short: u64,
         sender: &UserId,
-        event: &crate::service::rooms::NewEvent,
+        (kind, event): (&str, &crate::service::rooms::NewEvent),
     ) -> Result<Option<Links>> {
         let content = &event.content;
         let Some((rel_type, _, key, _)) = relates_to(content) else { return Ok(None) };
         let (parent_event, reply_event) = targets(services, Some(room_id), content)?;
-        let kind = event.kind.to_string();
-        let kind = kind.as_str();
         if event.state_key.is_some() || kind == "m.room.redaction" {
             return Ok(None);
         }

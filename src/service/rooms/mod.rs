@@ -769,10 +769,11 @@ impl Rooms {
         event: NewEvent,
         txn: Option<Txn<'_>>,
     ) -> Result<OwnedEventId> {
+        let txn = txn.map(|txn| (txn, txn.key(room_id)));
         let lock = self.lock(room_id);
         let guard = lock.lock().await;
-        if let Some(txn) = txn
-            && let Some(existing) = self.transaction(room_id, txn)?
+        if let Some((_, key)) = &txn
+            && let Some(existing) = self.transactions.get(key.as_slice())?
         {
             // The first request may still be waiting for its sync.
             let ticket = self.db.ticket_now();
@@ -782,6 +783,7 @@ impl Rooms {
         }
         let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         let target = Target::Existing(room_id, record);
+        let txn = txn.as_ref().map(|(txn, key)| (*txn, key.as_slice()));
         let (event_id, unsynced) =
             self.build_and_store(services, target, sender, event, txn, true)?;
         drop(guard);
@@ -810,16 +812,17 @@ impl Rooms {
         Ok(stored.room_id)
     }
 
-    /// Builds, authorises and writes an event. With `defer_sync` the WAL sync is left to the
-    /// caller, who awaits the returned ticket (after releasing the room lock) and then drops the
-    /// pending position; otherwise the write is durable on return.
+    /// Builds, authorises and writes an event; `txn` is the client transaction with its stored
+    /// key. With `defer_sync` the WAL sync is left to the caller, who awaits the returned
+    /// ticket (after releasing the room lock) and then drops the pending position; otherwise
+    /// the write is durable on return.
     fn build_and_store<'s>(
         &self,
         services: &'s Services,
         target: Target<'_>,
         sender: &UserId,
         event: NewEvent,
-        txn: Option<Txn<'_>>,
+        txn: Option<(Txn<'_>, &[u8])>,
         defer_sync: bool,
     ) -> Result<(OwnedEventId, Unsynced<'s>)> {
         let (room, version) = match target {
@@ -959,8 +962,8 @@ impl Rooms {
             redaction: None,
             // Shown to the sending device only; a notice's requester is not its sender.
             transaction: txn
-                .filter(|txn| txn.user == sender)
-                .map(|txn| (txn.device.to_owned(), txn.id.to_owned())),
+                .filter(|(txn, _)| txn.user == sender)
+                .map(|(txn, _)| (txn.device.to_owned(), txn.id.to_owned())),
         };
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
@@ -984,7 +987,9 @@ impl Rooms {
 
         let links = match &record {
             Some(record) => {
-                services.relations.prepare(services, &room_id, record.short_id, sender, &event)?
+                // The type as rendered once, into the event.
+                let event = (stored.kind(), &event);
+                services.relations.prepare(services, &room_id, record.short_id, sender, event)?
             }
             None => None,
         };
@@ -1015,7 +1020,7 @@ impl Rooms {
                 &mut batch,
                 record.current_state,
                 &state,
-                &event.kind.to_string(),
+                stored.kind(),
                 state_key,
                 short,
             )?;
@@ -1067,8 +1072,8 @@ impl Rooms {
         self.event_ids.put(&mut batch, event_id.as_str(), &short);
         self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         self.rooms.put(&mut batch, room_id.as_str(), &record);
-        if let Some(txn) = txn {
-            self.transactions.put(&mut batch, txn.key(&room_id).as_slice(), &event_id);
+        if let Some((_, key)) = txn {
+            self.transactions.put(&mut batch, key, &event_id);
         }
         services.analytics.record(&mut batch, services, &stored, &state, &version)?;
         let committed = if defer_sync {
