@@ -95,7 +95,7 @@ impl Services {
         let mut batch = self.db.batch();
         self.users.put(&mut batch, user_id, &record);
         if logout_devices {
-            self.sessions.delete_all_devices(&mut batch, user_id, None)?;
+            self.sessions.delete_all_devices(self, &mut batch, user_id, None)?;
         }
         let entry = Entry::new("admin.user.reset_password", Some(actor))
             .target(user_id)
@@ -188,7 +188,7 @@ impl Services {
             }
             record.password_hash = Some(hash);
             if !created && changes.logout_devices {
-                self.sessions.delete_all_devices(&mut batch, user_id, None)?;
+                self.sessions.delete_all_devices(self, &mut batch, user_id, None)?;
                 sessions_ended = true;
             }
             if !created {

@@ -265,6 +265,12 @@ impl E2ee {
         Ok((one_time_keys, to_device))
     }
 
+    /// Queues the removal of the to-device transaction ids `device_id` of `user_id` used (the
+    /// device is being deleted; its ids mean nothing without it).
+    pub fn forget_device_txns(&self, batch: &mut Batch, user_id: &UserId, device_id: &DeviceId) {
+        self.to_device_txns.delete_prefix(batch, prefix(&(user_id.as_str(), device_id.as_str())));
+    }
+
     /// Hands out one one-time key of `algorithm` for a device (falling back to its fallback
     /// key), each one-time key exactly once.
     pub fn claim(
@@ -392,8 +398,10 @@ impl E2ee {
         self.key_changes.scan_range(lower, upper, false).map(|item| Ok(item?.1)).collect()
     }
 
-    /// Queues to-device messages and wakes the receiving users; a repeated transaction id of
-    /// the sending device does nothing.
+    /// Queues to-device messages of type `kind` and wakes the receiving users. Transaction
+    /// ids are scoped to the sending device and the endpoint path (`/sendToDevice/{kind}/`), so
+    /// a repeated id of the same device and type does nothing, and the same id with another
+    /// type is another request.
     pub fn send_to_device(
         &self,
         services: &Services,
@@ -401,7 +409,7 @@ impl E2ee {
         kind: &str,
         messages: Vec<(OwnedUserId, Vec<ruma::OwnedDeviceId>, JsonValue)>,
     ) -> Result<()> {
-        let txn = (sender.as_str(), sender_device.as_str(), txn_id);
+        let txn = (sender.as_str(), sender_device.as_str(), (kind, txn_id));
         let _guard = self.claim_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.to_device_txns.contains(&txn)? {
             return Ok(());

@@ -3,7 +3,7 @@
 //! them as the spec's server notices module describes. The room is made once and reused; a
 //! user who left is invited back.
 
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{DeviceId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
@@ -44,16 +44,17 @@ impl Services {
     }
 
     /// Sends a server notice of type `kind` with `content` to the local user `user_id`;
-    /// `audit` (an admin's request) is written in the notice's batch. `txn` (a requester and
-    /// its transaction id) makes a repeated request answer the first notice. Returns the
-    /// event id.
+    /// `audit` (an admin's request) is written in the notice's batch. `txn` (the requesting
+    /// account, the device of its token and its transaction id) makes a repeated request
+    /// answer the first notice; the id is kept with that device and goes when it is deleted.
+    /// Returns the event id.
     pub async fn send_server_notice(
         &self,
         user_id: &UserId,
         kind: &str,
         content: JsonValue,
         audit: Option<Entry>,
-        txn: Option<(&str, &str)>,
+        txn: Option<(&UserId, &DeviceId, &str)>,
     ) -> Result<OwnedEventId> {
         if !self.config.server_notices.enabled {
             return Err(Error::new(ErrorKind::Unknown, "Server notices are not enabled"));
@@ -80,7 +81,12 @@ impl Services {
         };
         let mut event = NewEvent::message(kind, content);
         event.audit.extend(audit.map(|entry| entry.room(&room_id)));
-        let txn = txn.map(|(device, id)| Txn { device, id, endpoint: TxnEndpoint::Notice });
+        let txn = txn.map(|(user, device, id)| Txn {
+            user,
+            device: device.as_str(),
+            id,
+            endpoint: TxnEndpoint::Notice,
+        });
         self.rooms.append(self, &room_id, &sender, event, txn).await
     }
 

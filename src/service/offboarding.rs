@@ -129,7 +129,7 @@ impl Services {
         self.users.put(&mut batch, user_id, &record);
         self.users.clear_profile(&mut batch, user_id);
         let devices = self.sessions.devices(user_id)?.len();
-        self.sessions.delete_all_devices(&mut batch, user_id, None)?;
+        self.sessions.delete_all_devices(self, &mut batch, user_id, None)?;
         let dehydrated: Table<JsonValue> = self.db.table(tables::DEHYDRATED_DEVICES);
         dehydrated.delete(&mut batch, user_id.as_str());
         let (one_time_keys, to_device) = self.e2ee.queue_forget_user(&mut batch, user_id)?;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{now_ms, random_string};
+use super::{Services, now_ms, random_string};
 use crate::{
     error::{Error, ErrorKind, Result},
     storage::{Batch, Db, Table, prefix, split_key, tables},
@@ -81,8 +81,6 @@ pub struct Sessions {
     access_tokens: Table<TokenRecord>,
     refresh_tokens: Table<TokenRecord>,
     last_seen: Table<LastSeen>,
-    /// Transaction ids of room sends and to-device sends, scoped per device: they go with it.
-    device_txns: [Table<serde_json::Value>; 2],
     access_token_ttl_ms: u64,
     last_seen_written: Mutex<HashMap<String, u64>>,
     user_locks: Vec<Mutex<()>>,
@@ -105,7 +103,6 @@ impl Sessions {
             access_tokens: db.table(tables::ACCESS_TOKENS),
             refresh_tokens: db.table(tables::REFRESH_TOKENS),
             last_seen: db.table(tables::LAST_SEEN),
-            device_txns: [db.table(tables::TRANSACTIONS), db.table(tables::TO_DEVICE_TXNS)],
             access_token_ttl_ms: access_token_ttl_secs * 1000,
             last_seen_written: Mutex::default(),
             user_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -351,11 +348,13 @@ impl Sessions {
         Ok(self.db.write(batch)?)
     }
 
-    /// Queues the deletion of devices, their tokens and the transaction ids they used (a
+    /// Queues the deletion of devices, their tokens and the transaction ids they used (room
+    /// sends, server notices and to-device sends, kept by the rooms and E2EE services: a
     /// device's ids mean nothing once it is gone, and keeping them would grow without end).
     /// Unknown ids are ignored.
     pub fn delete_devices<'a>(
         &self,
+        services: &Services,
         batch: &mut Batch,
         user_id: &UserId,
         device_ids: impl IntoIterator<Item = &'a DeviceId>,
@@ -365,9 +364,8 @@ impl Sessions {
                 self.revoke_tokens(batch, &record);
                 self.devices.delete(batch, &(user_id.as_str(), device_id.as_str()));
                 self.last_seen.delete(batch, &(user_id.as_str(), device_id.as_str()));
-                for txns in &self.device_txns {
-                    txns.delete_prefix(batch, prefix(&(user_id.as_str(), device_id.as_str())));
-                }
+                services.rooms.forget_device_txns(batch, user_id, device_id);
+                services.e2ee.forget_device_txns(batch, user_id, device_id);
             }
         }
         Ok(())
@@ -376,13 +374,14 @@ impl Sessions {
     /// Queues the deletion of every device of `user_id` except `keep`.
     pub fn delete_all_devices(
         &self,
+        services: &Services,
         batch: &mut Batch,
         user_id: &UserId,
         keep: Option<&DeviceId>,
     ) -> Result<()> {
         let devices = self.devices(user_id)?;
         let ids = devices.iter().map(|(id, _)| &**id).filter(|id| Some(*id) != keep);
-        self.delete_devices(batch, user_id, ids)
+        self.delete_devices(services, batch, user_id, ids)
     }
 
     /// Records that a device made a request, writing it down at most once a minute.

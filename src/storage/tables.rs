@@ -43,10 +43,18 @@ pub const STATE_SNAPSHOTS: &str = "state_snapshots";
 pub const USER_ROOMS: &str = "user_rooms";
 /// `room id 0xFF user id` -> membership.
 pub const ROOM_MEMBERS: &str = "room_members";
-/// `user id 0xFF device id 0xFF endpoint 0xFF room id 0xFF event type or redacted event id
-/// 0xFF transaction id` -> event id, for idempotent sends (scoped per device and endpoint path;
-/// older versions wrote `... device id 0xFF room id 0x1F transaction id`, never read now and
-/// removed with the device).
+/// Transaction ids of room sends -> event id, for idempotent requests. Every key starts with
+/// the requesting `user id 0xFF device id`, so deleting a device drops its ids:
+/// - `user id 0xFF device id 0xFF send 0xFF room id 0xFF event type 0xFF transaction id`:
+///   `PUT /rooms/{roomId}/send/{eventType}/{txnId}`;
+/// - `user id 0xFF device id 0xFF redact 0xFF room id 0xFF redacted event id 0xFF transaction
+///   id`: `PUT /rooms/{roomId}/redact/{eventId}/{txnId}`;
+/// - `admin user id 0xFF admin device id 0xFF notice 0xFF notices room id 0xFF 0xFF
+///   transaction id`: `PUT /_synapse/admin/v1/send_server_notice/{txnId}` (an empty
+///   parameter; the notice's sender is the notices account, not the admin);
+/// - older versions wrote `user id 0xFF device id 0xFF room id 0x1F transaction id` (never read
+///   now; a room id starts with `!`, no endpoint does) and `notices account id 0xFF admin user
+///   id 0xFF notice 0xFF ...` for notices (never read now either).
 pub const TRANSACTIONS: &str = "transactions";
 
 /// `room alias` -> `AliasRecord` (room id, creator).
@@ -82,7 +90,9 @@ pub const CROSS_SIGNING_KEYS: &str = "cross_signing_keys";
 pub const KEY_CHANGES: &str = "key_changes";
 /// `user id 0xFF device id 0xFF stream position` -> `ToDevice` message awaiting delivery.
 pub const TO_DEVICE: &str = "to_device";
-/// `sender 0xFF device id 0xFF transaction id` -> nothing: to-device sends already done.
+/// `sender 0xFF device id 0xFF event type 0xFF transaction id` -> nothing: to-device sends
+/// already done (`PUT /sendToDevice/{eventType}/{txnId}`); dropped with the device. Older
+/// versions wrote `sender 0xFF device id 0xFF transaction id`, never read now.
 pub const TO_DEVICE_TXNS: &str = "to_device_txns";
 
 /// `user id 0xFF version` -> backup `Version` (algorithm, auth data, etag).

@@ -1,6 +1,7 @@
-//! Correctness at the edges of the client API: transaction ids scoped per device and endpoint,
-//! the spec's size limits on event fields, relations kept within a room, logging out with an
-//! expired token or a locked account, and malformed inline `/sync` filters.
+//! Correctness at the edges of the client API: transaction ids scoped per device and endpoint
+//! (room sends, to-device sends, server notices), the spec's size limits on event fields,
+//! relations kept within a room, logging out with an expired token or a locked account, and
+//! malformed inline `/sync` filters.
 
 use reqwest::StatusCode;
 use serde_json::json;
@@ -12,6 +13,20 @@ async fn say(s: &TestServer, token: &str, room: &str, txn: &str, text: &str) -> 
     let (status, body) = s.send_text(token, room, txn, text).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["event_id"].as_str().unwrap().to_owned()
+}
+
+/// Logs `user` in on the device `device`; returns the access token.
+async fn login_device(s: &TestServer, user: &str, password: &str, device: &str) -> String {
+    let (status, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            None,
+            json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user },
+                "password": password, "device_id": device }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    login["access_token"].as_str().unwrap().to_owned()
 }
 
 /// Whether `event_id` is redacted, as `/event` shows it.
@@ -97,8 +112,15 @@ async fn event_fields_over_255_bytes_are_too_large() {
     assert_error(&result, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
     let initial =
         json!({ "initial_state": [{ "type": "m.custom", "state_key": long, "content": {} }] });
+    let (_, joined) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
     let result = s.post("/_matrix/client/v3/createRoom", Some(&token), initial).await;
     assert_error(&result, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
+    let initial = json!({ "initial_state": [{ "type": long, "state_key": "", "content": {} }] });
+    let result = s.post("/_matrix/client/v3/createRoom", Some(&token), initial).await;
+    assert_error(&result, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
+    // Refused before anything was written: no half-made room to be joined to.
+    let (_, after) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
+    assert_eq!(after, joined);
     // A room id over 255 bytes is not a room id.
     let room_id = format!("!{}:localhost", "r".repeat(260));
     let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/t2");
@@ -149,6 +171,21 @@ async fn relations_to_another_room_are_refused() {
     let content = json!({ "m.relates_to": { "rel_type": "m.reference", "event_id": elsewhere } });
     let result = s.put(&path, Some(&token), content).await;
     assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+
+    // Initial state of a new room cannot relate to anything known, and is refused before
+    // the room is made.
+    let (_, joined) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
+    for relates_to in [
+        json!({ "rel_type": "m.reference", "event_id": elsewhere }),
+        json!({ "m.in_reply_to": { "event_id": elsewhere } }),
+    ] {
+        let initial = json!({ "initial_state": [
+            { "type": "m.custom", "state_key": "", "content": { "m.relates_to": relates_to } }] });
+        let result = s.post("/_matrix/client/v3/createRoom", Some(&token), initial).await;
+        assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    }
+    let (_, after) = s.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
+    assert_eq!(after, joined);
 
     // Within the room, and to events the server does not know, relations are fine.
     for (i, target) in [local.as_str(), "$unknown-event"].iter().enumerate() {
@@ -248,4 +285,76 @@ async fn malformed_inline_sync_filters_are_bad_requests() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let result = s.get("/_matrix/client/v3/sync?filter=12345", Some(&token)).await;
     assert_error(&result, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn to_device_transaction_ids_are_scoped_per_event_type() {
+    let s = TestServer::start().await;
+    let (alice, alice_token, alice_device) = s.register("alice", "password-a").await;
+    let (bob, _, _) = s.register("bob", "password-b").await;
+    let bob_token = login_device(&s, &bob, "password-b", "BOBPHONE").await;
+    let (_, first) = s.get("/_matrix/client/v3/sync", Some(&alice_token)).await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let send = |kind: &'static str, token: String| {
+        let path = format!("/_matrix/client/v3/sendToDevice/{kind}/t1");
+        let body = json!({ "messages": { alice.as_str(): {
+            alice_device.as_str(): { "kind": kind } } } });
+        let s = &s;
+        async move {
+            let (status, body) = s.put(&path, Some(&token), body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    // The same id under two event types is two requests; a repeat of one is not.
+    send("m.test.a", bob_token.clone()).await;
+    send("m.test.b", bob_token.clone()).await;
+    send("m.test.a", bob_token.clone()).await;
+    // A logged-out device's ids go with it: the same device id, logged in again, starts afresh.
+    let (status, _) = s.post("/_matrix/client/v3/logout", Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let again = login_device(&s, &bob, "password-b", "BOBPHONE").await;
+    send("m.test.a", again).await;
+
+    let (_, got) =
+        s.get(&format!("/_matrix/client/v3/sync?since={since}"), Some(&alice_token)).await;
+    let kinds: Vec<&str> = got["to_device"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["m.test.a", "m.test.b", "m.test.a"], "{got}");
+}
+
+#[tokio::test]
+async fn server_notice_transaction_ids_are_scoped_per_admin_device() {
+    let s = TestServer::start().await;
+    let (admin, _, _) = s.register("root", "password-r").await;
+    s.set_role(&admin, "admin");
+    s.register("alice", "password-a").await;
+    let laptop = login_device(&s, &admin, "password-r", "LAPTOP").await;
+    let phone = login_device(&s, &admin, "password-r", "PHONE").await;
+    let notice =
+        json!({ "user_id": "@alice:localhost", "content": { "msgtype": "m.text", "body": "hi" } });
+    let send = |token: String| {
+        let notice = notice.clone();
+        let s = &s;
+        async move {
+            let path = "/_synapse/admin/v1/send_server_notice/n1";
+            let (status, sent) = s.put(path, Some(&token), notice).await;
+            assert_eq!(status, StatusCode::OK, "{sent}");
+            sent["event_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let first = send(laptop.clone()).await;
+    assert_eq!(send(laptop.clone()).await, first, "a repeat answers the first notice");
+    let from_phone = send(phone).await;
+    assert_ne!(from_phone, first, "another device's id is another request");
+
+    // Logging the device out forgets its ids.
+    let (status, _) = s.post("/_matrix/client/v3/logout", Some(&laptop), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let laptop = login_device(&s, &admin, "password-r", "LAPTOP").await;
+    let fresh = send(laptop).await;
+    assert!(fresh != first && fresh != from_phone, "{fresh}");
 }

@@ -56,8 +56,8 @@ async fn send_notice(
     let entry = Entry::new("admin.server_notice", Some(&caller.user_id))
         .target(&user_id)
         .details(json!({ "type": kind }));
-    // Transactions are kept per requesting admin.
-    let txn = txn_id.map(|txn_id| (caller.user_id.as_str(), txn_id));
+    // Transactions are kept per requesting admin's device, and go with it.
+    let txn = txn_id.map(|txn_id| (&*caller.user_id, &*caller.device_id, txn_id));
     let event_id =
         services.send_server_notice(&user_id, &kind, body.content, Some(entry), txn).await?;
     Ok(Json(json!({ "event_id": event_id })))

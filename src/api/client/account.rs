@@ -57,6 +57,7 @@ pub async fn change_password(
     services.users.put(&mut batch, &caller.user_id, &record);
     if req.body.logout_devices {
         services.sessions.delete_all_devices(
+            &services,
             &mut batch,
             &caller.user_id,
             Some(&caller.device_id),

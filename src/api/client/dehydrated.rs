@@ -31,7 +31,7 @@ fn remove(services: &State, user_id: &ruma::UserId) -> Result<Option<OwnedDevice
     let Some((device_id, _)) = table(services).get(user_id.as_str())? else { return Ok(None) };
     let _guard = services.sessions.lock_user(user_id);
     let mut batch = services.db.batch();
-    services.sessions.delete_devices(&mut batch, user_id, [&*device_id])?;
+    services.sessions.delete_devices(services, &mut batch, user_id, [&*device_id])?;
     table(services).delete(&mut batch, user_id.as_str());
     services.db.write(batch)?;
     Ok(Some(device_id))

@@ -88,7 +88,12 @@ pub async fn delete(
         .await?;
     let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
-    services.sessions.delete_devices(&mut batch, &caller.user_id, [&*req.body.device_id])?;
+    services.sessions.delete_devices(
+        &services,
+        &mut batch,
+        &caller.user_id,
+        [&*req.body.device_id],
+    )?;
     let entry = Entry::new("device.delete", Some(&caller.user_id)).target(&req.body.device_id);
     services.audit.commit(batch, [entry])?;
     drop(user_lock);
@@ -110,6 +115,7 @@ pub async fn delete_many(
     let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
     services.sessions.delete_devices(
+        &services,
         &mut batch,
         &caller.user_id,
         req.body.devices.iter().map(|d| &**d),

@@ -55,12 +55,14 @@ pub async fn send(
     let body = req.body;
     let content = content_object(body.body.json().get())?;
     let event_type = body.event_type.to_string();
-    let kind = TimelineEventType::from(event_type.as_str());
+    // Moves the type over (a custom type's string is not copied again).
+    let kind = TimelineEventType::from(body.event_type);
     if kind == TimelineEventType::RoomRedaction {
         return Err(Error::bad_json("Use the redact endpoint to redact events"));
     }
     let event = NewEvent { kind, content, state_key: None, redacts: None, audit: Vec::new() };
     let txn = Txn {
+        user: &caller.user_id,
         device: caller.device_id.as_str(),
         id: body.txn_id.as_str(),
         endpoint: TxnEndpoint::Send(&event_type),
@@ -225,11 +227,12 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
     let body = req.body;
     let rooms = &services.rooms;
     let txn = Txn {
+        user: &caller.user_id,
         device: caller.device_id.as_str(),
         id: body.txn_id.as_str(),
         endpoint: TxnEndpoint::Redact(&body.event_id),
     };
-    if let Some(existing) = rooms.transaction(&caller.user_id, &body.room_id, txn)? {
+    if let Some(existing) = rooms.transaction(&body.room_id, txn)? {
         return Ok(redact::Response::new(existing));
     }
     let target = rooms.stored(&body.event_id)?.filter(|e| e.room_id == body.room_id);

@@ -98,7 +98,12 @@ pub async fn logout(services: State, req: Ruma<logout::Request>) -> Result<logou
     let caller = req.caller()?;
     let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
-    services.sessions.delete_devices(&mut batch, &caller.user_id, [&*caller.device_id])?;
+    services.sessions.delete_devices(
+        &services,
+        &mut batch,
+        &caller.user_id,
+        [&*caller.device_id],
+    )?;
     let entry = Entry::new("user.logout", Some(&caller.user_id)).target(&caller.device_id);
     services.audit.commit(batch, [entry])?;
     drop(user_lock);
@@ -114,7 +119,7 @@ pub async fn logout_all(
     let caller = req.caller()?;
     let user_lock = services.sessions.lock_user(&caller.user_id);
     let mut batch = services.db.batch();
-    services.sessions.delete_all_devices(&mut batch, &caller.user_id, None)?;
+    services.sessions.delete_all_devices(&services, &mut batch, &caller.user_id, None)?;
     let entry = Entry::new("user.logout_all", Some(&caller.user_id)).target(&caller.user_id);
     services.audit.commit(batch, [entry])?;
     drop(user_lock);

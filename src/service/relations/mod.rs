@@ -97,6 +97,35 @@ fn relates_to(content: &JsonValue) -> Option<RelatesTo<'_>> {
     Some((rel_type, parent, key, reply))
 }
 
+/// The events a new event's `content` relates to (through `rel_type`, and as a rich reply),
+/// where the server knows them. A target in a room other than `room_id` is refused with
+/// `M_INVALID_PARAM`; with no `room_id` (the room is not made yet) every known target is.
+fn targets(
+    services: &Services,
+    room_id: Option<&RoomId>,
+    content: &JsonValue,
+) -> Result<(Option<StoredPdu>, Option<StoredPdu>)> {
+    let Some((rel_type, parent, _, reply)) = relates_to(content) else { return Ok((None, None)) };
+    let in_room = |id: Option<&str>| -> Result<Option<StoredPdu>> {
+        let Some(Ok(id)) = id.map(EventId::parse) else { return Ok(None) };
+        match services.rooms.stored(&id)? {
+            Some(target) if Some(&*target.room_id) != room_id => {
+                Err(Error::invalid_param("An event can only relate to an event of the same room"))
+            }
+            target => Ok(target),
+        }
+    };
+    let parent_event = if rel_type.is_some() { in_room(parent)? } else { None };
+    Ok((parent_event, in_room(reply)?))
+}
+
+/// Refuses the content of an event for a room not made yet (`createRoom`'s `initial_state`)
+/// when it relates to an event the server knows, which is in another room by necessity; checked
+/// before anything of the room is written.
+pub fn check_new_room_content(services: &Services, content: &JsonValue) -> Result<()> {
+    targets(services, None, content).map(|_| ())
+}
+
 /// The content of a stored event.
 fn content_of(stored: &StoredPdu) -> JsonValue {
     stored.wire.get("content").map(|c| c.clone().into()).unwrap_or_default()
@@ -123,34 +152,22 @@ impl Relations {
         }
     }
 
-    /// Works out what a new event of `kind` from `sender` relates to. A relation (of any
-    /// type, rich replies included) to an event of another room is refused with
-    /// `M_INVALID_PARAM`, for state events too; relations to unknown events, or (for threads)
-    /// to events that relate to something themselves are treated as no relation; a second
-    /// identical reaction is refused with `M_DUPLICATE_ANNOTATION`.
+    /// Works out what a new event (with its type rendered as `kind`) from `sender` relates to.
+    /// A relation (of any type, rich replies included) to an event of another room is refused
+    /// with `M_INVALID_PARAM`, for state events too; relations to unknown events, or (for
+    /// threads) to events that relate to something themselves are treated as no relation; a
+    /// second identical reaction is refused with `M_DUPLICATE_ANNOTATION`.
     pub fn prepare(
         &self,
         services: &Services,
         room_id: &RoomId,
         room_short: u64,
         sender: &UserId,
-        event: &crate::service::rooms::NewEvent,
+        (kind, event): (&str, &crate::service::rooms::NewEvent),
     ) -> Result<Option<Links>> {
         let content = &event.content;
-        let Some((rel_type, parent, key, reply)) = relates_to(content) else { return Ok(None) };
-        let in_room = |id: Option<&str>| -> Result<Option<StoredPdu>> {
-            let Some(Ok(id)) = id.map(EventId::parse) else { return Ok(None) };
-            match services.rooms.stored(&id)? {
-                Some(target) if target.room_id != room_id => Err(Error::invalid_param(
-                    "An event can only relate to an event of the same room",
-                )),
-                target => Ok(target),
-            }
-        };
-        let parent_event = if rel_type.is_some() { in_room(parent)? } else { None };
-        let reply_event = in_room(reply)?;
-        let kind = event.kind.to_string();
-        let kind = kind.as_str();
+        let Some((rel_type, _, key, _)) = relates_to(content) else { return Ok(None) };
+        let (parent_event, reply_event) = targets(services, Some(room_id), content)?;
         if event.state_key.is_some() || kind == "m.room.redaction" {
             return Ok(None);
         }

@@ -4,10 +4,10 @@
 use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
 use serde_json::{Map, Value as JsonValue, json};
 
-use super::{NewEvent, membership};
+use super::{NewEvent, check_field_sizes, membership};
 use crate::{
     error::{Error, ErrorKind, Result},
-    service::Services,
+    service::{Services, relations},
 };
 
 /// Presets of `createRoom`.
@@ -72,10 +72,12 @@ pub async fn create_room(
     }
     // Check everything that can be checked before anything is written, so a bad request
     // leaves no half-made room behind.
-    for (kind, _, _) in &req.initial_state {
+    for (kind, state_key, content) in &req.initial_state {
         if kind == "m.room.create" || kind == "m.room.member" {
             return Err(Error::bad_json(format!("{kind} cannot be part of initial_state")));
         }
+        check_field_sizes(kind, Some(state_key), sender, None)?;
+        relations::check_new_room_content(services, content)?;
     }
     for invitee in &req.invite {
         if invitee.server_name() != services.server_name() {

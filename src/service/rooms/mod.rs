@@ -23,7 +23,7 @@ use std::{
 };
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId, OwnedRoomId, RoomId,
+    CanonicalJsonObject, CanonicalJsonValue, DeviceId, EventId, OwnedEventId, OwnedRoomId, RoomId,
     RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
     room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersion, RoomVersionRules},
@@ -39,7 +39,7 @@ use self::{
 use super::{Counter, Services, now_ms, random_string, stream::Pending};
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Db, Key, Table, Ticket, prefix, split_key, tables},
+    storage::{Batch, Db, Key, Table, Ticket, prefix, split_key, tables},
 };
 
 /// Largest event accepted, in bytes of canonical JSON (the spec's limit).
@@ -111,12 +111,15 @@ impl NewEvent {
     }
 }
 
-/// A client transaction: who sent it, its id and the endpoint it came through. Transaction
-/// ids are scoped to one device and one endpoint path, so the same id on `/send` and on
-/// `/redact` (or for another event type or target) names two different requests.
+/// A client transaction: who made the request, its id and the endpoint it came through.
+/// Transaction ids are scoped to one device and one endpoint path, so the same id on `/send`
+/// and on `/redact` (or for another event type or target) names two different requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Txn<'a> {
-    /// The device whose token was used (for server notices, the requesting admin).
+    /// The account whose token was used: the sender, or for server notices the requesting
+    /// admin (the notices account sends them).
+    pub user: &'a UserId,
+    /// The device of that token.
     pub device: &'a str,
     /// The client's transaction id.
     pub id: &'a str,
@@ -141,14 +144,14 @@ impl Txn<'_> {
     /// different requests never meet; and since the endpoint never starts with `!`, keys
     /// written by versions that scoped ids by room only (`... 0xFF room id 0x1F transaction
     /// id`) are never read as these.
-    fn key(&self, sender: &UserId, room_id: &RoomId) -> Vec<u8> {
+    fn key(&self, room_id: &RoomId) -> Vec<u8> {
         let (endpoint, param) = match self.endpoint {
             TxnEndpoint::Send(kind) => ("send", kind),
             TxnEndpoint::Redact(event_id) => ("redact", event_id.as_str()),
             TxnEndpoint::Notice => ("notice", ""),
         };
         let path = (endpoint, (room_id.as_str(), (param, self.id)));
-        (sender.as_str(), self.device, path).to_key_bytes()
+        (self.user.as_str(), self.device, path).to_key_bytes()
     }
 }
 
@@ -721,14 +724,15 @@ impl Rooms {
         Ok(())
     }
 
-    /// The event `user_id` already sent to `room_id` in the transaction `txn`, if any.
-    pub fn transaction(
-        &self,
-        user_id: &UserId,
-        room_id: &RoomId,
-        txn: Txn<'_>,
-    ) -> Result<Option<OwnedEventId>> {
-        Ok(self.transactions.get(txn.key(user_id, room_id).as_slice())?)
+    /// The event already sent to `room_id` in the transaction `txn`, if any.
+    pub fn transaction(&self, room_id: &RoomId, txn: Txn<'_>) -> Result<Option<OwnedEventId>> {
+        Ok(self.transactions.get(txn.key(room_id).as_slice())?)
+    }
+
+    /// Queues the removal of the transaction ids `device_id` of `user_id` used for room sends
+    /// and server notices (the device is being deleted; its ids mean nothing without it).
+    pub fn forget_device_txns(&self, batch: &mut Batch, user_id: &UserId, device_id: &DeviceId) {
+        self.transactions.delete_prefix(batch, prefix(&(user_id.as_str(), device_id.as_str())));
     }
 
     /// Applies the server's encryption policy to an `m.room.encryption` state event: refused
@@ -765,10 +769,11 @@ impl Rooms {
         event: NewEvent,
         txn: Option<Txn<'_>>,
     ) -> Result<OwnedEventId> {
+        let txn = txn.map(|txn| (txn, txn.key(room_id)));
         let lock = self.lock(room_id);
         let guard = lock.lock().await;
-        if let Some(txn) = txn
-            && let Some(existing) = self.transaction(sender, room_id, txn)?
+        if let Some((_, key)) = &txn
+            && let Some(existing) = self.transactions.get(key.as_slice())?
         {
             // The first request may still be waiting for its sync.
             let ticket = self.db.ticket_now();
@@ -778,6 +783,7 @@ impl Rooms {
         }
         let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         let target = Target::Existing(room_id, record);
+        let txn = txn.as_ref().map(|(txn, key)| (*txn, key.as_slice()));
         let (event_id, unsynced) =
             self.build_and_store(services, target, sender, event, txn, true)?;
         drop(guard);
@@ -806,16 +812,17 @@ impl Rooms {
         Ok(stored.room_id)
     }
 
-    /// Builds, authorises and writes an event. With `defer_sync` the WAL sync is left to the
-    /// caller, who awaits the returned ticket (after releasing the room lock) and then drops the
-    /// pending position; otherwise the write is durable on return.
+    /// Builds, authorises and writes an event; `txn` is the client transaction with its stored
+    /// key. With `defer_sync` the WAL sync is left to the caller, who awaits the returned
+    /// ticket (after releasing the room lock) and then drops the pending position; otherwise
+    /// the write is durable on return.
     fn build_and_store<'s>(
         &self,
         services: &'s Services,
         target: Target<'_>,
         sender: &UserId,
         event: NewEvent,
-        txn: Option<Txn<'_>>,
+        txn: Option<(Txn<'_>, &[u8])>,
         defer_sync: bool,
     ) -> Result<(OwnedEventId, Unsynced<'s>)> {
         let (room, version) = match target {
@@ -826,7 +833,8 @@ impl Rooms {
             Target::New(version) => (None, version.clone()),
         };
         let kind = event.kind.to_string();
-        check_field_sizes(&kind, &event, sender, room.as_ref().map(|(room_id, _)| *room_id))?;
+        let (state_key, room_id) = (event.state_key.as_deref(), room.as_ref().map(|(id, _)| *id));
+        check_field_sizes(&kind, state_key, sender, room_id)?;
         let rules = version.rules().ok_or_else(|| {
             Error::new(ErrorKind::UnsupportedRoomVersion, "Unsupported room version")
         })?;
@@ -952,7 +960,10 @@ impl Rooms {
             wire,
             redacted_because: None,
             redaction: None,
-            transaction: txn.map(|txn| (txn.device.to_owned(), txn.id.to_owned())),
+            // Shown to the sending device only; a notice's requester is not its sender.
+            transaction: txn
+                .filter(|(txn, _)| txn.user == sender)
+                .map(|(txn, _)| (txn.device.to_owned(), txn.id.to_owned())),
         };
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
@@ -976,7 +987,9 @@ impl Rooms {
 
         let links = match &record {
             Some(record) => {
-                services.relations.prepare(services, &room_id, record.short_id, sender, &event)?
+                // The type as rendered once, into the event.
+                let event = (stored.kind(), &event);
+                services.relations.prepare(services, &room_id, record.short_id, sender, event)?
             }
             None => None,
         };
@@ -1007,7 +1020,7 @@ impl Rooms {
                 &mut batch,
                 record.current_state,
                 &state,
-                &event.kind.to_string(),
+                stored.kind(),
                 state_key,
                 short,
             )?;
@@ -1059,8 +1072,8 @@ impl Rooms {
         self.event_ids.put(&mut batch, event_id.as_str(), &short);
         self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         self.rooms.put(&mut batch, room_id.as_str(), &record);
-        if let Some(txn) = txn {
-            self.transactions.put(&mut batch, txn.key(sender, &room_id).as_slice(), &event_id);
+        if let Some((_, key)) = txn {
+            self.transactions.put(&mut batch, key, &event_id);
         }
         services.analytics.record(&mut batch, services, &stored, &state, &version)?;
         let committed = if defer_sync {
@@ -1127,7 +1140,7 @@ impl Rooms {
     /// shows it redacted too).
     fn apply_redaction(
         &self,
-        batch: &mut crate::storage::Batch,
+        batch: &mut Batch,
         room_id: &RoomId,
         (short, mut stored): (u64, StoredPdu),
         redaction: &StoredPdu,
@@ -1258,16 +1271,16 @@ impl Rooms {
 }
 
 /// Refuses an event whose `type`, `state_key`, `sender` or `room_id` is longer than the spec's
-/// 255 bytes, with `M_TOO_LARGE`.
-fn check_field_sizes(
+/// 255 bytes, with `M_TOO_LARGE` (`room_id` is `None` for a room not made yet).
+pub fn check_field_sizes(
     kind: &str,
-    event: &NewEvent,
+    state_key: Option<&str>,
     sender: &UserId,
     room_id: Option<&RoomId>,
 ) -> Result<()> {
     let lengths = [
         ("type", kind.len()),
-        ("state_key", event.state_key.as_ref().map_or(0, String::len)),
+        ("state_key", state_key.map_or(0, str::len)),
         ("sender", sender.as_str().len()),
         ("room_id", room_id.map_or(0, |r| r.as_str().len())),
     ];
