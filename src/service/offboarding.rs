@@ -375,14 +375,26 @@ impl Services {
         Ok(true)
     }
 
+    /// Whether `event` is served redacted to `viewer`: its sender is erased and `viewer` was
+    /// not joined to the room when it was sent. Reads only `viewer`'s membership in the
+    /// event's state-before.
+    pub fn erased_hides(&self, viewer: &UserId, event: &StoredPdu) -> Result<bool> {
+        if !self.erased.contains(event.sender()) || event.redacted_because.is_some() {
+            return Ok(false);
+        }
+        let rooms = &self.rooms;
+        let Some(short) = rooms.states.get(event.state_before, "m.room.member", viewer.as_str())?
+        else {
+            return Ok(true);
+        };
+        let member = rooms.state_pdu(short)?;
+        Ok(member.membership() != Some("join"))
+    }
+
     /// The copy of `event` that `viewer` is served when its sender is erased and `viewer` was
     /// not joined to the room when it was sent: redacted. `None` when `event` is served as is.
     pub fn erased_view(&self, viewer: &UserId, event: &StoredPdu) -> Result<Option<StoredPdu>> {
-        if !self.erased.contains(event.sender()) || event.redacted_because.is_some() {
-            return Ok(None);
-        }
-        let state = self.rooms.states.load(event.state_before)?;
-        if self.rooms.membership_in(&state, viewer)? == "join" {
+        if !self.erased_hides(viewer, event)? {
             return Ok(None);
         }
         let record =

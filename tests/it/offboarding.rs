@@ -278,6 +278,21 @@ async fn erased_accounts_events_are_redacted_for_those_who_were_not_there() {
     let event_id = sent["event_id"].as_str().unwrap().to_owned();
     let (_, own) = s.send_text(&bob, &room, "t2", "thanks for the figures").await;
     let bob_event = own["event_id"].as_str().unwrap().to_owned();
+    // Hank edits his message and replies in a thread on bob's.
+    let edit = json!({
+        "msgtype": "m.text",
+        "body": "* revised numbers",
+        "m.new_content": { "msgtype": "m.text", "body": "revised numbers" },
+        "m.relates_to": { "rel_type": "m.replace", "event_id": event_id },
+    });
+    let send = |txn: &str| format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+    assert_eq!(s.put(&send("t3"), Some(&hank), edit).await.0, StatusCode::OK);
+    let reply = json!({
+        "msgtype": "m.text",
+        "body": "confidential margin",
+        "m.relates_to": { "rel_type": "m.thread", "event_id": bob_event },
+    });
+    assert_eq!(s.put(&send("t4"), Some(&hank), reply).await.0, StatusCode::OK);
 
     let path = format!("/_synapse/admin/v1/deactivate/{hank_id}");
     let (status, body) = s.post(&path, Some(&admin), json!({ "erase": true })).await;
@@ -329,6 +344,39 @@ async fn erased_accounts_events_are_redacted_for_those_who_were_not_there() {
     );
     let (_, found) = s.post("/_matrix/client/v3/search", Some(&ivy), search).await;
     assert_eq!(found["search_categories"]["room_events"]["results"], json!([]), "{found}");
+
+    // Nor do his edit, his thread reply or his profile reach ivy through bundles or context.
+    let hidden = |served: &Value| {
+        let text = served.to_string();
+        ["quarterly", "revised", "confidential"].iter().all(|word| !text.contains(word))
+    };
+    let (_, seen) = s.get(&event_path, Some(&ivy)).await;
+    assert!(hidden(&seen), "{seen}");
+    let (_, seen) = s.get(&event_path, Some(&bob)).await;
+    assert_eq!(
+        seen["unsigned"]["m.relations"]["m.replace"]["content"]["body"],
+        "* revised numbers"
+    );
+    let root_path = format!("/_matrix/client/v3/rooms/{room}/event/{}", enc(&bob_event));
+    let (_, root) = s.get(&root_path, Some(&ivy)).await;
+    let latest = &root["unsigned"]["m.relations"]["m.thread"]["latest_event"];
+    assert_eq!((&latest["sender"], &latest["content"]), (&json!(hank_id), &json!({})), "{root}");
+    let (_, root) = s.get(&root_path, Some(&bob)).await;
+    let latest = &root["unsigned"]["m.relations"]["m.thread"]["latest_event"];
+    assert_eq!(latest["content"]["body"], "confidential margin", "{root}");
+    let search = json!({ "search_categories": { "room_events": {
+        "search_term": "thanks",
+        "event_context": { "before_limit": 5, "after_limit": 5, "include_profile": true },
+    } } });
+    let (_, found) = s.post("/_matrix/client/v3/search", Some(&ivy), search.clone()).await;
+    let results = &found["search_categories"]["room_events"]["results"];
+    assert_eq!(results.as_array().unwrap().len(), 1, "{found}");
+    assert!(hidden(&found), "{found}");
+    let profile = &results[0]["context"]["profile_info"][&hank_id];
+    assert_eq!(profile["displayname"], Value::Null, "{found}");
+    let (_, found) = s.post("/_matrix/client/v3/search", Some(&bob), search).await;
+    let context = &found["search_categories"]["room_events"]["results"][0]["context"];
+    assert!(context.to_string().contains("quarterly figures attached"), "{found}");
 }
 
 #[tokio::test]

@@ -93,6 +93,29 @@ impl States {
         Ok(state)
     }
 
+    /// The entry `(kind, key)` of snapshot `id`, read from a cached full state when there is
+    /// one, else by walking the deltas back only until it is found.
+    pub fn get(&self, id: u64, kind: &str, key: &str) -> Result<Option<u64>> {
+        let mut next = (id != 0).then_some(id);
+        while let Some(current) = next {
+            if let Some(state) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&current)
+            {
+                return Ok(state.get(&(kind.to_owned(), key.to_owned())).copied());
+            }
+            let snapshot = self.snapshots.get(&current)?.ok_or_else(|| {
+                crate::Error::internal(format!("missing state snapshot {current}"))
+            })?;
+            // Later changes in one snapshot win, as when loading.
+            if let Some((_, _, event)) =
+                snapshot.changes.iter().rev().find(|(k, s, _)| k == kind && s == key)
+            {
+                return Ok(Some(*event));
+            }
+            next = snapshot.parent;
+        }
+        Ok(None)
+    }
+
     /// Queues a snapshot that is `parent` with `(kind, key)` set to `event`; returns its id
     /// and the resulting full state.
     pub fn extend(
