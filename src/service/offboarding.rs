@@ -1,6 +1,7 @@
 //! Off-boarding: deactivating an account, by its user or an admin. What must stop at once
 //! stops in the deactivation's own batch (logins, devices, access and refresh tokens, pushers,
-//! device and one-time keys, queued to-device messages, the profile, the user directory);
+//! device, one-time, fallback and cross-signing keys, key backups, queued to-device messages
+//! and to-device transaction ids, account data, the profile, the user directory);
 //! the rooms follow in a persisted job (see [`super::jobs`]): every room is left, every invite
 //! rejected and every knock withdrawn, each in its own event's batch with its audit record.
 //! Where the account was the only member able to change power levels, a successor is given
@@ -133,6 +134,8 @@ impl Services {
         let dehydrated: Table<JsonValue> = self.db.table(tables::DEHYDRATED_DEVICES);
         dehydrated.delete(&mut batch, user_id.as_str());
         let (one_time_keys, to_device) = self.e2ee.queue_forget_user(&mut batch, user_id)?;
+        let (backup_versions, backup_keys) = self.backups.queue_forget_user(&mut batch, user_id)?;
+        let account_data = self.account_data.queue_forget_user(&mut batch, user_id)?;
         let pushers = self.pushers.queue_remove_all(&mut batch, user_id);
         if record.erased {
             self.erased.queue(&mut batch, user_id, true);
@@ -155,6 +158,9 @@ impl Services {
                 "pushers": pushers,
                 "one_time_keys": one_time_keys,
                 "to_device_messages": to_device,
+                "backup_versions": backup_versions,
+                "backup_keys": backup_keys,
+                "account_data": account_data,
                 "rooms": count("join"),
                 "invites": count("invite"),
                 "knocks": count("knock"),

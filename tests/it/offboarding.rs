@@ -158,6 +158,63 @@ async fn deactivation_leaves_rooms_rejects_invites_withdraws_knocks_and_removes_
 }
 
 #[tokio::test]
+async fn deactivation_removes_cross_signing_keys_backups_and_account_data() {
+    let s = TestServer::start().await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (kim_id, kim, _) = s.register("kim", "kim password").await;
+    let (_, bob, _) = s.register("bob", "bob password").await;
+
+    let master =
+        json!({ "user_id": kim_id, "usage": ["master"], "keys": { "ed25519:kimkey": "kimkey" } });
+    let upload = "/_matrix/client/v3/keys/device_signing/upload";
+    let (status, challenge) = s.post(upload, Some(&kim), json!({ "master_key": master })).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    let mut auth = password_auth("kim", "kim password");
+    auth["session"] = challenge["session"].clone();
+    let body = json!({ "master_key": master, "auth": auth });
+    let (status, body) = s.post(upload, Some(&kim), body).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let query = json!({ "device_keys": { kim_id.as_str(): [] } });
+    let (_, keys) = s.post("/_matrix/client/v3/keys/query", Some(&bob), query.clone()).await;
+    assert!(keys["master_keys"][&kim_id].is_object(), "{keys}");
+
+    let algorithm = json!({ "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": { "public_key": "abc" } });
+    let (status, created) =
+        s.post("/_matrix/client/v3/room_keys/version", Some(&kim), algorithm).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let version = created["version"].as_str().unwrap().to_owned();
+    let key = json!({ "first_message_index": 0, "forwarded_count": 0, "is_verified": true,
+                      "session_data": { "ciphertext": "c", "ephemeral": "e", "mac": "m" } });
+    let session = format!("/_matrix/client/v3/room_keys/keys/!r:localhost/s1?version={version}");
+    assert_eq!(s.put(&session, Some(&kim), key).await.0, StatusCode::OK);
+    let data = format!("/_matrix/client/v3/user/{kim_id}/account_data/org.example.notes");
+    assert_eq!(s.put(&data, Some(&kim), json!({ "note": "kept" })).await.0, StatusCode::OK);
+    let path = format!("/_synapse/admin/v1/deactivate/{kim_id}");
+    let (status, body) = s.post(&path, Some(&admin), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, keys) = s.post("/_matrix/client/v3/keys/query", Some(&bob), query).await;
+    assert!(keys["master_keys"][&kim_id].is_null(), "{keys}");
+    let records = audited(&s, &admin, "admin.user.deactivate", &kim_id).await;
+    let details = &records.last().unwrap()["details"];
+    assert_eq!((&details["backup_versions"], &details["backup_keys"]), (&json!(1), &json!(1)));
+    assert!(details["account_data"].as_u64().unwrap() >= 1, "{details}");
+
+    // Reactivated, the account starts with none of it.
+    let reactivate = json!({ "deactivated": false, "password": "new kim password" });
+    let account = format!("/_synapse/admin/v2/users/{kim_id}");
+    let (status, body) = s.put(&account, Some(&admin), reactivate).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, login) = s.login("kim", "new kim password").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let kim = login["access_token"].as_str().unwrap().to_owned();
+    let backup = s.get("/_matrix/client/v3/room_keys/version", Some(&kim)).await;
+    assert_error(&backup, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (status, body) = s.get(&data, Some(&kim)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[tokio::test]
 async fn admin_deactivation_hands_orphaned_rooms_to_a_successor() {
     let s = TestServer::start_with(|c| {
         c.offboarding.default_successor = Some("@erin:localhost".try_into().unwrap());
