@@ -24,6 +24,8 @@ use crate::{
 /// How long account creation waits for its onboarding before answering; past it the job goes
 /// on in the background.
 const ONBOARDING_WAIT: Duration = Duration::from_secs(10);
+/// The `(device, transaction id)` the welcome notice is sent under, once per account.
+const WELCOME_TXN: (&str, &str) = ("onboarding", "welcome");
 
 impl Services {
     /// Queues the onboarding of `user_id` in the batch that creates the account (when there
@@ -81,8 +83,10 @@ impl Services {
                 content["format"] = json!("org.matrix.custom.html");
                 content["formatted_body"] = json!(html);
             }
-            let sent =
-                self.send_server_notice(user_id, "m.room.message", content, None, None).await;
+            // The notice's transaction id is stored in the notice's own batch: an onboarding
+            // resumed after a crash between the send and the job's removal sends it once.
+            let txn = Some(WELCOME_TXN);
+            let sent = self.send_server_notice(user_id, "m.room.message", content, None, txn).await;
             if let Err(err) = sent {
                 tracing::warn!(%user_id, %err, "could not send the welcome notice");
             }

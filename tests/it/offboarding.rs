@@ -758,3 +758,34 @@ async fn onboarding_resumes_after_a_crash() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn onboarding_resumed_after_its_notice_sends_it_once() {
+    let s = TestServer::start_with(|c| {
+        c.onboarding.welcome_notice = Some("Welcome once".into());
+    })
+    .await;
+    let (newbie_id, newbie, _) = s.register("newbie", "newbie password").await;
+    let welcomes = |sync: &Value| {
+        let rooms = sync["rooms"]["join"].as_object().cloned().unwrap_or_default();
+        rooms
+            .values()
+            .flat_map(|room| room["timeline"]["events"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["content"]["body"] == "Welcome once")
+            .count()
+    };
+    let (_, sync) = s.get("/_matrix/client/v3/sync", Some(&newbie)).await;
+    assert_eq!(welcomes(&sync), 1, "{sync}");
+
+    // As after a crash between the notice and the job's removal: the job is still stored.
+    let services = s.server().services().clone();
+    let user = crate::common::user_id(&newbie_id);
+    let mut batch = services.db.batch();
+    services.jobs.put(&mut batch, &user, &plaza::service::jobs::Job::onboard());
+    services.db.write(batch).unwrap();
+    services.await_onboarding(&user).await;
+    let kind = plaza::service::jobs::JobKind::Onboard;
+    assert!(services.jobs.get(&user, kind).unwrap().is_none());
+    let (_, sync) = s.get("/_matrix/client/v3/sync", Some(&newbie)).await;
+    assert_eq!(welcomes(&sync), 1, "{sync}");
+}
