@@ -54,6 +54,10 @@ impl JobKind {
 /// An off-boarding still to finish.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Offboarding {
+    /// Tells this off-boarding from a later one of the same account (after a reactivation),
+    /// so a runner removes only its own record.
+    #[serde(default)]
+    pub id: u64,
     /// Who deactivated the account (the user, or an admin).
     pub actor: OwnedUserId,
     /// Whether the account is erased.
@@ -342,6 +346,7 @@ mod tests {
                 &mut batch,
                 &user,
                 &Job::Offboard(Offboarding {
+                    id: 1,
                     actor: user.clone(),
                     erase: false,
                     successor: None,

@@ -144,6 +144,7 @@ impl Services {
         let count = |kind: &str| memberships.iter().filter(|(_, m)| m == kind).count();
         self.jobs.delete(&mut batch, user_id, JobKind::Onboard);
         let job = Offboarding {
+            id: rand::random(),
             actor: request.actor.clone(),
             erase: record.erased,
             successor: successor.clone(),
@@ -263,8 +264,15 @@ impl Services {
                 }
             }
         }
+        // A deactivation after a reactivation meanwhile stored its own job: that one stays,
+        // and runs next.
+        let guard = self.sessions.lock_user(user_id);
+        let stored = self.jobs.get(user_id, JobKind::Offboard)?;
+        let superseded = !matches!(&stored, Some(Job::Offboard(stored)) if stored.id == job.id);
         let mut batch = self.db.batch();
-        self.jobs.delete(&mut batch, user_id, JobKind::Offboard);
+        if !superseded {
+            self.jobs.delete(&mut batch, user_id, JobKind::Offboard);
+        }
         let failed_count = failed.len();
         failed.truncate(MAX_FAILED_LISTED);
         let entry =
@@ -276,9 +284,11 @@ impl Services {
                 "failed": failed_count,
                 "failed_rooms": failed,
                 "reactivated": reactivated,
+                "superseded": superseded,
                 "started_ms": job.started_ms,
             }));
         self.audit.commit(batch, [entry])?;
+        drop(guard);
         tracing::info!(%user_id, left, rejected, withdrawn, "off-boarding complete");
         Ok(Outcome::Done)
     }

@@ -789,3 +789,40 @@ async fn onboarding_resumed_after_its_notice_sends_it_once() {
     let (_, sync) = s.get("/_matrix/client/v3/sync", Some(&newbie)).await;
     assert_eq!(welcomes(&sync), 1, "{sync}");
 }
+
+#[tokio::test]
+async fn a_deactivation_during_a_running_offboarding_is_not_lost() {
+    let s = TestServer::start_with(|c| c.jobs.pause_between_steps_ms = 2000).await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (lee_id, lee, _) = s.register("lee", "lee password").await;
+    let (_, bob, _) = s.register("bob", "bob password").await;
+    for _ in 0..3 {
+        let room = s.create_room(&bob, json!({ "preset": "public_chat" })).await;
+        assert_eq!(s.membership(&lee, &room, "join", json!({})).await.0, StatusCode::OK);
+    }
+    let late = s.create_room(&bob, json!({ "preset": "public_chat" })).await;
+
+    let deactivate = format!("/_synapse/admin/v1/deactivate/{lee_id}");
+    assert_eq!(s.post(&deactivate, Some(&admin), json!({})).await.0, StatusCode::OK);
+    // While the first off-boarding waits on its first room: reactivated, a room joined, and
+    // deactivated again.
+    let account = format!("/_synapse/admin/v2/users/{lee_id}");
+    let reactivate = json!({ "deactivated": false, "password": "lee again" });
+    let (status, body) = s.put(&account, Some(&admin), reactivate).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, login) = s.login("lee", "lee again").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let lee = login["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(s.membership(&lee, &late, "join", json!({})).await.0, StatusCode::OK);
+    assert_eq!(s.post(&deactivate, Some(&admin), json!({})).await.0, StatusCode::OK);
+
+    eventually(20, "lee leaving the room joined in between", || async {
+        membership_of(&s, &bob, &late, &lee_id).await.as_deref() == Some("leave")
+    })
+    .await;
+    eventually(20, "both off-boardings complete", || async {
+        audited(&s, &admin, "offboarding.complete", &lee_id).await.len() == 2
+    })
+    .await;
+}
