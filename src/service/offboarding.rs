@@ -13,10 +13,12 @@
 
 use std::{
     collections::HashSet,
+    future::Future,
     sync::{
         RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use ruma::{OwnedUserId, RoomId, UserId};
@@ -38,6 +40,12 @@ use crate::{
 
 /// Most room ids named in the audit record of rooms an off-boarding could not leave.
 const MAX_FAILED_LISTED: usize = 100;
+/// Most attempts at leaving one room while its failures are transient.
+const LEAVE_ATTEMPTS: u32 = 5;
+/// The wait after a room's first transient failure; it doubles after each next one.
+const LEAVE_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts at one room.
+const MAX_LEAVE_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Erased accounts, durably and in memory.
 pub struct Erased {
@@ -248,8 +256,10 @@ impl Services {
                 reactivated = true;
                 break;
             }
-            match self.offboard_room(user_id, job, &room_id).await {
-                Ok(Some((membership, granted))) => {
+            let step = || self.offboard_room(user_id, job, &room_id);
+            match retrying(LEAVE_ATTEMPTS, LEAVE_RETRY_AFTER, stopped, step).await {
+                Ok(None) => return Ok(Outcome::Stopped),
+                Ok(Some(Some((membership, granted)))) => {
                     match membership.as_str() {
                         "join" => left += 1,
                         "invite" => rejected += 1,
@@ -257,7 +267,7 @@ impl Services {
                     }
                     handed_over += u64::from(granted);
                 }
-                Ok(None) => {}
+                Ok(Some(None)) => {}
                 Err(err) => {
                     tracing::warn!(%user_id, %room_id, %err, "off-boarding could not leave a room");
                     failed.push(room_id);
@@ -423,5 +433,92 @@ impl Services {
         ruma::canonical_json::redact_in_place(&mut copy.wire, &rules.redaction, None)
             .map_err(Error::internal)?;
         Ok(Some(copy))
+    }
+}
+
+/// Whether `err` stays however often the step is tried again: the account may not act in the
+/// room, or the room is unknown here.
+fn permanent(err: &Error) -> bool {
+    matches!(
+        err.kind(),
+        None | Some(ErrorKind::Forbidden | ErrorKind::NotFound | ErrorKind::UnsupportedRoomVersion)
+    )
+}
+
+/// Runs `step` until it succeeds, fails for good or has failed `attempts` times, waiting
+/// `first_wait` after the first transient failure and twice as long after each next one.
+/// `Ok(None)` when the server stops meanwhile.
+async fn retrying<T, F, Fut>(
+    attempts: u32,
+    first_wait: Duration,
+    stopped: &mut watch::Receiver<bool>,
+    mut step: F,
+) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut wait = first_wait;
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Ok(done) => return Ok(Some(done)),
+            Err(err) if attempt >= attempts || permanent(&err) => return Err(err),
+            Err(err) => {
+                tracing::info!(%err, attempt, "off-boarding step failed; trying again");
+                tokio::select! {
+                    biased;
+                    _ = stopped.wait_for(|stop| *stop) => return Ok(None),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = wait.saturating_mul(2).min(MAX_LEAVE_RETRY_AFTER);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step that fails with `failures` (in order), then succeeds; counts its calls.
+    fn step(
+        failures: Vec<Error>,
+        calls: &std::sync::atomic::AtomicU32,
+    ) -> impl FnMut() -> std::future::Ready<Result<u32>> + '_ {
+        let mut failures = failures.into_iter();
+        move || {
+            let call = calls.fetch_add(1, Ordering::Relaxed) + 1;
+            std::future::ready(failures.next().map_or(Ok(call), Err))
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_a_bounded_number_of_times() {
+        let (stop, mut stopped) = watch::channel(false);
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let transient = || vec![Error::internal("busy"), Error::internal("busy")];
+        let done = retrying(5, Duration::ZERO, &mut stopped, step(transient(), &calls)).await;
+        assert_eq!(done.unwrap(), Some(3));
+
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let always = (0..10).map(|_| Error::internal("down")).collect();
+        let done = retrying(4, Duration::ZERO, &mut stopped, step(always, &calls)).await;
+        assert!(done.is_err());
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+
+        for permanent in [Error::forbidden("not in the room"), Error::not_found("Unknown room")] {
+            let calls = std::sync::atomic::AtomicU32::new(0);
+            let done =
+                retrying(5, Duration::ZERO, &mut stopped, step(vec![permanent], &calls)).await;
+            assert!(done.is_err());
+            assert_eq!(calls.load(Ordering::Relaxed), 1);
+        }
+
+        stop.send(true).unwrap();
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let done = retrying(5, Duration::ZERO, &mut stopped, step(transient(), &calls)).await;
+        assert!(done.unwrap().is_none());
     }
 }
