@@ -31,7 +31,7 @@ use super::{
     jobs::{Job, JobKind, Offboarding, Outcome, pause},
     now_ms,
     rooms::{NewEvent, membership, pdu::StoredPdu},
-    users::Role,
+    users::{Role, UserRecord},
 };
 use crate::{
     error::{Error, ErrorKind, Result},
@@ -131,26 +131,46 @@ impl Services {
             self.erased.remember(user_id, true);
             return Ok(true);
         }
+        let entry =
+            self.queue_deactivation(&mut batch, user_id, &mut record, &request, successor)?;
+        self.audit.commit(batch, [entry])?;
+        drop(guard);
+        self.deactivated(user_id, &request.actor, record.erased);
+        Ok(true)
+    }
+
+    /// Queues the deactivation of `user_id`, whose `record` is read under the account's lock
+    /// and is not deactivated yet, in `batch`: everything that stops at once, and the
+    /// off-boarding job. Returns the audit record to write with it; call
+    /// [`Services::deactivated`] once the batch is written.
+    pub(super) fn queue_deactivation(
+        &self,
+        batch: &mut crate::storage::Batch,
+        user_id: &UserId,
+        record: &mut UserRecord,
+        request: &Deactivation,
+        successor: Option<OwnedUserId>,
+    ) -> Result<Entry> {
         record.deactivated = true;
         record.password_hash = None;
         record.set_role(Role::User);
         record.erased |= request.erase;
-        self.users.put(&mut batch, user_id, &record);
-        self.users.clear_profile(&mut batch, user_id);
+        self.users.put(batch, user_id, record);
+        self.users.clear_profile(batch, user_id);
         let devices = self.sessions.devices(user_id)?.len();
-        self.sessions.delete_all_devices(&mut batch, user_id, None)?;
+        self.sessions.delete_all_devices(batch, user_id, None)?;
         let dehydrated: Table<JsonValue> = self.db.table(tables::DEHYDRATED_DEVICES);
-        dehydrated.delete(&mut batch, user_id.as_str());
-        let (one_time_keys, to_device) = self.e2ee.queue_forget_user(&mut batch, user_id)?;
-        let (backup_versions, backup_keys) = self.backups.queue_forget_user(&mut batch, user_id)?;
-        let account_data = self.account_data.queue_forget_user(&mut batch, user_id)?;
-        let pushers = self.pushers.queue_remove_all(&mut batch, user_id);
+        dehydrated.delete(batch, user_id.as_str());
+        let (one_time_keys, to_device) = self.e2ee.queue_forget_user(batch, user_id)?;
+        let (backup_versions, backup_keys) = self.backups.queue_forget_user(batch, user_id)?;
+        let account_data = self.account_data.queue_forget_user(batch, user_id)?;
+        let pushers = self.pushers.queue_remove_all(batch, user_id);
         if record.erased {
-            self.erased.queue(&mut batch, user_id, true);
+            self.erased.queue(batch, user_id, true);
         }
         let memberships = self.rooms.memberships_of(user_id)?;
         let count = |kind: &str| memberships.iter().filter(|(_, m)| m == kind).count();
-        self.jobs.delete(&mut batch, user_id, JobKind::Onboard);
+        self.jobs.delete(batch, user_id, JobKind::Onboard);
         let job = Offboarding {
             id: rand::random(),
             actor: request.actor.clone(),
@@ -158,7 +178,7 @@ impl Services {
             successor: successor.clone(),
             started_ms: now_ms(),
         };
-        self.jobs.put(&mut batch, user_id, &Job::Offboard(job));
+        self.jobs.put(batch, user_id, &Job::Offboard(job));
         let entry =
             Entry::new(request.action, Some(&request.actor)).target(user_id).details(json!({
                 "erase": request.erase,
@@ -174,18 +194,21 @@ impl Services {
                 "invites": count("invite"),
                 "knocks": count("knock"),
             }));
-        self.audit.commit(batch, [entry])?;
-        drop(guard);
+        Ok(entry)
+    }
+
+    /// Once a deactivation's batch is written: forgets what memory holds of the account and
+    /// starts its off-boarding.
+    pub(super) fn deactivated(&self, user_id: &UserId, actor: &UserId, erased: bool) {
         self.pushers.forget_user(user_id);
-        if record.erased {
+        if erased {
             self.erased.remember(user_id, true);
         }
         self.jobs.wake();
         if let Err(err) = self.e2ee.note_change(self, user_id) {
             tracing::warn!(%user_id, %err, "could not announce the device list change");
         }
-        tracing::info!(%user_id, actor = %request.actor, erase = record.erased, "account deactivated");
-        Ok(true)
+        tracing::info!(%user_id, %actor, erase = erased, "account deactivated");
     }
 
     /// Lifts the erasure of a reactivated account, in `batch`; call [`Services::forget_erased`]
@@ -201,7 +224,7 @@ impl Services {
 
     /// The successor of `user_id`: the one asked for (which must be an active local account
     /// other than `user_id`), else the configured default when that is usable.
-    fn successor_for(
+    pub(super) fn successor_for(
         &self,
         user_id: &UserId,
         asked: Option<&UserId>,

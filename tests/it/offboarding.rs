@@ -826,3 +826,35 @@ async fn a_deactivation_during_a_running_offboarding_is_not_lost() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn admin_put_deactivates_with_its_other_changes_in_one_write() {
+    let s = TestServer::start().await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (max_id, max, _) = s.register("max", "max password").await;
+    let (_, bob, _) = s.register("bob", "bob password").await;
+    let room = s.create_room(&bob, json!({ "preset": "public_chat" })).await;
+    assert_eq!(s.membership(&max, &room, "join", json!({})).await.0, StatusCode::OK);
+
+    let account = format!("/_synapse/admin/v2/users/{max_id}");
+    let body = json!({ "deactivated": true, "displayname": "Max Renamed", "locked": true });
+    let (status, body) = s.put(&account, Some(&admin), body).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["deactivated"], true, "{body}");
+    // The profile set in the same request does not outlive the deactivation.
+    let (_, profile) = s.get(&format!("/_matrix/client/v3/profile/{max_id}"), Some(&bob)).await;
+    assert!(profile.get("displayname").is_none_or(Value::is_null), "{profile}");
+    let modified = audited(&s, &admin, "admin.user.modify", &max_id).await;
+    let locked = audited(&s, &admin, "admin.user.lock", &max_id).await;
+    let deactivated = audited(&s, &admin, "admin.user.deactivate", &max_id).await;
+    assert_eq!((modified.len(), locked.len(), deactivated.len()), (1, 1, 1));
+    let seq = |records: &[Value]| records[0]["seq"].as_u64().unwrap();
+    assert_eq!(seq(&modified), seq(&locked) + 1);
+    assert_eq!(seq(&deactivated), seq(&modified) + 1);
+    assert_eq!(deactivated[0]["details"]["rooms"], 1, "{deactivated:?}");
+    eventually(10, "max leaving", || async {
+        membership_of(&s, &bob, &room, &max_id).await.as_deref() == Some("leave")
+    })
+    .await;
+}
