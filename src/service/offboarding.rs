@@ -30,7 +30,7 @@ use super::{
     audit::Entry,
     jobs::{Job, JobKind, Offboarding, Outcome, pause},
     now_ms,
-    rooms::{NewEvent, membership, pdu::StoredPdu},
+    rooms::{NewEvent, RoomRecord, membership, pdu::StoredPdu, state::StateMap},
     users::{Role, UserRecord},
 };
 use crate::{
@@ -370,41 +370,43 @@ impl Services {
         actor: &UserId,
     ) -> Result<bool> {
         let rooms = &self.rooms;
-        let record = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        let state = rooms.states.load(record.current_state)?;
-        let power = rooms.state_content(&state, "m.room.power_levels", "")?;
-        let level = |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
-        let required = power
-            .as_ref()
-            .and_then(|p| {
-                p.get("events").and_then(|e| e.get("m.room.power_levels")).and_then(level)
-            })
-            .or_else(|| power.as_ref().and_then(|p| p.get("state_default")).and_then(level))
-            .unwrap_or(if power.is_some() { 50 } else { 0 });
-        let mine = rooms.power_level(&state, &record.version, user_id)?;
-        if mine < required {
-            return Ok(false);
-        }
-        let mut others = false;
-        for (member, membership) in rooms.members(room_id)?.iter() {
-            if membership != "join" || member == user_id {
-                continue;
+        let mut handing_over = false;
+        // Decided and built under the room lock, so no power-levels change made meanwhile is
+        // overwritten.
+        let decide = |record: &RoomRecord, state: &StateMap| -> Result<Option<NewEvent>> {
+            let power = rooms.state_content(state, "m.room.power_levels", "")?;
+            let level =
+                |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+            let required = power
+                .as_ref()
+                .and_then(|p| {
+                    p.get("events").and_then(|e| e.get("m.room.power_levels")).and_then(level)
+                })
+                .or_else(|| power.as_ref().and_then(|p| p.get("state_default")).and_then(level))
+                .unwrap_or(if power.is_some() { 50 } else { 0 });
+            let mine = rooms.power_level(state, &record.version, user_id)?;
+            if mine < required {
+                return Ok(None);
             }
-            others = true;
-            if rooms.power_level(&state, &record.version, member)? >= required {
-                return Ok(false);
+            let mut others = false;
+            for (member, membership) in rooms.members(room_id)?.iter() {
+                if membership != "join" || member == user_id {
+                    continue;
+                }
+                others = true;
+                if rooms.power_level(state, &record.version, member)? >= required {
+                    return Ok(None);
+                }
             }
-        }
-        let successor_membership = rooms.membership(room_id, successor)?;
-        if !others || successor_membership.as_deref() == Some("ban") {
-            return Ok(false);
-        }
-        let privileged = record
-            .version
-            .rules()
-            .is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
-        if !(privileged && rooms.is_creator(&state, successor)?) {
-            // Creators of room version 12 rank above every level and are never listed.
+            if !others || rooms.membership_in(state, successor)? == "ban" {
+                return Ok(None);
+            }
+            handing_over = true;
+            // Already able (a creator of room version 12, who ranks above every level and is
+            // never listed, or granted by an earlier run that stopped before leaving).
+            if rooms.power_level(state, &record.version, successor)? >= required {
+                return Ok(None);
+            }
             let granted = if mine == i64::MAX { required.max(100) } else { mine };
             let mut content = power.unwrap_or_else(|| json!({ "users": {} }));
             if !content.get("users").is_some_and(JsonValue::is_object) {
@@ -415,10 +417,13 @@ impl Services {
                 .target(successor)
                 .room(room_id)
                 .details(json!({ "from": user_id, "level": granted }));
-            let event = NewEvent::state("m.room.power_levels", "", content).audited(entry);
-            rooms.append(self, room_id, user_id, event, None).await?;
+            Ok(Some(NewEvent::state("m.room.power_levels", "", content).audited(entry)))
+        };
+        rooms.append_from_state(self, room_id, user_id, decide).await?;
+        if !handing_over {
+            return Ok(false);
         }
-        if !matches!(successor_membership.as_deref(), Some("join" | "invite")) {
+        if !matches!(rooms.membership(room_id, successor)?.as_deref(), Some("join" | "invite")) {
             membership::invite(self, room_id, user_id, successor, None, false).await?;
         }
         Ok(true)

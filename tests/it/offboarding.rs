@@ -858,3 +858,37 @@ async fn admin_put_deactivates_with_its_other_changes_in_one_write() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_successor_already_able_to_change_power_levels_is_not_granted_again() {
+    let s = TestServer::start().await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (nell_id, nell, _) = s.register("nell", "nell password").await;
+    let (_, dave, _) = s.register("dave", "dave password").await;
+    let (erin_id, _, _) = s.register("erin", "erin password").await;
+    // As after a run that granted erin power and stopped before nell left: erin holds the
+    // level but is not joined, and nell is the only joined member who can change it.
+    let body = json!({
+        "preset": "public_chat",
+        "power_level_content_override": { "users": { nell_id.as_str(): 100, erin_id.as_str(): 100 } },
+    });
+    let room = s.create_room(&nell, body).await;
+    assert_eq!(s.membership(&dave, &room, "join", json!({})).await.0, StatusCode::OK);
+    let power_path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/");
+    let (_, power_before) = s.get(&power_path, Some(&dave)).await;
+
+    let path = format!("/_synapse/admin/v1/deactivate/{nell_id}");
+    let body = json!({ "successor": erin_id });
+    assert_eq!(s.post(&path, Some(&admin), body).await.0, StatusCode::OK);
+    eventually(10, "nell leaving", || async {
+        membership_of(&s, &dave, &room, &nell_id).await.as_deref() == Some("leave")
+    })
+    .await;
+    assert_eq!(membership_of(&s, &dave, &room, &erin_id).await.as_deref(), Some("invite"));
+    assert!(audited(&s, &admin, "offboarding.successor", &erin_id).await.is_empty());
+    let (_, power_after) = s.get(&power_path, Some(&dave)).await;
+    assert_eq!(power_after, power_before);
+    let done = audited(&s, &admin, "offboarding.complete", &nell_id).await;
+    assert_eq!(done[0]["details"]["successor_grants"], 1, "{done:?}");
+}
