@@ -27,6 +27,24 @@ impl AccountData {
         }
     }
 
+    /// Queues removing all of `user_id`'s account data, global and per room, and its change
+    /// log in `batch` (the account is deactivated); returns how many documents go.
+    pub fn queue_forget_user(
+        &self,
+        batch: &mut crate::storage::Batch,
+        user_id: &UserId,
+    ) -> Result<u64> {
+        let mut documents = 0;
+        for item in self.data.scan_prefix(crate::storage::prefix(user_id.as_str())) {
+            self.data.delete_raw(batch, &item?.0);
+            documents += 1;
+        }
+        for item in self.changes.scan_prefix(crate::storage::prefix(user_id.as_str())) {
+            self.changes.delete_raw(batch, &item?.0);
+        }
+        Ok(documents)
+    }
+
     /// The content of `event_type` for `user_id` (in `room_id`, or global).
     pub fn get(
         &self,

@@ -222,7 +222,7 @@ impl Services {
             profile_changed.push(field);
         }
 
-        // Deactivation is its own change, made once the others are written.
+        // Deactivation goes in the same batch, after the other changes.
         let deactivate = changes.deactivated == Some(true) && !record.deactivated;
         if deactivate && actor == user_id {
             return Err(Error::forbidden("Deactivate your own account from a client instead"));
@@ -277,6 +277,18 @@ impl Services {
                 self.users.put_profile(&mut batch, user_id, &profile);
             }
         }
+        if deactivate {
+            let request = Deactivation {
+                actor: actor.to_owned(),
+                erase: false,
+                successor: None,
+                action: "admin.user.deactivate",
+            };
+            let successor = self.successor_for(user_id, None)?;
+            let deactivation =
+                self.queue_deactivation(&mut batch, user_id, &mut record, &request, successor)?;
+            entries.push(deactivation);
+        }
         self.audit.commit(batch, entries)?;
         drop(guard);
         if reactivating {
@@ -286,13 +298,7 @@ impl Services {
             self.e2ee.forget_deleted_devices(self, user_id)?;
         }
         if deactivate {
-            let request = Deactivation {
-                actor: actor.to_owned(),
-                erase: false,
-                successor: None,
-                action: "admin.user.deactivate",
-            };
-            self.deactivate_account(user_id, request)?;
+            self.deactivated(user_id, actor, record.erased);
         }
         tracing::info!(%user_id, %actor, created, "account changed by an admin");
         Ok(created)

@@ -68,6 +68,26 @@ impl Backups {
         })
     }
 
+    /// Queues removing every backup version of `user_id` and its keys in `batch` (the
+    /// account is deactivated); returns how many versions and keys go.
+    pub fn queue_forget_user(
+        &self,
+        batch: &mut crate::storage::Batch,
+        user_id: &UserId,
+    ) -> Result<(u64, u64)> {
+        let _guard = self.guard();
+        let (mut versions, mut keys) = (0, 0);
+        for item in self.versions.scan_prefix(prefix(user_id.as_str())) {
+            self.versions.delete_raw(batch, &item?.0);
+            versions += 1;
+        }
+        for item in self.keys.scan_prefix(prefix(user_id.as_str())) {
+            self.keys.delete_raw(batch, &item?.0);
+            keys += 1;
+        }
+        Ok((versions, keys))
+    }
+
     fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -257,6 +257,12 @@ impl E2ee {
         for item in self.fallback_keys.scan_prefix(user.clone()) {
             self.fallback_keys.delete_raw(batch, &item?.0);
         }
+        for item in self.cross_signing.scan_prefix(user.clone()) {
+            self.cross_signing.delete_raw(batch, &item?.0);
+        }
+        for item in self.to_device_txns.scan_prefix(user.clone()) {
+            self.to_device_txns.delete_raw(batch, &item?.0);
+        }
         let mut to_device = 0;
         for item in self.to_device.scan_prefix(user) {
             self.to_device.delete_raw(batch, &item?.0);

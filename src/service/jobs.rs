@@ -54,6 +54,10 @@ impl JobKind {
 /// An off-boarding still to finish.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Offboarding {
+    /// Tells this off-boarding from a later one of the same account (after a reactivation),
+    /// so a runner removes only its own record.
+    #[serde(default)]
+    pub id: u64,
     /// Who deactivated the account (the user, or an admin).
     pub actor: OwnedUserId,
     /// Whether the account is erased.
@@ -163,8 +167,11 @@ impl Jobs {
 
     /// Users with stored jobs that are not running, at most `limit`.
     fn waiting_users(&self, limit: usize) -> Result<Vec<OwnedUserId>> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut users: Vec<OwnedUserId> = Vec::new();
+        if limit == 0 {
+            return Ok(users);
+        }
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for item in self.table.scan_prefix(Vec::new()).take(MAX_SCANNED) {
             let (key, _) = item?;
             let Some(user) = split_key(&key)
@@ -177,10 +184,10 @@ impl Jobs {
             if running.contains(&user) || users.last() == Some(&user) {
                 continue;
             }
-            users.push(user);
             if users.len() >= limit {
                 break;
             }
+            users.push(user);
         }
         Ok(users)
     }
@@ -286,7 +293,9 @@ pub async fn run(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
     let mut users: HashMap<tokio::task::Id, OwnedUserId> = HashMap::new();
     loop {
         let free = MAX_RUNNERS.saturating_sub(runners.len());
-        match services.jobs.waiting_users(free) {
+        // With every runner busy there is nothing to start: the store is not even read.
+        let waiting = if free == 0 { Ok(Vec::new()) } else { services.jobs.waiting_users(free) };
+        match waiting {
             Ok(waiting) => {
                 for user in waiting {
                     if !services.jobs.claim(&user) {
@@ -318,4 +327,41 @@ pub async fn run(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
     }
     // Each runner stops after its current step.
     while runners.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_users_never_exceed_the_free_runners() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let jobs = Jobs::new(&db);
+        let mut batch = db.batch();
+        for name in ["@a:plaza.test", "@b:plaza.test", "@c:plaza.test"] {
+            let user = UserId::parse(name).unwrap();
+            jobs.put(&mut batch, &user, &Job::onboard());
+            jobs.put(
+                &mut batch,
+                &user,
+                &Job::Offboard(Offboarding {
+                    id: 1,
+                    actor: user.clone(),
+                    erase: false,
+                    successor: None,
+                    started_ms: 0,
+                }),
+            );
+        }
+        db.write(batch).unwrap();
+        assert!(jobs.waiting_users(0).unwrap().is_empty());
+        assert_eq!(jobs.waiting_users(1).unwrap().len(), 1);
+        assert_eq!(jobs.waiting_users(2).unwrap().len(), 2);
+        assert_eq!(jobs.waiting_users(5).unwrap().len(), 3);
+        assert!(jobs.claim(ruma::user_id!("@a:plaza.test")));
+        let waiting = jobs.waiting_users(5).unwrap();
+        assert_eq!(waiting.len(), 2);
+        assert!(!waiting.iter().any(|u| u == "@a:plaza.test"));
+    }
 }

@@ -1,6 +1,7 @@
 //! Off-boarding: deactivating an account, by its user or an admin. What must stop at once
 //! stops in the deactivation's own batch (logins, devices, access and refresh tokens, pushers,
-//! device and one-time keys, queued to-device messages, the profile, the user directory);
+//! device, one-time, fallback and cross-signing keys, key backups, queued to-device messages
+//! and to-device transaction ids, account data, the profile, the user directory);
 //! the rooms follow in a persisted job (see [`super::jobs`]): every room is left, every invite
 //! rejected and every knock withdrawn, each in its own event's batch with its audit record.
 //! Where the account was the only member able to change power levels, a successor is given
@@ -12,10 +13,12 @@
 
 use std::{
     collections::HashSet,
+    future::Future,
     sync::{
         RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use ruma::{OwnedUserId, RoomId, UserId};
@@ -27,8 +30,8 @@ use super::{
     audit::Entry,
     jobs::{Job, JobKind, Offboarding, Outcome, pause},
     now_ms,
-    rooms::{NewEvent, membership, pdu::StoredPdu},
-    users::Role,
+    rooms::{NewEvent, RoomRecord, membership, pdu::StoredPdu, state::StateMap},
+    users::{Role, UserRecord},
 };
 use crate::{
     error::{Error, ErrorKind, Result},
@@ -37,6 +40,12 @@ use crate::{
 
 /// Most room ids named in the audit record of rooms an off-boarding could not leave.
 const MAX_FAILED_LISTED: usize = 100;
+/// Most attempts at leaving one room while its failures are transient.
+const LEAVE_ATTEMPTS: u32 = 5;
+/// The wait after a room's first transient failure; it doubles after each next one.
+const LEAVE_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts at one room.
+const MAX_LEAVE_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Erased accounts, durably and in memory.
 pub struct Erased {
@@ -122,31 +131,54 @@ impl Services {
             self.erased.remember(user_id, true);
             return Ok(true);
         }
+        let entry =
+            self.queue_deactivation(&mut batch, user_id, &mut record, &request, successor)?;
+        self.audit.commit(batch, [entry])?;
+        drop(guard);
+        self.deactivated(user_id, &request.actor, record.erased);
+        Ok(true)
+    }
+
+    /// Queues the deactivation of `user_id`, whose `record` is read under the account's lock
+    /// and is not deactivated yet, in `batch`: everything that stops at once, and the
+    /// off-boarding job. Returns the audit record to write with it; call
+    /// [`Services::deactivated`] once the batch is written.
+    pub(super) fn queue_deactivation(
+        &self,
+        batch: &mut crate::storage::Batch,
+        user_id: &UserId,
+        record: &mut UserRecord,
+        request: &Deactivation,
+        successor: Option<OwnedUserId>,
+    ) -> Result<Entry> {
         record.deactivated = true;
         record.password_hash = None;
         record.set_role(Role::User);
         record.erased |= request.erase;
-        self.users.put(&mut batch, user_id, &record);
-        self.users.clear_profile(&mut batch, user_id);
+        self.users.put(batch, user_id, record);
+        self.users.clear_profile(batch, user_id);
         let devices = self.sessions.devices(user_id)?.len();
-        self.sessions.delete_all_devices(self, &mut batch, user_id, None)?;
+        self.sessions.delete_all_devices(self, batch, user_id, None)?;
         let dehydrated: Table<JsonValue> = self.db.table(tables::DEHYDRATED_DEVICES);
-        dehydrated.delete(&mut batch, user_id.as_str());
-        let (one_time_keys, to_device) = self.e2ee.queue_forget_user(&mut batch, user_id)?;
-        let pushers = self.pushers.queue_remove_all(&mut batch, user_id);
+        dehydrated.delete(batch, user_id.as_str());
+        let (one_time_keys, to_device) = self.e2ee.queue_forget_user(batch, user_id)?;
+        let (backup_versions, backup_keys) = self.backups.queue_forget_user(batch, user_id)?;
+        let account_data = self.account_data.queue_forget_user(batch, user_id)?;
+        let pushers = self.pushers.queue_remove_all(batch, user_id);
         if record.erased {
-            self.erased.queue(&mut batch, user_id, true);
+            self.erased.queue(batch, user_id, true);
         }
         let memberships = self.rooms.memberships_of(user_id)?;
         let count = |kind: &str| memberships.iter().filter(|(_, m)| m == kind).count();
-        self.jobs.delete(&mut batch, user_id, JobKind::Onboard);
+        self.jobs.delete(batch, user_id, JobKind::Onboard);
         let job = Offboarding {
+            id: rand::random(),
             actor: request.actor.clone(),
             erase: record.erased,
             successor: successor.clone(),
             started_ms: now_ms(),
         };
-        self.jobs.put(&mut batch, user_id, &Job::Offboard(job));
+        self.jobs.put(batch, user_id, &Job::Offboard(job));
         let entry =
             Entry::new(request.action, Some(&request.actor)).target(user_id).details(json!({
                 "erase": request.erase,
@@ -155,22 +187,28 @@ impl Services {
                 "pushers": pushers,
                 "one_time_keys": one_time_keys,
                 "to_device_messages": to_device,
+                "backup_versions": backup_versions,
+                "backup_keys": backup_keys,
+                "account_data": account_data,
                 "rooms": count("join"),
                 "invites": count("invite"),
                 "knocks": count("knock"),
             }));
-        self.audit.commit(batch, [entry])?;
-        drop(guard);
+        Ok(entry)
+    }
+
+    /// Once a deactivation's batch is written: forgets what memory holds of the account and
+    /// starts its off-boarding.
+    pub(super) fn deactivated(&self, user_id: &UserId, actor: &UserId, erased: bool) {
         self.pushers.forget_user(user_id);
-        if record.erased {
+        if erased {
             self.erased.remember(user_id, true);
         }
         self.jobs.wake();
         if let Err(err) = self.e2ee.note_change(self, user_id) {
             tracing::warn!(%user_id, %err, "could not announce the device list change");
         }
-        tracing::info!(%user_id, actor = %request.actor, erase = record.erased, "account deactivated");
-        Ok(true)
+        tracing::info!(%user_id, %actor, erase = erased, "account deactivated");
     }
 
     /// Lifts the erasure of a reactivated account, in `batch`; call [`Services::forget_erased`]
@@ -186,7 +224,7 @@ impl Services {
 
     /// The successor of `user_id`: the one asked for (which must be an active local account
     /// other than `user_id`), else the configured default when that is usable.
-    fn successor_for(
+    pub(super) fn successor_for(
         &self,
         user_id: &UserId,
         asked: Option<&UserId>,
@@ -241,8 +279,10 @@ impl Services {
                 reactivated = true;
                 break;
             }
-            match self.offboard_room(user_id, job, &room_id).await {
-                Ok(Some((membership, granted))) => {
+            let step = || self.offboard_room(user_id, job, &room_id);
+            match retrying(LEAVE_ATTEMPTS, LEAVE_RETRY_AFTER, stopped, step).await {
+                Ok(None) => return Ok(Outcome::Stopped),
+                Ok(Some(Some((membership, granted)))) => {
                     match membership.as_str() {
                         "join" => left += 1,
                         "invite" => rejected += 1,
@@ -250,15 +290,22 @@ impl Services {
                     }
                     handed_over += u64::from(granted);
                 }
-                Ok(None) => {}
+                Ok(Some(None)) => {}
                 Err(err) => {
                     tracing::warn!(%user_id, %room_id, %err, "off-boarding could not leave a room");
                     failed.push(room_id);
                 }
             }
         }
+        // A deactivation after a reactivation meanwhile stored its own job: that one stays,
+        // and runs next.
+        let guard = self.sessions.lock_user(user_id);
+        let stored = self.jobs.get(user_id, JobKind::Offboard)?;
+        let superseded = !matches!(&stored, Some(Job::Offboard(stored)) if stored.id == job.id);
         let mut batch = self.db.batch();
-        self.jobs.delete(&mut batch, user_id, JobKind::Offboard);
+        if !superseded {
+            self.jobs.delete(&mut batch, user_id, JobKind::Offboard);
+        }
         let failed_count = failed.len();
         failed.truncate(MAX_FAILED_LISTED);
         let entry =
@@ -270,9 +317,11 @@ impl Services {
                 "failed": failed_count,
                 "failed_rooms": failed,
                 "reactivated": reactivated,
+                "superseded": superseded,
                 "started_ms": job.started_ms,
             }));
         self.audit.commit(batch, [entry])?;
+        drop(guard);
         tracing::info!(%user_id, left, rejected, withdrawn, "off-boarding complete");
         Ok(Outcome::Done)
     }
@@ -321,41 +370,43 @@ impl Services {
         actor: &UserId,
     ) -> Result<bool> {
         let rooms = &self.rooms;
-        let record = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        let state = rooms.states.load(record.current_state)?;
-        let power = rooms.state_content(&state, "m.room.power_levels", "")?;
-        let level = |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
-        let required = power
-            .as_ref()
-            .and_then(|p| {
-                p.get("events").and_then(|e| e.get("m.room.power_levels")).and_then(level)
-            })
-            .or_else(|| power.as_ref().and_then(|p| p.get("state_default")).and_then(level))
-            .unwrap_or(if power.is_some() { 50 } else { 0 });
-        let mine = rooms.power_level(&state, &record.version, user_id)?;
-        if mine < required {
-            return Ok(false);
-        }
-        let mut others = false;
-        for (member, membership) in rooms.members(room_id)?.iter() {
-            if membership != "join" || member == user_id {
-                continue;
+        let mut handing_over = false;
+        // Decided and built under the room lock, so no power-levels change made meanwhile is
+        // overwritten.
+        let decide = |record: &RoomRecord, state: &StateMap| -> Result<Option<NewEvent>> {
+            let power = rooms.state_content(state, "m.room.power_levels", "")?;
+            let level =
+                |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+            let required = power
+                .as_ref()
+                .and_then(|p| {
+                    p.get("events").and_then(|e| e.get("m.room.power_levels")).and_then(level)
+                })
+                .or_else(|| power.as_ref().and_then(|p| p.get("state_default")).and_then(level))
+                .unwrap_or(if power.is_some() { 50 } else { 0 });
+            let mine = rooms.power_level(state, &record.version, user_id)?;
+            if mine < required {
+                return Ok(None);
             }
-            others = true;
-            if rooms.power_level(&state, &record.version, member)? >= required {
-                return Ok(false);
+            let mut others = false;
+            for (member, membership) in rooms.members(room_id)?.iter() {
+                if membership != "join" || member == user_id {
+                    continue;
+                }
+                others = true;
+                if rooms.power_level(state, &record.version, member)? >= required {
+                    return Ok(None);
+                }
             }
-        }
-        let successor_membership = rooms.membership(room_id, successor)?;
-        if !others || successor_membership.as_deref() == Some("ban") {
-            return Ok(false);
-        }
-        let privileged = record
-            .version
-            .rules()
-            .is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
-        if !(privileged && rooms.is_creator(&state, successor)?) {
-            // Creators of room version 12 rank above every level and are never listed.
+            if !others || rooms.membership_in(state, successor)? == "ban" {
+                return Ok(None);
+            }
+            handing_over = true;
+            // Already able (a creator of room version 12, who ranks above every level and is
+            // never listed, or granted by an earlier run that stopped before leaving).
+            if rooms.power_level(state, &record.version, successor)? >= required {
+                return Ok(None);
+            }
             let granted = if mine == i64::MAX { required.max(100) } else { mine };
             let mut content = power.unwrap_or_else(|| json!({ "users": {} }));
             if !content.get("users").is_some_and(JsonValue::is_object) {
@@ -366,23 +417,38 @@ impl Services {
                 .target(successor)
                 .room(room_id)
                 .details(json!({ "from": user_id, "level": granted }));
-            let event = NewEvent::state("m.room.power_levels", "", content).audited(entry);
-            rooms.append(self, room_id, user_id, event, None).await?;
+            Ok(Some(NewEvent::state("m.room.power_levels", "", content).audited(entry)))
+        };
+        rooms.append_from_state(self, room_id, user_id, decide).await?;
+        if !handing_over {
+            return Ok(false);
         }
-        if !matches!(successor_membership.as_deref(), Some("join" | "invite")) {
+        if !matches!(rooms.membership(room_id, successor)?.as_deref(), Some("join" | "invite")) {
             membership::invite(self, room_id, user_id, successor, None, false).await?;
         }
         Ok(true)
     }
 
+    /// Whether `event` is served redacted to `viewer`: its sender is erased and `viewer` was
+    /// not joined to the room when it was sent. Reads only `viewer`'s membership in the
+    /// event's state-before.
+    pub fn erased_hides(&self, viewer: &UserId, event: &StoredPdu) -> Result<bool> {
+        if !self.erased.contains(event.sender()) || event.redacted_because.is_some() {
+            return Ok(false);
+        }
+        let rooms = &self.rooms;
+        let Some(short) = rooms.states.get(event.state_before, "m.room.member", viewer.as_str())?
+        else {
+            return Ok(true);
+        };
+        let member = rooms.state_pdu(short)?;
+        Ok(member.membership() != Some("join"))
+    }
+
     /// The copy of `event` that `viewer` is served when its sender is erased and `viewer` was
     /// not joined to the room when it was sent: redacted. `None` when `event` is served as is.
     pub fn erased_view(&self, viewer: &UserId, event: &StoredPdu) -> Result<Option<StoredPdu>> {
-        if !self.erased.contains(event.sender()) || event.redacted_because.is_some() {
-            return Ok(None);
-        }
-        let state = self.rooms.states.load(event.state_before)?;
-        if self.rooms.membership_in(&state, viewer)? == "join" {
+        if !self.erased_hides(viewer, event)? {
             return Ok(None);
         }
         let record =
@@ -395,5 +461,92 @@ impl Services {
         ruma::canonical_json::redact_in_place(&mut copy.wire, &rules.redaction, None)
             .map_err(Error::internal)?;
         Ok(Some(copy))
+    }
+}
+
+/// Whether `err` stays however often the step is tried again: the account may not act in the
+/// room, or the room is unknown here.
+fn permanent(err: &Error) -> bool {
+    matches!(
+        err.kind(),
+        None | Some(ErrorKind::Forbidden | ErrorKind::NotFound | ErrorKind::UnsupportedRoomVersion)
+    )
+}
+
+/// Runs `step` until it succeeds, fails for good or has failed `attempts` times, waiting
+/// `first_wait` after the first transient failure and twice as long after each next one.
+/// `Ok(None)` when the server stops meanwhile.
+async fn retrying<T, F, Fut>(
+    attempts: u32,
+    first_wait: Duration,
+    stopped: &mut watch::Receiver<bool>,
+    mut step: F,
+) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut wait = first_wait;
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Ok(done) => return Ok(Some(done)),
+            Err(err) if attempt >= attempts || permanent(&err) => return Err(err),
+            Err(err) => {
+                tracing::info!(%err, attempt, "off-boarding step failed; trying again");
+                tokio::select! {
+                    biased;
+                    _ = stopped.wait_for(|stop| *stop) => return Ok(None),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = wait.saturating_mul(2).min(MAX_LEAVE_RETRY_AFTER);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step that fails with `failures` (in order), then succeeds; counts its calls.
+    fn step(
+        failures: Vec<Error>,
+        calls: &std::sync::atomic::AtomicU32,
+    ) -> impl FnMut() -> std::future::Ready<Result<u32>> + '_ {
+        let mut failures = failures.into_iter();
+        move || {
+            let call = calls.fetch_add(1, Ordering::Relaxed) + 1;
+            std::future::ready(failures.next().map_or(Ok(call), Err))
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_a_bounded_number_of_times() {
+        let (stop, mut stopped) = watch::channel(false);
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let transient = || vec![Error::internal("busy"), Error::internal("busy")];
+        let done = retrying(5, Duration::ZERO, &mut stopped, step(transient(), &calls)).await;
+        assert_eq!(done.unwrap(), Some(3));
+
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let always = (0..10).map(|_| Error::internal("down")).collect();
+        let done = retrying(4, Duration::ZERO, &mut stopped, step(always, &calls)).await;
+        assert!(done.is_err());
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+
+        for permanent in [Error::forbidden("not in the room"), Error::not_found("Unknown room")] {
+            let calls = std::sync::atomic::AtomicU32::new(0);
+            let done =
+                retrying(5, Duration::ZERO, &mut stopped, step(vec![permanent], &calls)).await;
+            assert!(done.is_err());
+            assert_eq!(calls.load(Ordering::Relaxed), 1);
+        }
+
+        stop.send(true).unwrap();
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let done = retrying(5, Duration::ZERO, &mut stopped, step(transient(), &calls)).await;
+        assert!(done.unwrap().is_none());
     }
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ruma::{OwnedRoomId, RoomAliasId, RoomId, UserId};
+use ruma::{DeviceId, OwnedRoomId, RoomAliasId, RoomId, UserId};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -24,6 +24,9 @@ use crate::{
 /// How long account creation waits for its onboarding before answering; past it the job goes
 /// on in the background.
 const ONBOARDING_WAIT: Duration = Duration::from_secs(10);
+/// The `(device, transaction id)` the welcome notice is sent under, kept with the new account
+/// (and gone with its devices), so each account gets it once.
+const WELCOME_TXN: (&str, &str) = ("onboarding", "welcome");
 
 impl Services {
     /// Queues the onboarding of `user_id` in the batch that creates the account (when there
@@ -81,8 +84,10 @@ impl Services {
                 content["format"] = json!("org.matrix.custom.html");
                 content["formatted_body"] = json!(html);
             }
-            let sent =
-                self.send_server_notice(user_id, "m.room.message", content, None, None).await;
+            // The notice's transaction id is stored in the notice's own batch: an onboarding
+            // resumed after a crash between the send and the job's removal sends it once.
+            let txn = Some((user_id, <&DeviceId>::from(WELCOME_TXN.0), WELCOME_TXN.1));
+            let sent = self.send_server_notice(user_id, "m.room.message", content, None, txn).await;
             if let Err(err) = sent {
                 tracing::warn!(%user_id, %err, "could not send the welcome notice");
             }

@@ -158,6 +158,63 @@ async fn deactivation_leaves_rooms_rejects_invites_withdraws_knocks_and_removes_
 }
 
 #[tokio::test]
+async fn deactivation_removes_cross_signing_keys_backups_and_account_data() {
+    let s = TestServer::start().await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (kim_id, kim, _) = s.register("kim", "kim password").await;
+    let (_, bob, _) = s.register("bob", "bob password").await;
+
+    let master =
+        json!({ "user_id": kim_id, "usage": ["master"], "keys": { "ed25519:kimkey": "kimkey" } });
+    let upload = "/_matrix/client/v3/keys/device_signing/upload";
+    let (status, challenge) = s.post(upload, Some(&kim), json!({ "master_key": master })).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    let mut auth = password_auth("kim", "kim password");
+    auth["session"] = challenge["session"].clone();
+    let body = json!({ "master_key": master, "auth": auth });
+    let (status, body) = s.post(upload, Some(&kim), body).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let query = json!({ "device_keys": { kim_id.as_str(): [] } });
+    let (_, keys) = s.post("/_matrix/client/v3/keys/query", Some(&bob), query.clone()).await;
+    assert!(keys["master_keys"][&kim_id].is_object(), "{keys}");
+
+    let algorithm = json!({ "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": { "public_key": "abc" } });
+    let (status, created) =
+        s.post("/_matrix/client/v3/room_keys/version", Some(&kim), algorithm).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let version = created["version"].as_str().unwrap().to_owned();
+    let key = json!({ "first_message_index": 0, "forwarded_count": 0, "is_verified": true,
+                      "session_data": { "ciphertext": "c", "ephemeral": "e", "mac": "m" } });
+    let session = format!("/_matrix/client/v3/room_keys/keys/!r:localhost/s1?version={version}");
+    assert_eq!(s.put(&session, Some(&kim), key).await.0, StatusCode::OK);
+    let data = format!("/_matrix/client/v3/user/{kim_id}/account_data/org.example.notes");
+    assert_eq!(s.put(&data, Some(&kim), json!({ "note": "kept" })).await.0, StatusCode::OK);
+    let path = format!("/_synapse/admin/v1/deactivate/{kim_id}");
+    let (status, body) = s.post(&path, Some(&admin), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, keys) = s.post("/_matrix/client/v3/keys/query", Some(&bob), query).await;
+    assert!(keys["master_keys"][&kim_id].is_null(), "{keys}");
+    let records = audited(&s, &admin, "admin.user.deactivate", &kim_id).await;
+    let details = &records.last().unwrap()["details"];
+    assert_eq!((&details["backup_versions"], &details["backup_keys"]), (&json!(1), &json!(1)));
+    assert!(details["account_data"].as_u64().unwrap() >= 1, "{details}");
+
+    // Reactivated, the account starts with none of it.
+    let reactivate = json!({ "deactivated": false, "password": "new kim password" });
+    let account = format!("/_synapse/admin/v2/users/{kim_id}");
+    let (status, body) = s.put(&account, Some(&admin), reactivate).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, login) = s.login("kim", "new kim password").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let kim = login["access_token"].as_str().unwrap().to_owned();
+    let backup = s.get("/_matrix/client/v3/room_keys/version", Some(&kim)).await;
+    assert_error(&backup, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (status, body) = s.get(&data, Some(&kim)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[tokio::test]
 async fn admin_deactivation_hands_orphaned_rooms_to_a_successor() {
     let s = TestServer::start_with(|c| {
         c.offboarding.default_successor = Some("@erin:localhost".try_into().unwrap());
@@ -278,6 +335,21 @@ async fn erased_accounts_events_are_redacted_for_those_who_were_not_there() {
     let event_id = sent["event_id"].as_str().unwrap().to_owned();
     let (_, own) = s.send_text(&bob, &room, "t2", "thanks for the figures").await;
     let bob_event = own["event_id"].as_str().unwrap().to_owned();
+    // Hank edits his message and replies in a thread on bob's.
+    let edit = json!({
+        "msgtype": "m.text",
+        "body": "* revised numbers",
+        "m.new_content": { "msgtype": "m.text", "body": "revised numbers" },
+        "m.relates_to": { "rel_type": "m.replace", "event_id": event_id },
+    });
+    let send = |txn: &str| format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+    assert_eq!(s.put(&send("t3"), Some(&hank), edit).await.0, StatusCode::OK);
+    let reply = json!({
+        "msgtype": "m.text",
+        "body": "confidential margin",
+        "m.relates_to": { "rel_type": "m.thread", "event_id": bob_event },
+    });
+    assert_eq!(s.put(&send("t4"), Some(&hank), reply).await.0, StatusCode::OK);
 
     let path = format!("/_synapse/admin/v1/deactivate/{hank_id}");
     let (status, body) = s.post(&path, Some(&admin), json!({ "erase": true })).await;
@@ -329,6 +401,39 @@ async fn erased_accounts_events_are_redacted_for_those_who_were_not_there() {
     );
     let (_, found) = s.post("/_matrix/client/v3/search", Some(&ivy), search).await;
     assert_eq!(found["search_categories"]["room_events"]["results"], json!([]), "{found}");
+
+    // Nor do his edit, his thread reply or his profile reach ivy through bundles or context.
+    let hidden = |served: &Value| {
+        let text = served.to_string();
+        ["quarterly", "revised", "confidential"].iter().all(|word| !text.contains(word))
+    };
+    let (_, seen) = s.get(&event_path, Some(&ivy)).await;
+    assert!(hidden(&seen), "{seen}");
+    let (_, seen) = s.get(&event_path, Some(&bob)).await;
+    assert_eq!(
+        seen["unsigned"]["m.relations"]["m.replace"]["content"]["body"],
+        "* revised numbers"
+    );
+    let root_path = format!("/_matrix/client/v3/rooms/{room}/event/{}", enc(&bob_event));
+    let (_, root) = s.get(&root_path, Some(&ivy)).await;
+    let latest = &root["unsigned"]["m.relations"]["m.thread"]["latest_event"];
+    assert_eq!((&latest["sender"], &latest["content"]), (&json!(hank_id), &json!({})), "{root}");
+    let (_, root) = s.get(&root_path, Some(&bob)).await;
+    let latest = &root["unsigned"]["m.relations"]["m.thread"]["latest_event"];
+    assert_eq!(latest["content"]["body"], "confidential margin", "{root}");
+    let search = json!({ "search_categories": { "room_events": {
+        "search_term": "thanks",
+        "event_context": { "before_limit": 5, "after_limit": 5, "include_profile": true },
+    } } });
+    let (_, found) = s.post("/_matrix/client/v3/search", Some(&ivy), search.clone()).await;
+    let results = &found["search_categories"]["room_events"]["results"];
+    assert_eq!(results.as_array().unwrap().len(), 1, "{found}");
+    assert!(hidden(&found), "{found}");
+    let profile = &results[0]["context"]["profile_info"][&hank_id];
+    assert_eq!(profile["displayname"], Value::Null, "{found}");
+    let (_, found) = s.post("/_matrix/client/v3/search", Some(&bob), search).await;
+    let context = &found["search_categories"]["room_events"]["results"][0]["context"];
+    assert!(context.to_string().contains("quarterly figures attached"), "{found}");
 }
 
 #[tokio::test]
@@ -652,4 +757,138 @@ async fn onboarding_resumes_after_a_crash() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn onboarding_resumed_after_its_notice_sends_it_once() {
+    let s = TestServer::start_with(|c| {
+        c.onboarding.welcome_notice = Some("Welcome once".into());
+    })
+    .await;
+    let (newbie_id, newbie, _) = s.register("newbie", "newbie password").await;
+    let welcomes = |sync: &Value| {
+        let rooms = sync["rooms"]["join"].as_object().cloned().unwrap_or_default();
+        rooms
+            .values()
+            .flat_map(|room| room["timeline"]["events"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["content"]["body"] == "Welcome once")
+            .count()
+    };
+    let (_, sync) = s.get("/_matrix/client/v3/sync", Some(&newbie)).await;
+    assert_eq!(welcomes(&sync), 1, "{sync}");
+
+    // As after a crash between the notice and the job's removal: the job is still stored.
+    let services = s.server().services().clone();
+    let user = crate::common::user_id(&newbie_id);
+    let mut batch = services.db.batch();
+    services.jobs.put(&mut batch, &user, &plaza::service::jobs::Job::onboard());
+    services.db.write(batch).unwrap();
+    services.await_onboarding(&user).await;
+    let kind = plaza::service::jobs::JobKind::Onboard;
+    assert!(services.jobs.get(&user, kind).unwrap().is_none());
+    let (_, sync) = s.get("/_matrix/client/v3/sync", Some(&newbie)).await;
+    assert_eq!(welcomes(&sync), 1, "{sync}");
+}
+
+#[tokio::test]
+async fn a_deactivation_during_a_running_offboarding_is_not_lost() {
+    let s = TestServer::start_with(|c| c.jobs.pause_between_steps_ms = 2000).await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (lee_id, lee, _) = s.register("lee", "lee password").await;
+    let (_, bob, _) = s.register("bob", "bob password").await;
+    for _ in 0..3 {
+        let room = s.create_room(&bob, json!({ "preset": "public_chat" })).await;
+        assert_eq!(s.membership(&lee, &room, "join", json!({})).await.0, StatusCode::OK);
+    }
+    let late = s.create_room(&bob, json!({ "preset": "public_chat" })).await;
+
+    let deactivate = format!("/_synapse/admin/v1/deactivate/{lee_id}");
+    assert_eq!(s.post(&deactivate, Some(&admin), json!({})).await.0, StatusCode::OK);
+    // While the first off-boarding waits on its first room: reactivated, a room joined, and
+    // deactivated again.
+    let account = format!("/_synapse/admin/v2/users/{lee_id}");
+    let reactivate = json!({ "deactivated": false, "password": "lee again" });
+    let (status, body) = s.put(&account, Some(&admin), reactivate).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, login) = s.login("lee", "lee again").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let lee = login["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(s.membership(&lee, &late, "join", json!({})).await.0, StatusCode::OK);
+    assert_eq!(s.post(&deactivate, Some(&admin), json!({})).await.0, StatusCode::OK);
+
+    eventually(20, "lee leaving the room joined in between", || async {
+        membership_of(&s, &bob, &late, &lee_id).await.as_deref() == Some("leave")
+    })
+    .await;
+    eventually(20, "both off-boardings complete", || async {
+        audited(&s, &admin, "offboarding.complete", &lee_id).await.len() == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn admin_put_deactivates_with_its_other_changes_in_one_write() {
+    let s = TestServer::start().await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (max_id, max, _) = s.register("max", "max password").await;
+    let (_, bob, _) = s.register("bob", "bob password").await;
+    let room = s.create_room(&bob, json!({ "preset": "public_chat" })).await;
+    assert_eq!(s.membership(&max, &room, "join", json!({})).await.0, StatusCode::OK);
+
+    let account = format!("/_synapse/admin/v2/users/{max_id}");
+    let body = json!({ "deactivated": true, "displayname": "Max Renamed", "locked": true });
+    let (status, body) = s.put(&account, Some(&admin), body).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["deactivated"], true, "{body}");
+    // The profile set in the same request does not outlive the deactivation.
+    let (_, profile) = s.get(&format!("/_matrix/client/v3/profile/{max_id}"), Some(&bob)).await;
+    assert!(profile.get("displayname").is_none_or(Value::is_null), "{profile}");
+    let modified = audited(&s, &admin, "admin.user.modify", &max_id).await;
+    let locked = audited(&s, &admin, "admin.user.lock", &max_id).await;
+    let deactivated = audited(&s, &admin, "admin.user.deactivate", &max_id).await;
+    assert_eq!((modified.len(), locked.len(), deactivated.len()), (1, 1, 1));
+    let seq = |records: &[Value]| records[0]["seq"].as_u64().unwrap();
+    assert_eq!(seq(&modified), seq(&locked) + 1);
+    assert_eq!(seq(&deactivated), seq(&modified) + 1);
+    assert_eq!(deactivated[0]["details"]["rooms"], 1, "{deactivated:?}");
+    eventually(10, "max leaving", || async {
+        membership_of(&s, &bob, &room, &max_id).await.as_deref() == Some("leave")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_successor_already_able_to_change_power_levels_is_not_granted_again() {
+    let s = TestServer::start().await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (nell_id, nell, _) = s.register("nell", "nell password").await;
+    let (_, dave, _) = s.register("dave", "dave password").await;
+    let (erin_id, _, _) = s.register("erin", "erin password").await;
+    // As after a run that granted erin power and stopped before nell left: erin holds the
+    // level but is not joined, and nell is the only joined member who can change it.
+    let body = json!({
+        "preset": "public_chat",
+        "power_level_content_override": { "users": { nell_id.as_str(): 100, erin_id.as_str(): 100 } },
+    });
+    let room = s.create_room(&nell, body).await;
+    assert_eq!(s.membership(&dave, &room, "join", json!({})).await.0, StatusCode::OK);
+    let power_path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/");
+    let (_, power_before) = s.get(&power_path, Some(&dave)).await;
+
+    let path = format!("/_synapse/admin/v1/deactivate/{nell_id}");
+    let body = json!({ "successor": erin_id });
+    assert_eq!(s.post(&path, Some(&admin), body).await.0, StatusCode::OK);
+    eventually(10, "nell leaving", || async {
+        membership_of(&s, &dave, &room, &nell_id).await.as_deref() == Some("leave")
+    })
+    .await;
+    assert_eq!(membership_of(&s, &dave, &room, &erin_id).await.as_deref(), Some("invite"));
+    assert!(audited(&s, &admin, "offboarding.successor", &erin_id).await.is_empty());
+    let (_, power_after) = s.get(&power_path, Some(&dave)).await;
+    assert_eq!(power_after, power_before);
+    let done = audited(&s, &admin, "offboarding.complete", &nell_id).await;
+    assert_eq!(done[0]["details"]["successor_grants"], 1, "{done:?}");
 }

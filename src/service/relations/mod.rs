@@ -390,10 +390,14 @@ impl Relations {
             && let Some(latest) = services.rooms.stored(latest)?
             && services.rooms.can_see(viewer, &latest)?
         {
-            let mut latest_event = client_event(&latest, None);
-            if let Some(edit) = self.latest_edit(services, &latest)? {
+            let erased = services.erased_view(viewer, &latest)?;
+            let mut latest_event = client_event(erased.as_ref().unwrap_or(&latest), None);
+            // A reply served redacted bundles no edit.
+            if erased.is_none()
+                && let Some(edit) = self.latest_edit(services, &latest)?
+            {
                 latest_event["unsigned"]["m.relations"] =
-                    json!({ "m.replace": client_event(&edit, None) });
+                    json!({ "m.replace": viewed(services, viewer, &edit)? });
             }
             bundle.insert(
                 "m.thread".into(),
@@ -407,7 +411,7 @@ impl Relations {
         if summary.edits > 0
             && let Some(edit) = self.latest_edit(services, event)?
         {
-            bundle.insert("m.replace".into(), client_event(&edit, None));
+            bundle.insert("m.replace".into(), viewed(services, viewer, &edit)?);
         }
         if summary.references > 0 {
             let chunk: Vec<JsonValue> = self
@@ -435,8 +439,23 @@ pub fn serve(
     let erased = services.erased_view(viewer, event)?;
     let event = erased.as_ref().unwrap_or(event);
     let mut json = client_event(event, device.map(|d| (viewer, d)));
-    if let Some(bundle) = services.relations.aggregations(services, viewer, event)? {
-        json["unsigned"]["m.relations"] = bundle;
+    if let Some(mut bundle) = services.relations.aggregations(services, viewer, event)? {
+        // An event served redacted does not carry its edit's content.
+        if erased.is_some()
+            && let Some(bundle) = bundle.as_object_mut()
+        {
+            bundle.remove("m.replace");
+        }
+        if bundle.as_object().is_none_or(|b| !b.is_empty()) {
+            json["unsigned"]["m.relations"] = bundle;
+        }
     }
     Ok(json)
+}
+
+/// `event` in the client format as `viewer` is served it: redacted when its sender is erased
+/// and `viewer` was not there (see [`Services::erased_view`]).
+pub fn viewed(services: &Services, viewer: &UserId, event: &StoredPdu) -> Result<JsonValue> {
+    let erased = services.erased_view(viewer, event)?;
+    Ok(client_event(erased.as_ref().unwrap_or(event), None))
 }

@@ -794,6 +794,32 @@ impl Rooms {
         Ok(event_id)
     }
 
+    /// Appends the event `build` makes from the room and its current state, both read under
+    /// the room lock so no other event lands between the read and the write. Nothing is
+    /// appended when `build` returns `None`.
+    pub async fn append_from_state(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        sender: &UserId,
+        build: impl FnOnce(&RoomRecord, &StateMap) -> Result<Option<NewEvent>>,
+    ) -> Result<Option<OwnedEventId>> {
+        let lock = self.lock(room_id);
+        let guard = lock.lock().await;
+        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let state = self.states.load(record.current_state)?;
+        let Some(event) = build(&record, &state)? else { return Ok(None) };
+        let target = Target::Existing(room_id, record);
+        let (event_id, unsynced) =
+            self.build_and_store(services, target, sender, event, None, true)?;
+        drop(guard);
+        if let Some((pending, ticket)) = unsynced {
+            self.db.durable(ticket).await?;
+            drop(pending);
+        }
+        Ok(Some(event_id))
+    }
+
     /// Creates a room of `version` from its create event (whose `room_version` this sets);
     /// returns the room id. Later events go
     /// through [`Rooms::append`].

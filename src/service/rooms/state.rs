@@ -93,6 +93,29 @@ impl States {
         Ok(state)
     }
 
+    /// The entry `(kind, key)` of snapshot `id`, read from a cached full state when there is
+    /// one, else by walking the deltas back only until it is found.
+    pub fn get(&self, id: u64, kind: &str, key: &str) -> Result<Option<u64>> {
+        let mut next = (id != 0).then_some(id);
+        while let Some(current) = next {
+            if let Some(state) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&current)
+            {
+                return Ok(state.get(&(kind.to_owned(), key.to_owned())).copied());
+            }
+            let snapshot = self.snapshots.get(&current)?.ok_or_else(|| {
+                crate::Error::internal(format!("missing state snapshot {current}"))
+            })?;
+            // Later changes in one snapshot win, as when loading.
+            if let Some((_, _, event)) =
+                snapshot.changes.iter().rev().find(|(k, s, _)| k == kind && s == key)
+            {
+                return Ok(Some(*event));
+            }
+            next = snapshot.parent;
+        }
+        Ok(None)
+    }
+
     /// Queues a snapshot that is `parent` with `(kind, key)` set to `event`; returns its id
     /// and the resulting full state.
     pub fn extend(
@@ -132,5 +155,43 @@ impl States {
             cache.clear();
         }
         cache.insert(id, state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_entry_is_read_from_the_deltas_as_the_full_state_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let states = States::new(&db).unwrap();
+        let member = "m.room.member";
+        let mut ids = Vec::new();
+        let (mut parent, mut state) = (0, StateMap::new());
+        for (key, event) in [("@a:x", 10), ("@b:x", 11), ("@a:x", 12)] {
+            let mut batch = db.batch();
+            let (id, next) = states.extend(&mut batch, parent, &state, member, key, event).unwrap();
+            db.write(batch).unwrap();
+            (parent, state) = (id, next);
+            ids.push(id);
+        }
+        // A fresh reader has nothing cached: it walks the deltas.
+        let fresh = States::new(&db).unwrap();
+        for reader in [&fresh, &states] {
+            assert_eq!(reader.get(ids[2], member, "@a:x").unwrap(), Some(12));
+            assert_eq!(reader.get(ids[1], member, "@a:x").unwrap(), Some(10));
+            assert_eq!(reader.get(ids[2], member, "@b:x").unwrap(), Some(11));
+            assert_eq!(reader.get(ids[0], member, "@b:x").unwrap(), None);
+            assert_eq!(reader.get(0, member, "@a:x").unwrap(), None);
+        }
+        for id in ids {
+            let full = fresh.load(id).unwrap();
+            for key in ["@a:x", "@b:x", "@c:x"] {
+                let expected = full.get(&(member.to_owned(), key.to_owned())).copied();
+                assert_eq!(States::new(&db).unwrap().get(id, member, key).unwrap(), expected);
+            }
+        }
     }
 }

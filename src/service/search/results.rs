@@ -81,7 +81,7 @@ pub async fn room_events(
             return Ok(None);
         }
         // An erased sender's words are not found by those they are served redacted to.
-        if services.erased_view(user_id, &event)?.is_some() {
+        if services.erased_hides(user_id, &event)? {
             return Ok(None);
         }
         Ok(Some(event))
@@ -93,11 +93,14 @@ pub async fn room_events(
     let mut results = Vec::with_capacity(page.hits.len());
     let mut by_room: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut by_sender: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let served = |events: &[StoredPdu]| -> Result<Vec<JsonValue>> {
+        events.iter().map(|e| relations::viewed(services, user_id, e)).collect()
+    };
     for (rank, event) in &page.hits {
         let (events_before, events_after) = around(services, user_id, event, before, after)?;
         let mut context = json!({
-            "events_before": events_before.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
-            "events_after": events_after.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
+            "events_before": served(&events_before)?,
+            "events_after": served(&events_after)?,
             "start": format!("s{}", events_before.last().unwrap_or(event).position.saturating_sub(1)),
             "end": format!("s{}", events_after.last().unwrap_or(event).position),
         });
@@ -108,7 +111,7 @@ pub async fn room_events(
                 .chain([event])
                 .map(StoredPdu::sender)
                 .collect();
-            context["profile_info"] = profiles(services, event, senders)?;
+            context["profile_info"] = profiles(services, user_id, event, senders)?;
         }
         by_room.entry(event.room_id.to_string()).or_default().push(event.event_id.to_string());
         by_sender.entry(event.sender().to_owned()).or_default().push(event.event_id.to_string());
@@ -191,12 +194,22 @@ fn around(
     Ok((earlier, later))
 }
 
-/// Display names and avatars of `senders` as of `event`.
-fn profiles(services: &Services, event: &StoredPdu, senders: HashSet<&str>) -> Result<JsonValue> {
+/// Display names and avatars of `senders` as of `event`, as `viewer` is served them: none for
+/// an erased sender whose member event `viewer` was not there to see.
+fn profiles(
+    services: &Services,
+    viewer: &UserId,
+    event: &StoredPdu,
+    senders: HashSet<&str>,
+) -> Result<JsonValue> {
     let state = services.rooms.states.load(event.state_after_or_before())?;
     let mut out = Map::new();
     for sender in senders {
-        let content = services.rooms.state_content(&state, "m.room.member", sender)?;
+        let content = match services.rooms.state_event(&state, "m.room.member", sender)? {
+            Some(member) if services.erased_hides(viewer, &member)? => None,
+            Some(_) => services.rooms.state_content(&state, "m.room.member", sender)?,
+            None => None,
+        };
         let field = |name: &str| content.as_ref().and_then(|c| c.get(name)).cloned();
         out.insert(
             sender.to_owned(),
