@@ -116,9 +116,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Log lines go to standard output through a queue and a writer thread: a slow or stalled
+    // reader of the output drops lines rather than holding up request handling. The guard
+    // flushes the queue when `main` returns.
+    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .with_env_filter(config.log.env_filter())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_writer(log_writer)
         .init();
 
     let runtime = match plaza::server::runtime() {

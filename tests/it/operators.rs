@@ -427,3 +427,46 @@ async fn signed_checkpoints_expose_a_consistent_rewrite_of_the_audit_log() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(report["ok"], false, "{report}");
 }
+
+#[tokio::test]
+async fn a_stalled_log_reader_never_holds_up_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let db = dir.path().join("db");
+    let listen = format!("[\"127.0.0.1:{port}\"]");
+    // Standard output is a pipe nobody reads: once its buffer is full, every write would wait.
+    let mut child = Command::new(binary())
+        .current_dir(dir.path())
+        .env_remove("PLAZA_CONFIG")
+        .env("PLAZA_LISTEN", &listen)
+        .env("PLAZA_DATABASE__PATH", &db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _unread = child.stdout.take().unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/_matrix/client/versions");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http.get(&url).send().await.is_ok_and(|r| r.status() == StatusCode::OK) {
+        assert!(Instant::now() < deadline, "server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Far more request lines than a pipe buffer holds.
+    let nowhere = format!("http://127.0.0.1:{port}/{}", "x".repeat(200));
+    for i in 0..2000 {
+        let answer = http.get(&nowhere).send().await;
+        let answer = answer.unwrap_or_else(|e| panic!("request {i} held up: {e}"));
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+    }
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not stop with its output stalled");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
