@@ -67,6 +67,10 @@ async fn landing_page_names_the_company_and_how_to_connect_with_safe_headers() {
     assert!(!csp.contains("img-src"), "{csp}");
     let html = response.text().await.unwrap();
     assert!(html.contains("<h1>localhost</h1>") && !html.contains("<img"), "{html}");
+    // No public_baseurl and a loopback listen address: the server name is the one to type,
+    // never an address that names the reader's own machine.
+    assert!(html.contains("enter: <code>localhost</code>"), "{html}");
+    assert!(!html.contains("127.0.0.1"), "{html}");
     let posted = plain.post("/", None, json!({})).await;
     assert_error(&posted, StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED");
 }
