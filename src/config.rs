@@ -672,18 +672,22 @@ pub fn config_file(named: Option<&std::path::Path>) -> Option<PathBuf> {
 }
 
 /// Dependencies that log at `info` once per event or per index commit: quiet unless the
-/// filter asks for `debug` or names them.
+/// filter asks for more than `info` or names them.
 const NOISY_TARGETS: [&str; 2] = ["ruma_state_res", "tantivy"];
 
 impl LogConfig {
-    /// The tracing filter for `filter`, with [`NOISY_TARGETS`] held to `warn` unless the
-    /// default level is `debug` or finer or the filter names them itself.
+    /// The tracing filter for `filter`, with [`NOISY_TARGETS`] held to `warn` when the default
+    /// level is `info` and the filter does not name them itself. A stricter default (`warn`,
+    /// `error`, `off`, or none) already holds them at least as quiet, and a finer one asks for
+    /// them.
     pub fn env_filter(&self) -> tracing_subscriber::EnvFilter {
         let parts: Vec<&str> = self.filter.split(',').map(str::trim).collect();
-        let verbose =
-            parts.iter().any(|p| matches!(p.to_ascii_lowercase().as_str(), "debug" | "trace"));
+        // The default level is the last directive that is a bare level.
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        let default = parts.iter().rev().find(|p| LEVELS.iter().any(|l| p.eq_ignore_ascii_case(l)));
+        let at_info = default.is_some_and(|level| level.eq_ignore_ascii_case("info"));
         let mut filter = self.filter.clone();
-        if !verbose {
+        if at_info {
             for target in NOISY_TARGETS {
                 if !parts.iter().any(|p| p.starts_with(target)) {
                     filter.push_str(&format!(",{target}=warn"));
@@ -1061,6 +1065,12 @@ mod tests {
         assert!(filter("info").contains("tantivy=warn"), "{}", filter("info"));
         assert!(filter("info").contains("ruma_state_res=warn"));
         assert!(!filter("debug").contains("tantivy"));
+        // A stricter default is never made louder for them.
+        for strict in ["error", "off", "warn", "plaza=info"] {
+            assert!(!filter(strict).contains("tantivy"), "{}", filter(strict));
+            assert!(!filter(strict).contains("ruma_state_res"), "{}", filter(strict));
+        }
+        assert!(filter("plaza=debug,info").contains("tantivy=warn"));
         let named = filter("info,tantivy=info");
         assert!(
             !named.contains("tantivy=warn") && named.contains("ruma_state_res=warn"),

@@ -63,8 +63,10 @@ enum Command {
 enum AuditCommand {
     /// Recompute the hash chain and report the first broken link. Exit status: 0 intact,
     /// 1 chain broken, 2 bad configuration or arguments, 3 database cannot be opened (locked
-    /// by a running server, missing or unreadable), 4 the log no longer holds the checkpoint
-    /// given with `--against`, 5 that checkpoint is unreadable, another server's or forged.
+    /// by a running server, missing, without a signing key, or unreadable), 4 the log no
+    /// longer holds the checkpoint given with `--against`, 5 that checkpoint is unreadable,
+    /// another server's or forged, or the database's signing key is not the `--public-key`
+    /// given.
     Verify {
         /// The database directory; defaults to `database.path` of the configuration.
         #[arg(long)]
@@ -116,9 +118,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Log lines go to standard output through a queue and a writer thread: a slow or stalled
+    // reader of the output drops lines rather than holding up request handling. The guard
+    // flushes the queue when `main` returns.
+    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .with_env_filter(config.log.env_filter())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_writer(log_writer)
         .init();
 
     let runtime = match plaza::server::runtime() {
@@ -242,29 +251,36 @@ fn verify_audit(
     public_key: Option<String>,
 ) -> Result<(), Failure> {
     use base64::Engine as _;
-    let checkpoint = against.as_deref().map(read_checkpoint).transpose()?;
     let public_key = public_key
         .map(|key| {
             let engine = base64::engine::general_purpose::STANDARD_NO_PAD;
             engine
                 .decode(key.trim().trim_end_matches('='))
                 .ok()
-                .filter(|key| key.len() == 32)
+                .and_then(|key| <[u8; 32]>::try_from(key).ok())
                 .ok_or_else(|| fail(EXIT_CONFIG, "--public-key is 32 bytes in unpadded base64"))
         })
         .transpose()?;
+    let checkpoint = against.as_deref().map(read_checkpoint).transpose()?;
     if let Some(dir) = data_dir {
         config.database.path = dir;
     }
-    if !config.database.path.is_dir() {
-        return Err(fail(
-            EXIT_DATABASE,
-            format!("no database at {}", config.database.path.display()),
-        ));
+    let path = &config.database.path;
+    // Only an existing database is opened: checking never creates one, nor a signing key.
+    if !path.join("CURRENT").is_file() {
+        return Err(fail(EXIT_DATABASE, format!("no database at {}", path.display())));
     }
-    let db = Db::open(&config.database.path, 8).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
-    let keys = ServerKeys::load_or_create(&db).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    let db = Db::open(path, 8).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    let keys = ServerKeys::load(&db)
+        .map_err(|e| fail(EXIT_DATABASE, e.to_string()))?
+        .ok_or_else(|| fail(EXIT_DATABASE, format!("no signing key in {}", path.display())))?;
     let audit = Audit::new(&db).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    let stored = keys.key_pair().public_key();
+    let stored: [u8; 32] = stored.as_slice().try_into().map_err(|_| {
+        fail(EXIT_DATABASE, "the stored signing key is not an ed25519 key".to_owned())
+    })?;
+    // The key given is the one trusted: it checks the checkpoint and the retention anchor.
+    let key = public_key.unwrap_or(stored);
     if let Some(checkpoint) = &checkpoint {
         // The database's own server name: `--data-dir` may point at another server's data.
         let global: Table<String> = db.table(tables::GLOBAL);
@@ -274,17 +290,36 @@ fn verify_audit(
             Ok(None) => config.server_name.clone(),
             Err(err) => return Err(fail(EXIT_DATABASE, err.to_string())),
         };
-        let stored = keys.key_pair().public_key();
-        if public_key.as_ref().is_some_and(|given| given.as_slice() != stored.as_slice()) {
-            eprintln!("plaza: warning: the database's signing key is not the given public key");
-        }
-        let key = public_key.unwrap_or_else(|| stored.to_vec());
-        checkpoint.verify(&server_name, &key).map_err(|e| fail(EXIT_CHECKPOINT_INVALID, e))?;
+        checkpoint.verify(&server_name, &key).map_err(|e| {
+            if public_key.is_some() {
+                fail(EXIT_CHECKPOINT_INVALID, e)
+            } else {
+                fail(
+                    EXIT_CHECKPOINT_INVALID,
+                    format!(
+                        "{e} (checked with the database's own key, which may have been \
+                         replaced: give the key logged with the checkpoint as --public-key)"
+                    ),
+                )
+            }
+        })?;
     }
-    let report = audit
-        .verify(&keys.key_pair().public_key())
-        .map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
-    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    let report = audit.verify(&key).map_err(|e| fail(EXIT_DATABASE, e.to_string()))?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| fail(EXIT_DATABASE, format!("cannot write the report: {e}")))?;
+    println!("{json}");
+    if public_key.is_some_and(|given| given != stored) {
+        let engine = base64::engine::general_purpose::STANDARD_NO_PAD;
+        return Err(fail(
+            EXIT_CHECKPOINT_INVALID,
+            format!(
+                "key mismatch: the database's signing key {} is not the given public key {}: \
+                 the key was replaced, or the given key is another server's",
+                engine.encode(stored),
+                engine.encode(key)
+            ),
+        ));
+    }
     if let Some(broken) = report.first_broken {
         return Err(fail(
             EXIT_BROKEN,

@@ -63,13 +63,16 @@ fn logo_origin(config: &Config) -> Option<String> {
 }
 
 /// What to type as the homeserver: the public URL when configured, else the listen address
-/// when it is a concrete one, else the server name (clients then look it up).
+/// when others can reach it (not unspecified, not loopback: `127.0.0.1` would name the
+/// reader's own machine), else the server name (clients then look it up).
 fn homeserver(config: &Config) -> String {
     if let Some(url) = config.client_base_url() {
         return url.to_owned();
     }
     match config.listen.first() {
-        Some(addr) if !addr.ip().is_unspecified() => format!("http://{addr}"),
+        Some(addr) if !addr.ip().is_unspecified() && !addr.ip().is_loopback() => {
+            format!("http://{addr}")
+        }
         _ => config.server_name.to_string(),
     }
 }

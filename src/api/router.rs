@@ -335,11 +335,18 @@ pub fn build(state: State) -> Router {
     let layers = || {
         let trusted = trusted_proxies.clone();
         ServiceBuilder::new()
-            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let route = req.extensions().get::<MatchedPath>();
-                let route = route.map_or(metrics::UNMATCHED, MatchedPath::as_str);
-                tracing::info_span!("request", method = %req.method(), route = %route)
-            }))
+            // The span only: `request_context` writes the one line per request, so the
+            // layer's own response and failure lines (every 5xx again) are off.
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &Request| {
+                        let route = req.extensions().get::<MatchedPath>();
+                        let route = route.map_or(metrics::UNMATCHED, MatchedPath::as_str);
+                        tracing::info_span!("request", method = %req.method(), route = %route)
+                    })
+                    .on_response(())
+                    .on_failure(()),
+            )
             .layer(middleware::from_fn_with_state(metrics_state.clone(), count_request))
             .layer(middleware::from_fn(matrix_errors))
             .layer(middleware::map_request(default_threads_include))

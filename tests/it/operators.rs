@@ -10,7 +10,7 @@ use std::{
 };
 
 use plaza::{
-    service::audit::AuditRecord,
+    service::{audit::AuditRecord, keys::ServerKeys},
     storage::{Db, Table, tables},
 };
 use reqwest::StatusCode;
@@ -67,6 +67,10 @@ async fn landing_page_names_the_company_and_how_to_connect_with_safe_headers() {
     assert!(!csp.contains("img-src"), "{csp}");
     let html = response.text().await.unwrap();
     assert!(html.contains("<h1>localhost</h1>") && !html.contains("<img"), "{html}");
+    // No public_baseurl and a loopback listen address: the server name is the one to type,
+    // never an address that names the reader's own machine.
+    assert!(html.contains("enter: <code>localhost</code>"), "{html}");
+    assert!(!html.contains("127.0.0.1"), "{html}");
     let posted = plain.post("/", None, json!({})).await;
     assert_error(&posted, StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED");
 }
@@ -161,6 +165,16 @@ fn verify(data_dir: &Path, args: &[&str]) -> Output {
         .env_remove("PLAZA_CONFIG")
         .output()
         .unwrap()
+}
+
+/// Copies the database directory `from` (flat, as RocksDB keeps it) into `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
 }
 
 fn stderr(out: &Output) -> String {
@@ -397,6 +411,53 @@ async fn signed_checkpoints_expose_a_consistent_rewrite_of_the_audit_log() {
                 assert_eq!(out.status.code(), Some(5), "{args:?}: {}", stderr(&out));
             }
 
+            // A log cut short of the checkpoint (its newest records removed, the counter moved
+            // back so the chain itself is intact) no longer contains it: status 4.
+            let cut = tempfile::tempdir().unwrap();
+            copy_dir(dir, cut.path());
+            {
+                let db = Db::open(cut.path(), 8).unwrap();
+                let table: Table<Value> = db.table(tables::AUDIT_LOG);
+                let counters: Table<u64> = db.table(tables::COUNTERS);
+                let seq = checkpoint["seq"].as_u64().unwrap();
+                let mut batch = db.batch();
+                let mut removed = seq;
+                while table.get(&removed).unwrap().is_some() {
+                    table.delete(&mut batch, &removed);
+                    removed += 1;
+                }
+                counters.put_encoded(&mut batch, b"audit_seq", &(seq - 1).to_be_bytes());
+                db.write(batch).unwrap();
+            }
+            let truncated = verify(cut.path(), &["--against", &text]);
+            assert_eq!(truncated.status.code(), Some(4), "{}", stderr(&truncated));
+            assert!(stderr(&truncated).contains("records removed"), "{}", stderr(&truncated));
+
+            // The signing key in the database replaced: without `--public-key` the checkpoint
+            // fails under the new key, saying the key may have been replaced; with the key
+            // logged beside it, the checkpoint holds and the mismatch is its own failure.
+            let replaced = tempfile::tempdir().unwrap();
+            copy_dir(dir, replaced.path());
+            let logged_key = {
+                use base64::Engine as _;
+                let db = Db::open(replaced.path(), 8).unwrap();
+                let keys = ServerKeys::load(&db).unwrap().unwrap();
+                let logged_key = base64::engine::general_purpose::STANDARD_NO_PAD
+                    .encode(keys.key_pair().public_key());
+                let global: Table<(String, String)> = db.table(tables::GLOBAL);
+                let mut batch = db.batch();
+                global.delete(&mut batch, "signing_key");
+                db.write(batch).unwrap();
+                ServerKeys::load_or_create(&db).unwrap();
+                logged_key
+            };
+            let out = verify(replaced.path(), &["--against", &text]);
+            assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+            assert!(stderr(&out).contains("may have been replaced"), "{}", stderr(&out));
+            let out = verify(replaced.path(), &["--against", &text, "--public-key", &logged_key]);
+            assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+            assert!(stderr(&out).contains("key mismatch"), "{}", stderr(&out));
+
             // Someone with write access rewrites record 2 and every later one consistently:
             // the chain alone still verifies, the checkpoint shipped elsewhere does not.
             rewrite_audit_log(dir, 2);
@@ -426,4 +487,65 @@ async fn signed_checkpoints_expose_a_consistent_rewrite_of_the_audit_log() {
     let (status, report) = s.get("/_plaza/admin/v1/audit/verify", Some(&token)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(report["ok"], false, "{report}");
+}
+
+#[tokio::test]
+async fn a_stalled_log_reader_never_holds_up_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let db = dir.path().join("db");
+    let listen = format!("[\"127.0.0.1:{port}\"]");
+    // Standard output is a pipe nobody reads: once its buffer is full, every write would wait.
+    let mut child = Command::new(binary())
+        .current_dir(dir.path())
+        .env_remove("PLAZA_CONFIG")
+        .env("PLAZA_LISTEN", &listen)
+        .env("PLAZA_DATABASE__PATH", &db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _unread = child.stdout.take().unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/_matrix/client/versions");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http.get(&url).send().await.is_ok_and(|r| r.status() == StatusCode::OK) {
+        assert!(Instant::now() < deadline, "server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Far more request lines than a pipe buffer holds.
+    let nowhere = format!("http://127.0.0.1:{port}/{}", "x".repeat(200));
+    for i in 0..2000 {
+        let answer = http.get(&nowhere).send().await;
+        let answer = answer.unwrap_or_else(|e| panic!("request {i} held up: {e}"));
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+    }
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not stop with its output stalled");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn verify_never_creates_a_database_and_rejects_a_malformed_key() {
+    // An empty directory: nothing to check, and nothing created there.
+    let dir = tempfile::tempdir().unwrap();
+    let out = verify(dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no database"), "{}", stderr(&out));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "verify wrote {left:?}");
+
+    // A key that is not 32 bytes of base64 is an argument error, whatever else is wrong.
+    for key in ["not base64!", "c2hvcnQ"] {
+        let out = verify(dir.path(), &["--against", "/no/such/checkpoint", "--public-key", key]);
+        assert_eq!(out.status.code(), Some(2), "{key}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--public-key"), "{}", stderr(&out));
+    }
 }

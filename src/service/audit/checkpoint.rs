@@ -152,26 +152,26 @@ impl Audit {
         Checkpoint::signed(server_name, &head, key_pair)
     }
 
-    /// Whether the log still holds `checkpoint`'s head at its position.
+    /// Whether the log still holds `checkpoint`'s head at its position. A storage error is
+    /// an error, never taken for a rewrite.
     pub fn contains(&self, checkpoint: &Checkpoint) -> Result<Containment> {
-        let (first, last) = self.bounds()?;
+        // One read of the anchor: a position below it is pruned, and only then.
+        let anchor = self.anchor()?;
+        let last = self.bounds()?.1;
         let seq = checkpoint.seq;
         if seq > last {
             return Ok(Containment::Truncated { head_seq: last });
         }
-        let found = if seq == 0 {
-            GENESIS_HASH.to_owned()
-        } else if seq < first {
-            match self.anchor()? {
-                Some(anchor) if anchor.seq == seq => anchor.hash,
-                Some(anchor) => return Ok(Containment::Pruned { anchor_seq: anchor.seq }),
-                None => return Ok(Containment::Pruned { anchor_seq: 0 }),
+        let found = match &anchor {
+            _ if seq == 0 => GENESIS_HASH.to_owned(),
+            Some(anchor) if seq == anchor.seq => anchor.hash.clone(),
+            Some(anchor) if seq < anchor.seq => {
+                return Ok(Containment::Pruned { anchor_seq: anchor.seq });
             }
-        } else {
-            match self.raw.get(&seq) {
-                Ok(Some(record)) => record["hash"].as_str().unwrap_or_default().to_owned(),
-                Ok(None) | Err(_) => String::new(),
-            }
+            _ => match self.raw.get(&seq)? {
+                Some(record) => record["hash"].as_str().unwrap_or_default().to_owned(),
+                None => "none (the record is gone)".to_owned(),
+            },
         };
         Ok(if found == checkpoint.head_hash {
             Containment::Contained
