@@ -32,7 +32,7 @@ use ruma::{
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    service::Services,
+    service::{Services, sessions::TokenRecord, users::UserRecord},
 };
 
 /// The state every handler receives.
@@ -107,6 +107,22 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller behind an accepted token, named as the actor of any audit record written
+    /// while the request runs.
+    fn signed_in(record: TokenRecord, user: &UserRecord) -> Self {
+        crate::service::audit::context::set_caller(
+            record.user_id.as_str(),
+            record.device_id.as_str(),
+        );
+        Self {
+            user_id: record.user_id,
+            device_id: record.device_id,
+            admin: user.admin,
+            auditor: user.auditor,
+            guest: user.guest,
+        }
+    }
+
     /// Whether the per-user abuse limits (`[limits.messages]`) apply: not to admins. This is
     /// the one place an exemption is decided, so application service users registered with
     /// `rate_limited: false` can be exempted here once application services exist.
@@ -222,16 +238,9 @@ pub fn authenticate(
     if user.locked {
         return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
     }
-    crate::service::audit::context::set_caller(record.user_id.as_str(), record.device_id.as_str());
     services.sessions.touch(&record, ip.map(|a| a.ip().to_string()), user_agent.map(str::to_owned));
     services.analytics.touch(&record.user_id);
-    Ok(Caller {
-        user_id: record.user_id,
-        device_id: record.device_id,
-        admin: user.admin,
-        auditor: user.auditor,
-        guest: user.guest,
-    })
+    Ok(Caller::signed_in(record, &user))
 }
 
 /// Authenticates `token` for logging out: an expired token (of a refreshable session) and a
@@ -243,14 +252,7 @@ fn authenticate_to_end_session(services: &Services, token: &str) -> Result<Calle
     let user = user.ok_or_else(|| {
         Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown access token")
     })?;
-    crate::service::audit::context::set_caller(record.user_id.as_str(), record.device_id.as_str());
-    Ok(Caller {
-        user_id: record.user_id,
-        device_id: record.device_id,
-        admin: user.admin,
-        auditor: user.auditor,
-        guest: user.guest,
-    })
+    Ok(Caller::signed_in(record, &user))
 }
 
 /// The client's user agent, cut to a bounded length.
