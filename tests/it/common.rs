@@ -207,3 +207,63 @@ impl TestServer {
 pub fn enc(id: &str) -> String {
     form_urlencoded::byte_serialize(id.as_bytes()).collect()
 }
+
+/// A free loopback port for a server started as its own process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child `plaza` process, killed and reaped when dropped, so a test that fails midway never
+/// leaves its server running.
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits up to 30 s for the server at `base` to answer `/versions`; `log` says why it did not.
+pub async fn wait_until_serving(base: &str, log: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let url = format!("{base}/_matrix/client/versions");
+    loop {
+        let answer = reqwest::get(&url).await;
+        if answer.is_ok_and(|r| r.status() == StatusCode::OK) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not start: {}", log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Abuse limits high enough for tests that register and send quickly from one address.
+const PLENTY: &str = "[limits.registration]\nper_second = 1000.0\nburst = 10000\n[limits.messages]\nper_second = 1000.0\nburst = 10000\n";
+
+/// Writes `dir/plaza.toml` for a server on `port` with its database in `dir/db`, open
+/// registration, raised abuse limits and the `extra` top-level keys or tables.
+pub fn write_config(dir: &std::path::Path, port: u16, extra: &str) -> PathBuf {
+    let path = dir.join("plaza.toml");
+    let text = format!(
+        "server_name = \"example.test\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n[database]\npath = \"{}\"\ncache_mb = 8\n[registration]\nmode = \"open\"\n{PLENTY}",
+        dir.join("db").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -2,14 +2,16 @@
 //! successors for rooms that would be orphaned, erasure, and jobs that survive a crash.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{TestServer, assert_error, binary, enc};
+use crate::common::{
+    Reaped, TestServer, assert_error, binary, enc, free_port, wait_until_serving, write_config,
+};
 
 /// Polls `check` until it holds, for at most `secs` seconds.
 async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
@@ -477,31 +479,8 @@ async fn matrix_sdk_client_sees_the_departed_member_leave() {
 
 /// A `plaza` process on its own data directory, killed when dropped.
 struct Process {
-    child: Child,
+    child: Reaped,
     base: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn config_file(dir: &std::path::Path, port: u16, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("plaza.toml");
-    let text = format!(
-        "server_name = \"example.test\"\nlisten = [\"127.0.0.1:{port}\"]\n[database]\npath = \"{}\"\ncache_mb = 8\n[registration]\nmode = \"open\"\n{extra}\n",
-        dir.join("db").display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 async fn spawn(config: &std::path::Path, port: u16) -> Process {
@@ -512,17 +491,9 @@ async fn spawn(config: &std::path::Path, port: u16) -> Process {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Killed and waited for on drop, should the start fail.
-    let process = Process { child, base: format!("http://127.0.0.1:{port}") };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = reqwest::get(format!("{}/_matrix/client/versions", process.base)).await;
-        if response.is_ok_and(|r| r.status() == StatusCode::OK) {
-            return process;
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let process = Process { child: Reaped(child), base: format!("http://127.0.0.1:{port}") };
+    wait_until_serving(&process.base, String::new).await;
+    process
 }
 
 impl Process {
@@ -596,7 +567,7 @@ async fn offboarding_of_500_rooms_completes_after_a_crash_midway() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // A pause between rooms stretches the job so the kill lands in its middle.
-    let config = config_file(dir.path(), port, "[jobs]\npause_between_steps_ms = 10");
+    let config = write_config(dir.path(), port, "[jobs]\npause_between_steps_ms = 10");
     let password_file = dir.path().join("pw");
     std::fs::write(&password_file, "durable password\n").unwrap();
     let created = Command::new(binary())
@@ -704,7 +675,7 @@ async fn onboarding_resumes_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let extra = "[jobs]\npause_between_steps_ms = 700\n[onboarding]\nauto_join_rooms = [\"#one:example.test\", \"#two:example.test\", \"#three:example.test\"]\nwelcome_notice = \"Welcome aboard\"";
-    let config = config_file(dir.path(), port, extra);
+    let config = write_config(dir.path(), port, extra);
     let p = spawn(&config, port).await;
     let (_, founder) = p.register("founder").await;
     let mut rooms = Vec::new();

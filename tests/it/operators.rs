@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -16,7 +16,7 @@ use plaza::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{TestServer, assert_error, binary};
+use crate::common::{Reaped, TestServer, assert_error, binary, free_port, wait_until_serving};
 
 #[tokio::test]
 async fn landing_page_names_the_company_and_how_to_connect_with_safe_headers() {
@@ -77,7 +77,7 @@ async fn landing_page_names_the_company_and_how_to_connect_with_safe_headers() {
 
 /// The real binary with its log output collected line by line.
 struct Logged {
-    child: Child,
+    child: Reaped,
     lines: Arc<Mutex<Vec<String>>>,
     base: String,
 }
@@ -107,16 +107,9 @@ impl Logged {
             });
         }
         let base = format!("http://127.0.0.1:{port}");
-        let process = Self { child, lines, base };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let answer = reqwest::get(format!("{}/_matrix/client/versions", process.base)).await;
-            if answer.is_ok_and(|r| r.status() == StatusCode::OK) {
-                return process;
-            }
-            assert!(Instant::now() < deadline, "server did not start: {:?}", process.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let process = Self { child: Reaped(child), lines, base };
+        wait_until_serving(&process.base, || format!("{:?}", process.log())).await;
+        process
     }
 
     fn log(&self) -> Vec<String> {
@@ -140,19 +133,6 @@ impl Logged {
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(self.child.wait().unwrap().success());
     }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `plaza audit verify` on `data_dir` with `args`, outside any configuration file.

@@ -2,7 +2,7 @@
 
 use std::{
     collections::BTreeSet,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -13,28 +13,11 @@ use std::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{binary, enc};
+use crate::common::{Reaped, binary, enc, free_port, wait_until_serving, write_config};
 
 struct Process {
-    child: Child,
+    child: Reaped,
     base: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Abuse limits high enough for tests that register and send quickly from one address.
-const PLENTY: &str = "[limits.registration]\nper_second = 1000.0\nburst = 10000\n[limits.messages]\nper_second = 1000.0\nburst = 10000\n";
-
-fn write_config(dir: &std::path::Path, port: u16, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("plaza.toml");
-    let text = format!(
-        "server_name = \"example.test\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n[database]\npath = \"{}\"\ncache_mb = 8\n[registration]\nmode = \"open\"\n{PLENTY}",
-        dir.join("db").display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 async fn start(config: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Process {
@@ -46,18 +29,9 @@ async fn start(config: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Pro
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = http.get(format!("{base}/_matrix/client/versions")).send().await;
-        if response.is_ok_and(|r| r.status() == StatusCode::OK) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Process { child, base }
+    let process = Process { child: Reaped(child), base: format!("http://127.0.0.1:{port}") };
+    wait_until_serving(&process.base, String::new).await;
+    process
 }
 
 impl Process {
@@ -101,16 +75,6 @@ impl Process {
     fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-    }
-}
-
-/// A test that fails midway must not leave its server running.
-impl Drop for Process {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
