@@ -413,9 +413,13 @@ pub struct LimitsConfig {
     /// Failed password attempts (login and re-authentication), counted per account whatever
     /// address they come from.
     pub login_failures: LoginFailuresConfig,
-    /// Accounts created through `/register`, counted per client address.
+    /// Accounts created through `/register`, counted per client address (per /64 for IPv6).
+    /// A partial table keeps the defaults of the keys it leaves out.
+    #[serde(deserialize_with = "registration_rate")]
     pub registration: RateConfig,
-    /// Events sent (`/send`, `/state`), counted per user; admins are exempt.
+    /// Events sent (`/send`, `/state`), counted per user; admins are exempt. A partial table
+    /// keeps the defaults of the keys it leaves out.
+    #[serde(deserialize_with = "messages_rate")]
     pub messages: RateConfig,
     /// Deadlines and caps on client connections.
     pub connections: ConnectionsConfig,
@@ -437,6 +441,36 @@ impl RateConfig {
     fn is_valid(&self) -> bool {
         self.per_second.is_finite() && self.per_second >= 1e-7 && self.burst > 0
     }
+
+    /// The default of `limits.registration`.
+    pub const REGISTRATION: Self = Self { per_second: 0.17, burst: 3 };
+    /// The default of `limits.messages`.
+    pub const MESSAGES: Self = Self { per_second: 0.2, burst: 10 };
+}
+
+/// A rate table as written, each key optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialRate {
+    per_second: Option<f64>,
+    burst: Option<u32>,
+}
+
+impl PartialRate {
+    fn or(self, default: RateConfig) -> RateConfig {
+        RateConfig {
+            per_second: self.per_second.unwrap_or(default.per_second),
+            burst: self.burst.unwrap_or(default.burst),
+        }
+    }
+}
+
+fn registration_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RateConfig, D::Error> {
+    Ok(PartialRate::deserialize(d)?.or(RateConfig::REGISTRATION))
+}
+
+fn messages_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RateConfig, D::Error> {
+    Ok(PartialRate::deserialize(d)?.or(RateConfig::MESSAGES))
 }
 
 /// Failed password attempts per account.
@@ -464,8 +498,10 @@ pub struct ConnectionsConfig {
     /// Seconds a new connection has to send its first complete request head (protocol
     /// detection included).
     pub header_timeout_secs: u64,
-    /// Seconds an idle connection (no request in flight, no bytes moving) is kept open; on
-    /// HTTP/1.1 each later request head must also be complete within it.
+    /// Seconds an idle connection (no request handled, no response body being sent) is kept
+    /// open, and a response body may send nothing before the connection is closed; on
+    /// HTTP/1.1 each later request head must also be complete within it. At least
+    /// `header_timeout_secs`.
     pub keep_alive_secs: u64,
     /// Most connections open at once; 0 derives it from the open-file limit, keeping a
     /// reserve of descriptors for the database, files and new connections.
@@ -591,8 +627,8 @@ impl Default for LimitsConfig {
             rate_burst: 50,
             trusted_proxies: Vec::new(),
             login_failures: LoginFailuresConfig::default(),
-            registration: RateConfig { per_second: 0.17, burst: 3 },
-            messages: RateConfig { per_second: 0.2, burst: 10 },
+            registration: RateConfig::REGISTRATION,
+            messages: RateConfig::MESSAGES,
             connections: ConnectionsConfig::default(),
         }
     }
@@ -863,7 +899,7 @@ impl Config {
             burst: limits.login_failures.burst,
         };
         let connections = &limits.connections;
-        let checks: [(bool, &'static str, &str); 7] = [
+        let checks: [(bool, &'static str, &str); 8] = [
             (
                 !failures.is_valid(),
                 "limits.login_failures",
@@ -893,6 +929,11 @@ impl Config {
                 !(1..=86_400).contains(&connections.keep_alive_secs),
                 "limits.connections.keep_alive_secs",
                 "1 to 86400",
+            ),
+            (
+                connections.header_timeout_secs > connections.keep_alive_secs,
+                "limits.connections.header_timeout_secs",
+                "at most keep_alive_secs (HTTP/1.1 request heads are held to keep_alive_secs)",
             ),
             (
                 connections.http2_max_streams == 0,
@@ -966,6 +1007,20 @@ mod tests {
         config.limits.connections.header_timeout_secs = 0;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("limits.connections.header_timeout_secs"), "{err}");
+        config.limits.connections.header_timeout_secs = 30;
+        config.limits.connections.keep_alive_secs = 20;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.connections.header_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn a_partial_rate_table_keeps_its_own_defaults() {
+        let text = "[messages]\nburst = 50\n[registration]\nper_second = 1.0\n";
+        let limits: LimitsConfig = Figment::from(Toml::string(text)).extract().unwrap();
+        assert_eq!(limits.messages, RateConfig { burst: 50, ..RateConfig::MESSAGES });
+        assert_eq!(limits.registration, RateConfig { per_second: 1.0, ..RateConfig::REGISTRATION });
+        let limits: LimitsConfig = Figment::from(Toml::string("")).extract().unwrap();
+        assert_eq!(limits.messages, RateConfig::MESSAGES);
     }
 
     #[test]

@@ -1,26 +1,23 @@
 //! What a client connection may hold: a deadline for its first request (protocol detection
 //! included), an idle deadline once it has been served, and a cap on open connections below
-//! the open-file limit. At the cap, the oldest connection that has not yet sent a request makes
-//! room for the new one, so idle sockets can never lock legitimate clients out, and a server
-//! whose descriptors run out frees some the same way and keeps serving.
+//! the open-file limit. Idleness is measured from requests, not bytes (HTTP/2 pings move bytes
+//! on an idle connection): a connection is busy while a request is handled or its response
+//! body is sent, and a response body that stops moving for the keep-alive time ends it. At the
+//! cap, the oldest connection that has not yet sent a request makes room for the new one, or
+//! else the longest-idle served one, so idle sockets can never lock legitimate clients out,
+//! and a server whose descriptors run out frees some the same way and keeps serving.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
-    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-    sync::Notify,
-};
+use tokio::{net::TcpStream, sync::Notify};
 
 use crate::config::ConnectionsConfig;
 
@@ -72,6 +69,8 @@ pub struct Gate {
     open: AtomicUsize,
     next_id: AtomicU64,
     waiting: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    /// Connections that have been served, evicted (longest idle first) only when none waits.
+    served: Mutex<HashMap<u64, Served>>,
     /// When a refusal or exhaustion was last logged, in seconds since `epoch`.
     last_warning: AtomicU64,
     epoch: Instant,
@@ -83,7 +82,18 @@ impl Gate {
         let max = match (config.max, open_file_limit) {
             (0, Some(limit)) => derived_max(limit),
             (0, None) => derived_max(1024),
-            (max, _) => max,
+            (max, Some(limit)) => {
+                if u64::try_from(max).unwrap_or(u64::MAX) > limit {
+                    tracing::warn!(
+                        max,
+                        limit,
+                        "limits.connections.max exceeds the open-file limit; connections past \
+                         the limit cannot be accepted, and the database may run out of files"
+                    );
+                }
+                max
+            }
+            (max, None) => max,
         };
         tracing::info!(max, "connection cap");
         Self {
@@ -93,6 +103,7 @@ impl Gate {
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             waiting: Mutex::new(BTreeMap::new()),
+            served: Mutex::new(HashMap::new()),
             last_warning: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
         }
@@ -105,7 +116,8 @@ impl Gate {
     }
 
     /// Admits a new connection, evicting the oldest one still waiting for its first request
-    /// when at the cap; `None` (and the socket is closed) when there is none to evict.
+    /// (or else the longest-idle served one) when at the cap; `None` (and the socket is
+    /// closed) when there is none to evict.
     pub fn admit(self: &Arc<Self>, stream: TcpStream) -> Option<Admitted> {
         if self.open.load(Ordering::Relaxed) >= self.max && self.evict(1) == 0 {
             self.warn("connection cap reached; refusing a connection");
@@ -118,10 +130,11 @@ impl Gate {
         let activity = Arc::new(Activity {
             started: Instant::now(),
             last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            sent_ms: AtomicU64::new(0),
+            handling: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
             served: AtomicBool::new(false),
         });
-        let stream = Tracked { inner: stream, activity: activity.clone() };
         let guard = Watch { gate: self.clone(), id, activity, evicted };
         Some(Admitted { stream, guard })
     }
@@ -142,14 +155,36 @@ impl Gate {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Evicts up to `count` of the oldest connections waiting for their first request.
+    fn lock_served(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Served>> {
+        self.served.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Evicts up to `count` connections: the oldest waiting for their first request, then
+    /// the longest-idle served ones with nothing in progress.
     fn evict(&self, count: usize) -> usize {
-        let mut waiting = self.lock_waiting();
         let mut evicted = 0;
-        while evicted < count {
-            let Some((_, notify)) = waiting.pop_first() else { break };
-            notify.notify_one();
-            evicted += 1;
+        {
+            let mut waiting = self.lock_waiting();
+            while evicted < count {
+                let Some((_, notify)) = waiting.pop_first() else { break };
+                notify.notify_one();
+                evicted += 1;
+            }
+        }
+        if evicted < count {
+            let mut served = self.lock_served();
+            let mut idle: Vec<(Instant, u64)> = served
+                .iter()
+                .filter(|(_, (activity, _))| activity.is_idle())
+                .map(|(id, (activity, _))| (activity.last(), *id))
+                .collect();
+            idle.sort_unstable();
+            for (_, id) in idle.into_iter().take(count - evicted) {
+                if let Some((_, notify)) = served.remove(&id) {
+                    notify.notify_one();
+                    evicted += 1;
+                }
+            }
         }
         evicted
     }
@@ -163,32 +198,55 @@ impl Gate {
     }
 }
 
+/// A served connection as the gate knows it: its use, and how to evict it.
+type Served = (Arc<Activity>, Arc<Notify>);
+
 /// What is known of one connection's use.
 struct Activity {
     started: Instant,
-    /// When bytes last moved, in milliseconds since `started`.
+    /// When a request last finished (or arrived), in milliseconds since `started`.
     last_ms: AtomicU64,
+    /// When a response body last produced bytes, in milliseconds since `started`.
+    sent_ms: AtomicU64,
     /// Requests whose response has not been produced yet.
-    in_flight: AtomicUsize,
+    handling: AtomicUsize,
+    /// Responses whose body is being sent.
+    sending: AtomicUsize,
     /// Whether a request has arrived.
     served: AtomicBool,
 }
 
 impl Activity {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn sent(&self) {
+        self.sent_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn last(&self) -> Instant {
         self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
+
+    fn last_sent(&self) -> Instant {
+        self.started + Duration::from_millis(self.sent_ms.load(Ordering::Relaxed))
+    }
+
+    /// Nothing in progress: no request handled, no response body being sent.
+    fn is_idle(&self) -> bool {
+        self.handling.load(Ordering::Relaxed) == 0 && self.sending.load(Ordering::Relaxed) == 0
+    }
 }
 
 /// An admitted connection: its socket and the guard that watches it.
 pub struct Admitted {
-    /// The socket, noting when bytes move.
-    pub stream: Tracked,
+    /// The socket.
+    pub stream: TcpStream,
     /// Watches the connection's deadlines.
     pub guard: Watch,
 }
@@ -202,13 +260,43 @@ pub struct Watch {
     evicted: Arc<Notify>,
 }
 
-/// Marks one request in flight until dropped.
+/// Marks one request as being handled until its response is produced (see
+/// [`InFlight::sending`]) or it is dropped.
 pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// The response is produced: the request stays in progress while its body is sent,
+    /// until the returned guard drops (the body finished or was dropped).
+    pub fn sending(self) -> Sending {
+        let activity = self.0.clone();
+        activity.sent();
+        activity.sending.fetch_add(1, Ordering::Relaxed);
+        drop(self);
+        Sending(activity)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.handling.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Marks one response body as being sent until dropped.
+pub struct Sending(Arc<Activity>);
+
+impl Sending {
+    /// The body produced bytes.
+    pub fn progressed(&self) {
+        self.0.sent();
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.sending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -218,18 +306,22 @@ pub struct Requests {
     gate: Arc<Gate>,
     id: u64,
     activity: Arc<Activity>,
+    evicted: Arc<Notify>,
 }
 
 impl Requests {
     /// A request arrived: the connection is no longer evictable, and is busy until the
     /// returned guard drops.
     pub fn start(&self) -> InFlight {
+        self.activity.handling.fetch_add(1, Ordering::Relaxed);
         if !self.activity.served.load(Ordering::Relaxed)
             && !self.activity.served.swap(true, Ordering::Relaxed)
         {
             self.gate.lock_waiting().remove(&self.id);
+            let entry = (self.activity.clone(), self.evicted.clone());
+            self.gate.lock_served().insert(self.id, entry);
         }
-        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.activity.touch();
         InFlight(self.activity.clone())
     }
 }
@@ -237,35 +329,48 @@ impl Requests {
 impl Watch {
     /// The handle the connection's service notes requests with.
     pub fn requests(&self) -> Requests {
-        Requests { gate: self.gate.clone(), id: self.id, activity: self.activity.clone() }
+        Requests {
+            gate: self.gate.clone(),
+            id: self.id,
+            activity: self.activity.clone(),
+            evicted: self.evicted.clone(),
+        }
     }
 
-    /// Resolves when the connection must close: evicted, no request before the header
-    /// deadline, or idle (nothing in flight, no bytes moving) for the keep-alive time.
+    /// Resolves when the connection must close: evicted while nothing is in progress, no
+    /// request before the header deadline, a response body that sent nothing for the
+    /// keep-alive time, or idle (no request handled, no body sent) for the keep-alive time.
     pub async fn expired(&self) {
         let gate = &self.gate;
-        let mut deadline = self.activity.started + gate.header_timeout;
+        let activity = &self.activity;
+        let mut deadline = activity.started + gate.header_timeout;
         loop {
             tokio::select! {
                 () = self.evicted.notified() => {
-                    if !self.activity.served.load(Ordering::Relaxed) {
+                    if !activity.served.load(Ordering::Relaxed) || activity.is_idle() {
                         return;
                     }
+                    // Busy again since it was picked: it may be evicted once idle.
+                    let entry = (activity.clone(), self.evicted.clone());
+                    gate.lock_served().insert(self.id, entry);
                 }
                 () = tokio::time::sleep_until(deadline.into()) => {
-                    if !self.activity.served.load(Ordering::Relaxed) {
+                    if !activity.served.load(Ordering::Relaxed) {
                         return;
                     }
                     let now = Instant::now();
-                    if self.activity.in_flight.load(Ordering::Relaxed) > 0 {
-                        deadline = now + gate.keep_alive;
-                        continue;
-                    }
-                    let idle_until = self.activity.last() + gate.keep_alive;
-                    if idle_until <= now {
+                    let until = if activity.handling.load(Ordering::Relaxed) > 0 {
+                        // A handler runs (a long poll ends on its own timeout).
+                        now + gate.keep_alive
+                    } else if activity.sending.load(Ordering::Relaxed) > 0 {
+                        activity.last_sent() + gate.keep_alive
+                    } else {
+                        activity.last() + gate.keep_alive
+                    };
+                    if until <= now {
                         return;
                     }
-                    deadline = idle_until;
+                    deadline = until;
                 }
             }
         }
@@ -274,69 +379,12 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        if !self.activity.served.load(Ordering::Relaxed) {
+        if self.activity.served.load(Ordering::Relaxed) {
+            self.gate.lock_served().remove(&self.id);
+        } else {
             self.gate.lock_waiting().remove(&self.id);
         }
         self.gate.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A client socket that notes when bytes move, for the idle deadline.
-pub struct Tracked {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -349,5 +397,45 @@ mod tests {
         assert_eq!(derived_max(1024), 768);
         assert_eq!(derived_max(100), 36);
         assert_eq!(derived_max(10), 16);
+    }
+
+    /// A fresh loopback socket.
+    async fn socket(listener: &tokio::net::TcpListener) -> TcpStream {
+        TcpStream::connect(listener.local_addr().unwrap()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_longest_idle_served_connection_makes_room() {
+        let config = ConnectionsConfig { max: 2, ..ConnectionsConfig::default() };
+        let gate = Arc::new(Gate::new(&config, None));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let short = Duration::from_millis(100);
+
+        // `idle` was served and is done; `busy` is handling a request.
+        let idle = gate.admit(socket(&listener).await).unwrap();
+        drop(idle.guard.requests().start());
+        let busy = gate.admit(socket(&listener).await).unwrap();
+        let handling = busy.guard.requests().start();
+
+        let fresh = gate.admit(socket(&listener).await).expect("room is made");
+        tokio::time::timeout(short, idle.guard.expired()).await.expect("the idle one is evicted");
+        drop(idle);
+        assert!(tokio::time::timeout(short, busy.guard.expired()).await.is_err());
+
+        // Next, the one that never sent a request goes first.
+        let newest = gate.admit(socket(&listener).await).expect("room is made");
+        tokio::time::timeout(short, fresh.guard.expired()).await.expect("the unserved one goes");
+        drop(fresh);
+
+        // Only a busy connection and an unserved one are left: the unserved one makes room,
+        // then nothing can.
+        let last = gate.admit(socket(&listener).await).expect("room is made");
+        tokio::time::timeout(short, newest.guard.expired()).await.expect("evicted");
+        drop(newest);
+        let _also_handling = last.guard.requests().start();
+        let sending = handling.sending();
+        assert!(gate.admit(socket(&listener).await).is_none(), "nothing idle to evict");
+        drop(sending);
+        assert!(gate.admit(socket(&listener).await).is_some(), "its response is sent");
     }
 }

@@ -138,9 +138,16 @@ async fn serve(
             req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             let response = app.clone().oneshot(req.map(axum::body::Body::new));
             async move {
-                let response = response.await;
-                drop(in_flight);
-                response
+                let response = response.await?;
+                // The request stays in progress until its body is sent or dropped; each
+                // frame the connection takes counts as progress.
+                let sending = in_flight.sending();
+                Ok::<_, std::convert::Infallible>(response.map(move |body| {
+                    axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+                        sending.progressed();
+                        frame
+                    }))
+                }))
             }
         });
         let connection = builder
@@ -162,6 +169,9 @@ async fn serve(
     drop(listener);
     graceful.shutdown().await;
 }
+
+/// Connections the metrics listener keeps open at most.
+const METRICS_MAX_CONNECTIONS: usize = 32;
 
 /// How often an HTTP/2 client is pinged to find out whether it is still there.
 const HTTP2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -245,7 +255,11 @@ impl Server {
                 listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
             let app = router::metrics_app(services.clone());
             let mut stopped = stopped.clone();
-            let gate = gate.clone();
+            // A gate of its own: scrapers never take client connections' places, nor
+            // clients theirs.
+            let metrics_limits =
+                crate::config::ConnectionsConfig { max: METRICS_MAX_CONNECTIONS, ..*connections };
+            let gate = Arc::new(Gate::new(&metrics_limits, None));
             tasks.spawn(async move {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;

@@ -322,7 +322,9 @@ where
         if T::RATE_LIMITED {
             let key = match &caller {
                 Some(caller) => caller.user_id.to_string(),
-                None => ip.map(|a| a.ip().to_string()).unwrap_or_default(),
+                None => ip
+                    .map(|a| crate::service::ratelimit::address_key(a.ip()).to_string())
+                    .unwrap_or_default(),
             };
             services.rate_limiter.check(&key)?;
         }

@@ -18,7 +18,7 @@ use crate::{
     error::Result,
     service::{
         audit::{Audit, Entry},
-        ratelimit::{Bucket, UserLimiter},
+        ratelimit::{Bucket, UserLimiter, address_key},
     },
 };
 
@@ -195,13 +195,14 @@ impl Abuse {
 
     /// `M_LIMIT_EXCEEDED` when `ip` may not create another account now; spends nothing.
     pub fn check_registration(&self, ip: Option<IpAddr>) -> Result<()> {
-        ip.map_or(Ok(()), |ip| self.registration.check(&ip))
+        ip.map_or(Ok(()), |ip| self.registration.check(&address_key(ip)))
     }
 
-    /// Spends one registration of `ip`; called under the registration lock just before the
-    /// account is written, so concurrent registrations cannot overshoot.
+    /// Spends one registration of `ip`; called under the registration lock once the account
+    /// is written (after [`Self::check_registration`] under the same lock), so concurrent
+    /// registrations cannot overshoot and a failed one costs nothing.
     pub fn spend_registration(&self, ip: Option<IpAddr>) -> Result<()> {
-        ip.map_or(Ok(()), |ip| self.registration.spend(&ip))
+        ip.map_or(Ok(()), |ip| self.registration.spend(&address_key(ip)))
     }
 
     /// Counts one event sent by `user_id`, unless `rate_limited` is false (admins, and

@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     hash::Hash,
+    net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
     sync::{
         Mutex,
@@ -30,6 +31,8 @@ use crate::{
 pub struct RateLimiter {
     limiter: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
+    /// Checks so far, to look at the table's size only now and then.
+    checks: AtomicU64,
 }
 
 impl RateLimiter {
@@ -40,13 +43,17 @@ impl RateLimiter {
         Self {
             limiter: Governor::keyed(Quota::per_second(rate).allow_burst(burst)),
             clock: DefaultClock::default(),
+            checks: AtomicU64::new(0),
         }
     }
 
     /// Counts one request for `key`; `M_LIMIT_EXCEEDED` with the wait when over the limit.
     pub fn check(&self, key: &str) -> Result<()> {
-        // Bound memory: forget idle clients once the table grows.
-        if self.limiter.len() > 100_000 {
+        // Bound memory: now and then, forget clients whose bucket is full again (never one
+        // whose bucket is still being spent).
+        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(PRUNE_EVERY)
+            && self.limiter.len() > MAX_KEYS
+        {
             self.limiter.retain_recent();
         }
         self.limiter
@@ -63,6 +70,21 @@ pub fn limit_exceeded(wait: Duration) -> Error {
 
 /// Keys a limiter remembers before it forgets those that are back to a full bucket.
 const MAX_KEYS: usize = 100_000;
+
+/// How often a full [`Bucket`] looks for keys whose bucket is full again, at most.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// The key a client address is limited by: the address itself for IPv4, its /64 for IPv6
+/// (one subscriber commonly holds a whole /64, so single addresses cost nothing to change).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+        IpAddr::V4(_) => ip,
+    }
+}
 
 /// The interval between two actions at `per_second` (at least a nanosecond, at most a year).
 fn emission_interval(rate: RateConfig) -> Duration {
@@ -118,8 +140,50 @@ pub struct Bucket<K> {
     interval: Duration,
     /// How far ahead of now a key's theoretical arrival time may run: `burst - 1` intervals.
     slack: Duration,
+    keys: Mutex<Keys<K>>,
+}
+
+/// The buckets of a [`Bucket`]'s keys.
+struct Keys<K> {
     /// Per key, when its bucket is full again.
-    full_at: Mutex<HashMap<K, Instant>>,
+    full_at: HashMap<K, Instant>,
+    /// The one bucket new keys share while the table is full (a flood of distinct keys):
+    /// they fail closed, and no key being limited is forgotten.
+    overflow: Option<Instant>,
+    /// When keys whose bucket is full again were last swept out.
+    swept: Option<Instant>,
+}
+
+impl<K: Hash + Eq + Clone> Keys<K> {
+    /// Where `key` is counted: its own bucket, or the shared overflow bucket when it is new
+    /// and the table is full even after forgetting the keys whose bucket is full again.
+    fn slot(&mut self, key: &K, now: Instant) -> Slot {
+        if self.full_at.len() < MAX_KEYS || self.full_at.contains_key(key) {
+            return Slot::Own;
+        }
+        if self.swept.is_none_or(|swept| now.duration_since(swept) >= SWEEP_EVERY) {
+            self.swept = Some(now);
+            self.full_at.retain(|_, full| *full > now);
+            if self.full_at.len() < MAX_KEYS {
+                return Slot::Own;
+            }
+        }
+        Slot::Overflow
+    }
+
+    fn full_at(&mut self, key: &K, slot: Slot) -> Option<&mut Instant> {
+        match slot {
+            Slot::Own => self.full_at.get_mut(key),
+            Slot::Overflow => self.overflow.as_mut(),
+        }
+    }
+}
+
+/// Which bucket a key is counted in.
+#[derive(Clone, Copy)]
+enum Slot {
+    Own,
+    Overflow,
 }
 
 impl<K: Hash + Eq + Clone> Bucket<K> {
@@ -127,7 +191,12 @@ impl<K: Hash + Eq + Clone> Bucket<K> {
     pub fn new(rate: RateConfig) -> Self {
         let interval = emission_interval(rate);
         let slack = interval.saturating_mul(rate.burst.saturating_sub(1));
-        Self { interval, slack, full_at: Mutex::new(HashMap::new()) }
+        let keys = Keys { full_at: HashMap::new(), overflow: None, swept: None };
+        Self { interval, slack, keys: Mutex::new(keys) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys<K>> {
+        self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// How long `key` must wait before its next action; zero when it may act now.
@@ -138,8 +207,9 @@ impl<K: Hash + Eq + Clone> Bucket<K> {
     /// `M_LIMIT_EXCEEDED` when `key` has no action left; spends nothing.
     pub fn check(&self, key: &K) -> Result<()> {
         let now = Instant::now();
-        let map = self.full_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match self.wait(map.get(key), now) {
+        let mut keys = self.lock();
+        let slot = keys.slot(key, now);
+        match self.wait(keys.full_at(key, slot).as_deref(), now) {
             Duration::ZERO => Ok(()),
             wait => Err(limit_exceeded(wait)),
         }
@@ -148,19 +218,16 @@ impl<K: Hash + Eq + Clone> Bucket<K> {
     /// Spends one action of `key`; `M_LIMIT_EXCEEDED` (spending nothing) when none is left.
     pub fn spend(&self, key: &K) -> Result<()> {
         let now = Instant::now();
-        let mut map = self.full_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let wait = self.wait(map.get(key), now);
+        let mut keys = self.lock();
+        let slot = keys.slot(key, now);
+        let wait = self.wait(keys.full_at(key, slot).as_deref(), now);
         if !wait.is_zero() {
             return Err(limit_exceeded(wait));
         }
-        if map.len() >= MAX_KEYS && !map.contains_key(key) {
-            map.retain(|_, full| *full > now);
-            if map.len() >= MAX_KEYS {
-                // Only a flood of distinct keys gets here; the per-address limit still holds.
-                map.clear();
-            }
-        }
-        let full = map.entry(key.clone()).or_insert(now);
+        let full = match slot {
+            Slot::Own => keys.full_at.entry(key.clone()).or_insert(now),
+            Slot::Overflow => keys.overflow.get_or_insert(now),
+        };
         *full = (*full).max(now) + self.interval;
         Ok(())
     }
@@ -187,5 +254,32 @@ mod tests {
         assert!((1_000..=2_000).contains(&retry_after_ms), "{retry_after_ms}");
         assert!(bucket.check(&key).is_err());
         bucket.check(&"b".to_owned()).unwrap();
+    }
+
+    #[test]
+    fn a_full_table_keeps_its_keys_and_new_ones_share_one_bucket() {
+        let bucket = Bucket::new(RateConfig { per_second: 0.001, burst: 1 });
+        for n in 0..MAX_KEYS {
+            bucket.spend(&n).unwrap();
+        }
+        // The key under attack is still limited; new keys share the overflow bucket.
+        assert!(bucket.spend(&0).is_err());
+        bucket.spend(&MAX_KEYS).unwrap();
+        assert!(bucket.check(&(MAX_KEYS + 1)).is_err());
+        assert!(bucket.spend(&(MAX_KEYS + 2)).is_err());
+        assert_eq!(bucket.lock().full_at.len(), MAX_KEYS);
+    }
+
+    #[test]
+    fn ipv6_addresses_are_limited_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        assert_eq!(address_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(address_key(v4), v4);
+        assert_eq!(address_key("::ffff:192.0.2.7".parse().unwrap()), v4);
     }
 }

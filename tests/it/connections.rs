@@ -222,3 +222,90 @@ async fn proxy_variables_of_the_environment_are_not_followed() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(seen.load(Ordering::Relaxed), 0, "the proxy saw a request");
 }
+
+/// A server in-process whose connections idle out after two seconds.
+async fn short_keep_alive() -> crate::common::TestServer {
+    crate::common::TestServer::start_with(|config| {
+        config.limits.connections.header_timeout_secs = 2;
+        config.limits.connections.keep_alive_secs = 2;
+    })
+    .await
+}
+
+/// One HTTP/2 frame: length, type, flags, stream id, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_although_pings_keep_moving() {
+    let server = short_keep_alive().await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let stream = TcpStream::connect(&addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+
+    // Prior knowledge: the preface, empty settings, then one GET (HPACK: :method GET,
+    // :scheme http, :path and :authority as literals without indexing).
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    let path = b"/_matrix/client/versions";
+    let mut block = vec![0x82, 0x86, 0x04, u8::try_from(path.len()).unwrap()];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"localhost");
+    hello.extend(h2_frame(0x1, 0x4 | 0x1, 1, &block));
+    write.write_all(&hello).await.unwrap();
+
+    // The client pings twice a second: bytes keep moving both ways, but no request does.
+    let pinger = tokio::spawn(async move {
+        for n in 0u64.. {
+            let ping = h2_frame(0x6, 0, 0, &n.to_be_bytes());
+            if write.write_all(&ping).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+
+    let started = Instant::now();
+    let mut received = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    pinger.abort();
+    assert!(closed.is_ok(), "the idle connection is still open after 8 s");
+    assert!(received > 0, "the request was answered");
+    assert!(started.elapsed() >= Duration::from_millis(1_500), "closed too early");
+}
+
+#[tokio::test]
+async fn a_long_poll_outlives_the_keep_alive_time_on_http2() {
+    let server = short_keep_alive().await;
+    let (_, token, _) = server.register("alice", "password-a").await;
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let (status, body) = server.get("/_matrix/client/v3/sync", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let since = body["next_batch"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    let response = client
+        .get(format!("{}/_matrix/client/v3/sync?timeout=5000&since={since}", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let _: Value = response.json().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(4), "the long poll waited");
+}

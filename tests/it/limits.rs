@@ -154,13 +154,19 @@ async fn sending_is_limited_per_user_and_admins_are_exempt() {
     let room = s.create_room(&alice_token, json!({ "preset": "public_chat" })).await;
     assert_eq!(s.membership(&boss_token, &room, "join", json!({})).await.0, StatusCode::OK);
 
+    let mut sent = Vec::new();
     for i in 0..3 {
-        assert_eq!(
-            s.send_text(&alice_token, &room, &format!("t{i}"), "hi").await.0,
-            StatusCode::OK
-        );
+        let (status, body) = s.send_text(&alice_token, &room, &format!("t{i}"), "hi").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        sent.push(body["event_id"].clone());
     }
     assert_limited(&s.send_text(&alice_token, &room, "t3", "one too many").await);
+    // A retried send (a transaction already stored) gets its event back, uncharged.
+    for (i, event_id) in sent.iter().enumerate() {
+        let (status, body) = s.send_text(&alice_token, &room, &format!("t{i}"), "hi").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(&body["event_id"], event_id);
+    }
     let topic = format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/x");
     assert_limited(&s.put(&topic, Some(&alice_token), json!({ "topic": "x" })).await);
     // The refused message was not stored.

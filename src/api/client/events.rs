@@ -51,22 +51,26 @@ pub async fn send(
     req: Ruma<send_message::Request>,
 ) -> Result<send_message::Response> {
     let caller = req.caller()?.clone();
-    services.abuse.message(&caller.user_id, caller.rate_limited())?;
     let body = req.body;
-    let content = content_object(body.body.json().get())?;
     let event_type = body.event_type.to_string();
-    // Moves the type over (a custom type's string is not copied again).
-    let kind = TimelineEventType::from(body.event_type);
-    if kind == TimelineEventType::RoomRedaction {
-        return Err(Error::bad_json("Use the redact endpoint to redact events"));
-    }
-    let event = NewEvent { kind, content, state_key: None, redacts: None, audit: Vec::new() };
     let txn = Txn {
         user: &caller.user_id,
         device: caller.device_id.as_str(),
         id: body.txn_id.as_str(),
         endpoint: TxnEndpoint::Send(&event_type),
     };
+    // A retry of a send already stored answers with its event, uncharged.
+    if let Some(event_id) = services.rooms.transaction(&body.room_id, txn)? {
+        return Ok(send_message::Response::new(event_id));
+    }
+    services.abuse.message(&caller.user_id, caller.rate_limited())?;
+    let content = content_object(body.body.json().get())?;
+    // Moves the type over (a custom type's string is not copied again).
+    let kind = TimelineEventType::from(body.event_type);
+    if kind == TimelineEventType::RoomRedaction {
+        return Err(Error::bad_json("Use the redact endpoint to redact events"));
+    }
+    let event = NewEvent { kind, content, state_key: None, redacts: None, audit: Vec::new() };
     let event_id =
         services.rooms.append(&services, &body.room_id, &caller.user_id, event, Some(txn)).await?;
     Ok(send_message::Response::new(event_id))

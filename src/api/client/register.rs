@@ -76,7 +76,9 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     if services.users.get(&user_id)?.is_some() {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
-    services.abuse.spend_registration(ip)?;
+    // Checked under the lock, spent only once the account exists: a registration that fails
+    // costs nothing.
+    services.abuse.check_registration(ip)?;
     let mut batch = services.db.batch();
     let mut admin = false;
     if let Some(token) = &authorized.registration_token {
@@ -116,6 +118,10 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         );
     }
     services.audit.commit(batch, entries)?;
+    if let Err(err) = services.abuse.spend_registration(ip) {
+        // Cannot happen: the check above ran under the same lock.
+        tracing::debug!(%err, "registration limit spent beyond its check");
+    }
     tracing::info!(%user_id, admin, guest, "registered account");
     drop(guard);
     if !guest {
