@@ -3,7 +3,7 @@
 
 use std::{
     os::unix::process::CommandExt,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -18,19 +18,12 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::common::{binary, enc};
+use crate::common::{Reaped, binary, enc, free_port, wait_until_serving, write_config};
 
 /// A running binary, killed when dropped.
 struct Plaza {
-    child: Child,
+    _child: Reaped,
     base: String,
-}
-
-impl Drop for Plaza {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Raises this process's soft open-file limit to its hard limit.
@@ -53,13 +46,8 @@ async fn start(
     env: &[(&str, &str)],
     files: Option<u64>,
 ) -> Plaza {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = dir.join("plaza.toml");
-    let text = format!(
-        "server_name = \"example.test\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n[database]\npath = \"{}\"\ncache_mb = 8\n[registration]\nmode = \"open\"\n",
-        dir.join("db").display()
-    );
-    std::fs::write(&config, text).unwrap();
+    let port = free_port();
+    let config = write_config(dir, port, extra);
     let mut command = Command::new(binary());
     command.arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::null());
     for name in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "PLAZA_CONFIG"] {
@@ -79,18 +67,12 @@ async fn start(
             });
         }
     }
-    let child = command.spawn().unwrap();
-    let plaza = Plaza { child, base: format!("http://127.0.0.1:{port}") };
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = http.get(format!("{}/_matrix/client/versions", plaza.base)).send().await;
-        if response.is_ok_and(|r| r.status() == StatusCode::OK) {
-            return plaza;
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let plaza = Plaza {
+        _child: Reaped(command.spawn().unwrap()),
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    wait_until_serving(&plaza.base, String::new).await;
+    plaza
 }
 
 /// `/versions` through `client`, within one second.
