@@ -253,6 +253,26 @@ pub async fn wait_until_serving(base: &str, log: impl Fn() -> String) {
     }
 }
 
+/// Starts the `plaza` binary with `config` and `env`, its output discarded, and waits until it
+/// serves on `port`; returns the process and its base URL.
+pub async fn start_binary(
+    config: &std::path::Path,
+    port: u16,
+    env: &[(&str, &str)],
+) -> (Reaped, String) {
+    let child = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (child, base) = (Reaped(child), format!("http://127.0.0.1:{port}"));
+    wait_until_serving(&base, String::new).await;
+    (child, base)
+}
+
 /// Abuse limits high enough for tests that register and send quickly from one address.
 const PLENTY: &str = "[limits.registration]\nper_second = 1000.0\nburst = 10000\n[limits.messages]\nper_second = 1000.0\nburst = 10000\n";
 

@@ -2,7 +2,7 @@
 //! successors for rooms that would be orphaned, erasure, and jobs that survive a crash.
 
 use std::{
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::common::{
-    Reaped, TestServer, assert_error, binary, enc, free_port, wait_until_serving, write_config,
+    Reaped, TestServer, assert_error, binary, enc, free_port, start_binary, write_config,
 };
 
 /// Polls `check` until it holds, for at most `secs` seconds.
@@ -484,16 +484,8 @@ struct Process {
 }
 
 async fn spawn(config: &std::path::Path, port: u16) -> Process {
-    let child = Command::new(binary())
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let process = Process { child: Reaped(child), base: format!("http://127.0.0.1:{port}") };
-    wait_until_serving(&process.base, String::new).await;
-    process
+    let (child, base) = start_binary(config, port, &[]).await;
+    Process { child, base }
 }
 
 impl Process {

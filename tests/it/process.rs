@@ -13,7 +13,7 @@ use std::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{Reaped, binary, enc, free_port, wait_until_serving, write_config};
+use crate::common::{Reaped, binary, enc, free_port, start_binary, write_config};
 
 struct Process {
     child: Reaped,
@@ -21,17 +21,8 @@ struct Process {
 }
 
 async fn start(config: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Process {
-    let child = Command::new(binary())
-        .arg("--config")
-        .arg(config)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let process = Process { child: Reaped(child), base: format!("http://127.0.0.1:{port}") };
-    wait_until_serving(&process.base, String::new).await;
-    process
+    let (child, base) = start_binary(config, port, env).await;
+    Process { child, base }
 }
 
 impl Process {
