@@ -10,13 +10,17 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
+    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::{net::TcpStream, sync::Notify};
 
 use crate::config::ConnectionsConfig;
@@ -300,6 +304,69 @@ impl Drop for Sending {
     }
 }
 
+/// Largest piece of a response body handed to the connection at once. The connection asks for
+/// the next piece only as its write buffer drains, so progress follows the bytes that reach
+/// the client, and a body built as one large frame is not taken as sent the moment it is made.
+const SEND_PIECE: usize = 16 * 1024;
+
+/// A response body whose sending keeps its connection busy: it is handed over in pieces of at
+/// most [`SEND_PIECE`] bytes, each counted as progress, and the connection is busy until the
+/// body ends or is dropped.
+pub struct SentBody<B> {
+    body: B,
+    rest: Bytes,
+    sending: Sending,
+}
+
+impl<B> SentBody<B> {
+    /// `body`, sent under `sending`.
+    pub fn new(body: B, sending: Sending) -> Self {
+        Self { body, rest: Bytes::new(), sending }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for SentBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
+                    Err(trailers) => {
+                        this.sending.progressed();
+                        return Poll::Ready(Some(Ok(trailers)));
+                    }
+                },
+                ended => return Poll::Ready(ended),
+            }
+        }
+        let piece = this.rest.split_to(this.rest.len().min(SEND_PIECE));
+        this.sending.progressed();
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint.set_lower(inner.lower() + rest);
+        hint
+    }
+}
+
 /// Notes requests as they arrive on a connection; held by its service.
 #[derive(Clone)]
 pub struct Requests {
@@ -402,6 +469,32 @@ mod tests {
     /// A fresh loopback socket.
     async fn socket(listener: &tokio::net::TcpListener) -> TcpStream {
         TcpStream::connect(listener.local_addr().unwrap()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_made_as_one_frame_is_sent_in_pieces_and_busy_until_done() {
+        use http_body_util::BodyExt;
+        let gate = Arc::new(Gate::new(&ConnectionsConfig::default(), None));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admitted = gate.admit(socket(&listener).await).unwrap();
+        let activity = admitted.guard.requests().activity;
+        let whole = Bytes::from(vec![7u8; 5 * SEND_PIECE + 3]);
+        let sending = admitted.guard.requests().start().sending();
+        let mut body = SentBody::new(http_body_util::Full::new(whole.clone()), sending);
+        assert_eq!(body.size_hint().exact(), Some(whole.len() as u64));
+
+        let mut sent = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let piece = frame.unwrap().into_data().unwrap();
+            assert!(piece.len() <= SEND_PIECE);
+            sent.extend_from_slice(&piece);
+            // Until the body has been handed over whole, the connection is busy.
+            assert!(!activity.is_idle());
+        }
+        assert_eq!(sent, whole);
+        assert!(body.is_end_stream());
+        drop(body);
+        assert!(activity.is_idle());
     }
 
     #[tokio::test]

@@ -140,14 +140,11 @@ async fn serve(
             async move {
                 let response = response.await?;
                 // The request stays in progress until its body is sent or dropped; each
-                // frame the connection takes counts as progress.
+                // piece the connection takes counts as progress.
                 let sending = in_flight.sending();
-                Ok::<_, std::convert::Infallible>(response.map(move |body| {
-                    axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
-                        sending.progressed();
-                        frame
-                    }))
-                }))
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| crate::connections::SentBody::new(body, sending)),
+                )
             }
         });
         let connection = builder
