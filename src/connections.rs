@@ -307,7 +307,7 @@ impl Drop for Sending {
 /// Largest piece of a response body handed to the connection at once. The connection asks for
 /// the next piece only as its write buffer drains, so progress follows the bytes that reach
 /// the client, and a body built as one large frame is not taken as sent the moment it is made.
-const SEND_PIECE: usize = 16 * 1024;
+const SEND_PIECE: usize = 64 * 1024;
 
 /// A response body whose sending keeps its connection busy: it is handed over in pieces of at
 /// most [`SEND_PIECE`] bytes, each counted as progress, and the connection is busy until the
