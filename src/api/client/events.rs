@@ -59,11 +59,14 @@ pub async fn send(
         id: body.txn_id.as_str(),
         endpoint: TxnEndpoint::Send(&event_type),
     };
-    // A retry of a send already stored answers with its event, uncharged.
-    if let Some(event_id) = services.rooms.transaction(&body.room_id, txn)? {
-        return Ok(send_message::Response::new(event_id));
+    // Over the limit, a retry of a send already stored still answers with its event; the
+    // store is read only then, so a first send pays no extra read.
+    if let Err(limited) = services.abuse.message(&caller.user_id, caller.rate_limited()) {
+        return match services.rooms.transaction(&body.room_id, txn)? {
+            Some(event_id) => Ok(send_message::Response::new(event_id)),
+            None => Err(limited),
+        };
     }
-    services.abuse.message(&caller.user_id, caller.rate_limited())?;
     let content = content_object(body.body.json().get())?;
     // Moves the type over (a custom type's string is not copied again).
     let kind = TimelineEventType::from(body.event_type);
