@@ -182,8 +182,13 @@ impl Gate {
                 .filter(|(_, (activity, _))| activity.is_idle())
                 .map(|(id, (activity, _))| (activity.last(), *id))
                 .collect();
-            idle.sort_unstable();
-            for (_, id) in idle.into_iter().take(count - evicted) {
+            // Only the `need` longest idle matter: no full sort under the lock.
+            let need = count - evicted;
+            if idle.len() > need {
+                idle.select_nth_unstable(need);
+                idle.truncate(need);
+            }
+            for (_, id) in idle {
                 if let Some((_, notify)) = served.remove(&id) {
                     notify.notify_one();
                     evicted += 1;
@@ -243,7 +248,9 @@ impl Activity {
 
     /// Nothing in progress: no request handled, no response body being sent.
     fn is_idle(&self) -> bool {
-        self.handling.load(Ordering::Relaxed) == 0 && self.sending.load(Ordering::Relaxed) == 0
+        // Acquire pairs with the release that ends handling: a response whose sending began
+        // before its handling ended is seen as sending.
+        self.handling.load(Ordering::Acquire) == 0 && self.sending.load(Ordering::Relaxed) == 0
     }
 }
 
@@ -283,7 +290,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.handling.fetch_sub(1, Ordering::Relaxed);
+        self.0.handling.fetch_sub(1, Ordering::Release);
     }
 }
 
