@@ -273,13 +273,7 @@ pub async fn deactivate(
     if user_id == caller.user_id {
         return Err(Error::forbidden("Deactivate your own account from a client instead"));
     }
-    let successor = match body.successor.as_deref() {
-        Some(successor) => Some(
-            ruma::UserId::parse(successor)
-                .map_err(|_| Error::invalid_param("successor is not a valid user id"))?,
-        ),
-        None => None,
-    };
+    let successor = body.successor.as_deref().map(super::user_id).transpose()?;
     let request = Deactivation {
         actor: caller.user_id.clone(),
         erase: body.erase,
