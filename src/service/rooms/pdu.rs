@@ -242,7 +242,7 @@ pub fn redacted_by(wire: &CanonicalJsonObject) -> Option<OwnedEventId> {
 
 /// The event a redaction names: the top-level `redacts` (room versions 1 to 10) or, since
 /// room version 11, `content.redacts`, which clients are also given at the top level.
-fn redacts_of(wire: &CanonicalJsonObject) -> Option<&CanonicalJsonValue> {
+pub fn redacts_of(wire: &CanonicalJsonObject) -> Option<&CanonicalJsonValue> {
     if let Some(redacts) = wire.get("redacts") {
         return Some(redacts);
     }

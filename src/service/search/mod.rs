@@ -397,14 +397,9 @@ impl Indexer {
         let f = self.fields;
         self.cursor = self.cursor.max(short);
         self.dirty_since.get_or_insert_with(Instant::now);
-        if let Some(target) = event.wire.get("redacts").and_then(|r| r.as_str()) {
-            self.writer.delete_term(Term::from_field_text(f.event_id, target));
-        }
-        let content_redacts = event.wire.get("content").and_then(|c| match c {
-            ruma::CanonicalJsonValue::Object(content) => content.get("redacts"),
-            _ => None,
-        });
-        if let Some(target) = content_redacts.and_then(|r| r.as_str()) {
+        if let Some(target) =
+            crate::service::rooms::pdu::redacts_of(&event.wire).and_then(|r| r.as_str())
+        {
             self.writer.delete_term(Term::from_field_text(f.event_id, target));
         }
         if short <= self.replayed {
