@@ -246,22 +246,15 @@ impl E2ee {
     /// and to-device messages went.
     pub fn queue_forget_user(&self, batch: &mut Batch, user_id: &UserId) -> Result<(u64, u64)> {
         let user = prefix(user_id.as_str());
-        for item in self.device_keys.scan_prefix(user.clone()) {
-            self.device_keys.delete_raw(batch, &item?.0);
-        }
+        // Tables whose rows are not counted go with one range delete each.
+        self.device_keys.delete_prefix(batch, user.clone());
+        self.fallback_keys.delete_prefix(batch, user.clone());
+        self.cross_signing.delete_prefix(batch, user.clone());
+        self.to_device_txns.delete_prefix(batch, user.clone());
         let mut one_time_keys = 0;
         for item in self.one_time_keys.scan_prefix(user.clone()) {
             self.one_time_keys.delete_raw(batch, &item?.0);
             one_time_keys += 1;
-        }
-        for item in self.fallback_keys.scan_prefix(user.clone()) {
-            self.fallback_keys.delete_raw(batch, &item?.0);
-        }
-        for item in self.cross_signing.scan_prefix(user.clone()) {
-            self.cross_signing.delete_raw(batch, &item?.0);
-        }
-        for item in self.to_device_txns.scan_prefix(user.clone()) {
-            self.to_device_txns.delete_raw(batch, &item?.0);
         }
         let mut to_device = 0;
         for item in self.to_device.scan_prefix(user) {
