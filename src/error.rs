@@ -208,6 +208,11 @@ impl Error {
         Self::new(ErrorKind::Internal, "Internal server error")
     }
 
+    /// Whether this is an internal failure (storage, corrupt data) rather than a refusal.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Self::Matrix(ErrorKind::Internal, _))
+    }
+
     /// The Matrix error kind, if this is not a UIA challenge.
     pub fn kind(&self) -> Option<&ErrorKind> {
         match self {

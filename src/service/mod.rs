@@ -174,7 +174,16 @@ impl Services {
         let init = |e: crate::error::Error| StorageError::Init(e.to_string());
         services.users.index_creation_times(&services.db).map_err(init)?;
         services.media.index_upload_times().map_err(init)?;
+        services.rooms.states.migrate_snapshots(&services.db).map_err(init)?;
         services.rooms.fill_redaction_copies().map_err(init)?;
+        // The features that take part in writing events; the event core names none of them.
+        services.rooms.register(
+            rooms::listeners::Registry::default()
+                .contributor(relations::Indexer)
+                .contributor(analytics::Recorder)
+                .listener(search::Indexing)
+                .listener(push::notifier::Enqueue),
+        );
         Ok(services)
     }
 

@@ -391,6 +391,13 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         }
     }
 
+    /// The stored bytes at `key`, for values with their own encoding (written with
+    /// [`Table::put_encoded`]).
+    pub fn get_raw(&self, key: &(impl Key + ?Sized)) -> Result<Option<Vec<u8>>, StorageError> {
+        let cf = self.db.cf(self.name);
+        Ok(self.db.inner.get_pinned_cf(cf, key.to_key_bytes())?.map(|bytes| bytes.to_vec()))
+    }
+
     /// Whether `key` holds a value.
     pub fn contains(&self, key: &(impl Key + ?Sized)) -> Result<bool, StorageError> {
         let cf = self.db.cf(self.name);
@@ -510,6 +517,11 @@ impl Batch {
     /// Raises the counter `name` to at least `value`.
     pub fn raise_counter(&mut self, db: &Db, name: &str, value: u64) {
         self.inner.merge_cf(db.cf(tables::COUNTERS), name, value.to_be_bytes());
+    }
+
+    /// The bytes queued, as RocksDB will write them.
+    pub fn size_in_bytes(&self) -> usize {
+        self.inner.size_in_bytes()
     }
 
     /// Whether nothing was queued.

@@ -37,8 +37,22 @@ pub const PDUS: &str = "pdus";
 pub const EVENT_IDS: &str = "event_ids";
 /// `short room id 0xFF stream position` -> short event id: each room's timeline in order.
 pub const TIMELINE: &str = "timeline";
-/// `snapshot id` -> `Snapshot` (a parent and the state entries that differ from it).
+/// `snapshot id` -> a state in the older delta format; emptied by the start-up migration to
+/// [`STATE_NODES`].
 pub const STATE_SNAPSHOTS: &str = "state_snapshots";
+/// `node id` -> a node of the room state trie (varint-encoded leaf entries or branch
+/// children); a state is named by its root node's id.
+pub const STATE_NODES: &str = "state_nodes";
+/// `event type 0xFF state key` -> short state key.
+pub const SHORT_STATE_KEYS: &str = "short_state_keys";
+/// `short state key` -> `(event type, state key)`.
+pub const STATE_KEYS: &str = "state_keys";
+/// `short event id` -> sorted short ids of the state event's whole auth chain (itself not
+/// included): the auth-chain index.
+pub const AUTH_CHAINS: &str = "auth_chains";
+/// `room id 0xFF missing event id 0xFF waiting event id` -> nothing: events whose prev events
+/// are missing (gaps in the graph), waiting for them to arrive.
+pub const GAPS: &str = "gaps";
 /// `user id 0xFF room id` -> membership (`join`, `invite`, `leave`, `ban`, `knock`).
 pub const USER_ROOMS: &str = "user_rooms";
 /// `room id 0xFF user id` -> membership.
@@ -197,6 +211,11 @@ pub const ALL: &[&str] = &[
     EVENT_IDS,
     TIMELINE,
     STATE_SNAPSHOTS,
+    STATE_NODES,
+    SHORT_STATE_KEYS,
+    STATE_KEYS,
+    AUTH_CHAINS,
+    GAPS,
     USER_ROOMS,
     ROOM_MEMBERS,
     TRANSACTIONS,

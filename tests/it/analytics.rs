@@ -388,7 +388,7 @@ async fn only_staff_read_analytics_and_bad_parameters_are_refused() {
 /// after authorising them, so the reply times are known to the millisecond.
 #[tokio::test]
 async fn known_reply_times_give_exact_medians_and_p90s() {
-    use plaza::service::rooms::{pdu::StoredPdu, state::StateMap};
+    use plaza::service::rooms::pdu::StoredPdu;
     use ruma::{RoomVersionId, canonical_json::to_canonical_value};
 
     let s = TestServer::start().await;
@@ -412,11 +412,12 @@ async fn known_reply_times_give_exact_medians_and_p90s() {
             redacted_because: None,
             redaction: None,
             transaction: None,
+            status: Default::default(),
         };
         let mut batch = services.db.batch();
         services
             .analytics
-            .record(&mut batch, &services, &event, &StateMap::new(), &RoomVersionId::V11)
+            .record(&mut batch, &services, &event, 0, &RoomVersionId::V11)
             .unwrap();
         services.db.write(batch).unwrap();
     };

@@ -182,13 +182,13 @@ impl Analytics {
     }
 
     /// Queues the aggregates `event` changes into `batch`, the batch that stores the event.
-    /// Runs under the room's lock; `state` is the room state before the event.
+    /// Runs under the room's lock; `state` is the id of the room state before the event.
     pub fn record(
         &self,
         batch: &mut Batch,
         services: &Services,
         event: &StoredPdu,
-        state: &StateMap,
+        state: u64,
         version: &RoomVersionId,
     ) -> Result<()> {
         let ts = event.wire.get("origin_server_ts").and_then(|t| t.as_integer());
@@ -208,7 +208,7 @@ impl Analytics {
         }
         let day = Day::from_ms(facts.ts).key();
         self.active.put(batch, &(day.as_str(), facts.sender), &());
-        let encrypted = state.contains_key(&("m.room.encryption".to_owned(), String::new()));
+        let encrypted = services.rooms.states.get(state, "m.room.encryption", "")?.is_some();
         if facts.is_message() {
             let key = (day.as_str(), facts.room_id, facts.sender);
             let count = self.messages.get(&key)?.unwrap_or(0);
@@ -229,7 +229,8 @@ impl Analytics {
         } else if polls::RESPONSE_TYPES.contains(&facts.kind) {
             self.record_response(batch, &facts)?;
         } else if polls::END_TYPES.contains(&facts.kind) {
-            self.record_end(batch, services, &facts, state, version)?;
+            let state = services.rooms.states.load(state)?;
+            self.record_end(batch, services, &facts, &state, version)?;
         }
         Ok(())
     }
@@ -409,5 +410,25 @@ mod tests {
             .collect();
         stored.sort();
         assert_eq!(stored, ["$a", "$b", "$c"]);
+    }
+}
+
+/// Counts each event's activity, response times and poll votes in the event's own batch, so
+/// the aggregates never disagree with the events.
+pub struct Recorder;
+
+impl crate::service::rooms::listeners::Contributor for Recorder {
+    fn contribute(
+        &self,
+        services: &Services,
+        written: &crate::service::rooms::listeners::Written<'_>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let (event, version) = (written.event, written.version);
+        services.analytics.record(batch, services, event, written.state_before, version)
+    }
+
+    fn abandoned(&self, services: &Services, written: &crate::service::rooms::listeners::Written<'_>) {
+        services.analytics.forget(written.room_id.as_str());
     }
 }

@@ -1124,3 +1124,12 @@ mod tests {
         assert!(!judged.contains(198 + 2 * WINDOW + 1) && judged.contains(198 + 3 * WINDOW));
     }
 }
+
+/// Hands each event, once durable, to the notifier that judges who it notifies.
+pub struct Enqueue;
+
+impl crate::service::rooms::listeners::Listener for Enqueue {
+    fn persisted(&self, services: &crate::service::Services, short: u64, event: &Arc<StoredPdu>) {
+        services.notifier.enqueue(short, event.clone());
+    }
+}

@@ -119,6 +119,33 @@ fn targets(
     Ok((parent_event, in_room(reply)?))
 }
 
+/// Keeps the relation indexes in each event's batch: a new event's relations are indexed and
+/// a redacted event's removed.
+pub struct Indexer;
+
+impl crate::service::rooms::listeners::Contributor for Indexer {
+    fn contribute(
+        &self,
+        services: &Services,
+        written: &crate::service::rooms::listeners::Written<'_>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let relations = &services.relations;
+        if let Some(redacted) = written.redacted {
+            relations.unindex(batch, written.room_short, redacted)?;
+        }
+        let event = written.event;
+        let sender = UserId::parse(event.sender()).map_err(Error::internal)?;
+        let parts = (event.kind(), written.content, event.state_key().is_some());
+        let links =
+            relations.prepare(services, written.room_id, written.room_short, &sender, parts)?;
+        if let Some(links) = links {
+            relations.index(batch, links, event)?;
+        }
+        Ok(())
+    }
+}
+
 /// Refuses the content of an event for a room not made yet (`createRoom`'s `initial_state`)
 /// when it relates to an event the server knows, which is in another room by necessity; checked
 /// before anything of the room is written.
@@ -163,12 +190,11 @@ impl Relations {
         room_id: &RoomId,
         room_short: u64,
         sender: &UserId,
-        (kind, event): (&str, &crate::service::rooms::NewEvent),
+        (kind, content, is_state): (&str, &JsonValue, bool),
     ) -> Result<Option<Links>> {
-        let content = &event.content;
         let Some((rel_type, _, key, _)) = relates_to(content) else { return Ok(None) };
         let (parent_event, reply_event) = targets(services, Some(room_id), content)?;
-        if event.state_key.is_some() || kind == "m.room.redaction" {
+        if is_state || kind == "m.room.redaction" {
             return Ok(None);
         }
         let mut links = Vec::new();

@@ -1,21 +1,33 @@
-//! Rooms: building, authorising and storing events, room state, and membership indexes.
+//! Rooms: the event core (the graph of events, its state and membership indexes) and the
+//! reads everything else makes of it.
 //!
-//! Every event appended to a room goes through [`Rooms::append`] under that room's lock: auth
-//! events come from the current state, prev events from the forward extremities, and the event,
-//! its state snapshot, its timeline entry and its indexes are written in one batch. The lock is
-//! released before that batch's WAL sync, so the next event of the room is built while the sync
-//! runs; the sender's answer and every sync wait for it.
+//! Every event takes one path under its room's lock: built here ([`Rooms::append`], `local`)
+//! or received from another server ([`Rooms::ingest`], `ingest`), it is checked and written by
+//! [`Rooms::place`] (`graph`): the event, its place in the graph, the state after it (`state`:
+//! compact, shared between states) and the room's current state (`resolve`: state resolution
+//! where branches meet), the membership indexes and what registered features contribute
+//! (`listeners`), all in one batch. The lock is released before that batch's WAL sync, so the
+//! next event of the room is built while the sync runs; the sender's answer and every sync
+//! wait for it.
 
 mod audited;
+pub mod auth_chain;
 pub mod create;
 pub mod directory;
+pub mod graph;
+pub mod ingest;
+pub mod listeners;
+mod local;
 pub mod membership;
 pub mod migrate;
 pub mod pdu;
 pub mod reports;
+pub mod resolve;
 pub mod state;
 pub mod summary;
 pub mod upgrade;
+
+pub use self::graph::Status;
 
 use std::{
     collections::HashMap,
@@ -23,20 +35,17 @@ use std::{
 };
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, DeviceId, EventId, OwnedEventId, OwnedRoomId, RoomId,
-    RoomVersionId, UserId,
-    events::{StateEventType, TimelineEventType},
-    room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersion, RoomVersionRules},
-    state_res,
+    DeviceId, EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UserId,
+    events::TimelineEventType,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Value as JsonValue, value::to_raw_value};
+use serde_json::Value as JsonValue;
 
 use self::{
     pdu::{Pdu, StoredPdu},
     state::{StateMap, States},
 };
-use super::{Counter, Services, now_ms, random_string, stream::Pending};
+use super::{Counter, Services, now_ms, stream::Pending};
 use crate::{
     error::{Error, ErrorKind, Result},
     storage::{Batch, Db, Key, Table, Ticket, prefix, split_key, tables},
@@ -181,6 +190,10 @@ pub struct Rooms {
     /// Parsed state events by short id, for the auth checks of every send and the state
     /// lookups of every sync.
     state_cache: Mutex<StateCache>,
+    /// Auth chains of state events, by short id.
+    chain_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
+    /// The features taking part in writing events, registered once at start.
+    registry: std::sync::OnceLock<listeners::Registry>,
 }
 
 /// Parsed state events, and a count of redactions so that an event read before one is never
@@ -324,10 +337,6 @@ enum Target<'a> {
     New(&'a RoomVersionId),
 }
 
-fn forbidden(reason: impl std::fmt::Display) -> Error {
-    Error::forbidden(format!("Event not authorised: {reason}"))
-}
-
 impl Rooms {
     pub(super) fn new(db: &Db) -> Result<Self> {
         Ok(Self {
@@ -349,7 +358,22 @@ impl Rooms {
             memberships_cache: ListCache::new(MEMBERSHIPS_CACHE),
             recent: Mutex::default(),
             state_cache: Mutex::default(),
+            chain_cache: Mutex::default(),
+            registry: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the features taking part in writing events; once, at start.
+    pub fn register(&self, registry: listeners::Registry) {
+        if self.registry.set(registry).is_err() {
+            tracing::warn!("event listeners were registered twice; the first set stays");
+        }
+    }
+
+    /// The registered features (none before [`Rooms::register`]).
+    fn registry(&self) -> &listeners::Registry {
+        static NONE: std::sync::OnceLock<listeners::Registry> = std::sync::OnceLock::new();
+        self.registry.get().unwrap_or_else(|| NONE.get_or_init(listeners::Registry::default))
     }
 
     /// The lock serialising appends to `room_id`.
@@ -759,444 +783,6 @@ impl Rooms {
         Ok(())
     }
 
-    /// Appends an event from `sender` to an existing room. `txn` makes client sends
-    /// idempotent: a repeat returns the first event.
-    pub async fn append(
-        &self,
-        services: &Services,
-        room_id: &RoomId,
-        sender: &UserId,
-        event: NewEvent,
-        txn: Option<Txn<'_>>,
-    ) -> Result<OwnedEventId> {
-        let txn = txn.map(|txn| (txn, txn.key(room_id)));
-        let lock = self.lock(room_id);
-        let guard = lock.lock().await;
-        if let Some((_, key)) = &txn
-            && let Some(existing) = self.transactions.get(key.as_slice())?
-        {
-            // The first request may still be waiting for its sync.
-            let ticket = self.db.ticket_now();
-            drop(guard);
-            self.db.durable(ticket).await?;
-            return Ok(existing);
-        }
-        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        let target = Target::Existing(room_id, record);
-        let txn = txn.as_ref().map(|(txn, key)| (*txn, key.as_slice()));
-        let (event_id, unsynced) =
-            self.build_and_store(services, target, sender, event, txn, true)?;
-        drop(guard);
-        if let Some((pending, ticket)) = unsynced {
-            self.db.durable(ticket).await?;
-            drop(pending);
-        }
-        Ok(event_id)
-    }
-
-    /// Appends the event `build` makes from the room and its current state, both read under
-    /// the room lock so no other event lands between the read and the write. Nothing is
-    /// appended when `build` returns `None`.
-    pub async fn append_from_state(
-        &self,
-        services: &Services,
-        room_id: &RoomId,
-        sender: &UserId,
-        build: impl FnOnce(&RoomRecord, &StateMap) -> Result<Option<NewEvent>>,
-    ) -> Result<Option<OwnedEventId>> {
-        let lock = self.lock(room_id);
-        let guard = lock.lock().await;
-        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        let state = self.states.load(record.current_state)?;
-        let Some(event) = build(&record, &state)? else { return Ok(None) };
-        let target = Target::Existing(room_id, record);
-        let (event_id, unsynced) =
-            self.build_and_store(services, target, sender, event, None, true)?;
-        drop(guard);
-        if let Some((pending, ticket)) = unsynced {
-            self.db.durable(ticket).await?;
-            drop(pending);
-        }
-        Ok(Some(event_id))
-    }
-
-    /// Creates a room of `version` from its create event (whose `room_version` this sets);
-    /// returns the room id. Later events go
-    /// through [`Rooms::append`].
-    pub fn append_create(
-        &self,
-        services: &Services,
-        sender: &UserId,
-        version: &RoomVersionId,
-        mut content: JsonValue,
-    ) -> Result<OwnedRoomId> {
-        content["room_version"] = serde_json::json!(version);
-        let event = NewEvent::state("m.room.create", "", content);
-        let (event_id, _) =
-            self.build_and_store(services, Target::New(version), sender, event, None, false)?;
-        let stored = self.stored(&event_id)?.ok_or_else(|| Error::internal("create event lost"))?;
-        Ok(stored.room_id)
-    }
-
-    /// Builds, authorises and writes an event; `txn` is the client transaction with its stored
-    /// key. With `defer_sync` the WAL sync is left to the caller, who awaits the returned
-    /// ticket (after releasing the room lock) and then drops the pending position; otherwise
-    /// the write is durable on return.
-    fn build_and_store<'s>(
-        &self,
-        services: &'s Services,
-        target: Target<'_>,
-        sender: &UserId,
-        event: NewEvent,
-        txn: Option<(Txn<'_>, &[u8])>,
-        defer_sync: bool,
-    ) -> Result<(OwnedEventId, Unsynced<'s>)> {
-        let (room, version) = match target {
-            Target::Existing(room_id, record) => {
-                let version = record.version.clone();
-                (Some((room_id, record)), version)
-            }
-            Target::New(version) => (None, version.clone()),
-        };
-        let kind = event.kind.to_string();
-        let (state_key, room_id) = (event.state_key.as_deref(), room.as_ref().map(|(id, _)| *id));
-        check_field_sizes(&kind, state_key, sender, room_id)?;
-        let rules = version.rules().ok_or_else(|| {
-            Error::new(ErrorKind::UnsupportedRoomVersion, "Unsupported room version")
-        })?;
-        let (record, state) = match &room {
-            Some((_, record)) => (Some(record.clone()), self.states.load(record.current_state)?),
-            None => (None, Arc::default()),
-        };
-        let is_create = event.kind == TimelineEventType::RoomCreate;
-
-        let content = to_raw_value(&event.content).map_err(|e| Error::bad_json(e.to_string()))?;
-        let auth_types = state_res::auth_types_for_event(
-            &event.kind,
-            sender,
-            event.state_key.as_deref(),
-            &content,
-            &rules.authorization,
-        )
-        .map_err(Error::bad_json)?;
-        let auth_pdus: Vec<Arc<Pdu>> = auth_types
-            .iter()
-            .filter_map(|(kind, key)| state.get(&(kind.to_string(), key.clone())))
-            .map(|short| self.state_pdu(*short))
-            .collect::<Result<_>>()?;
-        let auth_events: Vec<OwnedEventId> =
-            auth_pdus.iter().map(|pdu| pdu.event_id.clone()).collect();
-        let prev_events = record.as_ref().map(|r| r.extremities.clone()).unwrap_or_default();
-        let depth = record.as_ref().map_or(1, |r| r.depth + 1);
-
-        let mut wire = CanonicalJsonObject::new();
-        let to_canonical = |value: JsonValue| -> Result<CanonicalJsonValue> {
-            CanonicalJsonValue::try_from(value)
-                .map_err(|e| Error::bad_json(format!("Invalid JSON for an event: {e}")))
-        };
-        wire.insert("auth_events".into(), to_canonical(self.event_refs(&auth_events, &rules)?)?);
-        wire.insert("prev_events".into(), to_canonical(self.event_refs(&prev_events, &rules)?)?);
-        wire.insert("content".into(), to_canonical(event.content.clone())?);
-        wire.insert(
-            "depth".into(),
-            CanonicalJsonValue::Integer(ruma::Int::new_saturating(depth as i64)),
-        );
-        wire.insert(
-            "origin".into(),
-            CanonicalJsonValue::String(services.server_name().to_string()),
-        );
-        // Create events of room version 12 carry nothing random, so two identical requests
-        // must differ in time or they would name the same room.
-        let ts = if is_create { self.next_create_ts() } else { now_ms() };
-        wire.insert(
-            "origin_server_ts".into(),
-            CanonicalJsonValue::Integer(ruma::Int::new_saturating(ts as i64)),
-        );
-        wire.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
-        wire.insert("type".into(), CanonicalJsonValue::String(kind));
-        if let Some(state_key) = &event.state_key {
-            wire.insert("state_key".into(), CanonicalJsonValue::String(state_key.clone()));
-        }
-        if let Some(redacts) = &event.redacts
-            && !rules.redaction.content_field_redacts
-        {
-            wire.insert("redacts".into(), CanonicalJsonValue::String(redacts.to_string()));
-        }
-        let explicit_room_id = !(is_create && rules.authorization.room_create_event_id_as_room_id);
-        if explicit_room_id {
-            let room_id = match &room {
-                Some((room_id, _)) => room_id.to_string(),
-                None => format!("!{}:{}", random_string(18), services.server_name()),
-            };
-            wire.insert("room_id".into(), CanonicalJsonValue::String(room_id));
-        }
-        let v1_event_id = (rules.event_id_format == EventIdFormatVersion::V1)
-            .then(|| format!("${}:{}", random_string(18), services.server_name()));
-        if let Some(id) = &v1_event_id {
-            wire.insert("event_id".into(), CanonicalJsonValue::String(id.clone()));
-        }
-
-        let too_large = || Error::new(ErrorKind::TooLarge, "Event is larger than 65536 bytes");
-        if serde_json::to_vec(&wire).map_or(usize::MAX, |v| v.len()) > MAX_PDU_BYTES {
-            return Err(too_large());
-        }
-        ruma::signatures::hash_and_sign_event(
-            services.server_name().as_str(),
-            services.keys.key_pair(),
-            &mut wire,
-            &rules.redaction,
-        )
-        .map_err(|e| {
-            if e.to_string().contains("larger") {
-                too_large()
-            } else {
-                Error::bad_json(format!("Cannot sign event: {e}"))
-            }
-        })?;
-        let event_id: OwnedEventId = match v1_event_id {
-            Some(id) => id.try_into().map_err(Error::internal)?,
-            None => {
-                let hash =
-                    ruma::signatures::reference_hash(&wire, &rules).map_err(Error::internal)?;
-                format!("${hash}").try_into().map_err(Error::internal)?
-            }
-        };
-        let room_id: OwnedRoomId = match (&room, wire.get("room_id")) {
-            (Some((room_id, _)), _) => (*room_id).to_owned(),
-            (None, Some(CanonicalJsonValue::String(id))) => {
-                id.clone().try_into().map_err(Error::internal)?
-            }
-            (None, _) => {
-                format!("!{}", &event_id.as_str()[1..]).try_into().map_err(Error::internal)?
-            }
-        };
-
-        if room.is_none() && self.rooms.contains(room_id.as_str())? {
-            return Err(Error::new(
-                ErrorKind::Unknown,
-                "A room with this id already exists; try again",
-            ));
-        }
-        let mut stored = StoredPdu {
-            event_id: event_id.clone(),
-            room_id: room_id.clone(),
-            position: 0,
-            state_before: record.as_ref().map_or(0, |r| r.current_state),
-            state_after: 0,
-            wire,
-            redacted_because: None,
-            redaction: None,
-            // Shown to the sending device only; a notice's requester is not its sender.
-            transaction: txn
-                .filter(|(txn, _)| txn.user == sender)
-                .map(|(txn, _)| (txn.device.to_owned(), txn.id.to_owned())),
-        };
-        let pdu = Pdu::from_stored(&stored)
-            .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
-        state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
-            match auth_pdus.iter().find(|auth| auth.event_id == *id) {
-                Some(auth) => Some(auth.clone()),
-                // The create event of room version 12, named by the room id.
-                None => self.event_ids.get(id.as_str()).ok()?.and_then(|s| self.state_pdu(s).ok()),
-            }
-        })
-        .map_err(forbidden)?;
-        state_res::check_state_dependent_auth_rules(
-            &rules.authorization,
-            &pdu,
-            |kind: &StateEventType, key: &str| {
-                let short = state.get(&(kind.to_string(), key.to_owned()))?;
-                self.state_pdu(*short).ok()
-            },
-        )
-        .map_err(forbidden)?;
-
-        let links = match &record {
-            Some(record) => {
-                // The type as rendered once, into the event.
-                let event = (stored.kind(), &event);
-                services.relations.prepare(services, &room_id, record.short_id, sender, event)?
-            }
-            None => None,
-        };
-
-        let mut audit_entries =
-            self.audit_entries(&room_id, sender, &event, pdu.redacts.as_deref())?;
-        audit_entries.extend(event.audit.iter().cloned());
-        // Authorised: write the event, its state, its indexes, the room and any audit record
-        // in one batch.
-        let mut batch = self.db.batch();
-        let short = self.short_event.next(&mut batch);
-        let pending = services.stream.next(&mut batch);
-        stored.position = pending.position;
-        services.stream.rooms.mark(&*room_id, pending.position);
-        let mut record = match record {
-            Some(record) if record.short_id != 0 => record,
-            _ => RoomRecord {
-                short_id: self.short_room.next(&mut batch),
-                version: version.clone(),
-                extremities: Vec::new(),
-                depth: 0,
-                current_state: 0,
-            },
-        };
-        let mut new_state = None;
-        if let Some(state_key) = &event.state_key {
-            let (id, map) = self.states.extend(
-                &mut batch,
-                record.current_state,
-                &state,
-                stored.kind(),
-                state_key,
-                short,
-            )?;
-            record.current_state = id;
-            new_state = Some((id, map));
-        }
-        if event.kind == TimelineEventType::RoomMember
-            && let (Some(target), Some(membership)) =
-                (&event.state_key, event.content.get("membership").and_then(|m| m.as_str()))
-        {
-            let membership = membership.to_owned();
-            let user = UserId::parse(target.as_str()).map_err(Error::internal)?;
-            let was_joined = self.membership(&room_id, &user)?.as_deref() == Some("join");
-            let joined = membership == "join";
-            if was_joined != joined {
-                services.stream.joins_and_leaves.mark(&(), stored.position);
-                self.joins_and_leaves.put(
-                    &mut batch,
-                    &stored.position,
-                    &(room_id.clone(), user, joined),
-                );
-            }
-            self.user_rooms.put(&mut batch, &(target.as_str(), room_id.as_str()), &membership);
-            self.room_members.put(&mut batch, &(room_id.as_str(), target.as_str()), &membership);
-        }
-        let mut redacted_shorts = Vec::new();
-        if let Some(target) = &pdu.redacts
-            && let Some(target_short) = self.event_ids.get(target.as_str())?
-        {
-            let redacted = self.stored_by_short(target_short)?;
-            if redacted.room_id == room_id {
-                services.relations.unindex(&mut batch, record.short_id, &redacted)?;
-                redacted_shorts = self.apply_redaction(
-                    &mut batch,
-                    &room_id,
-                    (target_short, redacted),
-                    &stored,
-                    &rules,
-                )?;
-            }
-        }
-        stored.state_after = record.current_state;
-        record.extremities = vec![event_id.clone()];
-        record.depth = depth;
-        self.pdus.put(&mut batch, &short, &stored);
-        if let Some(links) = links {
-            services.relations.index(&mut batch, links, &stored)?;
-        }
-        self.event_ids.put(&mut batch, event_id.as_str(), &short);
-        self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
-        self.rooms.put(&mut batch, room_id.as_str(), &record);
-        if let Some((_, key)) = txn {
-            self.transactions.put(&mut batch, key, &event_id);
-        }
-        services.analytics.record(&mut batch, services, &stored, &state, &version)?;
-        let committed = if defer_sync {
-            services.audit.commit_deferred(batch, audit_entries).map(Some)
-        } else {
-            services.audit.commit(batch, audit_entries).map(|()| None)
-        };
-        let ticket = committed.inspect_err(|_| services.analytics.forget(room_id.as_str()))?;
-        for short in redacted_shorts {
-            self.forget_state_pdu(short);
-        }
-        if event.kind == TimelineEventType::RoomMember {
-            self.forget_members(&room_id);
-            if let Some(user) = event.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) {
-                self.forget_memberships(&user);
-            }
-        }
-        let stored = Arc::new(stored);
-        self.remember_recent(record.short_id, short, stored.clone());
-        services.search.enqueue(short);
-        services.notifier.enqueue(short, stored);
-        services.metrics.event_persisted();
-        let position = pending.position;
-        // Syncs are woken once the position is released: at once, or after the deferred sync.
-        let unsynced = match ticket {
-            Some(ticket) => Some((pending, ticket)),
-            None => {
-                drop(pending);
-                None
-            }
-        };
-        if let Some((id, map)) = new_state {
-            self.states.remember(id, Arc::new(map));
-        }
-        let members = self.members(&room_id)?;
-        services.stream.wake_members_at(position, &members, &["join", "invite", "knock", "ban"]);
-        if let Some(target) =
-            event.state_key.as_deref().filter(|_| event.kind == TimelineEventType::RoomMember)
-        {
-            services.stream.wake_at(position, UserId::parse(target).ok().as_deref());
-        }
-        Ok((event_id, unsynced))
-    }
-
-    /// References to `ids` in the room version's format: bare ids, or `[id, hashes]` pairs.
-    fn event_refs(&self, ids: &[OwnedEventId], rules: &RoomVersionRules) -> Result<JsonValue> {
-        if rules.events_reference_format != EventsReferenceFormatVersion::V1 {
-            return Ok(serde_json::json!(ids));
-        }
-        let mut refs = Vec::with_capacity(ids.len());
-        for id in ids {
-            let stored =
-                self.stored(id)?.ok_or_else(|| Error::internal("missing referenced event"))?;
-            let hash =
-                ruma::signatures::reference_hash(&stored.wire, rules).map_err(Error::internal)?;
-            refs.push(serde_json::json!([id, { "sha256": hash }]));
-        }
-        Ok(JsonValue::Array(refs))
-    }
-
-    /// Queues the redaction of `target` (its short id and the event, of room `room_id`) by
-    /// `redaction`, which is kept with it for `unsigned.redacted_because`; returns the short
-    /// ids of the events changed (when `target` is itself a redaction, the event it redacted
-    /// shows it redacted too).
-    fn apply_redaction(
-        &self,
-        batch: &mut Batch,
-        room_id: &RoomId,
-        (short, mut stored): (u64, StoredPdu),
-        redaction: &StoredPdu,
-        rules: &RoomVersionRules,
-    ) -> Result<Vec<u64>> {
-        let target = stored.event_id.clone();
-        // Read before redacting: room versions before 11 drop the top-level `redacts`.
-        let redacted_by_target = pdu::redacted_by(&stored.wire);
-        ruma::canonical_json::redact_in_place(&mut stored.wire, &rules.redaction, None)
-            .map_err(Error::internal)?;
-        stored.redacted_because = Some(redaction.event_id.clone());
-        stored.redaction = Some(pdu::redaction_event(redaction));
-        self.pdus.put(batch, &short, &stored);
-        let mut changed = vec![short];
-        if let Some(earlier) = redacted_by_target
-            && let Some(earlier_short) = self.event_ids.get(earlier.as_str())?
-        {
-            let mut earlier = self.stored_by_short(earlier_short)?;
-            if earlier.room_id == room_id && earlier.redacted_because.as_ref() == Some(&target) {
-                let mut shown = pdu::redaction_event(&stored);
-                // Its `redacts` is what it still names, whatever the room version kept.
-                shown["redacts"] = serde_json::json!(earlier.event_id);
-                earlier.redaction = Some(shown);
-                self.pdus.put(batch, &earlier_short, &earlier);
-                changed.push(earlier_short);
-            }
-        }
-        Ok(changed)
-    }
-
     /// Every stored event from short id `from` on, in short id order (for rebuilding indexes).
     pub fn events_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, StoredPdu)>> + '_ {
         self.pdus.scan_from(from.to_key_bytes()).map(|item| {
@@ -1334,6 +920,7 @@ mod tests {
             redacted_because: None,
             redaction: None,
             transaction: None,
+            status: Default::default(),
         })
     }
 

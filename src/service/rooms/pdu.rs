@@ -35,6 +35,9 @@ pub struct StoredPdu {
     /// The transaction id the sending device used, shown to that device only.
     #[serde(default)]
     pub transaction: Option<(String, String)>,
+    /// Where it stands in the graph (accepted unless stored otherwise).
+    #[serde(default, skip_serializing_if = "super::Status::is_accepted")]
+    pub status: super::Status,
 }
 
 impl StoredPdu {
@@ -56,6 +59,25 @@ impl StoredPdu {
     /// The state key, for state events.
     pub fn state_key(&self) -> Option<&str> {
         self.wire.get("state_key").and_then(|t| t.as_str())
+    }
+}
+
+/// The length of `wire` encoded as canonical JSON: what the spec's size limits measure.
+pub fn encoded_len(wire: &CanonicalJsonObject) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, wire) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }
 

@@ -447,3 +447,17 @@ impl Indexer {
         self.reader.reload().map_err(index_error)
     }
 }
+
+/// Indexes each event once it is durable.
+pub struct Indexing;
+
+impl crate::service::rooms::listeners::Listener for Indexing {
+    fn persisted(
+        &self,
+        services: &crate::service::Services,
+        short: u64,
+        _event: &std::sync::Arc<crate::service::rooms::pdu::StoredPdu>,
+    ) {
+        services.search.enqueue(short);
+    }
+}

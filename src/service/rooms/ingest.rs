@@ -1,0 +1,531 @@
+//! Events from other servers: the checks the spec asks on receipt of a PDU, in its order, then
+//! the graph's own path ([`Rooms::place`]). Format and size first (on the signed event as
+//! encoded), then signatures (with keys from a [`KeyLookup`]) and the content hash (an event
+//! whose hash does not match is kept redacted); the rest (auth against its own auth events,
+//! against the state before it, soft-failure against the current state) is shared with local
+//! events. An event whose prev events have not arrived waits as an outlier, recorded as a gap,
+//! and is placed once they are.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
+};
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId,
+    RoomVersionId,
+    room_version_rules::{EventIdFormatVersion, RoomVersionRules},
+    signatures::{PublicKeyMap, Verified},
+};
+
+use super::{
+    MAX_FIELD_BYTES, MAX_PDU_BYTES, Rooms, Status,
+    graph::{Candidate, Room},
+    pdu::{self, Pdu, StoredPdu},
+    resolve::resolvable,
+};
+use crate::{
+    error::{Error, Result},
+    service::Services,
+    storage::{prefix, split_key},
+};
+
+/// Public keys of other servers, for checking their events' signatures. Federation fills it
+/// with keys fetched and cached from those servers; tests with their fake servers' keys.
+pub trait KeyLookup: Send + Sync {
+    /// The verify keys of `servers` (`server name -> key id -> key`); a server left out fails
+    /// the check of its signatures.
+    fn public_keys<'a>(
+        &'a self,
+        servers: &'a BTreeSet<OwnedServerName>,
+    ) -> Pin<Box<dyn Future<Output = Result<PublicKeyMap>> + Send + 'a>>;
+}
+
+/// What became of an event given to [`Rooms::ingest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored now, with this status.
+    Placed(Status),
+    /// Already known, with this status.
+    Known(Status),
+    /// Not stored: malformed, too large, badly signed, or for a room this server cannot hold.
+    Dropped(String),
+}
+
+/// Most prev events of one event (the spec's limit).
+const MAX_PREV_EVENTS: usize = 20;
+/// Most auth events of one event (the spec's limit).
+const MAX_AUTH_EVENTS: usize = 10;
+/// Most events taken in one call (a federation transaction carries at most 50).
+pub const MAX_INGEST: usize = 1_000;
+
+/// An event that passed the checks needing no room state.
+struct Checked {
+    stored: StoredPdu,
+    pdu: Pdu,
+}
+
+impl Rooms {
+    /// Takes events of `room_id` from other servers through the checks on receipt of a PDU and
+    /// into the graph. Events are placed parents first whatever their order here; one that
+    /// fails never stops the others. Returns each event's id (when it has one) and outcome,
+    /// in the order given.
+    pub async fn ingest(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        pdus: Vec<CanonicalJsonObject>,
+        keys: &dyn KeyLookup,
+    ) -> Result<Vec<(Option<OwnedEventId>, Outcome)>> {
+        if pdus.len() > MAX_INGEST {
+            return Err(Error::invalid_param(format!("At most {MAX_INGEST} events at once")));
+        }
+        let known_version = self.room(room_id)?.map(|r| r.version);
+        let mut outcomes = Vec::with_capacity(pdus.len());
+        let mut checked = Vec::new();
+        for wire in pdus {
+            match self.check_received(room_id, known_version.as_ref(), wire, keys).await? {
+                Ok(event) => {
+                    outcomes.push((Some(event.stored.event_id.clone()), None));
+                    checked.push(event);
+                }
+                Err((event_id, reason)) => outcomes.push((event_id, Some(Outcome::Dropped(reason)))),
+            }
+        }
+        let lock = self.lock(room_id);
+        let _guard = lock.lock().await;
+        let mut placed: HashMap<OwnedEventId, Outcome> = HashMap::new();
+        for event in parents_first(checked) {
+            let event_id = event.stored.event_id.clone();
+            let outcome = self.ingest_one(services, event)?;
+            placed.insert(event_id, outcome);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|(event_id, outcome)| {
+                let outcome = outcome
+                    .or_else(|| event_id.as_ref().and_then(|id| placed.get(id).cloned()))
+                    .unwrap_or_else(|| Outcome::Dropped("not placed".to_owned()));
+                (event_id, outcome)
+            })
+            .collect())
+    }
+
+    /// Format, size, signatures and content hash of a received event; `Ok(Err(..))` drops it
+    /// with its id (when known) and the reason.
+    async fn check_received(
+        &self,
+        room_id: &RoomId,
+        known_version: Option<&RoomVersionId>,
+        mut wire: CanonicalJsonObject,
+        keys: &dyn KeyLookup,
+    ) -> Result<std::result::Result<Checked, (Option<OwnedEventId>, String)>> {
+        // Events carry nothing of the receiving side.
+        wire.remove("unsigned");
+        let version = match known_version {
+            Some(version) => version.clone(),
+            None => match create_version(&wire) {
+                Some(version) => version,
+                None => return Ok(Err((None, "the room is unknown here".to_owned()))),
+            },
+        };
+        let Some(rules) = version.rules() else {
+            return Ok(Err((None, format!("room version {version} is not supported"))));
+        };
+        if !resolvable(&rules) {
+            return Ok(Err((None, format!("room version {version} is not supported"))));
+        }
+        if let Err(reason) = check_format(&wire, &rules) {
+            return Ok(Err((None, reason)));
+        }
+        let event_id = match event_id_of(&wire, &rules) {
+            Ok(event_id) => event_id,
+            Err(reason) => return Ok(Err((None, reason))),
+        };
+        let drop = |reason: String| Ok(Err((Some(event_id.clone()), reason)));
+        let servers =
+            match ruma::signatures::required_server_signatures_to_verify_event(&wire, &rules.signatures)
+            {
+                Ok(servers) => servers,
+                Err(e) => return drop(format!("cannot check signatures: {e}")),
+            };
+        let public_keys = keys.public_keys(&servers).await?;
+        match ruma::signatures::verify_event(&public_keys, &wire, &rules) {
+            Ok(Verified::All) => {}
+            Ok(Verified::Signatures) => {
+                tracing::info!(%event_id, "content hash mismatch: keeping the event redacted");
+                match ruma::canonical_json::redact(wire, &rules.redaction, None) {
+                    Ok(redacted) => wire = redacted,
+                    Err(e) => return drop(format!("cannot redact: {e}")),
+                }
+            }
+            Err(e) => return drop(format!("bad signature: {e}")),
+        }
+        let named_room = match wire.get("room_id") {
+            Some(CanonicalJsonValue::String(id)) => id.clone(),
+            // A room version 12 create event: the room is named after it.
+            _ => format!("!{}", &event_id.as_str()[1..]),
+        };
+        if named_room != room_id.as_str() {
+            return drop("the event is of another room".to_owned());
+        }
+        let stored = StoredPdu {
+            event_id: event_id.clone(),
+            room_id: room_id.to_owned(),
+            position: 0,
+            state_before: 0,
+            state_after: 0,
+            wire,
+            redacted_because: None,
+            redaction: None,
+            transaction: None,
+            status: Status::Outlier,
+        };
+        match Pdu::from_stored(&stored) {
+            Ok(pdu) => Ok(Ok(Checked { stored, pdu })),
+            Err(e) => drop(format!("malformed event: {e}")),
+        }
+    }
+
+    /// Places one checked event (under the room lock), then any event that was waiting for it.
+    fn ingest_one(&self, services: &Services, event: Checked) -> Result<Outcome> {
+        let mut queue = VecDeque::from([event]);
+        let mut first = None;
+        while let Some(event) = queue.pop_front() {
+            let event_id = event.stored.event_id.clone();
+            let room_id = event.stored.room_id.clone();
+            let outcome = self.place_received(services, event)?;
+            first.get_or_insert_with(|| outcome.clone());
+            if matches!(outcome, Outcome::Placed(Status::Accepted | Status::SoftFailed)) {
+                for waiting in self.take_waiting(&room_id, &event_id)? {
+                    queue.push_back(waiting);
+                }
+            }
+        }
+        Ok(first.unwrap_or(Outcome::Dropped("not placed".to_owned())))
+    }
+
+    /// The graph part of receiving an event: outlier while prev events are missing, else
+    /// placed on the state resolved from its prev events.
+    fn place_received(&self, services: &Services, event: Checked) -> Result<Outcome> {
+        let Checked { stored, pdu } = event;
+        if let Some(known) = self.stored(&stored.event_id)?
+            && known.status != Status::Outlier
+        {
+            return Ok(Outcome::Known(known.status));
+        }
+        let record = self.room(&stored.room_id)?;
+        let is_create = pdu.kind == ruma::events::TimelineEventType::RoomCreate
+            && pdu.state_key.as_deref() == Some("");
+        let version = match (&record, is_create) {
+            (Some(record), false) => record.version.clone(),
+            (None, true) => match create_version(&stored.wire) {
+                Some(version) => version,
+                None => return Ok(Outcome::Dropped("create event without a version".to_owned())),
+            },
+            (Some(_), true) => return Ok(Outcome::Dropped("the room exists already".to_owned())),
+            (None, false) => return Ok(Outcome::Dropped("the room is unknown here".to_owned())),
+        };
+        let rules = version.rules().ok_or_else(|| Error::internal("room version lost"))?;
+        if is_create {
+            if !pdu.prev_events.is_empty() {
+                return Ok(Outcome::Dropped("a create event has no prev events".to_owned()));
+            }
+            let room = Room { record: None, version: &version, rules: &rules };
+            let candidate = Candidate { stored, pdu, state_before: 0 };
+            let (status, _) = self.place(services, room, candidate, None)?;
+            return Ok(Outcome::Placed(status));
+        }
+        let mut roots = Vec::with_capacity(pdu.prev_events.len());
+        let mut missing = Vec::new();
+        for prev in &pdu.prev_events {
+            match self.stored(prev)? {
+                Some(prev) if prev.status != Status::Outlier && prev.room_id == stored.room_id => {
+                    roots.push(Self::state_seen_after(&prev));
+                }
+                _ => missing.push(prev.clone()),
+            }
+        }
+        let room = Room { record, version: &version, rules: &rules };
+        if !missing.is_empty() || roots.is_empty() {
+            return self.store_waiting(&room, stored, &pdu, &missing);
+        }
+        let mut batch = self.db.batch();
+        let state_before = self.resolve(&mut batch, &rules, &roots)?;
+        // Derived nodes only: the event's own synced batch makes them durable.
+        self.db.write_unsynced(batch)?;
+        let candidate = Candidate { stored, pdu, state_before };
+        let (status, _) = self.place(services, room, candidate, None)?;
+        Ok(Outcome::Placed(status))
+    }
+
+    /// Stores an event whose prev events are missing as an outlier (rejected if its own auth
+    /// events refuse it) and records the gap it waits on.
+    fn store_waiting(
+        &self,
+        room: &Room<'_>,
+        mut stored: StoredPdu,
+        pdu: &Pdu,
+        missing: &[OwnedEventId],
+    ) -> Result<Outcome> {
+        let create = match &room.record {
+            Some(record) => self
+                .states
+                .get(record.current_state, "m.room.create", "")?
+                .map(|short| self.state_pdu(short))
+                .transpose()?,
+            None => None,
+        };
+        let status = match self.check_auth_events(room, pdu, true, create.as_ref())? {
+            Ok(()) => Status::Outlier,
+            Err(reason) => {
+                tracing::info!(event_id = %pdu.event_id, %reason, "rejected an outlier");
+                Status::Rejected
+            }
+        };
+        stored.status = status;
+        let mut batch = self.db.batch();
+        let short = match self.event_ids.get(stored.event_id.as_str())? {
+            Some(short) => short,
+            None => self.short_event.next(&mut batch),
+        };
+        if status == Status::Outlier {
+            if pdu.state_key.is_some() {
+                let mut auth_shorts = Vec::new();
+                for id in &pdu.auth_events {
+                    auth_shorts.extend(self.event_ids.get(id.as_str())?);
+                }
+                self.index_auth_chain(&mut batch, short, &auth_shorts)?;
+            }
+            for prev in missing {
+                let key = (stored.room_id.as_str(), prev.as_str(), stored.event_id.as_str());
+                self.gaps().put(&mut batch, &key, &());
+            }
+        }
+        self.pdus.put(&mut batch, &short, &stored);
+        self.event_ids.put(&mut batch, stored.event_id.as_str(), &short);
+        self.db.write(batch)?;
+        self.forget_state_pdu(short);
+        Ok(Outcome::Placed(status))
+    }
+
+    fn gaps(&self) -> crate::storage::Table<()> {
+        self.db.table(crate::storage::tables::GAPS)
+    }
+
+    /// The events of `room_id` that wait for `arrived`, now that it is placed, as checked
+    /// events to place (their gap rows go once none of their prev events is missing).
+    fn take_waiting(&self, room_id: &RoomId, arrived: &OwnedEventId) -> Result<Vec<Checked>> {
+        let mut ready = Vec::new();
+        let rows = prefix(&(room_id.as_str(), arrived.as_str()));
+        let mut batch = self.db.batch();
+        for item in self.gaps().scan_prefix(rows.clone()) {
+            let (key, ()) = item?;
+            self.gaps().delete_raw(&mut batch, &key);
+            let Some(waiting) = split_key(&key).nth(2) else { continue };
+            let Ok(waiting) = std::str::from_utf8(waiting).map(ruma::EventId::parse) else {
+                continue;
+            };
+            let Ok(waiting) = waiting else { continue };
+            let Some(stored) = self.stored(&waiting)? else { continue };
+            if stored.status != Status::Outlier {
+                continue;
+            }
+            let pdu = Pdu::from_stored(&stored).map_err(Error::internal)?;
+            ready.push(Checked { stored, pdu });
+        }
+        self.db.write(batch)?;
+        Ok(ready)
+    }
+
+    /// The prev events the graph of `room_id` is missing (its gaps), for fetching them.
+    pub fn gaps_of(&self, room_id: &RoomId) -> Result<Vec<OwnedEventId>> {
+        let mut missing = BTreeSet::new();
+        for item in self.gaps().scan_prefix(prefix(room_id.as_str())) {
+            let (key, ()) = item?;
+            let id = split_key(&key).nth(1).and_then(|id| std::str::from_utf8(id).ok());
+            if let Some(Ok(id)) = id.map(ruma::EventId::parse)
+                && self.stored(&id)?.is_none_or(|e| e.status == Status::Outlier)
+            {
+                missing.insert(id);
+            }
+        }
+        Ok(missing.into_iter().collect())
+    }
+
+    /// Stores events known without their place in the graph (auth events fetched on their
+    /// own) after the checks on receipt: outliers, or rejected when their auth events refuse
+    /// them.
+    pub async fn ingest_outliers(
+        &self,
+        room_id: &RoomId,
+        pdus: Vec<CanonicalJsonObject>,
+        keys: &dyn KeyLookup,
+    ) -> Result<Vec<(Option<OwnedEventId>, Outcome)>> {
+        let record = self.room(room_id)?;
+        let version = record.as_ref().map(|r| r.version.clone());
+        let mut checked = Vec::new();
+        let mut outcomes = Vec::new();
+        for wire in pdus.into_iter().take(MAX_INGEST) {
+            match self.check_received(room_id, version.as_ref(), wire, keys).await? {
+                Ok(event) => checked.push(event),
+                Err((id, reason)) => outcomes.push((id, Outcome::Dropped(reason))),
+            }
+        }
+        let lock = self.lock(room_id);
+        let _guard = lock.lock().await;
+        for Checked { stored, pdu } in parents_first(checked) {
+            let event_id = stored.event_id.clone();
+            if let Some(known) = self.stored(&event_id)? {
+                outcomes.push((Some(event_id), Outcome::Known(known.status)));
+                continue;
+            }
+            let version = match version.clone().or_else(|| create_version(&stored.wire)) {
+                Some(version) => version,
+                None => {
+                    outcomes.push((Some(event_id), Outcome::Dropped("unknown room".to_owned())));
+                    continue;
+                }
+            };
+            let rules = version.rules().ok_or_else(|| Error::internal("room version lost"))?;
+            let room = Room { record: record.clone(), version: &version, rules: &rules };
+            let outcome = self.store_waiting(&room, stored, &pdu, &[])?;
+            outcomes.push((Some(event_id), outcome));
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The room version a create event's content names.
+fn create_version(wire: &CanonicalJsonObject) -> Option<RoomVersionId> {
+    if wire.get("type").and_then(|t| t.as_str()) != Some("m.room.create") {
+        return None;
+    }
+    let content = match wire.get("content") {
+        Some(CanonicalJsonValue::Object(content)) => content,
+        _ => return None,
+    };
+    match content.get("room_version") {
+        Some(CanonicalJsonValue::String(version)) => RoomVersionId::try_from(version.as_str()).ok(),
+        // Room version 1 rooms' create events could leave it out.
+        None => Some(RoomVersionId::V1),
+        _ => None,
+    }
+}
+
+/// The event's id: its `event_id` field in room versions 1 and 2, else its reference hash.
+fn event_id_of(
+    wire: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> std::result::Result<OwnedEventId, String> {
+    let id = match rules.event_id_format {
+        EventIdFormatVersion::V1 => match wire.get("event_id") {
+            Some(CanonicalJsonValue::String(id)) => id.clone(),
+            _ => return Err("no event_id".to_owned()),
+        },
+        _ => {
+            let hash = ruma::signatures::reference_hash(wire, rules)
+                .map_err(|e| format!("cannot hash the event: {e}"))?;
+            format!("${hash}")
+        }
+    };
+    OwnedEventId::try_from(id).map_err(|e| format!("bad event id: {e}"))
+}
+
+/// The spec's format and size checks on a received event, measured on its encoding.
+pub fn check_format(
+    wire: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> std::result::Result<(), String> {
+    let len = pdu::encoded_len(wire);
+    if len > MAX_PDU_BYTES {
+        return Err(format!("the event is {len} bytes, more than {MAX_PDU_BYTES}"));
+    }
+    let string = |field: &str, required: bool| -> std::result::Result<(), String> {
+        match wire.get(field) {
+            Some(CanonicalJsonValue::String(value)) if value.len() <= MAX_FIELD_BYTES => Ok(()),
+            Some(CanonicalJsonValue::String(_)) => {
+                Err(format!("{field} is longer than {MAX_FIELD_BYTES} bytes"))
+            }
+            None if !required => Ok(()),
+            None => Err(format!("{field} is missing")),
+            Some(_) => Err(format!("{field} is not a string")),
+        }
+    };
+    string("type", true)?;
+    string("sender", true)?;
+    string("state_key", false)?;
+    let is_create = wire.get("type").and_then(|t| t.as_str()) == Some("m.room.create");
+    string("room_id", !is_create || rules.event_format.require_room_create_room_id)?;
+    if rules.event_id_format == EventIdFormatVersion::V1 {
+        string("event_id", true)?;
+    }
+    let list = |field: &str, max: usize| match wire.get(field) {
+        Some(CanonicalJsonValue::Array(items)) if items.len() <= max => Ok(()),
+        Some(CanonicalJsonValue::Array(_)) => Err(format!("{field} has more than {max} entries")),
+        _ => Err(format!("{field} is missing or not a list")),
+    };
+    list("prev_events", MAX_PREV_EVENTS)?;
+    list("auth_events", MAX_AUTH_EVENTS)?;
+    match wire.get("depth") {
+        Some(CanonicalJsonValue::Integer(depth)) if i64::from(*depth) >= 0 => {}
+        _ => return Err("depth is missing or not a non-negative integer".to_owned()),
+    }
+    for field in ["content", "hashes", "signatures"] {
+        if !matches!(wire.get(field), Some(CanonicalJsonValue::Object(_))) {
+            return Err(format!("{field} is missing or not an object"));
+        }
+    }
+    Ok(())
+}
+
+/// `events` ordered so every event comes after those of its prev events that are among them;
+/// otherwise by depth, then event id, so any arrival order places them alike.
+fn parents_first(events: Vec<Checked>) -> Vec<Checked> {
+    let index: HashMap<OwnedEventId, usize> =
+        events.iter().enumerate().map(|(i, e)| (e.stored.event_id.clone(), i)).collect();
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); events.len()];
+    let mut waiting_on = vec![0usize; events.len()];
+    for (i, event) in events.iter().enumerate() {
+        for prev in event.pdu.prev_events.iter().chain(&event.pdu.auth_events) {
+            if let Some(&parent) = index.get(prev)
+                && parent != i
+            {
+                children[parent].push(i);
+                waiting_on[i] += 1;
+            }
+        }
+    }
+    let key = |i: usize| (events[i].pdu.depth, events[i].stored.event_id.clone());
+    let mut ready: BTreeSet<_> =
+        (0..events.len()).filter(|i| waiting_on[*i] == 0).map(|i| (key(i), i)).collect();
+    let mut order = Vec::with_capacity(events.len());
+    while let Some((_, i)) = ready.pop_first() {
+        order.push(i);
+        for &child in &children[i] {
+            waiting_on[child] -= 1;
+            if waiting_on[child] == 0 {
+                ready.insert((key(child), child));
+            }
+        }
+    }
+    // A cycle (never valid) leaves events out; they go last, in depth order.
+    let mut placed = vec![false; events.len()];
+    for i in &order {
+        placed[*i] = true;
+    }
+    let mut rest: Vec<usize> = (0..events.len()).filter(|i| !placed[*i]).collect();
+    rest.sort_by_key(|i| key(*i));
+    order.extend(rest);
+    let mut slots: Vec<Option<Checked>> = events.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
+/// The rooms a set of events names, for callers that group a transaction by room.
+pub fn room_of(wire: &CanonicalJsonObject) -> Option<OwnedRoomId> {
+    match wire.get("room_id") {
+        Some(CanonicalJsonValue::String(id)) => OwnedRoomId::try_from(id.as_str()).ok(),
+        _ => None,
+    }
+}
