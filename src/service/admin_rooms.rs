@@ -5,7 +5,15 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId, api::client::filter::RoomEventFilter};
+use ruma::{
+    Int, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    api::client::filter::RoomEventFilter,
+    events::{
+        StateEventType,
+        room::{join_rules::JoinRule, power_levels::UserPowerLevel},
+    },
+    int,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, json};
 
@@ -216,19 +224,19 @@ impl Services {
     ) -> Result<Option<OwnedUserId>> {
         let Some(record) = self.rooms.room(room_id)? else { return Ok(None) };
         let state = self.rooms.states.load(record.current_state)?;
-        let needed = self.rooms.required_level(&state, "invite", 0)?;
-        let mut best: Option<(i64, OwnedUserId)> = None;
+        let levels = self.rooms.power_levels(&state, &record.version)?;
+        let mut best: Option<(UserPowerLevel, OwnedUserId)> = None;
         for (member, membership) in self.rooms.members(room_id)?.iter().cloned() {
             if membership != "join" || member.server_name() != self.server_name() {
                 continue;
             }
-            let level = self.rooms.power_level(&state, &record.version, &member)?;
-            if level < needed {
+            if !levels.user_can_invite(&member) {
                 continue;
             }
             if preferred == Some(&*member) {
                 return Ok(Some(member));
             }
+            let level = levels.for_user(&member);
             if best.as_ref().is_none_or(|(top, _)| level > *top) {
                 best = Some((level, member));
             }
@@ -259,13 +267,9 @@ impl Services {
         if self.admin_rooms.blocked(room_id)?.is_some() {
             return Err(Error::forbidden("This room has been blocked on this server"));
         }
-        let join_rule = self
-            .rooms
-            .state_content(&state, "m.room.join_rules", "")?
-            .and_then(|c| c.get("join_rule").and_then(|r| r.as_str()).map(str::to_owned))
-            .unwrap_or_default();
+        let public = self.rooms.join_rule(&state)? == JoinRule::Public;
         let entry = |action: &str| Entry::new(action, Some(actor)).target(user_id).room(room_id);
-        if join_rule != "public" && current != "invite" {
+        if !public && current != "invite" {
             let inviter = self.local_inviter(room_id, Some(actor))?.ok_or_else(|| {
                 Error::forbidden("The room is not public and no local member may invite")
             })?;
@@ -302,15 +306,16 @@ impl Services {
         }
         let record = self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         let state = self.rooms.states.load(record.current_state)?;
-        let mut granter: Option<(i64, OwnedUserId)> = None;
+        let levels = self.rooms.power_levels(&state, &record.version)?;
+        let mut granter: Option<(UserPowerLevel, OwnedUserId)> = None;
         for (member, membership) in self.rooms.members(room_id)?.iter().cloned() {
             if membership != "join" || member.server_name() != self.server_name() {
                 continue;
             }
-            if !self.rooms.may_send_state(room_id, &member, "m.room.power_levels")? {
+            if !levels.user_can_send_state(&member, StateEventType::RoomPowerLevels) {
                 continue;
             }
-            let level = self.rooms.power_level(&state, &record.version, &member)?;
+            let level = levels.for_user(&member);
             if granter.as_ref().is_none_or(|(top, _)| level > *top) {
                 granter = Some((level, member));
             }
@@ -318,22 +323,14 @@ impl Services {
         let (level, granter) = granter.ok_or_else(|| {
             Error::forbidden("No local member of the room may change its power levels")
         })?;
-        let mut power = self
-            .rooms
-            .state_content(&state, "m.room.power_levels", "")?
-            .unwrap_or_else(|| json!({ "users": {} }));
-        let listed = |power: &JsonValue| -> i64 {
-            power
-                .get("users")
-                .and_then(|u| u.as_object())
-                .map(|users| users.values().filter_map(JsonValue::as_i64).max().unwrap_or(0))
-                .unwrap_or(0)
-        };
         // A creator's unlimited power (room version 12) cannot be listed; grant the most any
         // listed user has, at least 100.
-        let grant = if level == i64::MAX { listed(&power).max(100) } else { level };
-        let current = self.rooms.power_level(&state, &record.version, user_id)?;
-        if current < grant {
+        let grant = match level {
+            UserPowerLevel::Int(level) => level,
+            _ => levels.users.values().copied().fold(int!(100), Int::max),
+        };
+        if levels.for_user(user_id) < grant {
+            let mut power = self.rooms.power_levels_to_change(&state, &record.version)?;
             if !power.get("users").is_some_and(JsonValue::is_object) {
                 power["users"] = json!({});
             }
@@ -346,10 +343,7 @@ impl Services {
             self.rooms.append(self, room_id, &granter, event, None).await?;
         }
         let membership = self.rooms.membership(room_id, user_id)?;
-        let public = self
-            .rooms
-            .state_content(&state, "m.room.join_rules", "")?
-            .is_some_and(|c| c.get("join_rule").and_then(|r| r.as_str()) == Some("public"));
+        let public = self.rooms.join_rule(&state)? == JoinRule::Public;
         if !public && !matches!(membership.as_deref(), Some("join" | "invite")) {
             let entry = Entry::new("admin.room.invite", Some(actor))
                 .target(user_id)

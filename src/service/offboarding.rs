@@ -21,7 +21,11 @@ use std::{
     time::Duration,
 };
 
-use ruma::{OwnedUserId, RoomId, UserId};
+use ruma::{
+    OwnedUserId, RoomId, UserId,
+    events::{StateEventType, room::power_levels::UserPowerLevel},
+    int,
+};
 use serde_json::{Value as JsonValue, json};
 use tokio::sync::watch;
 
@@ -374,17 +378,9 @@ impl Services {
         // Decided and built under the room lock, so no power-levels change made meanwhile is
         // overwritten.
         let decide = |record: &RoomRecord, state: &StateMap| -> Result<Option<NewEvent>> {
-            let power = rooms.state_content(state, "m.room.power_levels", "")?;
-            let level =
-                |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
-            let required = power
-                .as_ref()
-                .and_then(|p| {
-                    p.get("events").and_then(|e| e.get("m.room.power_levels")).and_then(level)
-                })
-                .or_else(|| power.as_ref().and_then(|p| p.get("state_default")).and_then(level))
-                .unwrap_or(if power.is_some() { 50 } else { 0 });
-            let mine = rooms.power_level(state, &record.version, user_id)?;
+            let levels = rooms.power_levels(state, &record.version)?;
+            let required = levels.for_state(StateEventType::RoomPowerLevels);
+            let mine = levels.for_user(user_id);
             if mine < required {
                 return Ok(None);
             }
@@ -394,7 +390,7 @@ impl Services {
                     continue;
                 }
                 others = true;
-                if rooms.power_level(state, &record.version, member)? >= required {
+                if levels.for_user(member) >= required {
                     return Ok(None);
                 }
             }
@@ -404,11 +400,14 @@ impl Services {
             handing_over = true;
             // Already able (a creator of room version 12, who ranks above every level and is
             // never listed, or granted by an earlier run that stopped before leaving).
-            if rooms.power_level(state, &record.version, successor)? >= required {
+            if levels.for_user(successor) >= required {
                 return Ok(None);
             }
-            let granted = if mine == i64::MAX { required.max(100) } else { mine };
-            let mut content = power.unwrap_or_else(|| json!({ "users": {} }));
+            let granted = match mine {
+                UserPowerLevel::Int(mine) => mine,
+                _ => required.max(int!(100)),
+            };
+            let mut content = rooms.power_levels_to_change(state, &record.version)?;
             if !content.get("users").is_some_and(JsonValue::is_object) {
                 content["users"] = json!({});
             }

@@ -248,8 +248,8 @@ pub async fn redact(services: State, req: Ruma<redact::Request>) -> Result<redac
     if !own {
         let record = rooms.room(&body.room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         let state = rooms.states.load(record.current_state)?;
-        let level = rooms.power_level(&state, &record.version, &caller.user_id)?;
-        if level < rooms.required_level(&state, "redact", 50)? {
+        let levels = rooms.power_levels(&state, &record.version)?;
+        if !levels.user_can_redact_event_of_other(&caller.user_id) {
             return Err(Error::forbidden("Redacting others' events needs the redact power level"));
         }
     }

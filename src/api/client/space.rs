@@ -3,7 +3,9 @@
 
 use ruma::{
     api::client::{room::get_summary::v1 as get_summary, space::get_hierarchy::v1 as hierarchy},
-    events::room::member::MembershipState,
+    events::room::{
+        history_visibility::HistoryVisibility, join_rules::JoinRule, member::MembershipState,
+    },
 };
 
 use super::rooms::resolve_room;
@@ -65,8 +67,9 @@ pub async fn room_summary(
             services.rooms.membership(&room_id, &caller.user_id)?
         }
         None => {
-            let summary = summary(&services, &room_id)?;
-            let open = summary["world_readable"] == true || summary["join_rule"] == "public";
+            let rooms = &services.rooms;
+            let open = rooms.history_visibility(&state)? == HistoryVisibility::WorldReadable
+                || rooms.join_rule(&state)? == JoinRule::Public;
             if !open {
                 return Err(not_found());
             }

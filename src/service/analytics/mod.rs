@@ -360,8 +360,8 @@ impl Analytics {
         }
         if poll.sender != facts.sender {
             let sender = UserId::parse(facts.sender).map_err(crate::error::Error::internal)?;
-            let level = services.rooms.power_level(state, version, &sender)?;
-            if level < services.rooms.required_level(state, "redact", 50)? {
+            let levels = services.rooms.power_levels(state, version)?;
+            if !levels.user_can_redact_event_of_other(&sender) {
                 return Ok(());
             }
         }

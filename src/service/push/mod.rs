@@ -342,29 +342,10 @@ fn power_levels_context(
     record: &RoomRecord,
     state: &StateMap,
 ) -> Result<Option<PushConditionPowerLevelsCtx>> {
-    use ruma::{
-        Int, OwnedUserId, power_levels::NotificationPowerLevels,
-        room_version_rules::RoomPowerLevelsRules,
-    };
-    let rooms = &services.rooms;
-    let Some(rules) = record.version.rules() else { return Ok(None) };
-    let power = rooms.state_content(state, "m.room.power_levels", "")?.unwrap_or_default();
-    let users: std::collections::BTreeMap<OwnedUserId, Int> =
-        serde_json::from_value(power.get("users").cloned().unwrap_or_default()).unwrap_or_default();
-    let users_default = power
-        .get("users_default")
-        .and_then(|v| v.as_i64())
-        .map_or(Int::from(0), Int::new_saturating);
-    let notifications: NotificationPowerLevels =
-        serde_json::from_value(power.get("notifications").cloned().unwrap_or_else(|| json!({})))
-            .unwrap_or_default();
-    let power_rules = RoomPowerLevelsRules::new(&rules.authorization, rooms.creators(state)?);
-    Ok(Some(ruma::push::PushConditionPowerLevelsCtx::new(
-        users,
-        users_default,
-        notifications,
-        power_rules,
-    )))
+    if record.version.rules().is_none() {
+        return Ok(None);
+    }
+    Ok(Some(services.rooms.power_levels(state, &record.version)?.into()))
 }
 
 /// Changes `user_id`'s ruleset with `change`, serialised per user and stored durably.

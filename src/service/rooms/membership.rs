@@ -1,7 +1,7 @@
 //! Membership changes: join, invite, leave, kick, ban, unban. Each is an `m.room.member` event
 //! that the room's auth rules accept or refuse; reasons travel in the content.
 
-use ruma::{OwnedEventId, RoomId, UserId};
+use ruma::{OwnedEventId, RoomId, UserId, events::room::join_rules::JoinRule};
 use serde_json::{Value as JsonValue, json};
 
 use super::NewEvent;
@@ -113,45 +113,24 @@ fn restricted_join_authoriser(
     user_id: &UserId,
 ) -> Result<Option<ruma::OwnedUserId>> {
     let rooms = &services.rooms;
-    let state = rooms.current_state(room_id)?;
-    let Some(rules) = rooms.state_content(&state, "m.room.join_rules", "")? else {
-        return Ok(None);
-    };
-    let join_rule = rules.get("join_rule").and_then(|r| r.as_str()).unwrap_or_default();
-    if !matches!(join_rule, "restricted" | "knock_restricted") {
+    let record = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let state = rooms.states.load(record.current_state)?;
+    let join_rule = rooms.join_rule(&state)?;
+    if !matches!(join_rule, JoinRule::Restricted(_) | JoinRule::KnockRestricted(_)) {
         return Ok(None);
     }
     if matches!(rooms.membership_in(&state, user_id)?.as_str(), "join" | "invite") {
         return Ok(None);
     }
-    let allowed = rules.get("allow").and_then(|a| a.as_array()).cloned().unwrap_or_default();
-    let in_allowed_room = allowed.iter().any(|entry| {
-        entry.get("type").and_then(|t| t.as_str()) == Some("m.room_membership")
-            && entry
-                .get("room_id")
-                .and_then(|r| r.as_str())
-                .and_then(|r| RoomId::parse(r).ok())
-                .and_then(|r| rooms.membership(&r, user_id).ok().flatten())
-                .as_deref()
-                == Some("join")
-    });
-    if !in_allowed_room {
+    if !rooms.in_allowed_room(&join_rule, user_id)? {
         return Ok(None);
     }
-    let power = rooms.state_content(&state, "m.room.power_levels", "")?.unwrap_or_default();
-    let invite_level = power.get("invite").and_then(|v| v.as_i64()).unwrap_or(0);
-    let users_default = power.get("users_default").and_then(|v| v.as_i64()).unwrap_or(0);
+    let levels = rooms.power_levels(&state, &record.version)?;
     for (member, membership) in rooms.members(room_id)?.iter() {
         if membership != "join" || member.server_name() != services.server_name() {
             continue;
         }
-        let level = power
-            .get("users")
-            .and_then(|u| u.get(member.as_str()))
-            .and_then(|v| v.as_i64())
-            .unwrap_or(users_default);
-        let creator = rooms.is_creator(&state, member)?;
-        if creator || level >= invite_level {
+        if levels.user_can_invite(member) {
             return Ok(Some(member.clone()));
         }
     }

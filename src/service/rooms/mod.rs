@@ -21,6 +21,7 @@ mod local;
 pub mod membership;
 pub mod migrate;
 pub mod pdu;
+pub mod permissions;
 pub mod reports;
 pub mod resolve;
 pub mod state;
@@ -533,110 +534,6 @@ impl Rooms {
         Ok(member.as_ref().and_then(|m| m.membership()).unwrap_or("leave").to_owned())
     }
 
-    /// The room's creators: the create event's sender, then its `additional_creators` (room
-    /// version 12) that are valid user ids.
-    pub fn creators(&self, state: &StateMap) -> Result<Vec<ruma::OwnedUserId>> {
-        let Some(create) = self.state_pdu_of(state, "m.room.create", "")? else {
-            return Ok(Vec::new());
-        };
-        #[derive(serde::Deserialize)]
-        struct Creators {
-            #[serde(default)]
-            additional_creators: Vec<JsonValue>,
-        }
-        let additional = serde_json::from_str::<Creators>(create.content.get())
-            .map(|c| c.additional_creators)
-            .unwrap_or_default();
-        let valid = additional.iter().filter_map(|u| UserId::parse(u.as_str()?).ok());
-        Ok(std::iter::once(create.sender.clone()).chain(valid).collect())
-    }
-
-    /// Whether `user_id` created the room (or is an additional creator, from room version 12).
-    pub fn is_creator(&self, state: &StateMap, user_id: &UserId) -> Result<bool> {
-        Ok(self.creators(state)?.iter().any(|creator| creator == user_id))
-    }
-
-    /// The power level of `user_id` in `state`; room creators rank above everyone from room
-    /// version 12.
-    pub fn power_level(
-        &self,
-        state: &StateMap,
-        version: &RoomVersionId,
-        user_id: &UserId,
-    ) -> Result<i64> {
-        let privileged =
-            version.rules().is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
-        if privileged && self.is_creator(state, user_id)? {
-            return Ok(i64::MAX);
-        }
-        let Some(power) = self.state_content(state, "m.room.power_levels", "")? else {
-            // Without power levels the creator has 100 and everyone else 0.
-            return Ok(if self.is_creator(state, user_id)? { 100 } else { 0 });
-        };
-        let level = |v: &JsonValue| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
-        Ok(power
-            .get("users")
-            .and_then(|u| u.get(user_id.as_str()))
-            .and_then(level)
-            .or_else(|| power.get("users_default").and_then(level))
-            .unwrap_or(0))
-    }
-
-    /// The level a power-levels key (`redact`, `kick`, ...) requires in `state`.
-    pub fn required_level(&self, state: &StateMap, key: &str, default: i64) -> Result<i64> {
-        let power = self.state_content(state, "m.room.power_levels", "")?;
-        Ok(power
-            .as_ref()
-            .and_then(|p| p.get(key))
-            .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
-            .unwrap_or(default))
-    }
-
-    /// The state `user_id` may read in `room_id`: the current state while joined (or when the
-    /// room is world-readable), the state when they left after leaving.
-    pub fn readable_state(&self, room_id: &RoomId, user_id: &UserId) -> Result<Arc<StateMap>> {
-        let not_member = || Error::forbidden("You are not a member of this room");
-        let record = self.room(room_id)?.ok_or_else(not_member)?;
-        let current = self.states.load(record.current_state)?;
-        match self.membership(room_id, user_id)?.as_deref() {
-            Some("join") => Ok(current),
-            Some("leave" | "ban") if !self.forgotten(room_id, user_id)? => {
-                let event = self
-                    .state_event(&current, "m.room.member", user_id.as_str())?
-                    .ok_or_else(not_member)?;
-                self.states.load(event.state_after)
-            }
-            _ => {
-                let visibility = self.state_content(&current, "m.room.history_visibility", "")?;
-                let world_readable = visibility
-                    .and_then(|v| {
-                        v.get("history_visibility")
-                            .and_then(|h| h.as_str())
-                            .map(|h| h == "world_readable")
-                    })
-                    .unwrap_or(false);
-                if world_readable { Ok(current) } else { Err(not_member()) }
-            }
-        }
-    }
-
-    /// Whether `user_id` (joined) has the power to send the state event `kind` in `room_id`.
-    pub fn may_send_state(&self, room_id: &RoomId, user_id: &UserId, kind: &str) -> Result<bool> {
-        if self.membership(room_id, user_id)?.as_deref() != Some("join") {
-            return Ok(false);
-        }
-        let Some(record) = self.room(room_id)? else { return Ok(false) };
-        let state = self.states.load(record.current_state)?;
-        let power = self.state_content(&state, "m.room.power_levels", "")?.unwrap_or_default();
-        let required = power
-            .get("events")
-            .and_then(|e| e.get(kind))
-            .and_then(|v| v.as_i64())
-            .or_else(|| power.get("state_default").and_then(|v| v.as_i64()))
-            .unwrap_or(50);
-        Ok(self.power_level(&state, &record.version, user_id)? >= required)
-    }
-
     /// The current membership of `user_id` in `room_id`, from the index.
     pub fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<String>> {
         Ok(self.room_members.get(&(room_id.as_str(), user_id.as_str()))?)
@@ -847,38 +744,6 @@ impl Rooms {
             .next()
             .map(|event| Ok(event?.state_after_or_before()))
             .transpose()
-    }
-
-    /// Whether `user_id` may see `event` under the room's history visibility.
-    pub fn can_see(&self, user_id: &UserId, event: &StoredPdu) -> Result<bool> {
-        let state = self.states.load(event.state_before)?;
-        let visibility = self
-            .state_content(&state, "m.room.history_visibility", "")?
-            .and_then(|c| c.get("history_visibility").and_then(|v| v.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| "shared".to_owned());
-        if visibility == "world_readable" {
-            return Ok(true);
-        }
-        // One's own membership changes are always visible to oneself.
-        let own_member_event = event.wire.get("type").and_then(|t| t.as_str())
-            == Some("m.room.member")
-            && event.wire.get("state_key").and_then(|k| k.as_str()) == Some(user_id.as_str());
-        if own_member_event {
-            return Ok(true);
-        }
-        let then = self.membership_in(&state, user_id)?;
-        let now = self.membership(&event.room_id, user_id)?;
-        if now.is_none()
-            || (now.as_deref() != Some("join") && self.forgotten(&event.room_id, user_id)?)
-        {
-            return Ok(false); // never a member, or left and forgot the room
-        }
-        Ok(match (visibility.as_str(), then.as_str()) {
-            (_, "join") => true,
-            ("invited", "invite") => true,
-            ("shared", _) => now.as_deref() == Some("join"),
-            _ => false,
-        })
     }
 }
 

@@ -3,10 +3,13 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use ruma::{OwnedRoomId, RoomId, UserId};
+use ruma::{
+    OwnedRoomId, RoomId, UserId,
+    events::room::{history_visibility::HistoryVisibility, join_rules::JoinRule},
+};
 use serde_json::{Map, Value as JsonValue, json};
 
-use super::state::StateMap;
+use super::{permissions::allowed_rooms, state::StateMap};
 use crate::{
     error::{Error, Result},
     service::Services,
@@ -25,30 +28,22 @@ pub fn summary(services: &Services, room_id: &RoomId) -> Result<JsonValue> {
             .filter(|v| !v.is_null()))
     };
     let joined = rooms.members(room_id)?.iter().filter(|(_, m)| m == "join").count();
-    let join_rules = rooms.state_content(&state, "m.room.join_rules", "")?.unwrap_or_default();
+    let join_rule = rooms.join_rule(&state)?;
     let mut summary = Map::new();
     summary.insert("room_id".into(), json!(room_id));
     summary.insert("num_joined_members".into(), json!(joined));
     summary.insert("room_version".into(), json!(record.version));
     summary.insert(
         "world_readable".into(),
-        json!(
-            field("m.room.history_visibility", "history_visibility")?
-                == Some(json!("world_readable"))
-        ),
+        json!(rooms.history_visibility(&state)? == HistoryVisibility::WorldReadable),
     );
     summary.insert(
         "guest_can_join".into(),
         json!(field("m.room.guest_access", "guest_access")? == Some(json!("can_join"))),
     );
-    summary.insert(
-        "join_rule".into(),
-        join_rules.get("join_rule").cloned().unwrap_or_else(|| json!("invite")),
-    );
-    if let Some(allow) = join_rules.get("allow").and_then(|a| a.as_array()) {
-        let allowed: Vec<&JsonValue> =
-            allow.iter().filter_map(|entry| entry.get("room_id")).collect();
-        summary.insert("allowed_room_ids".into(), json!(allowed));
+    summary.insert("join_rule".into(), json!(join_rule.as_str()));
+    if matches!(join_rule, JoinRule::Restricted(_) | JoinRule::KnockRestricted(_)) {
+        summary.insert("allowed_room_ids".into(), json!(allowed_rooms(&join_rule)));
     }
     for (kind, name, key) in [
         ("m.room.name", "name", "name"),
@@ -77,31 +72,13 @@ pub fn may_preview(
     if matches!(rooms.membership(room_id, user_id)?.as_deref(), Some("join" | "invite")) {
         return Ok(true);
     }
-    let visibility = rooms.state_content(state, "m.room.history_visibility", "")?;
-    if visibility.and_then(|v| v.get("history_visibility").cloned())
-        == Some(json!("world_readable"))
-    {
+    if rooms.history_visibility(state)? == HistoryVisibility::WorldReadable {
         return Ok(true);
     }
-    let join_rules = rooms.state_content(state, "m.room.join_rules", "")?.unwrap_or_default();
-    match join_rules.get("join_rule").and_then(|r| r.as_str()) {
-        Some("public" | "knock") => Ok(true),
-        Some("restricted" | "knock_restricted") => {
-            let allow =
-                join_rules.get("allow").and_then(|a| a.as_array()).cloned().unwrap_or_default();
-            for entry in allow {
-                let Some(allowed) = entry
-                    .get("room_id")
-                    .and_then(|r| r.as_str())
-                    .and_then(|r| RoomId::parse(r).ok())
-                else {
-                    continue;
-                };
-                if rooms.membership(&allowed, user_id)?.as_deref() == Some("join") {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
+    match rooms.join_rule(state)? {
+        JoinRule::Public | JoinRule::Knock => Ok(true),
+        rule @ (JoinRule::Restricted(_) | JoinRule::KnockRestricted(_)) => {
+            rooms.in_allowed_room(&rule, user_id)
         }
         _ => Ok(false),
     }

@@ -1,10 +1,13 @@
 //! Room upgrades: a new room of another version carries the old room's state forward, aliases
 //! move across, and the old room is tombstoned and quietened.
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
+use ruma::{
+    Int, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    events::room::power_levels::RoomPowerLevels, int,
+};
 use serde_json::{Value as JsonValue, json};
 
-use super::{NewEvent, membership};
+use super::{NewEvent, membership, permissions::power_levels_event_content};
 use crate::{
     error::{Error, ErrorKind, Result},
     service::Services,
@@ -37,15 +40,13 @@ pub async fn upgrade_room(
             format!("Room version {version} is not supported"),
         )
     })?;
-    if rooms.room(room_id)?.is_none() {
-        return Err(Error::not_found("Unknown room"));
-    }
+    let old = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
     if !rooms.may_send_state(room_id, user_id, "m.room.tombstone")?
         || !rooms.may_send_state(room_id, user_id, "m.room.power_levels")?
     {
         return Err(Error::forbidden("You may not upgrade this room"));
     }
-    let old_state = rooms.current_state(room_id)?;
+    let old_state = rooms.states.load(old.current_state)?;
     let content_of = |kind: &str| rooms.state_content(&old_state, kind, "");
 
     // The create event: the old content minus what the new version sets, plus the predecessor.
@@ -67,8 +68,12 @@ pub async fn upgrade_room(
     membership::join(services, &new_room, user_id, None, None).await?;
     let append = |event: NewEvent| rooms.append(services, &new_room, user_id, event, None);
 
-    // Power levels: the old ones, with the upgrader able to send the carried state first.
-    let mut power = content_of("m.room.power_levels")?.unwrap_or_else(|| json!({}));
+    // Power levels: the old room's, written out with integer values (which every version
+    // accepts), with the upgrader able to send the carried state first.
+    let old_levels = rooms.power_levels(&old_state, &old.version)?;
+    let needed = power_needed(&old_levels);
+    let quiet = 50.max(i64::from(old_levels.users_default) + 1);
+    let mut power = power_levels_event_content(old_levels)?;
     let privileged = new_rules.authorization.explicitly_privilege_room_creators;
     let mut temporary = power.clone();
     if let Some(users) = temporary.get_mut("users").and_then(|u| u.as_object_mut()) {
@@ -78,11 +83,10 @@ pub async fn upgrade_room(
                 users.remove(creator.as_str());
             }
         } else {
-            let needed = power_needed(&power);
             users.insert(user_id.to_string(), json!(needed));
         }
     } else if !privileged {
-        temporary["users"] = json!({ user_id.as_str(): power_needed(&power) });
+        temporary["users"] = json!({ user_id.as_str(): needed });
     }
     append(NewEvent::state("m.room.power_levels", "", temporary)).await?;
     for kind in CARRIED_STATE {
@@ -142,9 +146,7 @@ pub async fn upgrade_room(
             None,
         )
         .await?;
-    let users_default = power.get("users_default").and_then(|v| v.as_i64()).unwrap_or(0);
-    let quiet = 50.max(users_default + 1);
-    let mut restricted = content_of("m.room.power_levels")?.unwrap_or_else(|| json!({}));
+    let mut restricted = rooms.power_levels_to_change(&old_state, &old.version)?;
     restricted["events_default"] = json!(quiet);
     restricted["invite"] = json!(quiet);
     rooms
@@ -160,13 +162,8 @@ pub async fn upgrade_room(
     Ok(new_room)
 }
 
-/// The highest level any state event needs under `power`, so the upgrader can send them all.
-fn power_needed(power: &JsonValue) -> i64 {
-    let state_default = power.get("state_default").and_then(|v| v.as_i64()).unwrap_or(50);
-    let events = power.get("events").and_then(|e| e.as_object());
-    events
-        .into_iter()
-        .flatten()
-        .filter_map(|(_, v)| v.as_i64())
-        .fold(state_default.max(100), i64::max)
+/// The highest level any state event needs under `levels` (at least 100), so the upgrader can
+/// send them all.
+fn power_needed(levels: &RoomPowerLevels) -> Int {
+    levels.events.values().copied().fold(levels.state_default.max(int!(100)), Int::max)
 }
