@@ -106,6 +106,21 @@ impl Failure {
     }
 }
 
+/// Keeps an event readable while it is written (see [`Rooms::announce`]).
+struct InFlightGuard<'a> {
+    rooms: &'a Rooms,
+    short: u64,
+    event_id: OwnedEventId,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.rooms.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.pdus.remove(&self.short);
+        in_flight.shorts.remove(&self.event_id);
+    }
+}
+
 fn forbidden(reason: impl std::fmt::Display) -> Error {
     Error::forbidden(format!("Event not authorised: {reason}"))
 }
@@ -115,8 +130,20 @@ impl Rooms {
     pub(super) fn pdu_by_id(&self, event_id: &EventId) -> Result<Option<Arc<Pdu>>> {
         match self.event_ids.get(event_id.as_str())? {
             Some(short) => self.state_pdu(short).map(Some),
-            None => Ok(None),
+            None => {
+                let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                let short = in_flight.shorts.get(event_id);
+                Ok(short.and_then(|short| in_flight.pdus.get(short)).cloned())
+            }
         }
+    }
+
+    /// Makes the event `short` readable until the returned guard drops.
+    fn announce(&self, short: u64, pdu: &Pdu) -> InFlightGuard<'_> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.pdus.insert(short, Arc::new(pdu.clone()));
+        in_flight.shorts.insert(pdu.event_id.clone(), short);
+        InFlightGuard { rooms: self, short, event_id: pdu.event_id.clone() }
     }
 
     /// Checks `pdu` against the rules that need no room state and against its own auth
@@ -139,7 +166,7 @@ impl Rooms {
             if event.room_id != pdu.room_id {
                 return Ok(Err(format!("auth event {id} is of another room")));
             }
-            if self.status_of(&event.event_id)? == Some(super::Status::Rejected) {
+            if event.rejected {
                 return Ok(Err(format!("auth event {id} was rejected")));
             }
             let key = (event.kind.to_string(), event.state_key.clone().unwrap_or_default());
@@ -270,10 +297,12 @@ impl Rooms {
         let event_id = stored.event_id.clone();
         let mut batch = self.db.batch();
         // An outlier now placed keeps its short id.
-        let short = match self.event_ids.get(event_id.as_str())? {
+        let known = self.event_ids.get(event_id.as_str())?;
+        let short = match known {
             Some(short) => short,
             None => self.short_event.next(&mut batch),
         };
+        let _in_flight = self.announce(short, &pdu);
         let mut record = match record {
             Some(record) if record.short_id != 0 => record,
             _ => RoomRecord {
@@ -387,7 +416,7 @@ impl Rooms {
         let ticket = committed.inspect_err(|_| self.registry().abandoned(services, &written))?;
         drop(written);
 
-        for short in redacted_shorts {
+        for short in redacted_shorts.into_iter().chain(known) {
             self.forget_state_pdu(short);
         }
         for user in &member_changes {

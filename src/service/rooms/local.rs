@@ -215,16 +215,20 @@ impl Rooms {
             wire.insert("event_id".into(), CanonicalJsonValue::String(id.clone()));
         }
 
+        let too_large = || Error::new(ErrorKind::TooLarge, "Event is larger than 65536 bytes");
         ruma::signatures::hash_and_sign_event(
             services.server_name().as_str(),
             services.keys.key_pair(),
             &mut wire,
             &rules.redaction,
         )
-        .map_err(|e| Error::bad_json(format!("Cannot sign event: {e}")))?;
+        .map_err(|e| match e {
+            ruma::signatures::JsonError::PduTooLarge => too_large(),
+            e => Error::bad_json(format!("Cannot sign event: {e}")),
+        })?;
         // The limit applies to the final signed event, as encoded.
         if pdu::encoded_len(&wire) > MAX_PDU_BYTES {
-            return Err(Error::new(ErrorKind::TooLarge, "Event is larger than 65536 bytes"));
+            return Err(too_large());
         }
         let event_id: OwnedEventId = match v1_event_id {
             Some(id) => id.try_into().map_err(Error::internal)?,

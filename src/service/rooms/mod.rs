@@ -191,6 +191,9 @@ pub struct Rooms {
     /// Parsed state events by short id, for the auth checks of every send and the state
     /// lookups of every sync.
     state_cache: Mutex<StateCache>,
+    /// Events being written, readable by the checks and resolution that run before their
+    /// batch lands (the room's new state names them).
+    in_flight: Mutex<InFlight>,
     /// Auth chains of state events, by short id.
     chain_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
     /// The features taking part in writing events, registered once at start.
@@ -203,6 +206,13 @@ pub struct Rooms {
 struct StateCache {
     pdus: HashMap<u64, Arc<Pdu>>,
     generation: u64,
+}
+
+/// Events being written: parsed by short id, and short ids by event id.
+#[derive(Default)]
+struct InFlight {
+    pdus: HashMap<u64, Arc<Pdu>>,
+    shorts: HashMap<OwnedEventId, u64>,
 }
 
 /// Lists read from an index (a room's members, a user's rooms) kept in memory, with a count
@@ -360,6 +370,7 @@ impl Rooms {
             recent: Mutex::default(),
             state_cache: Mutex::default(),
             chain_cache: Mutex::default(),
+            in_flight: Mutex::default(),
             registry: std::sync::OnceLock::new(),
         })
     }
@@ -457,6 +468,10 @@ impl Rooms {
             }
             cache.generation
         };
+        if let Some(pdu) = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).pdus.get(&short)
+        {
+            return Ok(pdu.clone());
+        }
         let stored = self.stored_by_short(short)?;
         let pdu = Arc::new(Pdu::from_stored(&stored).map_err(Error::internal)?);
         let mut cache = self.state_cache.lock().unwrap_or_else(|e| e.into_inner());

@@ -145,6 +145,8 @@ pub struct Pdu {
     pub position: u64,
     /// The snapshot of the room state before it.
     pub state_before: u64,
+    /// Whether it was rejected (it then authorises nothing).
+    pub rejected: bool,
 }
 
 impl Pdu {
@@ -180,6 +182,7 @@ impl Pdu {
             depth: wire.depth,
             position: stored.position,
             state_before: stored.state_before,
+            rejected: stored.status == super::Status::Rejected,
         })
     }
 
@@ -333,6 +336,6 @@ impl ruma::state_res::Event for Pdu {
     }
 
     fn rejected(&self) -> bool {
-        false
+        self.rejected
     }
 }

@@ -69,12 +69,7 @@ impl Rooms {
             chains.push(chain);
         }
         let failure = Failure::default();
-        let fetch = |id: &EventId| -> Option<Arc<Pdu>> {
-            let pdu = failure.keep(self.pdu_by_id(id))?;
-            // Rejected events never take part.
-            let status = failure.keep(self.status_of(id))?;
-            (status != super::Status::Rejected).then_some(pdu)
-        };
+        let fetch = |id: &EventId| -> Option<Arc<Pdu>> { failure.keep(self.pdu_by_id(id)) };
         let subgraph = |conflicted: &StateMap<Vec<OwnedEventId>>| {
             failure.keep(self.conflicted_subgraph(conflicted).map(Some))
         };
