@@ -99,8 +99,10 @@ fn lazy_members(
         if !seen.insert(event.sender()) {
             continue;
         }
-        let state = services.rooms.states.load(event.state_after_or_before())?;
-        members.extend(services.rooms.state_event(&state, "m.room.member", event.sender())?);
+        let state = event.room_state_after();
+        if let Some(member) = services.rooms.states.get(state, "m.room.member", event.sender())? {
+            members.extend(services.rooms.stored_by_short_public(member)?);
+        }
     }
     Ok(members)
 }
@@ -142,7 +144,7 @@ pub fn context(
     let after = collect((event.position, services.stream.current()), true, limit - limit / 2)?;
     let start = before.last().map_or(event.position, |e| e.position).saturating_sub(1);
     let end = after.last().map_or(event.position, |e| e.position);
-    let state_map = rooms.states.load(after.last().unwrap_or(&event).state_after_or_before())?;
+    let state_map = rooms.states.load(after.last().unwrap_or(&event).room_state_after())?;
     let lazy = !filter.lazy_load_options.is_disabled();
     let senders: HashSet<&str> =
         before.iter().chain(&after).chain([&event]).map(StoredPdu::sender).collect();

@@ -347,7 +347,7 @@ fn timeline(
             limited = true;
             break;
         }
-        state_before = Some(event.state_before);
+        state_before = Some(event.room_state_before());
         if !services.rooms.can_see(req.user_id, &event)? {
             continue;
         }
@@ -518,7 +518,7 @@ async fn joined_room(
     }
 
     let at_start_id = match events.first() {
-        Some(first) => Some(first.state_before),
+        Some(first) => Some(first.room_state_before()),
         None => rooms.state_id_at_position(record, upto)?,
     };
     // Incremental syncs send what changed since the token that the timeline does not carry

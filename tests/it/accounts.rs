@@ -339,7 +339,13 @@ async fn discovery_and_misc_endpoints() {
     assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "12");
     // `m.change_password` defaults to enabled when absent.
     assert_ne!(caps["capabilities"]["m.change_password"]["enabled"], false);
-    assert_eq!(caps["capabilities"]["m.room_versions"]["available"]["1"], "stable");
+    assert_eq!(caps["capabilities"]["m.room_versions"]["available"]["2"], "stable");
+    // Room version 1 resolves state with an algorithm this server does not implement.
+    assert!(caps["capabilities"]["m.room_versions"]["available"].get("1").is_none());
+    let (status, body) =
+        s.post("/_matrix/client/v3/createRoom", Some(&token), json!({ "room_version": "1" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["errcode"], "M_UNSUPPORTED_ROOM_VERSION");
 
     let (status, threepids) = s.get("/_matrix/client/v3/account/3pid", Some(&token)).await;
     assert_eq!(status, StatusCode::OK);

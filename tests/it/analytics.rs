@@ -412,6 +412,7 @@ async fn known_reply_times_give_exact_medians_and_p90s() {
             redacted_because: None,
             redaction: None,
             transaction: None,
+            room_state: None,
             status: Default::default(),
         };
         let mut batch = services.db.batch();

@@ -19,9 +19,9 @@ const VERSIONS: &[&str] = &[
     "v1.9", "v1.10", "v1.11", "v1.12", "v1.13",
 ];
 
-/// Room versions this server can create and join.
+/// Room versions this server can create and join: every stable version whose state it can
+/// resolve (room version 1 resolves with an algorithm Plaza does not implement).
 pub const ROOM_VERSIONS: &[RoomVersionId] = &[
-    RoomVersionId::V1,
     RoomVersionId::V2,
     RoomVersionId::V3,
     RoomVersionId::V4,

@@ -56,7 +56,7 @@ pub async fn create_room(
 ) -> Result<OwnedRoomId> {
     let version =
         req.version.clone().unwrap_or_else(|| services.config.rooms.default_version.clone());
-    let rules = version.rules().ok_or_else(|| {
+    let rules = version.rules().filter(super::resolve::resolvable).ok_or_else(|| {
         Error::new(
             ErrorKind::UnsupportedRoomVersion,
             format!("Room version {version} is not supported"),

@@ -219,13 +219,17 @@ impl Rooms {
         Ok(allowed.map_err(|reason| reason.to_string()))
     }
 
-    /// The depth of the stored event `short`.
+    /// The depth of the stored event `short` (read in memory for recent events).
     pub(super) fn depth_of(&self, short: u64) -> Result<u64> {
-        let stored = self.stored_by_short(short)?;
-        Ok(match stored.wire.get("depth") {
+        let depth = |stored: &StoredPdu| match stored.wire.get("depth") {
             Some(CanonicalJsonValue::Integer(depth)) => u64::try_from(i64::from(*depth)).unwrap_or(0),
             _ => 0,
-        })
+        };
+        if let Some(event) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).events.get(&short)
+        {
+            return Ok(depth(event));
+        }
+        Ok(depth(&self.stored_by_short(short)?))
     }
 
     /// The state after the stored event `event` as its children see it: a rejected event
@@ -334,11 +338,13 @@ impl Rooms {
         let mut pending = None;
         let mut redacted = None;
         let mut redacted_shorts = Vec::new();
-        let content: JsonValue = match &local {
-            Some(local) => local.event.content.clone(),
-            None if accepted => stored.wire.get("content").map(|c| c.clone().into()).unwrap_or_default(),
-            None => JsonValue::Null,
+        let received_content: JsonValue = match &local {
+            None if accepted => {
+                stored.wire.get("content").map(|c| c.clone().into()).unwrap_or_default()
+            }
+            _ => JsonValue::Null,
         };
+        let content = local.as_ref().map_or(&received_content, |local| &local.event.content);
         if accepted {
             let next = services.stream.next(&mut batch);
             stored.position = next.position;
@@ -380,6 +386,12 @@ impl Rooms {
             }
             self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         }
+        if accepted {
+            let room = (old_current, record.current_state);
+            if room != (stored.state_before, stored.state_after_or_before()) {
+                stored.room_state = Some(room);
+            }
+        }
         let member_changes =
             self.index_memberships(services, &mut batch, &room_id, old_current, &record, &stored)?;
         self.pdus.put(&mut batch, &short, &stored);
@@ -391,7 +403,7 @@ impl Rooms {
             room_short: record.short_id,
             version,
             event: &stored,
-            content: &content,
+            content,
             state_before: stored.state_before,
             redacted: redacted.as_ref(),
             local: local.is_some(),

@@ -180,6 +180,7 @@ impl Rooms {
             redacted_because: None,
             redaction: None,
             transaction: None,
+            room_state: None,
             status: Status::Outlier,
         };
         match Pdu::from_stored(&stored) {

@@ -267,6 +267,7 @@ impl Rooms {
             transaction: txn
                 .filter(|(txn, _)| txn.user == sender)
                 .map(|(txn, _)| (txn.device.to_owned(), txn.id.to_owned())),
+            room_state: None,
             status: super::Status::Accepted,
         };
         let pdu = Pdu::from_stored(&stored)

@@ -757,7 +757,7 @@ impl Rooms {
     pub fn state_id_at_position(&self, record: &RoomRecord, position: u64) -> Result<Option<u64>> {
         self.timeline_range(record, 0, position, false)
             .next()
-            .map(|event| Ok(event?.state_after_or_before()))
+            .map(|event| Ok(event?.room_state_after()))
             .transpose()
     }
 }
@@ -800,6 +800,7 @@ mod tests {
             redacted_because: None,
             redaction: None,
             transaction: None,
+            room_state: None,
             status: Default::default(),
         })
     }

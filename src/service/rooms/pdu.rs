@@ -35,6 +35,10 @@ pub struct StoredPdu {
     /// The transaction id the sending device used, shown to that device only.
     #[serde(default)]
     pub transaction: Option<(String, String)>,
+    /// The room's state before and after it was placed, when those differ from the event's
+    /// own (it joined a branch other than the room's newest): what clients were shown then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_state: Option<(u64, u64)>,
     /// Where it stands in the graph (accepted unless stored otherwise).
     #[serde(default, skip_serializing_if = "super::Status::is_accepted")]
     pub status: super::Status,
@@ -44,6 +48,16 @@ impl StoredPdu {
     /// The state after this event (the state before it for non-state events).
     pub fn state_after_or_before(&self) -> u64 {
         if self.state_after != 0 { self.state_after } else { self.state_before }
+    }
+
+    /// The room's state just before this event was placed: what clients saw then.
+    pub fn room_state_before(&self) -> u64 {
+        self.room_state.map_or(self.state_before, |(before, _)| before)
+    }
+
+    /// The room's state once this event was placed.
+    pub fn room_state_after(&self) -> u64 {
+        self.room_state.map_or_else(|| self.state_after_or_before(), |(_, after)| after)
     }
 
     /// The event type.

@@ -274,8 +274,16 @@ impl Rooms {
 
     /// Whether `user_id` may see `event` under the room's history visibility.
     pub fn can_see(&self, user_id: &UserId, event: &StoredPdu) -> Result<bool> {
-        let state = self.states.load(event.state_before)?;
-        let visibility = self.history_visibility(&state)?;
+        // Two entries of the state before it, read without loading the rest.
+        let state = event.state_before;
+        let visibility = match self.states.get(state, "m.room.history_visibility", "")? {
+            Some(short) => {
+                let pdu = self.state_pdu(short)?;
+                let content = serde_json::from_str(pdu.content.get()).ok();
+                history_visibility_from(content.as_ref())
+            }
+            None => history_visibility_from(None),
+        };
         if visibility == HistoryVisibility::WorldReadable {
             return Ok(true);
         }
@@ -286,7 +294,10 @@ impl Rooms {
         if own_member_event {
             return Ok(true);
         }
-        let then = self.membership_in(&state, user_id)?;
+        let then = match self.states.get(state, "m.room.member", user_id.as_str())? {
+            Some(short) => self.state_pdu(short)?.membership().unwrap_or("leave").to_owned(),
+            None => "leave".to_owned(),
+        };
         let now = self.membership(&event.room_id, user_id)?;
         if now.is_none()
             || (now.as_deref() != Some("join") && self.forgotten(&event.room_id, user_id)?)

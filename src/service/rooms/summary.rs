@@ -108,7 +108,11 @@ pub fn hierarchy(
     walk: &Walk,
 ) -> Result<(Vec<JsonValue>, bool)> {
     let rooms = &services.rooms;
-    let root_state = rooms.current_state(root).map_err(|_| Error::forbidden("Unknown room"))?;
+    // An unknown room is refused; a storage failure stays an internal error.
+    if rooms.room(root)?.is_none() {
+        return Err(Error::forbidden("Unknown room"));
+    }
+    let root_state = rooms.current_state(root)?;
     if !may_preview(services, root, &root_state, user_id)? {
         return Err(Error::forbidden("You cannot see this space"));
     }

@@ -34,7 +34,7 @@ pub async fn upgrade_room(
     additional_creators: Vec<OwnedUserId>,
 ) -> Result<OwnedRoomId> {
     let rooms = &services.rooms;
-    let new_rules = version.rules().ok_or_else(|| {
+    let new_rules = version.rules().filter(super::resolve::resolvable).ok_or_else(|| {
         Error::new(
             ErrorKind::UnsupportedRoomVersion,
             format!("Room version {version} is not supported"),
