@@ -416,10 +416,7 @@ async fn known_reply_times_give_exact_medians_and_p90s() {
             status: Default::default(),
         };
         let mut batch = services.db.batch();
-        services
-            .analytics
-            .record(&mut batch, &services, &event, 0, &RoomVersionId::V11)
-            .unwrap();
+        services.analytics.record(&mut batch, &services, &event, 0, &RoomVersionId::V11).unwrap();
         services.db.write(batch).unwrap();
     };
     // 2023-11-14, 08:00 UTC: alice asks ten questions an hour apart; bob answers the n-th after

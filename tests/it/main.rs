@@ -16,6 +16,7 @@ mod e2ee;
 mod edge_cases;
 mod ephemeral;
 mod errors;
+mod event_core;
 mod limits;
 mod media;
 mod metrics;

@@ -428,7 +428,11 @@ impl crate::service::rooms::listeners::Contributor for Recorder {
         services.analytics.record(batch, services, event, written.state_before, version)
     }
 
-    fn abandoned(&self, services: &Services, written: &crate::service::rooms::listeners::Written<'_>) {
+    fn abandoned(
+        &self,
+        services: &Services,
+        written: &crate::service::rooms::listeners::Written<'_>,
+    ) {
         services.analytics.forget(written.room_id.as_str());
     }
 }

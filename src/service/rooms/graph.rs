@@ -10,9 +10,7 @@ use std::{cell::RefCell, collections::HashMap, sync::Arc};
 
 use ruma::{
     CanonicalJsonValue, EventId, OwnedEventId, OwnedUserId, RoomId, RoomVersionId, UserId,
-    events::StateEventType,
-    room_version_rules::RoomVersionRules,
-    state_res,
+    events::StateEventType, room_version_rules::RoomVersionRules, state_res,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
@@ -193,7 +191,9 @@ impl Rooms {
         let dependent = state_res::check_state_dependent_auth_rules(
             &room.rules.authorization,
             pdu,
-            |kind: &StateEventType, key: &str| auth.get(&(kind.to_string(), key.to_owned())).cloned(),
+            |kind: &StateEventType, key: &str| {
+                auth.get(&(kind.to_string(), key.to_owned())).cloned()
+            },
         );
         Ok(dependent.map_err(|reason| reason.to_string()))
     }
@@ -222,10 +222,13 @@ impl Rooms {
     /// The depth of the stored event `short` (read in memory for recent events).
     pub(super) fn depth_of(&self, short: u64) -> Result<u64> {
         let depth = |stored: &StoredPdu| match stored.wire.get("depth") {
-            Some(CanonicalJsonValue::Integer(depth)) => u64::try_from(i64::from(*depth)).unwrap_or(0),
+            Some(CanonicalJsonValue::Integer(depth)) => {
+                u64::try_from(i64::from(*depth)).unwrap_or(0)
+            }
             _ => 0,
         };
-        if let Some(event) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).events.get(&short)
+        if let Some(event) =
+            self.recent.lock().unwrap_or_else(|e| e.into_inner()).events.get(&short)
         {
             return Ok(depth(event));
         }
@@ -373,7 +376,9 @@ impl Rooms {
                 && let Some(target_short) = self.event_ids.get(target.as_str())?
             {
                 let target = self.stored_by_short(target_short)?;
-                if target.room_id == room_id {
+                let applies = target.room_id == room_id
+                    && (local.is_some() || self.may_redact(&stored, &target, version)?);
+                if applies {
                     redacted_shorts = self.apply_redaction(
                         &mut batch,
                         &room_id,
@@ -455,6 +460,24 @@ impl Rooms {
             }
         };
         Ok((status, unsynced))
+    }
+
+    /// Whether the received redaction `redaction` takes effect on `target`: from the target's
+    /// own server, or from a sender whose power allows redacting others' events (local
+    /// redactions are checked before they are built).
+    fn may_redact(
+        &self,
+        redaction: &StoredPdu,
+        target: &StoredPdu,
+        version: &RoomVersionId,
+    ) -> Result<bool> {
+        let server = |sender: &str| sender.split_once(':').map(|(_, server)| server.to_owned());
+        if server(redaction.sender()) == server(target.sender()) {
+            return Ok(true);
+        }
+        let Ok(sender) = UserId::parse(redaction.sender()) else { return Ok(false) };
+        let state = self.states.load(redaction.state_before)?;
+        Ok(self.power_levels(&state, version)?.user_can_redact_event_of_other(&sender))
     }
 
     /// Queues the membership index entries that follow from the room's current state moving

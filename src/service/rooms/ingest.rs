@@ -90,7 +90,9 @@ impl Rooms {
                     outcomes.push((Some(event.stored.event_id.clone()), None));
                     checked.push(event);
                 }
-                Err((event_id, reason)) => outcomes.push((event_id, Some(Outcome::Dropped(reason)))),
+                Err((event_id, reason)) => {
+                    outcomes.push((event_id, Some(Outcome::Dropped(reason))))
+                }
             }
         }
         let lock = self.lock(room_id);
@@ -144,12 +146,13 @@ impl Rooms {
             Err(reason) => return Ok(Err((None, reason))),
         };
         let drop = |reason: String| Ok(Err((Some(event_id.clone()), reason)));
-        let servers =
-            match ruma::signatures::required_server_signatures_to_verify_event(&wire, &rules.signatures)
-            {
-                Ok(servers) => servers,
-                Err(e) => return drop(format!("cannot check signatures: {e}")),
-            };
+        let servers = match ruma::signatures::required_server_signatures_to_verify_event(
+            &wire,
+            &rules.signatures,
+        ) {
+            Ok(servers) => servers,
+            Err(e) => return drop(format!("cannot check signatures: {e}")),
+        };
         let public_keys = keys.public_keys(&servers).await?;
         match ruma::signatures::verify_event(&public_keys, &wire, &rules) {
             Ok(Verified::All) => {}
@@ -528,5 +531,98 @@ pub fn room_of(wire: &CanonicalJsonObject) -> Option<OwnedRoomId> {
     match wire.get("room_id") {
         Some(CanonicalJsonValue::String(id)) => OwnedRoomId::try_from(id.as_str()).ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::{CanonicalJsonValue, RoomVersionId};
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(value: serde_json::Value) -> CanonicalJsonObject {
+        match CanonicalJsonValue::try_from(value).unwrap() {
+            CanonicalJsonValue::Object(object) => object,
+            _ => unreachable!(),
+        }
+    }
+
+    fn event(body: &str) -> CanonicalJsonObject {
+        object(json!({
+            "type": "m.room.message", "room_id": "!r:remote.test", "sender": "@a:remote.test",
+            "origin": "remote.test", "origin_server_ts": 1, "depth": 3,
+            "prev_events": ["$p"], "auth_events": ["$a"], "content": { "body": body },
+            "hashes": { "sha256": "x" }, "signatures": {},
+        }))
+    }
+
+    #[test]
+    fn the_size_limit_counts_the_encoded_event_up_to_65536_bytes() {
+        let rules = RoomVersionId::V11.rules().unwrap();
+        let base = pdu::encoded_len(&event(""));
+        let at_limit = event(&"a".repeat(MAX_PDU_BYTES - base));
+        assert_eq!(pdu::encoded_len(&at_limit), MAX_PDU_BYTES);
+        assert_eq!(check_format(&at_limit, &rules), Ok(()));
+        let over = event(&"a".repeat(MAX_PDU_BYTES - base + 1));
+        assert!(check_format(&over, &rules).unwrap_err().contains("65536"));
+        // Escapes count as encoded: a quote takes two bytes.
+        let quotes = event(&"\"".repeat((MAX_PDU_BYTES - base) / 2 + 1));
+        assert!(check_format(&quotes, &rules).is_err());
+    }
+
+    #[test]
+    fn malformed_events_are_named_by_what_is_wrong() {
+        let rules = RoomVersionId::V11.rules().unwrap();
+        let mut long_type = event("");
+        long_type.insert("type".into(), CanonicalJsonValue::String("t".repeat(256)));
+        assert!(check_format(&long_type, &rules).unwrap_err().contains("type"));
+        let mut prevs = event("");
+        let many: Vec<_> = (0..21).map(|i| CanonicalJsonValue::String(format!("$e{i}"))).collect();
+        prevs.insert("prev_events".into(), CanonicalJsonValue::Array(many));
+        assert!(check_format(&prevs, &rules).unwrap_err().contains("prev_events"));
+        let mut depth = event("");
+        depth.insert("depth".into(), CanonicalJsonValue::Integer((-1).into()));
+        assert!(check_format(&depth, &rules).unwrap_err().contains("depth"));
+        let mut no_sender = event("");
+        no_sender.remove("sender");
+        assert!(check_format(&no_sender, &rules).unwrap_err().contains("sender"));
+    }
+
+    fn checked(id: &str, depth: u64, prevs: &[&str]) -> Checked {
+        let mut wire = event("");
+        wire.insert("depth".into(), CanonicalJsonValue::Integer(ruma::Int::from(depth as u32)));
+        let prevs = prevs.iter().map(|p| CanonicalJsonValue::String((*p).to_owned())).collect();
+        wire.insert("prev_events".into(), CanonicalJsonValue::Array(prevs));
+        wire.insert("auth_events".into(), CanonicalJsonValue::Array(Vec::new()));
+        let stored = StoredPdu {
+            event_id: OwnedEventId::try_from(id).unwrap(),
+            room_id: OwnedRoomId::try_from("!r:remote.test").unwrap(),
+            position: 0,
+            state_before: 0,
+            state_after: 0,
+            wire,
+            redacted_because: None,
+            redaction: None,
+            transaction: None,
+            room_state: None,
+            status: Status::Outlier,
+        };
+        let pdu = Pdu::from_stored(&stored).unwrap();
+        Checked { stored, pdu }
+    }
+
+    #[test]
+    fn events_are_placed_parents_first_whatever_their_order() {
+        // a <- b <- d, a <- c <- d; given children first, with a misleading depth on c.
+        let given = vec![
+            checked("$d", 4, &["$b", "$c"]),
+            checked("$c", 1, &["$a"]),
+            checked("$b", 2, &["$a"]),
+            checked("$a", 1, &[]),
+        ];
+        let order: Vec<String> =
+            parents_first(given).into_iter().map(|e| e.stored.event_id.to_string()).collect();
+        assert_eq!(order, ["$a", "$c", "$b", "$d"]);
     }
 }

@@ -279,7 +279,6 @@ impl Rooms {
         let room = Room { record, version: &version, rules: &rules };
         let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
         Ok((event_id, unsynced))
-
     }
 
     /// References to `ids` in the room version's format: bare ids, or `[id, hashes]` pairs.
@@ -334,5 +333,4 @@ impl Rooms {
         }
         Ok(changed)
     }
-
 }

@@ -73,8 +73,14 @@ impl Rooms {
         let subgraph = |conflicted: &StateMap<Vec<OwnedEventId>>| {
             failure.keep(self.conflicted_subgraph(conflicted).map(Some))
         };
-        let resolved =
-            state_res::resolve(&rules.authorization, v2_rules, maps.iter(), chains, fetch, subgraph);
+        let resolved = state_res::resolve(
+            &rules.authorization,
+            v2_rules,
+            maps.iter(),
+            chains,
+            fetch,
+            subgraph,
+        );
         failure.check()?;
         let resolved = resolved.map_err(|e| Error::internal(format!("state resolution: {e}")))?;
 

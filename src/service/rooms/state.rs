@@ -69,9 +69,10 @@ impl States {
             .nodes
             .get_raw(&id)?
             .ok_or_else(|| Error::internal(format!("missing state node {id}")))?;
-        let node = Arc::new(Node::decode(&bytes).map_err(|e| {
-            Error::internal(format!("corrupt state node {id}: {e}"))
-        })?);
+        let node = Arc::new(
+            Node::decode(&bytes)
+                .map_err(|e| Error::internal(format!("corrupt state node {id}: {e}")))?,
+        );
         self.cache_node(id, node.clone());
         Ok(node)
     }
@@ -135,8 +136,7 @@ impl States {
         if root == 0 {
             return Ok(Arc::default());
         }
-        if let Some(state) = self.full_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&root)
-        {
+        if let Some(state) = self.full_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&root) {
             return Ok(state.clone());
         }
         let short = self.load_short(root)?;
@@ -246,7 +246,8 @@ impl States {
         let (mut batch, mut migrated) = (db.batch(), 0u64);
         for item in old.scan_prefix(Vec::new()) {
             let (key, snapshot) = item?;
-            let id = <[u8; 8]>::try_from(&key[..]).map(u64::from_be_bytes).map_err(Error::internal)?;
+            let id =
+                <[u8; 8]>::try_from(&key[..]).map(u64::from_be_bytes).map_err(Error::internal)?;
             let mut changes = Vec::with_capacity(snapshot.changes.len());
             for (kind, state_key, event) in &snapshot.changes {
                 changes.push((self.intern(kind, state_key)?, Some(*event)));
@@ -344,7 +345,8 @@ impl Writer<'_> {
         let mut rest = &entries[..];
         while let Some((key, _)) = rest.first() {
             let nibble = node::nibble(node::hash(*key), level);
-            let split = rest.partition_point(|(k, _)| node::nibble(node::hash(*k), level) == nibble);
+            let split =
+                rest.partition_point(|(k, _)| node::nibble(node::hash(*k), level) == nibble);
             let (mine, others) = rest.split_at(split);
             let mut mine = mine.to_vec();
             mine.sort_by_key(|(key, _)| *key);

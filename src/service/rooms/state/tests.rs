@@ -130,7 +130,8 @@ fn snapshots_of_the_older_format_migrate_under_their_ids() {
     assert_eq!(states.load(2).unwrap().len(), 3);
     // New states never take a migrated id, and a second run changes nothing.
     let mut batch = db.batch();
-    let next = states.apply(&mut batch, 2, &[(states.intern("m.room.topic", "").unwrap(), Some(5))]);
+    let next =
+        states.apply(&mut batch, 2, &[(states.intern("m.room.topic", "").unwrap(), Some(5))]);
     assert!(next.unwrap() > 2);
     states.migrate_snapshots(&db).unwrap();
 }
