@@ -377,6 +377,30 @@ impl Analytics {
     }
 }
 
+/// Counts each event's activity, response times and poll votes in the event's own batch, so
+/// the aggregates never disagree with the events.
+pub struct Recorder;
+
+impl crate::service::rooms::listeners::Contributor for Recorder {
+    fn contribute(
+        &self,
+        services: &Services,
+        written: &crate::service::rooms::listeners::Written<'_>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let (event, version) = (written.event, written.version);
+        services.analytics.record(batch, services, event, written.state_before, version)
+    }
+
+    fn abandoned(
+        &self,
+        services: &Services,
+        written: &crate::service::rooms::listeners::Written<'_>,
+    ) {
+        services.analytics.forget(written.room_id.as_str());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,29 +434,5 @@ mod tests {
             .collect();
         stored.sort();
         assert_eq!(stored, ["$a", "$b", "$c"]);
-    }
-}
-
-/// Counts each event's activity, response times and poll votes in the event's own batch, so
-/// the aggregates never disagree with the events.
-pub struct Recorder;
-
-impl crate::service::rooms::listeners::Contributor for Recorder {
-    fn contribute(
-        &self,
-        services: &Services,
-        written: &crate::service::rooms::listeners::Written<'_>,
-        batch: &mut Batch,
-    ) -> Result<()> {
-        let (event, version) = (written.event, written.version);
-        services.analytics.record(batch, services, event, written.state_before, version)
-    }
-
-    fn abandoned(
-        &self,
-        services: &Services,
-        written: &crate::service::rooms::listeners::Written<'_>,
-    ) {
-        services.analytics.forget(written.room_id.as_str());
     }
 }

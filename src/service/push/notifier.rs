@@ -1080,6 +1080,15 @@ async fn judge_loop(
     }
 }
 
+/// Hands each event, once durable, to the notifier that judges who it notifies.
+pub struct Enqueue;
+
+impl crate::service::rooms::listeners::Listener for Enqueue {
+    fn persisted(&self, services: &crate::service::Services, short: u64, event: &Arc<StoredPdu>) {
+        services.notifier.enqueue(short, event.clone());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Judged, Stored, WINDOW};
@@ -1122,14 +1131,5 @@ mod tests {
         judged.insert(198 + 3 * WINDOW);
         assert!(judged.contains(198 + WINDOW) && judged.contains(198 + 2 * WINDOW));
         assert!(!judged.contains(198 + 2 * WINDOW + 1) && judged.contains(198 + 3 * WINDOW));
-    }
-}
-
-/// Hands each event, once durable, to the notifier that judges who it notifies.
-pub struct Enqueue;
-
-impl crate::service::rooms::listeners::Listener for Enqueue {
-    fn persisted(&self, services: &crate::service::Services, short: u64, event: &Arc<StoredPdu>) {
-        services.notifier.enqueue(short, event.clone());
     }
 }

@@ -278,11 +278,13 @@ impl Rooms {
             status = super::Status::Rejected;
         }
         let current = room.record.as_ref().map_or(0, |r| r.current_state);
-        if status.is_accepted() && local.is_none() && current != state_before {
-            if let Err(reason) = self.check_against_state(rules, &pdu, current)? {
-                tracing::info!(event_id = %pdu.event_id, %reason, "soft-failed an event");
-                status = super::Status::SoftFailed;
-            }
+        if status.is_accepted()
+            && local.is_none()
+            && current != state_before
+            && let Err(reason) = self.check_against_state(rules, &pdu, current)?
+        {
+            tracing::info!(event_id = %pdu.event_id, %reason, "soft-failed an event");
+            status = super::Status::SoftFailed;
         }
         stored.status = status;
         stored.state_before = state_before;
@@ -303,8 +305,11 @@ impl Rooms {
         let room_id = stored.room_id.clone();
         let event_id = stored.event_id.clone();
         let mut batch = self.db.batch();
-        // An outlier now placed keeps its short id.
-        let known = self.event_ids.get(event_id.as_str())?;
+        // An outlier now placed keeps its short id (an event built here is new).
+        let known = match local {
+            Some(_) => None,
+            None => self.event_ids.get(event_id.as_str())?,
+        };
         let short = match known {
             Some(short) => short,
             None => self.short_event.next(&mut batch),
@@ -431,7 +436,6 @@ impl Rooms {
             services.audit.commit(batch, audit).map(|()| None)
         };
         let ticket = committed.inspect_err(|_| self.registry().abandoned(services, &written))?;
-        drop(written);
 
         for short in redacted_shorts.into_iter().chain(known) {
             self.forget_state_pdu(short);

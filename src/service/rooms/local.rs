@@ -110,11 +110,6 @@ impl Rooms {
     /// key. With `defer_sync` the WAL sync is left to the caller, who awaits the returned
     /// ticket (after releasing the room lock) and then drops the pending position; otherwise
     /// the write is durable on return.
-
-    /// Builds, authorises and writes an event; `txn` is the client transaction with its stored
-    /// key. With `defer_sync` the WAL sync is left to the caller, who awaits the returned
-    /// ticket (after releasing the room lock) and then drops the pending position; otherwise
-    /// the write is durable on return.
     pub(super) fn build_and_store<'s>(
         &self,
         services: &'s Services,

@@ -34,6 +34,9 @@ pub type StateMap = HashMap<StateKey, u64>;
 /// The full state by short state key: short state key -> short event id.
 pub type ShortStateMap = HashMap<u64, u64>;
 
+/// An entry that differs between two states: `(short state key, in the first, in the second)`.
+pub type Difference = (u64, Option<u64>, Option<u64>);
+
 /// A change to a state: the short state key and the short event now there (`None` removes it).
 pub type Change = (u64, Option<u64>);
 
@@ -156,18 +159,13 @@ impl States {
 
     /// The entries that differ between states `a` and `b`: `(key, in a, in b)`. Subtrees the
     /// two share are skipped without reading them.
-    pub fn diff(&self, a: u64, b: u64) -> Result<Vec<(u64, Option<u64>, Option<u64>)>> {
+    pub fn diff(&self, a: u64, b: u64) -> Result<Vec<Difference>> {
         let mut out = Vec::new();
         self.diff_into(a, b, &mut out)?;
         Ok(out)
     }
 
-    fn diff_into(
-        &self,
-        a: u64,
-        b: u64,
-        out: &mut Vec<(u64, Option<u64>, Option<u64>)>,
-    ) -> Result<()> {
+    fn diff_into(&self, a: u64, b: u64, out: &mut Vec<Difference>) -> Result<()> {
         if a == b {
             return Ok(());
         }
