@@ -46,7 +46,7 @@ pub struct States {
     /// Short ids of `(event type, state key)`.
     pub keys: ShortKeys,
     next_node: super::super::Counter,
-    node_cache: Mutex<HashMap<u64, Arc<Node>>>,
+    node_cache: Mutex<Generations>,
     full_cache: Mutex<HashMap<u64, Arc<StateMap>>>,
 }
 
@@ -65,8 +65,8 @@ impl States {
 
     /// The node `id`, from memory or the database.
     fn node(&self, id: u64) -> Result<Arc<Node>> {
-        if let Some(node) = self.node_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-            return Ok(node.clone());
+        if let Some(node) = self.node_cache.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Ok(node);
         }
         let bytes = self
             .nodes
@@ -81,11 +81,7 @@ impl States {
     }
 
     fn cache_node(&self, id: u64, node: Arc<Node>) {
-        let mut cache = self.node_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= NODE_CACHE {
-            cache.clear();
-        }
-        cache.insert(id, node);
+        self.node_cache.lock().unwrap_or_else(|e| e.into_inner()).insert(id, node);
     }
 
     /// The short event at `key` in state `root`.
@@ -265,6 +261,28 @@ impl States {
             tracing::info!(migrated, "rewrote stored room states in the compact form");
         }
         Ok(())
+    }
+}
+
+/// Decoded nodes in two generations: a full young generation becomes the old one and the old
+/// one is dropped. A node stays at least until [`NODE_CACHE`] newer ones were added, so the
+/// nodes of a state being written (read back before their batch lands) are always found.
+#[derive(Default)]
+struct Generations {
+    young: HashMap<u64, Arc<Node>>,
+    old: HashMap<u64, Arc<Node>>,
+}
+
+impl Generations {
+    fn get(&self, id: u64) -> Option<Arc<Node>> {
+        self.young.get(&id).or_else(|| self.old.get(&id)).cloned()
+    }
+
+    fn insert(&mut self, id: u64, node: Arc<Node>) {
+        if self.young.len() >= NODE_CACHE {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(id, node);
     }
 }
 
