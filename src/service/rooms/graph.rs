@@ -136,6 +136,17 @@ impl Rooms {
         }
     }
 
+    /// The short id of the event `event_id`, if known, including an event being written.
+    pub(super) fn short_by_id(&self, event_id: &EventId) -> Result<Option<u64>> {
+        match self.event_ids.get(event_id.as_str())? {
+            Some(short) => Ok(Some(short)),
+            None => {
+                let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(in_flight.shorts.get(event_id).copied())
+            }
+        }
+    }
+
     /// Makes the event `short` readable until the returned guard drops.
     fn announce(&self, short: u64, pdu: &Pdu) -> InFlightGuard<'_> {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());

@@ -81,7 +81,12 @@ impl Rooms {
         if pdus.len() > MAX_INGEST {
             return Err(Error::invalid_param(format!("At most {MAX_INGEST} events at once")));
         }
-        let known_version = self.room(room_id)?.map(|r| r.version);
+        // A room this call creates takes its version from the create event among the events,
+        // so the events after it in the same call are checked by that version's rules too.
+        let known_version = match self.room(room_id)? {
+            Some(record) => Some(record.version),
+            None => pdus.iter().find_map(create_version),
+        };
         let mut outcomes = Vec::with_capacity(pdus.len());
         let mut checked = Vec::new();
         for wire in pdus {

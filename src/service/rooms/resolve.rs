@@ -90,9 +90,9 @@ impl Rooms {
         let mut kept = HashSet::with_capacity(resolved.len());
         for ((kind, state_key), event_id) in &resolved {
             let key = self.states.intern(&kind.to_string(), state_key)?;
+            // The event being written (a state event meeting other branches) is among them.
             let event = self
-                .event_ids
-                .get(event_id.as_str())?
+                .short_by_id(event_id)?
                 .ok_or_else(|| Error::internal(format!("resolved to unknown {event_id}")))?;
             kept.insert(key);
             if first.get(&key) != Some(&event) {
@@ -111,7 +111,7 @@ impl Rooms {
     ) -> Result<EventIdSet<OwnedEventId>> {
         let mut ends = BTreeSet::new();
         for id in conflicted.values().flatten() {
-            ends.extend(self.event_ids.get(id.as_str())?);
+            ends.extend(self.short_by_id(id)?);
         }
         // Every ancestor of some conflicted event is a candidate; it is on a path when a
         // conflicted event is among its own ancestors, or it is one.
