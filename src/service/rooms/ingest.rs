@@ -206,7 +206,12 @@ impl Rooms {
             let room_id = event.stored.room_id.clone();
             let outcome = self.place_received(services, event)?;
             first.get_or_insert_with(|| outcome.clone());
-            if matches!(outcome, Outcome::Placed(Status::Accepted | Status::SoftFailed)) {
+            // A rejected event placed in the graph still has a state before it for its
+            // children (they see that state), so they are placed after it like any others.
+            if matches!(
+                outcome,
+                Outcome::Placed(Status::Accepted | Status::SoftFailed | Status::Rejected)
+            ) {
                 for waiting in self.take_waiting(&room_id, &event_id)? {
                     queue.push_back(waiting);
                 }
@@ -219,7 +224,8 @@ impl Rooms {
     /// placed on the state resolved from its prev events.
     fn place_received(&self, services: &Services, event: Checked) -> Result<Outcome> {
         let Checked { stored, pdu } = event;
-        if let Some(known) = self.stored(&stored.event_id)?
+        let known = self.stored(&stored.event_id)?;
+        if let Some(known) = &known
             && known.status != Status::Outlier
         {
             return Ok(Outcome::Known(known.status));
@@ -258,7 +264,14 @@ impl Rooms {
         }
         let room = Room { record, version: &version, rules: &rules };
         if !missing.is_empty() || roots.is_empty() {
-            return self.store_waiting(&room, stored, &pdu, &missing);
+            let outcome = self.store_waiting(&room, stored, &pdu, &missing)?;
+            // An outlier delivered again while it still waits was known already.
+            return Ok(match outcome {
+                Outcome::Placed(Status::Outlier) if known.is_some() => {
+                    Outcome::Known(Status::Outlier)
+                }
+                outcome => outcome,
+            });
         }
         let mut batch = self.db.batch();
         let state_before = self.resolve(&mut batch, &rules, &roots)?;
@@ -269,8 +282,10 @@ impl Rooms {
         Ok(Outcome::Placed(status))
     }
 
-    /// Stores an event whose prev events are missing as an outlier (rejected if its own auth
-    /// events refuse it) and records the gap it waits on.
+    /// Stores an event whose prev events are missing as an outlier and records the gap it
+    /// waits on. An event waiting for nothing (an auth event fetched on its own) is rejected
+    /// if its own auth events refuse it; one that waits is judged when it is placed, since its
+    /// auth events may be among what it waits for.
     fn store_waiting(
         &self,
         room: &Room<'_>,
@@ -286,7 +301,12 @@ impl Rooms {
                 .transpose()?,
             None => None,
         };
-        let status = match self.check_auth_events(room, pdu, true, create.as_ref())? {
+        let judged = if missing.is_empty() {
+            self.check_auth_events(room, pdu, true, create.as_ref())?
+        } else {
+            Ok(())
+        };
+        let status = match judged {
             Ok(()) => Status::Outlier,
             Err(reason) => {
                 tracing::info!(event_id = %pdu.event_id, %reason, "rejected an outlier");
