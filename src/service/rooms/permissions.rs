@@ -274,6 +274,10 @@ impl Rooms {
 
     /// Whether `user_id` may see `event` under the room's history visibility.
     pub fn can_see(&self, user_id: &UserId, event: &StoredPdu) -> Result<bool> {
+        // Outliers, rejected and soft-failed events are kept for the graph, never shown.
+        if !event.status.is_accepted() {
+            return Ok(false);
+        }
         // Two entries of the state before it, read without loading the rest.
         let state = event.state_before;
         let visibility = match self.states.get(state, "m.room.history_visibility", "")? {
