@@ -290,6 +290,17 @@ impl Server {
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // Background threads (the search indexer) may hold the services a moment longer; the
+        // database is closed once they let go, and a restart must find it closed.
+        let services = Arc::downgrade(&self.services);
+        drop(self);
+        for _ in 0..500 {
+            if services.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tracing::warn!("the database was still in use five seconds after stopping");
     }
 
     /// Serves until SIGINT or SIGTERM, then stops gracefully.

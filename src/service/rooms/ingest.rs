@@ -262,8 +262,11 @@ impl Rooms {
                 _ => missing.push(prev.clone()),
             }
         }
+        if pdu.prev_events.is_empty() {
+            return Ok(Outcome::Dropped("only a create event has no prev events".to_owned()));
+        }
         let room = Room { record, version: &version, rules: &rules };
-        if !missing.is_empty() || roots.is_empty() {
+        if !missing.is_empty() {
             let outcome = self.store_waiting(&room, stored, &pdu, &missing)?;
             // An outlier delivered again while it still waits was known already.
             return Ok(match outcome {

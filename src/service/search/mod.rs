@@ -60,6 +60,9 @@ struct Fields {
     ts: Field,
 }
 
+/// Events indexed per hold of the server during a catch-up.
+const CATCH_UP_CHUNK: usize = 1_024;
+
 enum Job {
     Index(u64),
     Flush(oneshot::Sender<()>),
@@ -322,14 +325,23 @@ struct Indexer {
 
 impl Indexer {
     fn catch_up(&mut self) -> Result<()> {
-        let Some(services) = self.services.upgrade() else { return Ok(()) };
-        let from = self.cursor.saturating_sub(REINDEX_MARGIN);
+        let mut next = self.cursor.saturating_sub(REINDEX_MARGIN) + 1;
         let mut count = 0u64;
-        for entry in services.rooms.events_from(from + 1) {
-            let (short, event) = entry?;
-            self.replayed = short;
-            self.add(short, &event);
-            count += 1;
+        // The server is held a chunk at a time, so stopping it never waits for a long catch-up.
+        loop {
+            let Some(services) = self.services.upgrade() else { return Ok(()) };
+            let mut read = 0;
+            for entry in services.rooms.events_from(next).take(CATCH_UP_CHUNK) {
+                let (short, event) = entry?;
+                self.replayed = short;
+                self.add(short, &event);
+                next = short + 1;
+                read += 1;
+            }
+            count += read;
+            if read < CATCH_UP_CHUNK as u64 {
+                break;
+            }
         }
         if count > 0 {
             tracing::info!(events = count, "search index caught up");
