@@ -1,6 +1,6 @@
 //! Operational metrics in the Prometheus text format, served on their own listener: requests
 //! by route and status, latency histograms, events persisted, syncs waiting, push queue,
-//! database sizes and process memory. Counting is a few atomic adds and one short lock per
+//! database sizes and bytes written, and process memory. Counting is a few atomic adds and one short lock per
 //! request; the text is only built when scraped.
 
 use std::{
@@ -179,6 +179,9 @@ fn render_storage(out: &mut String, services: &Services) {
     for (table, _, memory) in &sizes {
         let _ = writeln!(out, "plaza_db_table_memory_bytes{{table=\"{table}\"}} {memory}");
     }
+    let name = "plaza_db_bytes_written_total";
+    family(out, name, "counter", "Bytes of write batches handed to the database.");
+    let _ = writeln!(out, "{name} {}", services.db.bytes_written());
     let memory = services.db.memory();
     let name = "plaza_db_memory_bytes";
     family(out, name, "gauge", "Bytes the storage engine holds in memory, by kind.");

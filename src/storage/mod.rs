@@ -73,6 +73,8 @@ pub struct Db {
     write_options: Arc<WriteOptions>,
     unsynced_options: Arc<WriteOptions>,
     durability: Arc<Durability>,
+    /// Bytes of every batch written, synced or not.
+    bytes_written: Arc<AtomicU64>,
 }
 
 /// Group commit for deferred writes: how many were written, how many a finished WAL sync
@@ -173,6 +175,7 @@ impl Db {
                 syncing: tokio::sync::Mutex::new(()),
                 syncer,
             }),
+            bytes_written: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -191,6 +194,7 @@ impl Db {
     /// Concurrent writers share WAL syncs (RocksDB groups them); on a multi-threaded async
     /// runtime the wait is announced so other tasks move off this thread meanwhile.
     pub fn write(&self, batch: Batch) -> Result<(), StorageError> {
+        self.count_written(&batch);
         let write = || self.inner.write_opt(batch.inner, &self.write_options);
         let multi_threaded = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
@@ -201,6 +205,7 @@ impl Db {
     /// Applies `batch` atomically without waiting for the WAL sync. Only for data that can be
     /// derived again from durable data after a power loss (the next synced write covers it).
     pub fn write_unsynced(&self, batch: Batch) -> Result<(), StorageError> {
+        self.count_written(&batch);
         self.inner.write_opt(batch.inner, &self.unsynced_options)?;
         Ok(())
     }
@@ -210,8 +215,20 @@ impl Db {
     /// the operating system's buffers); a power loss before the sync loses it together with
     /// every later write, never a write before it.
     pub fn write_deferred(&self, batch: Batch) -> Result<Ticket, StorageError> {
+        self.count_written(&batch);
         self.inner.write_opt(batch.inner, &self.unsynced_options)?;
         Ok(Ticket(self.durability.written.fetch_add(1, Ordering::AcqRel) + 1))
+    }
+
+    /// Bytes of every batch handed to RocksDB since the database was opened (as
+    /// [`Batch::size_in_bytes`] counts them: keys, values and the batch's own framing, before
+    /// compression and before the WAL and compactions write them again).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    fn count_written(&self, batch: &Batch) {
+        self.bytes_written.fetch_add(batch.size_in_bytes() as u64, Ordering::Relaxed);
     }
 
     /// A ticket covering every write made so far: once durable, so is all of them.

@@ -104,6 +104,7 @@ async fn metrics_count_requests_events_syncs_and_storage() {
     let write_buffers = r#"plaza_db_memory_bytes{kind="write_buffers"}"#;
     assert!(sample(&text, write_buffers).unwrap() > 0.0, "{text}");
     assert!(sample(&text, r#"plaza_db_memory_bytes{kind="block_cache"}"#).is_some());
+    assert!(sample(&text, "plaza_db_bytes_written_total").unwrap() > 0.0, "{text}");
     assert_eq!(sample(&text, "plaza_push_queue_length"), Some(0.0));
 
     waiting.abort();
