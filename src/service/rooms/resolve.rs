@@ -1,7 +1,8 @@
 //! State resolution: the state where branches of the graph meet, by ruma's implementation of
 //! the version 2 algorithm with the rules of the room's version (including room version 12's
 //! conflicted state subgraph). Room version 1 resolves with the first algorithm, which Plaza
-//! does not implement: it neither creates nor joins such rooms (see `docs/event-graph.md`).
+//! does not implement: it takes no events of such rooms from other servers, and its own never
+//! fork (see `docs/event-graph.md`).
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
