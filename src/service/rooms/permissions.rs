@@ -235,6 +235,15 @@ impl Rooms {
         Ok(join_rule_from(self.state_content(state, "m.room.join_rules", "")?.as_ref()))
     }
 
+    /// The join rule of the state `root`, read without loading the rest of it.
+    pub fn join_rule_at(&self, root: u64) -> Result<JoinRule> {
+        let content = match self.states.get(root, "m.room.join_rules", "")? {
+            Some(short) => serde_json::from_str(self.state_pdu(short)?.content.get()).ok(),
+            None => None,
+        };
+        Ok(join_rule_from(content.as_ref()))
+    }
+
     /// Whether `user_id` is joined to one of the rooms `join_rule` lets the members of in.
     pub fn in_allowed_room(&self, join_rule: &JoinRule, user_id: &UserId) -> Result<bool> {
         for room_id in allowed_rooms(join_rule) {
