@@ -72,6 +72,9 @@ pub(super) struct Candidate {
     pub pdu: Pdu,
     /// The state before it (0 for a create event).
     pub state_before: u64,
+    /// Its auth events with their short ids, when already read (events built here); read
+    /// from the database otherwise.
+    pub auth: Vec<(u64, Arc<Pdu>)>,
 }
 
 /// The room an event goes to: its record (absent for a create event) and rules.
@@ -164,11 +167,16 @@ impl Rooms {
         pdu: &Pdu,
         against_auth_events: bool,
         create: Option<&Arc<Pdu>>,
+        read: &[(u64, Arc<Pdu>)],
     ) -> Result<std::result::Result<(), String>> {
         let failure = Failure::default();
         let mut auth: HashMap<(String, String), Arc<Pdu>> = HashMap::new();
-        for id in &pdu.auth_events {
-            let Some(event) = failure.keep(self.pdu_by_id(id)) else {
+        for (index, id) in pdu.auth_events.iter().enumerate() {
+            let event = match read.get(index) {
+                Some((_, event)) if event.event_id == *id => Some(event.clone()),
+                _ => failure.keep(self.pdu_by_id(id)),
+            };
+            let Some(event) = event else {
                 failure.check()?;
                 return Ok(Err(format!("auth event {id} is unknown")));
             };
@@ -266,9 +274,10 @@ impl Rooms {
         candidate: Candidate,
         local: Option<Local<'_>>,
     ) -> Result<(super::Status, Unsynced<'s>)> {
-        let Candidate { mut stored, pdu, state_before } = candidate;
+        let Candidate { mut stored, pdu, state_before, auth } = candidate;
         let rules = room.rules;
-        let create = match &room.record {
+        // Received events are checked against their auth events, with the create event.
+        let create = match room.record.as_ref().filter(|_| local.is_none()) {
             Some(record) => self
                 .states
                 .get(record.current_state, "m.room.create", "")?
@@ -277,7 +286,8 @@ impl Rooms {
             None => None,
         };
         let mut status = super::Status::Accepted;
-        let mut refusal = self.check_auth_events(&room, &pdu, local.is_none(), create.as_ref())?;
+        let mut refusal =
+            self.check_auth_events(&room, &pdu, local.is_none(), create.as_ref(), &auth)?;
         if refusal.is_ok() {
             refusal = self.check_against_state(rules, &pdu, state_before)?;
         }
@@ -299,7 +309,8 @@ impl Rooms {
         }
         stored.status = status;
         stored.state_before = state_before;
-        self.write(services, room, stored, pdu, local)
+        let auth_shorts = auth.iter().map(|(short, _)| *short).collect();
+        self.write(services, room, stored, pdu, local, auth_shorts)
     }
 
     /// Writes a checked event (see [`Rooms::place`]).
@@ -310,6 +321,7 @@ impl Rooms {
         mut stored: StoredPdu,
         pdu: Pdu,
         local: Option<Local<'_>>,
+        mut auth_shorts: Vec<u64>,
     ) -> Result<(super::Status, Unsynced<'s>)> {
         let Room { record, version, rules } = room;
         let status = stored.status;
@@ -337,12 +349,14 @@ impl Rooms {
             },
         };
         // The state after it, and its auth chain for the index.
-        let mut auth_shorts = Vec::with_capacity(pdu.auth_events.len());
-        for id in &pdu.auth_events {
-            auth_shorts.extend(self.event_ids.get(id.as_str())?);
-        }
         if let Some(state_key) = &pdu.state_key {
             if status != super::Status::Rejected {
+                if auth_shorts.len() != pdu.auth_events.len() {
+                    auth_shorts.clear();
+                    for id in &pdu.auth_events {
+                        auth_shorts.extend(self.event_ids.get(id.as_str())?);
+                    }
+                }
                 let key = self.states.intern(&pdu.kind.to_string(), state_key)?;
                 stored.state_after =
                     self.states.apply(&mut batch, stored.state_before, &[(key, Some(short))])?;

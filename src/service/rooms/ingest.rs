@@ -248,7 +248,7 @@ impl Rooms {
                 return Ok(Outcome::Dropped("a create event has no prev events".to_owned()));
             }
             let room = Room { record: None, version: &version, rules: &rules };
-            let candidate = Candidate { stored, pdu, state_before: 0 };
+            let candidate = Candidate { stored, pdu, state_before: 0, auth: Vec::new() };
             let (status, _) = self.place(services, room, candidate, None)?;
             return Ok(Outcome::Placed(status));
         }
@@ -280,7 +280,7 @@ impl Rooms {
         let state_before = self.resolve(&mut batch, &rules, &roots)?;
         // Derived nodes only: the event's own synced batch makes them durable.
         self.db.write_unsynced(batch)?;
-        let candidate = Candidate { stored, pdu, state_before };
+        let candidate = Candidate { stored, pdu, state_before, auth: Vec::new() };
         let (status, _) = self.place(services, room, candidate, None)?;
         Ok(Outcome::Placed(status))
     }
@@ -305,7 +305,7 @@ impl Rooms {
             None => None,
         };
         let judged = if missing.is_empty() {
-            self.check_auth_events(room, pdu, true, create.as_ref())?
+            self.check_auth_events(room, pdu, true, create.as_ref(), &[])?
         } else {
             Ok(())
         };

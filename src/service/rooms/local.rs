@@ -145,12 +145,14 @@ impl Rooms {
             &rules.authorization,
         )
         .map_err(Error::bad_json)?;
-        let mut auth_events = Vec::with_capacity(auth_types.len());
+        let mut auth = Vec::with_capacity(auth_types.len());
         for (auth_kind, auth_key) in &auth_types {
             if let Some(short) = self.states.get(current, &auth_kind.to_string(), auth_key)? {
-                auth_events.push(self.state_pdu(short)?.event_id.clone());
+                auth.push((short, self.state_pdu(short)?));
             }
         }
+        let auth_events: Vec<OwnedEventId> =
+            auth.iter().map(|(_, pdu)| pdu.event_id.clone()).collect();
         let prev_events: Vec<OwnedEventId> = record
             .as_ref()
             .map(|r| r.extremities.iter().take(MAX_PREV_EVENTS).cloned().collect())
@@ -269,7 +271,7 @@ impl Rooms {
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
         let mut audit = self.audit_entries(&room_id, sender, &event, pdu.redacts.as_deref())?;
         audit.extend(event.audit.iter().cloned());
-        let candidate = Candidate { stored, pdu, state_before: current };
+        let candidate = Candidate { stored, pdu, state_before: current, auth };
         let local = Local { event: &event, audit, txn, defer_sync };
         let room = Room { record, version: &version, rules: &rules };
         let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
