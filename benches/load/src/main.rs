@@ -3,7 +3,8 @@
 //! `cargo run --release -p plaza-load -- --url URL --shared-secret SECRET` drives any
 //! homeserver that offers shared-secret registration instead, so the same run can measure
 //! another server. `-- --only send` (send and fan-out), `-- --only media`,
-//! `-- --only search`, `-- --only threads` or `-- --only analytics` (Plaza only) runs just
+//! `-- --only search`, `-- --only threads`, `-- --only analytics` (Plaza only) or
+//! `-- --only graph` (Plaza only, in-process: big-room joins and state resolution) runs just
 //! those scenarios.
 
 use std::{
@@ -15,6 +16,7 @@ use hmac::Mac;
 use serde_json::{Value, json};
 
 mod analytics;
+mod graph;
 mod media;
 mod search;
 mod threads;
@@ -134,9 +136,8 @@ fn rss_mb() -> Option<f64> {
     status_mb("VmRSS:")
 }
 
-/// Runs a Plaza on `dir` in this process until standard input closes, after printing its
-/// address: the run's own server, kept apart from the generator so its memory is its own.
-async fn serve(dir: &std::path::Path) -> Result<(), Error> {
+/// The configuration of a benchmark server with its data in `dir`.
+fn config(dir: &std::path::Path) -> Result<plaza::Config, Error> {
     let mut config = plaza::Config { listen: vec!["127.0.0.1:0".parse()?], ..Default::default() };
     config.database.path = dir.join("db");
     config.registration.shared_secret = Some("bench-secret".into());
@@ -151,7 +152,13 @@ async fn serve(dir: &std::path::Path) -> Result<(), Error> {
     config.limits.login_failures.burst = plenty.burst;
     config.log.filter = "warn".into();
     config.media.max_upload_size = 2 << 30;
-    let server = plaza::Server::start(config).await?;
+    Ok(config)
+}
+
+/// Runs a Plaza on `dir` in this process until standard input closes, after printing its
+/// address: the run's own server, kept apart from the generator so its memory is its own.
+async fn serve(dir: &std::path::Path) -> Result<(), Error> {
+    let server = plaza::Server::start(config(dir)?).await?;
     println!("http://{}", server.addrs()[0]);
     tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
         .await??;
@@ -430,6 +437,17 @@ fn urlencoding(text: &str) -> String {
     form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
+/// Prints the table: the scenario rows, then the server's memory figures.
+fn print_rows(rows: Vec<[String; 3]>, rss: Vec<(String, String)>) {
+    println!("\n| scenario | target | result |\n|---|---|---|");
+    for [scenario, goal, result] in rows {
+        println!("| {scenario} | {goal} | {result} |");
+    }
+    for (what, value) in rss {
+        println!("| RSS, {what} | < 50 MB idle, < 200 MB peak | {value} |");
+    }
+}
+
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let arg =
@@ -440,6 +458,14 @@ fn main() -> Result<(), Error> {
     }
     runtime.block_on(async {
         let http = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
+        if arg("--only").as_deref() == Some("graph") {
+            println!(
+                "Event graph benchmark, in-process ({} cores)",
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            print_rows(graph::rows(http).await?, Vec::new());
+            return Ok(());
+        }
         let mut rss: Vec<(String, String)> = Vec::new();
         let mut server = None;
         let _dir;
@@ -491,13 +517,7 @@ fn main() -> Result<(), Error> {
         if let Some(peak) = status_mb("VmHWM:") {
             rss.push(("server peak over the run".into(), format!("{peak:.0} MB")));
         }
-        println!("\n| scenario | target | result |\n|---|---|---|");
-        for [scenario, goal, result] in rows {
-            println!("| {scenario} | {goal} | {result} |");
-        }
-        for (what, value) in rss {
-            println!("| RSS, {what} | < 50 MB idle, < 200 MB peak | {value} |");
-        }
+        print_rows(rows, rss);
         if let Some(mut server) = server {
             drop(server.stdin.take()); // the server stops when its input closes
             server.wait()?;
