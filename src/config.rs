@@ -984,15 +984,19 @@ mod tests {
 
     #[test]
     fn shipped_example_config_loads_and_matches_defaults() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/plaza.toml");
-        let config = Config::load(Some(&path)).unwrap();
-        let defaults = Config::default();
-        assert_eq!(config.listen, defaults.listen);
-        assert_eq!(config.database.path, defaults.database.path);
-        assert_eq!(config.registration.mode, RegistrationMode::Disabled);
-        // Read by `cargo run --release` without arguments: every value is the built-in one.
-        let json = |c: &Config| serde_json::to_value(c).unwrap();
-        assert_eq!(json(&config), json(&defaults));
+        // Inside a jail: the other tests' `PLAZA_*` variables are never seen here.
+        figment::Jail::expect_with(|_jail| {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/plaza.toml");
+            let config = Config::load(Some(&path)).unwrap();
+            let defaults = Config::default();
+            assert_eq!(config.listen, defaults.listen);
+            assert_eq!(config.database.path, defaults.database.path);
+            assert_eq!(config.registration.mode, RegistrationMode::Disabled);
+            // Read by `cargo run --release` without arguments: every value is the built-in one.
+            let json = |c: &Config| serde_json::to_value(c).unwrap();
+            assert_eq!(json(&config), json(&defaults));
+            Ok(())
+        });
     }
 
     #[test]

@@ -465,11 +465,11 @@ impl Rooms {
         for short in redacted_shorts.into_iter().chain(known) {
             self.forget_state_pdu(short);
         }
-        for user in &member_changes {
+        for (user, _) in &member_changes {
             self.forget_memberships(user);
         }
         if !member_changes.is_empty() {
-            self.forget_members(&room_id);
+            self.update_members(&room_id, &member_changes);
         }
         let Some(pending) = pending else { return Ok((status, None)) };
         let stored = Arc::new(stored);
@@ -479,7 +479,7 @@ impl Rooms {
         let position = pending.position;
         let members = self.members(&room_id)?;
         services.stream.wake_members_at(position, &members, &["join", "invite", "knock", "ban"]);
-        services.stream.wake_at(position, member_changes.iter().map(|u| &**u));
+        services.stream.wake_at(position, member_changes.iter().map(|(u, _)| &**u));
         // Syncs are woken once the position is released: at once, or after the deferred sync.
         let unsynced = match ticket {
             Some(ticket) => Some((pending, ticket)),
@@ -510,7 +510,8 @@ impl Rooms {
     }
 
     /// Queues the membership index entries that follow from the room's current state moving
-    /// from `old` to `record.current_state`; returns the users whose membership changed.
+    /// from `old` to `record.current_state`; returns the users whose membership changed, with
+    /// their membership now.
     fn index_memberships(
         &self,
         services: &Services,
@@ -519,7 +520,7 @@ impl Rooms {
         old: u64,
         record: &RoomRecord,
         event: &StoredPdu,
-    ) -> Result<Vec<OwnedUserId>> {
+    ) -> Result<Vec<(OwnedUserId, String)>> {
         let mut changed = Vec::new();
         if old == record.current_state {
             return Ok(changed);
@@ -546,7 +547,7 @@ impl Rooms {
             }
             self.user_rooms.put(batch, &(user.as_str(), room_id.as_str()), &membership);
             self.room_members.put(batch, &(room_id.as_str(), user.as_str()), &membership);
-            changed.push(user);
+            changed.push((user, membership));
         }
         Ok(changed)
     }

@@ -258,6 +258,21 @@ impl<K: Eq + std::hash::Hash, V> ListCache<K, V> {
         Ok(list)
     }
 
+    /// Changes the kept list of `key` in place (copied first only while a reader holds it),
+    /// so a large list is not read again after each change; a list not kept stays unread.
+    fn update<Q>(&self, key: &Q, change: impl FnOnce(&mut Vec<V>))
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+        V: Clone,
+    {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.generation += 1;
+        if let Some(list) = inner.lists.get_mut(key) {
+            change(Arc::make_mut(list));
+        }
+    }
+
     /// Drops the list of `key` after a change to it.
     fn forget<Q>(&self, key: &Q)
     where
@@ -641,9 +656,16 @@ impl Rooms {
         })
     }
 
-    /// Drops the cached member list of `room_id` after its membership changed.
-    fn forget_members(&self, room_id: &RoomId) {
-        self.members_cache.forget(room_id);
+    /// Brings the kept member list of `room_id` up to date with `changes` (user, membership).
+    fn update_members(&self, room_id: &RoomId, changes: &[(ruma::OwnedUserId, String)]) {
+        self.members_cache.update(room_id, |members| {
+            for (user, membership) in changes {
+                match members.iter_mut().find(|(member, _)| member == user) {
+                    Some(entry) => entry.1.clone_from(membership),
+                    None => members.push((user.clone(), membership.clone())),
+                }
+            }
+        });
     }
 
     /// Whether `user_id` left and forgot `room_id` (its history is then closed to them).
