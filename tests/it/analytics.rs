@@ -402,19 +402,8 @@ async fn known_reply_times_give_exact_medians_and_p90s() {
         let ruma::CanonicalJsonValue::Object(wire) = to_canonical_value(wire).unwrap() else {
             unreachable!()
         };
-        let event = StoredPdu {
-            event_id: ruma::EventId::parse(id).unwrap(),
-            room_id: ruma::RoomId::parse(room).unwrap(),
-            position: 0,
-            state_before: 0,
-            state_after: 0,
-            wire,
-            redacted_because: None,
-            redaction: None,
-            transaction: None,
-            room_state: None,
-            status: Default::default(),
-        };
+        let (event_id, room_id) = (ruma::EventId::parse(id).unwrap(), ruma::RoomId::parse(room));
+        let event = StoredPdu::received(event_id, room_id.unwrap(), wire);
         let mut batch = services.db.batch();
         services.analytics.record(&mut batch, &services, &event, 0, &RoomVersionId::V11).unwrap();
         services.db.write(batch).unwrap();

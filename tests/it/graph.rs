@@ -17,8 +17,7 @@ use crate::common::TestServer;
 #[tokio::test]
 async fn concurrent_branches_merge_into_one_state() {
     let s = TestServer::start().await;
-    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
-    let keys = Keys::of(&[&r1, &r2]);
+    let (r1, r2, keys) = two_servers();
     let (alice, bob) = (r1.user("alice"), r2.user("bob"));
     let mut dag = Dag::new(RoomVersionId::V11);
     let setup = dag.public_room(&r1, &alice, &[(&bob, 50)]);
@@ -82,8 +81,7 @@ async fn power_changes_and_bans_on_two_branches_resolve_as_the_spec_says() {
 /// A room where alice (creator), bob and dave (moderators at 50) and carol are joined;
 /// returns the servers, keys, graph and the last event (where branches fork).
 fn moderated_room(version: RoomVersionId) -> (FakeServer, FakeServer, Keys, Dag, OwnedEventId) {
-    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
-    let keys = Keys::of(&[&r1, &r2]);
+    let (r1, r2, keys) = two_servers();
     let (alice, bob, carol, dave) =
         (r1.user("alice"), r2.user("bob"), r2.user("carol"), r1.user("dave"));
     let mut dag = Dag::new(version);
@@ -205,16 +203,9 @@ async fn equal_moderators_ban_and_kick_resolve_by_time(s: &TestServer, version: 
 #[tokio::test]
 async fn children_arriving_first_wait_for_their_parents() {
     let s = TestServer::start().await;
-    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
-    let keys = Keys::of(&[&r1, &r2]);
+    let (r1, r2, keys) = two_servers();
     let (alice, erin) = (r1.user("alice"), r2.user("erin"));
-    let mut dag = Dag::new(RoomVersionId::V11);
-    let setup = dag.public_room(&r1, &alice, &[]);
-    ingest_accepted(&s, &dag, &keys, &setup.iter().collect::<Vec<_>>()).await;
-    let room = dag.room_id();
-    let (_, dan, _) = s.register("dan", "correct horse").await;
-    let dan_join = join(&s, &dan, &room).await;
-    let dan_join = dag.learn(&services(&s), &dan_join);
+    let (mut dag, _setup, room, dan, dan_join) = local_member_room(&s, &keys, &r1, &alice).await;
     let token = sync(&s, &dan, "").await["next_batch"].as_str().unwrap().to_owned();
 
     // One call, child first.
@@ -262,13 +253,7 @@ async fn a_missing_ancestor_stays_a_gap_and_hides_its_child() {
     let r1 = FakeServer::new("remote1.test");
     let keys = Keys::of(&[&r1]);
     let alice = r1.user("alice");
-    let mut dag = Dag::new(RoomVersionId::V11);
-    let setup = dag.public_room(&r1, &alice, &[]);
-    ingest_accepted(&s, &dag, &keys, &setup.iter().collect::<Vec<_>>()).await;
-    let room = dag.room_id();
-    let (_, dan, _) = s.register("dan", "correct horse").await;
-    let dan_join = join(&s, &dan, &room).await;
-    let dan_join = dag.learn(&services(&s), &dan_join);
+    let (mut dag, _setup, room, dan, dan_join) = local_member_room(&s, &keys, &r1, &alice).await;
     let token = sync(&s, &dan, "").await["next_batch"].as_str().unwrap().to_owned();
 
     let never = dag.message(&r1, &alice, "never delivered", &[&dan_join]);
@@ -297,13 +282,7 @@ async fn a_missing_ancestor_stays_a_gap_and_hides_its_child() {
     let history = messages_back(&s, &dan, &room, synced["next_batch"].as_str().unwrap()).await;
     assert!(history.contains(&next.to_string()) && history.contains(&dan_join.to_string()));
     assert!(!history.contains(&orphan.to_string()) && !history.contains(&topic.to_string()));
-    for id in [&orphan, &topic, &never] {
-        assert_eq!(
-            get_event(&s, &dan, &room, id.as_str()).await,
-            reqwest::StatusCode::NOT_FOUND,
-            "{id}"
-        );
-    }
+    assert_hidden(&s, &dan, &room, &[], &[&orphan, &topic, &never]).await;
 }
 
 /// Events failing auth are rejected without stopping the rest of their batch, and leave no
@@ -311,8 +290,7 @@ async fn a_missing_ancestor_stays_a_gap_and_hides_its_child() {
 #[tokio::test]
 async fn rejected_events_stay_out_of_state_graph_and_views() {
     let s = TestServer::start().await;
-    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
-    let keys = Keys::of(&[&r1, &r2]);
+    let (r1, r2, keys) = two_servers();
     let (alice, carol, eve) = (r1.user("alice"), r2.user("carol"), r2.user("eve"));
     let mut dag = Dag::new(RoomVersionId::V11);
     let setup = dag.public_room(&r1, &alice, &[]);
@@ -375,22 +353,14 @@ async fn rejected_events_stay_out_of_state_graph_and_views() {
             < ids.iter().position(|id| id.as_str() == topic.as_str())
     );
     let history = messages_back(&s, &dan, &room, synced["next_batch"].as_str().unwrap()).await;
-    for id in [&eve_says, &carol_names, &eve_again] {
-        assert!(!history.contains(&id.to_string()), "{id}");
-        assert_eq!(
-            get_event(&s, &dan, &room, id.as_str()).await,
-            reqwest::StatusCode::NOT_FOUND,
-            "{id}"
-        );
-    }
+    assert_hidden(&s, &dan, &room, &history, &[&eve_says, &carol_names, &eve_again]).await;
 }
 
 /// An event allowed by the state before it but not by the room's current state.
 #[tokio::test]
 async fn soft_failed_events_are_kept_but_never_shown_or_built_on() {
     let s = TestServer::start().await;
-    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
-    let keys = Keys::of(&[&r1, &r2]);
+    let (r1, r2, keys) = two_servers();
     let (alice, carol) = (r1.user("alice"), r2.user("carol"));
     let mut dag = Dag::new(RoomVersionId::V11);
     let setup = dag.public_room(&r1, &alice, &[]);
@@ -430,13 +400,6 @@ async fn soft_failed_events_are_kept_but_never_shown_or_built_on() {
     assert_eq!(prev_events_of(&s, &dan_says), [ban.to_string()].into());
     let history =
         messages_back(&s, &dan, &room, &format!("s{}", services(&s).stream.current())).await;
-    for id in [&carol_says, &rename] {
-        assert!(!history.contains(&id.to_string()), "{id}");
-        assert_eq!(
-            get_event(&s, &dan, &room, id.as_str()).await,
-            reqwest::StatusCode::NOT_FOUND,
-            "{id}"
-        );
-    }
+    assert_hidden(&s, &dan, &room, &history, &[&carol_says, &rename]).await;
     assert_eq!(state_at(&s, &room, "m.room.member", &carol), Some(ban));
 }

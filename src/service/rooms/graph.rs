@@ -158,6 +158,13 @@ impl Rooms {
         InFlightGuard { rooms: self, short, event_id: pdu.event_id.clone() }
     }
 
+    /// The create event of the room `record` describes (none for a room not made yet).
+    pub(super) fn create_of(&self, record: Option<&RoomRecord>) -> Result<Option<Arc<Pdu>>> {
+        let Some(record) = record else { return Ok(None) };
+        let short = self.states.get(record.current_state, "m.room.create", "")?;
+        short.map(|short| self.state_pdu(short)).transpose()
+    }
+
     /// Checks `pdu` against the rules that need no room state and against its own auth
     /// events (`against_auth_events`: for events from elsewhere; ours take them from the state
     /// before them). `Err` is a storage failure; `Ok(Err(reason))` a refusal.
@@ -277,14 +284,7 @@ impl Rooms {
         let Candidate { mut stored, pdu, state_before, auth } = candidate;
         let rules = room.rules;
         // Received events are checked against their auth events, with the create event.
-        let create = match room.record.as_ref().filter(|_| local.is_none()) {
-            Some(record) => self
-                .states
-                .get(record.current_state, "m.room.create", "")?
-                .map(|short| self.state_pdu(short))
-                .transpose()?,
-            None => None,
-        };
+        let create = self.create_of(room.record.as_ref().filter(|_| local.is_none()))?;
         let mut status = super::Status::Accepted;
         let mut refusal =
             self.check_auth_events(&room, &pdu, local.is_none(), create.as_ref(), &auth)?;

@@ -178,19 +178,7 @@ impl Rooms {
         if named_room != room_id.as_str() {
             return drop("the event is of another room".to_owned());
         }
-        let stored = StoredPdu {
-            event_id: event_id.clone(),
-            room_id: room_id.to_owned(),
-            position: 0,
-            state_before: 0,
-            state_after: 0,
-            wire,
-            redacted_because: None,
-            redaction: None,
-            transaction: None,
-            room_state: None,
-            status: Status::Outlier,
-        };
+        let stored = StoredPdu::received(event_id.clone(), room_id.to_owned(), wire);
         match Pdu::from_stored(&stored) {
             Ok(pdu) => Ok(Ok(Checked { stored, pdu })),
             Err(e) => drop(format!("malformed event: {e}")),
@@ -296,14 +284,7 @@ impl Rooms {
         pdu: &Pdu,
         missing: &[OwnedEventId],
     ) -> Result<Outcome> {
-        let create = match &room.record {
-            Some(record) => self
-                .states
-                .get(record.current_state, "m.room.create", "")?
-                .map(|short| self.state_pdu(short))
-                .transpose()?,
-            None => None,
-        };
+        let create = self.create_of(room.record.as_ref())?;
         let judged = if missing.is_empty() {
             self.check_auth_events(room, pdu, true, create.as_ref(), &[])?
         } else {
@@ -623,19 +604,9 @@ mod tests {
         let prevs = prevs.iter().map(|p| CanonicalJsonValue::String((*p).to_owned())).collect();
         wire.insert("prev_events".into(), CanonicalJsonValue::Array(prevs));
         wire.insert("auth_events".into(), CanonicalJsonValue::Array(Vec::new()));
-        let stored = StoredPdu {
-            event_id: OwnedEventId::try_from(id).unwrap(),
-            room_id: OwnedRoomId::try_from("!r:remote.test").unwrap(),
-            position: 0,
-            state_before: 0,
-            state_after: 0,
-            wire,
-            redacted_because: None,
-            redaction: None,
-            transaction: None,
-            room_state: None,
-            status: Status::Outlier,
-        };
+        let event_id = OwnedEventId::try_from(id).unwrap();
+        let room_id = OwnedRoomId::try_from("!r:remote.test").unwrap();
+        let stored = StoredPdu::received(event_id, room_id, wire);
         let pdu = Pdu::from_stored(&stored).unwrap();
         Checked { stored, pdu }
     }

@@ -45,6 +45,28 @@ pub struct StoredPdu {
 }
 
 impl StoredPdu {
+    /// An event received from elsewhere, before its place in the graph is known: an outlier
+    /// with no state and no stream position yet.
+    pub fn received(
+        event_id: OwnedEventId,
+        room_id: OwnedRoomId,
+        wire: CanonicalJsonObject,
+    ) -> Self {
+        Self {
+            event_id,
+            room_id,
+            position: 0,
+            state_before: 0,
+            state_after: 0,
+            wire,
+            redacted_because: None,
+            redaction: None,
+            transaction: None,
+            room_state: None,
+            status: super::Status::Outlier,
+        }
+    }
+
     /// The state after this event (the state before it for non-state events).
     pub fn state_after_or_before(&self) -> u64 {
         if self.state_after != 0 { self.state_after } else { self.state_before }

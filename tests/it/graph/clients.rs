@@ -63,8 +63,7 @@ async fn every_room_version_from_2_to_12_takes_remote_and_local_events() {
 #[tokio::test]
 async fn a_restart_in_the_middle_of_a_fork_loses_nothing() {
     let s = TestServer::start().await;
-    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
-    let keys = Keys::of(&[&r1, &r2]);
+    let (r1, r2, keys) = two_servers();
     let (alice, bob) = (r1.user("alice"), r2.user("bob"));
     let mut dag = Dag::new(RoomVersionId::V12);
     let setup = dag.public_room(&r1, &alice, &[(&bob, 50)]);
@@ -128,16 +127,9 @@ async fn a_restart_in_the_middle_of_a_fork_loses_nothing() {
 #[tokio::test]
 async fn late_events_and_merges_reach_clients_once_and_in_order() {
     let s = TestServer::start().await;
-    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
-    let keys = Keys::of(&[&r1, &r2]);
+    let (r1, r2, keys) = two_servers();
     let (alice, bob) = (r1.user("alice"), r2.user("bob"));
-    let mut dag = Dag::new(RoomVersionId::V11);
-    let setup = dag.public_room(&r1, &alice, &[]);
-    ingest_accepted(&s, &dag, &keys, &setup.iter().collect::<Vec<_>>()).await;
-    let room = dag.room_id();
-    let (_, dan, _) = s.register("dan", "correct horse").await;
-    let dan_join = join(&s, &dan, &room).await;
-    let fork = dag.learn(&services(&s), &dan_join);
+    let (mut dag, setup, room, dan, fork) = local_member_room(&s, &keys, &r1, &alice).await;
 
     let m1 = dag.message(&r1, &alice, "m1", &[&fork]);
     let m2 = dag.message(&r1, &alice, "m2", &[&m1]);
@@ -203,13 +195,7 @@ async fn received_events_are_checked_for_hash_signature_and_size() {
     let (r1, r3) = (FakeServer::new("remote1.test"), FakeServer::new("remote3.test"));
     let keys = Keys::of(&[&r1]);
     let alice = r1.user("alice");
-    let mut dag = Dag::new(RoomVersionId::V11);
-    let setup = dag.public_room(&r1, &alice, &[]);
-    ingest_accepted(&s, &dag, &keys, &setup.iter().collect::<Vec<_>>()).await;
-    let room = dag.room_id();
-    let (_, dan, _) = s.register("dan", "correct horse").await;
-    let dan_join = join(&s, &dan, &room).await;
-    let tip = dag.learn(&services(&s), &dan_join);
+    let (mut dag, _setup, room, dan, tip) = local_member_room(&s, &keys, &r1, &alice).await;
 
     // Content altered after signing: the signature covers the redacted form (and the id is
     // its reference hash), so both still hold; the content hash does not.

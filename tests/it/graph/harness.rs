@@ -503,6 +503,45 @@ pub async fn messages_back(
 }
 
 /// `GET /rooms/{room}/event/{id}`'s status.
+/// A public room of room version 11 made by `creator` on `server` and received here, with the
+/// local user `dan` joined: the graph, its setup events, the room, dan's token and dan's join.
+pub async fn local_member_room(
+    s: &TestServer,
+    keys: &Keys,
+    server: &FakeServer,
+    creator: &str,
+) -> (Dag, Vec<OwnedEventId>, OwnedRoomId, String, OwnedEventId) {
+    let mut dag = Dag::new(RoomVersionId::V11);
+    let setup = dag.public_room(server, creator, &[]);
+    ingest_accepted(s, &dag, keys, &setup.iter().collect::<Vec<_>>()).await;
+    let room = dag.room_id();
+    let (_, dan, _) = s.register("dan", "correct horse").await;
+    let dan_join = join(s, &dan, &room).await;
+    let dan_join = dag.learn(&services(s), &dan_join);
+    (dag, setup, room, dan, dan_join)
+}
+
+/// Two fake servers, `remote1.test` and `remote2.test`, and the keys of both.
+pub fn two_servers() -> (FakeServer, FakeServer, Keys) {
+    let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
+    let keys = Keys::of(&[&r1, &r2]);
+    (r1, r2, keys)
+}
+
+/// Asserts that none of `ids` is in `history` and that `/event` answers 404 for each.
+pub async fn assert_hidden(
+    s: &TestServer,
+    token: &str,
+    room: &OwnedRoomId,
+    history: &[String],
+    ids: &[&OwnedEventId],
+) {
+    for id in ids {
+        assert!(!history.contains(&id.to_string()), "{id}");
+        assert_eq!(get_event(s, token, room, id.as_str()).await, StatusCode::NOT_FOUND, "{id}");
+    }
+}
+
 pub async fn get_event(s: &TestServer, token: &str, room: &OwnedRoomId, id: &str) -> StatusCode {
     let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room.as_str()), enc(id));
     s.get(&path, Some(token)).await.0
