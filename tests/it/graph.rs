@@ -403,3 +403,31 @@ async fn soft_failed_events_are_kept_but_never_shown_or_built_on() {
     assert_hidden(&s, &dan, &room, &history, &[&carol_says, &rename]).await;
     assert_eq!(state_at(&s, &room, "m.room.member", &carol), Some(ban));
 }
+
+/// A create event its own rules refuse makes no room: it is kept as rejected, the room id
+/// stays unknown, and nothing can be appended to it.
+#[tokio::test]
+async fn a_refused_create_event_makes_no_room() {
+    let s = TestServer::start().await;
+    let (r1, _, keys) = two_servers();
+    let alice = r1.user("alice");
+    let mut dag = Dag::new(RoomVersionId::V10);
+    // Before room version 11 a create event must name its creator.
+    let content = json!({ "room_version": "10" });
+    let ev =
+        Ev { sender: &alice, kind: "m.room.create", state_key: Some(""), content, prev: vec![] };
+    let create = dag.add(&r1, ev);
+    assert_eq!(ingest(&s, &dag, &keys, &[&create]).await, [Outcome::Placed(Status::Rejected)]);
+    let room = dag.room_id();
+    assert!(services(&s).rooms.room(&room).unwrap().is_none());
+    let ev = Ev {
+        sender: &alice,
+        kind: "m.room.message",
+        state_key: None,
+        content: json!({ "body": "hello" }),
+        prev: vec![create.clone()],
+    };
+    let message = dag.add(&r1, ev);
+    let outcome = ingest(&s, &dag, &keys, &[&message]).await;
+    assert!(matches!(&outcome[..], [Outcome::Dropped(_)]), "{outcome:?}");
+}

@@ -13,7 +13,7 @@ use ruma::{EventId, OwnedEventId};
 
 use super::Rooms;
 use crate::{
-    error::{Error, Result},
+    error::Result,
     storage::{Batch, Table, tables},
 };
 
@@ -81,10 +81,8 @@ impl Rooms {
             }
             order.push(next);
             for auth in &self.state_pdu(next)?.auth_events {
-                let auth = self
-                    .event_ids
-                    .get(auth.as_str())?
-                    .ok_or_else(|| Error::internal(format!("missing auth event {auth}")))?;
+                // An unknown auth event (a rejected event may name one) adds nothing.
+                let Some(auth) = self.event_ids.get(auth.as_str())? else { continue };
                 if !self.chain_cache.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&auth)
                     && !self.chains().contains(&auth)?
                 {

@@ -338,6 +338,7 @@ impl Rooms {
             None => self.short_event.next(&mut batch),
         };
         let _in_flight = self.announce(short, &pdu);
+        let record_known = record.is_some();
         let mut record = match record {
             Some(record) if record.short_id != 0 => record,
             _ => RoomRecord {
@@ -431,7 +432,10 @@ impl Rooms {
             self.index_memberships(services, &mut batch, &room_id, old_current, &record, &stored)?;
         self.pdus.put(&mut batch, &short, &stored);
         self.event_ids.put(&mut batch, event_id.as_str(), &short);
-        self.rooms.put(&mut batch, room_id.as_str(), &record);
+        // A refused create event makes no room: its id stays free.
+        if record_known || accepted {
+            self.rooms.put(&mut batch, room_id.as_str(), &record);
+        }
 
         let written = Written {
             room_id: &room_id,

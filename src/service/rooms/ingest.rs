@@ -244,7 +244,13 @@ impl Rooms {
         let mut missing = Vec::new();
         for prev in &pdu.prev_events {
             match self.stored(prev)? {
-                Some(prev) if prev.status != Status::Outlier && prev.room_id == stored.room_id => {
+                // An outlier, or an event rejected before it was placed (fetched alone), has
+                // no state for its children to build on.
+                Some(prev)
+                    if prev.status != Status::Outlier
+                        && !(prev.status == Status::Rejected && prev.state_before == 0)
+                        && prev.room_id == stored.room_id =>
+                {
                     roots.push(Self::state_seen_after(&prev));
                 }
                 _ => missing.push(prev.clone()),
