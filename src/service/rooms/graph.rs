@@ -19,6 +19,7 @@ use super::{
     NewEvent, RoomRecord, Rooms, Txn, Unsynced,
     listeners::Written,
     pdu::{Pdu, StoredPdu},
+    state::StateMap,
 };
 use crate::{
     error::{Error, Result},
@@ -509,7 +510,13 @@ impl Rooms {
             return Ok(true);
         }
         let Ok(sender) = UserId::parse(redaction.sender()) else { return Ok(false) };
-        let state = self.states.load(redaction.state_before)?;
+        // Power levels read only the create and power levels events: those two entries suffice.
+        let mut state = StateMap::new();
+        for kind in ["m.room.create", "m.room.power_levels"] {
+            if let Some(short) = self.states.get(redaction.state_before, kind, "")? {
+                state.insert((kind.to_owned(), String::new()), short);
+            }
+        }
         Ok(self.power_levels(&state, version)?.user_can_redact_event_of_other(&sender))
     }
 

@@ -192,7 +192,12 @@ impl Rooms {
         while let Some(event) = queue.pop_front() {
             let event_id = event.stored.event_id.clone();
             let room_id = event.stored.room_id.clone();
-            let outcome = self.place_received(services, event)?;
+            // One event's failure is its own; only a storage failure stops the others.
+            let outcome = match self.place_received(services, event) {
+                Ok(outcome) => outcome,
+                Err(error) if !error.is_internal() => Outcome::Dropped(error.to_string()),
+                Err(error) => return Err(error),
+            };
             first.get_or_insert_with(|| outcome.clone());
             // A rejected event placed in the graph still has a state before it for its
             // children (they see that state), so they are placed after it like any others.

@@ -83,7 +83,11 @@ impl Rooms {
             subgraph,
         );
         failure.check()?;
-        let resolved = resolved.map_err(|e| Error::internal(format!("state resolution: {e}")))?;
+        // The events' own fault (none of ours): refused as such, not an internal error.
+        let resolved = resolved.map_err(|e| {
+            tracing::info!(%e, "state resolution failed");
+            Error::new(ErrorKind::Unknown, format!("State resolution failed: {e}"))
+        })?;
 
         // Written as the changes against the first branch's state.
         let first = &shorts[distinct.iter().position(|r| *r == base).unwrap_or(0)];
