@@ -103,9 +103,12 @@ impl Rooms {
         let lock = self.lock(room_id);
         let _guard = lock.lock().await;
         let mut placed: HashMap<OwnedEventId, Outcome> = HashMap::new();
+        // Waiting events placed in this call, bounded: the rest stay in `gaps` until their
+        // prev event is received again.
+        let mut released = MAX_INGEST;
         for event in parents_first(checked) {
             let event_id = event.stored.event_id.clone();
-            let outcome = self.ingest_one(services, event)?;
+            let outcome = self.ingest_one(services, event, &mut released)?;
             placed.insert(event_id, outcome);
         }
         Ok(outcomes
@@ -185,8 +188,14 @@ impl Rooms {
         }
     }
 
-    /// Places one checked event (under the room lock), then any event that was waiting for it.
-    fn ingest_one(&self, services: &Services, event: Checked) -> Result<Outcome> {
+    /// Places one checked event (under the room lock), then up to `released` of the events
+    /// that were waiting for it (and for them), counting them off.
+    fn ingest_one(
+        &self,
+        services: &Services,
+        event: Checked,
+        released: &mut usize,
+    ) -> Result<Outcome> {
         let mut queue = VecDeque::from([event]);
         let mut first = None;
         while let Some(event) = queue.pop_front() {
@@ -201,13 +210,17 @@ impl Rooms {
             first.get_or_insert_with(|| outcome.clone());
             // A rejected event placed in the graph still has a state before it for its
             // children (they see that state), so they are placed after it like any others.
-            if matches!(
+            // A known event may still have events waiting on it (left over when a call's bound
+            // was reached).
+            let placed = matches!(
                 outcome,
                 Outcome::Placed(Status::Accepted | Status::SoftFailed | Status::Rejected)
-            ) {
-                for waiting in self.take_waiting(&room_id, &event_id)? {
-                    queue.push_back(waiting);
-                }
+                    | Outcome::Known(Status::Accepted | Status::SoftFailed | Status::Rejected)
+            );
+            if placed && *released > 0 {
+                let waiting = self.take_waiting(&room_id, &event_id, *released)?;
+                *released -= waiting.len();
+                queue.extend(waiting);
             }
         }
         Ok(first.unwrap_or(Outcome::Dropped("not placed".to_owned())))
@@ -340,11 +353,16 @@ impl Rooms {
 
     /// The events of `room_id` that wait for `arrived`, now that it is placed, as checked
     /// events to place (their gap rows go once none of their prev events is missing).
-    fn take_waiting(&self, room_id: &RoomId, arrived: &OwnedEventId) -> Result<Vec<Checked>> {
+    fn take_waiting(
+        &self,
+        room_id: &RoomId,
+        arrived: &OwnedEventId,
+        limit: usize,
+    ) -> Result<Vec<Checked>> {
         let mut ready = Vec::new();
         let rows = prefix(&(room_id.as_str(), arrived.as_str()));
         let mut batch = self.db.batch();
-        for item in self.gaps().scan_prefix(rows.clone()) {
+        for item in self.gaps().scan_prefix(rows.clone()).take(limit) {
             let (key, ()) = item?;
             self.gaps().delete_raw(&mut batch, &key);
             let Some(waiting) = split_key(&key).nth(2) else { continue };
