@@ -292,16 +292,8 @@ async fn rejected_events_stay_out_of_state_graph_and_views() {
     let s = TestServer::start().await;
     let (r1, r2, keys) = two_servers();
     let (alice, carol, eve) = (r1.user("alice"), r2.user("carol"), r2.user("eve"));
-    let mut dag = Dag::new(RoomVersionId::V11);
-    let setup = dag.public_room(&r1, &alice, &[]);
-    let carol_join = dag.member(&r2, &carol, &carol, "join", &[&setup[3]]);
-    let mut first: Vec<&OwnedEventId> = setup.iter().collect();
-    first.push(&carol_join);
-    ingest_accepted(&s, &dag, &keys, &first).await;
-    let room = dag.room_id();
-    let (_, dan, _) = s.register("dan", "correct horse").await;
-    let dan_join = join(&s, &dan, &room).await;
-    let dan_join = dag.learn(&services(&s), &dan_join);
+    let (mut dag, _setup, _carol_join, room, dan, dan_join) =
+        carol_and_dan_room(&s, &keys, (&r1, &alice), (&r2, &carol)).await;
     let token = sync(&s, &dan, "").await["next_batch"].as_str().unwrap().to_owned();
 
     // One batch: eve (never joined) talks; alice talks; carol (level 0) names the room, which
@@ -362,16 +354,8 @@ async fn soft_failed_events_are_kept_but_never_shown_or_built_on() {
     let s = TestServer::start().await;
     let (r1, r2, keys) = two_servers();
     let (alice, carol) = (r1.user("alice"), r2.user("carol"));
-    let mut dag = Dag::new(RoomVersionId::V11);
-    let setup = dag.public_room(&r1, &alice, &[]);
-    let carol_join = dag.member(&r2, &carol, &carol, "join", &[&setup[3]]);
-    let mut first: Vec<&OwnedEventId> = setup.iter().collect();
-    first.push(&carol_join);
-    ingest_accepted(&s, &dag, &keys, &first).await;
-    let room = dag.room_id();
-    let (_, dan, _) = s.register("dan", "correct horse").await;
-    let dan_join = join(&s, &dan, &room).await;
-    let dan_join = dag.learn(&services(&s), &dan_join);
+    let (mut dag, _setup, _carol_join, room, dan, dan_join) =
+        carol_and_dan_room(&s, &keys, (&r1, &alice), (&r2, &carol)).await;
     let token = sync(&s, &dan, "").await["next_batch"].as_str().unwrap().to_owned();
 
     let ban = dag.member(&r1, &alice, &carol, "ban", &[&dan_join]);

@@ -521,6 +521,27 @@ pub async fn local_member_room(
     (dag, setup, room, dan, dan_join)
 }
 
+/// As [`local_member_room`], with the remote user `carol` of `remote` joined before dan: the
+/// graph, its setup events, carol's join, the room, dan's token and dan's join.
+pub async fn carol_and_dan_room(
+    s: &TestServer,
+    keys: &Keys,
+    (server, creator): (&FakeServer, &str),
+    (remote, carol): (&FakeServer, &str),
+) -> (Dag, Vec<OwnedEventId>, OwnedEventId, OwnedRoomId, String, OwnedEventId) {
+    let mut dag = Dag::new(RoomVersionId::V11);
+    let setup = dag.public_room(server, creator, &[]);
+    let carol_join = dag.member(remote, carol, carol, "join", &[&setup[3]]);
+    let mut first: Vec<&OwnedEventId> = setup.iter().collect();
+    first.push(&carol_join);
+    ingest_accepted(s, &dag, keys, &first).await;
+    let room = dag.room_id();
+    let (_, dan, _) = s.register("dan", "correct horse").await;
+    let dan_join = join(s, &dan, &room).await;
+    let dan_join = dag.learn(&services(s), &dan_join);
+    (dag, setup, carol_join, room, dan, dan_join)
+}
+
 /// Two fake servers, `remote1.test` and `remote2.test`, and the keys of both.
 pub fn two_servers() -> (FakeServer, FakeServer, Keys) {
     let (r1, r2) = (FakeServer::new("remote1.test"), FakeServer::new("remote2.test"));
