@@ -415,3 +415,33 @@ async fn a_refused_create_event_makes_no_room() {
     let outcome = ingest(&s, &dag, &keys, &[&message]).await;
     assert!(matches!(&outcome[..], [Outcome::Dropped(_)]), "{outcome:?}");
 }
+
+/// Room version 12's conflicted state subgraph holds the events on auth paths between
+/// conflicted events (both ends included), and nothing off those paths.
+#[tokio::test]
+async fn the_conflicted_subgraph_follows_auth_paths_between_conflicted_events() {
+    let s = TestServer::start().await;
+    let (r1, _, keys) = two_servers();
+    let alice = r1.user("alice");
+    let mut dag = Dag::new(RoomVersionId::V12);
+    let setup = dag.public_room(&r1, &alice, &[]);
+    let (join, first_levels, join_rules) = (&setup[1], &setup[2], &setup[3]);
+    let levels = dag.power_levels(&[(&alice, 100)]);
+    let second_levels =
+        dag.state_event(&r1, &alice, "m.room.power_levels", "", levels.clone(), &[join_rules]);
+    let third_levels =
+        dag.state_event(&r1, &alice, "m.room.power_levels", "", levels, &[&second_levels]);
+    let mut all: Vec<&OwnedEventId> = setup.iter().collect();
+    all.extend([&second_levels, &third_levels]);
+    ingest_accepted(&s, &dag, &keys, &all).await;
+    let conflicted = std::collections::HashMap::from([(
+        (ruma::events::StateEventType::RoomPowerLevels, String::new()),
+        vec![first_levels.clone(), third_levels.clone()],
+    )]);
+    let subgraph = services(&s).rooms.conflicted_subgraph(&conflicted).unwrap();
+    let mut found: Vec<&OwnedEventId> = subgraph.iter().collect();
+    found.sort();
+    let mut expected = vec![first_levels, &second_levels, &third_levels];
+    expected.sort();
+    assert_eq!(found, expected, "not the creator's join {join} nor the join rules");
+}

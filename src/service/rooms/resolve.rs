@@ -110,7 +110,7 @@ impl Rooms {
 
     /// The conflicted state subgraph (room version 12): the events on an auth path from one
     /// conflicted event to another, both ends included.
-    fn conflicted_subgraph(
+    pub fn conflicted_subgraph(
         &self,
         conflicted: &StateMap<Vec<OwnedEventId>>,
     ) -> Result<EventIdSet<OwnedEventId>> {
@@ -118,18 +118,43 @@ impl Rooms {
         for id in conflicted.values().flatten() {
             ends.extend(self.short_by_id(id)?);
         }
-        // Every ancestor of some conflicted event is a candidate; it is on a path when a
-        // conflicted event is among its own ancestors, or it is one.
+        // Every ancestor of some conflicted event is a candidate; it is on a path when it is a
+        // conflicted event or one of its auth events is on a path. One walk over the
+        // candidates' auth events decides them all (each is decided once).
         let mut candidates = ends.clone();
         for end in &ends {
             candidates.extend(self.auth_chain_of(*end)?.iter().copied());
         }
+        let mut on_path: HashMap<u64, bool> = HashMap::with_capacity(candidates.len());
+        for &start in &candidates {
+            let mut stack = vec![(start, false)];
+            while let Some((event, expanded)) = stack.pop() {
+                if on_path.contains_key(&event) {
+                    continue;
+                }
+                if ends.contains(&event) {
+                    on_path.insert(event, true);
+                    continue;
+                }
+                let mut auth = Vec::new();
+                for id in &self.state_pdu(event)?.auth_events {
+                    auth.extend(self.short_by_id(id)?);
+                }
+                if expanded {
+                    let reaches = auth.iter().any(|a| on_path.get(a).copied().unwrap_or(false));
+                    on_path.insert(event, reaches);
+                } else {
+                    stack.push((event, true));
+                    stack.extend(
+                        auth.into_iter().filter(|a| !on_path.contains_key(a)).map(|a| (a, false)),
+                    );
+                }
+            }
+        }
         let mut subgraph = EventIdSet::new();
-        for candidate in candidates {
-            let on_path = ends.contains(&candidate)
-                || self.auth_chain_of(candidate)?.iter().any(|a| ends.contains(a));
-            if on_path {
-                subgraph.insert(self.state_pdu(candidate)?.event_id.clone());
+        for (event, reaches) in on_path {
+            if reaches && candidates.contains(&event) {
+                subgraph.insert(self.state_pdu(event)?.event_id.clone());
             }
         }
         Ok(subgraph)
