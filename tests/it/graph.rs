@@ -445,3 +445,42 @@ async fn the_conflicted_subgraph_follows_auth_paths_between_conflicted_events() 
     expected.sort();
     assert_eq!(found, expected, "not the creator's join {join} nor the join rules");
 }
+
+/// The auth-chain index answers `/event_auth`-style chains and the auth difference of two
+/// states, and an auth event fetched on its own waits as an outlier until placed.
+#[tokio::test]
+async fn auth_chains_differences_and_fetched_auth_events() {
+    let s = TestServer::start().await;
+    let (r1, _, keys) = two_servers();
+    let alice = r1.user("alice");
+    let mut dag = Dag::new(RoomVersionId::V11);
+    let setup = dag.public_room(&r1, &alice, &[]);
+    let (create, join, levels, join_rules) = (&setup[0], &setup[1], &setup[2], &setup[3]);
+    ingest_accepted(&s, &dag, &keys, &setup.iter().collect::<Vec<_>>()).await;
+    let room = dag.room_id();
+    let topic = |text: &str| json!({ "topic": text });
+    let first = dag.state_event(&r1, &alice, "m.room.topic", "", topic("a"), &[join_rules]);
+    let content = dag.power_levels(&[(&alice, 100)]);
+    let second_levels =
+        dag.state_event(&r1, &alice, "m.room.power_levels", "", content, &[join_rules]);
+    let second = dag.state_event(&r1, &alice, "m.room.topic", "", topic("b"), &[&second_levels]);
+
+    // Fetched on its own, the new power levels wait, unseen, until placed in the graph.
+    let rooms = &services(&s).rooms;
+    let fetched = rooms.ingest_outliers(&room, vec![dag.pdu(&second_levels)], &keys).await;
+    assert_eq!(fetched.unwrap(), [(Some(second_levels.clone()), Outcome::Placed(Status::Outlier))]);
+    assert_eq!(status(&s, &second_levels), Some(Status::Outlier));
+    assert!(!current_state(&s, &room).values().any(|id| id == &second_levels));
+    ingest_accepted(&s, &dag, &keys, &[&first, &second_levels, &second]).await;
+    assert_eq!(status(&s, &second_levels), Some(Status::Accepted));
+
+    let mut chain = rooms.auth_chain(std::slice::from_ref(&second)).unwrap();
+    chain.sort();
+    let mut expected = vec![create.clone(), join.clone(), levels.clone(), second_levels.clone()];
+    expected.sort();
+    assert_eq!(chain, expected);
+    let base = vec![create.clone(), join.clone(), levels.clone(), join_rules.clone()];
+    let with = |event: &OwnedEventId| base.iter().cloned().chain([event.clone()]).collect();
+    let difference = rooms.auth_chain_difference(&[with(&first), with(&second)]).unwrap();
+    assert_eq!(difference, [second_levels.clone()]);
+}

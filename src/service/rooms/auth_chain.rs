@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use ruma::{EventId, OwnedEventId};
+use ruma::OwnedEventId;
 
 use super::Rooms;
 use crate::{
@@ -134,13 +134,17 @@ impl Rooms {
             .collect()
     }
 
-    /// The auth difference of state sets (each given as the short ids of its events): the
-    /// events in the full auth chain of some set but not of all of them.
-    pub fn auth_chain_difference(&self, sets: &[Vec<u64>]) -> Result<BTreeSet<u64>> {
+    /// The auth difference of state sets (each given as its events' ids; unknown ones are
+    /// skipped): the events in the full auth chain of some set but not of all of them.
+    pub fn auth_chain_difference(&self, sets: &[Vec<OwnedEventId>]) -> Result<Vec<OwnedEventId>> {
         let mut union = BTreeSet::new();
         let mut common: Option<BTreeSet<u64>> = None;
         for set in sets {
-            let chain: BTreeSet<u64> = self.auth_chain_of_events(set)?.into_iter().collect();
+            let mut shorts = Vec::with_capacity(set.len());
+            for id in set {
+                shorts.extend(self.event_ids.get(id.as_str())?);
+            }
+            let chain: BTreeSet<u64> = self.auth_chain_of_events(&shorts)?.into_iter().collect();
             union.extend(chain.iter().copied());
             common = Some(match common {
                 Some(common) => common.intersection(&chain).copied().collect(),
@@ -148,16 +152,9 @@ impl Rooms {
             });
         }
         let common = common.unwrap_or_default();
-        Ok(union.difference(&common).copied().collect())
-    }
-
-    /// Whether `event_id` is in the auth chain of the event `of` (or is it).
-    pub fn in_auth_chain(&self, event_id: &EventId, of: &EventId) -> Result<bool> {
-        let (Some(event), Some(of)) =
-            (self.event_ids.get(event_id.as_str())?, self.event_ids.get(of.as_str())?)
-        else {
-            return Ok(false);
-        };
-        Ok(event == of || self.auth_chain_of(of)?.binary_search(&event).is_ok())
+        union
+            .difference(&common)
+            .map(|short| Ok(self.state_pdu(*short)?.event_id.clone()))
+            .collect()
     }
 }

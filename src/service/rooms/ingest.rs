@@ -13,8 +13,7 @@ use std::{
 };
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId,
-    RoomVersionId,
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId,
     room_version_rules::{EventIdFormatVersion, RoomVersionRules},
     signatures::{PublicKeyMap, Verified},
 };
@@ -564,14 +563,6 @@ fn parents_first(events: Vec<Checked>) -> Vec<Checked> {
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
-/// The rooms a set of events names, for callers that group a transaction by room.
-pub fn room_of(wire: &CanonicalJsonObject) -> Option<OwnedRoomId> {
-    match wire.get("room_id") {
-        Some(CanonicalJsonValue::String(id)) => OwnedRoomId::try_from(id.as_str()).ok(),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use ruma::{CanonicalJsonValue, RoomVersionId};
@@ -634,7 +625,7 @@ mod tests {
         wire.insert("prev_events".into(), CanonicalJsonValue::Array(prevs));
         wire.insert("auth_events".into(), CanonicalJsonValue::Array(Vec::new()));
         let event_id = OwnedEventId::try_from(id).unwrap();
-        let room_id = OwnedRoomId::try_from("!r:remote.test").unwrap();
+        let room_id = ruma::OwnedRoomId::try_from("!r:remote.test").unwrap();
         let stored = StoredPdu::received(event_id, room_id, wire);
         let pdu = Pdu::from_stored(&stored).unwrap();
         Checked { stored, pdu }
