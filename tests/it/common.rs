@@ -287,3 +287,18 @@ pub fn write_config(dir: &std::path::Path, port: u16, extra: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// POSTs `body` to `url` (with `token`, if any) and returns the JSON answer, for tests that
+/// drive a server started as its own process.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> Value {
+    let mut request = http.post(url).json(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().json().await.unwrap()
+}

@@ -18,7 +18,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::common::{Reaped, binary, enc, free_port, wait_until_serving, write_config};
+use crate::common::{Reaped, binary, enc, free_port, post_json, wait_until_serving, write_config};
 
 /// A running binary, killed when dropped.
 struct Plaza {
@@ -167,15 +167,7 @@ async fn proxy_variables_of_the_environment_are_not_followed() {
     ];
     let plaza = start(dir.path(), "[media]\nurl_preview = true", &env, None).await;
     let http = reqwest::Client::new();
-    let registered: Value = http
-        .post(format!("{}/_matrix/client/v3/register", plaza.base))
-        .json(&json!({ "username": "alice", "password": "password-a", "auth": { "type": "m.login.dummy" } }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let registered = post_json(&http, &format!("{}/_matrix/client/v3/register", plaza.base), None, &json!({ "username": "alice", "password": "password-a", "auth": { "type": "m.login.dummy" } })).await;
     let token = registered["access_token"].as_str().unwrap();
 
     for url in

@@ -16,7 +16,9 @@ use plaza::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{Reaped, TestServer, assert_error, binary, free_port, wait_until_serving};
+use crate::common::{
+    Reaped, TestServer, assert_error, binary, free_port, post_json, wait_until_serving,
+};
 
 #[tokio::test]
 async fn landing_page_names_the_company_and_how_to_connect_with_safe_headers() {
@@ -47,14 +49,14 @@ async fn landing_page_names_the_company_and_how_to_connect_with_safe_headers() {
     ] {
         assert!(csp.contains(part), "{csp}");
     }
-    assert!(!csp.contains("script-src") && !csp.contains("unsafe"), "{csp}");
+    assert!(!csp.contains("script-src") & !csp.contains("unsafe"), "{csp}");
     let html = response.text().await.unwrap();
     assert!(!html.contains("<script"), "{html}");
     assert!(html.contains("Acme &lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;Co&quot;"));
     assert!(html.contains("src=\"https://cdn.acme.example:8443/logo.png?a=1&amp;b=2\""));
     assert!(html.contains("<code>https://matrix.acme.example</code>"), "{html}");
     assert!(html.contains("<code>localhost</code>"), "{html}");
-    assert!(html.contains("Element X") && html.contains("Element Web"));
+    assert!(html.contains("Element X") & html.contains("Element Web"));
     assert!(html.contains("href=\"mailto:it@acme.example\""), "{html}");
     assert!(html.contains("https://matrix.to/#/@it:localhost"), "{html}");
     assert!(html.contains(&format!("Plaza {}", env!("CARGO_PKG_VERSION"))), "{html}");
@@ -66,7 +68,7 @@ async fn landing_page_names_the_company_and_how_to_connect_with_safe_headers() {
     let csp = response.headers()["content-security-policy"].to_str().unwrap().to_owned();
     assert!(!csp.contains("img-src"), "{csp}");
     let html = response.text().await.unwrap();
-    assert!(html.contains("<h1>localhost</h1>") && !html.contains("<img"), "{html}");
+    assert!(html.contains("<h1>localhost</h1>") & !html.contains("<img"), "{html}");
     // No public_baseurl and a loopback listen address: the server name is the one to type,
     // never an address that names the reader's own machine.
     assert!(html.contains("enter: <code>localhost</code>"), "{html}");
@@ -200,16 +202,7 @@ async fn shipped_config_file_is_read_from_the_working_directory_and_requests_are
     let create = format!("{}/_matrix/client/v3/createRoom", p.base);
     let bad = http.post(&create).bearer_auth(token).body("{not json").send().await.unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
-    let room: Value = http
-        .post(&create)
-        .bearer_auth(token)
-        .json(&json!({ "name": "Log room" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let room = post_json(&http, &create, Some(token), &json!({ "name": "Log room" })).await;
     let room_id = room["room_id"].as_str().unwrap();
     let send = format!("{}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/t1", p.base);
     let sent = http.put(send).bearer_auth(token);
@@ -220,16 +213,7 @@ async fn shipped_config_file_is_read_from_the_working_directory_and_requests_are
     let query = json!({ "search_categories": { "room_events": { "search_term": "findable" } } });
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let found: Value = http
-            .post(&search)
-            .bearer_auth(token)
-            .json(&query)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let found = post_json(&http, &search, Some(token), &query).await;
         if found["search_categories"]["room_events"]["count"].as_u64() > Some(0) {
             break;
         }
@@ -240,34 +224,29 @@ async fn shipped_config_file_is_read_from_the_working_directory_and_requests_are
     let whoami_route = "route=/_matrix/client/v3/account/whoami";
     let ok = p
         .wait_for("for whoami", |l| {
-            l.contains(whoami_route)
-                && l.contains("status=200")
-                && l.contains("user=@ann:file.test")
+            l.contains(whoami_route) & l.contains("status=200") & l.contains("user=@ann:file.test")
         })
         .await;
-    assert!(
-        ok.contains("INFO") && ok.contains("method=GET") && ok.contains("duration_ms="),
-        "{ok}"
-    );
-    p.wait_for("for the 401", |l| l.contains(whoami_route) && l.contains("status=401")).await;
+    assert!(ok.contains("INFO") & ok.contains("method=GET") & ok.contains("duration_ms="), "{ok}");
+    p.wait_for("for the 401", |l| l.contains(whoami_route) & l.contains("status=401")).await;
     p.wait_for("for the 404", |l| {
-        l.contains("route=unmatched") && l.contains("status=404") && l.contains("/no/such/thing")
+        l.contains("route=unmatched") & l.contains("status=404") & l.contains("/no/such/thing")
     })
     .await;
     p.wait_for("for the 400", |l| {
-        l.contains("route=/_matrix/client/v3/createRoom") && l.contains("status=400")
+        l.contains("route=/_matrix/client/v3/createRoom") & l.contains("status=400")
     })
     .await;
     p.wait_for("with a route template", |l| {
         l.contains("route=/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}")
-            && l.contains("status=200")
+            & l.contains("status=200")
     })
     .await;
 
     // A signed checkpoint reaches the log every second; the CLI accepts it once stopped.
     let line = p
         .wait_for("with a checkpoint", |l| {
-            l.contains("audit checkpoint") && !l.contains("\"seq\":0,")
+            l.contains("audit checkpoint") & !l.contains("\"seq\":0,")
         })
         .await;
     let log = p.log().join("\n");
@@ -296,7 +275,7 @@ async fn built_in_defaults_are_used_and_said_so_without_a_file() {
     let env = [("PLAZA_LISTEN", listen.as_str()), ("PLAZA_DATABASE__PATH", db.to_str().unwrap())];
     let p = Logged::start(dir.path(), &[], &env, port).await;
     let line = p.wait_for("on the defaults", |l| l.contains("no configuration file")).await;
-    assert!(line.contains("PLAZA_LISTEN") && line.contains("PLAZA_DATABASE__PATH"), "{line}");
+    assert!(line.contains("PLAZA_LISTEN") & line.contains("PLAZA_DATABASE__PATH"), "{line}");
     assert!(!line.contains("127.0.0.1"), "values are not logged: {line}");
     p.terminate();
 

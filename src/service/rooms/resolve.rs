@@ -127,8 +127,9 @@ impl Rooms {
         }
         let mut on_path: HashMap<u64, bool> = HashMap::with_capacity(candidates.len());
         for &start in &candidates {
-            let mut stack = vec![(start, false)];
-            while let Some((event, expanded)) = stack.pop() {
+            // An event is pushed with its auth events once read, so they are read only once.
+            let mut stack: Vec<(u64, Option<Vec<u64>>)> = vec![(start, None)];
+            while let Some((event, auth)) = stack.pop() {
                 if on_path.contains_key(&event) {
                     continue;
                 }
@@ -136,18 +137,21 @@ impl Rooms {
                     on_path.insert(event, true);
                     continue;
                 }
-                let mut auth = Vec::new();
-                for id in &self.state_pdu(event)?.auth_events {
-                    auth.extend(self.short_by_id(id)?);
-                }
-                if expanded {
-                    let reaches = auth.iter().any(|a| on_path.get(a).copied().unwrap_or(false));
-                    on_path.insert(event, reaches);
-                } else {
-                    stack.push((event, true));
-                    stack.extend(
-                        auth.into_iter().filter(|a| !on_path.contains_key(a)).map(|a| (a, false)),
-                    );
+                match auth {
+                    Some(auth) => {
+                        let reaches = auth.iter().any(|a| on_path.get(a).copied().unwrap_or(false));
+                        on_path.insert(event, reaches);
+                    }
+                    None => {
+                        let mut auth = Vec::new();
+                        for id in &self.state_pdu(event)?.auth_events {
+                            auth.extend(self.short_by_id(id)?);
+                        }
+                        let unread: Vec<u64> =
+                            auth.iter().copied().filter(|a| !on_path.contains_key(a)).collect();
+                        stack.push((event, Some(auth)));
+                        stack.extend(unread.into_iter().map(|a| (a, None)));
+                    }
                 }
             }
         }
