@@ -479,8 +479,8 @@ async fn auth_chains_differences_and_fetched_auth_events() {
     let mut expected = vec![create.clone(), join.clone(), levels.clone(), second_levels.clone()];
     expected.sort();
     assert_eq!(chain, expected);
-    let base = vec![create.clone(), join.clone(), levels.clone(), join_rules.clone()];
+    let base = [create.clone(), join.clone(), levels.clone(), join_rules.clone()];
     let with = |event: &OwnedEventId| base.iter().cloned().chain([event.clone()]).collect();
     let difference = rooms.auth_chain_difference(&[with(&first), with(&second)]).unwrap();
-    assert_eq!(difference, [second_levels.clone()]);
+    assert_eq!(difference, std::slice::from_ref(&second_levels));
 }
