@@ -5,6 +5,7 @@
 mod clients;
 mod harness;
 mod orders;
+mod vouched;
 
 use plaza::service::rooms::{Status, ingest::Outcome};
 use ruma::{OwnedEventId, RoomVersionId};

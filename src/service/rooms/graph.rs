@@ -299,9 +299,10 @@ impl Rooms {
             tracing::info!(event_id = %pdu.event_id, %reason, "rejected an event");
             status = super::Status::Rejected;
         }
-        let current = room.record.as_ref().map_or(0, |r| r.current_state);
+        // A room new here has no current state to soft-fail against.
         if status.is_accepted()
             && local.is_none()
+            && let Some(current) = room.record.as_ref().map(|r| r.current_state)
             && current != state_before
             && let Err(reason) = self.check_against_state(rules, &pdu, current)?
         {

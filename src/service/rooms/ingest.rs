@@ -60,9 +60,9 @@ const MAX_AUTH_EVENTS: usize = 10;
 pub const MAX_INGEST: usize = 1_000;
 
 /// An event that passed the checks needing no room state.
-struct Checked {
-    stored: StoredPdu,
-    pdu: Pdu,
+pub(super) struct Checked {
+    pub(super) stored: StoredPdu,
+    pub(super) pdu: Pdu,
 }
 
 impl Rooms {
@@ -123,7 +123,7 @@ impl Rooms {
 
     /// Format, size, signatures and content hash of a received event; `Ok(Err(..))` drops it
     /// with its id (when known) and the reason.
-    async fn check_received(
+    pub(super) async fn check_received(
         &self,
         room_id: &RoomId,
         known_version: Option<&RoomVersionId>,
@@ -300,7 +300,7 @@ impl Rooms {
     /// waits on. An event waiting for nothing (an auth event fetched on its own) is rejected
     /// if its own auth events refuse it; one that waits is judged when it is placed, since its
     /// auth events may be among what it waits for.
-    fn store_waiting(
+    pub(super) fn store_waiting(
         &self,
         room: &Room<'_>,
         mut stored: StoredPdu,
@@ -523,7 +523,7 @@ pub fn check_format(
 
 /// `events` ordered so every event comes after those of its prev events that are among them;
 /// otherwise by depth, then event id, so any arrival order places them alike.
-fn parents_first(events: Vec<Checked>) -> Vec<Checked> {
+pub(super) fn parents_first(events: Vec<Checked>) -> Vec<Checked> {
     let index: HashMap<OwnedEventId, usize> =
         events.iter().enumerate().map(|(i, e)| (e.stored.event_id.clone(), i)).collect();
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); events.len()];

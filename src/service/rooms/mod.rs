@@ -14,6 +14,7 @@ mod audited;
 pub mod auth_chain;
 pub mod create;
 pub mod directory;
+pub mod from_state;
 pub mod graph;
 pub mod ingest;
 pub mod listeners;
