@@ -461,3 +461,23 @@ async fn key_validity_follows_the_room_version_rules() {
     let map = federation.public_keys(&servers).await.unwrap();
     assert!(map[b.name.as_str()].contains_key(&b.key_id()));
 }
+
+#[tokio::test]
+async fn room_server_acl_is_read_from_the_current_state() {
+    let s = TestServer::start().await;
+    let (_, token, _) = s.register("alice", "password-alice").await;
+    let room_id = s.create_room(&token, json!({})).await;
+    let room = ruma::RoomId::parse(&room_id).unwrap();
+    let services = s.server().services();
+    let server = |name: &str| ruma::OwnedServerName::try_from(name).unwrap();
+    assert!(services.server_allowed_in_room(&room, &server("any.example")).unwrap());
+    let acl = json!({ "allow": ["*"], "deny": ["*.evil.example"], "allow_ip_literals": false });
+    let path = format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.server_acl/");
+    let (status, body) = s.put(&path, Some(&token), acl).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(services.server_allowed_in_room(&room, &server("good.example")).unwrap());
+    assert!(!services.server_allowed_in_room(&room, &server("a.evil.example")).unwrap());
+    assert!(!services.server_allowed_in_room(&room, &server("127.0.0.1:8448")).unwrap());
+    let unknown = ruma::RoomId::parse("!unknown:localhost").unwrap();
+    assert!(services.server_allowed_in_room(&unknown, &server("a.evil.example")).unwrap());
+}

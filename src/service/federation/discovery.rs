@@ -390,4 +390,139 @@ mod tests {
         assert_eq!(resolved.base_url, "https://other.example:8449");
         assert_eq!(resolved.host_header, "other.example:8449");
     }
+
+    /// A TLS server on 127.0.0.1 for `localhost`, answering every request with `status`,
+    /// `headers` and `body`; returns its port, the CA that signed its certificate (PEM) and
+    /// the count of requests it answered.
+    async fn well_known_server(
+        status: &'static str,
+        headers: &'static str,
+        body: String,
+    ) -> (u16, String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(AtomicUsize::new(0));
+        let answered = count.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let Ok(mut stream) = acceptor.accept(stream).await else { continue };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                answered.fetch_add(1, Ordering::SeqCst);
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+        (port, ca_pem, count)
+    }
+
+    /// Discovery fetching well-known from `port`, without DNS (no SRV lookups).
+    fn local_discovery(port: u16) -> Discovery {
+        Discovery { dns: None, well_known: Mutex::new(HashMap::new()), well_known_port: port }
+    }
+
+    fn trusting(ca_pem: &str) -> Outbound {
+        let config = crate::config::OutboundConfig {
+            allow_private_addresses: true,
+            ..crate::config::OutboundConfig::default()
+        };
+        Outbound::new(&config).unwrap().with_federation_roots(ca_pem.as_bytes()).unwrap()
+    }
+
+    fn localhost() -> &'static ServerName {
+        <&ServerName>::try_from("localhost").unwrap()
+    }
+
+    #[tokio::test]
+    async fn well_known_over_tls_delegates_and_is_cached() {
+        use std::sync::atomic::Ordering;
+        let body = r#"{"m.server":"delegated.example:8449"}"#.to_owned();
+        let (port, ca, count) =
+            well_known_server("200 OK", "cache-control: max-age=600\r\n", body).await;
+        let (discovery, outbound) = (local_discovery(port), trusting(&ca));
+        let resolved = discovery.resolve(&outbound, localhost()).await;
+        assert_eq!(resolved.base_url, "https://delegated.example:8449");
+        assert_eq!(resolved.host_header, "delegated.example:8449");
+        discovery.resolve(&outbound, localhost()).await;
+        assert_eq!(count.load(Ordering::SeqCst), 1, "the second lookup is answered from the cache");
+        let expires = discovery.cache()["localhost"].1;
+        let ttl = expires.duration_since(Instant::now());
+        assert!(ttl > Duration::from_secs(590) && ttl <= Duration::from_secs(600), "{ttl:?}");
+        // An untrusted certificate is a failure, not a delegation.
+        let untrusting = Outbound::new(&crate::config::OutboundConfig {
+            allow_private_addresses: true,
+            ..crate::config::OutboundConfig::default()
+        })
+        .unwrap();
+        let fresh = local_discovery(port);
+        let resolved = fresh.resolve(&untrusting, localhost()).await;
+        assert_eq!(resolved.base_url, "https://localhost:8448");
+    }
+
+    #[tokio::test]
+    async fn well_known_failures_are_cached_for_an_hour() {
+        use std::sync::atomic::Ordering;
+        let (port, ca, count) = well_known_server("404 Not Found", "", "{}".to_owned()).await;
+        let (discovery, outbound) = (local_discovery(port), trusting(&ca));
+        let resolved = discovery.resolve(&outbound, localhost()).await;
+        assert_eq!(resolved, Resolved::direct("localhost", 8448, "localhost".to_owned()));
+        discovery.resolve(&outbound, localhost()).await;
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let ttl = discovery.cache()["localhost"].1.duration_since(Instant::now());
+        assert!(ttl > Duration::from_secs(3590) && ttl <= WELL_KNOWN_ERROR_TTL, "{ttl:?}");
+    }
+
+    #[tokio::test]
+    async fn oversized_or_uncacheable_well_known() {
+        use std::sync::atomic::Ordering;
+        let huge =
+            format!(r#"{{"m.server":"a.example","pad":"{}"}}"#, "x".repeat(WELL_KNOWN_MAX_BYTES));
+        let (port, ca, _) = well_known_server("200 OK", "", huge).await;
+        let resolved = local_discovery(port).resolve(&trusting(&ca), localhost()).await;
+        assert_eq!(resolved.base_url, "https://localhost:8448", "too large: not used");
+
+        let body = r#"{"m.server":"b.example"}"#.to_owned();
+        let (port, ca, count) =
+            well_known_server("200 OK", "cache-control: no-store\r\n", body).await;
+        let (discovery, outbound) = (local_discovery(port), trusting(&ca));
+        let resolved = discovery.resolve(&outbound, localhost()).await;
+        // Delegated without a port and without SRV records: the default port, Host the name.
+        assert_eq!(resolved, Resolved::direct("b.example", 8448, "b.example".to_owned()));
+        discovery.resolve(&outbound, localhost()).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2, "no-store is fetched each time");
+    }
 }

@@ -315,10 +315,11 @@ impl Federation {
         self.check_allowed(server)?;
         let mut entry = self.remote_keys.get(server.as_str())?;
         let wanted = minimum_valid_until.max(now_ms());
-        if entry.as_ref().is_none_or(|e| e.valid_until_ts < wanted) && self.may_fetch(server) {
-            if let Ok(fetched) = self.fetch_keys(server).await {
-                entry = Some(fetched);
-            }
+        if entry.as_ref().is_none_or(|e| e.valid_until_ts < wanted)
+            && self.may_fetch(server)
+            && let Ok(fetched) = self.fetch_keys(server).await
+        {
+            entry = Some(fetched);
         }
         let Some(entry) = entry.filter(|e| !e.document.is_empty()) else { return Ok(None) };
         let mut object: CanonicalJsonObject =
