@@ -105,9 +105,16 @@ impl ServerKeys {
         let new_id = format!("ed25519:{version}");
         let global: Table<(String, String)> = db.table(tables::GLOBAL);
         let old: Table<Vec<OldKey>> = db.table(tables::GLOBAL);
+        let new_pair =
+            Ed25519KeyPair::from_der(&document, version.clone()).map_err(Error::internal)?;
         let mut batch = db.batch();
         global.put(&mut batch, SIGNING_KEY, &(version, hex::encode(&document)));
         old.put(&mut batch, OLD_SIGNING_KEYS, &old_keys);
+        // The audit log's anchor is checked with the server's key: sign it with the new one.
+        audit.resign_anchor(&mut batch, &new_id, |message| {
+            use ruma::signatures::KeyPair as _;
+            new_pair.sign(message).as_bytes().to_vec()
+        })?;
         let entry = Entry::new("server.signing_key.rotate", None)
             .target(&new_id)
             .details(serde_json::json!({ "old_key_id": old_id, "new_key_id": new_id }));
@@ -120,4 +127,48 @@ impl ServerKeys {
 fn new_document() -> (Vec<u8>, String) {
     // The key id's version may only hold `[a-zA-Z0-9_]`.
     (Ed25519KeyPair::generate().to_vec(), super::random_string(8))
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::signatures::KeyPair as _;
+
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_old_keys_and_the_audit_chain_verifiable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let audit = Audit::new(&db).unwrap();
+        let first = ServerKeys::load_or_create(&db).unwrap();
+        audit
+            .record([Entry::new("a", None), Entry::new("b", None), Entry::new("c", None)])
+            .unwrap();
+        let pair = first.key_pair();
+        let pruned = audit
+            .prune(now_plus(1), &first.key_id(), |m| pair.sign(m).as_bytes().to_vec())
+            .unwrap();
+        assert_eq!(pruned, 2);
+
+        let (old_id, new_id) = ServerKeys::rotate(&db, &audit).unwrap();
+        assert_eq!(old_id, first.key_id());
+        let second = ServerKeys::load(&db).unwrap().unwrap();
+        assert_eq!(second.key_id(), new_id);
+        assert_eq!(second.old_keys().len(), 1);
+        assert_eq!(second.old_keys()[0].key_id, old_id);
+        assert_eq!(second.old_keys()[0].public_key, first.key_pair().public_key());
+        let new_key: [u8; 32] = second.key_pair().public_key().try_into().unwrap();
+        let report = audit.verify(&new_key).unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(audit.anchor().unwrap().unwrap().key_id, new_id);
+
+        ServerKeys::rotate(&db, &audit).unwrap();
+        let third = ServerKeys::load(&db).unwrap().unwrap();
+        let ids: Vec<&str> = third.old_keys().iter().map(|k| k.key_id.as_str()).collect();
+        assert_eq!(ids, [old_id.as_str(), new_id.as_str()]);
+    }
+
+    fn now_plus(ms: u64) -> u64 {
+        crate::service::now_ms() + ms
+    }
 }
