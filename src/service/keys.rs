@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(second.old_keys().len(), 1);
         assert_eq!(second.old_keys()[0].key_id, old_id);
         assert_eq!(second.old_keys()[0].public_key, first.key_pair().public_key());
-        let new_key: [u8; 32] = second.key_pair().public_key().try_into().unwrap();
+        let new_key = second.key_pair().public_key();
         let report = audit.verify(&new_key).unwrap();
         assert!(report.ok, "{report:?}");
         assert_eq!(audit.anchor().unwrap().unwrap().key_id, new_id);
