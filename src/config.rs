@@ -1241,3 +1241,40 @@ pub fn valid_server_pattern(pattern: &str) -> bool {
     let name = pattern.strip_prefix("*.").unwrap_or(pattern);
     !name.is_empty() && <&ruma::ServerName>::try_from(name).is_ok()
 }
+
+#[cfg(test)]
+mod federation_tests {
+    use super::*;
+
+    fn key_of(config: &Config) -> Option<&'static str> {
+        match config.validate() {
+            Err(ConfigError::Value { key, .. }) => Some(key),
+            Err(other) => panic!("{other}"),
+            Ok(()) => None,
+        }
+    }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let mut config = Config::default();
+        assert_eq!(key_of(&config), None);
+        config.federation.enabled = true;
+        config.federation.listen = vec!["127.0.0.1:8448".parse().unwrap()];
+        assert_eq!(key_of(&config), Some("federation.tls_cert"));
+        config.federation.tls_cert = Some("cert.pem".into());
+        assert_eq!(key_of(&config), Some("federation.tls_key"));
+        config.federation.tls_key = Some("key.pem".into());
+        assert_eq!(key_of(&config), None);
+        config.federation.allow = vec!["*.example.com".into(), "a.example:8448".into()];
+        assert_eq!(key_of(&config), None);
+        config.federation.deny = vec!["bad name".into()];
+        assert_eq!(key_of(&config), Some("federation.deny"));
+        config.federation.deny = vec!["*.".into()];
+        assert_eq!(key_of(&config), Some("federation.deny"));
+        config.federation.deny = Vec::new();
+        config.federation.key_validity_secs = MAX_KEY_VALIDITY_SECS + 1;
+        assert_eq!(key_of(&config), Some("federation.key_validity_secs"));
+        config.federation.key_validity_secs = 0;
+        assert_eq!(key_of(&config), Some("federation.key_validity_secs"));
+    }
+}

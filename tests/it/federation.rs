@@ -481,3 +481,20 @@ async fn room_server_acl_is_read_from_the_current_state() {
     let unknown = ruma::RoomId::parse("!unknown:localhost").unwrap();
     assert!(services.server_allowed_in_room(&unknown, &server("a.evil.example")).unwrap());
 }
+
+#[tokio::test]
+async fn a_federation_listener_without_a_usable_certificate_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::common::test_config(dir.path());
+    config.federation.enabled = true;
+    config.federation.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    config.federation.tls_cert = Some(dir.path().join("missing.pem"));
+    config.federation.tls_key = Some(dir.path().join("missing.key"));
+    let error = plaza::Server::start(config).await.err().expect("refused");
+    assert!(error.to_string().contains("federation.tls_cert"), "{error}");
+
+    let mut config = crate::common::test_config(&dir.path().join("second"));
+    config.federation.extra_ca_file = Some(dir.path().join("no-ca.pem"));
+    let error = plaza::Server::start(config).await.err().expect("refused");
+    assert!(error.to_string().contains("no-ca.pem"), "{error}");
+}
