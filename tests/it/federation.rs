@@ -498,3 +498,26 @@ async fn a_federation_listener_without_a_usable_certificate_does_not_start() {
     let error = plaza::Server::start(config).await.err().expect("refused");
     assert!(error.to_string().contains("no-ca.pem"), "{error}");
 }
+
+#[tokio::test]
+async fn concurrent_first_requests_from_a_server_all_pass() {
+    // A knows nothing of B yet: the requests arriving together share one key fetch.
+    let (_pki, a, b) = pair().await;
+    let content = json!({ "limit": 1 });
+    let key_id = b.key_id();
+    let requests = (0..8).map(|_| {
+        a.signed(
+            Method::POST,
+            PUBLIC_ROOMS,
+            b.name.as_str(),
+            Some(a.name.as_str()),
+            b.key(),
+            &key_id,
+            Some(&content),
+            Some(&content),
+        )
+    });
+    for (status, body) in futures_util::future::join_all(requests).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+}

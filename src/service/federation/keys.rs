@@ -10,6 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
     pin::Pin,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -142,19 +143,35 @@ impl Federation {
         if let Some(usable) = cached.as_ref().and_then(enough) {
             return Ok(usable);
         }
-        if self.may_fetch(server) {
+        // One fetch per server at a time: callers arriving meanwhile wait for its result.
+        let lock = self.fetch_lock(server);
+        let guard = lock.lock().await;
+        let mut known = self.remote_keys.get(server.as_str())?;
+        if known.as_ref().and_then(enough).is_none() && self.may_fetch(server) {
             match self.fetch_keys(server).await {
-                Ok(entry) => {
-                    if let Some(usable) = enough(&entry) {
-                        return Ok(usable);
-                    }
-                }
+                Ok(entry) => known = Some(entry),
                 Err(err) => tracing::info!(%server, %err, "cannot fetch the server's keys"),
             }
         }
-        // What the cache has, for a caller that checks what it got.
-        let known = self.remote_keys.get(server.as_str())?;
+        drop(guard);
+        self.release_fetch_lock(server, lock);
+        // What is known, for a caller that checks what it got.
         Ok(known.map(|entry| entry.usable(valid_at)).unwrap_or_default())
+    }
+
+    /// The lock serialising fetches of `server`'s keys.
+    fn fetch_lock(&self, server: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(server.to_owned()).or_default().clone()
+    }
+
+    /// Forgets `server`'s fetch lock once nobody else holds it.
+    fn release_fetch_lock(&self, server: &ServerName, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and this one.
+        if Arc::strong_count(&lock) <= 2 {
+            locks.remove(server);
+        }
     }
 
     /// What is cached of `server`'s keys.

@@ -156,6 +156,8 @@ pub struct Federation {
     remote_keys: Table<CachedKeys>,
     /// When each server's keys were last fetched (or tried), to bound refetching.
     attempts: Mutex<HashMap<OwnedServerName, Instant>>,
+    /// One lock per server whose keys are being fetched.
+    fetching: Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
     srv_clients: Mutex<HashMap<(String, Vec<SocketAddr>), reqwest::Client>>,
     counts: Mutex<Counts>,
 }
@@ -176,6 +178,7 @@ impl Federation {
             db: db.clone(),
             remote_keys: db.table(tables::FEDERATION_SERVER_KEYS),
             attempts: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(HashMap::new()),
             srv_clients: Mutex::new(HashMap::new()),
             counts: Mutex::new(Counts::default()),
         }
