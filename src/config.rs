@@ -69,6 +69,8 @@ pub struct Config {
     pub offboarding: OffboardingConfig,
     /// The persisted per-user jobs that off-board and onboard accounts.
     pub jobs: JobsConfig,
+    /// Federation with other servers: listener, TLS, key servers, allow and deny lists.
+    pub federation: FederationConfig,
 }
 
 /// The company behind the server, shown on the landing page.
@@ -581,6 +583,7 @@ impl Default for Config {
             branding: BrandingConfig::default(),
             offboarding: OffboardingConfig::default(),
             jobs: JobsConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -888,6 +891,7 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| ConfigError::Value { key: "log.filter", reason: e.to_string() })?;
+        self.federation.validate()?;
         Ok(())
     }
 
@@ -1135,5 +1139,142 @@ mod tests {
             !named.contains("tantivy=warn") && named.contains("ruma_state_res=warn"),
             "{named}"
         );
+    }
+}
+
+/// Federation (the server-server API): where other servers reach this one, which of them may,
+/// and whom to ask for keys a server cannot give itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Whether this server talks to other servers at all.
+    pub enabled: bool,
+    /// Addresses of the TLS federation listener. Empty: federation paths are served on the
+    /// main listener, behind a reverse proxy that terminates TLS.
+    pub listen: Vec<SocketAddr>,
+    /// The listener's certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// The listener's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// A private CA (PEM) trusted for outgoing federation besides the system's roots.
+    pub extra_ca_file: Option<PathBuf>,
+    /// Servers federated with (exact names or `*.example.com`); empty allows every server.
+    pub allow: Vec<String>,
+    /// Servers never federated with, whatever `allow` says.
+    pub deny: Vec<String>,
+    /// Notary servers asked for a server's keys when it cannot be asked itself.
+    pub trusted_key_servers: Vec<TrustedKeyServer>,
+    /// How long other servers may cache this server's keys, in seconds (`valid_until_ts`).
+    pub key_validity_secs: u64,
+}
+
+/// A notary server, with the keys its answers must be signed with (fetched from it when
+/// none are given).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKeyServer {
+    /// The notary's server name.
+    pub server_name: OwnedServerName,
+    /// `key id -> unpadded base64 ed25519 public key`.
+    #[serde(default)]
+    pub verify_keys: std::collections::BTreeMap<String, String>,
+}
+
+/// Longest `federation.key_validity_secs`: the spec's cap of seven days.
+pub const MAX_KEY_VALIDITY_SECS: u64 = 7 * 86_400;
+/// Most entries of `federation.allow`, `federation.deny` and `trusted_key_servers`.
+pub const MAX_FEDERATION_LIST: usize = 1_000;
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            extra_ca_file: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            trusted_key_servers: Vec::new(),
+            key_validity_secs: MAX_KEY_VALIDITY_SECS,
+        }
+    }
+}
+
+impl FederationConfig {
+    /// Checks the listener's files, the lists' patterns and the key validity.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &'static str, reason: &str| {
+            Err(ConfigError::Value { key, reason: reason.to_owned() })
+        };
+        if self.enabled && !self.listen.is_empty() {
+            if self.tls_cert.is_none() {
+                return fail("federation.tls_cert", "needed for the federation listener");
+            }
+            if self.tls_key.is_none() {
+                return fail("federation.tls_key", "needed for the federation listener");
+            }
+        }
+        for (key, list) in [("federation.allow", &self.allow), ("federation.deny", &self.deny)] {
+            if list.len() > MAX_FEDERATION_LIST {
+                return fail(key, "at most 1000 entries");
+            }
+            if let Some(bad) = list.iter().find(|p| !valid_server_pattern(p)) {
+                return Err(ConfigError::Value {
+                    key,
+                    reason: format!("`{bad}` is not a server name or `*.domain` pattern"),
+                });
+            }
+        }
+        if self.trusted_key_servers.len() > MAX_FEDERATION_LIST {
+            return fail("federation.trusted_key_servers", "at most 1000 entries");
+        }
+        if !(1..=MAX_KEY_VALIDITY_SECS).contains(&self.key_validity_secs) {
+            return fail("federation.key_validity_secs", "must be 1 to 604800 (seven days)");
+        }
+        Ok(())
+    }
+}
+
+/// Whether `pattern` is a server name or `*.` followed by one.
+pub fn valid_server_pattern(pattern: &str) -> bool {
+    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    !name.is_empty() && <&ruma::ServerName>::try_from(name).is_ok()
+}
+
+#[cfg(test)]
+mod federation_tests {
+    use super::*;
+
+    fn key_of(config: &Config) -> Option<&'static str> {
+        match config.validate() {
+            Err(ConfigError::Value { key, .. }) => Some(key),
+            Err(other) => panic!("{other}"),
+            Ok(()) => None,
+        }
+    }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let mut config = Config::default();
+        assert_eq!(key_of(&config), None);
+        config.federation.enabled = true;
+        config.federation.listen = vec!["127.0.0.1:8448".parse().unwrap()];
+        assert_eq!(key_of(&config), Some("federation.tls_cert"));
+        config.federation.tls_cert = Some("cert.pem".into());
+        assert_eq!(key_of(&config), Some("federation.tls_key"));
+        config.federation.tls_key = Some("key.pem".into());
+        assert_eq!(key_of(&config), None);
+        config.federation.allow = vec!["*.example.com".into(), "a.example:8448".into()];
+        assert_eq!(key_of(&config), None);
+        config.federation.deny = vec!["bad name".into()];
+        assert_eq!(key_of(&config), Some("federation.deny"));
+        config.federation.deny = vec!["*.".into()];
+        assert_eq!(key_of(&config), Some("federation.deny"));
+        config.federation.deny = Vec::new();
+        config.federation.key_validity_secs = MAX_KEY_VALIDITY_SECS + 1;
+        assert_eq!(key_of(&config), Some("federation.key_validity_secs"));
+        config.federation.key_validity_secs = 0;
+        assert_eq!(key_of(&config), Some("federation.key_validity_secs"));
     }
 }

@@ -57,6 +57,19 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The server's signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Replace the signing key with a new one while the server is stopped; the old key stays
+    /// published as an old key (with the time it stopped being used), so other servers can
+    /// still check what it signed.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +161,9 @@ fn main() -> ExitCode {
             }
             Command::Audit { command: AuditCommand::Verify { data_dir, against, public_key } } => {
                 verify_audit(config, data_dir, against, public_key)
+            }
+            Command::Keys { command: KeysCommand::Rotate } => {
+                rotate_key(config).map_err(Failure::from)
             }
         }
     });
@@ -241,6 +257,14 @@ fn set_role(config: Config, user: &str, role: &str) -> Result<(), String> {
         Users::parse_local_user(user, services.server_name()).map_err(|e| e.to_string())?;
     let previous = services.set_role(None, &user_id, role).map_err(|e| e.to_string())?;
     println!("{user_id}: {} -> {}", previous.as_str(), role.as_str());
+    Ok(())
+}
+
+fn rotate_key(config: Config) -> Result<(), String> {
+    let services = server::open_services(config).map_err(|e| e.to_string())?;
+    let (old, new) =
+        ServerKeys::rotate(&services.db, &services.audit).map_err(|e| e.to_string())?;
+    println!("signing key rotated: {old} -> {new} (takes effect at the next start)");
     Ok(())
 }
 

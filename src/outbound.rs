@@ -148,37 +148,56 @@ impl Resolve for PolicyResolver {
 pub struct Outbound {
     client: reqwest::Client,
     policy: Arc<AddressPolicy>,
+    config: Arc<OutboundConfig>,
+    /// Extra roots trusted for federation (a partner's private CA).
+    federation_roots: Arc<Vec<reqwest::Certificate>>,
+    /// The client for federation: the same policy, plus the extra roots.
+    federation: reqwest::Client,
 }
 
 impl Outbound {
     /// A client obeying `config`.
     pub fn new(config: &OutboundConfig) -> Result<Self, OutboundError> {
         let policy = Arc::new(AddressPolicy::new(config));
-        let redirect_policy = policy.clone();
-        let max_redirects = config.max_redirects;
-        let builder = reqwest::Client::builder();
-        // Proxy variables of the environment are ignored: a proxy would resolve and reach
-        // internal names for us. Only a proxy named in the configuration is used.
-        let builder = match &config.proxy {
-            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy)?),
-            None => builder.no_proxy(),
-        };
-        let client = builder
-            .user_agent(concat!("Plaza/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
-            .timeout(Duration::from_secs(config.request_timeout_secs))
-            .dns_resolver(PolicyResolver { policy: policy.clone() })
-            .redirect(redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= max_redirects {
-                    return attempt.error("too many redirects");
-                }
-                match redirect_policy.check_url(attempt.url()) {
-                    Ok(()) => attempt.follow(),
-                    Err(err) => attempt.error(err),
-                }
-            }))
-            .build()?;
-        Ok(Self { client, policy })
+        let client = builder(config, &policy)?.build()?;
+        Ok(Self {
+            federation: client.clone(),
+            client,
+            policy,
+            config: Arc::new(config.clone()),
+            federation_roots: Arc::new(Vec::new()),
+        })
+    }
+
+    /// The same client, trusting the CA certificates in `pem` (one or more) for federation
+    /// besides the system's roots.
+    pub fn with_federation_roots(mut self, pem: &[u8]) -> Result<Self, OutboundError> {
+        let roots = reqwest::Certificate::from_pem_bundle(pem)?;
+        if roots.is_empty() {
+            return Err(OutboundError::BadUrl("no certificate in the CA file".to_owned()));
+        }
+        self.federation =
+            builder(&self.config, &self.policy)?.tls_certs_merge(roots.iter().cloned()).build()?;
+        self.federation_roots = Arc::new(roots);
+        Ok(self)
+    }
+
+    /// The client for federation requests. With `resolved` (a host and the addresses found
+    /// for it, from SRV records), a client that connects to those addresses for that host
+    /// while still checking its certificate against the host's name; the addresses must be
+    /// permitted by the policy.
+    pub fn federation_client(
+        &self,
+        resolved: Option<(&str, &[SocketAddr])>,
+    ) -> Result<reqwest::Client, OutboundError> {
+        let Some((host, addrs)) = resolved else { return Ok(self.federation.clone()) };
+        if let Some(refused) = addrs.iter().find(|a| !self.policy.permits(a.ip())) {
+            return Err(OutboundError::Forbidden(refused.ip().to_string()));
+        }
+        Ok(builder(&self.config, &self.policy)?
+            .tls_certs_merge(self.federation_roots.iter().cloned())
+            .resolve_to_addrs(host, addrs)
+            .build()?)
     }
 
     /// The address policy in force.
@@ -196,6 +215,37 @@ impl Outbound {
         self.policy.check_url(&url)?;
         Ok(self.client.request(method, url))
     }
+}
+
+/// A client builder with the policy's resolver and redirect checks, the timeouts and the
+/// proxy of `config`.
+fn builder(
+    config: &OutboundConfig,
+    policy: &Arc<AddressPolicy>,
+) -> Result<reqwest::ClientBuilder, OutboundError> {
+    let redirect_policy = policy.clone();
+    let max_redirects = config.max_redirects;
+    let builder = reqwest::Client::builder();
+    // Proxy variables of the environment are ignored: a proxy would resolve and reach
+    // internal names for us. Only a proxy named in the configuration is used.
+    let builder = match &config.proxy {
+        Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy)?),
+        None => builder.no_proxy(),
+    };
+    Ok(builder
+        .user_agent(concat!("Plaza/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
+        .timeout(Duration::from_secs(config.request_timeout_secs))
+        .dns_resolver(PolicyResolver { policy: policy.clone() })
+        .redirect(redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= max_redirects {
+                return attempt.error("too many redirects");
+            }
+            match redirect_policy.check_url(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(err) => attempt.error(err),
+            }
+        })))
 }
 
 #[cfg(test)]

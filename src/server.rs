@@ -43,6 +43,7 @@ pub enum StartError {
 /// A running server.
 pub struct Server {
     addrs: Vec<SocketAddr>,
+    federation_addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     services: Arc<Services>,
     stop: watch::Sender<bool>,
@@ -86,14 +87,16 @@ const BLOCKING_THREADS: usize = 8;
 /// uploads keeps small buffers that the allocator reuses, large enough for few reads.
 const READ_BUFFER: usize = 64 * 1024;
 
-/// Serves `app` on `listener` (HTTP/1.1 and HTTP/2) until `shutdown` resolves, then waits for
-/// open connections to finish their requests. Each request carries its peer's address; every
-/// connection is admitted and watched by `gate` (deadlines, the connection cap).
+/// Serves `app` on `listener` (HTTP/1.1 and HTTP/2, over TLS when `tls` is given) until
+/// `shutdown` resolves, then waits for open connections to finish their requests. Each
+/// request carries its peer's address; every connection is admitted and watched by `gate`
+/// (deadlines, the connection cap).
 async fn serve(
     listener: TcpListener,
     app: axum::Router,
     gate: Arc<Gate>,
     http2_max_streams: u32,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     use hyper_util::{
@@ -147,12 +150,32 @@ async fn serve(
                 )
             }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(admitted.stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         let guard = admitted.guard;
+        let stream = admitted.stream;
         tokio::spawn(async move {
+            let connection = async move {
+                match tls {
+                    None => {
+                        let connection =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let handshake = acceptor.accept(stream);
+                        let stream = match tokio::time::timeout(TLS_HANDSHAKE, handshake).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(err)) => return Err(err.into()),
+                            Err(_) => return Err("TLS handshake timed out".into()),
+                        };
+                        let connection =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
+                    }
+                }
+            };
             tokio::select! {
                 // A failed connection is the client's doing (reset, malformed request).
                 result = connection => if let Err(err) = result {
@@ -165,6 +188,35 @@ async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The TLS configuration of the federation listener, from its PEM certificate chain and key.
+fn federation_tls(config: &Config) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let federation = &config.federation;
+    let (Some(cert), Some(key)) = (&federation.tls_cert, &federation.tls_key) else {
+        return Err(StartError::Init("federation.tls_cert and tls_key are needed".to_owned()));
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| StartError::Init(format!("federation.tls_cert {}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(StartError::Init(format!(
+            "federation.tls_cert {}: no certificate",
+            cert.display()
+        )));
+    }
+    let private_key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| StartError::Init(format!("federation.tls_key {}: {e}", key.display())))?;
+    let mut server = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(|e| StartError::Init(format!("federation TLS: {e}")))?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
 /// Connections the metrics listener keeps open at most.
@@ -239,9 +291,33 @@ impl Server {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                serve(listener, app, gate, http2_max_streams, shutdown).await;
+                serve(listener, app, gate, http2_max_streams, None, shutdown).await;
             });
             tracing::info!(address = %local, server_name = %services.config.server_name, "listening");
+        }
+        let mut federation_addrs = Vec::new();
+        let federation = &services.config.federation;
+        if federation.enabled && !federation.listen.is_empty() {
+            let tls = federation_tls(&services.config)?;
+            let app = router::build_federation(services.clone());
+            for addr in &federation.listen {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: *addr, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr: *addr, source })?;
+                federation_addrs.push(local);
+                let mut stopped = stopped.clone();
+                let (app, gate, tls) = (app.clone(), gate.clone(), tls.clone());
+                tasks.spawn(async move {
+                    let shutdown = async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    };
+                    serve(listener, app, gate, http2_max_streams, Some(tls), shutdown).await;
+                });
+                tracing::info!(address = %local, "serving federation over TLS");
+            }
         }
         let metrics_addr = if services.config.metrics.enabled {
             let addr = services.config.metrics.listen;
@@ -261,19 +337,24 @@ impl Server {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                serve(listener, app, gate, http2_max_streams, shutdown).await;
+                serve(listener, app, gate, http2_max_streams, None, shutdown).await;
             });
             tracing::info!(address = %local, "serving metrics");
             Some(local)
         } else {
             None
         };
-        Ok(Self { addrs, metrics_addr, services, stop, tasks })
+        Ok(Self { addrs, federation_addrs, metrics_addr, services, stop, tasks })
     }
 
     /// The bound addresses (with real ports when the config asked for port 0).
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The federation listener's bound addresses (empty without one).
+    pub fn federation_addrs(&self) -> &[SocketAddr] {
+        &self.federation_addrs
     }
 
     /// The metrics listener's address, when enabled.

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod federation;
 pub mod landing;
 pub mod media;
 pub mod router;
@@ -284,7 +285,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_value(value).map_err(|e| Error::bad_json(format!("Invalid request body: {e}")))
 }
 
-fn map_parse_error(err: FromHttpRequestError) -> Error {
+pub(crate) fn map_parse_error(err: FromHttpRequestError) -> Error {
     match err {
         FromHttpRequestError::Deserialization(DeserializationError::Json(e)) => {
             Error::bad_json(format!("Invalid request body: {e}"))
@@ -352,7 +353,7 @@ const ID_PARAMS: &[&str] =
 
 /// Refuses room, user and event ids and aliases in the path longer than the spec's 255 bytes
 /// (ruma's own check may be compiled out), with `M_INVALID_PARAM`.
-fn check_id_lengths(params: &RawPathParams) -> Result<()> {
+pub(crate) fn check_id_lengths(params: &RawPathParams) -> Result<()> {
     match params.iter().find(|(name, value)| value.len() > MAX_ID_BYTES && ID_PARAMS.contains(name))
     {
         Some((name, _)) => Err(Error::invalid_param(format!("{name} is longer than 255 bytes"))),

@@ -96,7 +96,6 @@ pub fn build(state: State) -> Router {
         request_registration_token_via_msisdn,
     };
 
-    let request_timeout = Duration::from_secs(state.config.limits.request_timeout_secs);
     let router = Router::new()
         // Discovery
         .ruma(discovery::versions)
@@ -329,7 +328,27 @@ pub fn build(state: State) -> Router {
         .route("/health", get(|| async { "OK" }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
+    // Behind a reverse proxy, federation is served here too.
+    let federation = &state.config.federation;
+    let router = if federation.enabled && federation.listen.is_empty() {
+        router.merge(super::federation::routes())
+    } else {
+        router
+    };
+    finish(router, state, true)
+}
 
+/// The federation listener's application: the federation and key endpoints only.
+pub fn build_federation(state: State) -> Router {
+    let router = super::federation::routes()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    finish(router, state, false)
+}
+
+/// Adds the layers every request passes through (and the media routes, when `with_media`).
+fn finish(router: Router<State>, state: State, with_media: bool) -> Router {
+    let request_timeout = Duration::from_secs(state.config.limits.request_timeout_secs);
     let trusted_proxies = state.config.limits.trusted_proxies.clone();
     let metrics_state = state.clone();
     let layers = || {
@@ -356,17 +375,15 @@ pub fn build(state: State) -> Router {
             .layer(cors())
             .layer(CatchPanicLayer::new())
     };
+    let app = router.with_state(state.clone()).layer(
+        layers()
+            .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, request_timeout)),
+    );
+    if !with_media {
+        return app;
+    }
     // Media streams bodies for as long as they take, bounded by its own idle timeouts.
-    let media = media::routes().with_state(state.clone()).layer(layers());
-    router
-        .with_state(state)
-        .layer(
-            layers().layer(TimeoutLayer::with_status_code(
-                StatusCode::GATEWAY_TIMEOUT,
-                request_timeout,
-            )),
-        )
-        .merge(media)
+    app.merge(media::routes().with_state(state).layer(layers()))
 }
 
 /// CORS as the client-server spec asks, so browser clients (Element Web) can talk to us.

@@ -120,6 +120,7 @@ impl Metrics {
         let _ = writeln!(out, "plaza_push_queue_length {}", services.gateway.queued());
         render_storage(&mut out, services);
         render_process(&mut out);
+        services.federation.render_metrics(&mut out);
         out
     }
 

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod backup;
 pub mod e2ee;
 pub mod ephemeral;
+pub mod federation;
 pub mod filters;
 pub mod history;
 pub mod jobs;
@@ -117,15 +118,20 @@ pub struct Services {
     pub jobs: jobs::Jobs,
     /// Erased accounts.
     pub erased: offboarding::Erased,
+    /// Federation: server keys, outbound requests, allow and deny lists.
+    pub federation: federation::Federation,
 }
 
 impl Services {
     /// Builds every service over `db`.
     pub fn new(config: Config, db: Db) -> Result<Self, StorageError> {
         let stream = stream::Stream::new(&db)?;
+        let server_keys =
+            keys::ServerKeys::load_or_create(&db).map_err(|e| StorageError::Init(e.to_string()))?;
+        let outbound = federation_outbound(&config)?;
         let services = Self {
-            keys: keys::ServerKeys::load_or_create(&db)
-                .map_err(|e| StorageError::Init(e.to_string()))?,
+            federation: federation::Federation::new(&config, &db, &server_keys, outbound.clone()),
+            keys: server_keys,
             directory: rooms::directory::Directory::new(&db),
             ephemeral: ephemeral::Ephemeral::new(&db),
             presence: presence::Presences::default(),
@@ -139,8 +145,7 @@ impl Services {
             )?),
             search: search::Search::open(&config.database.path.join("search"))
                 .map_err(|e| StorageError::Init(e.to_string()))?,
-            outbound: crate::outbound::Outbound::new(&config.outbound)
-                .map_err(|e| StorageError::Init(e.to_string()))?,
+            outbound,
             relations: relations::Relations::new(&db),
             audit: audit::Audit::new(&db)?,
             admin_rooms: admin_rooms::AdminRooms::new(&db),
@@ -176,6 +181,7 @@ impl Services {
         services.media.index_upload_times().map_err(init)?;
         services.rooms.states.migrate_snapshots(&services.db).map_err(init)?;
         services.rooms.fill_redaction_copies().map_err(init)?;
+        services.federation.policy().record_change(&services.db, &services.audit).map_err(init)?;
         // The features that take part in writing events; the event core names none of them.
         services.rooms.register(
             rooms::listeners::Registry::default()
@@ -190,6 +196,23 @@ impl Services {
     /// The server name user ids and room ids end in.
     pub fn server_name(&self) -> &ruma::ServerName {
         &self.config.server_name
+    }
+}
+
+/// The client for outgoing requests, trusting `[federation] extra_ca_file` for federation.
+fn federation_outbound(config: &Config) -> Result<crate::outbound::Outbound, StorageError> {
+    let init = |e: String| StorageError::Init(e);
+    let outbound =
+        crate::outbound::Outbound::new(&config.outbound).map_err(|e| init(e.to_string()))?;
+    match &config.federation.extra_ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| init(format!("cannot read {}: {e}", path.display())))?;
+            outbound
+                .with_federation_roots(&pem)
+                .map_err(|e| init(format!("federation.extra_ca_file {}: {e}", path.display())))
+        }
+        None => Ok(outbound),
     }
 }
 

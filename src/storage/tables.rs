@@ -190,6 +190,9 @@ pub const JOBS: &str = "jobs";
 /// `user id` -> nothing: erased accounts, whose events are served redacted to those who did
 /// not see them when they were sent.
 pub const ERASED_USERS: &str = "erased_users";
+/// `server name` -> `CachedKeys`: other servers' signing keys, with their validity and the
+/// newest key document as signed.
+pub const FEDERATION_SERVER_KEYS: &str = "federation_server_keys";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -268,4 +271,5 @@ pub const ALL: &[&str] = &[
     SERVER_NOTICE_ROOMS,
     JOBS,
     ERASED_USERS,
+    FEDERATION_SERVER_KEYS,
 ];

@@ -145,6 +145,31 @@ impl TestServer {
 }
 
 impl TestServer {
+    /// Stops the server, runs `between` on the (closed) database directory, and starts a new
+    /// server on it at the same address with the test config changed by `adjust`.
+    pub async fn restart_with(
+        mut self,
+        between: impl FnOnce(&std::path::Path),
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestServer {
+        let server = self.server.take().unwrap();
+        let addr = server.addrs()[0];
+        server.stop().await;
+        between(&self.dir.path().join("db"));
+        let mut config = test_config(self.dir.path());
+        adjust(&mut config);
+        config.listen = vec![addr];
+        let server = Server::start(config).await.expect("restart on the same data dir");
+        Self {
+            server: Some(server),
+            base: self.base.clone(),
+            http: self.http.clone(),
+            dir: self.dir,
+        }
+    }
+}
+
+impl TestServer {
     /// Gives `user_id` a server role (`admin`, `auditor`, `user`) as the CLI would.
     pub fn set_role(&self, user_id: &str, role: &str) {
         let services = self.server().services();

@@ -17,6 +17,7 @@ mod edge_cases;
 mod ephemeral;
 mod errors;
 mod event_core;
+mod federation;
 mod graph;
 mod limits;
 mod media;

@@ -117,11 +117,11 @@ pub async fn set_visibility(
 }
 
 /// A page of the directory: rooms sorted by joined members, filtered, from offset `since`.
-struct Page {
-    chunk: Vec<PublicRoomsChunk>,
-    next_batch: Option<String>,
-    prev_batch: Option<String>,
-    total: usize,
+pub(crate) struct Page {
+    pub(crate) chunk: Vec<PublicRoomsChunk>,
+    pub(crate) next_batch: Option<String>,
+    pub(crate) prev_batch: Option<String>,
+    pub(crate) total: usize,
 }
 
 fn chunk(services: &Services, room_id: &RoomId) -> Result<PublicRoomsChunk> {
@@ -129,7 +129,7 @@ fn chunk(services: &Services, room_id: &RoomId) -> Result<PublicRoomsChunk> {
     serde_json::from_value(summary).map_err(Error::internal)
 }
 
-fn page(
+pub(crate) fn page(
     services: &Services,
     limit: Option<UInt>,
     since: Option<&str>,

@@ -416,6 +416,26 @@ impl Audit {
     }
 }
 
+impl Audit {
+    /// Signs the anchor (if any) again with another key, in `batch`: after the server's key
+    /// is rotated, the chain stays verifiable with the key the server now has.
+    pub fn resign_anchor(
+        &self,
+        batch: &mut Batch,
+        key_id: &str,
+        sign: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> Result<()> {
+        use base64::Engine as _;
+        let Some(mut anchor) = self.anchor()? else { return Ok(()) };
+        let message = Anchor::message(anchor.seq, &anchor.hash, anchor.ts);
+        anchor.signature =
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(sign(message.as_bytes()));
+        anchor.key_id = key_id.to_owned();
+        self.global.put(batch, ANCHOR_KEY, &anchor);
+        Ok(())
+    }
+}
+
 fn anchor_signature_valid(anchor: &Anchor, verifying_key: &[u8; 32]) -> bool {
     use base64::Engine as _;
     use ed25519_dalek::{Signature, VerifyingKey};

@@ -39,6 +39,17 @@ pub trait KeyLookup: Send + Sync {
         &'a self,
         servers: &'a BTreeSet<OwnedServerName>,
     ) -> Pin<Box<dyn Future<Output = Result<PublicKeyMap>> + Send + 'a>>;
+
+    /// The verify keys of `servers` that were valid at `valid_at` (ms since the epoch), for
+    /// room versions that enforce key validity; all of them when `valid_at` is `None`.
+    fn public_keys_at<'a>(
+        &'a self,
+        servers: &'a BTreeSet<OwnedServerName>,
+        valid_at: Option<u64>,
+    ) -> Pin<Box<dyn Future<Output = Result<PublicKeyMap>> + Send + 'a>> {
+        let _ = valid_at;
+        self.public_keys(servers)
+    }
 }
 
 /// What became of an event given to [`Rooms::ingest`].
@@ -160,7 +171,14 @@ impl Rooms {
             Ok(servers) => servers,
             Err(e) => return drop(format!("cannot check signatures: {e}")),
         };
-        let public_keys = keys.public_keys(&servers).await?;
+        // From room version 5, a key must have been valid when the event was sent.
+        let valid_at = match wire.get("origin_server_ts") {
+            Some(CanonicalJsonValue::Integer(ts)) if rules.enforce_key_validity => {
+                Some(u64::try_from(i64::from(*ts)).unwrap_or(0))
+            }
+            _ => None,
+        };
+        let public_keys = keys.public_keys_at(&servers, valid_at).await?;
         match ruma::signatures::verify_event(&public_keys, &wire, &rules) {
             Ok(Verified::All) => {}
             Ok(Verified::Signatures) => {
