@@ -148,6 +148,7 @@ impl Resolve for PolicyResolver {
 pub struct Outbound {
     client: reqwest::Client,
     policy: Arc<AddressPolicy>,
+    trusted: reqwest::Client,
 }
 
 impl Outbound {
@@ -178,7 +179,17 @@ impl Outbound {
                 }
             }))
             .build()?;
-        Ok(Self { client, policy })
+        // Destinations the admin configured (application service URLs) are trusted: they are
+        // usually on this host or the internal network. Redirects are not followed from them,
+        // so such a destination cannot send the server anywhere else.
+        let trusted = reqwest::Client::builder()
+            .no_proxy()
+            .user_agent(concat!("Plaza/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
+            .timeout(Duration::from_secs(config.request_timeout_secs))
+            .redirect(redirect::Policy::none())
+            .build()?;
+        Ok(Self { client, policy, trusted })
     }
 
     /// The address policy in force.
@@ -195,6 +206,21 @@ impl Outbound {
         let url = Url::parse(url).map_err(|_| OutboundError::BadUrl(url.to_owned()))?;
         self.policy.check_url(&url)?;
         Ok(self.client.request(method, url))
+    }
+
+    /// Starts a request to `url`, a destination the admin configured (an application service
+    /// URL from a registration file): the address policy does not apply, redirects are not
+    /// followed.
+    pub fn request_trusted(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+    ) -> Result<reqwest::RequestBuilder, OutboundError> {
+        let url = Url::parse(url).map_err(|_| OutboundError::BadUrl(url.to_owned()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(OutboundError::BadUrl(url.to_string()));
+        }
+        Ok(self.trusted.request(method, url))
     }
 }
 

@@ -190,6 +190,9 @@ pub const JOBS: &str = "jobs";
 /// `user id` -> nothing: erased accounts, whose events are served redacted to those who did
 /// not see them when they were sent.
 pub const ERASED_USERS: &str = "erased_users";
+/// `kind byte, target, 0xFF, sequence` -> a queued item: the outboxes (application services,
+/// later federation destinations and push gateways), each target's items in order.
+pub const OUTBOX: &str = "outbox";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -268,4 +271,5 @@ pub const ALL: &[&str] = &[
     SERVER_NOTICE_ROOMS,
     JOBS,
     ERASED_USERS,
+    OUTBOX,
 ];
