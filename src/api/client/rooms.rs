@@ -109,6 +109,9 @@ pub async fn join_by_id_or_alias(
 ) -> Result<join_by_id_or_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
+    if let Ok(alias) = <&ruma::RoomAliasId>::try_from(&*body.room_id_or_alias) {
+        services.appservices.query_alias(&services, alias).await?;
+    }
     let room_id = resolve_room(&services, &body.room_id_or_alias)?;
     check_guest_join(&services, &caller, &room_id)?;
     membership::join(&services, &room_id, &caller.user_id, body.reason.as_deref(), None).await?;
@@ -160,6 +163,9 @@ pub async fn invite(
     let invite_user::InvitationRecipient::UserId(recipient) = req.body.recipient else {
         return Err(Error::new(ErrorKind::ThreepidDenied, "Third-party invites are not supported"));
     };
+    if recipient.user_id.server_name() == services.server_name() {
+        services.appservices.query_user(&services, &recipient.user_id).await?;
+    }
     membership::invite(
         &services,
         &req.body.room_id,
