@@ -23,8 +23,8 @@ use ruma::{
     api::{
         IncomingRequest, OutgoingResponse,
         auth_scheme::{
-            AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken,
-            NoAuthentication,
+            AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional,
+            NoAccessToken, NoAuthentication,
         },
         error::{DeserializationError, FromHttpRequestError},
     },

@@ -6,6 +6,7 @@ mod admin;
 mod admin_more;
 mod admin_reads;
 mod analytics;
+mod appservice;
 mod audit;
 mod client_spec;
 mod common;

@@ -48,6 +48,10 @@ pub async fn create(
         ),
         None => None,
     };
+    if let Some(alias) = &alias {
+        let acting = caller.appservice.as_ref().map(|a| a.id());
+        services.appservices.check_alias_free(alias, acting)?;
+    }
     let preset = body.preset.as_ref().map(|preset| match preset.as_str() {
         "public_chat" => Ok(Preset::PublicChat),
         "trusted_private_chat" => Ok(Preset::TrustedPrivateChat),

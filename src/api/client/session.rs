@@ -51,7 +51,9 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
             }
             let record = services.users.get(&user_id)?.filter(|u| !u.deactivated);
             if record.is_none() {
-                return Err(Error::forbidden("The application service has not registered this user"));
+                return Err(Error::forbidden(
+                    "The application service has not registered this user",
+                ));
             }
             return issue_login(
                 &services,

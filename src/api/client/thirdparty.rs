@@ -99,10 +99,7 @@ pub async fn protocols(
 
 /// `GET /_matrix/client/v3/thirdparty/protocol/{protocol}`: the protocol as the first service
 /// declaring it describes it; 404 when none does.
-pub async fn protocol(
-    services: State,
-    req: Ruma<protocol::Request>,
-) -> Result<protocol::Response> {
+pub async fn protocol(services: State, req: Ruma<protocol::Request>) -> Result<protocol::Response> {
     req.caller()?;
     let name = &req.body.protocol;
     let path = format!("/_matrix/app/v1/thirdparty/protocol/{}", encode(name));
@@ -148,7 +145,8 @@ pub async fn location_for_alias(
     req: Ruma<location_for_alias::Request>,
 ) -> Result<location_for_alias::Response> {
     req.caller()?;
-    let path = format!("/_matrix/app/v1/thirdparty/location?alias={}", encode(req.body.alias.as_str()));
+    let path =
+        format!("/_matrix/app/v1/thirdparty/location?alias={}", encode(req.body.alias.as_str()));
     Ok(location_for_alias::Response::new(gather(&services, None, &path).await))
 }
 
@@ -158,7 +156,8 @@ pub async fn user_for_user_id(
     req: Ruma<user_for_user_id::Request>,
 ) -> Result<user_for_user_id::Response> {
     req.caller()?;
-    let path = format!("/_matrix/app/v1/thirdparty/user?userid={}", encode(req.body.userid.as_str()));
+    let path =
+        format!("/_matrix/app/v1/thirdparty/user?userid={}", encode(req.body.userid.as_str()));
     Ok(user_for_user_id::Response::new(gather(&services, None, &path).await))
 }
 

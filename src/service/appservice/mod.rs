@@ -95,9 +95,7 @@ impl Appservices {
 
     /// The service claiming `user_id` exclusively, if any.
     pub fn exclusive_user(&self, user_id: &UserId) -> Option<&Arc<Registered>> {
-        self.registered
-            .iter()
-            .find(|r| r.users.exclusive(user_id.as_str()) || r.sender == user_id)
+        self.registered.iter().find(|r| r.users.exclusive(user_id.as_str()) || r.sender == user_id)
     }
 
     /// The service claiming `alias` exclusively, if any.
@@ -217,7 +215,8 @@ impl Appservices {
     /// Queues a durable timeline event for every service interested in it.
     pub fn event_persisted(&self, services: &Services, short: u64, event: &StoredPdu) {
         for registered in &self.registered {
-            if registered.registration.url.is_none() || !self.interested(services, registered, event)
+            if registered.registration.url.is_none()
+                || !self.interested(services, registered, event)
             {
                 continue;
             }

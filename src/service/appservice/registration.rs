@@ -102,7 +102,10 @@ pub fn load_all(files: &[PathBuf], server_name: &ServerName) -> Result<Vec<Regis
             let theirs = other.file.display();
             let (mine, theirs_reg) = (&registered.registration, &other.registration);
             if mine.id == theirs_reg.id {
-                return Err(format!("{name}: field `id`: `{}` is also the id in {theirs}", mine.id));
+                return Err(format!(
+                    "{name}: field `id`: `{}` is also the id in {theirs}",
+                    mine.id
+                ));
             }
             if mine.as_token == theirs_reg.as_token || mine.as_token == theirs_reg.hs_token {
                 return Err(format!("{name}: field `as_token`: also used in {theirs}"));
@@ -115,9 +118,10 @@ pub fn load_all(files: &[PathBuf], server_name: &ServerName) -> Result<Vec<Regis
                 ("aliases", &registered.aliases, &other.aliases),
                 ("rooms", &registered.rooms, &other.rooms),
             ] {
-                let overlap = a.written.iter().filter(|(_, ex)| *ex).find(|(regex, _)| {
-                    b.written.iter().any(|(theirs, ex)| *ex && theirs == regex)
-                });
+                let overlap =
+                    a.written.iter().filter(|(_, ex)| *ex).find(|(regex, _)| {
+                        b.written.iter().any(|(theirs, ex)| *ex && theirs == regex)
+                    });
                 if let Some((regex, _)) = overlap {
                     return Err(format!(
                         "{name}: field `namespaces.{kind}`: exclusive regex `{regex}` is also \
@@ -202,7 +206,9 @@ pub fn parse(text: &str, file: &Path, server_name: &ServerName) -> Result<Regist
     let sender = UserId::parse(format!("@{localpart}:{server_name}"))
         .ok()
         .filter(|u| u.validate_strict().is_ok() && u.as_str().len() <= 255)
-        .ok_or_else(|| format!("field `sender_localpart`: `{localpart}` is not a valid localpart"))?;
+        .ok_or_else(|| {
+            format!("field `sender_localpart`: `{localpart}` is not a valid localpart")
+        })?;
     match fields.get("namespaces") {
         Some(JsonValue::Object(namespaces)) => {
             for (kind, list) in namespaces {

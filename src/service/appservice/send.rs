@@ -51,11 +51,7 @@ impl Deliver<Queued> for Transactions {
                 .await
                 .map_err(|e| format!("request failed: {e}"))?;
             let status = response.status();
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("the service answered {status}"))
-            }
+            if status.is_success() { Ok(()) } else { Err(format!("the service answered {status}")) }
         }
     }
 }
