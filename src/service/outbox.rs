@@ -79,6 +79,9 @@ pub struct TargetStatus {
     pub failures: u32,
 }
 
+/// A batch read from a queue: the raw keys and the items.
+type Read<V> = (Vec<Box<[u8]>>, Vec<Item<V>>);
+
 /// The in-memory side of one target: its wake-up, its depth and its status.
 #[derive(Default)]
 struct Target {
@@ -223,7 +226,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     }
 
     /// The oldest items of `target`, at most one batch, with their keys.
-    fn read(&self, target: &str) -> Result<(Vec<Box<[u8]>>, Vec<Item<V>>)> {
+    fn read(&self, target: &str) -> Result<Read<V>> {
         let mut keys = Vec::new();
         let mut items = Vec::new();
         for entry in self.table.scan_prefix(self.prefix(target)).take(self.max_batch) {
@@ -385,21 +388,19 @@ mod tests {
     }
 
     impl Deliver<u64> for Recorder {
-        fn deliver<'a>(
-            &'a self,
-            target: &'a str,
-            txn_id: &'a str,
-            items: &'a [Item<u64>],
-        ) -> impl Future<Output = std::result::Result<(), String>> + Send + 'a {
-            async move {
-                let down = self.down.load(Ordering::SeqCst);
-                if !down {
-                    let values = items.iter().map(|i| i.value).collect();
-                    self.seen.lock().unwrap().push((target.into(), txn_id.into(), values));
-                }
-                self.calls.notify_one();
-                if down { Err("down".into()) } else { Ok(()) }
+        async fn deliver(
+            &self,
+            target: &str,
+            txn_id: &str,
+            items: &[Item<u64>],
+        ) -> std::result::Result<(), String> {
+            let down = self.down.load(Ordering::SeqCst);
+            if !down {
+                let values = items.iter().map(|i| i.value).collect();
+                self.seen.lock().unwrap().push((target.into(), txn_id.into(), values));
             }
+            self.calls.notify_one();
+            if down { Err("down".into()) } else { Ok(()) }
         }
     }
 

@@ -1,7 +1,7 @@
 //! Sending queued events to application services as transactions
 //! (`PUT /_matrix/app/v1/transactions/{txnId}`), one in flight per service.
 
-use std::{future::Future, sync::Arc};
+use std::sync::Arc;
 
 use serde_json::{Value as JsonValue, json};
 use tokio::sync::watch;
@@ -19,40 +19,38 @@ pub struct Transactions {
 }
 
 impl Deliver<Queued> for Transactions {
-    fn deliver<'a>(
-        &'a self,
-        target: &'a str,
-        txn_id: &'a str,
-        items: &'a [Item<Queued>],
-    ) -> impl Future<Output = Result<(), String>> + Send + 'a {
-        async move {
-            let services = &self.services;
-            let registered = services
-                .appservices
-                .by_id(target)
-                .ok_or_else(|| format!("no application service `{target}` is registered"))?;
-            // A service removed from the configuration, or without a URL, takes nothing.
-            let Some(url) = registered.registration.url.as_deref() else { return Ok(()) };
-            let body = transaction(services, items, registered.receive_ephemeral)?;
-            let url = format!(
-                "{}/_matrix/app/v1/transactions/{}",
-                url.trim_end_matches('/'),
-                super::encode(txn_id)
-            );
-            let request = services
-                .outbound
-                .request_trusted(reqwest::Method::PUT, &url)
-                .map_err(|e| e.to_string())?;
-            let response = request
-                .bearer_auth(&registered.registration.hs_token)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| format!("request failed: {e}"))?;
-            let status = response.status();
-            if status.is_success() { Ok(()) } else { Err(format!("the service answered {status}")) }
-        }
+    async fn deliver(
+        &self,
+        target: &str,
+        txn_id: &str,
+        items: &[Item<Queued>],
+    ) -> Result<(), String> {
+        let services = &self.services;
+        let registered = services
+            .appservices
+            .by_id(target)
+            .ok_or_else(|| format!("no application service `{target}` is registered"))?;
+        // A service removed from the configuration, or without a URL, takes nothing.
+        let Some(url) = registered.registration.url.as_deref() else { return Ok(()) };
+        let body = transaction(services, items, registered.receive_ephemeral)?;
+        let url = format!(
+            "{}/_matrix/app/v1/transactions/{}",
+            url.trim_end_matches('/'),
+            super::encode(txn_id)
+        );
+        let request = services
+            .outbound
+            .request_trusted(reqwest::Method::PUT, &url)
+            .map_err(|e| e.to_string())?;
+        let response = request
+            .bearer_auth(&registered.registration.hs_token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = response.status();
+        if status.is_success() { Ok(()) } else { Err(format!("the service answered {status}")) }
     }
 }
 
