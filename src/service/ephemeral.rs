@@ -88,6 +88,8 @@ impl Ephemeral {
         } else {
             let members = services.rooms.members(room_id)?;
             services.stream.wake_members_at(position, &members, &["join"]);
+        }
+        if receipt.receipt_type != "m.read.private" && services.appservices.wants_ephemeral() {
             let mut entry = json!({ "ts": receipt.ts });
             if let Some(thread) = &receipt.thread_id {
                 entry["thread_id"] = json!(thread);
@@ -217,7 +219,9 @@ impl Ephemeral {
         if changed {
             let members = services.rooms.members(room_id)?;
             services.stream.wake(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| &**u));
-            if let Some(edu) = self.typing(room_id, Some(0)) {
+            if services.appservices.wants_ephemeral()
+                && let Some(edu) = self.typing(room_id, Some(0))
+            {
                 services.appservices.ephemeral(services, room_id, edu);
             }
         }

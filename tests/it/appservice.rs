@@ -99,6 +99,35 @@ async fn start_receiver() -> (String, Arc<Receiver>) {
         .route("/_matrix/app/v1/transactions/{txn}", put(transaction))
         .route("/_matrix/app/v1/ping", post(ping))
         .route(
+            "/_matrix/app/v1/thirdparty/protocol/{protocol}",
+            get(|UrlPath(protocol): UrlPath<String>| async move {
+                if protocol != "irc" {
+                    return (AxumStatus::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND" })));
+                }
+                (
+                    AxumStatus::OK,
+                    Json(json!({
+                        "user_fields": ["network", "nickname"],
+                        "location_fields": ["network", "channel"],
+                        "icon": "mxc://example.org/irc",
+                        "field_types": {},
+                        "instances": [],
+                    })),
+                )
+            }),
+        )
+        .route(
+            "/_matrix/app/v1/thirdparty/user/{protocol}",
+            get(|uri: axum::http::Uri| async move {
+                let query = uri.query().unwrap_or_default().to_owned();
+                Json(json!([{
+                    "userid": "@brg_nick:localhost",
+                    "protocol": "irc",
+                    "fields": { "query": query },
+                }]))
+            }),
+        )
+        .route(
             "/_matrix/app/v1/users/{user}",
             get(|| async { (AxumStatus::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND" }))) }),
         )
@@ -494,4 +523,34 @@ async fn transactions_wait_for_a_service_that_is_down_and_survive_a_restart() {
     let status = &body["appservices"][0];
     assert_eq!(status["queued"], 0, "{body}");
     assert!(status["last_success_ts"].is_u64(), "{body}");
+}
+
+#[tokio::test]
+async fn third_party_lookups_reach_the_services_declaring_the_protocol() {
+    let (url, _receiver) = start_receiver().await;
+    let files = tempfile::tempdir().unwrap();
+    let file = registration(files.path(), "brg", &url, "protocols: [irc]\n");
+    let server = TestServer::start_with(with_files(vec![file])).await;
+    let (_, token, _) = server.register("alice", "password-alice").await;
+
+    let (status, body) = server.get("/_matrix/client/v3/thirdparty/protocols", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["irc"]["icon"], "mxc://example.org/irc", "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 1);
+    let (status, body) =
+        server.get("/_matrix/client/v3/thirdparty/protocol/irc", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_fields"], json!(["network", "nickname"]));
+    let unknown = server.get("/_matrix/client/v3/thirdparty/protocol/xmpp", Some(&token)).await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (status, body) = server
+        .get("/_matrix/client/v3/thirdparty/user/irc?nickname=bob&network=libera", Some(&token))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body[0]["userid"], "@brg_nick:localhost", "{body}");
+    assert_eq!(body[0]["fields"]["query"], "network=libera&nickname=bob", "{body}");
+    let unknown = server.get("/_matrix/client/v3/thirdparty/user/xmpp", Some(&token)).await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let anonymous = server.get("/_matrix/client/v3/thirdparty/protocols", None).await;
+    assert_error(&anonymous, StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN");
 }

@@ -76,6 +76,11 @@ impl Appservices {
         &self.registered
     }
 
+    /// Whether any service asked for ephemeral events (typing, receipts, presence).
+    pub fn wants_ephemeral(&self) -> bool {
+        self.registered.iter().any(|r| r.receive_ephemeral)
+    }
+
     /// The service with id `id`.
     pub fn by_id(&self, id: &str) -> Option<&Arc<Registered>> {
         self.registered.iter().find(|r| r.id() == id)
@@ -229,7 +234,7 @@ impl Appservices {
     /// Queues an ephemeral event of `room_id` (typing, receipt) for the services that asked
     /// for ephemeral events and are interested in the room.
     pub fn ephemeral(&self, services: &Services, room_id: &RoomId, mut edu: JsonValue) {
-        if !self.registered.iter().any(|r| r.receive_ephemeral) {
+        if !self.wants_ephemeral() {
             return;
         }
         edu["room_id"] = json!(room_id);
