@@ -50,7 +50,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     }
     let ip = req.ip.map(|addr| addr.ip());
     services.abuse.check_registration(ip)?;
-    let body = req.body;
+    let mut body = req.body;
     let guest = body.kind == RegistrationKind::Guest;
     if guest && !services.config.registration.allow_guests {
         return Err(Error::new(ErrorKind::GuestAccessForbidden, "Guest access is disabled"));
@@ -66,7 +66,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
     services.appservices.check_user_free(&user_id, None)?;
-    let password = match (body.password, guest) {
+    let password = match (body.password.take(), guest) {
         (Some(password), false) => {
             users::check_password_strength(
                 &password,
@@ -108,17 +108,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     if !guest {
         services.queue_onboarding(&mut batch, &user_id);
     }
-    let issued = if body.inhibit_login {
-        None
-    } else {
-        Some(services.sessions.issue(
-            &mut batch,
-            &user_id,
-            body.device_id.as_deref(),
-            body.initial_device_display_name,
-            body.refresh_token,
-        )?)
-    };
+    let issued = issue(&services, &mut batch, &user_id, body)?;
     let mut entries = vec![
         Entry::new("user.register", Some(&user_id))
             .target(&user_id)
@@ -143,6 +133,34 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         services.await_onboarding(&user_id).await;
     }
 
+    Ok(response(user_id, issued))
+}
+
+/// A session for the new account, unless the client asked for none (`inhibit_login`).
+fn issue(
+    services: &State,
+    batch: &mut crate::storage::Batch,
+    user_id: &ruma::UserId,
+    body: register::Request,
+) -> Result<Option<crate::service::sessions::IssuedTokens>> {
+    if body.inhibit_login {
+        return Ok(None);
+    }
+    let issued = services.sessions.issue(
+        batch,
+        user_id,
+        body.device_id.as_deref(),
+        body.initial_device_display_name,
+        body.refresh_token,
+    )?;
+    Ok(Some(issued))
+}
+
+/// The answer to a registration of `user_id`, with its session if one was issued.
+fn response(
+    user_id: ruma::OwnedUserId,
+    issued: Option<crate::service::sessions::IssuedTokens>,
+) -> register::Response {
     let mut response = register::Response::new(user_id);
     if let Some(issued) = issued {
         response.access_token = Some(issued.access_token);
@@ -150,7 +168,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         response.refresh_token = issued.refresh_token;
         response.expires_in = issued.expires_in;
     }
-    Ok(response)
+    response
 }
 
 /// Registers a user of `appservice`'s namespace: no password, no user-interactive auth, no
@@ -181,31 +199,14 @@ fn register_appservice_user(
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
     services.users.create(&mut batch, &user_id, None, false, false, None);
-    let issued = if body.inhibit_login {
-        None
-    } else {
-        Some(services.sessions.issue(
-            &mut batch,
-            &user_id,
-            body.device_id.as_deref(),
-            body.initial_device_display_name,
-            body.refresh_token,
-        )?)
-    };
+    let issued = issue(&services, &mut batch, &user_id, body)?;
     let entry = Entry::new("user.register", Some(&user_id))
         .target(&user_id)
         .details(serde_json::json!({ "appservice": appservice.id() }));
     services.audit.commit(batch, [entry])?;
     drop(guard);
     tracing::info!(%user_id, appservice = appservice.id(), "registered application service user");
-    let mut response = register::Response::new(user_id);
-    if let Some(issued) = issued {
-        response.access_token = Some(issued.access_token);
-        response.device_id = Some(issued.device_id);
-        response.refresh_token = issued.refresh_token;
-        response.expires_in = issued.expires_in;
-    }
-    Ok(response)
+    Ok(response(user_id, issued))
 }
 
 /// `GET /_matrix/client/v3/register/available`

@@ -276,31 +276,34 @@ impl Appservices {
     /// Asks the services whose namespace holds `user_id` whether it exists (they may create
     /// it meanwhile); true once it does.
     pub async fn query_user(&self, services: &Services, user_id: &UserId) -> Result<bool> {
-        if services.users.get(user_id)?.is_some() {
-            return Ok(true);
-        }
-        for registered in self.registered.iter().filter(|r| r.users.matches(user_id.as_str())) {
-            let path = format!("/_matrix/app/v1/users/{}", encode(user_id.as_str()));
-            if self.query(services, registered, &path).await.is_some()
-                && services.users.get(user_id)?.is_some()
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let exists = || Ok(services.users.get(user_id)?.is_some());
+        let path = format!("/_matrix/app/v1/users/{}", encode(user_id.as_str()));
+        let owners = self.registered.iter().filter(|r| r.users.matches(user_id.as_str()));
+        self.ask(services, owners, &path, exists).await
     }
 
     /// Asks the services whose namespace holds `alias` whether it exists (they may create
     /// it meanwhile); true once it does.
     pub async fn query_alias(&self, services: &Services, alias: &RoomAliasId) -> Result<bool> {
-        if services.directory.resolve(alias)?.is_some() {
+        let exists = || Ok(services.directory.resolve(alias)?.is_some());
+        let path = format!("/_matrix/app/v1/rooms/{}", encode(alias.as_str()));
+        let owners = self.registered.iter().filter(|r| r.aliases.matches(alias.as_str()));
+        self.ask(services, owners, &path, exists).await
+    }
+
+    /// Whether something `exists`, asking `owners` in turn for `path` until it does.
+    async fn ask<'a>(
+        &self,
+        services: &Services,
+        owners: impl Iterator<Item = &'a Arc<Registered>>,
+        path: &str,
+        exists: impl Fn() -> Result<bool>,
+    ) -> Result<bool> {
+        if exists()? {
             return Ok(true);
         }
-        for registered in self.registered.iter().filter(|r| r.aliases.matches(alias.as_str())) {
-            let path = format!("/_matrix/app/v1/rooms/{}", encode(alias.as_str()));
-            if self.query(services, registered, &path).await.is_some()
-                && services.directory.resolve(alias)?.is_some()
-            {
+        for registered in owners {
+            if self.query(services, registered, path).await.is_some() && exists()? {
                 return Ok(true);
             }
         }
