@@ -71,6 +71,33 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// Federation with other servers: listener, TLS, key servers, allow and deny lists.
     pub federation: FederationConfig,
+    /// Application services (bridges and bots) and their registration files.
+    pub appservices: AppservicesConfig,
+}
+
+/// Application services: where their registrations are and how their queues are bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppservicesConfig {
+    /// Registration files (YAML), read and checked at start.
+    pub registration_files: Vec<std::path::PathBuf>,
+    /// Most events and ephemeral events sent in one transaction.
+    pub max_transaction_events: usize,
+    /// Most items waiting for one service; beyond it new ones are dropped (and said so).
+    pub max_queued: u64,
+    /// Timeout of a query to a service (user, alias, third-party lookups, ping), in seconds.
+    pub query_timeout_secs: u64,
+}
+
+impl Default for AppservicesConfig {
+    fn default() -> Self {
+        Self {
+            registration_files: Vec::new(),
+            max_transaction_events: 100,
+            max_queued: 5_000_000,
+            query_timeout_secs: 10,
+        }
+    }
 }
 
 /// The company behind the server, shown on the landing page.
@@ -584,6 +611,7 @@ impl Default for Config {
             offboarding: OffboardingConfig::default(),
             jobs: JobsConfig::default(),
             federation: FederationConfig::default(),
+            appservices: AppservicesConfig::default(),
         }
     }
 }

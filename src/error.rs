@@ -89,6 +89,21 @@ pub enum ErrorKind {
     NotYetUploaded,
     /// Content was already uploaded to this media id (409).
     CannotOverwriteMedia,
+    /// `M_EXCLUSIVE` (400): a user id or alias an application service reserved.
+    Exclusive,
+    /// `M_URL_NOT_SET` (400): the application service has no URL.
+    UrlNotSet,
+    /// `M_BAD_STATUS` (502): the application service answered with an error.
+    BadStatus {
+        /// The status it answered.
+        status: u16,
+        /// The body it answered.
+        body: String,
+    },
+    /// `M_CONNECTION_FAILED` (502): the application service could not be reached.
+    ConnectionFailed,
+    /// `M_CONNECTION_TIMEOUT` (504): the application service did not answer in time.
+    ConnectionTimeout,
 }
 
 impl ErrorKind {
@@ -126,6 +141,11 @@ impl ErrorKind {
             Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
             Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             Self::DuplicateAnnotation => "M_DUPLICATE_ANNOTATION",
+            Self::Exclusive => "M_EXCLUSIVE",
+            Self::UrlNotSet => "M_URL_NOT_SET",
+            Self::BadStatus { .. } => "M_BAD_STATUS",
+            Self::ConnectionFailed => "M_CONNECTION_FAILED",
+            Self::ConnectionTimeout => "M_CONNECTION_TIMEOUT",
         }
     }
 
@@ -150,6 +170,9 @@ impl ErrorKind {
             Self::Conflict | Self::CannotOverwriteMedia => StatusCode::CONFLICT,
             Self::NotYetUploaded => StatusCode::GATEWAY_TIMEOUT,
             Self::ServerManaged => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadStatus { .. } | Self::ConnectionFailed => StatusCode::BAD_GATEWAY,
+            Self::ConnectionTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Exclusive | Self::UrlNotSet => StatusCode::BAD_REQUEST,
             Self::BadJson
             | Self::NotJson
             | Self::Unknown
@@ -254,6 +277,10 @@ impl IntoResponse for Error {
                     }
                     ErrorKind::WrongRoomKeysVersion { current_version } => {
                         body["current_version"] = current_version.clone().into();
+                    }
+                    ErrorKind::BadStatus { status, body: answer } => {
+                        body["status"] = (*status).into();
+                        body["body"] = answer.clone().into();
                     }
                     _ => {}
                 }

@@ -153,6 +153,7 @@ pub struct Outbound {
     federation_roots: Arc<Vec<reqwest::Certificate>>,
     /// The client for federation: the same policy, plus the extra roots.
     federation: reqwest::Client,
+    trusted: reqwest::Client,
 }
 
 impl Outbound {
@@ -160,12 +161,23 @@ impl Outbound {
     pub fn new(config: &OutboundConfig) -> Result<Self, OutboundError> {
         let policy = Arc::new(AddressPolicy::new(config));
         let client = builder(config, &policy)?.build()?;
+        // Destinations the admin configured (application service URLs) are trusted: they are
+        // usually on this host or the internal network. Redirects are not followed from them,
+        // so such a destination cannot send the server anywhere else.
+        let trusted = reqwest::Client::builder()
+            .no_proxy()
+            .user_agent(concat!("Plaza/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
+            .timeout(Duration::from_secs(config.request_timeout_secs))
+            .redirect(redirect::Policy::none())
+            .build()?;
         Ok(Self {
             federation: client.clone(),
             client,
             policy,
             config: Arc::new(config.clone()),
             federation_roots: Arc::new(Vec::new()),
+            trusted,
         })
     }
 
@@ -214,6 +226,21 @@ impl Outbound {
         let url = Url::parse(url).map_err(|_| OutboundError::BadUrl(url.to_owned()))?;
         self.policy.check_url(&url)?;
         Ok(self.client.request(method, url))
+    }
+
+    /// Starts a request to `url`, a destination the admin configured (an application service
+    /// URL from a registration file): the address policy does not apply, redirects are not
+    /// followed.
+    pub fn request_trusted(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+    ) -> Result<reqwest::RequestBuilder, OutboundError> {
+        let url = Url::parse(url).map_err(|_| OutboundError::BadUrl(url.to_owned()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(OutboundError::BadUrl(url.to_string()));
+        }
+        Ok(self.trusted.request(method, url))
     }
 }
 

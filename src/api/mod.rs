@@ -24,8 +24,8 @@ use ruma::{
     api::{
         IncomingRequest, OutgoingResponse,
         auth_scheme::{
-            AccessToken, AccessTokenOptional, AppserviceTokenOptional, NoAccessToken,
-            NoAuthentication,
+            AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional,
+            NoAccessToken, NoAuthentication,
         },
         error::{DeserializationError, FromHttpRequestError},
     },
@@ -33,7 +33,9 @@ use ruma::{
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    service::{Services, sessions::TokenRecord, users::UserRecord},
+    service::{
+        Services, appservice::registration::Registered, sessions::TokenRecord, users::UserRecord,
+    },
 };
 
 /// The state every handler receives.
@@ -51,6 +53,9 @@ pub enum AuthMode {
     /// An access token is required, but it may have expired and its account may be locked:
     /// logging out must always work.
     EndSession,
+    /// An application service's token is used when present (registration of its users);
+    /// other tokens are ignored.
+    AppserviceOptional,
 }
 
 /// The mode the extractor uses for the ruma request `T`: ruma's, except that the logout
@@ -87,9 +92,11 @@ impl AuthKind for AccessToken {
 impl AuthKind for AccessTokenOptional {
     const MODE: AuthMode = AuthMode::Optional;
 }
-// Application services are not supported yet: their optional token is ignored.
+impl AuthKind for AppserviceToken {
+    const MODE: AuthMode = AuthMode::Required;
+}
 impl AuthKind for AppserviceTokenOptional {
-    const MODE: AuthMode = AuthMode::None;
+    const MODE: AuthMode = AuthMode::AppserviceOptional;
 }
 
 /// The authenticated account and device making a request.
@@ -105,6 +112,8 @@ pub struct Caller {
     pub auditor: bool,
     /// Whether the account is a guest (may only join rooms open to guests, and not create any).
     pub guest: bool,
+    /// The application service acting, when its `as_token` was presented.
+    pub appservice: Option<Arc<Registered>>,
 }
 
 impl Caller {
@@ -121,14 +130,14 @@ impl Caller {
             admin: user.admin,
             auditor: user.auditor,
             guest: user.guest,
+            appservice: None,
         }
     }
 
-    /// Whether the per-user abuse limits (`[limits.messages]`) apply: not to admins. This is
-    /// the one place an exemption is decided, so application service users registered with
-    /// `rate_limited: false` can be exempted here once application services exist.
+    /// Whether the per-user abuse limits (`[limits.messages]`) and rate limits apply: not to
+    /// admins, nor to application services registered with `rate_limited: false`.
     pub fn rate_limited(&self) -> bool {
-        !self.admin
+        !self.admin && self.appservice.as_ref().is_none_or(|a| a.rate_limited())
     }
 }
 
@@ -191,8 +200,16 @@ pub fn caller_from_parts(
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(|ua| ua.chars().take(512).collect::<String>());
-    let caller = match (mode, access_token(parts)?) {
-        (AuthMode::None, _) | (AuthMode::Optional, None) => None,
+    let token = access_token(parts)?;
+    if mode != AuthMode::None
+        && let Some(token) = &token
+        && let Some(registered) = services.appservices.by_as_token(token)
+    {
+        let caller = appservice_caller(services, registered, parts, mode)?;
+        return Ok((Some(caller), ip, user_agent));
+    }
+    let caller = match (mode, token) {
+        (AuthMode::None | AuthMode::AppserviceOptional, _) | (AuthMode::Optional, None) => None,
         (AuthMode::Required | AuthMode::EndSession, None) => {
             return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
         }
@@ -200,6 +217,69 @@ pub fn caller_from_parts(
         (_, Some(token)) => Some(authenticate(services, &token, ip, user_agent.as_deref())?),
     };
     Ok((caller, ip, user_agent))
+}
+
+/// The query parameters naming the device an application service acts through.
+const DEVICE_PARAMS: &[&str] = &["device_id", "org.matrix.msc3202.device_id"];
+
+/// The caller behind an application service's `as_token`: the user it names with
+/// `?user_id=` (within its namespace, and existing) or its own user, on the device it names
+/// with `?device_id=` (or its unstable name) or no device of the user's.
+fn appservice_caller(
+    services: &Services,
+    registered: &Arc<Registered>,
+    parts: &http::request::Parts,
+    mode: AuthMode,
+) -> Result<Caller> {
+    let query = parts.uri.query().unwrap_or_default();
+    let mut user_id = None;
+    let mut device_id = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key == "user_id" {
+            user_id = Some(value.into_owned());
+        } else if DEVICE_PARAMS.contains(&key.as_ref()) {
+            device_id = Some(value.into_owned());
+        }
+    }
+    let user_id = match user_id {
+        Some(raw) => OwnedUserId::try_from(raw)
+            .map_err(|_| Error::invalid_param("user_id is not a valid user id"))?,
+        None => registered.sender.clone(),
+    };
+    if !registered.owns_user(&user_id) {
+        return Err(Error::forbidden(
+            "The application service cannot act as a user outside its namespace",
+        ));
+    }
+    let fallback = || OwnedDeviceId::from("APPSERVICE");
+    let mut caller = Caller {
+        user_id,
+        device_id: fallback(),
+        admin: false,
+        auditor: false,
+        guest: false,
+        appservice: Some(registered.clone()),
+    };
+    // Registering creates the user: it need not exist yet.
+    if mode == AuthMode::AppserviceOptional {
+        return Ok(caller);
+    }
+    let user = services.users.get(&caller.user_id)?.filter(|user| !user.deactivated);
+    let Some(user) = user else {
+        return Err(Error::forbidden("The application service has not registered this user"));
+    };
+    if let Some(device) = device_id {
+        let device = OwnedDeviceId::from(device);
+        if services.sessions.device(&caller.user_id, &device)?.is_none() {
+            return Err(Error::forbidden("The user has no such device"));
+        }
+        caller.device_id = device;
+    }
+    caller.admin = user.admin;
+    caller.guest = user.guest;
+    crate::service::audit::context::set_caller(caller.user_id.as_str(), caller.device_id.as_str());
+    services.analytics.touch(&caller.user_id);
+    Ok(caller)
 }
 
 /// The client's address: the peer, or behind a trusted reverse proxy the last address that
@@ -320,7 +400,8 @@ where
         let path_args: Vec<String> = raw_params.iter().map(|(_, value)| value.to_owned()).collect();
         let (caller, ip, user_agent) = caller_from_parts(services, &parts, auth_mode::<T>())?;
 
-        if T::RATE_LIMITED {
+        let exempt = caller.as_ref().and_then(|c| c.appservice.as_ref());
+        if T::RATE_LIMITED && exempt.is_none_or(|a| a.rate_limited()) {
             let key = match &caller {
                 Some(caller) => caller.user_id.to_string(),
                 None => ip

@@ -89,6 +89,17 @@ impl Ephemeral {
             let members = services.rooms.members(room_id)?;
             services.stream.wake_members_at(position, &members, &["join"]);
         }
+        if receipt.receipt_type != "m.read.private" && services.appservices.wants_ephemeral() {
+            let mut entry = json!({ "ts": receipt.ts });
+            if let Some(thread) = &receipt.thread_id {
+                entry["thread_id"] = json!(thread);
+            }
+            let content = json!({ receipt.event_id.as_str(): {
+                receipt.receipt_type.as_str(): { receipt.user_id.as_str(): entry }
+            }});
+            let edu = json!({ "type": "m.receipt", "content": content });
+            services.appservices.ephemeral(services, room_id, edu);
+        }
         Ok(())
     }
 
@@ -208,6 +219,11 @@ impl Ephemeral {
         if changed {
             let members = services.rooms.members(room_id)?;
             services.stream.wake(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| &**u));
+            if services.appservices.wants_ephemeral()
+                && let Some(edu) = self.typing(room_id, Some(0))
+            {
+                services.appservices.ephemeral(services, room_id, edu);
+            }
         }
         Ok(())
     }

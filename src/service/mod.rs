@@ -7,6 +7,7 @@ pub mod admin;
 pub mod admin_rooms;
 pub mod admin_users;
 pub mod analytics;
+pub mod appservice;
 pub mod audit;
 pub mod backup;
 pub mod e2ee;
@@ -22,6 +23,7 @@ pub mod notices;
 pub mod offboarding;
 pub mod onboarding;
 pub mod openid;
+pub mod outbox;
 pub mod presence;
 pub mod push;
 pub mod ratelimit;
@@ -120,6 +122,8 @@ pub struct Services {
     pub erased: offboarding::Erased,
     /// Federation: server keys, outbound requests, allow and deny lists.
     pub federation: federation::Federation,
+    /// Application services (bridges and bots) and their transaction queues.
+    pub appservices: appservice::Appservices,
 }
 
 impl Services {
@@ -159,6 +163,11 @@ impl Services {
             metrics: metrics::Metrics::default(),
             jobs: jobs::Jobs::new(&db),
             erased: offboarding::Erased::load(&db)?,
+            appservices: appservice::Appservices::new(
+                &db,
+                &config.appservices,
+                &config.server_name,
+            )?,
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
@@ -188,8 +197,10 @@ impl Services {
                 .contributor(relations::Indexer)
                 .contributor(analytics::Recorder)
                 .listener(search::Indexing)
-                .listener(push::notifier::Enqueue),
+                .listener(push::notifier::Enqueue)
+                .listener(appservice::Forward),
         );
+        services.appservices.start(&services).map_err(init)?;
         Ok(services)
     }
 

@@ -101,6 +101,11 @@ impl Presences {
         if changed {
             let mates = services.rooms.room_mates(user_id)?;
             services.stream.wake(mates.iter().map(|u| &**u));
+            if services.appservices.wants_ephemeral()
+                && let Some(presence) = self.get(user_id)
+            {
+                services.appservices.presence(user_id, &mates, presence.content());
+            }
         }
         Ok(())
     }

@@ -193,6 +193,9 @@ pub const ERASED_USERS: &str = "erased_users";
 /// `server name` -> `CachedKeys`: other servers' signing keys, with their validity and the
 /// newest key document as signed.
 pub const FEDERATION_SERVER_KEYS: &str = "federation_server_keys";
+/// `kind byte, target, 0xFF, sequence` -> a queued item: the outboxes (application services,
+/// later federation destinations and push gateways), each target's items in order.
+pub const OUTBOX: &str = "outbox";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -272,4 +275,5 @@ pub const ALL: &[&str] = &[
     JOBS,
     ERASED_USERS,
     FEDERATION_SERVER_KEYS,
+    OUTBOX,
 ];

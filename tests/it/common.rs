@@ -127,27 +127,19 @@ impl TestServer {
 
     /// Stops the server, runs `between` on the (closed) database directory, and starts a new
     /// server on it at the same address.
-    pub async fn restart_after(mut self, between: impl FnOnce(&std::path::Path)) -> TestServer {
-        let server = self.server.take().unwrap();
-        let addr = server.addrs()[0];
-        server.stop().await;
-        between(&self.dir.path().join("db"));
-        let mut config = test_config(self.dir.path());
-        config.listen = vec![addr];
-        let server = Server::start(config).await.expect("restart on the same data dir");
-        Self {
-            server: Some(server),
-            base: self.base.clone(),
-            http: self.http.clone(),
-            dir: self.dir,
-        }
+    pub async fn restart_after(self, between: impl FnOnce(&std::path::Path)) -> TestServer {
+        self.restart_adjusted(between, |_| {}).await
     }
-}
 
-impl TestServer {
+    /// Stops the server and starts a new one on the same data directory and address, with the
+    /// configuration changed by `adjust` (as given to [`TestServer::start_with`]).
+    pub async fn restart_with(self, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        self.restart_adjusted(|_| {}, adjust).await
+    }
+
     /// Stops the server, runs `between` on the (closed) database directory, and starts a new
     /// server on it at the same address with the test config changed by `adjust`.
-    pub async fn restart_with(
+    pub async fn restart_adjusted(
         mut self,
         between: impl FnOnce(&std::path::Path),
         adjust: impl FnOnce(&mut Config),

@@ -4,7 +4,8 @@
 //! homeserver that offers shared-secret registration instead, so the same run can measure
 //! another server. `-- --only send` (send and fan-out), `-- --only media`,
 //! `-- --only search`, `-- --only threads`, `-- --only analytics` (Plaza only) or
-//! `-- --only graph` (Plaza only, in-process: big-room joins and state resolution) runs just
+//! `-- --only graph` (Plaza only, in-process: big-room joins and state resolution) or
+//! `-- --only appservice` (Plaza only: transactions to an application service) runs just
 //! those scenarios.
 
 use std::{
@@ -16,6 +17,7 @@ use hmac::Mac;
 use serde_json::{Value, json};
 
 mod analytics;
+mod appservice;
 mod graph;
 mod media;
 mod search;
@@ -152,7 +154,16 @@ fn config(dir: &std::path::Path) -> Result<plaza::Config, Error> {
     config.limits.login_failures.burst = plenty.burst;
     config.log.filter = "warn".into();
     config.media.max_upload_size = 2 << 30;
+    let registration = registration_file(dir);
+    if registration.exists() {
+        config.appservices.registration_files = vec![registration];
+    }
     Ok(config)
+}
+
+/// Where the application service scenario writes its service's registration.
+fn registration_file(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("appservice.yaml")
 }
 
 /// Runs a Plaza on `dir` in this process until standard input closes, after printing its
@@ -468,6 +479,7 @@ fn main() -> Result<(), Error> {
         }
         let mut rss: Vec<(String, String)> = Vec::new();
         let mut server = None;
+        let mut appservice_received = None;
         let _dir;
         let target = match (arg("--url"), arg("--shared-secret")) {
             (Some(url), Some(secret)) => {
@@ -475,6 +487,9 @@ fn main() -> Result<(), Error> {
             }
             _ => {
                 let dir = tempfile::tempdir()?;
+                if arg("--only").as_deref() == Some("appservice") {
+                    appservice_received = Some(appservice::prepare(dir.path()).await?);
+                }
                 let (child, base) = spawn_server(dir.path())?;
                 server = Some(child);
                 _dir = dir;
@@ -491,7 +506,9 @@ fn main() -> Result<(), Error> {
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         let only = arg("--only");
-        let rows = if only.as_deref() == Some("media") {
+        let rows = if let Some(received) = &appservice_received {
+            appservice::rows(&target, received).await?
+        } else if only.as_deref() == Some("media") {
             let user = target.register(&format!("media_{}", std::process::id())).await?;
             media::rows(&target, &user).await?
         } else if only.as_deref() == Some("search") {

@@ -5,6 +5,7 @@
 //! changing anything); anyone else gets `M_FORBIDDEN`.
 
 pub mod analytics;
+pub mod appservices;
 pub mod audit;
 pub mod media;
 pub mod notices;

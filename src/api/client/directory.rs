@@ -34,6 +34,8 @@ pub async fn create(
 ) -> Result<create_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
+    let acting = caller.appservice.as_ref().map(|a| a.id());
+    services.appservices.check_alias_free(&body.room_alias, acting)?;
     if services.rooms.membership(&body.room_id, &caller.user_id)?.as_deref() != Some("join")
         && !caller.admin
     {
@@ -52,6 +54,7 @@ pub async fn create(
 
 /// `GET /_matrix/client/v3/directory/room/{roomAlias}`
 pub async fn get(services: State, req: Ruma<get_alias::Request>) -> Result<get_alias::Response> {
+    services.appservices.query_alias(&services, &req.body.room_alias).await?;
     let record = services
         .directory
         .resolve(&req.body.room_alias)?

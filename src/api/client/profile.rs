@@ -22,11 +22,21 @@ fn profile_of(services: &State, user_id: &UserId) -> Result<Profile> {
     }
 }
 
+/// Gives the application service owning a local user id that does not exist yet the chance
+/// to create it.
+async fn query_appservices(services: &State, user_id: &ruma::UserId) -> Result<()> {
+    if user_id.server_name() == services.server_name() {
+        services.appservices.query_user(services, user_id).await?;
+    }
+    Ok(())
+}
+
 /// `GET /_matrix/client/v3/profile/{userId}`
 pub async fn get_profile(
     services: State,
     req: Ruma<get_profile::Request>,
 ) -> Result<get_profile::Response> {
+    query_appservices(&services, &req.body.user_id).await?;
     Ok(profile_of(&services, &req.body.user_id)?.into_iter().collect())
 }
 
@@ -35,6 +45,7 @@ pub async fn get_field(
     services: State,
     req: Ruma<get_field::Request>,
 ) -> Result<get_field::Response> {
+    query_appservices(&services, &req.body.user_id).await?;
     let mut profile = profile_of(&services, &req.body.user_id)?;
     let field = req.body.field.as_str();
     let value = profile.remove(field).ok_or_else(|| Error::not_found("Profile field not set"))?;

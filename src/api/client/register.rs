@@ -3,7 +3,7 @@
 use ruma::api::client::account::{
     check_registration_token_validity::v1 as token_validity,
     get_username_availability::v3 as availability,
-    register::{RegistrationKind, v3 as register},
+    register::{LoginType, RegistrationKind, v3 as register},
 };
 
 use crate::{
@@ -11,6 +11,7 @@ use crate::{
     config::RegistrationMode,
     error::{Error, ErrorKind, Result},
     service::{
+        appservice::registration::Registered,
         audit::Entry,
         random_string,
         uiaa::{self, DUMMY, REGISTRATION_TOKEN, Stage},
@@ -34,9 +35,22 @@ fn flows(services: &State) -> Result<&'static [&'static [Stage]]> {
 
 /// `POST /_matrix/client/v3/register`
 pub async fn register(services: State, req: Ruma<register::Request>) -> Result<register::Response> {
+    let appservice = req.caller.as_ref().and_then(|c| c.appservice.clone());
+    if req.body.login_type.as_ref() == Some(&LoginType::ApplicationService) {
+        let appservice = appservice.ok_or_else(|| {
+            Error::new(ErrorKind::MissingToken, "An application service token is required")
+        })?;
+        return register_appservice_user(&services, &appservice, req.body);
+    }
+    if appservice.is_some() {
+        return Err(Error::new(
+            ErrorKind::MissingParam,
+            "Application services register users with type m.login.application_service",
+        ));
+    }
     let ip = req.ip.map(|addr| addr.ip());
     services.abuse.check_registration(ip)?;
-    let body = req.body;
+    let mut body = req.body;
     let guest = body.kind == RegistrationKind::Guest;
     if guest && !services.config.registration.allow_guests {
         return Err(Error::new(ErrorKind::GuestAccessForbidden, "Guest access is disabled"));
@@ -51,7 +65,8 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     if services.users.get(&user_id)?.is_some() || services.is_notices_localpart(&localpart) {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
-    let password = match (body.password, guest) {
+    services.appservices.check_user_free(&user_id, None)?;
+    let password = match (body.password.take(), guest) {
         (Some(password), false) => {
             users::check_password_strength(
                 &password,
@@ -93,17 +108,7 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     if !guest {
         services.queue_onboarding(&mut batch, &user_id);
     }
-    let issued = if body.inhibit_login {
-        None
-    } else {
-        Some(services.sessions.issue(
-            &mut batch,
-            &user_id,
-            body.device_id.as_deref(),
-            body.initial_device_display_name,
-            body.refresh_token,
-        )?)
-    };
+    let issued = issue(&services, &mut batch, &user_id, body)?;
     let mut entries = vec![
         Entry::new("user.register", Some(&user_id))
             .target(&user_id)
@@ -128,6 +133,34 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         services.await_onboarding(&user_id).await;
     }
 
+    Ok(response(user_id, issued))
+}
+
+/// A session for the new account, unless the client asked for none (`inhibit_login`).
+fn issue(
+    services: &State,
+    batch: &mut crate::storage::Batch,
+    user_id: &ruma::UserId,
+    body: register::Request,
+) -> Result<Option<crate::service::sessions::IssuedTokens>> {
+    if body.inhibit_login {
+        return Ok(None);
+    }
+    let issued = services.sessions.issue(
+        batch,
+        user_id,
+        body.device_id.as_deref(),
+        body.initial_device_display_name,
+        body.refresh_token,
+    )?;
+    Ok(Some(issued))
+}
+
+/// The answer to a registration of `user_id`, with its session if one was issued.
+fn response(
+    user_id: ruma::OwnedUserId,
+    issued: Option<crate::service::sessions::IssuedTokens>,
+) -> register::Response {
     let mut response = register::Response::new(user_id);
     if let Some(issued) = issued {
         response.access_token = Some(issued.access_token);
@@ -135,7 +168,45 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         response.refresh_token = issued.refresh_token;
         response.expires_in = issued.expires_in;
     }
-    Ok(response)
+    response
+}
+
+/// Registers a user of `appservice`'s namespace: no password, no user-interactive auth, no
+/// registration limits; the user id must be in the service's namespace (`M_EXCLUSIVE`).
+fn register_appservice_user(
+    services: &State,
+    appservice: &Registered,
+    body: register::Request,
+) -> Result<register::Response> {
+    let localpart = body
+        .username
+        .as_deref()
+        .ok_or_else(|| Error::new(ErrorKind::MissingParam, "A username is required"))?
+        .to_lowercase();
+    let user_id = ruma::UserId::parse(format!("@{localpart}:{}", services.server_name()))
+        .ok()
+        .filter(|u| u.validate_strict().is_ok() && u.as_str().len() <= 255)
+        .ok_or_else(|| Error::new(ErrorKind::InvalidUsername, "Invalid user name"))?;
+    if !appservice.owns_user(&user_id) {
+        return Err(Error::new(
+            ErrorKind::Exclusive,
+            "This user id is not in the application service's namespace",
+        ));
+    }
+    let mut batch = services.db.batch();
+    let guard = services.sessions.lock_user(&user_id);
+    if services.users.get(&user_id)?.is_some() {
+        return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
+    }
+    services.users.create(&mut batch, &user_id, None, false, false, None);
+    let issued = issue(&services, &mut batch, &user_id, body)?;
+    let entry = Entry::new("user.register", Some(&user_id))
+        .target(&user_id)
+        .details(serde_json::json!({ "appservice": appservice.id() }));
+    services.audit.commit(batch, [entry])?;
+    drop(guard);
+    tracing::info!(%user_id, appservice = appservice.id(), "registered application service user");
+    Ok(response(user_id, issued))
 }
 
 /// `GET /_matrix/client/v3/register/available`
@@ -148,6 +219,7 @@ pub async fn username_available(
     {
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
+    services.appservices.check_user_free(&user_id, None)?;
     Ok(availability::Response::new(true))
 }
 

@@ -48,6 +48,10 @@ pub async fn create(
         ),
         None => None,
     };
+    if let Some(alias) = &alias {
+        let acting = caller.appservice.as_ref().map(|a| a.id());
+        services.appservices.check_alias_free(alias, acting)?;
+    }
     let preset = body.preset.as_ref().map(|preset| match preset.as_str() {
         "public_chat" => Ok(Preset::PublicChat),
         "trusted_private_chat" => Ok(Preset::TrustedPrivateChat),
@@ -109,6 +113,9 @@ pub async fn join_by_id_or_alias(
 ) -> Result<join_by_id_or_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
+    if let Ok(alias) = <&ruma::RoomAliasId>::try_from(&*body.room_id_or_alias) {
+        services.appservices.query_alias(&services, alias).await?;
+    }
     let room_id = resolve_room(&services, &body.room_id_or_alias)?;
     check_guest_join(&services, &caller, &room_id)?;
     membership::join(&services, &room_id, &caller.user_id, body.reason.as_deref(), None).await?;
@@ -160,6 +167,9 @@ pub async fn invite(
     let invite_user::InvitationRecipient::UserId(recipient) = req.body.recipient else {
         return Err(Error::new(ErrorKind::ThreepidDenied, "Third-party invites are not supported"));
     };
+    if recipient.user_id.server_name() == services.server_name() {
+        services.appservices.query_user(&services, &recipient.user_id).await?;
+    }
     membership::invite(
         &services,
         &req.body.room_id,

@@ -22,14 +22,48 @@ use crate::{
 
 /// `GET /_matrix/client/v3/login`
 pub async fn login_types(_: State, _: Ruma<login_types::Request>) -> Result<login_types::Response> {
-    Ok(login_types::Response::new(vec![LoginType::Password(PasswordLoginType::default())]))
+    Ok(login_types::Response::new(vec![
+        LoginType::Password(PasswordLoginType::default()),
+        LoginType::ApplicationService(Default::default()),
+    ]))
 }
 
 /// `POST /_matrix/client/v3/login`
 pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::Response> {
     let body = req.body;
-    let LoginInfo::Password(info) = body.login_info else {
-        return Err(Error::new(ErrorKind::Unknown, "Unsupported login type"));
+    let info = match body.login_info {
+        LoginInfo::Password(info) => info,
+        LoginInfo::ApplicationService(info) => {
+            let appservice = req.caller.and_then(|c| c.appservice).ok_or_else(|| {
+                Error::new(ErrorKind::MissingToken, "An application service token is required")
+            })?;
+            #[allow(deprecated)]
+            let name = match (&info.identifier, &info.user) {
+                (Some(UserIdentifier::Matrix(id)), _) => id.user.clone(),
+                (None, Some(user)) => user.clone(),
+                _ => return Err(Error::new(ErrorKind::MissingParam, "Missing identifier")),
+            };
+            let user_id = Users::parse_local_user(&name, services.server_name())?;
+            if !appservice.owns_user(&user_id) {
+                return Err(Error::forbidden(
+                    "This user is not in the application service's namespace",
+                ));
+            }
+            let record = services.users.get(&user_id)?.filter(|u| !u.deactivated);
+            if record.is_none() {
+                return Err(Error::forbidden(
+                    "The application service has not registered this user",
+                ));
+            }
+            return issue_login(
+                &services,
+                user_id,
+                body.device_id,
+                body.initial_device_display_name,
+                body.refresh_token,
+            );
+        }
+        _ => return Err(Error::new(ErrorKind::Unknown, "Unsupported login type")),
     };
     #[allow(deprecated)]
     let name = match (&info.identifier, &info.user) {
@@ -73,19 +107,37 @@ pub async fn login(services: State, req: Ruma<login::Request>) -> Result<login::
         failed("locked")?;
         return Err(Error::new(ErrorKind::UserLocked, "This account has been locked"));
     }
+    tracing::info!(%user_id, ip = ?req.ip, "logging in");
+    issue_login(
+        &services,
+        user_id,
+        body.device_id,
+        body.initial_device_display_name,
+        body.refresh_token,
+    )
+}
+
+/// Issues a session (device and tokens) for `user_id`, recording the login.
+fn issue_login(
+    services: &State,
+    user_id: ruma::OwnedUserId,
+    device_id: Option<ruma::OwnedDeviceId>,
+    display_name: Option<String>,
+    refresh_token: bool,
+) -> Result<login::Response> {
     let user_lock = services.sessions.lock_user(&user_id);
     let mut batch = services.db.batch();
     let issued = services.sessions.issue(
         &mut batch,
         &user_id,
-        body.device_id.as_deref(),
-        body.initial_device_display_name,
-        body.refresh_token,
+        device_id.as_deref(),
+        display_name,
+        refresh_token,
     )?;
     let entry = Entry::new("user.login", Some(&user_id)).target(&user_id).device(&issued.device_id);
     services.audit.commit(batch, [entry])?;
     drop(user_lock);
-    tracing::info!(%user_id, device_id = %issued.device_id, ip = ?req.ip, "logged in");
+    tracing::info!(%user_id, device_id = %issued.device_id, "logged in");
 
     let mut response = login::Response::new(user_id, issued.access_token, issued.device_id);
     response.refresh_token = issued.refresh_token;

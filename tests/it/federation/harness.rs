@@ -127,7 +127,7 @@ impl FedServer {
     ) -> Self {
         let Self { server, name, addr, base, pki, cert } = self;
         let server = server
-            .restart_with(between, |config| {
+            .restart_adjusted(between, |config| {
                 federation_config(config, &name, addr, &pki, &cert);
                 adjust(config);
             })

@@ -1,0 +1,476 @@
+//! Outboxes: a persistent, ordered queue per target (an application service, a federation
+//! destination, a push gateway) with batching, one request in flight per target, exponential
+//! backoff that resets on success, and catch-up after downtime.
+//!
+//! Every outbox shares one column family; a key is `kind byte, target, 0xFF, sequence`, so a
+//! target's items are one prefix scan in the order they were queued. Items leave the queue only
+//! once their target accepted them, so a restart or a target that is down for days loses
+//! nothing. What "deliver this batch" means is the user's: a [`Deliver`] implementation.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::{Counter, now_ms};
+use crate::{
+    error::Result,
+    storage::{Batch, Db, SEP, StorageError, Table, tables},
+};
+
+/// The kind byte of application service queues.
+pub const KIND_APPSERVICE: u8 = 1;
+/// The kind byte reserved for federation destinations.
+pub const KIND_FEDERATION: u8 = 2;
+/// The kind byte reserved for push gateways.
+pub const KIND_PUSH: u8 = 3;
+
+/// The first wait after a failure; each further failure doubles it.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The wait after the queue itself could not be read.
+const STORAGE_RETRY: Duration = Duration::from_secs(5);
+
+/// One queued item with its place in the queue.
+#[derive(Debug, Clone)]
+pub struct Item<V> {
+    /// Increasing over every item of the outbox.
+    pub sequence: u64,
+    /// What was queued.
+    pub value: V,
+}
+
+/// Delivers a batch of items to one target.
+pub trait Deliver<V>: Send + Sync + 'static {
+    /// Sends `items` (oldest first) to `target` as the transaction `txn_id`. A retried batch
+    /// keeps its items and its id. `Ok` removes the items from the queue; `Err` (a reason
+    /// for the admin) retries them later with backoff.
+    fn deliver<'a>(
+        &'a self,
+        target: &'a str,
+        txn_id: &'a str,
+        items: &'a [Item<V>],
+    ) -> impl Future<Output = std::result::Result<(), String>> + Send + 'a;
+}
+
+/// How one target is doing, for the admin API.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetStatus {
+    /// The target.
+    pub target: String,
+    /// Items waiting.
+    pub queued: u64,
+    /// When a batch was last accepted (ms since the epoch).
+    pub last_success_ms: Option<u64>,
+    /// Why the latest failed attempt failed.
+    pub last_error: Option<String>,
+    /// When it failed (ms since the epoch).
+    pub last_error_ms: Option<u64>,
+    /// Failures since the last success.
+    pub failures: u32,
+}
+
+/// A batch read from a queue: the raw keys and the items.
+type Read<V> = (Vec<Box<[u8]>>, Vec<Item<V>>);
+
+/// The in-memory side of one target: its wake-up, its depth and its status.
+#[derive(Default)]
+struct Target {
+    wake: Notify,
+    queued: AtomicU64,
+    status: Mutex<TargetStatus>,
+}
+
+/// A persistent queue per target of items `V`.
+pub struct Outbox<V> {
+    kind: u8,
+    db: Db,
+    table: Table<V>,
+    sequence: Counter,
+    targets: Mutex<HashMap<String, Arc<Target>>>,
+    new_targets: mpsc::UnboundedSender<String>,
+    new_targets_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    max_batch: usize,
+    max_queued: u64,
+}
+
+impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
+    /// The outbox of `kind` (one of the `KIND_*` bytes) in `db`, numbering with the counter
+    /// `counter`, sending at most `max_batch` items a request and holding at most `max_queued`
+    /// per target. Targets with items left from before are picked up when [`Outbox::run`]
+    /// starts.
+    pub fn new(
+        db: &Db,
+        kind: u8,
+        counter: &'static str,
+        max_batch: usize,
+        max_queued: u64,
+    ) -> Result<Self, StorageError> {
+        let (new_targets, rx) = mpsc::unbounded_channel();
+        let outbox = Self {
+            kind,
+            db: db.clone(),
+            table: db.table(tables::OUTBOX),
+            sequence: Counter::new(db, counter)?,
+            targets: Mutex::default(),
+            new_targets,
+            new_targets_rx: Mutex::new(Some(rx)),
+            max_batch: max_batch.max(1),
+            max_queued,
+        };
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let raw: Table<Box<serde_json::value::RawValue>> = db.table(tables::OUTBOX);
+        for entry in raw.scan_prefix(vec![kind]) {
+            let (key, _) = entry?;
+            if let Some(target) = target_of(&key) {
+                *counts.entry(target.to_owned()).or_default() += 1;
+            }
+        }
+        for (target, count) in counts {
+            outbox.target(&target).queued.store(count, Ordering::Relaxed);
+        }
+        Ok(outbox)
+    }
+
+    /// The state of `target`, created (and its worker asked for) on first use.
+    fn target(&self, target: &str) -> Arc<Target> {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = targets.get(target) {
+            return state.clone();
+        }
+        let state = Arc::new(Target::default());
+        state.status.lock().unwrap_or_else(|e| e.into_inner()).target = target.to_owned();
+        targets.insert(target.to_owned(), state.clone());
+        // The receiver lives as long as the server runs; a send after it stopped is moot.
+        let _ = self.new_targets.send(target.to_owned());
+        state
+    }
+
+    fn prefix(&self, target: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(target.len() + 2);
+        key.push(self.kind);
+        key.extend_from_slice(target.as_bytes());
+        key.push(SEP);
+        key
+    }
+
+    /// Adds `values` to `target`'s queue in `batch`, in order, and returns how many were
+    /// queued: fewer when the queue is full (the rest are dropped, and said so in the
+    /// target's status). Call [`Outbox::queued_more`] once the batch is written.
+    pub fn push(&self, batch: &mut Batch, target: &str, values: &[V]) -> u64 {
+        let state = self.target(target);
+        let room = self.max_queued.saturating_sub(state.queued.load(Ordering::Relaxed));
+        let take = (values.len() as u64).min(room);
+        if take < values.len() as u64 {
+            let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.last_error = Some(format!("queue full: {} items dropped", values.len()));
+            status.last_error_ms = Some(now_ms());
+            tracing::warn!(target, dropped = values.len() as u64 - take, "outbox queue is full");
+        }
+        let prefix = self.prefix(target);
+        for value in values.iter().take(take as usize) {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&self.sequence.next(batch).to_be_bytes());
+            self.table.put(batch, &key[..], value);
+        }
+        take
+    }
+
+    /// Counts `count` items written to `target`'s queue and wakes its worker.
+    pub fn queued_more(&self, target: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let state = self.target(target);
+        state.queued.fetch_add(count, Ordering::Relaxed);
+        state.wake.notify_one();
+    }
+
+    /// Queues `values` for `target` in a write of their own. The write does not wait for the
+    /// log sync: the next synced write (the event's own group commit, when called after it
+    /// was written deferred) makes it durable with everything before it.
+    pub fn enqueue(&self, target: &str, values: &[V]) -> Result<()> {
+        let mut batch = self.db.batch();
+        let count = self.push(&mut batch, target, values);
+        self.db.write_unsynced(batch)?;
+        self.queued_more(target, count);
+        Ok(())
+    }
+
+    /// Items waiting for `target`.
+    pub fn depth(&self, target: &str) -> u64 {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets.get(target).map_or(0, |t| t.queued.load(Ordering::Relaxed))
+    }
+
+    /// The status of `target` (empty when nothing was ever queued for it).
+    pub fn status(&self, target: &str) -> TargetStatus {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        match targets.get(target) {
+            Some(state) => {
+                let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                status.queued = state.queued.load(Ordering::Relaxed);
+                status
+            }
+            None => TargetStatus { target: target.to_owned(), ..TargetStatus::default() },
+        }
+    }
+
+    /// The oldest items of `target`, at most one batch, with their keys.
+    fn read(&self, target: &str) -> Result<Read<V>> {
+        let mut keys = Vec::new();
+        let mut items = Vec::new();
+        for entry in self.table.scan_prefix(self.prefix(target)).take(self.max_batch) {
+            let (key, value) = entry?;
+            let sequence = key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| key[at..].try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            keys.push(key);
+            items.push(Item { sequence, value });
+        }
+        Ok((keys, items))
+    }
+
+    /// Delivers every target's queue with `deliver` until `stopped`: one worker per target,
+    /// each with at most one request in flight.
+    pub async fn run<D: Deliver<V>>(
+        self: Arc<Self>,
+        deliver: Arc<D>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let receiver = self.new_targets_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut receiver) = receiver else {
+            tracing::warn!("an outbox was started twice");
+            return;
+        };
+        let mut workers = tokio::task::JoinSet::new();
+        let for_workers = stopped.clone();
+        loop {
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => break,
+                target = receiver.recv() => {
+                    let Some(target) = target else { break };
+                    let state = self.target(&target);
+                    let worker =
+                        self.clone().work(target, state, deliver.clone(), for_workers.clone());
+                    workers.spawn(worker);
+                }
+            }
+        }
+        workers.abort_all();
+        while workers.join_next().await.is_some() {}
+    }
+
+    /// Sends `target`'s queue in order, one batch at a time.
+    async fn work<D: Deliver<V>>(
+        self: Arc<Self>,
+        target: String,
+        state: Arc<Target>,
+        deliver: Arc<D>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let mut keys: Vec<Box<[u8]>> = Vec::new();
+        let mut items: Vec<Item<V>> = Vec::new();
+        let mut failures: u32 = 0;
+        loop {
+            if items.is_empty() {
+                match self.read(&target) {
+                    Ok((k, i)) => (keys, items) = (k, i),
+                    Err(err) => {
+                        tracing::warn!(%err, target, "outbox queue could not be read");
+                        if pause(&mut stopped, STORAGE_RETRY).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                if items.is_empty() {
+                    tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => return,
+                        () = state.wake.notified() => continue,
+                    }
+                }
+            }
+            let first = items.first().map_or(0, |i| i.sequence);
+            let last = items.last().map_or(0, |i| i.sequence);
+            let txn_id = format!("{first}-{last}");
+            let outcome = tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return,
+                outcome = deliver.deliver(&target, &txn_id, &items) => outcome,
+            };
+            match outcome {
+                Ok(()) => {
+                    let mut batch = self.db.batch();
+                    for key in &keys {
+                        self.table.delete_raw(&mut batch, key);
+                    }
+                    if let Err(err) = self.db.write(batch) {
+                        // Delivered again later under the same transaction id.
+                        tracing::warn!(%err, target, "delivered items could not be removed");
+                    }
+                    let count = items.len() as u64;
+                    let _ = state.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(count))
+                    });
+                    {
+                        let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+                        status.last_success_ms = Some(now_ms());
+                        status.failures = 0;
+                    }
+                    failures = 0;
+                    keys.clear();
+                    items.clear();
+                }
+                Err(why) => {
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures);
+                    tracing::debug!(target, %why, ?wait, "outbox delivery failed; retrying later");
+                    {
+                        let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+                        status.last_error = Some(why);
+                        status.last_error_ms = Some(now_ms());
+                        status.failures = failures;
+                    }
+                    if pause(&mut stopped, wait).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The wait after `failures` failures in a row.
+fn backoff(failures: u32) -> Duration {
+    FIRST_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF)
+}
+
+/// Sleeps `wait`; true when the server stopped meanwhile.
+async fn pause(stopped: &mut watch::Receiver<bool>, wait: Duration) -> bool {
+    tokio::select! {
+        _ = stopped.wait_for(|stop| *stop) => true,
+        () = tokio::time::sleep(wait) => false,
+    }
+}
+
+/// The target part of a key (`kind, target, 0xFF, sequence`).
+fn target_of(key: &[u8]) -> Option<&str> {
+    let end = key.len().checked_sub(9)?;
+    if key.get(end) != Some(&SEP) {
+        return None;
+    }
+    std::str::from_utf8(key.get(1..end)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// Records what it was given; fails while `down` is set.
+    #[derive(Default)]
+    struct Recorder {
+        down: AtomicBool,
+        seen: Mutex<Vec<(String, String, Vec<u64>)>>,
+        calls: Notify,
+    }
+
+    impl Deliver<u64> for Recorder {
+        async fn deliver(
+            &self,
+            target: &str,
+            txn_id: &str,
+            items: &[Item<u64>],
+        ) -> std::result::Result<(), String> {
+            let down = self.down.load(Ordering::SeqCst);
+            if !down {
+                let values = items.iter().map(|i| i.value).collect();
+                self.seen.lock().unwrap().push((target.into(), txn_id.into(), values));
+            }
+            self.calls.notify_one();
+            if down { Err("down".into()) } else { Ok(()) }
+        }
+    }
+
+    async fn until(mut done: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn queues_survive_reopen_and_deliver_in_order_after_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            let outbox: Outbox<u64> = Outbox::new(&db, KIND_APPSERVICE, "t", 3, 100).unwrap();
+            for n in 1..=5 {
+                outbox.enqueue("a", &[n]).unwrap();
+            }
+            outbox.enqueue("b", &[100]).unwrap();
+            let mut batch = db.batch();
+            let pushed = outbox.push(&mut batch, "a", &(6..=200).collect::<Vec<_>>());
+            assert_eq!(pushed, 95, "the queue holds 100 at most");
+            db.write(batch).unwrap();
+            outbox.queued_more("a", pushed);
+            assert_eq!(outbox.depth("a"), 100);
+            assert!(outbox.status("a").last_error.unwrap().starts_with("queue full"));
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        let outbox = Arc::new(Outbox::<u64>::new(&db, KIND_APPSERVICE, "t", 40, 1000).unwrap());
+        let other = Outbox::<u64>::new(&db, KIND_FEDERATION, "u", 40, 1000).unwrap();
+        assert_eq!((outbox.depth("a"), outbox.depth("b"), other.depth("a")), (100, 1, 0));
+        let recorder = Arc::new(Recorder::default());
+        recorder.down.store(true, Ordering::SeqCst);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        recorder.calls.notified().await;
+        recorder.calls.notified().await;
+        until(|| outbox.status("a").failures >= 1).await;
+        assert_eq!(outbox.status("a").last_error.as_deref(), Some("down"));
+        recorder.down.store(false, Ordering::SeqCst);
+        until(|| outbox.depth("a") == 0 && outbox.depth("b") == 0).await;
+        outbox.enqueue("a", &[1000]).unwrap();
+        until(|| outbox.depth("a") == 0).await;
+        let seen = recorder.seen.lock().unwrap().clone();
+        let of_a: Vec<u64> =
+            seen.iter().filter(|(t, ..)| t == "a").flat_map(|(_, _, v)| v.clone()).collect();
+        let mut expected: Vec<u64> = (1..=100).collect();
+        expected.push(1000);
+        assert_eq!(of_a, expected, "every item once, in order");
+        assert!(seen.iter().filter(|(t, ..)| t == "a").all(|(_, _, v)| v.len() <= 40));
+        let ids: std::collections::HashSet<_> = seen.iter().map(|(_, id, _)| id.clone()).collect();
+        assert_eq!(ids.len(), seen.len(), "transaction ids are unique");
+        let status = outbox.status("a");
+        assert_eq!(status.failures, 0);
+        assert!(status.last_success_ms.is_some());
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(4));
+        assert_eq!(backoff(40), MAX_BACKOFF);
+        assert_eq!(target_of(b"\x01abc\xff12345678"), Some("abc"));
+        assert_eq!(target_of(b"\x01abc"), None);
+    }
+}
