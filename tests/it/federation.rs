@@ -560,3 +560,31 @@ async fn concurrent_first_requests_from_a_server_all_pass() {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 }
+
+#[tokio::test]
+async fn outbound_federation_obeys_the_address_policy() {
+    let pki = Pki::new();
+    let b = FedServer::start(&pki, 2, |_| {}).await;
+    let strict = FedServer::start(&pki, 1, |c| c.outbound.allow_private_addresses = false).await;
+    let refused =
+        strict.services().federation.send(&b.name, get_server_version::v1::Request::new()).await;
+    match refused {
+        Err(SendError::Unreachable { reason, .. }) => {
+            assert!(reason.contains("not an allowed address"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same server may reach B once its range is allowed.
+    let open = strict
+        .restart(
+            |_| {},
+            |c| {
+                c.outbound.allow_private_addresses = false;
+                c.outbound.allow = vec!["127.0.0.2/32".parse().unwrap()];
+            },
+        )
+        .await;
+    let answer =
+        open.services().federation.send(&b.name, get_server_version::v1::Request::new()).await;
+    assert!(answer.is_ok(), "{answer:?}");
+}
