@@ -73,14 +73,28 @@ async fn typed_send_reaches_the_other_server() {
         .await
         .unwrap();
     assert!(response.chunk.is_empty());
+    let unfiltered = ruma::api::federation::directory::get_public_rooms::v1::Request::new();
+    let response = a.services().federation.send(&b.name, unfiltered).await.unwrap();
+    assert!(response.chunk.is_empty());
+    // An unreachable server is a failure, counted too.
+    let nobody = ruma::OwnedServerName::try_from(format!(
+        "127.0.0.1:{}",
+        free_port_on([127, 0, 0, 1].into())
+    ))
+    .unwrap();
+    let failed =
+        a.services().federation.send(&nobody, get_server_version::v1::Request::new()).await;
+    assert!(matches!(failed, Err(SendError::Unreachable { .. })), "{failed:?}");
     let cached = b.services().federation.cached_keys(&a.name).unwrap().expect("B cached A's keys");
     assert_eq!(cached.verify_keys[&a.key_id()].0, public_key_b64(a.key()));
     // Counted per destination.
     let mut metrics = String::new();
     a.services().federation.render_metrics(&mut metrics);
-    let requests = format!("plaza_federation_requests_total{{destination=\"{}\"}} 2", b.name);
+    let requests = format!("plaza_federation_requests_total{{destination=\"{}\"}} 3", b.name);
     let failures = format!("plaza_federation_failures_total{{destination=\"{}\"}} 0", b.name);
     assert!(metrics.contains(&requests) && metrics.contains(&failures), "{metrics}");
+    let failures = format!("plaza_federation_failures_total{{destination=\"{nobody}\"}} 1");
+    assert!(metrics.contains(&failures), "{metrics}");
 }
 
 #[tokio::test]
@@ -166,6 +180,31 @@ async fn notary_answers_and_is_used_when_a_server_is_unreachable() {
     })
     .await;
     let keys = c.services().federation.server_keys(&b_name, &[&b_key_id], Some(now_ms())).await;
+    assert_eq!(keys.unwrap()[&b_key_id].encode(), b_key);
+
+    // A notary configured with a key it does not sign with is not believed.
+    let wrong =
+        public_key_b64(&Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "x".into()).unwrap());
+    let (a_name, a_key_id) = (a.name.clone(), a.key_id());
+    let d = FedServer::start(&pki, 4, |config| {
+        config.federation.trusted_key_servers = vec![plaza::config::TrustedKeyServer {
+            server_name: a_name.clone(),
+            verify_keys: [(a_key_id, wrong)].into(),
+        }];
+    })
+    .await;
+    let keys = d.services().federation.server_keys(&b_name, &[&b_key_id], Some(now_ms())).await;
+    assert!(keys.unwrap().is_empty());
+    assert!(d.services().federation.cached_keys(&b_name).unwrap().is_none());
+    // Without configured keys, the notary's own published keys check its answers.
+    let e = FedServer::start(&pki, 5, |config| {
+        config.federation.trusted_key_servers = vec![plaza::config::TrustedKeyServer {
+            server_name: a_name,
+            verify_keys: Default::default(),
+        }];
+    })
+    .await;
+    let keys = e.services().federation.server_keys(&b_name, &[&b_key_id], Some(now_ms())).await;
     assert_eq!(keys.unwrap()[&b_key_id].encode(), b_key);
 }
 
@@ -520,4 +559,32 @@ async fn concurrent_first_requests_from_a_server_all_pass() {
     for (status, body) in futures_util::future::join_all(requests).await {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
+}
+
+#[tokio::test]
+async fn outbound_federation_obeys_the_address_policy() {
+    let pki = Pki::new();
+    let b = FedServer::start(&pki, 2, |_| {}).await;
+    let strict = FedServer::start(&pki, 1, |c| c.outbound.allow_private_addresses = false).await;
+    let refused =
+        strict.services().federation.send(&b.name, get_server_version::v1::Request::new()).await;
+    match refused {
+        Err(SendError::Unreachable { reason, .. }) => {
+            assert!(reason.contains("not an allowed address"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same server may reach B once its range is allowed.
+    let open = strict
+        .restart(
+            |_| {},
+            |c| {
+                c.outbound.allow_private_addresses = false;
+                c.outbound.allow = vec!["127.0.0.2/32".parse().unwrap()];
+            },
+        )
+        .await;
+    let answer =
+        open.services().federation.send(&b.name, get_server_version::v1::Request::new()).await;
+    assert!(answer.is_ok(), "{answer:?}");
 }
