@@ -89,6 +89,11 @@ pub enum ErrorKind {
     NotYetUploaded,
     /// Content was already uploaded to this media id (409).
     CannotOverwriteMedia,
+    /// `M_MAX_DELAY_EXCEEDED` (400): a delayed event asked for more than the server allows.
+    MaxDelayExceeded {
+        /// The longest delay allowed, in milliseconds.
+        max_delay: u64,
+    },
 }
 
 impl ErrorKind {
@@ -126,6 +131,7 @@ impl ErrorKind {
             Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
             Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             Self::DuplicateAnnotation => "M_DUPLICATE_ANNOTATION",
+            Self::MaxDelayExceeded { .. } => "M_MAX_DELAY_EXCEEDED",
         }
     }
 
@@ -162,7 +168,8 @@ impl ErrorKind {
             | Self::RoomInUse
             | Self::BadAlias
             | Self::UnknownPos
-            | Self::DuplicateAnnotation => StatusCode::BAD_REQUEST,
+            | Self::DuplicateAnnotation
+            | Self::MaxDelayExceeded { .. } => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -254,6 +261,9 @@ impl IntoResponse for Error {
                     }
                     ErrorKind::WrongRoomKeysVersion { current_version } => {
                         body["current_version"] = current_version.clone().into();
+                    }
+                    ErrorKind::MaxDelayExceeded { max_delay } => {
+                        body["max_delay"] = (*max_delay).into();
                     }
                     _ => {}
                 }

@@ -9,6 +9,7 @@ pub mod admin_users;
 pub mod analytics;
 pub mod audit;
 pub mod backup;
+pub mod delayed;
 pub mod e2ee;
 pub mod ephemeral;
 pub mod filters;
@@ -117,6 +118,8 @@ pub struct Services {
     pub jobs: jobs::Jobs,
     /// Erased accounts.
     pub erased: offboarding::Erased,
+    /// Delayed events waiting to be sent.
+    pub delayed: delayed::DelayedEvents,
 }
 
 impl Services {
@@ -154,6 +157,7 @@ impl Services {
             metrics: metrics::Metrics::default(),
             jobs: jobs::Jobs::new(&db),
             erased: offboarding::Erased::load(&db)?,
+            delayed: delayed::DelayedEvents::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

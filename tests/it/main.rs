@@ -11,6 +11,7 @@ mod client_spec;
 mod common;
 mod connections;
 mod correctness;
+mod delayed;
 mod directory;
 mod e2ee;
 mod edge_cases;

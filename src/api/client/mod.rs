@@ -4,6 +4,7 @@ pub mod account;
 pub mod account_data;
 pub mod backup;
 pub mod dehydrated;
+pub mod delayed;
 pub mod devices;
 pub mod directory;
 pub mod discovery;
