@@ -388,7 +388,17 @@ pub fn build(state: State) -> Router {
         .route(
             "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/{action}",
             post(client::delayed::act),
-        );
+        )
+        // Incoming webhooks.
+        .route(
+            "/_plaza/client/v1/rooms/{room_id}/webhooks",
+            get(client::webhooks::list).post(client::webhooks::create),
+        )
+        .route(
+            "/_plaza/client/v1/rooms/{room_id}/webhooks/{hook_id}",
+            put(client::webhooks::rename).delete(client::webhooks::revoke),
+        )
+        .route("/_plaza/hooks/{secret}", post(client::webhooks::post));
 
     let trusted_proxies = state.config.limits.trusted_proxies.clone();
     let metrics_state = state.clone();

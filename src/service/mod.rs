@@ -35,6 +35,7 @@ pub mod sync;
 pub mod uiaa;
 pub mod user_directory;
 pub mod users;
+pub mod webhooks;
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -120,6 +121,8 @@ pub struct Services {
     pub erased: offboarding::Erased,
     /// Delayed events waiting to be sent.
     pub delayed: delayed::DelayedEvents,
+    /// Incoming webhooks.
+    pub webhooks: webhooks::Webhooks,
 }
 
 impl Services {
@@ -158,6 +161,7 @@ impl Services {
             jobs: jobs::Jobs::new(&db),
             erased: offboarding::Erased::load(&db)?,
             delayed: delayed::DelayedEvents::new(&db),
+            webhooks: webhooks::Webhooks::new(&db, &config.automation),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)

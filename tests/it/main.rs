@@ -35,3 +35,4 @@ mod shared_secret;
 mod spaces;
 mod sync;
 mod threads;
+mod webhooks;

@@ -25,3 +25,4 @@ pub mod sync;
 pub mod thirdparty;
 pub mod user_directory;
 pub mod voip;
+pub mod webhooks;
