@@ -8,6 +8,7 @@ pub mod admin_rooms;
 pub mod admin_users;
 pub mod analytics;
 pub mod audit;
+pub mod auto_reply;
 pub mod backup;
 pub mod delayed;
 pub mod e2ee;
@@ -123,6 +124,8 @@ pub struct Services {
     pub delayed: delayed::DelayedEvents,
     /// Incoming webhooks.
     pub webhooks: webhooks::Webhooks,
+    /// Out-of-office automatic replies.
+    pub auto_reply: auto_reply::AutoReplies,
 }
 
 impl Services {
@@ -162,6 +165,7 @@ impl Services {
             erased: offboarding::Erased::load(&db)?,
             delayed: delayed::DelayedEvents::new(&db),
             webhooks: webhooks::Webhooks::new(&db, &config.automation),
+            auto_reply: auto_reply::AutoReplies::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
@@ -190,7 +194,8 @@ impl Services {
                 .contributor(relations::Indexer)
                 .contributor(analytics::Recorder)
                 .listener(search::Indexing)
-                .listener(push::notifier::Enqueue),
+                .listener(push::notifier::Enqueue)
+                .listener(auto_reply::Listen),
         );
         Ok(services)
     }

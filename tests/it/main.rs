@@ -7,6 +7,7 @@ mod admin_more;
 mod admin_reads;
 mod analytics;
 mod audit;
+mod auto_reply;
 mod client_spec;
 mod common;
 mod connections;
