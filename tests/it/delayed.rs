@@ -187,10 +187,8 @@ async fn bad_delays_and_limits_are_refused() {
     assert_error(&not_a_number, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
     let not_an_object = s.put(&send("4", "1000"), Some(&alice), json!([1])).await;
     assert_error(&not_an_object, StatusCode::BAD_REQUEST, "M_BAD_JSON");
-    let path = format!(
-        "/_matrix/client/v3/rooms/!nowhere:localhost/send/m.room.message/5?org.matrix.msc4140.delay=1000"
-    );
-    let unknown_room = s.put(&path, Some(&alice), text.clone()).await;
+    let path = "/_matrix/client/v3/rooms/!nowhere:localhost/send/m.room.message/5?org.matrix.msc4140.delay=1000";
+    let unknown_room = s.put(path, Some(&alice), text.clone()).await;
     assert_error(&unknown_room, StatusCode::NOT_FOUND, "M_NOT_FOUND");
 
     // The per-user limit: the third pending event waits for the first to be due.
