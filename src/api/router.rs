@@ -44,16 +44,7 @@ where
     R: OutgoingResponse + 'static,
 {
     fn add_to(self, mut router: Router<State>) -> Router<State> {
-        let filter =
-            MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
-        // An empty state key may be left out, with or without the trailing slash.
-        let paths: Vec<&'static str> = T::PATH_BUILDER
-            .all_paths()
-            .flat_map(|path| {
-                let short = [path.strip_suffix("/{state_key}"), path.strip_suffix("{state_key}")];
-                std::iter::once(path).chain(short.into_iter().flatten())
-            })
-            .collect();
+        let (filter, paths) = routes_of::<T>();
         for path in paths {
             let handler = self.clone();
             router = router.route(
@@ -69,6 +60,20 @@ where
         }
         router
     }
+}
+
+/// The method and every path ruma knows for `T`.
+fn routes_of<T: IncomingRequest>() -> (MethodFilter, Vec<&'static str>) {
+    let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
+    // An empty state key may be left out, with or without the trailing slash.
+    let paths = T::PATH_BUILDER
+        .all_paths()
+        .flat_map(|path| {
+            let short = [path.strip_suffix("/{state_key}"), path.strip_suffix("{state_key}")];
+            std::iter::once(path).chain(short.into_iter().flatten())
+        })
+        .collect();
+    (filter, paths)
 }
 
 trait RouterExt {
@@ -93,15 +98,7 @@ where
     S: OutgoingResponse + 'static,
 {
     use axum::extract::FromRequest;
-    let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
-    // An empty state key may be left out, with or without the trailing slash.
-    let paths: Vec<&'static str> = T::PATH_BUILDER
-        .all_paths()
-        .flat_map(|path| {
-            let short = [path.strip_suffix("/{state_key}"), path.strip_suffix("{state_key}")];
-            std::iter::once(path).chain(short.into_iter().flatten())
-        })
-        .collect();
+    let (filter, paths) = routes_of::<T>();
     for path in paths {
         let (plain, delayed) = (plain.clone(), delayed.clone());
         let handler = move |axum::extract::State(state): axum::extract::State<State>,
@@ -384,6 +381,10 @@ pub fn build(state: State) -> Router {
         .route(
             "/_matrix/client/unstable/org.matrix.msc4140/delayed_events",
             get(client::delayed::list),
+        )
+        .route(
+            "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}",
+            get(client::delayed::get),
         )
         .route(
             "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/{action}",

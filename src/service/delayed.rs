@@ -75,6 +75,9 @@ pub struct DelayedRecord {
     /// Why it could not be sent (a Matrix error body).
     #[serde(default)]
     pub error: Option<JsonValue>,
+    /// The key of the transaction that scheduled it, forgotten with it.
+    #[serde(default)]
+    pub txn_key: Option<Vec<u8>>,
 }
 
 impl DelayedRecord {
@@ -143,8 +146,8 @@ pub struct Schedule<'a> {
     pub user_id: &'a UserId,
     /// From which device (scopes the transaction id).
     pub device_id: &'a str,
-    /// The client's transaction id.
-    pub txn_id: &'a str,
+    /// The client's transaction id (sends have one, state sends none).
+    pub txn_id: Option<&'a str>,
     /// The room.
     pub room_id: &'a RoomId,
     /// The event type.
@@ -229,11 +232,14 @@ impl DelayedEvents {
         if services.rooms.room(request.room_id)?.is_none() {
             return Err(Error::not_found("Unknown room"));
         }
-        let txn_key =
-            (request.user_id.as_str(), request.device_id, request.room_id.as_str()).to_key_bytes();
-        let txn_key = (txn_key.as_slice(), request.txn_id).to_key_bytes();
+        let txn_key = request.txn_id.map(|txn_id| {
+            let user = request.user_id.as_str();
+            (user, request.device_id, (request.room_id.as_str(), txn_id)).to_key_bytes()
+        });
         let _guard = self.changes.lock().await;
-        if let Some(existing) = self.txns.get(txn_key.as_slice())? {
+        if let Some(key) = &txn_key
+            && let Some(existing) = self.txns.get(key.as_slice())?
+        {
             return Ok(existing);
         }
         let mine = self.of_user(request.user_id)?;
@@ -259,12 +265,15 @@ impl DelayedEvents {
             finalised_ts: None,
             event_id: None,
             error: None,
+            txn_key,
         };
         let mut batch = self.db.batch();
         self.records.put(&mut batch, record.delay_id.as_str(), &record);
         self.by_user.put(&mut batch, &(record.user_id.as_str(), record.delay_id.as_str()), &0);
         self.due.put(&mut batch, &(record.send_ts(), record.delay_id.as_str()), &0);
-        self.txns.put(&mut batch, txn_key.as_slice(), &record.delay_id);
+        if let Some(key) = &record.txn_key {
+            self.txns.put(&mut batch, key.as_slice(), &record.delay_id);
+        }
         self.db.write(batch)?;
         self.wake.notify_one();
         Ok(record.delay_id)
@@ -376,6 +385,9 @@ impl DelayedEvents {
             for old in finalised.iter().take(excess) {
                 self.records.delete(&mut batch, old.delay_id.as_str());
                 self.by_user.delete(&mut batch, &(old.user_id.as_str(), old.delay_id.as_str()));
+                if let Some(key) = &old.txn_key {
+                    self.txns.delete(&mut batch, key.as_slice());
+                }
             }
         }
         self.db.write(batch)?;

@@ -144,6 +144,11 @@ async fn restart_cancel_and_send_actions() {
     let sent = listed(&s, &alice, &format!("?delay_id={second}")).await;
     assert_eq!(sent.len(), 1);
     assert!(sent[0]["event_id"].as_str().unwrap().starts_with('$'));
+    let (status, one) = s.get(&format!("{UNSTABLE}/{second}"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one, sent[0]);
+    let hidden = s.get(&format!("{UNSTABLE}/{second}"), Some(&bob)).await;
+    assert_error(&hidden, StatusCode::NOT_FOUND, "M_NOT_FOUND");
 
     // Unknown ids and actions.
     let missing = s.post(&format!("{UNSTABLE}/nope/send"), None, json!({})).await;

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
 use crate::{
-    api::{Ruma, SignedIn, State, admin::query},
+    api::{Ruma, SignedIn, State, admin::query, client::events::content_object},
     error::{Error, Result},
     service::delayed::{Action, Schedule, StatusFilter},
 };
@@ -36,13 +36,6 @@ pub fn delay_param(uri: &Uri) -> Option<Result<u64>> {
     }))
 }
 
-fn content_object(raw: &str) -> Result<JsonValue> {
-    match serde_json::from_str(raw) {
-        Ok(value @ JsonValue::Object(_)) => Ok(value),
-        _ => Err(Error::bad_json("Event content must be a JSON object")),
-    }
-}
-
 /// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}?org.matrix.msc4140.delay=`
 pub async fn send(
     services: State,
@@ -54,7 +47,7 @@ pub async fn send(
     let schedule = Schedule {
         user_id: &caller.user_id,
         device_id: caller.device_id.as_str(),
-        txn_id: body.txn_id.as_str(),
+        txn_id: Some(body.txn_id.as_str()),
         room_id: &body.room_id,
         kind: body.event_type.to_string(),
         state_key: None,
@@ -73,12 +66,11 @@ pub async fn send_state(
 ) -> Result<delayed_state::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    // State sends carry no transaction id: each request schedules a new event.
-    let txn_id = crate::service::random_string(16);
     let schedule = Schedule {
         user_id: &caller.user_id,
         device_id: caller.device_id.as_str(),
-        txn_id: &txn_id,
+        // State sends carry no transaction id: each request schedules a new event.
+        txn_id: None,
         room_id: &body.room_id,
         kind: body.event_type.to_string(),
         state_key: Some(body.state_key),
@@ -113,6 +105,18 @@ pub async fn act(
     services.rate_limiter.check(&format!("delayed_events/{delay_id}"))?;
     services.delayed.update(&services, &delay_id, action, None).await?;
     Ok(Json(json!({})))
+}
+
+/// `GET /_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}`: one of the
+/// caller's delayed events.
+pub async fn get(
+    AxumState(services): AxumState<State>,
+    SignedIn(caller): SignedIn,
+    Path(delay_id): Path<String>,
+) -> Result<Json<JsonValue>> {
+    let found = services.delayed.list(&caller.user_id, StatusFilter::All, &[delay_id])?;
+    let record = found.first().ok_or_else(|| Error::not_found("No delayed event with this id"))?;
+    Ok(Json(record.to_json()))
 }
 
 #[derive(Deserialize)]
