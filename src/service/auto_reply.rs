@@ -230,3 +230,22 @@ pub async fn run(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Setting;
+
+    fn setting(enabled: bool, text: &str, from_ts: Option<u64>, until_ts: Option<u64>) -> Setting {
+        Setting { enabled, text: text.to_owned(), from_ts, until_ts }
+    }
+
+    #[test]
+    fn a_reply_is_active_only_when_on_with_text_and_within_its_period() {
+        assert!(setting(true, "away", None, None).active_at(5));
+        assert!(!setting(false, "away", None, None).active_at(5));
+        assert!(!setting(true, "  ", None, None).active_at(5));
+        assert!(setting(true, "away", Some(5), Some(5)).active_at(5));
+        assert!(!setting(true, "away", Some(6), None).active_at(5));
+        assert!(!setting(true, "away", None, Some(4)).active_at(5));
+    }
+}

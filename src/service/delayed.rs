@@ -504,3 +504,19 @@ pub async fn run(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_due_key;
+    use crate::storage::Key;
+
+    #[test]
+    fn due_keys_split_back_into_time_and_id() {
+        // A time whose bytes hold the separator still splits at its fixed width.
+        let ts = 0x00FF_FF00_0000_00FF_u64;
+        let key = (ts, "abc").to_key_bytes();
+        assert_eq!(split_due_key(&key).unwrap(), (ts, "abc".to_owned()));
+        assert!(split_due_key(&key[..5]).is_err());
+        assert!((1_u64, "b").to_key_bytes() < (2_u64, "a").to_key_bytes(), "due first");
+    }
+}
