@@ -43,6 +43,8 @@ pub async fn send(
     delay: u64,
 ) -> Result<delayed_message::Response> {
     let caller = req.caller()?.clone();
+    // Scheduling counts against the sender's message rate, as sending does.
+    services.abuse.message(&caller.user_id, caller.rate_limited())?;
     let body = req.body;
     let schedule = Schedule {
         user_id: &caller.user_id,
@@ -65,6 +67,8 @@ pub async fn send_state(
     delay: u64,
 ) -> Result<delayed_state::Response> {
     let caller = req.caller()?.clone();
+    // Scheduling counts against the sender's message rate, as sending does.
+    services.abuse.message(&caller.user_id, caller.rate_limited())?;
     let body = req.body;
     let schedule = Schedule {
         user_id: &caller.user_id,
