@@ -29,8 +29,8 @@ const FIRE_BATCH: usize = 64;
 /// Longest event type and state key, in bytes.
 const MAX_FIELD_BYTES: usize = 255;
 /// The device the sends of delayed events are recorded under, so a send repeated after a
-/// crash finds the first one (real device ids are never empty).
-const DELAYED_DEVICE: &str = "";
+/// crash finds the first one, and the sender sees the delay id in the event.
+const DELAYED_DEVICE: &str = super::rooms::pdu::DELAYED_SEND_DEVICE;
 
 /// How a finalised delayed event ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

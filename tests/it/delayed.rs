@@ -101,7 +101,7 @@ async fn restart_cancel_and_send_actions() {
     let s = TestServer::start().await;
     let (_, alice, _) = s.register("alice", "correct horse").await;
     let (_, bob, _) = s.register("bob", "correct horse").await;
-    let room = s.create_room(&alice, json!({})).await;
+    let room = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
 
     // Restart through the action in the body pushes the due time back.
     let first = schedule(&s, &alice, &room, "a", 60_000, "first").await;
@@ -144,6 +144,16 @@ async fn restart_cancel_and_send_actions() {
     let sent = listed(&s, &alice, &format!("?delay_id={second}")).await;
     assert_eq!(sent.len(), 1);
     assert!(sent[0]["event_id"].as_str().unwrap().starts_with('$'));
+    // Its sender sees the delay id in the sent event; others do not.
+    async fn delay_id_seen(s: &TestServer, token: &str, room: &str) -> Value {
+        let (_, sync) = s.get("/_matrix/client/v3/sync", Some(token)).await;
+        let timeline = sync["rooms"]["join"][room]["timeline"]["events"].as_array().unwrap();
+        let sent = timeline.iter().find(|e| e["content"]["body"] == "second").unwrap();
+        sent["unsigned"]["org.matrix.msc4140.delay_id"].clone()
+    }
+    assert_eq!(delay_id_seen(&s, &alice, &room).await, second.as_str());
+    assert_eq!(s.membership(&bob, &room, "join", json!({})).await.0, StatusCode::OK);
+    assert_eq!(delay_id_seen(&s, &bob, &room).await, Value::Null);
     let (status, one) = s.get(&format!("{UNSTABLE}/{second}"), Some(&alice)).await;
     assert_eq!(status, StatusCode::OK, "{one}");
     assert_eq!(one, sent[0]);
