@@ -230,7 +230,8 @@ impl Webhooks {
         Ok(hook)
     }
 
-    /// Revokes a hook: its URL stops working at once and its bot leaves the room.
+    /// Revokes a hook: its URL stops working at once, its bot is deactivated and leaves the
+    /// room.
     pub async fn revoke(
         &self,
         services: &Services,
@@ -305,7 +306,8 @@ impl Webhooks {
         Ok(hooks)
     }
 
-    /// Deletes the hook and its secret in one batch with the audit record of `action`.
+    /// Deletes the hook and its secret and deactivates its bot, in one batch with the audit
+    /// record of `action`.
     fn remove(
         &self,
         services: &Services,
@@ -317,6 +319,10 @@ impl Webhooks {
         self.hooks.delete(&mut batch, hook.hook_id.as_str());
         self.secrets.delete(&mut batch, hook.secret_hash.as_str());
         self.by_room.delete(&mut batch, &(hook.room_id.as_str(), hook.hook_id.as_str()));
+        if let Some(mut bot) = services.users.get(&hook.user_id)? {
+            bot.deactivated = true;
+            services.users.put(&mut batch, &hook.user_id, &bot);
+        }
         let entry = Entry::new(action, Some(actor))
             .room(&hook.room_id)
             .target(&hook.user_id)

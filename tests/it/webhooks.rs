@@ -157,6 +157,10 @@ async fn hooks_are_managed_by_members_with_power_and_audited() {
     let (_, members) =
         s.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&alice)).await;
     assert!(members["joined"].get(ci["user_id"].as_str().unwrap()).is_none(), "{members}");
+    let bot_path = format!("/_synapse/admin/v2/users/{}", ci["user_id"].as_str().unwrap());
+    let (status, bot) = s.get(&bot_path, Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{bot}");
+    assert_eq!(bot["deactivated"], true, "{bot}");
     let (_, list) = s.get(&hooks_path(&room), Some(&alice)).await;
     assert_eq!(list["webhooks"].as_array().unwrap().len(), 1);
 
@@ -170,6 +174,12 @@ async fn hooks_are_managed_by_members_with_power_and_audited() {
     assert_eq!(records[0]["actor"]["user_id"], alice_id.as_str());
     assert_eq!(records[0]["target"], ci["user_id"]);
     assert_eq!(records[0]["room_id"], room.as_str());
+
+    // Hooks survive a restart.
+    let s = s.restart().await;
+    let tickets_secret = tickets["secret"].as_str().unwrap();
+    let (status, _) = post_hook(&s, tickets_secret, json!({ "text": "after restart" })).await;
+    assert_eq!(status, StatusCode::OK);
 
     // Alice leaves: she can no longer manage the hooks.
     let (status, _) = s.membership(&alice, &room, "leave", json!({})).await;
