@@ -69,6 +69,8 @@ pub struct Config {
     pub offboarding: OffboardingConfig,
     /// The persisted per-user jobs that off-board and onboard accounts.
     pub jobs: JobsConfig,
+    /// Delayed events, incoming webhooks and automatic replies.
+    pub automation: AutomationConfig,
     /// Federation with other servers: listener, TLS, key servers, allow and deny lists.
     pub federation: FederationConfig,
     /// Application services (bridges and bots) and their registration files.
@@ -173,6 +175,34 @@ pub struct JobsConfig {
     /// Pause between two steps of a job (one room left or joined), in milliseconds, to spread
     /// a large off-boarding's load over time. 0: no pause.
     pub pause_between_steps_ms: u64,
+}
+
+/// Delayed events (scheduled messages), incoming webhooks and automatic replies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutomationConfig {
+    /// Longest delay a delayed event may ask for, in milliseconds.
+    pub max_delay_ms: u64,
+    /// Most delayed events one user may have scheduled at once.
+    pub max_delayed_events_per_user: usize,
+    /// Most webhooks one room may have.
+    pub max_webhooks_per_room: usize,
+    /// How often each webhook may post.
+    pub webhook_rate: RateConfig,
+    /// Largest body a webhook accepts, in bytes.
+    pub webhook_max_body_bytes: usize,
+}
+
+impl Default for AutomationConfig {
+    fn default() -> Self {
+        Self {
+            max_delay_ms: 7 * 24 * 3_600 * 1_000,
+            max_delayed_events_per_user: 100,
+            max_webhooks_per_room: 20,
+            webhook_rate: RateConfig { per_second: 1.0, burst: 10 },
+            webhook_max_body_bytes: 32 * 1024,
+        }
+    }
 }
 
 /// Longest pause between two steps of a job.
@@ -610,6 +640,7 @@ impl Default for Config {
             branding: BrandingConfig::default(),
             offboarding: OffboardingConfig::default(),
             jobs: JobsConfig::default(),
+            automation: AutomationConfig::default(),
             federation: FederationConfig::default(),
             appservices: AppservicesConfig::default(),
         }
@@ -911,6 +942,18 @@ impl Config {
             });
         }
         self.validate_limits()?;
+        let automation = &self.automation;
+        if !automation.webhook_rate.is_valid()
+            || automation.max_delay_ms == 0
+            || automation.max_delayed_events_per_user == 0
+            || !(1..=crate::service::rooms::MAX_PDU_BYTES)
+                .contains(&automation.webhook_max_body_bytes)
+        {
+            return Err(ConfigError::Value {
+                key: "automation",
+                reason: "limits must be positive; webhook_max_body_bytes at most 65536".to_owned(),
+            });
+        }
         if self.encryption.encrypt_private_rooms_by_default && !self.encryption.allowed {
             return Err(ConfigError::Value {
                 key: "encryption.encrypt_private_rooms_by_default",

@@ -104,6 +104,11 @@ pub enum ErrorKind {
     ConnectionFailed,
     /// `M_CONNECTION_TIMEOUT` (504): the application service did not answer in time.
     ConnectionTimeout,
+    /// `M_MAX_DELAY_EXCEEDED` (400): a delayed event asked for more than the server allows.
+    MaxDelayExceeded {
+        /// The longest delay allowed, in milliseconds.
+        max_delay: u64,
+    },
 }
 
 impl ErrorKind {
@@ -146,6 +151,7 @@ impl ErrorKind {
             Self::BadStatus { .. } => "M_BAD_STATUS",
             Self::ConnectionFailed => "M_CONNECTION_FAILED",
             Self::ConnectionTimeout => "M_CONNECTION_TIMEOUT",
+            Self::MaxDelayExceeded { .. } => "M_MAX_DELAY_EXCEEDED",
         }
     }
 
@@ -185,7 +191,8 @@ impl ErrorKind {
             | Self::RoomInUse
             | Self::BadAlias
             | Self::UnknownPos
-            | Self::DuplicateAnnotation => StatusCode::BAD_REQUEST,
+            | Self::DuplicateAnnotation
+            | Self::MaxDelayExceeded { .. } => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -277,6 +284,9 @@ impl IntoResponse for Error {
                     }
                     ErrorKind::WrongRoomKeysVersion { current_version } => {
                         body["current_version"] = current_version.clone().into();
+                    }
+                    ErrorKind::MaxDelayExceeded { max_delay } => {
+                        body["max_delay"] = (*max_delay).into();
                     }
                     ErrorKind::BadStatus { status, body: answer } => {
                         body["status"] = (*status).into();

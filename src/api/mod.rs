@@ -488,3 +488,18 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
         }
     }
 }
+
+/// The caller of a hand-routed endpoint that needs an access token.
+pub struct SignedIn(pub Caller);
+
+impl FromRequestParts<State> for SignedIn {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        services: &State,
+    ) -> Result<Self> {
+        let (caller, ..) = caller_from_parts(services, parts, AuthMode::Required)?;
+        caller.map(Self).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))
+    }
+}

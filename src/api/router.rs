@@ -44,16 +44,7 @@ where
     R: OutgoingResponse + 'static,
 {
     fn add_to(self, mut router: Router<State>) -> Router<State> {
-        let filter =
-            MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
-        // An empty state key may be left out, with or without the trailing slash.
-        let paths: Vec<&'static str> = T::PATH_BUILDER
-            .all_paths()
-            .flat_map(|path| {
-                let short = [path.strip_suffix("/{state_key}"), path.strip_suffix("{state_key}")];
-                std::iter::once(path).chain(short.into_iter().flatten())
-            })
-            .collect();
+        let (filter, paths) = routes_of::<T>();
         for path in paths {
             let handler = self.clone();
             router = router.route(
@@ -71,8 +62,63 @@ where
     }
 }
 
+/// The method and every path ruma knows for `T`.
+fn routes_of<T: IncomingRequest>() -> (MethodFilter, Vec<&'static str>) {
+    let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
+    // An empty state key may be left out, with or without the trailing slash.
+    let paths = T::PATH_BUILDER
+        .all_paths()
+        .flat_map(|path| {
+            let short = [path.strip_suffix("/{state_key}"), path.strip_suffix("{state_key}")];
+            std::iter::once(path).chain(short.into_iter().flatten())
+        })
+        .collect();
+    (filter, paths)
+}
+
 trait RouterExt {
     fn ruma<T>(self, handler: impl RumaHandler<T>) -> Self;
+}
+
+/// Routes the paths of `T` to `plain`, except requests whose query asks for a delayed send
+/// (MSC4140), which share those paths and go to `delayed` with the delay in milliseconds.
+fn delayable<T, F, G, FutF, FutG, R, S>(
+    mut router: Router<State>,
+    plain: F,
+    delayed: G,
+) -> Router<State>
+where
+    T: IncomingRequest + Send + 'static,
+    T::Authentication: AuthKind,
+    F: Fn(State, Ruma<T>) -> FutF + Clone + Send + Sync + 'static,
+    FutF: Future<Output = Result<R>> + Send + 'static,
+    R: OutgoingResponse + 'static,
+    G: Fn(State, Ruma<T>, u64) -> FutG + Clone + Send + Sync + 'static,
+    FutG: Future<Output = Result<S>> + Send + 'static,
+    S: OutgoingResponse + 'static,
+{
+    use axum::extract::FromRequest;
+    let (filter, paths) = routes_of::<T>();
+    for path in paths {
+        let (plain, delayed) = (plain.clone(), delayed.clone());
+        let handler = move |axum::extract::State(state): axum::extract::State<State>,
+                            req: Request| async move {
+            let delay = client::delayed::delay_param(req.uri());
+            let req = match Ruma::<T>::from_request(req, &state).await {
+                Ok(req) => req,
+                Err(error) => return error.into_response(),
+            };
+            match delay {
+                None => plain(state, req).await.map(RumaResponse).into_response(),
+                Some(Ok(delay)) => {
+                    delayed(state, req, delay).await.map(RumaResponse).into_response()
+                }
+                Some(Err(error)) => error.into_response(),
+            }
+        };
+        router = router.route(path, on(filter, handler));
+    }
+    router
 }
 
 impl RouterExt for Router<State> {
@@ -218,8 +264,6 @@ pub fn build(state: State) -> Router {
         .ruma(rooms::unban)
         .ruma(rooms::forget)
         .ruma(rooms::joined)
-        .ruma(events::send)
-        .ruma(events::send_state)
         .ruma(events::state_for_key)
         .ruma(events::state)
         .ruma(events::members)
@@ -334,6 +378,33 @@ pub fn build(state: State) -> Router {
         .route("/health", get(|| async { "OK" }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
+    // Sends, plain or delayed (MSC4140), and the delayed events' own endpoints.
+    let router = delayable(router, events::send, client::delayed::send);
+    let router = delayable(router, events::send_state, client::delayed::send_state);
+    let router = router
+        .ruma(client::delayed::update)
+        .route(
+            "/_matrix/client/unstable/org.matrix.msc4140/delayed_events",
+            get(client::delayed::list),
+        )
+        .route(
+            "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}",
+            get(client::delayed::get),
+        )
+        .route(
+            "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/{action}",
+            post(client::delayed::act),
+        )
+        // Incoming webhooks.
+        .route(
+            "/_plaza/client/v1/rooms/{room_id}/webhooks",
+            get(client::webhooks::list).post(client::webhooks::create),
+        )
+        .route(
+            "/_plaza/client/v1/rooms/{room_id}/webhooks/{hook_id}",
+            put(client::webhooks::rename).delete(client::webhooks::revoke),
+        )
+        .route("/_plaza/hooks/{secret}", post(client::webhooks::post));
     // Behind a reverse proxy, federation is served here too.
     let federation = &state.config.federation;
     let router = if federation.enabled && federation.listen.is_empty() {

@@ -9,7 +9,9 @@ pub mod admin_users;
 pub mod analytics;
 pub mod appservice;
 pub mod audit;
+pub mod auto_reply;
 pub mod backup;
+pub mod delayed;
 pub mod e2ee;
 pub mod ephemeral;
 pub mod federation;
@@ -37,6 +39,7 @@ pub mod sync;
 pub mod uiaa;
 pub mod user_directory;
 pub mod users;
+pub mod webhooks;
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -124,6 +127,12 @@ pub struct Services {
     pub federation: federation::Federation,
     /// Application services (bridges and bots) and their transaction queues.
     pub appservices: appservice::Appservices,
+    /// Delayed events waiting to be sent.
+    pub delayed: delayed::DelayedEvents,
+    /// Incoming webhooks.
+    pub webhooks: webhooks::Webhooks,
+    /// Out-of-office automatic replies.
+    pub auto_reply: auto_reply::AutoReplies,
 }
 
 impl Services {
@@ -168,6 +177,9 @@ impl Services {
                 &config.appservices,
                 &config.server_name,
             )?,
+            delayed: delayed::DelayedEvents::new(&db),
+            webhooks: webhooks::Webhooks::new(&db, &config.automation),
+            auto_reply: auto_reply::AutoReplies::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
@@ -198,7 +210,8 @@ impl Services {
                 .contributor(analytics::Recorder)
                 .listener(search::Indexing)
                 .listener(push::notifier::Enqueue)
-                .listener(appservice::Forward),
+                .listener(appservice::Forward)
+                .listener(auto_reply::Listen),
         );
         services.appservices.start(&services).map_err(init)?;
         Ok(services)

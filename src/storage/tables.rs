@@ -196,6 +196,24 @@ pub const FEDERATION_SERVER_KEYS: &str = "federation_server_keys";
 /// `kind byte, target, 0xFF, sequence` -> a queued item: the outboxes (application services,
 /// later federation destinations and push gateways), each target's items in order.
 pub const OUTBOX: &str = "outbox";
+/// `delay id` -> `DelayedRecord`: a delayed event (MSC4140), scheduled or finalised.
+pub const DELAYED_EVENTS: &str = "delayed_events";
+/// `user id 0xFF delay id` -> nothing: each user's delayed events.
+pub const DELAYED_BY_USER: &str = "delayed_by_user";
+/// `send ms 0xFF delay id` -> nothing: scheduled delayed events by when they are due.
+pub const DELAYED_DUE: &str = "delayed_due";
+/// `user id 0xFF device id 0xFF room id 0xFF transaction id` -> delay id: scheduling requests
+/// already answered, so a retried request schedules nothing new.
+pub const DELAYED_TXNS: &str = "delayed_txns";
+/// `hook id` -> `Webhook`: incoming webhooks (room, bot user, name, hashed secret).
+pub const WEBHOOKS: &str = "webhooks";
+/// `sha256(secret)` -> hook id: finds a hook from its URL without storing the secret.
+pub const WEBHOOK_SECRETS: &str = "webhook_secrets";
+/// `room id 0xFF hook id` -> nothing: each room's webhooks.
+pub const WEBHOOKS_BY_ROOM: &str = "webhooks_by_room";
+/// `user id 0xFF sender id` -> day number (days since the epoch) of the last automatic
+/// reply sent to that sender.
+pub const AUTO_REPLIES: &str = "auto_replies";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -276,4 +294,12 @@ pub const ALL: &[&str] = &[
     ERASED_USERS,
     FEDERATION_SERVER_KEYS,
     OUTBOX,
+    DELAYED_EVENTS,
+    DELAYED_BY_USER,
+    DELAYED_DUE,
+    DELAYED_TXNS,
+    WEBHOOKS,
+    WEBHOOK_SECRETS,
+    WEBHOOKS_BY_ROOM,
+    AUTO_REPLIES,
 ];

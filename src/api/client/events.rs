@@ -34,7 +34,8 @@ use crate::{
     },
 };
 
-fn content_object(raw: &str) -> Result<JsonValue> {
+/// The event content of a send: a JSON object, else `M_BAD_JSON`.
+pub(crate) fn content_object(raw: &str) -> Result<JsonValue> {
     match serde_json::from_str(raw) {
         Ok(value @ JsonValue::Object(_)) => Ok(value),
         _ => Err(Error::bad_json("Event content must be a JSON object")),

@@ -233,6 +233,10 @@ impl Pdu {
     }
 }
 
+/// The device under which sends of delayed events (MSC4140) are recorded, with the delay id as
+/// the transaction id; real device ids are never empty.
+pub const DELAYED_SEND_DEVICE: &str = "";
+
 /// The client-server format of a stored event, for the member `viewer` (who sees their own
 /// transaction ids).
 pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> JsonValue {
@@ -275,6 +279,13 @@ pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> Json
         && device == sender_device
     {
         unsigned.insert("transaction_id".into(), json!(txn));
+    }
+    // The sender of a delayed event sees its delay id, whichever device they look from.
+    if let (Some((user, _)), Some((DELAYED_SEND_DEVICE, delay_id))) =
+        (viewer, stored.transaction.as_ref().map(|(d, t)| (d.as_str(), t)))
+        && wire.get("sender").and_then(|s| s.as_str()) == Some(user.as_str())
+    {
+        unsigned.insert("org.matrix.msc4140.delay_id".into(), json!(delay_id));
     }
     event["unsigned"] = JsonValue::Object(unsigned);
     event
