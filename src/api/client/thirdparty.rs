@@ -120,10 +120,8 @@ pub async fn location_for_protocol(
 ) -> Result<location_for_protocol::Response> {
     req.caller()?;
     let body = req.body;
-    known(&services, &body.protocol)?;
-    let path = format!("/_matrix/app/v1/thirdparty/location/{}", encode(&body.protocol));
-    let path = with_query(path, &body.fields);
-    Ok(location_for_protocol::Response::new(gather(&services, Some(&body.protocol), &path).await))
+    let found = by_protocol(&services, "location", &body.protocol, &body.fields).await?;
+    Ok(location_for_protocol::Response::new(found))
 }
 
 /// `GET /_matrix/client/v3/thirdparty/user/{protocol}`
@@ -133,10 +131,8 @@ pub async fn user_for_protocol(
 ) -> Result<user_for_protocol::Response> {
     req.caller()?;
     let body = req.body;
-    known(&services, &body.protocol)?;
-    let path = format!("/_matrix/app/v1/thirdparty/user/{}", encode(&body.protocol));
-    let path = with_query(path, &body.fields);
-    Ok(user_for_protocol::Response::new(gather(&services, Some(&body.protocol), &path).await))
+    let found = by_protocol(&services, "user", &body.protocol, &body.fields).await?;
+    Ok(user_for_protocol::Response::new(found))
 }
 
 /// `GET /_matrix/client/v3/thirdparty/location?alias=`
@@ -161,10 +157,17 @@ pub async fn user_for_user_id(
     Ok(user_for_user_id::Response::new(gather(&services, None, &path).await))
 }
 
-/// 404 unless a service declares `protocol`.
-fn known(services: &State, protocol: &str) -> Result<()> {
-    match providers(services, Some(protocol)).next() {
-        Some(_) => Ok(()),
-        None => Err(Error::not_found("No bridge provides this protocol")),
+/// The `kind`s (`location` or `user`) of `protocol` matching `fields`, from every service
+/// declaring it; 404 when none does.
+async fn by_protocol<T: DeserializeOwned>(
+    services: &State,
+    kind: &str,
+    protocol: &str,
+    fields: &BTreeMap<String, String>,
+) -> Result<Vec<T>> {
+    if providers(services, Some(protocol)).next().is_none() {
+        return Err(Error::not_found("No bridge provides this protocol"));
     }
+    let path = format!("/_matrix/app/v1/thirdparty/{kind}/{}", encode(protocol));
+    Ok(gather(services, Some(protocol), &with_query(path, fields)).await)
 }
