@@ -124,6 +124,10 @@ pub struct Services {
     pub federation: federation::Federation,
     /// Application services (bridges and bots) and their transaction queues.
     pub appservices: appservice::Appservices,
+    /// The queues of transactions to other servers.
+    pub federation_sender: federation::sender::Sender,
+    /// Transactions from other servers: their stored answers and ordering.
+    pub federation_receiver: federation::receive::Receiver,
 }
 
 impl Services {
@@ -181,6 +185,8 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
+            federation_sender: federation::sender::Sender::new(&db)?,
+            federation_receiver: federation::receive::Receiver::new(&db),
             stream,
             config,
             db,
@@ -198,7 +204,8 @@ impl Services {
                 .contributor(analytics::Recorder)
                 .listener(search::Indexing)
                 .listener(push::notifier::Enqueue)
-                .listener(appservice::Forward),
+                .listener(appservice::Forward)
+                .listener(federation::sender::Announce),
         );
         services.appservices.start(&services).map_err(init)?;
         Ok(services)
