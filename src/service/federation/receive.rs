@@ -332,6 +332,7 @@ async fn fill_gaps(
                 break;
             }
         };
+        tracing::debug!(%origin, %room_id, count = events.len(), "missing events fetched");
         if events.is_empty() {
             break;
         }
@@ -341,7 +342,9 @@ async fn fill_gaps(
             .take(limit)
             .filter_map(|raw| serde_json::from_str::<CanonicalJsonObject>(raw.get()).ok())
             .collect();
-        services.rooms.ingest(services, room_id, wires, &services.federation).await?;
+        let outcomes =
+            services.rooms.ingest(services, room_id, wires, &services.federation).await?;
+        tracing::debug!(%origin, %room_id, ?outcomes, "missing events placed");
     }
     let left = still_waiting(services, waiting)?;
     for event_id in left.iter().take(MAX_PLACED_ON_STATE) {
