@@ -133,6 +133,10 @@ pub struct Services {
     pub webhooks: webhooks::Webhooks,
     /// Out-of-office automatic replies.
     pub auto_reply: auto_reply::AutoReplies,
+    /// The queues of transactions to other servers.
+    pub federation_sender: federation::sender::Sender,
+    /// Transactions from other servers: their stored answers and ordering.
+    pub federation_receiver: federation::receive::Receiver,
 }
 
 impl Services {
@@ -193,6 +197,8 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
+            federation_sender: federation::sender::Sender::new(&db)?,
+            federation_receiver: federation::receive::Receiver::new(&db),
             stream,
             config,
             db,
@@ -211,7 +217,8 @@ impl Services {
                 .listener(search::Indexing)
                 .listener(push::notifier::Enqueue)
                 .listener(appservice::Forward)
-                .listener(auto_reply::Listen),
+                .listener(auto_reply::Listen)
+                .listener(federation::sender::Announce),
         );
         services.appservices.start(&services).map_err(init)?;
         Ok(services)

@@ -214,6 +214,9 @@ pub const WEBHOOKS_BY_ROOM: &str = "webhooks_by_room";
 /// `user id 0xFF sender id` -> day number (days since the epoch) of the last automatic
 /// reply sent to that sender.
 pub const AUTO_REPLIES: &str = "auto_replies";
+/// `origin server` -> its latest transaction id and the answer given, so a retried
+/// transaction gets the same answer and nothing twice.
+pub const FEDERATION_TXNS: &str = "federation_txns";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -302,4 +305,5 @@ pub const ALL: &[&str] = &[
     WEBHOOK_SECRETS,
     WEBHOOKS_BY_ROOM,
     AUTO_REPLIES,
+    FEDERATION_TXNS,
 ];

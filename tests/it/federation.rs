@@ -4,6 +4,7 @@
 //! rotation, the version endpoint, and serving behind a reverse proxy.
 
 pub mod harness;
+mod sending;
 
 use plaza::service::{federation::SendError, now_ms};
 use reqwest::{Method, StatusCode};

@@ -4,8 +4,11 @@
 //! lists both directions obey. What travels over it (rooms, EDUs, queries) builds on top.
 
 pub mod discovery;
+pub mod edu;
 pub mod keys;
 pub mod policy;
+pub mod receive;
+pub mod sender;
 
 use std::{
     borrow::Cow,
