@@ -104,6 +104,11 @@ pub enum ErrorKind {
     ConnectionFailed,
     /// `M_CONNECTION_TIMEOUT` (504): the application service did not answer in time.
     ConnectionTimeout,
+    /// `M_INCOMPATIBLE_ROOM_VERSION` (400): a joining server does not support the room's version.
+    IncompatibleRoomVersion {
+        /// The room's version.
+        room_version: String,
+    },
 }
 
 impl ErrorKind {
@@ -146,6 +151,7 @@ impl ErrorKind {
             Self::BadStatus { .. } => "M_BAD_STATUS",
             Self::ConnectionFailed => "M_CONNECTION_FAILED",
             Self::ConnectionTimeout => "M_CONNECTION_TIMEOUT",
+            Self::IncompatibleRoomVersion { .. } => "M_INCOMPATIBLE_ROOM_VERSION",
         }
     }
 
@@ -173,6 +179,7 @@ impl ErrorKind {
             Self::BadStatus { .. } | Self::ConnectionFailed => StatusCode::BAD_GATEWAY,
             Self::ConnectionTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Exclusive | Self::UrlNotSet => StatusCode::BAD_REQUEST,
+            Self::IncompatibleRoomVersion { .. } => StatusCode::BAD_REQUEST,
             Self::BadJson
             | Self::NotJson
             | Self::Unknown
@@ -281,6 +288,9 @@ impl IntoResponse for Error {
                     ErrorKind::BadStatus { status, body: answer } => {
                         body["status"] = (*status).into();
                         body["body"] = answer.clone().into();
+                    }
+                    ErrorKind::IncompatibleRoomVersion { room_version } => {
+                        body["room_version"] = room_version.clone().into();
                     }
                     _ => {}
                 }

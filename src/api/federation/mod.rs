@@ -4,6 +4,8 @@
 
 pub mod directory;
 pub mod keys;
+pub mod membership;
+pub mod query_directory;
 
 use std::future::Future;
 
@@ -144,5 +146,12 @@ pub fn routes() -> Router<State> {
     let router = RumaHandler::add_to(keys::query_batch, router);
     let router = RumaHandler::add_to(keys::version, router);
     let router = FederatedHandler::add_to(directory::public_rooms, router);
-    FederatedHandler::add_to(directory::public_rooms_filtered, router)
+    let router = FederatedHandler::add_to(directory::public_rooms_filtered, router);
+    let router = FederatedHandler::add_to(membership::make_join, router);
+    let router = FederatedHandler::add_to(membership::send_join, router);
+    let router = FederatedHandler::add_to(membership::make_leave, router);
+    let router = FederatedHandler::add_to(membership::send_leave, router);
+    let router = FederatedHandler::add_to(membership::make_knock, router);
+    let router = FederatedHandler::add_to(membership::send_knock, router);
+    FederatedHandler::add_to(query_directory::room_information, router)
 }

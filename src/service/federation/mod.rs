@@ -5,6 +5,7 @@
 
 pub mod discovery;
 pub mod keys;
+pub mod membership;
 pub mod policy;
 
 use std::{
