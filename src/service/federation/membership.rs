@@ -22,7 +22,9 @@ use serde_json::{
 use crate::{
     error::{Error, ErrorKind, Result},
     service::{
-        Services, now_ms, random_string,
+        Services,
+        federation::SendError,
+        now_ms, random_string,
         rooms::{
             Status,
             from_state::VouchedState,
@@ -340,6 +342,15 @@ pub async fn join_remote(
     }))
 }
 
+/// A resident server's refusal as the client should see it: forbidden or unknown stay so.
+fn refusal(err: SendError) -> Error {
+    match &err {
+        SendError::Remote { status: 403, .. } => Error::forbidden(err.to_string()),
+        SendError::Remote { status: 404, .. } => Error::not_found(err.to_string()),
+        _ => err.into(),
+    }
+}
+
 /// One attempt of [`join_remote`], through `server`.
 async fn join_through(
     services: &Services,
@@ -351,7 +362,7 @@ async fn join_through(
 ) -> Result<OwnedEventId> {
     let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user_id.to_owned());
     request.ver = supported.to_vec();
-    let answer = services.federation.send(server, request).await?;
+    let answer = services.federation.send(server, request).await.map_err(refusal)?;
     let version = answer.room_version.unwrap_or(RoomVersionId::V1);
     if !supported.contains(&version) {
         return Err(Error::new(
@@ -397,7 +408,7 @@ async fn join_through(
 
     let request =
         create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw(&wire)?);
-    let state = services.federation.send(server, request).await?.room_state;
+    let state = services.federation.send(server, request).await.map_err(refusal)?.room_state;
     // The resident server's copy carries its signature when it authorised a restricted join.
     let pdu = match state.event.as_deref().map(|event| serde_json::from_str(event.get())) {
         Some(Ok(event)) if event_id_of(&event, &rules).is_ok_and(|id| id == event_id) => event,
