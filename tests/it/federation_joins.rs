@@ -82,8 +82,10 @@ async fn a_remote_user_joins_by_id_and_by_alias_and_sees_the_state() {
     assert_eq!(b.services().rooms.membership(room_ref, bob_ref).unwrap().as_deref(), Some("join"));
     let rooms = sync_rooms(&b.server, &bob_token).await;
     let room = &rooms["join"][&room_id];
-    assert_eq!(synced_state(room, "m.room.name").unwrap()["content"]["name"], "Lobby", "{room}");
-    assert_eq!(synced_state(room, "m.room.join_rules").unwrap()["content"]["join_rule"], "public");
+    let name = synced_state(room, "m.room.name").unwrap_or_else(|| panic!("{rooms}"));
+    assert_eq!(name["content"]["name"], "Lobby", "{room}");
+    let rule = synced_state(room, "m.room.join_rules").unwrap_or_else(|| panic!("{rooms}"));
+    assert_eq!(rule["content"]["join_rule"], "public");
     let own_join = room["timeline"]["events"]
         .as_array()
         .unwrap()

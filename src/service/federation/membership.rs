@@ -228,10 +228,12 @@ pub async fn send_membership(
         && let Some(via) = content_str(&wire, "join_authorised_via_users_server")
         && UserId::parse(via).is_ok_and(|via| via.server_name() == services.server_name())
     {
-        ruma::signatures::sign_json(
+        // Event signatures cover the redacted event; the hashes it carries stay the same.
+        ruma::signatures::hash_and_sign_event(
             services.server_name().as_str(),
             services.keys.key_pair(),
             &mut wire,
+            &rules.redaction,
         )
         .map_err(|e| Error::bad_json(format!("Cannot sign the event: {e}")))?;
     }
