@@ -443,7 +443,9 @@ impl Rooms {
             self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         }
         if accepted {
-            let room = (old_current, record.current_state);
+            // A room new here placed on a vouched state: clients see that state before it.
+            let before = if record_known { old_current } else { stored.state_before };
+            let room = (before, record.current_state);
             if room != (stored.state_before, stored.state_after_or_before()) {
                 stored.room_state = Some(room);
             }
