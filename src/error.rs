@@ -109,6 +109,11 @@ pub enum ErrorKind {
         /// The longest delay allowed, in milliseconds.
         max_delay: u64,
     },
+    /// `M_INCOMPATIBLE_ROOM_VERSION` (400): a joining server does not support the room's version.
+    IncompatibleRoomVersion {
+        /// The room's version.
+        room_version: String,
+    },
 }
 
 impl ErrorKind {
@@ -152,6 +157,7 @@ impl ErrorKind {
             Self::ConnectionFailed => "M_CONNECTION_FAILED",
             Self::ConnectionTimeout => "M_CONNECTION_TIMEOUT",
             Self::MaxDelayExceeded { .. } => "M_MAX_DELAY_EXCEEDED",
+            Self::IncompatibleRoomVersion { .. } => "M_INCOMPATIBLE_ROOM_VERSION",
         }
     }
 
@@ -179,6 +185,7 @@ impl ErrorKind {
             Self::BadStatus { .. } | Self::ConnectionFailed => StatusCode::BAD_GATEWAY,
             Self::ConnectionTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Exclusive | Self::UrlNotSet => StatusCode::BAD_REQUEST,
+            Self::IncompatibleRoomVersion { .. } => StatusCode::BAD_REQUEST,
             Self::BadJson
             | Self::NotJson
             | Self::Unknown
@@ -291,6 +298,9 @@ impl IntoResponse for Error {
                     ErrorKind::BadStatus { status, body: answer } => {
                         body["status"] = (*status).into();
                         body["body"] = answer.clone().into();
+                    }
+                    ErrorKind::IncompatibleRoomVersion { room_version } => {
+                        body["room_version"] = room_version.clone().into();
                     }
                     _ => {}
                 }

@@ -22,6 +22,7 @@ mod ephemeral;
 mod errors;
 mod event_core;
 mod federation;
+mod federation_joins;
 mod graph;
 mod limits;
 mod media;

@@ -1,7 +1,7 @@
 //! Creating rooms and changing membership.
 
 use ruma::{
-    OwnedRoomId, RoomAliasId, RoomId, RoomOrAliasId, UserId,
+    OwnedRoomId, OwnedServerName, RoomAliasId, RoomId, RoomOrAliasId, UserId,
     api::client::{
         knock::knock_room::v3 as knock_room,
         membership::{
@@ -12,17 +12,24 @@ use ruma::{
         },
         room::{Visibility, create_room::v3 as create_room, upgrade_room::v3 as upgrade_room},
     },
+    api::federation::query::get_room_information,
 };
 use serde_json::{Map, Value as JsonValue};
 
 use crate::{
     api::{Caller, Ruma, State},
     error::{Error, ErrorKind, Result},
-    service::rooms::{
-        create::{self, CreateRoom, Preset},
-        membership::{self, Moderation},
+    service::{
+        federation::membership as fed_membership,
+        rooms::{
+            create::{self, CreateRoom, Preset},
+            membership::{self, Moderation},
+        },
     },
 };
+
+/// Most resident servers taken from a remote alias's answer.
+const MAX_ALIAS_SERVERS: usize = 10;
 
 fn object(raw: &str, what: &str) -> Result<Map<String, JsonValue>> {
     match serde_json::from_str(raw) {
@@ -100,9 +107,7 @@ pub async fn join_by_id(
 ) -> Result<join_by_id::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    check_guest_join(&services, &caller, &body.room_id)?;
-    membership::join(&services, &body.room_id, &caller.user_id, body.reason.as_deref(), None)
-        .await?;
+    join_room(&services, &caller, &body.room_id, &[], body.reason.as_deref()).await?;
     Ok(join_by_id::Response::new(body.room_id))
 }
 
@@ -113,13 +118,77 @@ pub async fn join_by_id_or_alias(
 ) -> Result<join_by_id_or_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    if let Ok(alias) = <&ruma::RoomAliasId>::try_from(&*body.room_id_or_alias) {
-        services.appservices.query_alias(&services, alias).await?;
-    }
-    let room_id = resolve_room(&services, &body.room_id_or_alias)?;
-    check_guest_join(&services, &caller, &room_id)?;
-    membership::join(&services, &room_id, &caller.user_id, body.reason.as_deref(), None).await?;
+    let mut servers = body.via;
+    let room_id = match <&RoomAliasId>::try_from(&*body.room_id_or_alias) {
+        Ok(alias) if alias.server_name() != services.server_name() => {
+            let (room_id, alias_servers) = resolve_remote_alias(&services, alias).await?;
+            servers.extend(alias_servers);
+            room_id
+        }
+        Ok(alias) => {
+            services.appservices.query_alias(&services, alias).await?;
+            resolve_room(&services, &body.room_id_or_alias)?
+        }
+        Err(_) => resolve_room(&services, &body.room_id_or_alias)?,
+    };
+    join_room(&services, &caller, &room_id, &servers, body.reason.as_deref()).await?;
     Ok(join_by_id_or_alias::Response::new(room_id))
+}
+
+/// Joins `caller` to `room_id`: here when this server has the room, else through `servers`
+/// (and the room id's own server) over federation.
+async fn join_room(
+    services: &State,
+    caller: &Caller,
+    room_id: &RoomId,
+    servers: &[OwnedServerName],
+    reason: Option<&str>,
+) -> Result<()> {
+    if services.rooms.room(room_id)?.is_none() && services.federation.enabled() {
+        if caller.guest {
+            return Err(Error::new(
+                ErrorKind::GuestAccessForbidden,
+                "Guests cannot join rooms of other servers",
+            ));
+        }
+        let servers = fed_membership::join_servers(room_id, servers);
+        fed_membership::join_remote(
+            services,
+            &caller.user_id,
+            room_id,
+            &servers,
+            reason,
+            super::discovery::ROOM_VERSIONS,
+        )
+        .await?;
+        return Ok(());
+    }
+    check_guest_join(services, caller, room_id)?;
+    membership::join(services, room_id, &caller.user_id, reason, None).await?;
+    Ok(())
+}
+
+/// The room and resident servers an alias of another server names, asked of that server
+/// (the local directory first, which may hold a copy).
+async fn resolve_remote_alias(
+    services: &State,
+    alias: &RoomAliasId,
+) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+    if let Some(record) = services.directory.resolve(alias)? {
+        return Ok((record.room_id, Vec::new()));
+    }
+    if !services.federation.enabled() {
+        return Err(Error::not_found("Room alias not found"));
+    }
+    let request = get_room_information::v1::Request::new(alias.to_owned());
+    let answer = services.federation.send(alias.server_name(), request).await.map_err(|err| {
+        tracing::info!(%alias, %err, "remote alias lookup failed");
+        Error::not_found("Room alias not found")
+    })?;
+    let mut servers = answer.servers;
+    servers.truncate(MAX_ALIAS_SERVERS);
+    servers.push(alias.server_name().to_owned());
+    Ok((answer.room_id, servers))
 }
 
 /// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`

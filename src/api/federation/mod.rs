@@ -5,6 +5,8 @@
 pub mod directory;
 pub mod events;
 pub mod keys;
+pub mod membership;
+pub mod query_directory;
 
 use std::future::Future;
 
@@ -154,5 +156,12 @@ pub fn routes() -> Router<State> {
     let router = FederatedHandler::add_to(events::state_ids, router);
     let router = FederatedHandler::add_to(events::event_auth, router);
     let router = FederatedHandler::add_to(events::backfill, router);
-    FederatedHandler::add_to(events::missing_events, router)
+    let router = FederatedHandler::add_to(events::missing_events, router);
+    let router = FederatedHandler::add_to(membership::make_join, router);
+    let router = FederatedHandler::add_to(membership::send_join, router);
+    let router = FederatedHandler::add_to(membership::make_leave, router);
+    let router = FederatedHandler::add_to(membership::send_leave, router);
+    let router = FederatedHandler::add_to(membership::make_knock, router);
+    let router = FederatedHandler::add_to(membership::send_knock, router);
+    FederatedHandler::add_to(query_directory::room_information, router)
 }

@@ -166,6 +166,21 @@ impl Rooms {
         short.map(|short| self.state_pdu(short)).transpose()
     }
 
+    /// The create event a received `pdu` is checked with: the room's, or, for a room new here
+    /// whose version names its create event by the room id, that event once stored.
+    pub(super) fn create_for(&self, room: &Room<'_>, pdu: &Pdu) -> Result<Option<Arc<Pdu>>> {
+        if let Some(create) = self.create_of(room.record.as_ref())? {
+            return Ok(Some(create));
+        }
+        if !room.rules.authorization.room_create_event_id_as_room_id {
+            return Ok(None);
+        }
+        match EventId::parse(format!("${}", &pdu.room_id.as_str()[1..])) {
+            Ok(create_id) => self.pdu_by_id(&create_id),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Checks `pdu` against the rules that need no room state and against its own auth
     /// events (`against_auth_events`: for events from elsewhere; ours take them from the state
     /// before them). `Err` is a storage failure; `Ok(Err(reason))` a refusal.
@@ -285,7 +300,10 @@ impl Rooms {
         let Candidate { mut stored, pdu, state_before, auth } = candidate;
         let rules = room.rules;
         // Received events are checked against their auth events, with the create event.
-        let create = self.create_of(room.record.as_ref().filter(|_| local.is_none()))?;
+        let create = match local {
+            Some(_) => None,
+            None => self.create_for(&room, &pdu)?,
+        };
         let mut status = super::Status::Accepted;
         let mut refusal =
             self.check_auth_events(&room, &pdu, local.is_none(), create.as_ref(), &auth)?;
@@ -425,7 +443,9 @@ impl Rooms {
             self.timeline.put(&mut batch, &(record.short_id, stored.position), &short);
         }
         if accepted {
-            let room = (old_current, record.current_state);
+            // A room new here placed on a vouched state: clients see that state before it.
+            let before = if record_known { old_current } else { stored.state_before };
+            let room = (before, record.current_state);
             if room != (stored.state_before, stored.state_after_or_before()) {
                 stored.room_state = Some(room);
             }

@@ -325,7 +325,7 @@ impl Rooms {
         pdu: &Pdu,
         missing: &[OwnedEventId],
     ) -> Result<Outcome> {
-        let create = self.create_of(room.record.as_ref())?;
+        let create = self.create_for(room, pdu)?;
         let judged = if missing.is_empty() {
             self.check_auth_events(room, pdu, true, create.as_ref(), &[])?
         } else {

@@ -279,7 +279,11 @@ impl Rooms {
     }
 
     /// References to `ids` in the room version's format: bare ids, or `[id, hashes]` pairs.
-    fn event_refs(&self, ids: &[OwnedEventId], rules: &RoomVersionRules) -> Result<JsonValue> {
+    pub(super) fn event_refs(
+        &self,
+        ids: &[OwnedEventId],
+        rules: &RoomVersionRules,
+    ) -> Result<JsonValue> {
         if rules.events_reference_format != EventsReferenceFormatVersion::V1 {
             return Ok(serde_json::json!(ids));
         }

@@ -13,7 +13,9 @@ use crate::{
 /// Longest reason accepted.
 const MAX_REASON: usize = 1024;
 
-fn member_content(
+/// The content of a membership event about `user_id`: the membership, the reason, and for a
+/// local user joining, invited or knocking, the profile.
+pub fn member_content(
     services: &Services,
     user_id: &UserId,
     membership: &str,
@@ -107,7 +109,7 @@ pub async fn join_audited(
 
 /// For `restricted` rooms the joining user must be vouched for by a local member who can
 /// invite, once the user belongs to one of the allowed rooms.
-fn restricted_join_authoriser(
+pub fn restricted_join_authoriser(
     services: &Services,
     room_id: &RoomId,
     user_id: &UserId,

@@ -27,6 +27,7 @@ pub mod reports;
 pub mod resolve;
 pub mod state;
 pub mod summary;
+pub mod template;
 pub mod upgrade;
 
 pub use self::graph::Status;
