@@ -4,6 +4,7 @@
 
 pub mod directory;
 pub mod keys;
+pub mod media;
 pub mod query;
 
 use std::future::Future;
@@ -150,5 +151,7 @@ pub fn routes() -> Router<State> {
     let router = FederatedHandler::add_to(query::directory, router);
     let router = FederatedHandler::add_to(query::devices, router);
     let router = FederatedHandler::add_to(query::keys_query, router);
-    FederatedHandler::add_to(query::keys_claim, router)
+    let router = FederatedHandler::add_to(query::keys_claim, router);
+    let router = FederatedHandler::add_to(media::download, router);
+    FederatedHandler::add_to(media::thumbnail, router)
 }

@@ -6,6 +6,7 @@
 pub mod discovery;
 pub mod edu;
 pub mod keys;
+pub mod media;
 pub mod policy;
 pub mod query;
 

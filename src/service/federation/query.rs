@@ -49,6 +49,8 @@ struct CachedDevices {
 pub struct RemoteQueries {
     profiles: Mutex<HashMap<OwnedUserId, (Instant, Profile)>>,
     devices: Mutex<HashMap<OwnedUserId, CachedDevices>>,
+    /// Other servers' media fetched for local clients.
+    pub media: super::media::RemoteMedia,
 }
 
 /// Keys of remote users as a client `/keys/query` answers them.
