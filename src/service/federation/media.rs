@@ -20,10 +20,13 @@ use crate::{
 /// How long the origin gets to send a file.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Fetches in progress, one lock per `(origin, media id)`.
+/// One lock per `(origin, media id)` being fetched.
+type Fetching = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
+/// Fetches in progress.
 #[derive(Default)]
 pub struct RemoteMedia {
-    fetching: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    fetching: Mutex<Fetching>,
 }
 
 impl RemoteMedia {
@@ -63,6 +66,9 @@ async fn fetch(services: &Services, origin: &ServerName, media_id: &str) -> Resu
         .map_err(|_| Error::new(ErrorKind::Unknown, format!("{origin} sent no media in time")))?
         .map_err(|err| match err {
             super::SendError::Remote { status: 404, .. } => Error::not_found("Unknown media id"),
+            super::SendError::Disabled => {
+                Error::not_found("Media from other servers is not available")
+            }
             super::SendError::BadResponse { reason, .. } if reason.contains("too large") => {
                 Error::new(ErrorKind::TooLarge, "The remote media is too large")
             }

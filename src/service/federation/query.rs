@@ -115,7 +115,7 @@ impl RemoteQueries {
             .map_err(|_| timed_out(server))?;
         let profile: Profile = match answer {
             Ok(response) => response.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(SendError::Remote { status: 404, .. }) => {
+            Err(SendError::Remote { status: 404, .. } | SendError::Disabled) => {
                 return Err(Error::not_found("Profile not found"));
             }
             Err(err) => return Err(err.into()),
@@ -141,7 +141,7 @@ impl RemoteQueries {
             .map_err(|_| timed_out(server))?;
         match answer {
             Ok(response) => Ok(Some((response.room_id, response.servers))),
-            Err(SendError::Remote { status: 404, .. }) => Ok(None),
+            Err(SendError::Remote { status: 404, .. } | SendError::Disabled) => Ok(None),
             Err(err) => Err(err.into()),
         }
     }
