@@ -267,6 +267,7 @@ impl Server {
         ));
         tasks.spawn(crate::service::jobs::run(services.clone(), stopped.clone()));
         tasks.spawn(crate::service::appservice::send::run(services.clone(), stopped.clone()));
+        tasks.spawn(crate::service::federation::sender::run(services.clone(), stopped.clone()));
         tasks.spawn(flush_login_failures(services.clone(), stopped.clone()));
         if services.config.audit.retention_days > 0 {
             tasks.spawn(prune_audit_hourly(services.clone(), stopped.clone()));

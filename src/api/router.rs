@@ -277,6 +277,15 @@ pub fn build(state: State) -> Router {
             "/_synapse/admin/v1/event_reports/{report_id}",
             get(admin::reports::get).delete(admin::reports::delete),
         )
+        .route("/_synapse/admin/v1/federation/destinations", get(admin::federation::list))
+        .route(
+            "/_synapse/admin/v1/federation/destinations/{destination}",
+            get(admin::federation::get),
+        )
+        .route(
+            "/_synapse/admin/v1/federation/destinations/{destination}/reset_connection",
+            post(admin::federation::reset_connection),
+        )
         .route("/_synapse/admin/v1/registration_tokens", get(admin::tokens::list))
         .route("/_synapse/admin/v1/registration_tokens/new", post(admin::tokens::create))
         .route(

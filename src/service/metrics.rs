@@ -121,6 +121,7 @@ impl Metrics {
         render_storage(&mut out, services);
         render_process(&mut out);
         services.federation.render_metrics(&mut out);
+        services.federation_sender.render_metrics(&mut out);
         out
     }
 

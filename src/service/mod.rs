@@ -126,6 +126,10 @@ pub struct Services {
     pub appservices: appservice::Appservices,
     /// Cached answers of other servers to profile, alias and key lookups.
     pub remote: federation::query::RemoteQueries,
+    /// The queues of transactions to other servers.
+    pub federation_sender: federation::sender::Sender,
+    /// Transactions from other servers: their stored answers and ordering.
+    pub federation_receiver: federation::receive::Receiver,
 }
 
 impl Services {
@@ -184,6 +188,8 @@ impl Services {
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
             remote: federation::query::RemoteQueries::default(),
+            federation_sender: federation::sender::Sender::new(&db)?,
+            federation_receiver: federation::receive::Receiver::new(&db),
             stream,
             config,
             db,
@@ -201,7 +207,8 @@ impl Services {
                 .contributor(analytics::Recorder)
                 .listener(search::Indexing)
                 .listener(push::notifier::Enqueue)
-                .listener(appservice::Forward),
+                .listener(appservice::Forward)
+                .listener(federation::sender::Announce),
         );
         services.appservices.start(&services).map_err(init)?;
         Ok(services)

@@ -77,6 +77,10 @@ pub struct TargetStatus {
     pub last_error_ms: Option<u64>,
     /// Failures since the last success.
     pub failures: u32,
+    /// When the current run of failures began (ms since the epoch).
+    pub failing_since_ms: Option<u64>,
+    /// The wait before the next attempt while failing, in milliseconds.
+    pub retry_interval_ms: u64,
 }
 
 /// A batch read from a queue: the raw keys and the items.
@@ -86,6 +90,8 @@ type Read<V> = (Vec<Box<[u8]>>, Vec<Item<V>>);
 #[derive(Default)]
 struct Target {
     wake: Notify,
+    /// Cuts a failing target's backoff short.
+    retry: Notify,
     queued: AtomicU64,
     status: Mutex<TargetStatus>,
 }
@@ -225,6 +231,30 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         }
     }
 
+    /// The status of every target known since start (those with items left from before
+    /// included), ordered by target.
+    pub fn statuses(&self) -> Vec<TargetStatus> {
+        let names: Vec<String> = {
+            let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+            targets.keys().cloned().collect()
+        };
+        let mut statuses: Vec<TargetStatus> = names.iter().map(|t| self.status(t)).collect();
+        statuses.sort_unstable_by(|a, b| a.target.cmp(&b.target));
+        statuses
+    }
+
+    /// Ends `target`'s backoff now when it is failing: it is reachable again (it contacted
+    /// us, or an admin asked). Cheap when the target is not failing.
+    pub fn retry_now(&self, target: &str) {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = targets.get(target) {
+            let failing = state.status.lock().unwrap_or_else(|e| e.into_inner()).failures > 0;
+            if failing {
+                state.retry.notify_one();
+            }
+        }
+    }
+
     /// The oldest items of `target`, at most one batch, with their keys.
     fn read(&self, target: &str) -> Result<Read<V>> {
         let mut keys = Vec::new();
@@ -327,6 +357,8 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
                         status.last_success_ms = Some(now_ms());
                         status.failures = 0;
+                        status.failing_since_ms = None;
+                        status.retry_interval_ms = 0;
                     }
                     failures = 0;
                     keys.clear();
@@ -338,12 +370,17 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                     tracing::debug!(target, %why, ?wait, "outbox delivery failed; retrying later");
                     {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+                        let now = now_ms();
                         status.last_error = Some(why);
-                        status.last_error_ms = Some(now_ms());
+                        status.last_error_ms = Some(now);
                         status.failures = failures;
+                        status.failing_since_ms.get_or_insert(now);
+                        status.retry_interval_ms = wait.as_millis() as u64;
                     }
-                    if pause(&mut stopped, wait).await {
-                        return;
+                    tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => return,
+                        () = tokio::time::sleep(wait) => {}
+                        () = state.retry.notified() => failures = 0,
                     }
                 }
             }

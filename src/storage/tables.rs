@@ -196,6 +196,9 @@ pub const FEDERATION_SERVER_KEYS: &str = "federation_server_keys";
 /// `kind byte, target, 0xFF, sequence` -> a queued item: the outboxes (application services,
 /// later federation destinations and push gateways), each target's items in order.
 pub const OUTBOX: &str = "outbox";
+/// `origin server` -> its latest transaction id and the answer given, so a retried
+/// transaction gets the same answer and nothing twice.
+pub const FEDERATION_TXNS: &str = "federation_txns";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -276,4 +279,5 @@ pub const ALL: &[&str] = &[
     ERASED_USERS,
     FEDERATION_SERVER_KEYS,
     OUTBOX,
+    FEDERATION_TXNS,
 ];

@@ -6,6 +6,7 @@
 pub mod harness;
 mod media;
 mod queries;
+mod sending;
 
 use plaza::service::{federation::SendError, now_ms};
 use reqwest::{Method, StatusCode};

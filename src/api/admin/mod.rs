@@ -7,6 +7,7 @@
 pub mod analytics;
 pub mod appservices;
 pub mod audit;
+pub mod federation;
 pub mod media;
 pub mod notices;
 pub mod register;

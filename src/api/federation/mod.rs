@@ -3,6 +3,7 @@
 //! sees it, and the federation routes (key server, notary, version, public rooms).
 
 pub mod directory;
+pub mod events;
 pub mod keys;
 pub mod media;
 pub mod query;
@@ -99,6 +100,8 @@ where
         } else {
             request
         };
+        // A verified request: its server is up, so our queue to it need not wait.
+        services.federation_sender.contacted(&x_matrix.origin);
         let body = T::try_from_http_request(request, &path_args).map_err(map_parse_error)?;
         Ok(Self { origin: x_matrix.origin, body })
     }
@@ -153,5 +156,12 @@ pub fn routes() -> Router<State> {
     let router = FederatedHandler::add_to(query::keys_query, router);
     let router = FederatedHandler::add_to(query::keys_claim, router);
     let router = FederatedHandler::add_to(media::download, router);
-    FederatedHandler::add_to(media::thumbnail, router)
+    let router = FederatedHandler::add_to(media::thumbnail, router);
+    let router = FederatedHandler::add_to(events::send, router);
+    let router = FederatedHandler::add_to(events::event, router);
+    let router = FederatedHandler::add_to(events::state, router);
+    let router = FederatedHandler::add_to(events::state_ids, router);
+    let router = FederatedHandler::add_to(events::event_auth, router);
+    let router = FederatedHandler::add_to(events::backfill, router);
+    FederatedHandler::add_to(events::missing_events, router)
 }

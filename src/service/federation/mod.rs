@@ -9,6 +9,8 @@ pub mod keys;
 pub mod media;
 pub mod policy;
 pub mod query;
+pub mod receive;
+pub mod sender;
 
 use std::{
     borrow::Cow,

@@ -1,0 +1,251 @@
+//! Sending this server's events and EDUs to the other servers of its rooms: one persistent,
+//! ordered queue per destination (an [`Outbox`]), delivered as federation transactions
+//! (`PUT /_matrix/federation/v1/send/{txnId}`) with backoff per destination. Items leave a
+//! queue only once the destination accepted the transaction, so a destination that is down
+//! (or a restart here) loses nothing: it catches up when it is back, and its backoff ends as
+//! soon as it contacts us.
+//!
+//! The event core never calls in here: [`Announce`] is an after-durable listener.
+
+use std::{collections::BTreeSet, fmt::Write as _, sync::Arc};
+
+use ruma::{
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName, ServerName, UserId,
+    api::federation::transactions::{edu::Edu, send_transaction_message},
+    serde::Raw,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+use tokio::sync::watch;
+
+use super::SendError;
+use crate::{
+    error::{Error, Result},
+    service::{
+        Services,
+        outbox::{Deliver, Item, KIND_FEDERATION, Outbox, TargetStatus},
+        rooms::{listeners::Listener, pdu::StoredPdu},
+    },
+    storage::{Db, StorageError},
+};
+
+/// Most items in one transaction: the spec's 50 PDUs (and so at most 100 EDUs).
+pub const MAX_TRANSACTION_ITEMS: usize = 50;
+/// Most items waiting for one destination; beyond it new items are dropped and said so.
+const MAX_QUEUED: u64 = 1_000_000;
+/// Most destinations named one by one in the metrics.
+const MAX_METRIC_DESTINATIONS: usize = 1_000;
+
+/// What waits in a destination's queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Queued {
+    /// One of our events, by id (read when sent, so a redaction meanwhile applies).
+    #[serde(rename = "p")]
+    Pdu(OwnedEventId),
+    /// An EDU as sent.
+    #[serde(rename = "e")]
+    Edu(JsonValue),
+}
+
+/// The per-destination queues of outgoing transactions.
+pub struct Sender {
+    outbox: Arc<Outbox<Queued>>,
+}
+
+impl Sender {
+    /// The queues kept in `db`; those left from before are sent once [`run`] starts.
+    pub fn new(db: &Db) -> Result<Self, StorageError> {
+        let outbox = Outbox::new(
+            db,
+            KIND_FEDERATION,
+            "federation_outbox",
+            MAX_TRANSACTION_ITEMS,
+            MAX_QUEUED,
+        )?;
+        Ok(Self { outbox: Arc::new(outbox) })
+    }
+
+    /// Queues `items` for `destination`.
+    fn enqueue(&self, destination: &ServerName, items: &[Queued]) -> Result<()> {
+        self.outbox.enqueue(destination.as_str(), items)
+    }
+
+    /// `origin` reached us with a verified request: it is up, so a failing queue to it is
+    /// retried now instead of after its backoff.
+    pub fn contacted(&self, origin: &ServerName) {
+        self.outbox.retry_now(origin.as_str());
+    }
+
+    /// Ends `destination`'s backoff: its queue is retried now.
+    pub fn reset(&self, destination: &str) {
+        self.outbox.retry_now(destination);
+    }
+
+    /// The state of every destination known since start, ordered by name.
+    pub fn destinations(&self) -> Vec<TargetStatus> {
+        self.outbox.statuses()
+    }
+
+    /// The state of `destination`, when anything was ever queued for it since start.
+    pub fn destination(&self, destination: &str) -> Option<TargetStatus> {
+        self.outbox.statuses().into_iter().find(|s| s.target == destination)
+    }
+
+    /// Items waiting for `destination`.
+    pub fn depth(&self, destination: &str) -> u64 {
+        self.outbox.depth(destination)
+    }
+
+    /// Queue depths and failures per destination in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let statuses = self.outbox.statuses();
+        let families = [
+            ("plaza_federation_queue_depth", "Items waiting for each destination.", false),
+            (
+                "plaza_federation_destination_failures",
+                "Failed transactions in a row for each destination.",
+                true,
+            ),
+        ];
+        for (name, help, failures) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            let mut other = 0u64;
+            for (n, status) in statuses.iter().enumerate() {
+                let value = if failures { u64::from(status.failures) } else { status.queued };
+                if n >= MAX_METRIC_DESTINATIONS {
+                    other += value;
+                    continue;
+                }
+                let destination = status.target.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{destination=\"{destination}\"}} {value}");
+            }
+            if statuses.len() > MAX_METRIC_DESTINATIONS {
+                let _ = writeln!(out, "{name}{{destination=\"other\"}} {other}");
+            }
+        }
+    }
+}
+
+/// Queues `edu` for each of `destinations` (this server left out), after the PDUs and EDUs
+/// queued for them before.
+pub fn queue_edu(services: &Services, destinations: &[OwnedServerName], edu: Edu) -> Result<()> {
+    if !services.federation.enabled() {
+        return Ok(());
+    }
+    let value = serde_json::to_value(&edu).map_err(Error::internal)?;
+    let item = [Queued::Edu(value)];
+    for destination in destinations {
+        if destination != services.server_name() {
+            services.federation_sender.enqueue(destination, &item)?;
+        }
+    }
+    Ok(())
+}
+
+/// The servers `event` goes to: those with joined members in its room, and for a membership
+/// event the target's server (an invite, a kick, a ban reach it), this server left out.
+fn destinations_of(services: &Services, event: &StoredPdu) -> Result<BTreeSet<OwnedServerName>> {
+    let mut servers = BTreeSet::new();
+    for (user, membership) in services.rooms.members(&event.room_id)?.iter() {
+        if membership == "join" {
+            servers.insert(user.server_name().to_owned());
+        }
+    }
+    if event.kind() == "m.room.member"
+        && let Some(target) = event.state_key().and_then(|k| <&UserId>::try_from(k).ok())
+    {
+        servers.insert(target.server_name().to_owned());
+    }
+    servers.remove(services.server_name());
+    Ok(servers)
+}
+
+/// Queues each accepted event sent by one of our users for the other servers of its room.
+pub struct Announce;
+
+impl Listener for Announce {
+    fn persisted(&self, services: &Services, _short: u64, event: &Arc<StoredPdu>) {
+        if !services.federation.enabled() {
+            return;
+        }
+        let ours = <&UserId>::try_from(event.sender())
+            .is_ok_and(|sender| sender.server_name() == services.server_name());
+        if !ours {
+            return;
+        }
+        let destinations = match destinations_of(services, event) {
+            Ok(destinations) => destinations,
+            Err(err) => {
+                tracing::warn!(%err, event_id = %event.event_id, "event not sent: members unreadable");
+                return;
+            }
+        };
+        let item = [Queued::Pdu(event.event_id.clone())];
+        for destination in destinations {
+            if let Err(err) = services.federation_sender.enqueue(&destination, &item) {
+                tracing::warn!(%err, %destination, "event not queued for the destination");
+            }
+        }
+    }
+}
+
+/// Delivers the queues as federation transactions.
+struct Transactions {
+    services: Arc<Services>,
+}
+
+impl Deliver<Queued> for Transactions {
+    async fn deliver(
+        &self,
+        target: &str,
+        txn_id: &str,
+        items: &[Item<Queued>],
+    ) -> Result<(), String> {
+        let services = &self.services;
+        // A name that does not parse was never queued by us: nothing can be sent to it.
+        let Ok(destination) = <&ServerName>::try_from(target) else { return Ok(()) };
+        let mut request = send_transaction_message::v1::Request::new(
+            txn_id.into(),
+            services.server_name().to_owned(),
+            MilliSecondsSinceUnixEpoch::now(),
+        );
+        for item in items {
+            match &item.value {
+                Queued::Pdu(event_id) => match services.rooms.stored(event_id) {
+                    Ok(Some(stored)) => request.pdus.push(
+                        serde_json::value::to_raw_value(&stored.wire).map_err(|e| e.to_string())?,
+                    ),
+                    // Purged meanwhile: nothing to send.
+                    Ok(None) => {}
+                    Err(err) => return Err(format!("event {event_id} unreadable: {err}")),
+                },
+                Queued::Edu(edu) => request.edus.push(Raw::from_json(
+                    serde_json::value::to_raw_value(edu).map_err(|e| e.to_string())?,
+                )),
+            }
+        }
+        if request.pdus.is_empty() && request.edus.is_empty() {
+            return Ok(());
+        }
+        match services.federation.send(destination, request).await {
+            Ok(response) => {
+                for (event_id, result) in response.pdus {
+                    if let Err(why) = result {
+                        tracing::debug!(%destination, %event_id, %why, "destination refused an event");
+                    }
+                }
+                Ok(())
+            }
+            // The lists refuse it, or federation is off: the items can never go.
+            Err(SendError::Forbidden(_) | SendError::Disabled) => Ok(()),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+}
+
+/// Sends every destination's queue until the server stops.
+pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
+    let outbox = services.federation_sender.outbox.clone();
+    let deliver = Arc::new(Transactions { services });
+    outbox.run(deliver, stopped).await;
+}
