@@ -16,6 +16,7 @@ use ruma::{
         },
         to_device::send_event_to_device::v3 as send_to_device,
     },
+    api::federation::transactions::edu::DirectDeviceMessages,
     to_device::DeviceIdOrAllDevices,
 };
 use serde_json::{Map, Value as JsonValue, json};
@@ -26,6 +27,7 @@ use crate::{
     error::{Error, Result},
     service::{
         Services,
+        federation::{edu, sender},
         uiaa::{self, PASSWORD},
     },
 };
@@ -348,9 +350,16 @@ pub async fn send(
     let body = req.body;
     let mut messages = Vec::new();
     let mut count = 0;
+    let mut remote: BTreeMap<ruma::OwnedServerName, DirectDeviceMessages> = BTreeMap::new();
     for (user_id, by_device) in &body.messages {
         if user_id.server_name() != services.server_name() {
-            continue; // other servers' devices need federation
+            count += by_device.len();
+            if count > MAX_TARGETS {
+                return Err(Error::invalid_param("Too many devices in one request"));
+            }
+            let server = remote.entry(user_id.server_name().to_owned()).or_default();
+            server.insert(user_id.clone(), by_device.clone());
+            continue;
         }
         for (target, content) in by_device {
             let devices: Vec<OwnedDeviceId> = match target {
@@ -373,6 +382,14 @@ pub async fn send(
         }
     }
     let sender = (&*caller.user_id, &*caller.device_id, body.txn_id.as_str());
-    services.e2ee.send_to_device(&services, sender, &body.event_type.to_string(), messages)?;
+    let kind = body.event_type.to_string();
+    services.e2ee.send_to_device(&services, sender, &kind, messages)?;
+    // Other servers' devices: one EDU per server, its id unique to this device and request
+    // so that a retried request is dropped there.
+    for (server, messages) in remote {
+        let message_id = format!("{}_{}", caller.device_id, body.txn_id);
+        let edu = edu::direct_to_device(&caller.user_id, &kind, message_id.into(), messages);
+        sender::queue_edu(&services, &[server], edu)?;
+    }
     Ok(send_to_device::Response::new())
 }
