@@ -185,3 +185,30 @@ async fn to_device_edus_are_delivered_once_and_only_for_the_origins_users() {
     assert_eq!(events[0]["type"], "org.example.ping");
     assert_eq!(events[0]["content"]["body"], "one");
 }
+
+#[tokio::test]
+async fn to_device_messages_reach_the_other_servers_devices() {
+    let (_pki, a, b) = pair().await;
+    let (alice_id, alice, alice_device) = a.server.register("alice", "correct horse").await;
+    let (bob_id, bob, _) = b.server.register("bob", "correct horse").await;
+    let first = sync(&a.server, &alice, None).await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let body = json!({ "messages": { alice_id.as_str(): { alice_device.as_str(): { "n": 1 } } } });
+    let path = "/_matrix/client/v3/sendToDevice/org.example.ping/t1";
+    let (status, answer) = b.server.put(path, Some(&bob), body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // The same request again is delivered once.
+    b.server.put(path, Some(&bob), body).await;
+    // Long-polls until the message arrives.
+    let wait = format!("/_matrix/client/v3/sync?timeout=10000&since={since}");
+    let (status, later) = a.server.get(&wait, Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{later}");
+    let events = later["to_device"]["events"].as_array().cloned().unwrap_or_default();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["sender"], bob_id);
+    assert_eq!(events[0]["content"]["n"], 1);
+    let next = later["next_batch"].as_str().unwrap();
+    let wait = format!("/_matrix/client/v3/sync?timeout=2000&since={next}");
+    let (_, after) = a.server.get(&wait, Some(&alice)).await;
+    assert_eq!(after["to_device"]["events"].as_array().map_or(0, Vec::len), 0, "{after}");
+}
