@@ -282,7 +282,11 @@ async fn lookup(
     }
     let origin = parse_origin(server_name)?;
     check_media_id(media_id)?;
-    let record = state.media.get(&origin, media_id, wait_from(&query(parts))?).await?;
+    let record = if origin == state.server_name() {
+        state.media.get(&origin, media_id, wait_from(&query(parts))?).await?
+    } else {
+        state.remote.media.get(state, &origin, media_id).await?
+    };
     if !authenticated && record.authenticated_only {
         return Err(Error::not_found(
             "This media is only served through the authenticated media endpoints",

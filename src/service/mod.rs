@@ -133,6 +133,8 @@ pub struct Services {
     pub webhooks: webhooks::Webhooks,
     /// Out-of-office automatic replies.
     pub auto_reply: auto_reply::AutoReplies,
+    /// Cached answers of other servers to profile, alias and key lookups.
+    pub remote: federation::query::RemoteQueries,
     /// The queues of transactions to other servers.
     pub federation_sender: federation::sender::Sender,
     /// Transactions from other servers: their stored answers and ordering.
@@ -197,6 +199,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
+            remote: federation::query::RemoteQueries::default(),
             federation_sender: federation::sender::Sender::new(&db)?,
             federation_receiver: federation::receive::Receiver::new(&db),
             stream,

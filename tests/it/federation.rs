@@ -4,6 +4,8 @@
 //! rotation, the version endpoint, and serving behind a reverse proxy.
 
 pub mod harness;
+mod media;
+mod queries;
 mod sending;
 
 use plaza::service::{federation::SendError, now_ms};

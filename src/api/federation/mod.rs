@@ -6,7 +6,8 @@ pub mod directory;
 pub mod events;
 pub mod keys;
 pub mod membership;
-pub mod query_directory;
+pub mod media;
+pub mod query;
 
 use std::future::Future;
 
@@ -150,6 +151,13 @@ pub fn routes() -> Router<State> {
     let router = RumaHandler::add_to(keys::version, router);
     let router = FederatedHandler::add_to(directory::public_rooms, router);
     let router = FederatedHandler::add_to(directory::public_rooms_filtered, router);
+    let router = FederatedHandler::add_to(query::profile, router);
+    let router = FederatedHandler::add_to(query::directory, router);
+    let router = FederatedHandler::add_to(query::devices, router);
+    let router = FederatedHandler::add_to(query::keys_query, router);
+    let router = FederatedHandler::add_to(query::keys_claim, router);
+    let router = FederatedHandler::add_to(media::download, router);
+    let router = FederatedHandler::add_to(media::thumbnail, router);
     let router = FederatedHandler::add_to(events::send, router);
     let router = FederatedHandler::add_to(events::event, router);
     let router = FederatedHandler::add_to(events::state, router);
@@ -162,6 +170,5 @@ pub fn routes() -> Router<State> {
     let router = FederatedHandler::add_to(membership::make_leave, router);
     let router = FederatedHandler::add_to(membership::send_leave, router);
     let router = FederatedHandler::add_to(membership::make_knock, router);
-    let router = FederatedHandler::add_to(membership::send_knock, router);
-    FederatedHandler::add_to(query_directory::room_information, router)
+    FederatedHandler::add_to(membership::send_knock, router)
 }

@@ -7,7 +7,9 @@ pub mod discovery;
 pub mod edu;
 pub mod keys;
 pub mod membership;
+pub mod media;
 pub mod policy;
+pub mod query;
 pub mod receive;
 pub mod sender;
 

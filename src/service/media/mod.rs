@@ -403,6 +403,46 @@ impl Media {
         Ok(media_id)
     }
 
+    /// The local copy of another server's media, when fetched before (and not quarantined).
+    pub fn cached_remote(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+    ) -> Result<Option<MediaRecord>> {
+        Ok(self
+            .records
+            .get(&(origin.as_str(), media_id))?
+            .filter(|r| r.sha256.is_some() && !r.quarantined))
+    }
+
+    /// Records the local copy of another server's media, stored as `blob`; `@media:origin`
+    /// stands as its uploader (it counts against no quota here).
+    pub fn store_remote(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        info: UploadInfo,
+        blob: &Blob,
+    ) -> Result<MediaRecord> {
+        let uploader = UserId::parse(format!("@media:{origin}")).map_err(Error::internal)?;
+        let record = MediaRecord {
+            uploader,
+            content_type: info.content_type,
+            filename: info.filename,
+            size: blob.size,
+            sha256: Some(blob.sha256.clone()),
+            created_ms: now_ms(),
+            expires_ms: None,
+            quarantined: false,
+            authenticated_only: false,
+        };
+        let mut batch = self.db.batch();
+        self.by_hash.put(&mut batch, &(blob.sha256.as_str(), (origin.as_str(), media_id)), &());
+        self.records.put(&mut batch, &(origin.as_str(), media_id), &record);
+        self.db.write(batch)?;
+        Ok(record)
+    }
+
     /// Writes `record` for a local media id in one batch with its quota accounting.
     fn commit(
         &self,
