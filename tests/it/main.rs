@@ -36,5 +36,6 @@ mod sdk_threads;
 mod search;
 mod shared_secret;
 mod spaces;
+mod synapse;
 mod sync;
 mod threads;
