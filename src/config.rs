@@ -1194,6 +1194,9 @@ pub struct FederationConfig {
     pub trusted_key_servers: Vec<TrustedKeyServer>,
     /// How long other servers may cache this server's keys, in seconds (`valid_until_ts`).
     pub key_validity_secs: u64,
+    /// Whether presence is exchanged with other servers (sent to and taken from servers
+    /// sharing a room with the user).
+    pub presence: bool,
 }
 
 /// A notary server, with the keys its answers must be signed with (fetched from it when
@@ -1225,6 +1228,7 @@ impl Default for FederationConfig {
             deny: Vec::new(),
             trusted_key_servers: Vec::new(),
             key_validity_secs: MAX_KEY_VALIDITY_SECS,
+            presence: true,
         }
     }
 }

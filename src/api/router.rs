@@ -346,7 +346,8 @@ pub fn build(state: State) -> Router {
 
 /// The federation listener's application: the federation and key endpoints only.
 pub fn build_federation(state: State) -> Router {
-    let router = super::federation::routes()
+    // Integration managers check OpenID tokens here too.
+    let router = RumaHandler::add_to(client::openid::userinfo, super::federation::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     finish(router, state, false)

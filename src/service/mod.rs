@@ -124,6 +124,8 @@ pub struct Services {
     pub federation: federation::Federation,
     /// Application services (bridges and bots) and their transaction queues.
     pub appservices: appservice::Appservices,
+    /// Cached answers of other servers to profile, alias and key lookups.
+    pub remote: federation::query::RemoteQueries,
 }
 
 impl Services {
@@ -181,6 +183,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
+            remote: federation::query::RemoteQueries::default(),
             stream,
             config,
             db,

@@ -54,10 +54,19 @@ pub async fn create(
 
 /// `GET /_matrix/client/v3/directory/room/{roomAlias}`
 pub async fn get(services: State, req: Ruma<get_alias::Request>) -> Result<get_alias::Response> {
-    services.appservices.query_alias(&services, &req.body.room_alias).await?;
+    let alias = &req.body.room_alias;
+    if alias.server_name() != services.server_name() {
+        let (room_id, servers) = services
+            .remote
+            .room_alias(&services, alias)
+            .await?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        return Ok(get_alias::Response::new(room_id, servers));
+    }
+    services.appservices.query_alias(&services, alias).await?;
     let record = services
         .directory
-        .resolve(&req.body.room_alias)?
+        .resolve(alias)?
         .ok_or_else(|| Error::not_found("Room alias not found"))?;
     Ok(get_alias::Response::new(record.room_id, vec![services.server_name().to_owned()]))
 }
@@ -187,20 +196,23 @@ pub(crate) fn page(
     })
 }
 
-fn check_server(services: &Services, server: Option<&ruma::ServerName>) -> Result<()> {
-    if server.is_some_and(|s| s != services.server_name()) {
-        return Err(Error::new(ErrorKind::Unknown, "Directories of other servers need federation"));
-    }
-    Ok(())
-}
-
 /// `GET /_matrix/client/v3/publicRooms`
 pub async fn public(
     services: State,
     req: Ruma<public_rooms::Request>,
 ) -> Result<public_rooms::Response> {
     let body = req.body;
-    check_server(&services, body.server.as_deref())?;
+    if let Some(server) = body.server.as_deref().filter(|s| *s != services.server_name()) {
+        let mut request = ruma::api::federation::directory::get_public_rooms::v1::Request::new();
+        request.limit = body.limit;
+        request.since = body.since.clone();
+        let remote = services.federation.send(server, request).await?;
+        let mut response = public_rooms::Response::new(remote.chunk);
+        response.next_batch = remote.next_batch;
+        response.prev_batch = remote.prev_batch;
+        response.total_room_count_estimate = remote.total_room_count_estimate;
+        return Ok(response);
+    }
     let page = page(&services, body.limit, body.since.as_deref(), None, &[])?;
     let mut response = public_rooms::Response::new(page.chunk);
     response.next_batch = page.next_batch;
@@ -216,7 +228,21 @@ pub async fn public_filtered(
 ) -> Result<public_rooms_filtered::Response> {
     req.caller()?;
     let body = req.body;
-    check_server(&services, body.server.as_deref())?;
+    if let Some(server) = body.server.as_deref().filter(|s| *s != services.server_name()) {
+        use ruma::api::federation::directory::get_public_rooms_filtered::v1 as remote_filtered;
+        let mut request = remote_filtered::Request::new();
+        request.limit = body.limit;
+        request.since = body.since.clone();
+        request.filter = body.filter.clone();
+        request.room_network = body.room_network.clone();
+        let remote = services.federation.send(server, request).await?;
+        let mut response = public_rooms_filtered::Response::new();
+        response.chunk = remote.chunk;
+        response.next_batch = remote.next_batch;
+        response.prev_batch = remote.prev_batch;
+        response.total_room_count_estimate = remote.total_room_count_estimate;
+        return Ok(response);
+    }
     let filter = &body.filter;
     let page = page(
         &services,

@@ -24,7 +24,10 @@ use super::sync::parse_token;
 use crate::{
     api::{JsonResponse, Ruma, State},
     error::{Error, Result},
-    service::uiaa::{self, PASSWORD},
+    service::{
+        Services,
+        uiaa::{self, PASSWORD},
+    },
 };
 
 /// Most users or devices one request may name.
@@ -59,8 +62,44 @@ pub async fn upload(services: State, req: Ruma<upload_keys::Request>) -> Result<
     Ok(JsonResponse(json!({ "one_time_key_counts": counts })))
 }
 
+/// A local user's published keys: the named devices' (all when none are named; deleted
+/// devices' stay hidden) and the cross-signing keys.
+#[derive(Default)]
+pub struct LocalKeys {
+    /// Device id to signed device keys, with the display name in `unsigned`.
+    pub devices: Map<String, JsonValue>,
+    /// The master key.
+    pub master: Option<JsonValue>,
+    /// The self-signing key.
+    pub self_signing: Option<JsonValue>,
+}
+
+/// The keys of local user `user_id` that others may see.
+pub fn local_keys(
+    services: &Services,
+    user_id: &UserId,
+    devices: &[OwnedDeviceId],
+) -> Result<LocalKeys> {
+    let wanted: Vec<OwnedDeviceId> = if devices.is_empty() {
+        services.sessions.devices(user_id)?.into_iter().map(|(id, _)| id).collect()
+    } else {
+        devices.to_vec()
+    };
+    let mut keys = LocalKeys::default();
+    for device_id in wanted.iter().take(MAX_TARGETS) {
+        let Some(record) = services.sessions.device(user_id, device_id)? else { continue };
+        if let Some(mut key) = services.e2ee.device_keys(user_id, device_id)? {
+            key["unsigned"] = json!({ "device_display_name": record.display_name });
+            keys.devices.insert(device_id.to_string(), key);
+        }
+    }
+    keys.master = services.e2ee.cross_signing(user_id, "master")?;
+    keys.self_signing = services.e2ee.cross_signing(user_id, "self_signing")?;
+    Ok(keys)
+}
+
 /// `POST /_matrix/client/v3/keys/query`: device and cross-signing keys of local users
-/// (others' user-signing keys stay private).
+/// (others' user-signing keys stay private) and, from their servers, of remote ones.
 pub async fn query(services: State, req: Ruma<get_keys::Request>) -> Result<JsonResponse> {
     let caller = req.caller()?.clone();
     let body = req.body;
@@ -69,33 +108,18 @@ pub async fn query(services: State, req: Ruma<get_keys::Request>) -> Result<Json
     }
     let (mut device_keys, mut failures) = (Map::new(), Map::new());
     let (mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new());
+    let mut remote = std::collections::BTreeMap::new();
     for (user_id, devices) in &body.device_keys {
         if user_id.server_name() != services.server_name() {
-            failures.insert(
-                user_id.server_name().to_string(),
-                json!({ "status": 503, "message": "Federation is not available" }),
-            );
+            remote.insert(user_id.clone(), devices.clone());
             continue;
         }
-        let wanted: Vec<OwnedDeviceId> = if devices.is_empty() {
-            services.sessions.devices(user_id)?.into_iter().map(|(id, _)| id).collect()
-        } else {
-            devices.clone()
-        };
-        let mut keys = Map::new();
-        for device_id in wanted.iter().take(MAX_TARGETS) {
-            // Keys of deleted devices stay hidden.
-            let Some(record) = services.sessions.device(user_id, device_id)? else { continue };
-            if let Some(mut key) = services.e2ee.device_keys(user_id, device_id)? {
-                key["unsigned"] = json!({ "device_display_name": record.display_name });
-                keys.insert(device_id.to_string(), key);
-            }
-        }
-        device_keys.insert(user_id.to_string(), JsonValue::Object(keys));
-        if let Some(key) = services.e2ee.cross_signing(user_id, "master")? {
+        let keys = local_keys(&services, user_id, devices)?;
+        device_keys.insert(user_id.to_string(), JsonValue::Object(keys.devices));
+        if let Some(key) = keys.master {
             master.insert(user_id.to_string(), key);
         }
-        if let Some(key) = services.e2ee.cross_signing(user_id, "self_signing")? {
+        if let Some(key) = keys.self_signing {
             self_signing.insert(user_id.to_string(), key);
         }
         if *user_id == caller.user_id
@@ -103,6 +127,13 @@ pub async fn query(services: State, req: Ruma<get_keys::Request>) -> Result<Json
         {
             user_signing.insert(user_id.to_string(), key);
         }
+    }
+    if !remote.is_empty() {
+        let keys = services.remote.keys(&services, &remote).await;
+        device_keys.extend(keys.device_keys);
+        master.extend(keys.master_keys);
+        self_signing.extend(keys.self_signing_keys);
+        failures.extend(keys.failures);
     }
     Ok(JsonResponse(json!({
         "device_keys": device_keys,
@@ -113,37 +144,54 @@ pub async fn query(services: State, req: Ruma<get_keys::Request>) -> Result<Json
     })))
 }
 
-/// `POST /_matrix/client/v3/keys/claim`: each one-time key goes to exactly one claimer; when a
-/// device has none left, its fallback key.
+/// Claims one-time keys of local devices: each key goes to exactly one claimer; when a device
+/// has none left, its fallback key. `targets` counts devices across calls, bounded.
+pub fn claim_local(
+    services: &Services,
+    user_id: &UserId,
+    devices: &std::collections::BTreeMap<OwnedDeviceId, ruma::OneTimeKeyAlgorithm>,
+    targets: &mut usize,
+) -> Result<Map<String, JsonValue>> {
+    let mut by_device = Map::new();
+    for (device_id, algorithm) in devices {
+        *targets += 1;
+        if *targets > MAX_TARGETS {
+            return Err(Error::invalid_param("Too many devices in one claim"));
+        }
+        if services.sessions.device(user_id, device_id)?.is_none() {
+            continue;
+        }
+        if let Some((key_id, key)) = services.e2ee.claim(user_id, device_id, algorithm.as_str())? {
+            by_device.insert(device_id.to_string(), json!({ key_id: key }));
+        }
+    }
+    Ok(by_device)
+}
+
+/// `POST /_matrix/client/v3/keys/claim`: local devices' keys here, remote ones' from their
+/// servers.
 pub async fn claim(services: State, req: Ruma<claim_keys::Request>) -> Result<JsonResponse> {
     req.caller()?;
     let body = req.body;
     let (mut claimed, mut failures) = (Map::new(), Map::new());
     let mut targets = 0;
-    for (user_id, devices) in &body.one_time_keys {
+    let mut remote = std::collections::BTreeMap::new();
+    for (user_id, devices) in body.one_time_keys {
         if user_id.server_name() != services.server_name() {
-            failures.insert(
-                user_id.server_name().to_string(),
-                json!({ "status": 503, "message": "Federation is not available" }),
-            );
-            continue;
-        }
-        let mut by_device = Map::new();
-        for (device_id, algorithm) in devices {
-            targets += 1;
+            targets += devices.len();
             if targets > MAX_TARGETS {
                 return Err(Error::invalid_param("Too many devices in one claim"));
             }
-            if services.sessions.device(user_id, device_id)?.is_none() {
-                continue;
-            }
-            if let Some((key_id, key)) =
-                services.e2ee.claim(user_id, device_id, algorithm.as_str())?
-            {
-                by_device.insert(device_id.to_string(), json!({ key_id: key }));
-            }
+            remote.insert(user_id, devices);
+            continue;
         }
+        let by_device = claim_local(&services, &user_id, &devices, &mut targets)?;
         claimed.insert(user_id.to_string(), JsonValue::Object(by_device));
+    }
+    if !remote.is_empty() {
+        let (remote_claimed, remote_failures) = services.remote.claim(&services, remote).await;
+        claimed.extend(remote_claimed);
+        failures.extend(remote_failures);
     }
     Ok(JsonResponse(json!({ "one_time_keys": claimed, "failures": failures })))
 }

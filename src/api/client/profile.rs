@@ -15,7 +15,11 @@ use crate::{
     service::{rooms::membership, users::Profile},
 };
 
-fn profile_of(services: &State, user_id: &UserId) -> Result<Profile> {
+/// A local user's profile, or a remote one's from their server (cached briefly).
+async fn profile_of(services: &State, user_id: &UserId) -> Result<Profile> {
+    if user_id.server_name() != services.server_name() {
+        return services.remote.profile(services, user_id).await;
+    }
     match services.users.get(user_id)? {
         Some(_) => services.users.profile(user_id),
         None => Err(Error::not_found("Profile not found")),
@@ -37,7 +41,7 @@ pub async fn get_profile(
     req: Ruma<get_profile::Request>,
 ) -> Result<get_profile::Response> {
     query_appservices(&services, &req.body.user_id).await?;
-    Ok(profile_of(&services, &req.body.user_id)?.into_iter().collect())
+    Ok(profile_of(&services, &req.body.user_id).await?.into_iter().collect())
 }
 
 /// `GET /_matrix/client/v3/profile/{userId}/{field}`
@@ -46,7 +50,7 @@ pub async fn get_field(
     req: Ruma<get_field::Request>,
 ) -> Result<get_field::Response> {
     query_appservices(&services, &req.body.user_id).await?;
-    let mut profile = profile_of(&services, &req.body.user_id)?;
+    let mut profile = profile_of(&services, &req.body.user_id).await?;
     let field = req.body.field.as_str();
     let value = profile.remove(field).ok_or_else(|| Error::not_found("Profile field not set"))?;
     let value = ProfileFieldValue::new(field, value).map_err(Error::internal)?;

@@ -4,6 +4,7 @@
 
 pub mod directory;
 pub mod keys;
+pub mod query;
 
 use std::future::Future;
 
@@ -144,5 +145,10 @@ pub fn routes() -> Router<State> {
     let router = RumaHandler::add_to(keys::query_batch, router);
     let router = RumaHandler::add_to(keys::version, router);
     let router = FederatedHandler::add_to(directory::public_rooms, router);
-    FederatedHandler::add_to(directory::public_rooms_filtered, router)
+    let router = FederatedHandler::add_to(directory::public_rooms_filtered, router);
+    let router = FederatedHandler::add_to(query::profile, router);
+    let router = FederatedHandler::add_to(query::directory, router);
+    let router = FederatedHandler::add_to(query::devices, router);
+    let router = FederatedHandler::add_to(query::keys_query, router);
+    FederatedHandler::add_to(query::keys_claim, router)
 }

@@ -4,8 +4,10 @@
 //! lists both directions obey. What travels over it (rooms, EDUs, queries) builds on top.
 
 pub mod discovery;
+pub mod edu;
 pub mod keys;
 pub mod policy;
+pub mod query;
 
 use std::{
     borrow::Cow,
