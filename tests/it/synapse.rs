@@ -1,7 +1,9 @@
 //! Interoperability with a real Synapse (the pinned release from PyPI) over TLS on loopback:
-//! each side fetches the other's keys, directly and through a notary, and signed requests
-//! pass both ways. Synapse takes seconds to start, so there are few tests and each covers
-//! much.
+//! each side fetches the other's keys, directly and through a notary, signed requests pass
+//! both ways and each client API answers for the other's users; users of each share rooms
+//! created on either side (messages, edits, threads, invites, aliases, leaving and rejoining)
+//! and fetch each other's media. Synapse takes seconds to start, so there are few tests and
+//! each covers much.
 
 pub mod harness;
 
@@ -103,7 +105,7 @@ async fn synapse_and_plaza_exchange_keys_and_signed_requests() {
 
     // Synapse to Plaza: a Synapse user browses Plaza's room directory; Plaza checks
     // Synapse's signature with Synapse's keys.
-    let (_, token, _) = plaza.server.register("bob", "password-bob").await;
+    let (bob_id, token, _) = plaza.server.register("bob", "password-bob").await;
     let room_id = plaza
         .server
         .create_room(&token, json!({ "visibility": "public", "name": "Plaza lobby" }))
@@ -115,6 +117,21 @@ async fn synapse_and_plaza_exchange_keys_and_signed_requests() {
     assert_eq!(chunk.len(), 1, "{rooms}");
     assert_eq!(chunk[0]["room_id"], room_id.as_str());
     assert_eq!(chunk[0]["name"], "Plaza lobby");
+    // Profiles across: each server's client API answers for the other's user by asking it.
+    let path = format!("/_matrix/client/v3/profile/{}", enc(&bob_id));
+    let (status, body) = plaza
+        .server
+        .put(&format!("{path}/displayname"), Some(&token), json!({ "displayname": "Bob on Plaza" }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, profile) = synapse.call(Method::GET, &path, Some(&alice.token), None).await;
+    assert_eq!(status, StatusCode::OK, "{profile}\n{}", synapse.log());
+    assert_eq!(profile["displayname"], "Bob on Plaza");
+    let path = format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id));
+    let (status, profile) = plaza.server.get(&path, Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{profile}");
+    assert_eq!(profile["displayname"], "Alice on Synapse");
+
     let cached = federation.cached_keys(&synapse.name).unwrap().expect("Plaza cached the keys");
     let cached: Vec<_> =
         cached.verify_keys.iter().map(|(id, key)| (id.to_string(), key.0.clone())).collect();
@@ -192,7 +209,7 @@ fn has_body(event: &Value, body: &str) -> bool {
 }
 
 #[tokio::test]
-#[ignore = "needs joins and event exchange over federation"]
+#[ignore = "needs joins, event exchange and media over federation"]
 async fn synapse_and_plaza_users_share_rooms() {
     let pki = Pki::new();
     let (plaza, synapse) = tokio::join!(FedServer::start(&pki, 1, |_| {}), Synapse::start(&pki, 3));
@@ -294,4 +311,48 @@ async fn synapse_and_plaza_users_share_rooms() {
     bob.sees_membership(&public_room, alice_id, "join").await;
     bob.send(&public_room, "m.room.message", text("welcome")).await;
     alice.sees(&public_room, "Bob's welcome", |e| has_body(e, "welcome")).await;
+
+    // Media both ways: a file uploaded on one side is downloaded through the other.
+    let from_plaza =
+        upload(&plaza.server.http, &plaza.server.base, &bob_token, b"plaza bytes").await;
+    let from_synapse =
+        upload(&synapse.http, &synapse.client_base, &alice_account.token, b"synapse bytes").await;
+    assert_eq!(
+        download(&synapse.http, &synapse.client_base, &alice_account.token, &from_plaza).await,
+        b"plaza bytes"
+    );
+    assert_eq!(
+        download(&plaza.server.http, &plaza.server.base, &bob_token, &from_synapse).await,
+        b"synapse bytes"
+    );
+}
+
+/// Uploads `bytes` to the server at `base`; returns the `mxc://` URI.
+async fn upload(http: &reqwest::Client, base: &str, token: &str, bytes: &'static [u8]) -> String {
+    let response = http
+        .post(format!("{base}/_matrix/media/v3/upload?filename=file.txt"))
+        .bearer_auth(token)
+        .header("content-type", "text/plain")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["content_uri"].as_str().unwrap().to_owned()
+}
+
+/// Downloads `mxc` through the server at `base`'s authenticated media API.
+async fn download(http: &reqwest::Client, base: &str, token: &str, mxc: &str) -> Vec<u8> {
+    let path = mxc.strip_prefix("mxc://").unwrap();
+    let response = http
+        .get(format!("{base}/_matrix/client/v1/media/download/{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{mxc}: {}", String::from_utf8_lossy(&bytes));
+    bytes.to_vec()
 }

@@ -210,7 +210,10 @@ fn write_config(
         "tls_private_key_path": key,
         "federation_verify_certificates": true,
         "federation_custom_ca_list": [pki.ca_file],
+        // Loopback must be reachable: the allow list alone does not lift the default block
+        // list for servers named by an IP literal, so the block list is emptied too.
         "ip_range_whitelist": ["127.0.0.0/8"],
+        "ip_range_blacklist": [],
         "database": { "name": "sqlite3", "args": { "database": dir.join("homeserver.db") } },
         "media_store_path": dir.join("media"),
         "signing_key_path": signing_key,
