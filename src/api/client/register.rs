@@ -199,7 +199,7 @@ fn register_appservice_user(
         return Err(Error::new(ErrorKind::UserInUse, "User id already taken"));
     }
     services.users.create(&mut batch, &user_id, None, false, false, None);
-    let issued = issue(&services, &mut batch, &user_id, body)?;
+    let issued = issue(services, &mut batch, &user_id, body)?;
     let entry = Entry::new("user.register", Some(&user_id))
         .target(&user_id)
         .details(serde_json::json!({ "appservice": appservice.id() }));
