@@ -591,3 +591,38 @@ async fn outbound_federation_obeys_the_address_policy() {
         open.services().federation.send(&b.name, get_server_version::v1::Request::new()).await;
     assert!(answer.is_ok(), "{answer:?}");
 }
+
+#[tokio::test]
+async fn unauthenticated_endpoints_accept_a_signed_request() {
+    // Servers sign every request, key fetches included; the key server must not take the
+    // `X-Matrix` header for a malformed access token.
+    let (_pki, a, b) = pair().await;
+    let (status, keys) = a
+        .signed(
+            Method::GET,
+            "/_matrix/key/v2/server",
+            b.name.as_str(),
+            Some(a.name.as_str()),
+            b.key(),
+            &b.key_id(),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    assert_eq!(keys["server_name"], a.name.as_str());
+    let (status, version) = a
+        .signed(
+            Method::GET,
+            "/_matrix/federation/v1/version",
+            b.name.as_str(),
+            Some(a.name.as_str()),
+            b.key(),
+            &b.key_id(),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{version}");
+    assert_eq!(version["server"]["name"], "Plaza");
+}

@@ -39,6 +39,7 @@ mod sdk_threads;
 mod search;
 mod shared_secret;
 mod spaces;
+mod synapse;
 mod sync;
 mod threads;
 mod webhooks;
