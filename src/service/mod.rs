@@ -29,6 +29,7 @@ pub mod relations;
 pub mod rooms;
 pub mod search;
 pub mod sessions;
+pub mod sliding;
 pub mod stream;
 pub mod sync;
 pub mod uiaa;
@@ -117,6 +118,8 @@ pub struct Services {
     pub jobs: jobs::Jobs,
     /// Erased accounts.
     pub erased: offboarding::Erased,
+    /// Sliding sync: rooms by recency and live connections.
+    pub sliding: sliding::Sliding,
 }
 
 impl Services {
@@ -154,6 +157,7 @@ impl Services {
             metrics: metrics::Metrics::default(),
             jobs: jobs::Jobs::new(&db),
             erased: offboarding::Erased::load(&db)?,
+            sliding: sliding::Sliding::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
@@ -182,7 +186,8 @@ impl Services {
                 .contributor(relations::Indexer)
                 .contributor(analytics::Recorder)
                 .listener(search::Indexing)
-                .listener(push::notifier::Enqueue),
+                .listener(push::notifier::Enqueue)
+                .contributor(sliding::recency::Bumps),
         );
         Ok(services)
     }

@@ -190,6 +190,9 @@ pub const JOBS: &str = "jobs";
 /// `user id` -> nothing: erased accounts, whose events are served redacted to those who did
 /// not see them when they were sent.
 pub const ERASED_USERS: &str = "erased_users";
+/// `room id` -> u64: the stream position of the room's newest event that counts for recency
+/// (messages, encrypted messages, calls, polls, stickers, its creation): its `bump_stamp`.
+pub const ROOM_BUMPS: &str = "room_bumps";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -268,4 +271,5 @@ pub const ALL: &[&str] = &[
     SERVER_NOTICE_ROOMS,
     JOBS,
     ERASED_USERS,
+    ROOM_BUMPS,
 ];
