@@ -449,7 +449,7 @@ async fn leaving_shows_the_room_once_with_the_leave_and_invites_enter_lists() {
     let last = gone.as_array().unwrap().last().unwrap();
     assert_eq!(last["type"], "m.room.member");
     assert_eq!(last["content"]["membership"], "leave");
-    assert_eq!(second["rooms"][&invited]["invite_state"].as_array().unwrap().is_empty(), false);
+    assert!(!second["rooms"][&invited]["invite_state"].as_array().unwrap().is_empty());
     assert!(second["rooms"].get(&kept).is_none());
     assert_eq!(second["lists"]["all"]["count"], 3, "the left room shows once, the invite joins");
 

@@ -22,7 +22,9 @@ const KEPT_ANSWERS: usize = 3;
 /// Connections one device may hold.
 const MAX_PER_DEVICE: usize = 16;
 /// Connections kept in all; past it the least recently used are dropped.
-const MAX_CONNECTIONS: usize = 200_000;
+const MAX_CONNECTIONS: usize = 50_000;
+/// Past this many connections, each new one first sweeps out the idle ones.
+const SWEEP_ABOVE: usize = 1_000;
 /// A connection unused this long is forgotten.
 const IDLE: Duration = Duration::from_secs(30 * 60);
 /// Rooms remembered as sent per connection; past it the oldest are forgotten (and sent in
@@ -166,7 +168,7 @@ impl Connections {
                 map.remove(old);
             }
         }
-        if map.len() >= MAX_CONNECTIONS {
+        if map.len() >= SWEEP_ABOVE {
             map.retain(|_, c| now.duration_since(c.used) < IDLE);
         }
         if map.len() >= MAX_CONNECTIONS {
@@ -177,13 +179,6 @@ impl Connections {
                 map.remove(old);
             }
         }
-    }
-
-    /// Forgets connections unused for [`IDLE`].
-    pub fn expire(&self) {
-        let now = Instant::now();
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, c| now.duration_since(c.used) < IDLE);
     }
 
     /// How many connections are held.

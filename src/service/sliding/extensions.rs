@@ -10,7 +10,10 @@ use serde_json::{Value as JsonValue, json};
 use super::request::{Extensions, Scoped};
 use crate::{
     error::{Error, Result},
-    service::{Services, push, sync::DeviceLists},
+    service::{
+        Services,
+        sync::{AccountDataEvent, DeviceLists, KeyCounts, ToDeviceBatch},
+    },
 };
 
 /// The rooms each list's window holds and the subscribed rooms, for scoping extensions.
@@ -88,9 +91,10 @@ pub async fn build(
             ),
             None => None,
         };
-        let (events, delivered) = services.e2ee.take_to_device(user_id, device_id, since, upto)?;
-        news |= !events.is_empty();
-        out.insert("to_device", json!({ "next_batch": delivered.to_string(), "events": events }));
+        let batch = ToDeviceBatch::take(services, (user_id, device_id), since, upto)?;
+        news |= !batch.events.is_empty();
+        let next_batch = batch.delivered.to_string();
+        out.insert("to_device", json!({ "next_batch": next_batch, "events": batch.events }));
     }
     if asked.e2ee.enabled == Some(true) {
         let lists = match span.since {
@@ -98,11 +102,8 @@ pub async fn build(
             None => DeviceLists::default(),
         };
         news |= !lists.is_empty();
-        let mut e2ee = json!({
-            "device_one_time_keys_count": services.e2ee.counts(user_id, device_id)?,
-            "device_unused_fallback_key_types":
-                services.e2ee.unused_fallback_types(user_id, device_id)?,
-        });
+        let counts = KeyCounts::of(services, user_id, device_id)?;
+        let mut e2ee = serde_json::to_value(counts).map_err(Error::internal)?;
         if !lists.is_empty() {
             e2ee["device_lists"] = json!({ "changed": lists.changed, "left": lists.left });
         }
@@ -150,19 +151,13 @@ fn account_data(
 ) -> Result<(JsonValue, bool)> {
     let data = &services.account_data;
     let user_id = span.user_id;
-    let event = |kind: &str, content: JsonValue| json!({ "type": kind, "content": content });
+    let event = |(kind, content): (String, JsonValue)| AccountDataEvent { kind, content };
     let mut global = Vec::new();
-    let mut by_room: BTreeMap<String, Vec<JsonValue>> = BTreeMap::new();
+    let mut by_room: BTreeMap<String, Vec<AccountDataEvent>> = BTreeMap::new();
     match span.since {
         None => {
-            for (kind, content) in data.all_in(user_id, None)? {
-                global.push(event(&kind, content));
-            }
-            // Clients read their push rules from the first answer; until changed they are the
-            // defaults.
-            if !global.iter().any(|e| e["type"] == push::PUSH_RULES) {
-                global.push(event(push::PUSH_RULES, push::account_data(services, user_id)?));
-            }
+            global.extend(data.all_in(user_id, None)?.into_iter().map(event));
+            AccountDataEvent::with_push_rules(services, user_id, &mut global)?;
         }
         Some(since) if !services.stream.account_data.quiet_since(user_id, since) => {
             for (room, kind) in data.changed(user_id, since, span.upto)? {
@@ -175,12 +170,14 @@ fn account_data(
                 if room_id.as_ref().is_some_and(|r| span.fresh.contains(r)) {
                     continue;
                 }
-                let Some(content) = data.get(user_id, room_id.as_deref(), &kind)? else { continue };
+                let Some(read) =
+                    AccountDataEvent::read(services, user_id, room_id.as_deref(), &kind)?
+                else {
+                    continue;
+                };
                 match room_id {
-                    None => global.push(event(&kind, content)),
-                    Some(room_id) => {
-                        by_room.entry(room_id.to_string()).or_default().push(event(&kind, content))
-                    }
+                    None => global.push(read),
+                    Some(room_id) => by_room.entry(room_id.to_string()).or_default().push(read),
                 }
             }
         }
@@ -192,8 +189,10 @@ fn account_data(
         }
         let documents = data.all_in(user_id, Some(room_id))?;
         if !documents.is_empty() {
-            let events = documents.into_iter().map(|(kind, content)| event(&kind, content));
-            by_room.entry(room_id.to_string()).or_default().extend(events);
+            by_room
+                .entry(room_id.to_string())
+                .or_default()
+                .extend(documents.into_iter().map(event));
         }
     }
     let any = !global.is_empty() || !by_room.is_empty();

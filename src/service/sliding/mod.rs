@@ -99,8 +99,13 @@ pub async fn build(
     }
     // Subscriptions: rooms the user is in, or was (their history up to the leave).
     let mut subscriptions = BTreeSet::new();
+    let member_of: HashSet<&RoomId> = if body.room_subscriptions.is_empty() {
+        HashSet::new()
+    } else {
+        memberships.iter().map(|(r, _)| &**r).collect()
+    };
     for (room_id, details) in &body.room_subscriptions {
-        if !memberships.iter().any(|(r, _)| r == room_id) {
+        if !member_of.contains(&**room_id) {
             continue;
         }
         let entry = wanted.entry(room_id.clone()).or_default();

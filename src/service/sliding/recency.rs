@@ -41,7 +41,7 @@ const BUMP_SCAN: usize = 500;
 /// Most rooms whose stamps and facts are kept in memory; past it they are read again.
 const MAX_ROOMS: usize = 200_000;
 /// Most users whose ordered index is kept; past it they are built again on demand.
-const MAX_USERS: usize = 20_000;
+const MAX_USERS: usize = 5_000;
 
 /// A user's membership as the room list shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

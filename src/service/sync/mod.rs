@@ -17,8 +17,8 @@ use serde_json::{Map, Value as JsonValue, json, value::RawValue};
 mod pieces;
 
 pub use pieces::{
-    DeviceLists, MAX_HEROES, Summary, Viewer, Window, ignored_users, serve_events, stripped_state,
-    timeline as room_timeline,
+    AccountDataEvent, DeviceLists, KeyCounts, MAX_HEROES, Summary, ToDeviceBatch, Viewer, Window,
+    ignored_users, serve_events, stripped_state, timeline as room_timeline,
 };
 
 use super::{
@@ -161,14 +161,10 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
 
     let mut global_account_data = Vec::new();
     for kind in account_changes.get("").into_iter().flatten() {
-        if let Some(content) = services.account_data.get(req.user_id, None, kind)? {
-            global_account_data.push(json!({ "type": kind, "content": content }));
-        }
+        global_account_data.extend(AccountDataEvent::read(services, req.user_id, None, kind)?);
     }
-    // Clients read their push rules from the first sync; until changed they are the defaults.
-    if initial && !global_account_data.iter().any(|e| e["type"] == super::push::PUSH_RULES) {
-        let content = super::push::account_data(services, req.user_id)?;
-        global_account_data.push(json!({ "type": super::push::PUSH_RULES, "content": content }));
+    if initial {
+        AccountDataEvent::with_push_rules(services, req.user_id, &mut global_account_data)?;
     }
     has_changes |= !global_account_data.is_empty();
 
@@ -184,24 +180,24 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     has_changes |= !presence.is_empty();
     // End-to-end encryption: to-device messages (those up to `since` were received), key
     // changes of people sharing a room, and this device's key counts.
-    let e2ee = &services.e2ee;
     let acknowledged = req.since_to_device.or(req.since);
-    let (to_device, to_device_upto) =
-        e2ee.take_to_device(req.user_id, req.device_id, acknowledged, upto)?;
+    let device = (req.user_id, req.device_id);
+    let to_device = ToDeviceBatch::take(services, device, acknowledged, upto)?;
     let device_lists = if initial {
         DeviceLists::default()
     } else {
         DeviceLists::between(services, req.user_id, since, upto)?
     };
-    has_changes |= !to_device.is_empty() || !device_lists.is_empty();
+    has_changes |= !to_device.events.is_empty() || !device_lists.is_empty();
+    let counts = KeyCounts::of(services, req.user_id, req.device_id)?;
     let rest = json!({
-        "next_batch": format!("s{upto}_{typing}_{to_device_upto}"),
+        "next_batch": format!("s{upto}_{typing}_{}", to_device.delivered),
         "account_data": { "events": global_account_data },
         "presence": { "events": presence },
-        "to_device": { "events": to_device },
+        "to_device": { "events": to_device.events },
         "device_lists": { "changed": device_lists.changed, "left": device_lists.left },
-        "device_one_time_keys_count": e2ee.counts(req.user_id, req.device_id)?,
-        "device_unused_fallback_key_types": e2ee.unused_fallback_types(req.user_id, req.device_id)?,
+        "device_one_time_keys_count": counts.device_one_time_keys_count,
+        "device_unused_fallback_key_types": counts.device_unused_fallback_key_types,
     });
     let body = Body { rest, rooms: RoomSections { join, invite, leave, knock } };
     Ok(SyncResponse { body: to_raw_value(&body)?, has_changes })
@@ -371,9 +367,7 @@ async fn joined_room(
         timeline(services, req, &viewer.ignored, record, since, upto)?;
     let mut account_data = Vec::new();
     for kind in account_changes {
-        if let Some(content) = services.account_data.get(req.user_id, Some(room_id), kind)? {
-            account_data.push(json!({ "type": kind, "content": content }));
-        }
+        account_data.extend(AccountDataEvent::read(services, req.user_id, Some(room_id), kind)?);
     }
     let fresh = initial || newly_joined || req.full_state;
     let mut ephemeral = Vec::new();

@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use ruma::{OwnedUserId, RoomId, UserId, api::client::filter::RoomEventFilter};
+use serde::Serialize;
 use serde_json::{Value as JsonValue, json};
 
 use crate::{
@@ -275,5 +276,87 @@ impl DeviceLists {
         changed.sort();
         changed.dedup();
         Ok(Self { changed, left })
+    }
+}
+
+/// An account data event (global or of a room) as sync sends it.
+#[derive(Debug, Serialize)]
+pub struct AccountDataEvent {
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The document.
+    pub content: JsonValue,
+}
+
+impl AccountDataEvent {
+    /// The current document `kind` of `user_id` (in `room_id`, or global), if set.
+    pub fn read(
+        services: &Services,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        kind: &str,
+    ) -> Result<Option<Self>> {
+        let content = services.account_data.get(user_id, room_id, kind)?;
+        Ok(content.map(|content| Self { kind: kind.to_owned(), content }))
+    }
+
+    /// Adds the push rules to a first answer's global account data when the user never
+    /// changed them: clients read their rules from it, and until changed they are the
+    /// defaults.
+    pub fn with_push_rules(
+        services: &Services,
+        user_id: &UserId,
+        events: &mut Vec<Self>,
+    ) -> Result<()> {
+        let rules = crate::service::push::PUSH_RULES;
+        if !events.iter().any(|e| e.kind == rules) {
+            let content = crate::service::push::account_data(services, user_id)?;
+            events.push(Self { kind: rules.to_owned(), content });
+        }
+        Ok(())
+    }
+}
+
+/// The to-device messages of one answer.
+pub struct ToDeviceBatch {
+    /// The messages, oldest first.
+    pub events: Vec<JsonValue>,
+    /// The position they were delivered up to, which the next request acknowledges.
+    pub delivered: u64,
+}
+
+impl ToDeviceBatch {
+    /// Deletes the messages up to `acknowledged` and takes the next page up to `upto`.
+    pub fn take(
+        services: &Services,
+        (user_id, device_id): (&UserId, &ruma::DeviceId),
+        acknowledged: Option<u64>,
+        upto: u64,
+    ) -> Result<Self> {
+        let (events, delivered) =
+            services.e2ee.take_to_device(user_id, device_id, acknowledged, upto)?;
+        Ok(Self { events, delivered })
+    }
+}
+
+/// A device's one-time key counts and unused fallback key types.
+#[derive(Debug, Serialize)]
+pub struct KeyCounts {
+    /// One-time keys left, by algorithm.
+    pub device_one_time_keys_count: std::collections::BTreeMap<String, u64>,
+    /// Algorithms with an unused fallback key.
+    pub device_unused_fallback_key_types: Vec<String>,
+}
+
+impl KeyCounts {
+    /// The counts of `device_id`.
+    pub fn of(services: &Services, user_id: &UserId, device_id: &ruma::DeviceId) -> Result<Self> {
+        Ok(Self {
+            device_one_time_keys_count: services.e2ee.counts(user_id, device_id)?,
+            device_unused_fallback_key_types: services
+                .e2ee
+                .unused_fallback_types(user_id, device_id)?,
+        })
     }
 }
