@@ -204,6 +204,7 @@ pub fn build(state: State) -> Router {
         .ruma(sync::get)
         .ruma(sync::messages)
         .ruma(sync::context)
+        .merge(client::sliding::routes())
         .ruma(user_directory::search)
         .ruma(search::search)
         .ruma(presence::set)

@@ -56,6 +56,23 @@ impl AccountData {
         Ok(self.data.get(&(user_id.as_str(), room, event_type))?)
     }
 
+    /// Every document of `user_id` in `room_id` (or the global ones), as `(type, content)`.
+    pub fn all_in(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+    ) -> Result<Vec<(String, JsonValue)>> {
+        let room = room_id.map_or("", RoomId::as_str);
+        let start = crate::storage::prefix(&(user_id.as_str(), room));
+        let mut documents = Vec::new();
+        for item in self.data.scan_prefix(start.clone()) {
+            let (key, content) = item?;
+            let kind = key.get(start.len()..).and_then(|k| std::str::from_utf8(k).ok());
+            documents.extend(kind.map(|kind| (kind.to_owned(), content)));
+        }
+        Ok(documents)
+    }
+
     /// The `(room id or "", event type)` pairs of `user_id` changed in `(after, upto]`,
     /// each once.
     pub fn changed(

@@ -34,6 +34,7 @@ pub mod relations;
 pub mod rooms;
 pub mod search;
 pub mod sessions;
+pub mod sliding;
 pub mod stream;
 pub mod sync;
 pub mod uiaa;
@@ -139,6 +140,8 @@ pub struct Services {
     pub federation_sender: federation::sender::Sender,
     /// Transactions from other servers: their stored answers and ordering.
     pub federation_receiver: federation::receive::Receiver,
+    /// Sliding sync: rooms by recency and live connections.
+    pub sliding: sliding::Sliding,
 }
 
 impl Services {
@@ -186,6 +189,7 @@ impl Services {
             delayed: delayed::DelayedEvents::new(&db),
             webhooks: webhooks::Webhooks::new(&db, &config.automation),
             auto_reply: auto_reply::AutoReplies::new(&db),
+            sliding: sliding::Sliding::new(&db),
             backups: backup::Backups::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             filters: filters::Filters::new(&db).map_err(|e| StorageError::Init(e.to_string()))?,
             reports: rooms::reports::Reports::new(&db)
@@ -221,7 +225,8 @@ impl Services {
                 .listener(push::notifier::Enqueue)
                 .listener(appservice::Forward)
                 .listener(auto_reply::Listen)
-                .listener(federation::sender::Announce),
+                .listener(federation::sender::Announce)
+                .contributor(sliding::recency::Bumps),
         );
         services.appservices.start(&services).map_err(init)?;
         Ok(services)

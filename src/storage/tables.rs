@@ -217,6 +217,9 @@ pub const AUTO_REPLIES: &str = "auto_replies";
 /// `origin server` -> its latest transaction id and the answer given, so a retried
 /// transaction gets the same answer and nothing twice.
 pub const FEDERATION_TXNS: &str = "federation_txns";
+/// `room id` -> u64: the stream position of the room's newest event that counts for recency
+/// (messages, encrypted messages, calls, polls, stickers, its creation): its `bump_stamp`.
+pub const ROOM_BUMPS: &str = "room_bumps";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -306,4 +309,5 @@ pub const ALL: &[&str] = &[
     WEBHOOKS_BY_ROOM,
     AUTO_REPLIES,
     FEDERATION_TXNS,
+    ROOM_BUMPS,
 ];

@@ -4,9 +4,9 @@
 //! homeserver that offers shared-secret registration instead, so the same run can measure
 //! another server. `-- --only send` (send and fan-out), `-- --only media`,
 //! `-- --only search`, `-- --only threads`, `-- --only analytics` (Plaza only) or
-//! `-- --only graph` (Plaza only, in-process: big-room joins and state resolution) or
-//! `-- --only appservice` (Plaza only: transactions to an application service) runs just
-//! those scenarios.
+//! `-- --only graph` (Plaza only, in-process: big-room joins and state resolution),
+//! `-- --only appservice` (Plaza only: transactions to an application service) or
+//! `-- --only sliding` (the sliding-sync (MSC4186) scenarios) runs just those scenarios.
 
 use std::{
     sync::Arc,
@@ -21,6 +21,7 @@ mod appservice;
 mod graph;
 mod media;
 mod search;
+mod sliding;
 mod threads;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -207,6 +208,31 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Transaction ids unique across the whole run, so no send is answered from a retry cache.
 static TXN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Records how long after its send's 200 (`pending`, or soon on `sent_at`) the event `id`
+/// was returned at `returned`.
+async fn record_latency(
+    pending: &mut std::collections::HashMap<String, Instant>,
+    sent_at: &mut tokio::sync::broadcast::Receiver<(String, Instant)>,
+    id: &str,
+    returned: Instant,
+    latencies: &std::sync::Mutex<Vec<Duration>>,
+) {
+    // The send's 200 may be recorded a moment after the answer carried the event.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Some(at) = pending.remove(id) {
+            latencies.lock().unwrap().push(returned.saturating_duration_since(at));
+            return;
+        }
+        match tokio::time::timeout_at(deadline.into(), sent_at.recv()).await {
+            Ok(Ok((event, at))) => {
+                pending.insert(event, at);
+            }
+            _ => return,
+        }
+    }
+}
+
 /// `senders` users each send into their room for `duration`; returns events per second.
 async fn send_rate(
     target: &Target,
@@ -317,20 +343,7 @@ async fn run(target: Target, send_only: bool) -> Result<Vec<[String; 3]>, Error>
                         continue;
                     }
                     seen += 1;
-                    // The send's 200 may be recorded a moment after the sync saw the event.
-                    let deadline = Instant::now() + Duration::from_secs(1);
-                    loop {
-                        if let Some(at) = pending.remove(id) {
-                            latencies.lock().unwrap().push(returned.saturating_duration_since(at));
-                            break;
-                        }
-                        match tokio::time::timeout_at(deadline.into(), sent_at.recv()).await {
-                            Ok(Ok((event, at))) => {
-                                pending.insert(event, at);
-                            }
-                            _ => break,
-                        }
-                    }
+                    record_latency(&mut pending, &mut sent_at, id, returned, &latencies).await;
                 }
             }
             Ok::<(), Error>(())
@@ -520,6 +533,8 @@ fn main() -> Result<(), Error> {
         } else if only.as_deref() == Some("threads") {
             let users = threads::users(&target, "threads", 100).await?;
             threads::rows(&target, &users).await?
+        } else if only.as_deref() == Some("sliding") {
+            sliding::rows(&target).await?
         } else if only.as_deref() == Some("analytics") {
             let id = std::process::id();
             let admin = target.register_as(&format!("analyst_{id}"), true).await?;

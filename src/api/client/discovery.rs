@@ -47,6 +47,7 @@ pub async fn versions(
         ("org.matrix.msc3882".to_owned(), false),
         ("org.matrix.e2e_cross_signing".to_owned(), true),
         ("org.matrix.msc4140".to_owned(), true),
+        ("org.matrix.simplified_msc3575".to_owned(), true),
     ]);
     Ok(response)
 }

@@ -21,6 +21,7 @@ pub mod relations;
 pub mod rooms;
 pub mod search;
 pub mod session;
+pub mod sliding;
 pub mod space;
 pub mod sync;
 pub mod thirdparty;

@@ -14,6 +14,13 @@ use ruma::{
 use serde::Serialize;
 use serde_json::{Map, Value as JsonValue, json, value::RawValue};
 
+mod pieces;
+
+pub use pieces::{
+    AccountDataEvent, DeviceLists, KeyCounts, MAX_HEROES, Summary, ToDeviceBatch, Viewer, Window,
+    ignored_users, serve_events, stripped_state, timeline as room_timeline,
+};
+
 use super::{
     Services, filters,
     rooms::{
@@ -28,18 +35,6 @@ use crate::error::{Error, Result};
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 /// Most timeline events per room in one response.
 const MAX_TIMELINE_LIMIT: usize = 500;
-/// Most events looked at per room (hidden or filtered ones included) in one sync.
-const MAX_SCANNED: usize = 5_000;
-/// State event types shown to invitees before they join.
-const INVITE_STATE: &[&str] = &[
-    "m.room.create",
-    "m.room.join_rules",
-    "m.room.name",
-    "m.room.avatar",
-    "m.room.canonical_alias",
-    "m.room.encryption",
-    "m.room.topic",
-];
 
 /// One sync request, parsed.
 pub struct SyncRequest<'a> {
@@ -84,10 +79,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     let incremental = !initial && !req.full_state;
     let marks = &services.stream;
 
-    let viewer = Viewer {
-        rules: services.notifier.ruleset(services, req.user_id)?,
-        ignored: ignored_users(services, req.user_id)?,
-    };
+    let viewer = Viewer::of(services, req.user_id)?;
     // Account data changed in the window, by room ("" for global), read once.
     let mut account_changes: HashMap<String, Vec<String>> = HashMap::new();
     if !marks.account_data.quiet_since(req.user_id, since) {
@@ -169,14 +161,10 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
 
     let mut global_account_data = Vec::new();
     for kind in account_changes.get("").into_iter().flatten() {
-        if let Some(content) = services.account_data.get(req.user_id, None, kind)? {
-            global_account_data.push(json!({ "type": kind, "content": content }));
-        }
+        global_account_data.extend(AccountDataEvent::read(services, req.user_id, None, kind)?);
     }
-    // Clients read their push rules from the first sync; until changed they are the defaults.
-    if initial && !global_account_data.iter().any(|e| e["type"] == super::push::PUSH_RULES) {
-        let content = super::push::account_data(services, req.user_id)?;
-        global_account_data.push(json!({ "type": super::push::PUSH_RULES, "content": content }));
+    if initial {
+        AccountDataEvent::with_push_rules(services, req.user_id, &mut global_account_data)?;
     }
     has_changes |= !global_account_data.is_empty();
 
@@ -192,54 +180,24 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     has_changes |= !presence.is_empty();
     // End-to-end encryption: to-device messages (those up to `since` were received), key
     // changes of people sharing a room, and this device's key counts.
-    let e2ee = &services.e2ee;
     let acknowledged = req.since_to_device.or(req.since);
-    let (to_device, to_device_upto) =
-        e2ee.take_to_device(req.user_id, req.device_id, acknowledged, upto)?;
-    // Device lists: key changes of people sharing a room, people who newly share one (their
-    // devices are news), and people no longer sharing any (`left`).
-    let mut changed_keys = Vec::new();
-    let mut left_users = Vec::new();
-    // Nothing to tell when no keys changed and nobody joined or left anywhere.
-    let quiet =
-        marks.key_changes.quiet_since(&(), since) && marks.joins_and_leaves.quiet_since(&(), since);
-    if !initial && !quiet {
-        changed_keys = rooms.sharing_with(req.user_id, e2ee.changed_users(since, upto)?)?;
-        let mine: HashSet<&RoomId> = memberships.iter().map(|(r, _)| &**r).collect();
-        let mut candidates = std::collections::BTreeSet::new();
-        for (room, user, joined) in rooms.joins_and_leaves(since, upto)? {
-            if !mine.contains(&*room) {
-                continue;
-            }
-            let members = || -> Result<Vec<ruma::OwnedUserId>> {
-                let members = rooms.members(&room)?;
-                Ok(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| u.clone()).collect())
-            };
-            match (joined, user == req.user_id) {
-                (true, false) => changed_keys.push(user),
-                (true, true) => changed_keys.extend(members()?),
-                (false, false) => {
-                    candidates.insert(user);
-                }
-                (false, true) => candidates.extend(members()?),
-            }
-        }
-        candidates.remove(req.user_id);
-        let still = rooms.sharing_with(req.user_id, candidates.iter().map(|u| &**u))?;
-        let still: HashSet<&UserId> = still.into_iter().collect();
-        left_users = candidates.iter().filter(|u| !still.contains(&***u)).cloned().collect();
-        changed_keys.sort();
-        changed_keys.dedup();
-    }
-    has_changes |= !to_device.is_empty() || !changed_keys.is_empty() || !left_users.is_empty();
+    let device = (req.user_id, req.device_id);
+    let to_device = ToDeviceBatch::take(services, device, acknowledged, upto)?;
+    let device_lists = if initial {
+        DeviceLists::default()
+    } else {
+        DeviceLists::between(services, req.user_id, since, upto)?
+    };
+    has_changes |= !to_device.events.is_empty() || !device_lists.is_empty();
+    let counts = KeyCounts::of(services, req.user_id, req.device_id)?;
     let rest = json!({
-        "next_batch": format!("s{upto}_{typing}_{to_device_upto}"),
+        "next_batch": format!("s{upto}_{typing}_{}", to_device.delivered),
         "account_data": { "events": global_account_data },
         "presence": { "events": presence },
-        "to_device": { "events": to_device },
-        "device_lists": { "changed": changed_keys, "left": left_users },
-        "device_one_time_keys_count": e2ee.counts(req.user_id, req.device_id)?,
-        "device_unused_fallback_key_types": e2ee.unused_fallback_types(req.user_id, req.device_id)?,
+        "to_device": { "events": to_device.events },
+        "device_lists": { "changed": device_lists.changed, "left": device_lists.left },
+        "device_one_time_keys_count": counts.device_one_time_keys_count,
+        "device_unused_fallback_key_types": counts.device_unused_fallback_key_types,
     });
     let body = Body { rest, rooms: RoomSections { join, invite, leave, knock } };
     Ok(SyncResponse { body: to_raw_value(&body)?, has_changes })
@@ -269,42 +227,6 @@ fn to_raw_value<T: Serialize>(value: &T) -> Result<Box<RawValue>> {
     serde_json::value::to_raw_value(value).map_err(Error::internal)
 }
 
-/// The stripped state shown to an invitee or a knocker: the room's description, the member
-/// event of whoever sent the user's membership (the inviter) and the user's own.
-fn stripped_state(
-    services: &Services,
-    state: &StateMap,
-    member: &crate::service::rooms::pdu::Pdu,
-    user_id: &UserId,
-) -> Result<Vec<JsonValue>> {
-    let rooms = &services.rooms;
-    let mut events: Vec<JsonValue> = Vec::new();
-    for kind in INVITE_STATE {
-        if let Some(event) = rooms.state_event(state, kind, "")? {
-            events.push(stripped(&event));
-        }
-    }
-    if member.sender != user_id
-        && let Some(sender) = rooms.state_event(state, "m.room.member", member.sender.as_str())?
-    {
-        events.push(stripped(&sender));
-    }
-    events.extend(
-        rooms.state_event(state, "m.room.member", user_id.as_str())?.as_ref().map(stripped),
-    );
-    Ok(events)
-}
-
-/// The stripped form of a state event shown to invitees.
-fn stripped(event: &StoredPdu) -> JsonValue {
-    json!({
-        "type": event.kind(),
-        "state_key": event.state_key().unwrap_or_default(),
-        "sender": event.sender(),
-        "content": event.wire.get("content"),
-    })
-}
-
 fn timeline_limit(filter: &RoomEventFilter) -> usize {
     filter
         .limit
@@ -312,20 +234,7 @@ fn timeline_limit(filter: &RoomEventFilter) -> usize {
         .clamp(1, MAX_TIMELINE_LIMIT)
 }
 
-/// A room's timeline window for one sync.
-struct Window {
-    /// The visible, wanted events, oldest first.
-    events: Vec<StoredPdu>,
-    /// Whether earlier events in the range were left out.
-    limited: bool,
-    /// Whether the range held any event at all (shown or not).
-    any: bool,
-    /// The state before the range, when the scan reached its first event.
-    state_before: Option<u64>,
-}
-
-/// The newest visible timeline events in `(after, upto]`, looking at no more than
-/// `MAX_SCANNED` events (past that the window is reported as limited).
+/// The newest visible, wanted timeline events of a room in `(after, upto]` under the filter.
 fn timeline(
     services: &Services,
     req: &SyncRequest<'_>,
@@ -335,47 +244,8 @@ fn timeline(
     upto: u64,
 ) -> Result<Window> {
     let filter = &req.filter.room.timeline;
-    let limit = timeline_limit(filter);
-    let mut events = Vec::with_capacity(limit);
-    let mut limited = false;
-    let mut any = false;
-    let mut state_before = None;
-    for (scanned, event) in services.rooms.timeline_range(record, after, upto, false).enumerate() {
-        let event = event?;
-        any = true;
-        if scanned == MAX_SCANNED {
-            limited = true;
-            break;
-        }
-        state_before = Some(event.room_state_before());
-        if !services.rooms.can_see(req.user_id, &event)? {
-            continue;
-        }
-        if !filters::matches(filter, &event) || ignored.contains(event.sender()) {
-            continue;
-        }
-        if events.len() == limit {
-            limited = true;
-            break;
-        }
-        events.push(event);
-    }
-    events.reverse();
-    if limited {
-        state_before = None;
-    }
-    Ok(Window { events, limited, any, state_before })
-}
-
-/// Users whose events `user_id` does not want (`m.ignored_user_list`).
-fn ignored_users(services: &Services, user_id: &UserId) -> Result<HashSet<String>> {
-    let list = services.account_data.get(user_id, None, "m.ignored_user_list")?;
-    Ok(list
-        .as_ref()
-        .and_then(|l| l.get("ignored_users"))
-        .and_then(|u| u.as_object())
-        .map(|users| users.keys().cloned().collect())
-        .unwrap_or_default())
+    let wanted = (Some(filter), timeline_limit(filter));
+    pieces::timeline(services, req.user_id, wanted, ignored, record, (after, upto))
 }
 
 /// State events to send with a timeline: all of `at_start` (initial, full or newly joined) or
@@ -473,12 +343,6 @@ enum Since<'a> {
     Was(&'a StateMap),
 }
 
-/// What the syncing user's own settings make of events: their push rules and whom they ignore.
-struct Viewer {
-    rules: std::sync::Arc<super::push::notifier::Rules>,
-    ignored: HashSet<String>,
-}
-
 /// A room as the sync loop already loaded it: record, current state and the syncer's member
 /// event.
 struct RoomNow<'a> {
@@ -503,9 +367,7 @@ async fn joined_room(
         timeline(services, req, &viewer.ignored, record, since, upto)?;
     let mut account_data = Vec::new();
     for kind in account_changes {
-        if let Some(content) = services.account_data.get(req.user_id, Some(room_id), kind)? {
-            account_data.push(json!({ "type": kind, "content": content }));
-        }
+        account_data.extend(AccountDataEvent::read(services, req.user_id, Some(room_id), kind)?);
     }
     let fresh = initial || newly_joined || req.full_state;
     let mut ephemeral = Vec::new();
@@ -634,27 +496,13 @@ fn summary(
     state: &StateMap,
     user_id: &UserId,
 ) -> Result<JsonValue> {
-    let members = services.rooms.members(room_id)?;
-    let count = |membership: &str| members.iter().filter(|(_, m)| m == membership).count();
-    // A name or alias that is empty names nothing: heroes then apply as if it were unset.
-    let set = |kind: &str, field: &str| -> Result<bool> {
-        Ok(services.rooms.state_content(state, kind, "")?.is_some_and(|content| {
-            content.get(field).and_then(JsonValue::as_str).is_some_and(|v| !v.is_empty())
-        }))
-    };
-    let named = set("m.room.name", "name")? || set("m.room.canonical_alias", "alias")?;
-    let mut summary = BTreeMap::from([
-        ("m.joined_member_count", json!(count("join"))),
-        ("m.invited_member_count", json!(count("invite"))),
+    let summary = Summary::of(services, room_id, state, user_id)?;
+    let mut json = BTreeMap::from([
+        ("m.joined_member_count", json!(summary.joined)),
+        ("m.invited_member_count", json!(summary.invited)),
     ]);
-    if !named {
-        let heroes: Vec<&str> = members
-            .iter()
-            .filter(|(u, m)| u != user_id && (m == "join" || m == "invite"))
-            .map(|(u, _)| u.as_str())
-            .take(5)
-            .collect();
-        summary.insert("m.heroes", json!(heroes));
+    if let Some(heroes) = summary.heroes {
+        json.insert("m.heroes", json!(heroes));
     }
-    Ok(json!(summary))
+    Ok(json!(json))
 }
