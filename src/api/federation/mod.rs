@@ -5,8 +5,8 @@
 pub mod directory;
 pub mod events;
 pub mod keys;
-pub mod membership;
 pub mod media;
+pub mod membership;
 pub mod query;
 
 use std::future::Future;

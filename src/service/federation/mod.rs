@@ -6,8 +6,8 @@
 pub mod discovery;
 pub mod edu;
 pub mod keys;
-pub mod membership;
 pub mod media;
+pub mod membership;
 pub mod policy;
 pub mod query;
 pub mod receive;
