@@ -209,7 +209,6 @@ fn has_body(event: &Value, body: &str) -> bool {
 }
 
 #[tokio::test]
-#[ignore = "needs joins, event exchange and media over federation"]
 async fn synapse_and_plaza_users_share_rooms() {
     let pki = Pki::new();
     let (plaza, synapse) = tokio::join!(FedServer::start(&pki, 1, |_| {}), Synapse::start(&pki, 3));
@@ -289,18 +288,6 @@ async fn synapse_and_plaza_users_share_rooms() {
         })
         .await;
 
-    // A private room on Plaza: Alice joins by invite.
-    let invited_room =
-        plaza.server.create_room(&bob_token, json!({ "preset": "private_chat" })).await;
-    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&invited_room));
-    let (status, body) = bob.call(Method::POST, &path, Some(json!({ "user_id": alice_id }))).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(alice.join(&invited_room, None).await, invited_room);
-    bob.sees_membership(&invited_room, alice_id, "join").await;
-    alice.send(&invited_room, "m.room.message", text("thanks for the invite")).await;
-    bob.sees(&invited_room, "Alice in the private room", |e| has_body(e, "thanks for the invite"))
-        .await;
-
     // A public room on Plaza: Alice joins by its alias, resolved over federation.
     let public_room = plaza
         .server
@@ -325,6 +312,31 @@ async fn synapse_and_plaza_users_share_rooms() {
         download(&plaza.server.http, &plaza.server.base, &bob_token, &from_synapse).await,
         b"synapse bytes"
     );
+}
+
+/// A Synapse user invited into a private Plaza room joins and talks.
+#[tokio::test]
+#[ignore = "invites over federation are not built yet"]
+async fn a_synapse_user_joins_a_plaza_room_by_invite() {
+    let pki = Pki::new();
+    let (plaza, synapse) = tokio::join!(FedServer::start(&pki, 1, |_| {}), Synapse::start(&pki, 3));
+    let alice_account = synapse.register("alice").await;
+    let (_, bob_token, _) = plaza.server.register("bob", "password-bob").await;
+    let alice = Side::Synapse(&synapse, &alice_account.token);
+    let bob = Side::Plaza(&plaza, &bob_token);
+    let alice_id = alice_account.user_id.as_str();
+
+    // A private room on Plaza: Alice joins by invite.
+    let invited_room =
+        plaza.server.create_room(&bob_token, json!({ "preset": "private_chat" })).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&invited_room));
+    let (status, body) = bob.call(Method::POST, &path, Some(json!({ "user_id": alice_id }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(alice.join(&invited_room, None).await, invited_room);
+    bob.sees_membership(&invited_room, alice_id, "join").await;
+    alice.send(&invited_room, "m.room.message", text("thanks for the invite")).await;
+    bob.sees(&invited_room, "Alice in the private room", |e| has_body(e, "thanks for the invite"))
+        .await;
 }
 
 /// Uploads `bytes` to the server at `base`; returns the `mxc://` URI.
