@@ -15,7 +15,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as JsonValue, json};
 
-use super::{Services, now_ms};
+use super::{Services, federation::edu, now_ms};
 use crate::{
     error::Result,
     storage::{Db, Key, Table, prefix, tables},
@@ -99,6 +99,12 @@ impl Ephemeral {
             }});
             let edu = json!({ "type": "m.receipt", "content": content });
             services.appservices.ephemeral(services, room_id, edu);
+        }
+        // Other servers in the room hear of our users' public receipts.
+        if receipt.user_id.server_name() == services.server_name()
+            && let Some(edu) = edu::receipt(room_id, &receipt)
+        {
+            edu::share_with_room(services, room_id, edu);
         }
         Ok(())
     }
@@ -224,6 +230,15 @@ impl Ephemeral {
             {
                 services.appservices.ephemeral(services, room_id, edu);
             }
+        }
+        // Other servers in the room hear of our users typing (each renewal too: it is their
+        // keep-alive) and stopping.
+        if user_id.server_name() == services.server_name() && (changed || timeout.is_some()) {
+            edu::share_with_room(
+                services,
+                room_id,
+                edu::typing(room_id, user_id, timeout.is_some()),
+            );
         }
         Ok(())
     }

@@ -25,6 +25,8 @@ use crate::{
     service::{Services, ephemeral::Receipt, now_ms, presence::Presence},
 };
 
+use super::sender::queue_edu;
+
 /// How long a remote user shows as typing unless their server says otherwise (servers
 /// repeat the notification while the user keeps typing).
 pub const REMOTE_TYPING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -218,6 +220,17 @@ pub fn servers_sharing(services: &Services, user_id: &UserId) -> Result<Vec<Owne
         }
     }
     Ok(servers.into_iter().take(MAX_DESTINATIONS).collect())
+}
+
+/// Queues `edu` for every other server with a joined member in `room_id`. A failure is logged:
+/// the local change it reports is made already.
+pub fn share_with_room(services: &Services, room_id: &RoomId, edu: Edu) {
+    let queued = servers_in_room(services, room_id).and_then(|servers| {
+        if servers.is_empty() { Ok(()) } else { queue_edu(services, &servers, edu) }
+    });
+    if let Err(err) = queued {
+        tracing::warn!(%err, %room_id, "could not queue an EDU for other servers");
+    }
 }
 
 /// `m.typing` for a local user starting or stopping to type.

@@ -603,3 +603,58 @@ async fn admins_list_destinations_and_reset_them() {
     let refused = a.server.get("/_synapse/admin/v1/federation/destinations", Some(&alice)).await;
     assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
 }
+
+/// Typing and public read receipts of one server's users reach the other server's clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn typing_and_receipts_reach_the_other_server() {
+    let (_pki, a, b, alice, bob, bob_id, room) = shared_room("shared").await;
+    let room_id = RoomId::parse(&room).unwrap();
+    join_remote(&a, &b, &room_id, &bob_id).await;
+    let said = send(&a, &alice, &room, "r1", text("read me")).await;
+    until_bodies(&b, &bob, &room, &["read me"]).await;
+
+    // Bob types on B; Alice's client on A sees it.
+    let path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&bob_id));
+    let (status, body) = b
+        .server
+        .call(Method::PUT, &path, Some(&bob), Some(json!({ "typing": true, "timeout": 20000 })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut seen_typing = false;
+    let mut seen_receipt = false;
+    let mut receipt_sent = false;
+    for _ in 0..300 {
+        let (_, sync) = a.server.get("/_matrix/client/v3/sync?timeout=0", Some(&alice)).await;
+        for event in
+            sync["rooms"]["join"][&room]["ephemeral"]["events"].as_array().into_iter().flatten()
+        {
+            if event["type"] == "m.typing"
+                && event["content"]["user_ids"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|u| u == bob_id.as_str()))
+            {
+                seen_typing = true;
+            }
+            if event["type"] == "m.receipt"
+                && event["content"][said.as_str()]["m.read"][bob_id.as_str()]["ts"].is_u64()
+            {
+                seen_receipt = true;
+            }
+        }
+        if seen_typing && !receipt_sent {
+            // Then a read receipt from Bob for Alice's message.
+            let path =
+                format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&said));
+            let (status, body) =
+                b.server.call(Method::POST, &path, Some(&bob), Some(json!({}))).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            receipt_sent = true;
+        }
+        if seen_typing && seen_receipt {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen_typing, "Bob's typing never reached A");
+    assert!(seen_receipt, "Bob's read receipt never reached A");
+}
