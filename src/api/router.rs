@@ -63,7 +63,7 @@ where
 }
 
 /// The method and every path ruma knows for `T`.
-fn routes_of<T: IncomingRequest>() -> (MethodFilter, Vec<&'static str>) {
+pub(super) fn routes_of<T: IncomingRequest>() -> (MethodFilter, Vec<&'static str>) {
     let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
     // An empty state key may be left out, with or without the trailing slash.
     let paths = T::PATH_BUILDER

@@ -14,7 +14,7 @@ use std::future::Future;
 use axum::{
     Router,
     extract::{FromRequest, FromRequestParts, RawPathParams, Request},
-    routing::{MethodFilter, on},
+    routing::on,
 };
 use bytes::Bytes;
 use http::{Method, header};
@@ -23,7 +23,6 @@ use ruma::{
     api::{
         IncomingRequest, OutgoingResponse,
         federation::authentication::{ServerSignatures, XMatrix},
-        path_builder::PathBuilder,
     },
     signatures::PublicKeyMap,
 };
@@ -122,9 +121,8 @@ where
     R: OutgoingResponse + 'static,
 {
     fn add_to(self, mut router: Router<State>) -> Router<State> {
-        let filter =
-            MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
-        for path in T::PATH_BUILDER.all_paths() {
+        let (filter, paths) = super::router::routes_of::<T>();
+        for path in paths {
             let handler = self.clone();
             router = router.route(
                 path,

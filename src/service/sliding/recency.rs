@@ -218,23 +218,29 @@ impl Recency {
             let stamp = stamps.entry(room_id.to_owned()).or_insert(position);
             *stamp = (*stamp).max(position);
         }
-        let members = services.rooms.members(room_id)?;
         let orders = lock(&self.orders);
         if orders.is_empty() {
             return Ok(());
         }
-        for (user, membership) in members.iter() {
-            if membership != "join" {
-                continue;
+        let bump = |order: &Mutex<UserOrder>| {
+            let mut order = lock(order);
+            // An order that holds the room as joined is one of its members'.
+            if let Some((stamp, Membership::Join)) = order.get(room_id)
+                && stamp < position
+            {
+                order.set(room_id, position, Membership::Join);
             }
-            if let Some(order) = orders.get(user) {
-                let mut order = lock(order);
-                if let Some((stamp, Membership::Join)) = order.get(room_id)
-                    && stamp < position
-                {
-                    order.set(room_id, position, Membership::Join);
-                }
-            }
+        };
+        // Whichever is smaller: the users with an order loaded, or the room's members.
+        let members = services.rooms.members(room_id)?;
+        if orders.len() <= members.len() {
+            orders.values().for_each(|order| bump(order));
+        } else {
+            members
+                .iter()
+                .filter(|(_, membership)| membership == "join")
+                .filter_map(|(user, _)| orders.get(user))
+                .for_each(|order| bump(order));
         }
         Ok(())
     }
