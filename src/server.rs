@@ -268,6 +268,10 @@ impl Server {
         tasks.spawn(crate::service::jobs::run(services.clone(), stopped.clone()));
         tasks.spawn(crate::service::appservice::send::run(services.clone(), stopped.clone()));
         tasks.spawn(crate::service::federation::sender::run(services.clone(), stopped.clone()));
+        tasks.spawn(crate::service::federation::updates::run_presence(
+            services.clone(),
+            stopped.clone(),
+        ));
         tasks.spawn(flush_login_failures(services.clone(), stopped.clone()));
         tasks.spawn(crate::service::delayed::run(services.clone(), stopped.clone()));
         tasks.spawn(crate::service::auto_reply::run(services.clone(), stopped.clone()));

@@ -7,11 +7,11 @@ use std::{
     sync::Mutex,
 };
 
-use ruma::{DeviceId, OwnedUserId, UserId};
+use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as JsonValue, json};
 
-use super::Services;
+use super::{Services, federation::updates};
 use crate::{
     error::{Error, ErrorKind, Result},
     storage::{Batch, Db, Key, Table, prefix, split_key, tables},
@@ -47,6 +47,27 @@ pub struct ToDevice {
     pub content: JsonValue,
 }
 
+/// Where a local user's device list stands for other servers: each change they are told of
+/// carries the next stream id and names the one before, so they can tell when they missed one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceListStream {
+    /// The stream id of the last change told (0: none yet).
+    pub stream_id: u64,
+    /// The devices other servers were told of and not told are gone.
+    pub devices: BTreeSet<OwnedDeviceId>,
+}
+
+/// One device's change as other servers are told of it.
+#[derive(Debug, Clone)]
+pub struct DeviceUpdate {
+    /// The device added, changed or deleted.
+    pub device_id: OwnedDeviceId,
+    /// Its stream id.
+    pub stream_id: u64,
+    /// The stream id before it, when there was one.
+    pub prev_id: Option<u64>,
+}
+
 /// E2EE key storage.
 pub struct E2ee {
     db: Db,
@@ -57,6 +78,9 @@ pub struct E2ee {
     key_changes: Table<OwnedUserId>,
     to_device: Table<ToDevice>,
     to_device_txns: Table<()>,
+    device_lists: Table<DeviceListStream>,
+    /// Serialises the device-list stream ids handed out.
+    device_list_lock: Mutex<()>,
     /// Serialises claims so each one-time key goes to exactly one claimer.
     claim_lock: Mutex<()>,
 }
@@ -79,6 +103,8 @@ impl E2ee {
             key_changes: db.table(tables::KEY_CHANGES),
             to_device: db.table(tables::TO_DEVICE),
             to_device_txns: db.table(tables::TO_DEVICE_TXNS),
+            device_lists: db.table(tables::DEVICE_LIST_STREAMS),
+            device_list_lock: Mutex::new(()),
             claim_lock: Mutex::new(()),
         }
     }
@@ -135,30 +161,106 @@ impl E2ee {
                 &record,
             );
         }
-        let pending = changed.then(|| services.stream.next(&mut batch));
-        if let Some(pending) = &pending {
-            services.stream.key_changes.mark(&(), pending.position);
-            self.key_changes.put(&mut batch, &pending.position, &user_id.to_owned());
-        }
-        self.db.write(batch)?;
-        if let Some(pending) = pending {
-            let position = pending.position;
-            drop(pending);
-            self.wake_room_mates(services, user_id, position)?;
+        if changed {
+            self.commit_change(services, batch, user_id, &[device_id.to_owned()])?;
+        } else {
+            self.db.write(batch)?;
         }
         self.counts(user_id, device_id)
     }
 
-    /// Records that `user_id`'s keys changed (a device or cross-signing key came or went).
+    /// Records that `user_id`'s keys changed (a device or cross-signing key came or went), for
+    /// room-mates' `device_lists.changed`.
     pub fn note_change(&self, services: &Services, user_id: &UserId) -> Result<()> {
-        let mut batch = self.db.batch();
+        self.commit_change(services, self.db.batch(), user_id, &[])
+    }
+
+    /// Records that `devices` of `user_id` were added, renamed, deleted or given new keys:
+    /// room-mates see the user in `device_lists.changed`, and for a local user the other
+    /// servers sharing a room are told of each device.
+    pub fn devices_changed(
+        &self,
+        services: &Services,
+        user_id: &UserId,
+        devices: &[OwnedDeviceId],
+    ) -> Result<()> {
+        self.commit_change(services, self.db.batch(), user_id, devices)
+    }
+
+    /// Records that local user `user_id`'s cross-signing keys changed (new keys or new
+    /// signatures on them): room-mates and the other servers sharing a room are told.
+    pub fn cross_signing_changed(&self, services: &Services, user_id: &UserId) -> Result<()> {
+        self.note_change(services, user_id)?;
+        if user_id.server_name() == services.server_name() {
+            updates::announce_cross_signing(services, user_id);
+        }
+        Ok(())
+    }
+
+    /// Writes `batch` with a key change of `user_id` (and, for a local user, the next
+    /// device-list stream ids of `devices`), then wakes room-mates and tells other servers.
+    fn commit_change(
+        &self,
+        services: &Services,
+        mut batch: Batch,
+        user_id: &UserId,
+        devices: &[OwnedDeviceId],
+    ) -> Result<()> {
+        let announce = !devices.is_empty() && user_id.server_name() == services.server_name();
+        let guard =
+            announce.then(|| self.device_list_lock.lock().unwrap_or_else(|e| e.into_inner()));
+        let device_updates = if announce {
+            self.queue_stream_ids(services, &mut batch, user_id, devices)?
+        } else {
+            Vec::new()
+        };
         let pending = services.stream.next(&mut batch);
         services.stream.key_changes.mark(&(), pending.position);
         self.key_changes.put(&mut batch, &pending.position, &user_id.to_owned());
         self.db.write(batch)?;
+        drop(guard);
         let position = pending.position;
         drop(pending);
-        self.wake_room_mates(services, user_id, position)
+        self.wake_room_mates(services, user_id, position)?;
+        if !device_updates.is_empty() {
+            updates::announce_devices(services, user_id, &device_updates);
+        }
+        Ok(())
+    }
+
+    /// Queues in `batch` the next stream id of each of `devices` of local user `user_id`, each
+    /// naming the one before; hold `device_list_lock` until the batch is written.
+    fn queue_stream_ids(
+        &self,
+        services: &Services,
+        batch: &mut Batch,
+        user_id: &UserId,
+        devices: &[OwnedDeviceId],
+    ) -> Result<Vec<DeviceUpdate>> {
+        let mut stream = self.device_lists.get(user_id.as_str())?.unwrap_or_default();
+        let mut device_updates = Vec::with_capacity(devices.len());
+        for device_id in devices {
+            let prev_id = (stream.stream_id > 0).then_some(stream.stream_id);
+            stream.stream_id += 1;
+            if services.sessions.device(user_id, device_id)?.is_some() {
+                stream.devices.insert(device_id.clone());
+            } else {
+                stream.devices.remove(device_id);
+            }
+            device_updates.push(DeviceUpdate {
+                device_id: device_id.clone(),
+                stream_id: stream.stream_id,
+                prev_id,
+            });
+        }
+        self.device_lists.put(batch, user_id.as_str(), &stream);
+        Ok(device_updates)
+    }
+
+    /// The device-list stream id of local user `user_id` other servers were last told of
+    /// (0 when none); read it before the devices it stands for.
+    pub fn device_list_stream_id(&self, user_id: &UserId) -> Result<u64> {
+        Ok(self.device_lists.get(user_id.as_str())?.map_or(0, |stream| stream.stream_id))
     }
 
     fn wake_room_mates(&self, services: &Services, user_id: &UserId, position: u64) -> Result<()> {
@@ -207,11 +309,12 @@ impl E2ee {
     }
 
     /// After devices of `user_id` were deleted: drops their keys, one-time and fallback keys
-    /// and queued to-device messages, and tells room-mates the device list changed.
+    /// and queued to-device messages, and tells room-mates (and other servers) the device
+    /// list changed.
     pub fn forget_deleted_devices(&self, services: &Services, user_id: &UserId) -> Result<()> {
         services.pushers.forget_deleted_devices(services, user_id)?;
         let mut batch = self.db.batch();
-        let mut gone = Vec::new();
+        let mut gone: BTreeSet<OwnedDeviceId> = BTreeSet::new();
         for item in self.device_keys.scan_prefix(prefix(user_id.as_str())) {
             let (key, _) = item?;
             let Some(device) = split_key(&key).nth(1).and_then(|d| std::str::from_utf8(d).ok())
@@ -219,7 +322,7 @@ impl E2ee {
                 continue;
             };
             if services.sessions.device(user_id, device.into())?.is_none() {
-                gone.push(device.to_owned());
+                gone.insert(device.into());
             }
         }
         for device in &gone {
@@ -235,10 +338,14 @@ impl E2ee {
                 self.to_device.delete_raw(&mut batch, &item?.0);
             }
         }
-        if !batch.is_empty() {
-            self.db.write(batch)?;
+        // Devices other servers were told of that had no keys go too.
+        for device in self.device_lists.get(user_id.as_str())?.unwrap_or_default().devices {
+            if services.sessions.device(user_id, &device)?.is_none() {
+                gone.insert(device);
+            }
         }
-        self.note_change(services, user_id)
+        let gone: Vec<OwnedDeviceId> = gone.into_iter().collect();
+        self.commit_change(services, batch, user_id, &gone)
     }
 
     /// Queues, in `batch`, the removal of every device key, one-time key, fallback key and

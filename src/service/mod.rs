@@ -142,6 +142,8 @@ pub struct Services {
     pub federation_receiver: federation::receive::Receiver,
     /// Sliding sync: rooms by recency and live connections.
     pub sliding: sliding::Sliding,
+    /// Local users' presence changes waiting to go to other servers.
+    pub federation_presence: federation::updates::PresenceOutbox,
 }
 
 impl Services {
@@ -206,6 +208,7 @@ impl Services {
             remote: federation::query::RemoteQueries::default(),
             federation_sender: federation::sender::Sender::new(&db)?,
             federation_receiver: federation::receive::Receiver::new(&db),
+            federation_presence: federation::updates::PresenceOutbox::default(),
             stream,
             config,
             db,
@@ -226,7 +229,8 @@ impl Services {
                 .listener(appservice::Forward)
                 .listener(auto_reply::Listen)
                 .listener(federation::sender::Announce)
-                .contributor(sliding::recency::Bumps),
+                .contributor(sliding::recency::Bumps)
+                .listener(federation::updates::RemoteMembers),
         );
         services.appservices.start(&services).map_err(init)?;
         Ok(services)

@@ -209,7 +209,7 @@ impl Services {
             self.erased.remember(user_id, true);
         }
         self.jobs.wake();
-        if let Err(err) = self.e2ee.note_change(self, user_id) {
+        if let Err(err) = self.e2ee.forget_deleted_devices(self, user_id) {
             tracing::warn!(%user_id, %err, "could not announce the device list change");
         }
         tracing::info!(%user_id, %actor, erase = erased, "account deactivated");

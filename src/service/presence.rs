@@ -101,6 +101,7 @@ impl Presences {
         if changed {
             let mates = services.rooms.room_mates(user_id)?;
             services.stream.wake(mates.iter().map(|u| &**u));
+            services.federation_presence.changed(services, user_id);
             if services.appservices.wants_ephemeral()
                 && let Some(presence) = self.get(user_id)
             {

@@ -220,6 +220,9 @@ pub const FEDERATION_TXNS: &str = "federation_txns";
 /// `room id` -> u64: the stream position of the room's newest event that counts for recency
 /// (messages, encrypted messages, calls, polls, stickers, its creation): its `bump_stamp`.
 pub const ROOM_BUMPS: &str = "room_bumps";
+/// `user id` -> `DeviceListStream`: a local user's device-list stream id for other servers
+/// and the devices they were told of.
+pub const DEVICE_LIST_STREAMS: &str = "device_list_streams";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -310,4 +313,5 @@ pub const ALL: &[&str] = &[
     AUTO_REPLIES,
     FEDERATION_TXNS,
     ROOM_BUMPS,
+    DEVICE_LIST_STREAMS,
 ];

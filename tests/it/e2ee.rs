@@ -7,12 +7,12 @@ use serde_json::{Value, json};
 
 use crate::common::{TestServer, assert_error};
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
 }
 
 /// Signs `object` (without `signatures`/`unsigned`) as `user`'s key `key_id`.
-fn sign(object: &mut Value, key: &SigningKey, user: &str, key_id: &str) {
+pub(crate) fn sign(object: &mut Value, key: &SigningKey, user: &str, key_id: &str) {
     let mut unsigned = object.clone();
     unsigned.as_object_mut().unwrap().remove("signatures");
     unsigned.as_object_mut().unwrap().remove("unsigned");
@@ -20,7 +20,7 @@ fn sign(object: &mut Value, key: &SigningKey, user: &str, key_id: &str) {
     object["signatures"][user][key_id] = json!(b64(&signature.to_bytes()));
 }
 
-fn device_keys(user: &str, device: &str, key: &SigningKey) -> Value {
+pub(crate) fn device_keys(user: &str, device: &str, key: &SigningKey) -> Value {
     let public = b64(key.verifying_key().as_bytes());
     let mut keys = json!({
         "user_id": user, "device_id": device,

@@ -72,6 +72,7 @@ pub async fn update(
 ) -> Result<update_device::Response> {
     let caller = req.caller()?.clone();
     services.sessions.rename(&caller.user_id, &req.body.device_id, req.body.display_name)?;
+    services.e2ee.devices_changed(&services, &caller.user_id, &[req.body.device_id])?;
     Ok(update_device::Response::new())
 }
 

@@ -229,7 +229,7 @@ pub async fn upload_signing(
             services.e2ee.put_cross_signing(&caller.user_id, kind, &json_of(key.json())?)?;
         }
     }
-    services.e2ee.note_change(&services, &caller.user_id)?;
+    services.e2ee.cross_signing_changed(&services, &caller.user_id)?;
     Ok(upload_signing_keys::Response::new())
 }
 
@@ -324,7 +324,7 @@ pub async fn upload_signatures(
                 continue;
             }
             match services.e2ee.add_signatures(user_id, key_id, &caller.user_id, &signatures) {
-                Ok(()) => changed.push(user_id.clone()),
+                Ok(()) => changed.push((user_id.clone(), key_id.to_string())),
                 Err(err) => {
                     failures.entry(user_id.clone()).or_default().insert(
                         key_id.to_owned(),
@@ -334,9 +334,25 @@ pub async fn upload_signatures(
             }
         }
     }
+    changed.sort();
     changed.dedup();
-    for user in changed {
-        services.e2ee.note_change(&services, &user)?;
+    // A signed device of a local user is a device change, a signed cross-signing key a
+    // signing key change; either way room-mates see the user in `device_lists.changed`.
+    let mut cross_signing = std::collections::BTreeSet::new();
+    let mut devices: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>> = BTreeMap::new();
+    for (user_id, key_id) in changed {
+        let device_id = <&ruma::DeviceId>::from(key_id.as_str());
+        if services.sessions.device(&user_id, device_id)?.is_some() {
+            devices.entry(user_id).or_default().push(device_id.to_owned());
+        } else {
+            cross_signing.insert(user_id);
+        }
+    }
+    for (user_id, devices) in devices {
+        services.e2ee.devices_changed(&services, &user_id, &devices)?;
+    }
+    for user_id in cross_signing {
+        services.e2ee.cross_signing_changed(&services, &user_id)?;
     }
     Ok(JsonResponse(json!({ "failures": failures })))
 }

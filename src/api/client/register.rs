@@ -123,6 +123,9 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
         );
     }
     services.audit.commit(batch, entries)?;
+    if let Some(issued) = &issued {
+        services.e2ee.devices_changed(&services, &user_id, &[issued.device_id.clone()])?;
+    }
     if let Err(err) = services.abuse.spend_registration(ip) {
         // Cannot happen: the check above ran under the same lock.
         tracing::debug!(%err, "registration limit spent beyond its check");

@@ -89,8 +89,10 @@ pub async fn devices(
     if !is_local_user(&services, user_id)? {
         return Err(Error::not_found("Unknown user"));
     }
+    // Read before the devices: the list is never older than the stream id it comes with.
+    let stream_id = services.e2ee.device_list_stream_id(user_id)?;
     let keys = local_keys(&services, user_id, &[])?;
-    let stream_id = UInt::try_from(services.stream.current()).unwrap_or(UInt::MAX);
+    let stream_id = UInt::try_from(stream_id).unwrap_or(UInt::MAX);
     let mut response = get_devices::Response::new(user_id.clone(), stream_id);
     for (device_id, key) in &keys.devices {
         let device_id = device_id.as_str().into();

@@ -265,25 +265,34 @@ pub fn presence(user_id: &UserId, presence: &Presence) -> Edu {
     Edu::Presence(PresenceContent::new(vec![update]))
 }
 
-/// `m.device_list_update` for a local device added, changed (`keys`) or deleted, at
-/// `stream_id` following `prev_id`.
+/// A local device as a device list update describes it.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceState {
+    /// Its published keys, when it has any.
+    pub keys: Option<JsonValue>,
+    /// Its display name.
+    pub display_name: Option<String>,
+}
+
+/// `m.device_list_update` for a local device added or changed (`device`) or deleted (`None`),
+/// at stream id `ids.0` following `ids.1`.
 pub fn device_list_update(
     user_id: &UserId,
     device_id: &DeviceId,
-    stream_id: u64,
-    prev_id: Option<u64>,
-    keys: Option<&JsonValue>,
-    display_name: Option<String>,
+    (stream_id, prev_id): (u64, Option<u64>),
+    device: Option<DeviceState>,
 ) -> Result<Edu> {
     let stream_id = UInt::try_from(stream_id).map_err(Error::internal)?;
     let mut content =
         DeviceListUpdateContent::new(user_id.to_owned(), device_id.to_owned(), stream_id);
     content.prev_id = prev_id.and_then(|id| UInt::try_from(id).ok()).into_iter().collect();
-    content.device_display_name = display_name;
-    match keys {
-        Some(keys) => {
-            let raw = serde_json::value::to_raw_value(keys).map_err(Error::internal)?;
-            content.keys = Some(ruma::serde::Raw::from_json(raw));
+    match device {
+        Some(device) => {
+            content.device_display_name = device.display_name;
+            if let Some(keys) = device.keys {
+                let raw = serde_json::value::to_raw_value(&keys).map_err(Error::internal)?;
+                content.keys = Some(ruma::serde::Raw::from_json(raw));
+            }
         }
         None => content.deleted = Some(true),
     }
@@ -352,13 +361,22 @@ mod tests {
         let user: OwnedUserId = "@u:a.example".try_into().unwrap();
         let device: OwnedDeviceId = "DEV".into();
         let keys = serde_json::json!({ "device_id": "DEV" });
-        let edu = device_list_update(&user, &device, 7, Some(6), Some(&keys), None).unwrap();
+        let state = DeviceState { keys: Some(keys.clone()), display_name: Some("Phone".into()) };
+        let edu = device_list_update(&user, &device, (7, Some(6)), Some(state)).unwrap();
         let edu = serde_json::to_value(edu).unwrap();
         assert_eq!(edu["edu_type"], "m.device_list_update");
         assert_eq!(edu["content"]["stream_id"], 7);
         assert_eq!(edu["content"]["prev_id"], serde_json::json!([6]));
         assert_eq!(edu["content"]["keys"], keys);
-        let gone = device_list_update(&user, &device, 8, Some(7), None, None).unwrap();
+        assert_eq!(edu["content"]["device_display_name"], "Phone");
+        assert!(edu["content"].get("deleted").is_none(), "{edu}");
+        // A new device without keys yet: named, neither keys nor deleted.
+        let bare = DeviceState { keys: None, display_name: None };
+        let edu = device_list_update(&user, &device, (1, None), Some(bare)).unwrap();
+        let edu = serde_json::to_value(edu).unwrap();
+        assert_eq!(edu["content"]["prev_id"], serde_json::json!([]));
+        assert!(edu["content"].get("keys").is_none() && edu["content"].get("deleted").is_none());
+        let gone = device_list_update(&user, &device, (8, Some(7)), None).unwrap();
         assert_eq!(serde_json::to_value(gone).unwrap()["content"]["deleted"], true);
     }
 

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod query;
 pub mod receive;
 pub mod sender;
+pub mod updates;
 
 use std::{
     borrow::Cow,
