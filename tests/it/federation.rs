@@ -3,7 +3,7 @@
 //! expiry, X-Matrix signing and its verification, the allow and deny lists both ways, key
 //! rotation, the version endpoint, and serving behind a reverse proxy.
 
-mod e2ee;
+pub mod e2ee;
 pub mod harness;
 mod media;
 mod queries;

@@ -1,8 +1,8 @@
 //! Interoperability with a real Synapse (the pinned release from PyPI) over TLS on loopback:
 //! each side fetches the other's keys, directly and through a notary, signed requests pass
 //! both ways and each client API answers for the other's users; users of each share rooms
-//! created on either side (messages, edits, threads, invites, aliases, leaving and rejoining)
-//! and fetch each other's media. Synapse takes seconds to start, so there are few tests and
+//! created on either side (messages, edits, threads, invites, aliases, leaving and rejoining),
+//! fetch each other's media and exchange end-to-end encrypted messages. Synapse takes seconds to start, so there are few tests and
 //! each covers much.
 
 pub mod harness;
@@ -17,7 +17,10 @@ use serde_json::{Value, json};
 use self::harness::Synapse;
 use crate::{
     common::enc,
-    federation::harness::{FedServer, Pki},
+    federation::{
+        e2ee::encrypted_messages_both_ways,
+        harness::{FedServer, Pki},
+    },
 };
 
 /// The keys a key server document lists for `server`: key id to unpadded base64.
@@ -312,6 +315,42 @@ async fn synapse_and_plaza_users_share_rooms() {
         download(&plaza.server.http, &plaza.server.base, &bob_token, &from_synapse).await,
         b"synapse bytes"
     );
+
+    // End-to-end encryption with matrix-sdk clients: a Plaza user's encrypted room joined by a
+    // Synapse user; keys are queried and claimed, and room keys sent, across the servers.
+    let plaza_client = crate::sdk::sdk_client(&plaza.server.base, "erin").await;
+    synapse.register("frank").await;
+    let synapse_client =
+        matrix_sdk::Client::builder().homeserver_url(&synapse.client_base).build().await.unwrap();
+    synapse_client.matrix_auth().login_username("frank", "interop-password").send().await.unwrap();
+    encrypted_messages_both_ways(&plaza_client, &synapse_client, plaza.name.clone()).await;
+    // And in a Synapse user's room joined from Plaza.
+    encrypted_messages_both_ways(&synapse_client, &plaza_client, synapse.name.clone()).await;
+
+    // A new Plaza device reaches Synapse's cache of Erin's devices (Synapse answers from it
+    // while they share rooms) through a device list update.
+    let erin = plaza_client.user_id().unwrap().to_string();
+    let (status, login) = plaza.server.login("erin", "sdk password 1").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let (device, token) = (login["device_id"].as_str().unwrap(), login["access_token"].as_str());
+    let key = ed25519_dalek::SigningKey::from_bytes(&[21; 32]);
+    let upload = json!({ "device_keys": crate::e2ee::device_keys(&erin, device, &key) });
+    let (status, body) = plaza.server.post("/_matrix/client/v3/keys/upload", token, upload).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let frank_token = synapse_client.access_token().unwrap();
+    let query = json!({ "device_keys": { erin.as_str(): [] } });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let path = "/_matrix/client/v3/keys/query";
+        let (status, keys) =
+            synapse.call(Method::POST, path, Some(&frank_token), Some(query.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{keys}");
+        if keys["device_keys"][&erin][device]["keys"].is_object() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "Synapse never saw the device: {keys}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A Synapse user invited into a private Plaza room joins and talks.
