@@ -218,14 +218,14 @@ impl E2ee {
         services.stream.key_changes.mark(&(), pending.position);
         self.key_changes.put(&mut batch, &pending.position, &user_id.to_owned());
         self.db.write(batch)?;
-        drop(guard);
         let position = pending.position;
         drop(pending);
-        self.wake_room_mates(services, user_id, position)?;
+        // Queued under the lock, so each server gets a user's updates in stream id order.
         if !device_updates.is_empty() {
             updates::announce_devices(services, user_id, &device_updates);
         }
-        Ok(())
+        drop(guard);
+        self.wake_room_mates(services, user_id, position)
     }
 
     /// Queues in `batch` the next stream id of each of `devices` of local user `user_id`, each

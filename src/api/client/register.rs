@@ -124,7 +124,11 @@ pub async fn register(services: State, req: Ruma<register::Request>) -> Result<r
     }
     services.audit.commit(batch, entries)?;
     if let Some(issued) = &issued {
-        services.e2ee.devices_changed(&services, &user_id, &[issued.device_id.clone()])?;
+        services.e2ee.devices_changed(
+            &services,
+            &user_id,
+            std::slice::from_ref(&issued.device_id),
+        )?;
     }
     if let Err(err) = services.abuse.spend_registration(ip) {
         // Cannot happen: the check above ran under the same lock.

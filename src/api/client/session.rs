@@ -137,7 +137,7 @@ fn issue_login(
     let entry = Entry::new("user.login", Some(&user_id)).target(&user_id).device(&issued.device_id);
     services.audit.commit(batch, [entry])?;
     drop(user_lock);
-    services.e2ee.devices_changed(services, &user_id, &[issued.device_id.clone()])?;
+    services.e2ee.devices_changed(services, &user_id, std::slice::from_ref(&issued.device_id))?;
     tracing::info!(%user_id, device_id = %issued.device_id, "logged in");
 
     let mut response = login::Response::new(user_id, issued.access_token, issued.device_id);

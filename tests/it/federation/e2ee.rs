@@ -128,6 +128,10 @@ async fn device_and_cross_signing_changes_reach_the_other_server() {
     let (_pki, a, b) = pair().await;
     let (alice, alice_token, laptop) = a.server.register("alice", PASSWORD).await;
     let (_bob, bob_token, _) = b.server.register("bob", PASSWORD).await;
+    // Before they share a room Bob's server asks for Alice's keys (none yet) and keeps the
+    // answer; her server has no reason to tell it of her new keys then.
+    let keys = query_keys(&b.server, &bob_token, &alice).await;
+    assert_eq!(keys["device_keys"][&alice], json!({}), "{keys}");
     let laptop_key = SigningKey::from_bytes(&[11; 32]);
     let upload = json!({ "device_keys": device_keys(&alice, &laptop, &laptop_key) });
     let (status, body) =
@@ -135,8 +139,13 @@ async fn device_and_cross_signing_changes_reach_the_other_server() {
     assert_eq!(status, StatusCode::OK, "{body}");
     shared_room(&a, &alice_token, &b, &bob_token).await;
 
-    // Bob's server fetches Alice's keys from hers, and keeps them.
-    let keys = query_keys(&b.server, &bob_token, &alice).await;
+    // Sharing a room now, Bob's server asks again instead of answering from what it kept.
+    let keys = eventually(
+        "Alice's laptop in Bob's key query",
+        || query_keys(&b.server, &bob_token, &alice),
+        |keys| keys["device_keys"][&alice].get(&laptop).is_some(),
+    )
+    .await;
     let devices = keys["device_keys"][&alice].as_object().unwrap();
     assert_eq!(devices.keys().collect::<Vec<_>>(), [&laptop], "{keys}");
     let since = sync_token(&b.server, &bob_token).await;
