@@ -351,6 +351,44 @@ async fn synapse_and_plaza_users_share_rooms() {
         assert!(std::time::Instant::now() < deadline, "Synapse never saw the device: {keys}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+
+    // And the other way: Frank's new Synapse device shows in Erin's sync and key query.
+    let frank = synapse_client.user_id().unwrap().to_string();
+    let erin_token = plaza_client.access_token().unwrap();
+    let (status, synced) =
+        plaza.server.get("/_matrix/client/v3/sync?timeout=0", Some(&erin_token)).await;
+    assert_eq!(status, StatusCode::OK, "{synced}");
+    let since = synced["next_batch"].as_str().unwrap().to_owned();
+    let login = json!({ "type": "m.login.password", "password": "interop-password",
+        "identifier": { "type": "m.id.user", "user": "frank" } });
+    let (status, login) =
+        synapse.call(Method::POST, "/_matrix/client/v3/login", None, Some(login)).await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let (device, token) = (login["device_id"].as_str().unwrap(), login["access_token"].as_str());
+    let key = ed25519_dalek::SigningKey::from_bytes(&[22; 32]);
+    let upload = json!({ "device_keys": crate::e2ee::device_keys(&frank, device, &key) });
+    let path = "/_matrix/client/v3/keys/upload";
+    let (status, body) = synapse.call(Method::POST, path, token, Some(upload)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let query = json!({ "device_keys": { frank.as_str(): [] } });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let path = format!("/_matrix/client/v3/sync?timeout=0&since={}", enc(&since));
+        let (_, synced) = plaza.server.get(&path, Some(&erin_token)).await;
+        let changed = synced["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
+        let (status, keys) = plaza
+            .server
+            .post("/_matrix/client/v3/keys/query", Some(&erin_token), query.clone())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{keys}");
+        if changed.iter().any(|u| u == frank.as_str())
+            && keys["device_keys"][&frank][device]["keys"].is_object()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "Plaza never saw the device: {keys}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A Synapse user invited into a private Plaza room joins and talks.
