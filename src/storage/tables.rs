@@ -220,6 +220,9 @@ pub const FEDERATION_TXNS: &str = "federation_txns";
 /// `room id` -> u64: the stream position of the room's newest event that counts for recency
 /// (messages, encrypted messages, calls, polls, stickers, its creation): its `bump_stamp`.
 pub const ROOM_BUMPS: &str = "room_bumps";
+/// `user id 0xFF room id` -> `OutsideMembership`: a local user's invite, knock or rejected
+/// invite in a room this server does not hold (the event, the stripped state, the server).
+pub const OUTSIDE_MEMBERSHIPS: &str = "outside_memberships";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -310,4 +313,5 @@ pub const ALL: &[&str] = &[
     AUTO_REPLIES,
     FEDERATION_TXNS,
     ROOM_BUMPS,
+    OUTSIDE_MEMBERSHIPS,
 ];

@@ -4,6 +4,7 @@
 //! rotation, the version endpoint, and serving behind a reverse proxy.
 
 pub mod harness;
+mod invites;
 mod media;
 mod queries;
 mod sending;

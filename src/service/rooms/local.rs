@@ -26,6 +26,41 @@ use crate::{
 /// Most prev events a new event names (the spec's limit).
 const MAX_PREV_EVENTS: usize = 20;
 
+/// An event built here, not yet placed.
+struct Built {
+    candidate: Candidate,
+    event_id: OwnedEventId,
+    record: Option<RoomRecord>,
+    version: RoomVersionId,
+    rules: RoomVersionRules,
+    audit: Vec<crate::service::audit::Entry>,
+}
+
+/// `ours` with the signatures `signed` added, when `signed` is the same event (another
+/// server's signature added, nothing else changed but `unsigned`).
+fn same_event_signed(
+    mut ours: CanonicalJsonObject,
+    mut signed: CanonicalJsonObject,
+) -> Result<CanonicalJsonObject> {
+    let theirs = match signed.remove("signatures") {
+        Some(CanonicalJsonValue::Object(signatures)) => signatures,
+        _ => return Err(Error::bad_json("The other server sent the event back unsigned")),
+    };
+    signed.remove("unsigned");
+    let mut bare = ours.clone();
+    bare.remove("signatures");
+    bare.remove("unsigned");
+    if bare != signed {
+        return Err(Error::bad_json("The other server sent back a different event"));
+    }
+    if let Some(CanonicalJsonValue::Object(signatures)) = ours.get_mut("signatures") {
+        for (server, by_key) in theirs {
+            signatures.entry(server).or_insert(by_key);
+        }
+    }
+    Ok(ours)
+}
+
 impl Rooms {
     /// Appends an event from `sender` to an existing room. `txn` makes client sends
     /// idempotent: a repeat returns the first event.
@@ -119,6 +154,73 @@ impl Rooms {
         txn: Option<(Txn<'_>, &[u8])>,
         defer_sync: bool,
     ) -> Result<(OwnedEventId, Unsynced<'s>)> {
+        let Built { candidate, event_id, record, version, rules, audit } =
+            self.build_local(services, target, sender, &event, txn)?;
+        let local = Local { event: &event, audit, txn, defer_sync };
+        let room = Room { record, version: &version, rules: &rules };
+        let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
+        Ok((event_id, unsynced))
+    }
+
+    /// Appends an event from `sender` that another server must sign first (an invite of one
+    /// of its users): built and checked under the room lock, handed to `countersign` with the
+    /// room version once the lock is released, then written as the same event with the
+    /// signatures it came back with. Events landing meanwhile make a fork the write resolves.
+    pub async fn append_countersigned<F, Fut>(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        sender: &UserId,
+        event: NewEvent,
+        countersign: F,
+    ) -> Result<OwnedEventId>
+    where
+        F: FnOnce(CanonicalJsonObject, RoomVersionId) -> Fut,
+        Fut: std::future::Future<Output = Result<CanonicalJsonObject>>,
+    {
+        let lock = self.lock(room_id);
+        let guard = lock.lock().await;
+        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let target = Target::Existing(room_id, record);
+        let Built { mut candidate, event_id, version, rules, audit, .. } =
+            self.build_local(services, target, sender, &event, None)?;
+        {
+            // Refused here: never sent to be signed.
+            let room = Room { record: None, version: &version, rules: &rules };
+            let pdu = &candidate.pdu;
+            let mut refusal = self.check_auth_events(&room, pdu, false, None, &candidate.auth)?;
+            if refusal.is_ok() {
+                refusal = self.check_against_state(&rules, pdu, candidate.state_before)?;
+            }
+            refusal.map_err(|reason| Error::forbidden(format!("Not allowed: {reason}")))?;
+        }
+        drop(guard);
+        let ours = candidate.stored.wire.clone();
+        let signed = countersign(ours.clone(), version.clone()).await?;
+        candidate.stored.wire = same_event_signed(ours, signed)?;
+        let guard = lock.lock().await;
+        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let local = Local { event: &event, audit, txn: None, defer_sync: true };
+        let room = Room { record: Some(record), version: &version, rules: &rules };
+        let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
+        drop(guard);
+        if let Some((pending, ticket)) = unsynced {
+            self.db.durable(ticket).await?;
+            drop(pending);
+        }
+        Ok(event_id)
+    }
+
+    /// Builds and signs an event of `sender` for `target`, with the state before it and its
+    /// auth events, ready to be placed.
+    fn build_local(
+        &self,
+        services: &Services,
+        target: Target<'_>,
+        sender: &UserId,
+        event: &NewEvent,
+        txn: Option<(Txn<'_>, &[u8])>,
+    ) -> Result<Built> {
         let (room, version) = match target {
             Target::Existing(room_id, record) => {
                 let version = record.version.clone();
@@ -269,13 +371,10 @@ impl Rooms {
         };
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
-        let mut audit = self.audit_entries(&room_id, sender, &event, pdu.redacts.as_deref())?;
+        let mut audit = self.audit_entries(&room_id, sender, event, pdu.redacts.as_deref())?;
         audit.extend(event.audit.iter().cloned());
         let candidate = Candidate { stored, pdu, state_before: current, auth };
-        let local = Local { event: &event, audit, txn, defer_sync };
-        let room = Room { record, version: &version, rules: &rules };
-        let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
-        Ok((event_id, unsynced))
+        Ok(Built { candidate, event_id, record, version, rules, audit })
     }
 
     /// References to `ids` in the room version's format: bare ids, or `[id, hashes]` pairs.
