@@ -2,7 +2,8 @@
 //! of `PUT /_matrix/federation/v2/invite`, the invite kept as an outside membership (the
 //! room is held elsewhere) for the invitee's syncs; the rejection of such an invite and the
 //! knock on a room held elsewhere, through `make_leave`/`send_leave` and
-//! `make_knock`/`send_knock` on a server in the room. As the inviter's server: the
+//! `make_knock`/`send_knock` on a server in the room; an invite withdrawn or a knock refused
+//! there, when the room's server sends the leave. As the inviter's server: the
 //! [`Countersign`] the event core calls before storing an invite of another server's user.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin};
@@ -435,4 +436,45 @@ async fn knock_through(
     };
     services.rooms.set_outside(services, user_id, room_id, record)?;
     Ok(event_id)
+}
+
+/// Takes a leave or ban of a local user that `origin` sent in a transaction for `room_id`, a
+/// room held elsewhere where the user is invited or knocking (the invite withdrawn, the knock
+/// refused): the invite or knock then ends as left. Returns whether the event was taken.
+pub async fn retracted(
+    services: &Services,
+    origin: &ServerName,
+    room_id: &RoomId,
+    wire: &CanonicalJsonObject,
+) -> Result<bool> {
+    let Some(user_id) = str_field(wire, "state_key").and_then(|key| UserId::parse(key).ok()) else {
+        return Ok(false);
+    };
+    let sender = str_field(wire, "sender").and_then(|sender| UserId::parse(sender).ok());
+    let from_origin = sender.as_ref().is_some_and(|sender| sender.server_name() == origin);
+    if str_field(wire, "type") != Some("m.room.member")
+        || !matches!(content_str(wire, "membership"), Some("leave" | "ban"))
+        || user_id.server_name() != services.server_name()
+        || !from_origin
+    {
+        return Ok(false);
+    }
+    let Some(mut record) = services.rooms.outside(&user_id, room_id)? else { return Ok(false) };
+    if record.membership == "leave" {
+        return Ok(false);
+    }
+    let rules = version_rules(&record.version)?;
+    let mut wire = wire.clone();
+    wire.remove("unsigned");
+    let keys = services.federation.public_keys(&BTreeSet::from([origin.to_owned()])).await?;
+    if ruma::signatures::verify_event(&keys, &wire, &rules).is_err() {
+        return Ok(false);
+    }
+    record.membership = "leave".to_owned();
+    record.event_id = Some(event_id_of(&wire, &rules)?);
+    record.sender = sender.map_or(record.sender, |sender| sender);
+    record.event = Some(JsonValue::from(CanonicalJsonValue::Object(wire)));
+    services.rooms.set_outside(services, &user_id, room_id, record)?;
+    tracing::info!(%room_id, %user_id, %origin, "invite or knock ended by the room's server");
+    Ok(true)
 }

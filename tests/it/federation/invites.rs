@@ -197,6 +197,26 @@ async fn a_rejected_invite_is_left_on_both_sides_and_a_pending_one_survives_a_re
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(outside_on(&b, &room, &bob), None);
 
+    // An invite A withdraws (a kick of the invitee) ends on B as left.
+    let withdrawn = a.server.create_room(&alice_token, json!({ "name": "Withdrawn" })).await;
+    let (status, body) = invite(&a, &alice_token, &withdrawn, &bob).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let before = sync(&b.server, &bob_token, None).await;
+    assert!(before["rooms"]["invite"].get(&withdrawn).is_some(), "{before}");
+    let since = before["next_batch"].as_str().unwrap().to_owned();
+    let (status, body) =
+        a.server.membership(&alice_token, &withdrawn, "kick", json!({ "user_id": bob })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually("B hears the invite withdrawn", || {
+        outside_on(&b, &withdrawn, &bob).as_deref() == Some("leave")
+    })
+    .await;
+    let after = sync(&b.server, &bob_token, Some(&since)).await;
+    assert!(after["rooms"]["invite"].get(&withdrawn).is_none(), "{after}");
+    let kick = &after["rooms"]["leave"][&withdrawn]["timeline"]["events"][0];
+    assert_eq!(kick["content"]["membership"], "leave", "{after}");
+    assert!(kick["sender"].as_str().unwrap().starts_with("@alice:"), "{after}");
+
     // A pending invite is kept across B's restart.
     let second = a.server.create_room(&alice_token, json!({ "name": "Later" })).await;
     let (status, body) = invite(&a, &alice_token, &second, &bob).await;
