@@ -118,21 +118,32 @@ pub async fn join_by_id_or_alias(
 ) -> Result<join_by_id_or_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let mut servers = body.via;
-    let room_id = match <&RoomAliasId>::try_from(&*body.room_id_or_alias) {
+    let (room_id, servers) =
+        resolve_with_servers(&services, &body.room_id_or_alias, body.via).await?;
+    join_room(&services, &caller, &room_id, &servers, body.reason.as_deref()).await?;
+    Ok(join_by_id_or_alias::Response::new(room_id))
+}
+
+/// The room a `roomIdOrAlias` of a join or knock names, with the servers to reach it through:
+/// `via`, then those a remote alias's server names.
+async fn resolve_with_servers(
+    services: &State,
+    room_id_or_alias: &RoomOrAliasId,
+    mut via: Vec<OwnedServerName>,
+) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+    let room_id = match <&RoomAliasId>::try_from(room_id_or_alias) {
         Ok(alias) if alias.server_name() != services.server_name() => {
-            let (room_id, alias_servers) = resolve_remote_alias(&services, alias).await?;
-            servers.extend(alias_servers);
+            let (room_id, alias_servers) = resolve_remote_alias(services, alias).await?;
+            via.extend(alias_servers);
             room_id
         }
         Ok(alias) => {
-            services.appservices.query_alias(&services, alias).await?;
-            resolve_room(&services, &body.room_id_or_alias)?
+            services.appservices.query_alias(services, alias).await?;
+            resolve_room(services, room_id_or_alias)?
         }
-        Err(_) => resolve_room(&services, &body.room_id_or_alias)?,
+        Err(_) => resolve_room(services, room_id_or_alias)?,
     };
-    join_room(&services, &caller, &room_id, &servers, body.reason.as_deref()).await?;
-    Ok(join_by_id_or_alias::Response::new(room_id))
+    Ok((room_id, via))
 }
 
 /// Joins `caller` to `room_id`: here when this server has the room, else through `servers`
@@ -209,15 +220,8 @@ pub async fn knock(
 ) -> Result<knock_room::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let mut servers = body.via;
-    let room_id = match <&RoomAliasId>::try_from(&*body.room_id_or_alias) {
-        Ok(alias) if alias.server_name() != services.server_name() => {
-            let (room_id, alias_servers) = resolve_remote_alias(&services, alias).await?;
-            servers.extend(alias_servers);
-            room_id
-        }
-        _ => resolve_room(&services, &body.room_id_or_alias)?,
-    };
+    let (room_id, servers) =
+        resolve_with_servers(&services, &body.room_id_or_alias, body.via).await?;
     let reason = body.reason.as_deref();
     if services.rooms.room(&room_id)?.is_none() && services.federation.enabled() {
         if caller.guest {

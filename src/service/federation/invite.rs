@@ -23,7 +23,7 @@ use super::{
     keys::verify_signed_by,
     membership::{
         Membership, content_str, event_id_of, raw, sign_template, str_field, stripped_state,
-        version_rules,
+        through_first, version_rules,
     },
 };
 use crate::{
@@ -323,16 +323,10 @@ pub async fn leave_outside(
         return Err(Error::forbidden("You are not in this room"));
     }
     let servers = outside_servers(services, user_id, room_id, &[])?;
-    let mut event = None;
-    for server in servers.iter().take(MAX_TRIES) {
-        match leave_through(services, server, user_id, room_id, reason, supported).await {
-            Ok(left) => {
-                event = Some(left);
-                break;
-            }
-            Err(err) => tracing::info!(%server, %room_id, %err, "remote leave failed"),
-        }
-    }
+    let leave = |server: OwnedServerName| async move {
+        leave_through(services, &server, user_id, room_id, reason, supported).await
+    };
+    let event = through_first(services, &servers, MAX_TRIES, (room_id, "leave"), leave).await.ok();
     if event.is_none() {
         tracing::info!(%room_id, %user_id, "no server took the leave: rejected here only");
     }
@@ -382,19 +376,14 @@ pub async fn knock_remote(
     supported: &[RoomVersionId],
 ) -> Result<OwnedEventId> {
     let servers = outside_servers(services, user_id, room_id, servers)?;
-    let mut last = None;
-    for server in servers.iter().take(MAX_TRIES) {
-        match knock_through(services, server, user_id, room_id, reason, supported).await {
-            Ok(event_id) => return Ok(event_id),
-            Err(err) => {
-                tracing::info!(%server, %room_id, %err, "remote knock failed");
-                last = Some(err);
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        Error::not_found("Unknown room, and no other server to knock through was given")
-    }))
+    let knock = |server: OwnedServerName| async move {
+        knock_through(services, &server, user_id, room_id, reason, supported).await
+    };
+    through_first(services, &servers, MAX_TRIES, (room_id, "knock"), knock).await.map_err(|last| {
+        last.unwrap_or_else(|| {
+            Error::not_found("Unknown room, and no other server to knock through was given")
+        })
+    })
 }
 
 /// One attempt of [`knock_remote`], through `server`.

@@ -325,26 +325,50 @@ pub async fn join_remote(
     reason: Option<&str>,
     supported: &[RoomVersionId],
 ) -> Result<OwnedEventId> {
+    let join = |server: OwnedServerName| async move {
+        join_through(services, &server, user_id, room_id, reason, supported).await
+    };
+    through_first(services, servers, MAX_JOIN_SERVERS, (room_id, "join"), join).await.map_err(
+        |last| {
+            last.unwrap_or_else(|| {
+                Error::not_found("Unknown room, and no other server to join it through was given")
+            })
+        },
+    )
+}
+
+/// Does `attempt` through each of `servers` in turn (this server and repeats left out, at most
+/// `most` of them) until one succeeds; else the last failure (none when no server was asked).
+/// `what` names the room and the attempt for the log.
+pub(super) async fn through_first<T, F, Fut>(
+    services: &Services,
+    servers: &[OwnedServerName],
+    most: usize,
+    (room_id, what): (&RoomId, &str),
+    mut attempt: F,
+) -> std::result::Result<T, Option<Error>>
+where
+    F: FnMut(OwnedServerName) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let mut tried = BTreeSet::new();
     let mut last = None;
     for server in servers {
         if server == services.server_name() || !tried.insert(server) {
             continue;
         }
-        if tried.len() > MAX_JOIN_SERVERS {
+        if tried.len() > most {
             break;
         }
-        match join_through(services, server, user_id, room_id, reason, supported).await {
-            Ok(event_id) => return Ok(event_id),
+        match attempt(server.clone()).await {
+            Ok(done) => return Ok(done),
             Err(err) => {
-                tracing::info!(%server, %room_id, %err, "remote join failed");
+                tracing::info!(%server, %room_id, %err, "remote {what} failed");
                 last = Some(err);
             }
         }
     }
-    Err(last.unwrap_or_else(|| {
-        Error::not_found("Unknown room, and no other server to join it through was given")
-    }))
+    Err(last)
 }
 
 /// A resident server's refusal as the client should see it: forbidden or unknown stay so.

@@ -61,17 +61,12 @@ impl OutsideMembership {
 
     /// The membership event as clients are shown it in a timeline, when there is one.
     pub fn client_event(&self, room_id: &RoomId) -> Option<JsonValue> {
-        let event = self.event.as_ref()?;
-        Some(serde_json::json!({
-            "type": event.get("type")?,
-            "state_key": event.get("state_key")?,
-            "sender": event.get("sender")?,
-            "content": event.get("content")?,
-            "origin_server_ts": event.get("origin_server_ts")?,
-            "event_id": self.event_id.as_ref()?,
-            "room_id": room_id,
-            "unsigned": {},
-        }))
+        let mut shown = self.stripped_event()?;
+        shown["origin_server_ts"] = self.event.as_ref()?.get("origin_server_ts")?.clone();
+        shown["event_id"] = serde_json::json!(self.event_id.as_ref()?);
+        shown["room_id"] = serde_json::json!(room_id);
+        shown["unsigned"] = serde_json::json!({});
+        Some(shown)
     }
 }
 

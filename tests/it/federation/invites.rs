@@ -9,21 +9,13 @@ use reqwest::{Method, StatusCode};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomId, RoomVersionId, UserId};
 use serde_json::{Value, json};
 
-use super::harness::*;
+use super::{
+    harness::*,
+    sending::{eventually, until_bodies},
+};
 use crate::common::{TestServer, assert_error, enc};
 
 const SLIDING: &str = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
-
-/// Waits (up to 15 s) until `check` holds.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never happened: {what}");
-}
 
 /// One `/sync` of `token` (`since` a previous `next_batch`); returns the body.
 async fn sync(server: &TestServer, token: &str, since: Option<&str>) -> Value {
@@ -39,35 +31,6 @@ async fn sync(server: &TestServer, token: &str, since: Option<&str>) -> Value {
 /// The stripped event `kind` (state key `key`) of a sync's invite or knock entry.
 fn stripped<'a>(events: &'a Value, kind: &str, key: &str) -> Option<&'a Value> {
     events["events"].as_array()?.iter().find(|e| e["type"] == kind && e["state_key"] == key)
-}
-
-/// The message bodies `token` reads in `room`, oldest first.
-async fn bodies(s: &FedServer, token: &str, room: &str) -> Vec<String> {
-    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room));
-    let (status, body) = s.server.get(&path, Some(token)).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let mut out: Vec<String> = body["chunk"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "m.room.message")
-        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    out.reverse();
-    out
-}
-
-/// Waits until `token` reads exactly `expected` in `room`.
-async fn until_bodies(s: &FedServer, token: &str, room: &str, expected: &[&str]) {
-    let mut seen = Vec::new();
-    for _ in 0..300 {
-        seen = bodies(s, token, room).await;
-        if seen == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("expected {expected:?}, read {seen:?}");
 }
 
 fn membership_on(s: &FedServer, room: &str, user: &str) -> Option<String> {
