@@ -23,7 +23,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     service::{
         Services,
-        federation::SendError,
+        federation::invite::remote_error,
         now_ms, random_string,
         rooms::{
             Status,
@@ -371,15 +371,6 @@ where
     Err(last)
 }
 
-/// A resident server's refusal as the client should see it: forbidden or unknown stay so.
-pub(super) fn refusal(err: SendError) -> Error {
-    match &err {
-        SendError::Remote { status: 403, .. } => Error::forbidden(err.to_string()),
-        SendError::Remote { status: 404, .. } => Error::not_found(err.to_string()),
-        _ => err.into(),
-    }
-}
-
 /// One attempt of [`join_remote`], through `server`.
 async fn join_through(
     services: &Services,
@@ -391,7 +382,7 @@ async fn join_through(
 ) -> Result<OwnedEventId> {
     let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user_id.to_owned());
     request.ver = supported.to_vec();
-    let answer = services.federation.send(server, request).await.map_err(refusal)?;
+    let answer = services.federation.send(server, request).await.map_err(remote_error)?;
     let version = answer.room_version.unwrap_or(RoomVersionId::V1);
     let (wire, event_id) = sign_template(
         services,
@@ -404,7 +395,7 @@ async fn join_through(
     let rules = version_rules(&version)?;
     let request =
         create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw(&wire)?);
-    let state = services.federation.send(server, request).await.map_err(refusal)?.room_state;
+    let state = services.federation.send(server, request).await.map_err(remote_error)?.room_state;
     // The resident server's copy carries its signature when it authorised a restricted join.
     let pdu = match state.event.as_deref().map(|event| serde_json::from_str(event.get())) {
         Some(Ok(event)) if event_id_of(&event, &rules).is_ok_and(|id| id == event_id) => event,
