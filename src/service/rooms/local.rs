@@ -434,3 +434,43 @@ impl Rooms {
         Ok(changed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(value: serde_json::Value) -> CanonicalJsonObject {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_countersigned_event_must_be_the_same_event() {
+        let ours = object(serde_json::json!({
+            "type": "m.room.member", "state_key": "@b:b.example", "content": { "membership": "invite" },
+            "signatures": { "a.example": { "ed25519:1": "ours" } },
+        }));
+        let mut signed = ours.clone();
+        signed.insert(
+            "signatures".into(),
+            CanonicalJsonValue::try_from(serde_json::json!({
+                "a.example": { "ed25519:1": "changed" },
+                "b.example": { "ed25519:2": "theirs" },
+            }))
+            .unwrap(),
+        );
+        signed.insert("unsigned".into(), CanonicalJsonValue::Object(CanonicalJsonObject::new()));
+        let merged = same_event_signed(ours.clone(), signed.clone()).unwrap();
+        // Our own signature stays ours; theirs is added.
+        let signatures = serde_json::to_value(&merged["signatures"]).unwrap();
+        assert_eq!(signatures["a.example"]["ed25519:1"], "ours");
+        assert_eq!(signatures["b.example"]["ed25519:2"], "theirs");
+        assert!(!merged.contains_key("unsigned"));
+
+        let mut altered = signed.clone();
+        altered.insert("state_key".into(), CanonicalJsonValue::String("@c:b.example".into()));
+        assert!(same_event_signed(ours.clone(), altered).is_err());
+        let mut unsigned = signed;
+        unsigned.remove("signatures");
+        assert!(same_event_signed(ours, unsigned).is_err());
+    }
+}

@@ -139,3 +139,32 @@ fn bound(record: &mut OutsideMembership) {
     record.servers.retain(|server| seen.insert(server.clone()));
     record.servers.truncate(MAX_SERVERS);
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn stripped_state_and_servers_are_cut_to_their_bounds() {
+        let server = |n: usize| OwnedServerName::try_from(format!("s{n}.example")).unwrap();
+        let mut record = OutsideMembership {
+            membership: "invite".to_owned(),
+            position: 0,
+            version: RoomVersionId::V10,
+            sender: OwnedUserId::try_from("@a:s0.example").unwrap(),
+            servers: (0..30).map(|n| server(n % 20)).collect(),
+            event: None,
+            event_id: None,
+            stripped: vec![
+                json!({ "type": "m.room.topic", "content": { "topic": "x".repeat(10_000) } });
+                80
+            ],
+        };
+        bound(&mut record);
+        // Six topics of ~10 KB fit in 64 KiB; the servers lose their repeats, then past ten.
+        assert_eq!(record.stripped.len(), 6);
+        assert_eq!(record.servers, (0..MAX_SERVERS).map(server).collect::<Vec<_>>());
+    }
+}

@@ -377,6 +377,19 @@ async fn bad_invites_from_another_server_are_refused() {
     // A body that is not the endpoint's.
     let result = put_invite(&a, &b, (&other, &id), &json!({ "event": 5 })).await;
     assert!(result.0 == StatusCode::BAD_REQUEST, "{result:?}");
+
+    // The first invite names a room B does not have: B refuses the leave, and alice is rid of
+    // the invite all the same, shown left once.
+    let since = sync(&a.server, &alice_token, None).await;
+    assert!(since["rooms"]["invite"].get(&room).is_some(), "{since}");
+    let since = since["next_batch"].as_str().unwrap();
+    let (status, answer) = a.server.membership(&alice_token, &room, "leave", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(outside_on(&a, &room, &alice).as_deref(), Some("leave"));
+    let left = sync(&a.server, &alice_token, Some(since)).await;
+    assert!(left["rooms"]["invite"].get(&room).is_none(), "{left}");
+    assert_eq!(left["rooms"]["leave"][&room]["timeline"]["events"], json!([]), "{left}");
+
     // The invitee ignores the sender.
     let path = format!("/_matrix/client/v3/user/{}/account_data/m.ignored_user_list", enc(&alice));
     let ignored = json!({ "ignored_users": { mallory.clone(): {} } });
