@@ -220,18 +220,23 @@ impl Services {
         services.rooms.fill_redaction_copies().map_err(init)?;
         services.federation.policy().record_change(&services.db, &services.audit).map_err(init)?;
         // The features that take part in writing events; the event core names none of them.
-        services.rooms.register(
-            rooms::listeners::Registry::default()
-                .contributor(relations::Indexer)
-                .contributor(analytics::Recorder)
-                .listener(search::Indexing)
-                .listener(push::notifier::Enqueue)
-                .listener(appservice::Forward)
-                .listener(auto_reply::Listen)
-                .listener(federation::sender::Announce)
-                .contributor(sliding::recency::Bumps)
-                .listener(federation::updates::RemoteMembers),
-        );
+        let registry = rooms::listeners::Registry::default()
+            .contributor(relations::Indexer)
+            .contributor(analytics::Recorder)
+            .listener(search::Indexing)
+            .listener(push::notifier::Enqueue)
+            .listener(appservice::Forward)
+            .listener(auto_reply::Listen)
+            .listener(federation::sender::Announce)
+            .contributor(sliding::recency::Bumps)
+            .listener(federation::updates::RemoteMembers);
+        // Invites of other servers' users are signed by those servers, when federating.
+        let registry = if services.federation.enabled() {
+            registry.countersigner(federation::invite::Countersign)
+        } else {
+            registry
+        };
+        services.rooms.register(registry);
         services.appservices.start(&services).map_err(init)?;
         Ok(services)
     }

@@ -339,6 +339,15 @@ impl Services {
         job: &Offboarding,
         room_id: &RoomId,
     ) -> Result<Option<(String, bool)>> {
+        // An invite or knock of a room held elsewhere: rejected there (and here in any case).
+        if let Some(outside) = self.rooms.outside(user_id, room_id)?
+            && outside.membership != "leave"
+        {
+            let versions = [outside.version];
+            super::federation::invite::leave_outside(self, user_id, room_id, None, &versions)
+                .await?;
+            return Ok(Some((outside.membership, false)));
+        }
         let Some(membership) = self.rooms.membership(room_id, user_id)? else { return Ok(None) };
         if !matches!(membership.as_str(), "join" | "invite" | "knock") {
             return Ok(None);

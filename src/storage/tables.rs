@@ -223,6 +223,9 @@ pub const ROOM_BUMPS: &str = "room_bumps";
 /// `user id` -> `DeviceListStream`: a local user's device-list stream id for other servers
 /// and the devices they were told of.
 pub const DEVICE_LIST_STREAMS: &str = "device_list_streams";
+/// `user id 0xFF room id` -> `OutsideMembership`: a local user's invite, knock or rejected
+/// invite in a room this server does not hold (the event, the stripped state, the server).
+pub const OUTSIDE_MEMBERSHIPS: &str = "outside_memberships";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -314,4 +317,5 @@ pub const ALL: &[&str] = &[
     FEDERATION_TXNS,
     ROOM_BUMPS,
     DEVICE_LIST_STREAMS,
+    OUTSIDE_MEMBERSHIPS,
 ];

@@ -5,6 +5,7 @@
 
 pub mod e2ee;
 pub mod harness;
+mod invites;
 mod media;
 mod queries;
 mod sending;

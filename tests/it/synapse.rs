@@ -1,9 +1,9 @@
 //! Interoperability with a real Synapse (the pinned release from PyPI) over TLS on loopback:
 //! each side fetches the other's keys, directly and through a notary, signed requests pass
 //! both ways and each client API answers for the other's users; users of each share rooms
-//! created on either side (messages, edits, threads, invites, aliases, leaving and rejoining),
-//! fetch each other's media and exchange end-to-end encrypted messages. Synapse takes seconds to start, so there are few tests and
-//! each covers much.
+//! created on either side (messages, edits, threads, invites both ways, aliases, leaving and
+//! rejoining), fetch each other's media and exchange end-to-end encrypted messages. Synapse
+//! takes seconds to start, so there are few tests and each covers much.
 
 pub mod harness;
 
@@ -393,7 +393,6 @@ async fn synapse_and_plaza_users_share_rooms() {
 
 /// A Synapse user invited into a private Plaza room joins and talks.
 #[tokio::test]
-#[ignore = "invites over federation are not built yet"]
 async fn a_synapse_user_joins_a_plaza_room_by_invite() {
     let pki = Pki::new();
     let (plaza, synapse) = tokio::join!(FedServer::start(&pki, 1, |_| {}), Synapse::start(&pki, 3));
@@ -414,6 +413,36 @@ async fn a_synapse_user_joins_a_plaza_room_by_invite() {
     alice.send(&invited_room, "m.room.message", text("thanks for the invite")).await;
     bob.sees(&invited_room, "Alice in the private room", |e| has_body(e, "thanks for the invite"))
         .await;
+
+    // A private room on Synapse: Bob is invited, sees the invite with the room's name, accepts.
+    let (status, body) = alice
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(json!({ "preset": "private_chat", "name": "Synapse side" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", synapse.log());
+    let synapse_room = body["room_id"].as_str().unwrap().to_owned();
+    let bob_id = format!("@bob:{}", plaza.name);
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&synapse_room));
+    let (status, body) = alice.call(Method::POST, &path, Some(json!({ "user_id": bob_id }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", synapse.log());
+    let (status, sync) =
+        plaza.server.get("/_matrix/client/v3/sync?timeout=0", Some(&bob_token)).await;
+    assert_eq!(status, StatusCode::OK, "{sync}");
+    let invite_state = sync["rooms"]["invite"][&synapse_room]["invite_state"]["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no invite: {sync}"))
+        .clone();
+    let name = invite_state.iter().find(|e| e["type"] == "m.room.name");
+    assert_eq!(name.map(|e| &e["content"]["name"]), Some(&json!("Synapse side")), "{sync}");
+    assert_eq!(bob.join(&synapse_room, None).await, synapse_room);
+    alice.sees_membership(&synapse_room, &bob_id, "join").await;
+    alice.send(&synapse_room, "m.room.message", text("welcome over")).await;
+    bob.sees(&synapse_room, "Alice's welcome", |e| has_body(e, "welcome over")).await;
+    bob.send(&synapse_room, "m.room.message", text("glad to be here")).await;
+    alice.sees(&synapse_room, "Bob's answer", |e| has_body(e, "glad to be here")).await;
 }
 
 /// Uploads `bytes` to the server at `base`; returns the `mxc://` URI.

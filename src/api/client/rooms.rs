@@ -20,7 +20,7 @@ use crate::{
     api::{Caller, Ruma, State},
     error::{Error, ErrorKind, Result},
     service::{
-        federation::membership as fed_membership,
+        federation::{invite as fed_invite, membership as fed_membership},
         rooms::{
             create::{self, CreateRoom, Preset},
             membership::{self, Moderation},
@@ -118,21 +118,32 @@ pub async fn join_by_id_or_alias(
 ) -> Result<join_by_id_or_alias::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let mut servers = body.via;
-    let room_id = match <&RoomAliasId>::try_from(&*body.room_id_or_alias) {
+    let (room_id, servers) =
+        resolve_with_servers(&services, &body.room_id_or_alias, body.via).await?;
+    join_room(&services, &caller, &room_id, &servers, body.reason.as_deref()).await?;
+    Ok(join_by_id_or_alias::Response::new(room_id))
+}
+
+/// The room a `roomIdOrAlias` of a join or knock names, with the servers to reach it through:
+/// `via`, then those a remote alias's server names.
+async fn resolve_with_servers(
+    services: &State,
+    room_id_or_alias: &RoomOrAliasId,
+    mut via: Vec<OwnedServerName>,
+) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+    let room_id = match <&RoomAliasId>::try_from(room_id_or_alias) {
         Ok(alias) if alias.server_name() != services.server_name() => {
-            let (room_id, alias_servers) = resolve_remote_alias(&services, alias).await?;
-            servers.extend(alias_servers);
+            let (room_id, alias_servers) = resolve_remote_alias(services, alias).await?;
+            via.extend(alias_servers);
             room_id
         }
         Ok(alias) => {
-            services.appservices.query_alias(&services, alias).await?;
-            resolve_room(&services, &body.room_id_or_alias)?
+            services.appservices.query_alias(services, alias).await?;
+            resolve_room(services, room_id_or_alias)?
         }
-        Err(_) => resolve_room(&services, &body.room_id_or_alias)?,
+        Err(_) => resolve_room(services, room_id_or_alias)?,
     };
-    join_room(&services, &caller, &room_id, &servers, body.reason.as_deref()).await?;
-    Ok(join_by_id_or_alias::Response::new(room_id))
+    Ok((room_id, via))
 }
 
 /// Joins `caller` to `room_id`: here when this server has the room, else through `servers`
@@ -144,14 +155,15 @@ async fn join_room(
     servers: &[OwnedServerName],
     reason: Option<&str>,
 ) -> Result<()> {
-    if services.rooms.room(room_id)?.is_none() && services.federation.enabled() {
+    if held_elsewhere(services, &caller.user_id, room_id)? && services.federation.enabled() {
         if caller.guest {
             return Err(Error::new(
                 ErrorKind::GuestAccessForbidden,
                 "Guests cannot join rooms of other servers",
             ));
         }
-        let servers = fed_membership::join_servers(room_id, servers);
+        // The inviting server and those of the invite's stripped state come after `via`.
+        let servers = fed_invite::outside_servers(services, &caller.user_id, room_id, servers)?;
         fed_membership::join_remote(
             services,
             &caller.user_id,
@@ -166,6 +178,16 @@ async fn join_room(
     check_guest_join(services, caller, room_id)?;
     membership::join(services, room_id, &caller.user_id, reason, None).await?;
     Ok(())
+}
+
+/// Whether `room_id` is to be reached through other servers for `user_id`: not held here, or
+/// held but only known to them through an invite or knock of another server.
+fn held_elsewhere(services: &State, user_id: &UserId, room_id: &RoomId) -> Result<bool> {
+    if services.rooms.room(room_id)?.is_none() {
+        return Ok(true);
+    }
+    let outside = services.rooms.outside(user_id, room_id)?;
+    Ok(outside.is_some_and(|record| record.membership != "leave"))
 }
 
 /// The room and resident servers an alias of another server names, asked of that server
@@ -198,8 +220,22 @@ pub async fn knock(
 ) -> Result<knock_room::Response> {
     let caller = req.caller()?.clone();
     let body = req.body;
-    let room_id = resolve_room(&services, &body.room_id_or_alias)?;
-    membership::knock(&services, &room_id, &caller.user_id, body.reason.as_deref()).await?;
+    let (room_id, servers) =
+        resolve_with_servers(&services, &body.room_id_or_alias, body.via).await?;
+    let reason = body.reason.as_deref();
+    if services.rooms.room(&room_id)?.is_none() && services.federation.enabled() {
+        if caller.guest {
+            return Err(Error::new(
+                ErrorKind::GuestAccessForbidden,
+                "Guests cannot knock on rooms of other servers",
+            ));
+        }
+        let versions = super::discovery::ROOM_VERSIONS;
+        fed_invite::knock_remote(&services, &caller.user_id, &room_id, &servers, reason, versions)
+            .await?;
+        return Ok(knock_room::Response::new(room_id));
+    }
+    membership::knock(&services, &room_id, &caller.user_id, reason).await?;
     Ok(knock_room::Response::new(room_id))
 }
 
@@ -257,8 +293,16 @@ pub async fn leave(
     req: Ruma<leave_room::Request>,
 ) -> Result<leave_room::Response> {
     let caller = req.caller()?.clone();
-    membership::leave(&services, &req.body.room_id, &caller.user_id, req.body.reason.as_deref())
-        .await?;
+    let (room_id, reason) = (&req.body.room_id, req.body.reason.as_deref());
+    if held_elsewhere(&services, &caller.user_id, room_id)?
+        && services.rooms.outside(&caller.user_id, room_id)?.is_some()
+    {
+        // An invite or knock of a room held elsewhere: rejected there, and here in any case.
+        let versions = super::discovery::ROOM_VERSIONS;
+        fed_invite::leave_outside(&services, &caller.user_id, room_id, reason, versions).await?;
+        return Ok(leave_room::Response::new());
+    }
+    membership::leave(&services, room_id, &caller.user_id, reason).await?;
     Ok(leave_room::Response::new())
 }
 
@@ -307,7 +351,12 @@ pub async fn forget(
     req: Ruma<forget_room::Request>,
 ) -> Result<forget_room::Response> {
     let caller = req.caller()?.clone();
-    match services.rooms.membership(&req.body.room_id, &caller.user_id)?.as_deref() {
+    let outside = services.rooms.outside(&caller.user_id, &req.body.room_id)?;
+    let membership = match outside {
+        Some(record) => Some(record.membership),
+        None => services.rooms.membership(&req.body.room_id, &caller.user_id)?,
+    };
+    match membership.as_deref() {
         Some("leave" | "ban") => {}
         Some(_) => {
             return Err(Error::new(ErrorKind::Unknown, "Leave the room before forgetting it"));

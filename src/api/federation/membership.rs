@@ -1,8 +1,9 @@
 //! `make_join`/`send_join`, `make_leave`/`send_leave` and `make_knock`/`send_knock`: other
-//! servers' users joining, leaving and knocking on rooms this server is in.
+//! servers' users joining, leaving and knocking on rooms this server is in; and `invite`:
+//! other servers inviting this server's users.
 
 use ruma::api::federation::membership::{
-    create_join_event, create_knock_event, create_leave_event, prepare_join_event,
+    create_invite, create_join_event, create_knock_event, create_leave_event, prepare_join_event,
     prepare_knock_event, prepare_leave_event,
 };
 use serde_json::value::to_raw_value;
@@ -11,8 +12,9 @@ use super::Federated;
 use crate::{
     api::State,
     error::{Error, Result},
-    service::federation::membership::{
-        Membership, join_answer, make_membership, send_membership, stripped_state,
+    service::federation::{
+        invite::{ReceivedInvite, receive_invite},
+        membership::{Membership, join_answer, make_membership, send_membership, stripped_state},
     },
 };
 
@@ -127,4 +129,22 @@ pub async fn send_knock(
     )
     .await?;
     Ok(create_knock_event::v1::Response::new(stripped_state(&services, &body.room_id)?))
+}
+
+/// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`.
+pub async fn invite(
+    services: State,
+    req: Federated<create_invite::v2::Request>,
+) -> Result<create_invite::v2::Response> {
+    let body = &req.body;
+    let invite = ReceivedInvite {
+        room_id: &body.room_id,
+        event_id: &body.event_id,
+        room_version: &body.room_version,
+        event: &body.event,
+        invite_room_state: &body.invite_room_state,
+    };
+    let versions = crate::api::client::discovery::ROOM_VERSIONS;
+    let event = receive_invite(&services, &req.origin, invite, versions).await?;
+    Ok(create_invite::v2::Response::new(template(&event)?))
 }

@@ -168,5 +168,6 @@ pub fn routes() -> Router<State> {
     let router = FederatedHandler::add_to(membership::make_leave, router);
     let router = FederatedHandler::add_to(membership::send_leave, router);
     let router = FederatedHandler::add_to(membership::make_knock, router);
-    FederatedHandler::add_to(membership::send_knock, router)
+    let router = FederatedHandler::add_to(membership::send_knock, router);
+    FederatedHandler::add_to(membership::invite, router)
 }

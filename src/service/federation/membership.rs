@@ -23,7 +23,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     service::{
         Services,
-        federation::SendError,
+        federation::invite::remote_error,
         now_ms, random_string,
         rooms::{
             Status,
@@ -59,7 +59,7 @@ impl Membership {
     }
 }
 
-fn version_rules(version: &RoomVersionId) -> Result<RoomVersionRules> {
+pub(super) fn version_rules(version: &RoomVersionId) -> Result<RoomVersionRules> {
     version.rules().ok_or_else(|| {
         Error::new(ErrorKind::UnsupportedRoomVersion, format!("Unsupported room version {version}"))
     })
@@ -149,7 +149,10 @@ pub fn make_membership(
 }
 
 /// The id of the event `wire` in a room of `rules`.
-fn event_id_of(wire: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
+pub(super) fn event_id_of(
+    wire: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> Result<OwnedEventId> {
     let id = match rules.event_id_format {
         EventIdFormatVersion::V1 => match wire.get("event_id") {
             Some(CanonicalJsonValue::String(id)) => id.clone(),
@@ -164,14 +167,14 @@ fn event_id_of(wire: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<O
     OwnedEventId::try_from(id).map_err(|e| Error::bad_json(format!("Invalid event id: {e}")))
 }
 
-fn str_field<'a>(wire: &'a CanonicalJsonObject, name: &str) -> Option<&'a str> {
+pub(super) fn str_field<'a>(wire: &'a CanonicalJsonObject, name: &str) -> Option<&'a str> {
     match wire.get(name) {
         Some(CanonicalJsonValue::String(value)) => Some(value),
         _ => None,
     }
 }
 
-fn content_str<'a>(wire: &'a CanonicalJsonObject, name: &str) -> Option<&'a str> {
+pub(super) fn content_str<'a>(wire: &'a CanonicalJsonObject, name: &str) -> Option<&'a str> {
     match wire.get("content") {
         Some(CanonicalJsonValue::Object(content)) => str_field(content, name),
         _ => None,
@@ -251,7 +254,7 @@ pub async fn send_membership(
     }
 }
 
-fn raw(wire: &CanonicalJsonObject) -> Result<Box<RawJsonValue>> {
+pub(super) fn raw(wire: &CanonicalJsonObject) -> Result<Box<RawJsonValue>> {
     to_raw_value(wire).map_err(Error::internal)
 }
 
@@ -322,35 +325,50 @@ pub async fn join_remote(
     reason: Option<&str>,
     supported: &[RoomVersionId],
 ) -> Result<OwnedEventId> {
+    let join = |server: OwnedServerName| async move {
+        join_through(services, &server, user_id, room_id, reason, supported).await
+    };
+    through_first(services, servers, MAX_JOIN_SERVERS, (room_id, "join"), join).await.map_err(
+        |last| {
+            last.unwrap_or_else(|| {
+                Error::not_found("Unknown room, and no other server to join it through was given")
+            })
+        },
+    )
+}
+
+/// Does `attempt` through each of `servers` in turn (this server and repeats left out, at most
+/// `most` of them) until one succeeds; else the last failure (none when no server was asked).
+/// `what` names the room and the attempt for the log.
+pub(super) async fn through_first<T, F, Fut>(
+    services: &Services,
+    servers: &[OwnedServerName],
+    most: usize,
+    (room_id, what): (&RoomId, &str),
+    mut attempt: F,
+) -> std::result::Result<T, Option<Error>>
+where
+    F: FnMut(OwnedServerName) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let mut tried = BTreeSet::new();
     let mut last = None;
     for server in servers {
         if server == services.server_name() || !tried.insert(server) {
             continue;
         }
-        if tried.len() > MAX_JOIN_SERVERS {
+        if tried.len() > most {
             break;
         }
-        match join_through(services, server, user_id, room_id, reason, supported).await {
-            Ok(event_id) => return Ok(event_id),
+        match attempt(server.clone()).await {
+            Ok(done) => return Ok(done),
             Err(err) => {
-                tracing::info!(%server, %room_id, %err, "remote join failed");
+                tracing::info!(%server, %room_id, %err, "remote {what} failed");
                 last = Some(err);
             }
         }
     }
-    Err(last.unwrap_or_else(|| {
-        Error::not_found("Unknown room, and no other server to join it through was given")
-    }))
-}
-
-/// A resident server's refusal as the client should see it: forbidden or unknown stay so.
-fn refusal(err: SendError) -> Error {
-    match &err {
-        SendError::Remote { status: 403, .. } => Error::forbidden(err.to_string()),
-        SendError::Remote { status: 404, .. } => Error::not_found(err.to_string()),
-        _ => err.into(),
-    }
+    Err(last)
 }
 
 /// One attempt of [`join_remote`], through `server`.
@@ -364,27 +382,72 @@ async fn join_through(
 ) -> Result<OwnedEventId> {
     let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user_id.to_owned());
     request.ver = supported.to_vec();
-    let answer = services.federation.send(server, request).await.map_err(refusal)?;
+    let answer = services.federation.send(server, request).await.map_err(remote_error)?;
     let version = answer.room_version.unwrap_or(RoomVersionId::V1);
-    if !supported.contains(&version) {
+    let (wire, event_id) = sign_template(
+        services,
+        (server, room_id, user_id),
+        (&version, supported),
+        &answer.event,
+        Membership::Join,
+        reason,
+    )?;
+    let rules = version_rules(&version)?;
+    let request =
+        create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw(&wire)?);
+    let state = services.federation.send(server, request).await.map_err(remote_error)?.room_state;
+    // The resident server's copy carries its signature when it authorised a restricted join.
+    let pdu = match state.event.as_deref().map(|event| serde_json::from_str(event.get())) {
+        Some(Ok(event)) if event_id_of(&event, &rules).is_ok_and(|id| id == event_id) => event,
+        _ => wire,
+    };
+    let parse = |events: Vec<Box<RawJsonValue>>| -> Vec<CanonicalJsonObject> {
+        events.iter().filter_map(|event| serde_json::from_str(event.get()).ok()).collect()
+    };
+    let vouched = VouchedState { state: parse(state.state), auth_chain: parse(state.auth_chain) };
+    let (_, outcome) = services
+        .rooms
+        .ingest_with_state(services, room_id, &version, pdu, vouched, &services.federation)
+        .await?;
+    match outcome {
+        Outcome::Placed(Status::Accepted) | Outcome::Known(Status::Accepted) => Ok(event_id),
+        outcome => Err(Error::forbidden(format!("The join was not accepted here: {outcome:?}"))),
+    }
+}
+
+/// Fills in and signs the `membership` event of local user `user_id` from the template
+/// `server` sent for `room_id` of `version` (which must be one of `supported`); returns it
+/// with its id.
+pub(super) fn sign_template(
+    services: &Services,
+    (server, room_id, user_id): (&ServerName, &RoomId, &UserId),
+    (version, supported): (&RoomVersionId, &[RoomVersionId]),
+    template: &RawJsonValue,
+    membership: Membership,
+    reason: Option<&str>,
+) -> Result<(CanonicalJsonObject, OwnedEventId)> {
+    if !supported.contains(version) {
         return Err(Error::new(
             ErrorKind::UnsupportedRoomVersion,
             format!("The room's version {version} is not supported here"),
         ));
     }
-    let rules = version_rules(&version)?;
-    let mut wire: CanonicalJsonObject = serde_json::from_str(answer.event.get())
-        .map_err(|e| Error::bad_json(format!("{server} sent an invalid join template: {e}")))?;
+    let rules = version_rules(version)?;
+    let what = membership.as_str();
+    let mut wire: CanonicalJsonObject = serde_json::from_str(template.get())
+        .map_err(|e| Error::bad_json(format!("{server} sent an invalid {what} template: {e}")))?;
     let sender = OwnedUserId::from(user_id);
     if str_field(&wire, "type") != Some("m.room.member")
         || str_field(&wire, "state_key") != Some(sender.as_str())
         || str_field(&wire, "sender") != Some(sender.as_str())
         || str_field(&wire, "room_id").is_some_and(|id| id != room_id.as_str())
     {
-        return Err(Error::bad_json(format!("{server} sent a join template for something else")));
+        return Err(Error::bad_json(format!("{server} sent a {what} template for something else")));
     }
-    let mut content = member_content(services, user_id, "join", reason)?;
-    if let Some(via) = content_str(&wire, "join_authorised_via_users_server") {
+    let mut content = member_content(services, user_id, what, reason)?;
+    if membership == Membership::Join
+        && let Some(via) = content_str(&wire, "join_authorised_via_users_server")
+    {
         content["join_authorised_via_users_server"] = json!(via);
     }
     let content = CanonicalJsonValue::try_from(content).map_err(Error::internal)?;
@@ -405,29 +468,9 @@ async fn join_through(
         &mut wire,
         &rules.redaction,
     )
-    .map_err(|e| Error::bad_json(format!("Cannot sign the join: {e}")))?;
+    .map_err(|e| Error::bad_json(format!("Cannot sign the {what}: {e}")))?;
     let event_id = event_id_of(&wire, &rules)?;
-
-    let request =
-        create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw(&wire)?);
-    let state = services.federation.send(server, request).await.map_err(refusal)?.room_state;
-    // The resident server's copy carries its signature when it authorised a restricted join.
-    let pdu = match state.event.as_deref().map(|event| serde_json::from_str(event.get())) {
-        Some(Ok(event)) if event_id_of(&event, &rules).is_ok_and(|id| id == event_id) => event,
-        _ => wire,
-    };
-    let parse = |events: Vec<Box<RawJsonValue>>| -> Vec<CanonicalJsonObject> {
-        events.iter().filter_map(|event| serde_json::from_str(event.get()).ok()).collect()
-    };
-    let vouched = VouchedState { state: parse(state.state), auth_chain: parse(state.auth_chain) };
-    let (_, outcome) = services
-        .rooms
-        .ingest_with_state(services, room_id, &version, pdu, vouched, &services.federation)
-        .await?;
-    match outcome {
-        Outcome::Placed(Status::Accepted) | Outcome::Known(Status::Accepted) => Ok(event_id),
-        outcome => Err(Error::forbidden(format!("The join was not accepted here: {outcome:?}"))),
-    }
+    Ok((wire, event_id))
 }
 
 /// The servers to try for a join of `room_id`: those given, then the room id's own server.

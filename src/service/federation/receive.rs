@@ -218,7 +218,12 @@ async fn receive_pdus(
             continue;
         };
         if record.is_none() {
-            results.insert(event_id, Err(format!("Room {room_id} is not known here")));
+            // An invite withdrawn, or a knock refused, in a room held elsewhere.
+            let result = match super::invite::retracted(services, origin, &room_id, &wire).await? {
+                true => Ok(()),
+                false => Err(format!("Room {room_id} is not known here")),
+            };
+            results.insert(event_id, result);
             continue;
         }
         let sender_server = string_field(&wire, "sender")

@@ -81,7 +81,11 @@ pub async fn create_room(
     }
     for invitee in &req.invite {
         if invitee.server_name() != services.server_name() {
-            return Err(Error::forbidden("Inviting users of other servers needs federation"));
+            if services.rooms.registry().countersigning().is_none() {
+                return Err(Error::forbidden("Inviting users of other servers needs federation"));
+            }
+            // Asked of the invitee's server when the invite is sent.
+            continue;
         }
         if services.users.get(invitee)?.is_none_or(|u| u.deactivated) {
             return Err(Error::not_found(format!("No such user: {invitee}")));
@@ -199,7 +203,16 @@ pub async fn create_room(
         append(NewEvent::state("m.room.topic", "", json!({ "topic": topic }))).await?;
     }
     for invitee in &req.invite {
-        membership::invite(services, &room_id, sender, invitee, None, req.is_direct).await?;
+        let invited = membership::invite(services, &room_id, sender, invitee, None, req.is_direct);
+        match invited.await {
+            Ok(_) => {}
+            // Another server refusing or unreachable does not undo the room: the creator may
+            // invite again.
+            Err(err) if invitee.server_name() != services.server_name() => {
+                tracing::info!(%room_id, %invitee, %err, "invite at room creation failed");
+            }
+            Err(err) => return Err(err),
+        }
     }
     if req.public {
         services.directory.set_published(&room_id, true)?;

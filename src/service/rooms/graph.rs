@@ -578,6 +578,9 @@ impl Rooms {
                 );
             }
             self.user_rooms.put(batch, &(user.as_str(), room_id.as_str()), &membership);
+            if user.server_name() == services.server_name() {
+                self.clear_outside(batch, &user, room_id)?;
+            }
             self.room_members.put(batch, &(room_id.as_str(), user.as_str()), &membership);
             changed.push((user, membership));
         }

@@ -2,11 +2,13 @@
 //! registers at start either a [`Contributor`], whose writes join the event's own batch (for
 //! what must never disagree with the event: relation indexes, analytics counts), or a
 //! [`Listener`], told once the event is durable (search, push, anything that can catch up).
-//! The core calls them for events shown in the timeline; it never names a feature.
+//! The core calls them for events shown in the timeline; it never names a feature. A
+//! [`Countersigner`] has another server sign an invite of one of its users before the core
+//! stores it.
 
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc};
 
-use ruma::{RoomId, RoomVersionId};
+use ruma::{CanonicalJsonObject, RoomId, RoomVersionId};
 use serde_json::Value as JsonValue;
 
 use super::pdu::StoredPdu;
@@ -50,11 +52,26 @@ pub trait Listener: Send + Sync {
     fn persisted(&self, services: &Services, short: u64, event: &Arc<StoredPdu>);
 }
 
+/// Has the server of an invited user of another server sign the invite, as the spec asks
+/// before the invite is stored and sent to the room.
+pub trait Countersigner: Send + Sync {
+    /// Returns `event` (an invite in `room_id` of `version`, signed here) as the invitee's
+    /// server signed it; its refusal as the error the client gets.
+    fn countersign<'a>(
+        &'a self,
+        services: &'a Services,
+        room_id: &'a RoomId,
+        version: RoomVersionId,
+        event: CanonicalJsonObject,
+    ) -> Pin<Box<dyn Future<Output = Result<CanonicalJsonObject>> + Send + 'a>>;
+}
+
 /// The registered contributors and listeners, fixed at start.
 #[derive(Default)]
 pub struct Registry {
     contributors: Vec<Box<dyn Contributor>>,
     listeners: Vec<Box<dyn Listener>>,
+    countersigner: Option<Box<dyn Countersigner>>,
 }
 
 impl Registry {
@@ -68,6 +85,17 @@ impl Registry {
     pub fn listener(mut self, listener: impl Listener + 'static) -> Self {
         self.listeners.push(Box::new(listener));
         self
+    }
+
+    /// Sets who countersigns invites of other servers' users (none: such invites are refused).
+    pub fn countersigner(mut self, countersigner: impl Countersigner + 'static) -> Self {
+        self.countersigner = Some(Box::new(countersigner));
+        self
+    }
+
+    /// Who countersigns invites of other servers' users, if anyone.
+    pub(super) fn countersigning(&self) -> Option<&dyn Countersigner> {
+        self.countersigner.as_deref()
     }
 
     /// Lets every contributor add its writes.

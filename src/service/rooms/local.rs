@@ -26,6 +26,41 @@ use crate::{
 /// Most prev events a new event names (the spec's limit).
 const MAX_PREV_EVENTS: usize = 20;
 
+/// An event built here, not yet placed.
+struct Built {
+    candidate: Candidate,
+    event_id: OwnedEventId,
+    record: Option<RoomRecord>,
+    version: RoomVersionId,
+    rules: RoomVersionRules,
+    audit: Vec<crate::service::audit::Entry>,
+}
+
+/// `ours` with the signatures `signed` added, when `signed` is the same event (another
+/// server's signature added, nothing else changed but `unsigned`).
+fn same_event_signed(
+    mut ours: CanonicalJsonObject,
+    mut signed: CanonicalJsonObject,
+) -> Result<CanonicalJsonObject> {
+    let theirs = match signed.remove("signatures") {
+        Some(CanonicalJsonValue::Object(signatures)) => signatures,
+        _ => return Err(Error::bad_json("The other server sent the event back unsigned")),
+    };
+    signed.remove("unsigned");
+    let mut bare = ours.clone();
+    bare.remove("signatures");
+    bare.remove("unsigned");
+    if bare != signed {
+        return Err(Error::bad_json("The other server sent back a different event"));
+    }
+    if let Some(CanonicalJsonValue::Object(signatures)) = ours.get_mut("signatures") {
+        for (server, by_key) in theirs {
+            signatures.entry(server).or_insert(by_key);
+        }
+    }
+    Ok(ours)
+}
+
 impl Rooms {
     /// Appends an event from `sender` to an existing room. `txn` makes client sends
     /// idempotent: a repeat returns the first event.
@@ -119,6 +154,73 @@ impl Rooms {
         txn: Option<(Txn<'_>, &[u8])>,
         defer_sync: bool,
     ) -> Result<(OwnedEventId, Unsynced<'s>)> {
+        let Built { candidate, event_id, record, version, rules, audit } =
+            self.build_local(services, target, sender, &event, txn)?;
+        let local = Local { event: &event, audit, txn, defer_sync };
+        let room = Room { record, version: &version, rules: &rules };
+        let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
+        Ok((event_id, unsynced))
+    }
+
+    /// Appends an event from `sender` that another server must sign first (an invite of one
+    /// of its users): built and checked under the room lock, handed to `countersign` with the
+    /// room version once the lock is released, then written as the same event with the
+    /// signatures it came back with. Events landing meanwhile make a fork the write resolves.
+    pub async fn append_countersigned<F, Fut>(
+        &self,
+        services: &Services,
+        room_id: &RoomId,
+        sender: &UserId,
+        event: NewEvent,
+        countersign: F,
+    ) -> Result<OwnedEventId>
+    where
+        F: FnOnce(CanonicalJsonObject, RoomVersionId) -> Fut,
+        Fut: std::future::Future<Output = Result<CanonicalJsonObject>>,
+    {
+        let lock = self.lock(room_id);
+        let guard = lock.lock().await;
+        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let target = Target::Existing(room_id, record);
+        let Built { mut candidate, event_id, version, rules, audit, .. } =
+            self.build_local(services, target, sender, &event, None)?;
+        {
+            // Refused here: never sent to be signed.
+            let room = Room { record: None, version: &version, rules: &rules };
+            let pdu = &candidate.pdu;
+            let mut refusal = self.check_auth_events(&room, pdu, false, None, &candidate.auth)?;
+            if refusal.is_ok() {
+                refusal = self.check_against_state(&rules, pdu, candidate.state_before)?;
+            }
+            refusal.map_err(|reason| Error::forbidden(format!("Not allowed: {reason}")))?;
+        }
+        drop(guard);
+        let ours = candidate.stored.wire.clone();
+        let signed = countersign(ours.clone(), version.clone()).await?;
+        candidate.stored.wire = same_event_signed(ours, signed)?;
+        let guard = lock.lock().await;
+        let record = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let local = Local { event: &event, audit, txn: None, defer_sync: true };
+        let room = Room { record: Some(record), version: &version, rules: &rules };
+        let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
+        drop(guard);
+        if let Some((pending, ticket)) = unsynced {
+            self.db.durable(ticket).await?;
+            drop(pending);
+        }
+        Ok(event_id)
+    }
+
+    /// Builds and signs an event of `sender` for `target`, with the state before it and its
+    /// auth events, ready to be placed.
+    fn build_local(
+        &self,
+        services: &Services,
+        target: Target<'_>,
+        sender: &UserId,
+        event: &NewEvent,
+        txn: Option<(Txn<'_>, &[u8])>,
+    ) -> Result<Built> {
         let (room, version) = match target {
             Target::Existing(room_id, record) => {
                 let version = record.version.clone();
@@ -269,13 +371,10 @@ impl Rooms {
         };
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
-        let mut audit = self.audit_entries(&room_id, sender, &event, pdu.redacts.as_deref())?;
+        let mut audit = self.audit_entries(&room_id, sender, event, pdu.redacts.as_deref())?;
         audit.extend(event.audit.iter().cloned());
         let candidate = Candidate { stored, pdu, state_before: current, auth };
-        let local = Local { event: &event, audit, txn, defer_sync };
-        let room = Room { record, version: &version, rules: &rules };
-        let (_, unsynced) = self.place(services, room, candidate, Some(local))?;
-        Ok((event_id, unsynced))
+        Ok(Built { candidate, event_id, record, version, rules, audit })
     }
 
     /// References to `ids` in the room version's format: bare ids, or `[id, hashes]` pairs.
@@ -333,5 +432,45 @@ impl Rooms {
             }
         }
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(value: serde_json::Value) -> CanonicalJsonObject {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_countersigned_event_must_be_the_same_event() {
+        let ours = object(serde_json::json!({
+            "type": "m.room.member", "state_key": "@b:b.example", "content": { "membership": "invite" },
+            "signatures": { "a.example": { "ed25519:1": "ours" } },
+        }));
+        let mut signed = ours.clone();
+        signed.insert(
+            "signatures".into(),
+            CanonicalJsonValue::try_from(serde_json::json!({
+                "a.example": { "ed25519:1": "changed" },
+                "b.example": { "ed25519:2": "theirs" },
+            }))
+            .unwrap(),
+        );
+        signed.insert("unsigned".into(), CanonicalJsonValue::Object(CanonicalJsonObject::new()));
+        let merged = same_event_signed(ours.clone(), signed.clone()).unwrap();
+        // Our own signature stays ours; theirs is added.
+        let signatures = serde_json::to_value(&merged["signatures"]).unwrap();
+        assert_eq!(signatures["a.example"]["ed25519:1"], "ours");
+        assert_eq!(signatures["b.example"]["ed25519:2"], "theirs");
+        assert!(!merged.contains_key("unsigned"));
+
+        let mut altered = signed.clone();
+        altered.insert("state_key".into(), CanonicalJsonValue::String("@c:b.example".into()));
+        assert!(same_event_signed(ours.clone(), altered).is_err());
+        let mut unsigned = signed;
+        unsigned.remove("signatures");
+        assert!(same_event_signed(ours, unsigned).is_err());
     }
 }

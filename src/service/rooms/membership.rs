@@ -175,15 +175,27 @@ pub async fn invite_audited(
     audit: Vec<Entry>,
 ) -> Result<OwnedEventId> {
     require_known_room(services, room_id)?;
-    if target.server_name() != services.server_name() {
-        return Err(Error::forbidden("Inviting users of other servers needs federation"));
-    }
-    if services.users.get(target)?.is_none_or(|u| u.deactivated) {
+    let remote = target.server_name() != services.server_name();
+    if !remote && services.users.get(target)?.is_none_or(|u| u.deactivated) {
         return Err(Error::not_found("No such user"));
     }
     let mut content = member_content(services, target, "invite", reason)?;
     if is_direct {
         content["is_direct"] = json!(true);
+    }
+    if remote {
+        // The invitee's server signs the invite before it is stored.
+        let Some(countersigner) = services.rooms.registry().countersigning() else {
+            return Err(Error::forbidden("Inviting users of other servers needs federation"));
+        };
+        let mut event = NewEvent::state("m.room.member", target.as_str(), content);
+        event.audit = audit;
+        let countersign =
+            |wire, version| countersigner.countersign(services, room_id, version, wire);
+        return services
+            .rooms
+            .append_countersigned(services, room_id, sender, event, countersign)
+            .await;
     }
     send_member_audited(services, room_id, sender, target, content, audit).await
 }

@@ -21,6 +21,7 @@ pub mod listeners;
 mod local;
 pub mod membership;
 pub mod migrate;
+pub mod outside;
 pub mod pdu;
 pub mod permissions;
 pub mod reports;
@@ -178,6 +179,7 @@ pub struct Rooms {
     room_members: Table<String>,
     transactions: Table<OwnedEventId>,
     joins_and_leaves: Table<(OwnedRoomId, ruma::OwnedUserId, bool)>,
+    outside: outside::OutsideTable,
     /// State snapshots.
     pub states: States,
     short_event: Counter,
@@ -377,6 +379,7 @@ impl Rooms {
             room_members: db.table(tables::ROOM_MEMBERS),
             transactions: db.table(tables::TRANSACTIONS),
             joins_and_leaves: db.table(tables::MEMBERSHIP_CHANGES),
+            outside: db.table(tables::OUTSIDE_MEMBERSHIPS),
             states: States::new(db)?,
             short_event: Counter::new(db, "short_event")?,
             short_room: Counter::new(db, "short_room")?,
@@ -679,6 +682,7 @@ impl Rooms {
     pub fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
         let mut batch = self.db.batch();
         self.user_rooms.delete(&mut batch, &(user_id.as_str(), room_id.as_str()));
+        self.outside.delete(&mut batch, &(user_id.as_str(), room_id.as_str()));
         self.db.write(batch)?;
         self.forget_memberships(user_id);
         Ok(())

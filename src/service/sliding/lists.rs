@@ -48,6 +48,12 @@ impl Context {
                 {
                     continue;
                 }
+                if let Some(outside) = services.rooms.outside(user_id, room_id)? {
+                    if outside.position > since && outside.position <= upto {
+                        left.push((outside.position, room_id.clone()));
+                    }
+                    continue;
+                }
                 let Some(record) = services.rooms.room(room_id)? else { continue };
                 let state = services.rooms.states.load(record.current_state)?;
                 let Some(member) =

@@ -189,8 +189,19 @@ impl Recency {
         if let Some(order) = orders.get(user_id) {
             // A membership written while the order was first built may have been missed: the
             // order is built again when its size disagrees with the memberships.
-            let listed = memberships.iter().filter(|(_, m)| Membership::listed(m).is_some());
-            if lock(order).len() == listed.count() {
+            // Memberships of rooms held elsewhere change without an event written here: the
+            // order is checked against each listed membership.
+            let guard = lock(order);
+            let mut listed = 0;
+            let agrees = memberships.iter().all(|(room, m)| match Membership::listed(m) {
+                Some(membership) => {
+                    listed += 1;
+                    guard.get(room).is_some_and(|(_, held)| held == membership)
+                }
+                None => true,
+            });
+            if agrees && guard.len() == listed {
+                drop(guard);
                 return Ok(order.clone());
             }
         }
@@ -276,8 +287,12 @@ impl Recency {
     }
 }
 
-/// The position of `user_id`'s own member event in `room_id` (0 if none).
+/// The position of `user_id`'s own member event in `room_id` (0 if none), or of their
+/// membership of a room held elsewhere.
 fn own_member_position(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<u64> {
+    if let Some(outside) = services.rooms.outside(user_id, room_id)? {
+        return Ok(outside.position);
+    }
     let Some(record) = services.rooms.room(room_id)? else { return Ok(0) };
     let state = services.rooms.states.load(record.current_state)?;
     Ok(services

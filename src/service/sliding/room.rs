@@ -20,7 +20,7 @@ use crate::{
         Services,
         push::{Counting, unread_counts},
         rooms::{pdu::client_event, state::StateMap},
-        sync::{Summary, Viewer, room_timeline, serve_events, stripped_state},
+        sync::{Invited, Summary, Viewer, room_timeline, serve_events, stripped_state},
     },
 };
 
@@ -95,12 +95,33 @@ pub async fn build(
     {
         return Ok(None);
     }
+    let remember = SentRoom { position: upto, timeline_limit: limit, required_state: digest };
+    // An invite, knock or rejection of a room held elsewhere: what its server told.
+    if let Some(outside) = rooms.outside(user_id, room_id)? {
+        if outside.position > upto || sent.is_some_and(|s| outside.position <= s.position) {
+            return Ok(None);
+        }
+        let stamp = wanted.stamp.unwrap_or(outside.position);
+        let mut room = Room { bump_stamp: Some(stamp), is_dm: Some(is_dm), ..Room::default() };
+        room.initial = Some(true);
+        if outside.membership == "leave" {
+            room.timeline = outside.client_event(room_id).into_iter().collect();
+        } else {
+            let events = stripped_state(services, Invited::Outside(&outside), user_id)?;
+            room.name = events
+                .iter()
+                .find(|e| e.get("type").and_then(JsonValue::as_str) == Some("m.room.name"))
+                .and_then(|e| e.get("content")?.get("name")?.as_str().map(str::to_owned))
+                .filter(|name| !name.is_empty());
+            room.invite_state = Some(events);
+        }
+        return Ok(Some((room, remember)));
+    }
     let Some(record) = rooms.room(room_id)? else { return Ok(None) };
     let state = rooms.states.load(record.current_state)?;
     let Some(member) = rooms.state_pdu_of(&state, "m.room.member", user_id.as_str())? else {
         return Ok(None);
     };
-    let remember = SentRoom { position: upto, timeline_limit: limit, required_state: digest };
     let membership = member.membership().unwrap_or("leave");
     let stamp = wanted.stamp.unwrap_or(member.position);
     let mut room = Room { bump_stamp: Some(stamp), is_dm: Some(is_dm), ..Room::default() };
@@ -110,7 +131,8 @@ pub async fn build(
             return Ok(None);
         }
         room.initial = Some(true);
-        room.invite_state = Some(stripped_state(services, &state, &member, user_id)?);
+        let invited = Invited::Held(&state, &member);
+        room.invite_state = Some(stripped_state(services, invited, user_id)?);
         return Ok(Some((room, remember)));
     }
     // A room left is shown up to the leave.

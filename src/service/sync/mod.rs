@@ -17,8 +17,8 @@ use serde_json::{Map, Value as JsonValue, json, value::RawValue};
 mod pieces;
 
 pub use pieces::{
-    AccountDataEvent, DeviceLists, KeyCounts, MAX_HEROES, Summary, ToDeviceBatch, Viewer, Window,
-    ignored_users, serve_events, stripped_state, timeline as room_timeline,
+    AccountDataEvent, DeviceLists, Invited, KeyCounts, MAX_HEROES, Summary, ToDeviceBatch, Viewer,
+    Window, ignored_users, left_outside, serve_events, stripped_state, timeline as room_timeline,
 };
 
 use super::{
@@ -90,7 +90,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
     let (mut join, mut invite, mut leave, mut knock) =
         (Rooms::new(), Rooms::new(), Rooms::new(), Rooms::new());
     let memberships = rooms.memberships_of(req.user_id)?;
-    for (room_id, _) in memberships.iter() {
+    for (room_id, listed) in memberships.iter() {
         if !room_allowed(room_id) {
             continue;
         }
@@ -101,6 +101,32 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
             && !account_changes.contains_key(room_id.as_str())
             && !services.ephemeral.typing_changed(room_id, req.since_typing)
         {
+            continue;
+        }
+        // An invite, knock or rejection of a room held elsewhere.
+        if listed != "join"
+            && let Some(outside) = rooms.outside(req.user_id, room_id)?
+        {
+            // A change written after `upto` waits for the next sync.
+            if outside.position > upto || (!initial && outside.position <= since) {
+                continue;
+            }
+            let events = || stripped_state(services, Invited::Outside(&outside), req.user_id);
+            match outside.membership.as_str() {
+                "invite" if !viewer.ignored.contains(outside.sender.as_str()) => {
+                    let room = json!({ "invite_state": { "events": events()? } });
+                    invite.insert(room_id.to_string(), to_raw_value(&room)?);
+                }
+                "knock" => {
+                    let room = json!({ "knock_state": { "events": events()? } });
+                    knock.insert(room_id.to_string(), to_raw_value(&room)?);
+                }
+                "leave" if !initial || room_filter.include_leave => {
+                    let room = left_outside(&outside, room_id);
+                    leave.insert(room_id.to_string(), to_raw_value(&room)?);
+                }
+                _ => {}
+            }
             continue;
         }
         let Some(record) = rooms.room(room_id)? else { continue };
@@ -133,7 +159,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                 if stale || viewer.ignored.contains(member.sender.as_str()) {
                     continue;
                 }
-                let events = stripped_state(services, &state, &member, req.user_id)?;
+                let events = stripped_state(services, Invited::Held(&state, &member), req.user_id)?;
                 let room = json!({ "invite_state": { "events": events } });
                 invite.insert(room_id.to_string(), to_raw_value(&room)?);
             }
@@ -142,7 +168,7 @@ pub async fn sync(services: &Services, req: &SyncRequest<'_>, upto: u64) -> Resu
                 if !initial && member.position <= since {
                     continue;
                 }
-                let events = stripped_state(services, &state, &member, req.user_id)?;
+                let events = stripped_state(services, Invited::Held(&state, &member), req.user_id)?;
                 let room = json!({ "knock_state": { "events": events } });
                 knock.insert(room_id.to_string(), to_raw_value(&room)?);
             }

@@ -15,6 +15,7 @@ use crate::{
         Services, filters,
         rooms::{
             RoomRecord,
+            outside::OutsideMembership,
             pdu::{Pdu, StoredPdu},
             state::StateMap,
         },
@@ -185,14 +186,35 @@ impl Summary {
     }
 }
 
+/// Where an invitee or a knocker sees a room from.
+#[derive(Clone, Copy)]
+pub enum Invited<'a> {
+    /// A room held here: its current state and the user's member event.
+    Held(&'a StateMap, &'a Pdu),
+    /// A room held elsewhere: what its server told (the invite or knock kept for the user).
+    Outside(&'a OutsideMembership),
+}
+
 /// The stripped state shown to an invitee or a knocker: the room's description, the member
 /// event of whoever sent the user's membership (the inviter) and the user's own.
 pub fn stripped_state(
     services: &Services,
-    state: &StateMap,
-    member: &Pdu,
+    invited: Invited<'_>,
     user_id: &UserId,
 ) -> Result<Vec<JsonValue>> {
+    let (state, member) = match invited {
+        Invited::Held(state, member) => (state, member),
+        Invited::Outside(record) => {
+            let own = |event: &&JsonValue| {
+                event.get("type").and_then(JsonValue::as_str) == Some("m.room.member")
+                    && event.get("state_key").and_then(JsonValue::as_str) == Some(user_id.as_str())
+            };
+            let mut events: Vec<JsonValue> =
+                record.stripped.iter().filter(|e| !own(e)).cloned().collect();
+            events.extend(record.stripped_event());
+            return Ok(events);
+        }
+    };
     let rooms = &services.rooms;
     let mut events: Vec<JsonValue> = Vec::new();
     for kind in INVITE_STATE {
@@ -209,6 +231,17 @@ pub fn stripped_state(
         rooms.state_event(state, "m.room.member", user_id.as_str())?.as_ref().map(stripped),
     );
     Ok(events)
+}
+
+/// A room held elsewhere that `user_id` left (an invite rejected, a knock withdrawn), as the
+/// `leave` section shows it: the leave event, when the other server took it.
+pub fn left_outside(record: &OutsideMembership, room_id: &RoomId) -> JsonValue {
+    let events: Vec<JsonValue> = record.client_event(room_id).into_iter().collect();
+    json!({
+        "timeline": { "events": events, "limited": false, "prev_batch": format!("s{}", record.position) },
+        "state": { "events": [] },
+        "account_data": { "events": [] },
+    })
 }
 
 /// The stripped form of a state event shown to invitees.

@@ -18,7 +18,7 @@ use super::harness::*;
 use crate::common::{assert_error, enc};
 
 /// Waits (up to 15 s) until `check` holds.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+pub(super) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..300 {
         if check() {
             return;
@@ -138,7 +138,7 @@ async fn join_remote(a: &FedServer, b: &FedServer, room: &RoomId, user: &str) {
 }
 
 /// The bodies of the messages `token` reads in `room`, oldest first.
-async fn bodies(s: &FedServer, token: &str, room: &str) -> Vec<String> {
+pub(super) async fn bodies(s: &FedServer, token: &str, room: &str) -> Vec<String> {
     let path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100");
     let (status, body) = s.server.get(&path, Some(token)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -154,7 +154,7 @@ async fn bodies(s: &FedServer, token: &str, room: &str) -> Vec<String> {
 }
 
 /// Waits until `token` reads exactly `expected` in `room`.
-async fn until_bodies(s: &FedServer, token: &str, room: &str, expected: &[&str]) {
+pub(super) async fn until_bodies(s: &FedServer, token: &str, room: &str, expected: &[&str]) {
     let mut seen = Vec::new();
     for _ in 0..300 {
         seen = bodies(s, token, room).await;
