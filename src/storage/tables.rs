@@ -163,7 +163,8 @@ pub const NOTIFICATIONS: &str = "notifications";
 /// `stream position 0xFF list number` -> `NotificationRun`: one batch's notifications shared by
 /// every member notified alike (most of a room's members).
 pub const NOTIFICATION_RUNS: &str = "notification_runs";
-/// `sequence number` -> `Delivery`: pushes waiting for their gateway, retried with backoff.
+/// `sequence number` -> `Delivery`: pushes queued by earlier versions; moved to the outbox
+/// at start, so it stays empty.
 pub const PUSH_QUEUE: &str = "push_queue";
 
 /// `day 0xFF user id` -> nothing: users active (a request or an event) on a UTC day.

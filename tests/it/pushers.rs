@@ -270,6 +270,41 @@ async fn a_gateway_that_is_down_gets_the_push_after_a_restart() {
 }
 
 #[tokio::test]
+async fn pushes_queued_for_a_down_gateway_arrive_in_order_once_after_a_restart() {
+    let s = TestServer::start().await;
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let down_url = format!("http://{addr}/_matrix/push/v1/notify");
+    let mut live = Gateway::start(&[]).await;
+    let (alice, _, bob, room) = pair(&s).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(s.post(set, Some(&bob), pusher(&down_url, "k6", None)).await.0, StatusCode::OK);
+    assert_eq!(s.post(set, Some(&bob), pusher(&live.url(), "k7", None)).await.0, StatusCode::OK);
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let event = s.send_text(&alice, &room, &format!("q{i}"), "queued").await.1;
+        sent.push(event["event_id"].clone());
+    }
+    // A gateway that is down holds up no other pusher's queue.
+    for event_id in &sent {
+        assert_eq!(&live.next().await["notification"]["event_id"], event_id);
+    }
+    let s = s.restart().await;
+    let mut down = Gateway::start_on(tokio::net::TcpListener::bind(addr).await.unwrap(), &[]);
+    for event_id in &sent {
+        let push = down.next().await;
+        assert_eq!(&push["notification"]["event_id"], event_id, "in order: {push}");
+        assert_eq!(push["notification"]["devices"][0]["pushkey"], "k6");
+    }
+    let again = tokio::time::timeout(Duration::from_millis(1500), down.received.recv()).await;
+    assert!(again.is_err(), "each push arrives once: {again:?}");
+    let resent = tokio::time::timeout(Duration::from_millis(200), live.received.recv()).await;
+    assert!(resent.is_err(), "delivered pushes are not sent again after a restart");
+    drop(s);
+}
+
+#[tokio::test]
 async fn notifications_list_pages_highlights_and_read_state() {
     let s = TestServer::start().await;
     let (alice, bob_id, bob, room) = pair(&s).await;
