@@ -204,7 +204,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
-            remote: federation::query::RemoteQueries::default(),
+            remote: federation::query::RemoteQueries::new(&db)?,
             federation_sender: federation::sender::Sender::new(&db)?,
             federation_receiver: federation::receive::Receiver::new(&db),
             stream,

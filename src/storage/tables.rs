@@ -221,6 +221,9 @@ pub const FEDERATION_TXNS: &str = "federation_txns";
 /// `room id` -> u64: the stream position of the room's newest event that counts for recency
 /// (messages, encrypted messages, calls, polls, stickers, its creation): its `bump_stamp`.
 pub const ROOM_BUMPS: &str = "room_bumps";
+/// `user id` -> `CachedDevices`: other servers' users' device and cross-signing keys as last
+/// fetched; a row is dropped when their server says they changed.
+pub const REMOTE_DEVICE_LISTS: &str = "remote_device_lists";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -311,4 +314,5 @@ pub const ALL: &[&str] = &[
     AUTO_REPLIES,
     FEDERATION_TXNS,
     ROOM_BUMPS,
+    REMOTE_DEVICE_LISTS,
 ];
