@@ -7,6 +7,7 @@ pub mod harness;
 mod media;
 mod queries;
 mod sending;
+mod spaces;
 
 use plaza::service::{federation::SendError, now_ms};
 use reqwest::{Method, StatusCode};

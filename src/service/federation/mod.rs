@@ -5,6 +5,7 @@
 
 pub mod discovery;
 pub mod edu;
+pub mod hierarchy;
 pub mod keys;
 pub mod media;
 pub mod membership;

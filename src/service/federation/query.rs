@@ -69,6 +69,8 @@ pub struct RemoteQueries {
     stale_marks: AtomicU64,
     /// Other servers' media fetched for local clients.
     pub media: super::media::RemoteMedia,
+    /// Other servers' descriptions of rooms in spaces.
+    pub spaces: super::hierarchy::RemoteSpaces,
 }
 
 /// Keys of remote users as a client `/keys/query` answers them.
@@ -129,6 +131,7 @@ impl RemoteQueries {
             devices_cached: AtomicUsize::new(cached),
             stale_marks: AtomicU64::new(0),
             media: super::media::RemoteMedia::default(),
+            spaces: super::hierarchy::RemoteSpaces::default(),
         })
     }
 
