@@ -305,6 +305,43 @@ async fn pushes_queued_for_a_down_gateway_arrive_in_order_once_after_a_restart()
 }
 
 #[tokio::test]
+async fn pushes_left_in_the_old_queue_are_moved_to_the_outbox_at_start() {
+    let s = TestServer::start().await;
+    let mut gateway = Gateway::start(&[]).await;
+    let (alice, bob_id, bob, room) = pair(&s).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(s.post(set, Some(&bob), pusher(&gateway.url(), "k8", None)).await.0, StatusCode::OK);
+    let event_id = s.send_text(&alice, &room, "m1", "hello").await.1["event_id"].clone();
+    assert_eq!(gateway.next().await["notification"]["event_id"], event_id);
+    // Rows as an earlier version left them: one for the pusher, one for a pusher since gone.
+    let s = s
+        .restart_after(|path| {
+            use plaza::storage::{Db, Table, tables};
+            let db = Db::open(path, 8).unwrap();
+            let table: Table<Value> = db.table(tables::PUSH_QUEUE);
+            let mut batch = db.batch();
+            for (sequence, pushkey) in [(1u64, "k8"), (2, "gone")] {
+                let row = json!({
+                    "user_id": bob_id, "app_id": "com.example.chat", "pushkey": pushkey,
+                    "room_id": room, "event_id": event_id, "actions": ["notify"],
+                    "queued_ms": plaza::service::now_ms(),
+                });
+                table.put(&mut batch, &sequence, &row);
+            }
+            db.write(batch).unwrap();
+        })
+        .await;
+    let push = gateway.next().await;
+    assert_eq!(push["notification"]["event_id"], event_id, "{push}");
+    assert_eq!(push["notification"]["devices"][0]["pushkey"], "k8");
+    // Moved once: another restart sends nothing more.
+    let s = s.restart().await;
+    let again = tokio::time::timeout(Duration::from_millis(1500), gateway.received.recv()).await;
+    assert!(again.is_err(), "{again:?}");
+    drop(s);
+}
+
+#[tokio::test]
 async fn notifications_list_pages_highlights_and_read_state() {
     let s = TestServer::start().await;
     let (alice, bob_id, bob, room) = pair(&s).await;

@@ -145,7 +145,13 @@ async fn a_space_spanning_two_servers_is_walked_from_both() {
     assert_eq!(walk(&b.server, &bob, &space).await, expected);
 
     // Alice sees everything, B's room described by B.
+    let bobs = expected.clone();
     expected.push((private.clone(), "Board".into()));
     expected.sort();
     assert_eq!(walk(&a.server, &alice, &space).await, expected);
+
+    // A's answers are reused for a while: with A refusing B, Bob's walk is the same.
+    let b_name = b.name.to_string();
+    let _a = a.restart(|_| {}, |config| config.federation.deny = vec![b_name]).await;
+    assert_eq!(walk(&b.server, &bob, &space).await, bobs);
 }
