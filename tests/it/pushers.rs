@@ -44,12 +44,30 @@ impl Gateway {
         format!("http://{}/_matrix/push/v1/notify", self.addr)
     }
 
+    /// Fails when a push arrives within `wait`.
+    async fn assert_quiet(&mut self, wait: Duration, why: &str) {
+        let push = tokio::time::timeout(wait, self.received.recv()).await;
+        assert!(push.is_err(), "{why}: {push:?}");
+    }
+
     async fn next(&mut self) -> Value {
         tokio::time::timeout(Duration::from_secs(15), self.received.recv())
             .await
             .expect("the gateway receives a push in time")
             .unwrap()
     }
+}
+
+/// Waits until `s` has no push waiting: those a gateway received are acknowledged too (a push
+/// whose answer a restart cuts off is sent again, as it should be).
+async fn drained(s: &TestServer) {
+    for _ in 0..500 {
+        if s.server().services().gateway.queued() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("pushes still queued");
 }
 
 fn pusher(url: &str, pushkey: &str, format: Option<&str>) -> Value {
@@ -290,6 +308,14 @@ async fn pushes_queued_for_a_down_gateway_arrive_in_order_once_after_a_restart()
     for event_id in &sent {
         assert_eq!(&live.next().await["notification"]["event_id"], event_id);
     }
+    // The live gateway's pushes are acknowledged; the down one's wait.
+    for _ in 0..500 {
+        if s.server().services().gateway.queued() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.server().services().gateway.queued(), 3);
     let s = s.restart().await;
     let mut down = Gateway::start_on(tokio::net::TcpListener::bind(addr).await.unwrap(), &[]);
     for event_id in &sent {
@@ -297,10 +323,9 @@ async fn pushes_queued_for_a_down_gateway_arrive_in_order_once_after_a_restart()
         assert_eq!(&push["notification"]["event_id"], event_id, "in order: {push}");
         assert_eq!(push["notification"]["devices"][0]["pushkey"], "k6");
     }
-    let again = tokio::time::timeout(Duration::from_millis(1500), down.received.recv()).await;
-    assert!(again.is_err(), "each push arrives once: {again:?}");
-    let resent = tokio::time::timeout(Duration::from_millis(200), live.received.recv()).await;
-    assert!(resent.is_err(), "delivered pushes are not sent again after a restart");
+    drained(&s).await;
+    down.assert_quiet(Duration::from_millis(1500), "each push arrives once").await;
+    live.assert_quiet(Duration::from_millis(200), "delivered pushes are not sent again").await;
     drop(s);
 }
 
@@ -313,6 +338,7 @@ async fn pushes_left_in_the_old_queue_are_moved_to_the_outbox_at_start() {
     assert_eq!(s.post(set, Some(&bob), pusher(&gateway.url(), "k8", None)).await.0, StatusCode::OK);
     let event_id = s.send_text(&alice, &room, "m1", "hello").await.1["event_id"].clone();
     assert_eq!(gateway.next().await["notification"]["event_id"], event_id);
+    drained(&s).await;
     // Rows as an earlier version left them: one for the pusher, one for a pusher since gone.
     let s = s
         .restart_after(|path| {
@@ -334,10 +360,10 @@ async fn pushes_left_in_the_old_queue_are_moved_to_the_outbox_at_start() {
     let push = gateway.next().await;
     assert_eq!(push["notification"]["event_id"], event_id, "{push}");
     assert_eq!(push["notification"]["devices"][0]["pushkey"], "k8");
+    drained(&s).await;
     // Moved once: another restart sends nothing more.
     let s = s.restart().await;
-    let again = tokio::time::timeout(Duration::from_millis(1500), gateway.received.recv()).await;
-    assert!(again.is_err(), "{again:?}");
+    gateway.assert_quiet(Duration::from_millis(1500), "moved once").await;
     drop(s);
 }
 
