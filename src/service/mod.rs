@@ -153,6 +153,8 @@ impl Services {
         let server_keys =
             keys::ServerKeys::load_or_create(&db).map_err(|e| StorageError::Init(e.to_string()))?;
         let outbound = federation_outbound(&config)?;
+        let pushers =
+            push::pushers::Pushers::new(&db).map_err(|e| StorageError::Init(e.to_string()))?;
         let services = Self {
             federation: federation::Federation::new(&config, &db, &server_keys, outbound.clone()),
             keys: server_keys,
@@ -173,11 +175,10 @@ impl Services {
             relations: relations::Relations::new(&db),
             audit: audit::Audit::new(&db)?,
             admin_rooms: admin_rooms::AdminRooms::new(&db),
-            pushers: push::pushers::Pushers::new(&db)
-                .map_err(|e| StorageError::Init(e.to_string()))?,
             notifier: push::notifier::Notifier::new(&db),
-            gateway: push::gateway::Gateway::new(&db)
+            gateway: push::gateway::Gateway::new(&db, &pushers)
                 .map_err(|e| StorageError::Init(e.to_string()))?,
+            pushers,
             analytics: analytics::Analytics::new(&db),
             notices: notices::Notices::new(&db),
             metrics: metrics::Metrics::default(),
@@ -205,7 +206,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
-            remote: federation::query::RemoteQueries::default(),
+            remote: federation::query::RemoteQueries::new(&db)?,
             federation_sender: federation::sender::Sender::new(&db)?,
             federation_receiver: federation::receive::Receiver::new(&db),
             federation_presence: federation::updates::PresenceOutbox::default(),

@@ -163,7 +163,8 @@ pub const NOTIFICATIONS: &str = "notifications";
 /// `stream position 0xFF list number` -> `NotificationRun`: one batch's notifications shared by
 /// every member notified alike (most of a room's members).
 pub const NOTIFICATION_RUNS: &str = "notification_runs";
-/// `sequence number` -> `Delivery`: pushes waiting for their gateway, retried with backoff.
+/// `sequence number` -> `Delivery`: pushes queued by earlier versions; moved to the outbox
+/// at start, so it stays empty.
 pub const PUSH_QUEUE: &str = "push_queue";
 
 /// `day 0xFF user id` -> nothing: users active (a request or an event) on a UTC day.
@@ -226,6 +227,9 @@ pub const DEVICE_LIST_STREAMS: &str = "device_list_streams";
 /// `user id 0xFF room id` -> `OutsideMembership`: a local user's invite, knock or rejected
 /// invite in a room this server does not hold (the event, the stripped state, the server).
 pub const OUTSIDE_MEMBERSHIPS: &str = "outside_memberships";
+/// `user id` -> `CachedDevices`: other servers' users' device and cross-signing keys as last
+/// fetched; a row is dropped when their server says they changed.
+pub const REMOTE_DEVICE_LISTS: &str = "remote_device_lists";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -318,4 +322,5 @@ pub const ALL: &[&str] = &[
     ROOM_BUMPS,
     DEVICE_LIST_STREAMS,
     OUTSIDE_MEMBERSHIPS,
+    REMOTE_DEVICE_LISTS,
 ];

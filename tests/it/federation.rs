@@ -9,6 +9,7 @@ mod invites;
 mod media;
 mod queries;
 mod sending;
+mod spaces;
 
 use plaza::service::{federation::SendError, now_ms};
 use reqwest::{Method, StatusCode};

@@ -44,12 +44,30 @@ impl Gateway {
         format!("http://{}/_matrix/push/v1/notify", self.addr)
     }
 
+    /// Fails when a push arrives within `wait`.
+    async fn assert_quiet(&mut self, wait: Duration, why: &str) {
+        let push = tokio::time::timeout(wait, self.received.recv()).await;
+        assert!(push.is_err(), "{why}: {push:?}");
+    }
+
     async fn next(&mut self) -> Value {
         tokio::time::timeout(Duration::from_secs(15), self.received.recv())
             .await
             .expect("the gateway receives a push in time")
             .unwrap()
     }
+}
+
+/// Waits until `s` has no push waiting: those a gateway received are acknowledged too (a push
+/// whose answer a restart cuts off is sent again, as it should be).
+async fn drained(s: &TestServer) {
+    for _ in 0..500 {
+        if s.server().services().gateway.queued() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("pushes still queued");
 }
 
 fn pusher(url: &str, pushkey: &str, format: Option<&str>) -> Value {
@@ -266,6 +284,86 @@ async fn a_gateway_that_is_down_gets_the_push_after_a_restart() {
     let mut gateway = Gateway::start_on(tokio::net::TcpListener::bind(addr).await.unwrap(), &[]);
     let push = gateway.next().await;
     assert_eq!(push["notification"]["event_id"], event_id, "{push}");
+    drop(s);
+}
+
+#[tokio::test]
+async fn pushes_queued_for_a_down_gateway_arrive_in_order_once_after_a_restart() {
+    let s = TestServer::start().await;
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let down_url = format!("http://{addr}/_matrix/push/v1/notify");
+    let mut live = Gateway::start(&[]).await;
+    let (alice, _, bob, room) = pair(&s).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(s.post(set, Some(&bob), pusher(&down_url, "k6", None)).await.0, StatusCode::OK);
+    assert_eq!(s.post(set, Some(&bob), pusher(&live.url(), "k7", None)).await.0, StatusCode::OK);
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let event = s.send_text(&alice, &room, &format!("q{i}"), "queued").await.1;
+        sent.push(event["event_id"].clone());
+    }
+    // A gateway that is down holds up no other pusher's queue.
+    for event_id in &sent {
+        assert_eq!(&live.next().await["notification"]["event_id"], event_id);
+    }
+    // The live gateway's pushes are acknowledged; the down one's wait.
+    for _ in 0..500 {
+        if s.server().services().gateway.queued() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.server().services().gateway.queued(), 3);
+    let s = s.restart().await;
+    let mut down = Gateway::start_on(tokio::net::TcpListener::bind(addr).await.unwrap(), &[]);
+    for event_id in &sent {
+        let push = down.next().await;
+        assert_eq!(&push["notification"]["event_id"], event_id, "in order: {push}");
+        assert_eq!(push["notification"]["devices"][0]["pushkey"], "k6");
+    }
+    drained(&s).await;
+    down.assert_quiet(Duration::from_millis(1500), "each push arrives once").await;
+    live.assert_quiet(Duration::from_millis(200), "delivered pushes are not sent again").await;
+    drop(s);
+}
+
+#[tokio::test]
+async fn pushes_left_in_the_old_queue_are_moved_to_the_outbox_at_start() {
+    let s = TestServer::start().await;
+    let mut gateway = Gateway::start(&[]).await;
+    let (alice, bob_id, bob, room) = pair(&s).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(s.post(set, Some(&bob), pusher(&gateway.url(), "k8", None)).await.0, StatusCode::OK);
+    let event_id = s.send_text(&alice, &room, "m1", "hello").await.1["event_id"].clone();
+    assert_eq!(gateway.next().await["notification"]["event_id"], event_id);
+    drained(&s).await;
+    // Rows as an earlier version left them: one for the pusher, one for a pusher since gone.
+    let s = s
+        .restart_after(|path| {
+            use plaza::storage::{Db, Table, tables};
+            let db = Db::open(path, 8).unwrap();
+            let table: Table<Value> = db.table(tables::PUSH_QUEUE);
+            let mut batch = db.batch();
+            for (sequence, pushkey) in [(1u64, "k8"), (2, "gone")] {
+                let row = json!({
+                    "user_id": bob_id, "app_id": "com.example.chat", "pushkey": pushkey,
+                    "room_id": room, "event_id": event_id, "actions": ["notify"],
+                    "queued_ms": plaza::service::now_ms(),
+                });
+                table.put(&mut batch, &sequence, &row);
+            }
+            db.write(batch).unwrap();
+        })
+        .await;
+    let push = gateway.next().await;
+    assert_eq!(push["notification"]["event_id"], event_id, "{push}");
+    assert_eq!(push["notification"]["devices"][0]["pushkey"], "k8");
+    drained(&s).await;
+    // Moved once: another restart sends nothing more.
+    let s = s.restart().await;
+    gateway.assert_quiet(Duration::from_millis(1500), "moved once").await;
     drop(s);
 }
 

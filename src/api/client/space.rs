@@ -40,7 +40,9 @@ pub async fn get_hierarchy(
         max_depth: body.max_depth.map_or(MAX_DEPTH, |d| (u64::from(d) as usize).min(MAX_DEPTH)),
         suggested_only: body.suggested_only,
     };
-    let (found, more) = walk_space(&services, &caller.user_id, &body.room_id, &walk)?;
+    let remote = &services.remote.spaces;
+    let (found, more) =
+        walk_space(&services, &caller.user_id, &body.room_id, &walk, remote).await?;
     let rooms = found
         .into_iter()
         .map(|chunk| serde_json::from_value(chunk).map_err(Error::internal))

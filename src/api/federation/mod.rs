@@ -8,6 +8,7 @@ pub mod keys;
 pub mod media;
 pub mod membership;
 pub mod query;
+pub mod space;
 
 use std::future::Future;
 
@@ -169,5 +170,6 @@ pub fn routes() -> Router<State> {
     let router = FederatedHandler::add_to(membership::send_leave, router);
     let router = FederatedHandler::add_to(membership::make_knock, router);
     let router = FederatedHandler::add_to(membership::send_knock, router);
-    FederatedHandler::add_to(membership::invite, router)
+    let router = FederatedHandler::add_to(membership::invite, router);
+    FederatedHandler::add_to(space::hierarchy, router)
 }

@@ -5,6 +5,7 @@
 
 pub mod discovery;
 pub mod edu;
+pub mod hierarchy;
 pub mod invite;
 pub mod keys;
 pub mod media;
@@ -294,6 +295,58 @@ impl Federation {
             destination: destination.to_owned(),
             reason: e.to_string(),
         })
+    }
+
+    /// GETs `path_and_query` from `destination` without a signature, resolved and checked as
+    /// [`Federation::send`] does: for what older servers serve only that way (legacy media).
+    /// Redirects are followed, bounded and under the address policy; the answer is returned
+    /// unread, whatever its status.
+    pub async fn get_unsigned(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+    ) -> Result<reqwest::Response, SendError> {
+        if !self.enabled {
+            return Err(SendError::Disabled);
+        }
+        if !self.policy.allows(destination) {
+            return Err(SendError::Forbidden(destination.to_owned()));
+        }
+        let unreachable =
+            |reason: String| SendError::Unreachable { destination: destination.to_owned(), reason };
+        let resolved = self.discovery.resolve(&self.outbound, destination).await;
+        let url = format!("{}{path_and_query}", resolved.base_url.trim_end_matches('/'));
+        let url = url::Url::parse(&url).map_err(|e| unreachable(format!("bad url: {e}")))?;
+        self.outbound.policy().check_url(&url).map_err(|e| unreachable(e.to_string()))?;
+        let client = self.client_for(&resolved).map_err(|e| unreachable(e.to_string()))?;
+        let result = client
+            .get(url)
+            .header(http::header::HOST, &resolved.host_header)
+            .send()
+            .await
+            .map_err(|e| unreachable(e.to_string()));
+        self.count(destination, result.is_err());
+        result
+    }
+
+    /// GETs `url`, an address another server gave (a media redirect), with the federation
+    /// client: its extra CAs, redirects bounded, the address policy on every hop. The answer
+    /// is returned unread, whatever its status.
+    pub async fn get_url(
+        &self,
+        destination: &ServerName,
+        url: &str,
+    ) -> Result<reqwest::Response, SendError> {
+        let unreachable =
+            |reason: String| SendError::Unreachable { destination: destination.to_owned(), reason };
+        let url = url::Url::parse(url).map_err(|e| unreachable(format!("bad url: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(unreachable(format!("not an http url: {url}")));
+        }
+        self.outbound.policy().check_url(&url).map_err(|e| unreachable(e.to_string()))?;
+        let client =
+            self.outbound.federation_client(None).map_err(|e| unreachable(e.to_string()))?;
+        client.get(url).send().await.map_err(|e| unreachable(e.to_string()))
     }
 
     /// The client for a resolved destination: the shared one, or one pinned to SRV targets.

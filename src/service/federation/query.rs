@@ -1,11 +1,15 @@
 //! Lookups of other servers' users and aliases for local clients: profiles (cached briefly),
 //! room aliases, and end-to-end keys (device lists cached until the owner's server says they
 //! changed). Each answer is bounded in time and size; an unreachable server is reported, not
-//! waited on.
+//! waited on. Cached device lists and their stale marks are stored, so a restart neither
+//! forgets that a list changed nor serves a list dropped as stale.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -17,12 +21,14 @@ use ruma::{
         query::{get_profile_information, get_room_information},
     },
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::SendError;
 use crate::{
     error::{Error, Result},
-    service::{Services, users::Profile},
+    service::{Services, now_ms, users::Profile},
+    storage::{Db, StorageError, Table, tables},
 };
 
 /// How long a remote profile is reused.
@@ -35,22 +41,36 @@ const MAX_CACHED: usize = 10_000;
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A remote user's keys as last fetched from their server.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 struct CachedDevices {
-    fetched: Instant,
+    /// When they were fetched (ms since the epoch).
+    fetched_ms: u64,
     /// Device id to signed device keys.
     devices: Map<String, JsonValue>,
     master: Option<JsonValue>,
     self_signing: Option<JsonValue>,
 }
 
+impl CachedDevices {
+    fn fresh(&self, now: u64) -> bool {
+        now.saturating_sub(self.fetched_ms) < DEVICES_TTL.as_millis() as u64
+    }
+}
+
 /// The caches of remote answers.
-#[derive(Default)]
 pub struct RemoteQueries {
     profiles: Mutex<HashMap<OwnedUserId, (Instant, Profile)>>,
-    devices: Mutex<HashMap<OwnedUserId, CachedDevices>>,
+    db: Db,
+    /// Device lists by user, stored; a row dropped is a list marked stale.
+    devices: Table<CachedDevices>,
+    /// Rows of `devices`, about.
+    devices_cached: AtomicUsize,
+    /// Counts stale marks, so a fetch that raced one is answered but not cached.
+    stale_marks: AtomicU64,
     /// Other servers' media fetched for local clients.
     pub media: super::media::RemoteMedia,
+    /// Other servers' descriptions of rooms in spaces.
+    pub spaces: super::hierarchy::RemoteSpaces,
 }
 
 /// Keys of remote users as a client `/keys/query` answers them.
@@ -100,6 +120,21 @@ fn bounded_insert<K: std::hash::Hash + Eq, V>(
 }
 
 impl RemoteQueries {
+    /// The caches, with the device lists stored in `db` (those past their time dropped).
+    pub fn new(db: &Db) -> Result<Self, StorageError> {
+        let devices: Table<CachedDevices> = db.table(tables::REMOTE_DEVICE_LISTS);
+        let cached = prune_devices(db, &devices)?;
+        Ok(Self {
+            profiles: Mutex::default(),
+            db: db.clone(),
+            devices,
+            devices_cached: AtomicUsize::new(cached),
+            stale_marks: AtomicU64::new(0),
+            media: super::media::RemoteMedia::default(),
+            spaces: super::hierarchy::RemoteSpaces::default(),
+        })
+    }
+
     /// The profile of a user of another server, from the cache or their server: 404 when the
     /// server says there is no such user.
     pub async fn profile(&self, services: &Services, user_id: &UserId) -> Result<Profile> {
@@ -148,14 +183,60 @@ impl RemoteQueries {
 
     /// Forgets the cached keys of `user_id`: their server said they changed.
     pub fn mark_stale(&self, user_id: &UserId) {
-        if let Ok(mut cache) = self.devices.lock() {
-            cache.remove(user_id);
+        self.mark_all_stale(std::iter::once(user_id));
+    }
+
+    /// Forgets the cached keys of every user in `users`, in one write.
+    pub fn mark_all_stale<'a>(&self, users: impl IntoIterator<Item = &'a UserId>) {
+        self.stale_marks.fetch_add(1, Ordering::SeqCst);
+        let mut batch = self.db.batch();
+        for user_id in users {
+            self.devices.delete(&mut batch, user_id.as_str());
+        }
+        if let Err(err) = self.db.write(batch) {
+            tracing::error!(%err, "stale device lists could not be dropped");
         }
     }
 
     fn cached_devices(&self, user_id: &UserId) -> Option<CachedDevices> {
-        let cache = self.devices.lock().ok()?;
-        cache.get(user_id).filter(|c| c.fetched.elapsed() < DEVICES_TTL).cloned()
+        match self.devices.get(user_id.as_str()) {
+            Ok(cached) => cached.filter(|c| c.fresh(now_ms())),
+            Err(err) => {
+                tracing::warn!(%err, %user_id, "a cached device list could not be read");
+                None
+            }
+        }
+    }
+
+    /// Stores fetched device lists, unless a stale mark came since `marks` was read.
+    fn cache_devices(&self, fetched: &BTreeMap<OwnedUserId, CachedDevices>, marks: u64) {
+        if fetched.is_empty() || self.stale_marks.load(Ordering::SeqCst) != marks {
+            return;
+        }
+        let db = &self.db;
+        if self.devices_cached.load(Ordering::Relaxed) + fetched.len() > MAX_CACHED {
+            match prune_devices(db, &self.devices) {
+                Ok(left) => self.devices_cached.store(left, Ordering::Relaxed),
+                Err(err) => tracing::warn!(%err, "cached device lists could not be pruned"),
+            }
+            if self.devices_cached.load(Ordering::Relaxed) + fetched.len() > MAX_CACHED {
+                return;
+            }
+        }
+        let mut batch = db.batch();
+        for (user_id, cached) in fetched {
+            self.devices.put(&mut batch, user_id.as_str(), cached);
+        }
+        // Re-checked under the write: a mark that came meanwhile wins.
+        if self.stale_marks.load(Ordering::SeqCst) != marks {
+            return;
+        }
+        match db.write_unsynced(batch) {
+            Ok(()) => {
+                self.devices_cached.fetch_add(fetched.len(), Ordering::Relaxed);
+            }
+            Err(err) => tracing::warn!(%err, "fetched device lists could not be cached"),
+        }
     }
 
     /// Device and cross-signing keys of remote users (`users`: user id to wanted devices,
@@ -181,6 +262,7 @@ impl RemoteQueries {
                 }
             }
         }
+        let marks = self.stale_marks.load(Ordering::SeqCst);
         let queries = by_server.into_iter().map(|(server, wanted)| async move {
             let request = get_keys::v1::Request::new(wanted);
             let answer =
@@ -198,14 +280,14 @@ impl RemoteQueries {
                 }
             };
             let mut fetched: BTreeMap<OwnedUserId, CachedDevices> = BTreeMap::new();
-            let now = Instant::now();
+            let now = now_ms();
             fn entry<'a>(
                 fetched: &'a mut BTreeMap<OwnedUserId, CachedDevices>,
                 user: &UserId,
-                now: Instant,
+                now: u64,
             ) -> &'a mut CachedDevices {
                 fetched.entry(user.to_owned()).or_insert_with(|| CachedDevices {
-                    fetched: now,
+                    fetched_ms: now,
                     devices: Map::new(),
                     master: None,
                     self_signing: None,
@@ -234,13 +316,7 @@ impl RemoteQueries {
                         key.deserialize_as_unchecked().ok();
                 }
             }
-            if let Ok(mut cache) = self.devices.lock() {
-                for (user_id, cached) in &fetched {
-                    bounded_insert(&mut cache, user_id.clone(), cached.clone(), |v| {
-                        v.fetched.elapsed() >= DEVICES_TTL
-                    });
-                }
-            }
+            self.cache_devices(&fetched, marks);
             for (user_id, cached) in fetched {
                 let wanted = users.get(&user_id).map_or(&[][..], Vec::as_slice);
                 out.add(&user_id, wanted, cached);
@@ -288,6 +364,23 @@ impl RemoteQueries {
         }
         (claimed, failures)
     }
+}
+
+/// Drops the stored device lists past their time; returns how many are left.
+fn prune_devices(db: &Db, devices: &Table<CachedDevices>) -> Result<usize, StorageError> {
+    let now = now_ms();
+    let mut batch = db.batch();
+    let mut left = 0;
+    for entry in devices.scan_prefix(Vec::new()) {
+        let (key, cached) = entry?;
+        if cached.fresh(now) {
+            left += 1;
+        } else {
+            devices.delete_raw(&mut batch, &key);
+        }
+    }
+    db.write_unsynced(batch)?;
+    Ok(left)
 }
 
 impl RemoteKeys {

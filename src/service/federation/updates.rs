@@ -196,11 +196,10 @@ impl Listener for RemoteMembers {
         // One of ours joined: the room's remote members may be new to us.
         match services.rooms.members(&event.room_id) {
             Ok(members) => {
-                for (user, membership) in members.iter() {
-                    if membership == "join" && user.server_name() != services.server_name() {
-                        services.remote.mark_stale(user);
-                    }
-                }
+                let ours = services.server_name();
+                services.remote.mark_all_stale(members.iter().filter_map(|(user, membership)| {
+                    (membership == "join" && user.server_name() != ours).then_some(&**user)
+                }));
             }
             Err(err) => tracing::warn!(%err, room_id = %event.room_id, "members unreadable"),
         }

@@ -1,17 +1,10 @@
-//! Delivery to push gateways. Each push waits in a durable queue until its gateway accepts it,
-//! so a gateway that is down (or a restart) loses nothing; a failing pusher backs off
-//! exponentially, a push older than `[push] max_delivery_age_secs` is dropped, and pushkeys
-//! the gateway rejects are removed. Requests go through the outbound address policy and
-//! never hold up a send.
+//! Delivery to push gateways. Pushes wait on the shared [`Outbox`], one queue per gateway URL
+//! and pushkey, until their gateway accepts them, so a gateway that is down (or a restart)
+//! loses nothing; a failing target backs off exponentially with one request in flight, a push
+//! older than `[push] max_delivery_age_secs` is dropped, and pushkeys the gateway rejects are
+//! removed. Requests go through the outbound address policy and never hold up a send.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::sync::Arc;
 
 use ruma::{
     EventId, OwnedEventId, OwnedRoomId, OwnedUserId, UInt, UserId,
@@ -24,21 +17,23 @@ use ruma::{
     push::{Action, PushFormat},
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use super::{notifier::NotificationRecord, pushers::PusherRecord};
+use super::{
+    notifier::NotificationRecord,
+    pushers::{PusherRecord, Pushers},
+};
 use crate::{
     error::{Error, Result},
-    service::{Services, now_ms},
+    service::{
+        Services, now_ms,
+        outbox::{Deliver, Item, KIND_PUSH, Outbox},
+    },
     storage::{Batch, Db, Table, tables},
 };
 
-/// Queued pushes looked at per round.
-const ROUND: usize = 256;
-/// Requests in flight at once.
-const PARALLEL: usize = 16;
-/// The longest wait between attempts for one pusher.
-const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// Pushes held per target (gateway URL and pushkey); more are dropped.
+const MAX_QUEUED: u64 = 10_000;
 /// Recent notifications looked at for the badge count.
 const BADGE_WINDOW: usize = 100;
 
@@ -59,6 +54,9 @@ pub struct Delivery {
     pub actions: Vec<Action>,
     /// When it was queued, in milliseconds.
     pub queued_ms: u64,
+    /// The gateway URL when it was queued (its queue's name).
+    #[serde(default)]
+    pub url: String,
 }
 
 impl Delivery {
@@ -77,21 +75,30 @@ impl Delivery {
             event_id: event_id.to_owned(),
             actions: record.actions.clone(),
             queued_ms: record.ts,
+            url: url_of(pusher).unwrap_or_default().to_owned(),
         }
     }
 
-    fn pusher_key(&self) -> PusherKey {
-        (self.user_id.clone(), self.app_id.clone(), self.pushkey.clone())
+    /// The queue this push waits in: one per gateway URL and pushkey.
+    fn target(&self) -> String {
+        format!("{} {}", self.url, self.pushkey)
+    }
+
+    /// The pusher it is for, unless it was removed meanwhile.
+    fn pusher(&self, pushers: &Pushers) -> Option<Arc<PusherRecord>> {
+        pushers
+            .of(&self.user_id)
+            .into_iter()
+            .find(|p| p.pusher.ids.app_id == self.app_id && p.pusher.ids.pushkey == self.pushkey)
     }
 }
 
-type PusherKey = (OwnedUserId, String, String);
-
-/// How a pusher that failed is held back: attempts so far and when to try again.
-#[derive(Clone, Copy)]
-struct Backoff {
-    failures: u32,
-    retry_at: u64,
+/// The gateway URL of an `http` pusher.
+fn url_of(pusher: &PusherRecord) -> Option<&str> {
+    match &pusher.pusher.kind {
+        PusherKind::Http(http) => Some(http.url.as_str()),
+        _ => None,
+    }
 }
 
 /// What a gateway made of one push.
@@ -105,204 +112,122 @@ enum Outcome {
     Drop(String),
 }
 
-/// The durable push queue and its sender's state.
+/// Pushes written in one batch, by target, to count once the batch is durable.
+#[derive(Default)]
+pub struct Queued(Vec<(String, u64)>);
+
+/// The push queues: an outbox of [`Delivery`] per gateway URL and pushkey.
 pub struct Gateway {
-    queue: Table<Delivery>,
-    sequence: AtomicU64,
-    /// Deliveries in the queue (for metrics).
-    pending: AtomicU64,
-    wake: Notify,
-    backoff: Mutex<HashMap<PusherKey, Backoff>>,
+    outbox: Arc<Outbox<Delivery>>,
 }
 
 impl Gateway {
-    /// The queue in `db`, continuing its numbering.
-    pub fn new(db: &Db) -> Result<Self> {
-        let queue: Table<Delivery> = db.table(tables::PUSH_QUEUE);
-        let last = match queue.scan_prefix_rev(Vec::new()).next() {
-            Some(entry) => {
-                entry?.0.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+    /// The queues in `db`. Pushes left in the table of earlier versions are moved to their
+    /// queues (those of pushers removed meanwhile are dropped).
+    pub fn new(db: &Db, pushers: &Pushers) -> Result<Self> {
+        // One push a request: a batch partly accepted would otherwise be sent again whole.
+        let outbox = Outbox::new(db, KIND_PUSH, "push_outbox", 1, MAX_QUEUED)?;
+        let gateway = Self { outbox: Arc::new(outbox) };
+        let legacy: Table<Delivery> = db.table(tables::PUSH_QUEUE);
+        let mut batch = db.batch();
+        let mut moved = Vec::new();
+        for entry in legacy.scan_prefix(Vec::new()) {
+            let (key, mut delivery) = entry?;
+            legacy.delete_raw(&mut batch, &key);
+            if let Some(url) = delivery.pusher(pushers).as_deref().and_then(url_of) {
+                delivery.url = url.to_owned();
+                moved.push(delivery);
             }
-            None => 0,
-        };
-        let pending = queue.scan_prefix(Vec::new()).count() as u64;
-        Ok(Self {
-            queue,
-            sequence: AtomicU64::new(last),
-            pending: AtomicU64::new(pending),
-            wake: Notify::new(),
-            backoff: Mutex::default(),
-        })
+        }
+        if !batch.is_empty() {
+            let queued = gateway.queue(&mut batch, moved);
+            db.write(batch)?;
+            gateway.queued_more(queued);
+        }
+        Ok(gateway)
     }
 
-    /// Adds `deliveries` to the queue in `batch`; once it is written, [`Gateway::queued_more`]
-    /// counts them.
-    pub fn queue(&self, batch: &mut Batch, deliveries: Vec<Delivery>) -> u64 {
-        let count = deliveries.len() as u64;
+    /// Adds `deliveries` to their queues in `batch`; once it is written,
+    /// [`Gateway::queued_more`] counts them and wakes their senders.
+    pub fn queue(&self, batch: &mut Batch, deliveries: Vec<Delivery>) -> Queued {
+        let mut queued = Queued::default();
         for delivery in deliveries {
-            let sequence = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
-            self.queue.put(batch, &sequence, &delivery);
+            let target = delivery.target();
+            let count = self.outbox.push(batch, &target, std::slice::from_ref(&delivery));
+            match queued.0.iter_mut().find(|(t, _)| *t == target) {
+                Some((_, n)) => *n += count,
+                None => queued.0.push((target, count)),
+            }
         }
-        count
+        queued
     }
 
-    /// Counts `count` pushes written to the queue.
-    pub fn queued_more(&self, count: u64) {
-        self.pending.fetch_add(count, Ordering::Relaxed);
+    /// Counts pushes written to the queues and wakes their senders.
+    pub fn queued_more(&self, queued: Queued) {
+        for (target, count) in queued.0 {
+            self.outbox.queued_more(&target, count);
+        }
     }
 
-    /// How many pushes wait in the queue.
+    /// How many pushes wait in the queues.
     pub fn queued(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed)
+        self.outbox.statuses().iter().map(|s| s.queued).sum()
     }
+}
 
-    fn dequeued(&self, count: u64) {
-        let _ = self
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(count)));
-    }
+/// Delivers the push queues.
+struct Pushes {
+    services: Arc<Services>,
+}
 
-    /// Tells the sender that new pushes are queued.
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    fn backoff_of(&self, key: &PusherKey) -> Option<Backoff> {
-        self.backoff.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
-    }
-
-    fn record_outcome(&self, key: PusherKey, success: bool) {
-        let mut map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        if success {
-            map.remove(&key);
-            return;
-        }
-        let failures = map.get(&key).map_or(0, |b| b.failures).saturating_add(1);
-        let wait = Duration::from_secs(1u64 << failures.min(16)).min(MAX_BACKOFF);
-        map.insert(key, Backoff { failures, retry_at: now_ms() + wait.as_millis() as u64 });
-    }
-
-    /// One round: sends what is due, and returns how long to wait before the next.
-    async fn round(&self, services: &Arc<Services>) -> Result<Option<Duration>> {
-        let now = now_ms();
+impl Deliver<Delivery> for Pushes {
+    async fn deliver(
+        &self,
+        _target: &str,
+        _txn_id: &str,
+        items: &[Item<Delivery>],
+    ) -> std::result::Result<(), String> {
+        let services = &self.services;
         let max_age = services.config.push.max_delivery_age_secs.saturating_mul(1000);
-        let mut due = Vec::new();
-        let mut stale = services.db.batch();
-        let mut stale_count = 0;
-        let mut next_retry: Option<u64> = None;
-        let mut held = std::collections::HashSet::new();
-        for entry in self.queue.scan_prefix(Vec::new()).take(ROUND) {
-            let (key, delivery) = entry?;
-            let pusher_key = delivery.pusher_key();
-            let gone = !services.pushers.of(&delivery.user_id).iter().any(|p| {
-                p.pusher.ids.app_id == delivery.app_id && p.pusher.ids.pushkey == delivery.pushkey
-            });
-            if gone || now.saturating_sub(delivery.queued_ms) > max_age {
-                self.queue.delete_raw(&mut stale, &key);
-                stale_count += 1;
+        for item in items {
+            let delivery = &item.value;
+            // A push for a removed pusher, or one past its age, leaves the queue unsent.
+            let Some(pusher) = delivery.pusher(&services.pushers) else { continue };
+            if now_ms().saturating_sub(delivery.queued_ms) > max_age {
                 continue;
             }
-            if let Some(backoff) = self.backoff_of(&pusher_key).filter(|b| b.retry_at > now) {
-                next_retry = Some(next_retry.map_or(backoff.retry_at, |t| t.min(backoff.retry_at)));
-                continue;
-            }
-            // One push per pusher per round keeps a failing gateway from being hammered.
-            if held.insert(pusher_key) {
-                due.push((key, delivery));
-            }
-        }
-        if !stale.is_empty() {
-            services.db.write(stale)?;
-            self.dequeued(stale_count);
-        }
-        if due.is_empty() {
-            return Ok(next_retry.map(|t| Duration::from_millis(t.saturating_sub(now))));
-        }
-        let mut sends = tokio::task::JoinSet::new();
-        let mut due = due.into_iter();
-        loop {
-            while sends.len() < PARALLEL {
-                let Some((key, delivery)) = due.next() else { break };
-                let services = services.clone();
-                sends.spawn(async move {
-                    let outcome = send(&services, &delivery).await;
-                    (key, delivery, outcome)
-                });
-            }
-            let Some(joined) = sends.join_next().await else { break };
-            let Ok((key, delivery, outcome)) = joined else { continue };
-            let mut batch = services.db.batch();
-            match outcome {
-                Outcome::Delivered { rejected } => {
-                    self.record_outcome(delivery.pusher_key(), true);
-                    self.queue.delete_raw(&mut batch, &key);
-                    services.db.write(batch)?;
-                    self.dequeued(1);
-                    if rejected {
-                        tracing::info!(user = %delivery.user_id, app_id = %delivery.app_id, "gateway rejected pushkey; removing pusher");
-                        services.pushers.remove(
-                            services,
-                            &delivery.user_id,
-                            &delivery.app_id,
-                            &delivery.pushkey,
-                        )?;
+            match send(services, delivery, &pusher).await {
+                Outcome::Delivered { rejected: false } => {}
+                Outcome::Delivered { rejected: true } => {
+                    tracing::info!(user = %delivery.user_id, app_id = %delivery.app_id, "gateway rejected pushkey; removing pusher");
+                    let removed = services.pushers.remove(
+                        services,
+                        &delivery.user_id,
+                        &delivery.app_id,
+                        &delivery.pushkey,
+                    );
+                    if let Err(err) = removed {
+                        tracing::warn!(%err, "rejected pusher could not be removed");
                     }
                 }
-                Outcome::Retry(why) => {
-                    tracing::debug!(user = %delivery.user_id, %why, "push will be retried");
-                    self.record_outcome(delivery.pusher_key(), false);
-                }
+                Outcome::Retry(why) => return Err(why),
                 Outcome::Drop(why) => {
                     tracing::warn!(user = %delivery.user_id, %why, "gateway refused a push");
-                    self.queue.delete_raw(&mut batch, &key);
-                    services.db.write(batch)?;
-                    self.dequeued(1);
                 }
             }
         }
-        Ok(Some(Duration::ZERO))
+        Ok(())
     }
 }
 
 /// Sends queued pushes until the server stops.
-pub async fn run(services: Arc<Services>, mut stopped: watch::Receiver<bool>) {
-    let gateway = &services.gateway;
-    loop {
-        // Stopping mid-round is safe: a push leaves the queue only once delivered.
-        let round = tokio::select! {
-            _ = stopped.wait_for(|stop| *stop) => return,
-            round = gateway.round(&services) => round,
-        };
-        let wait = match round {
-            Ok(wait) => wait,
-            Err(err) => {
-                tracing::warn!(%err, "push delivery round failed");
-                Some(Duration::from_secs(5))
-            }
-        };
-        if wait == Some(Duration::ZERO) {
-            if *stopped.borrow() {
-                return;
-            }
-            continue;
-        }
-        let sleep = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600)));
-        tokio::select! {
-            _ = stopped.wait_for(|stop| *stop) => return,
-            () = gateway.wake.notified() => {}
-            () = sleep => {}
-        }
-    }
+pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
+    let outbox = services.gateway.outbox.clone();
+    outbox.run(Arc::new(Pushes { services }), stopped).await;
 }
 
 /// Posts one push to its gateway.
-async fn send(services: &Services, delivery: &Delivery) -> Outcome {
-    let pushers = services.pushers.of(&delivery.user_id);
-    let Some(pusher) = pushers.iter().find(|p| {
-        p.pusher.ids.app_id == delivery.app_id && p.pusher.ids.pushkey == delivery.pushkey
-    }) else {
-        return Outcome::Drop("pusher removed".into());
-    };
+async fn send(services: &Services, delivery: &Delivery, pusher: &PusherRecord) -> Outcome {
     let PusherKind::Http(http) = &pusher.pusher.kind else {
         return Outcome::Drop("not an http pusher".into());
     };

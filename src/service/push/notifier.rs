@@ -812,7 +812,6 @@ impl Notifier {
         services.db.write_unsynced(batch)?;
         *judged = now_judged;
         services.gateway.queued_more(queued);
-        services.gateway.wake();
         Ok(())
     }
 

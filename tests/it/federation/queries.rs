@@ -144,6 +144,66 @@ async fn keys_are_queried_and_claimed_across_servers() {
     assert!(err.to_string().contains("404"), "{err}");
 }
 
+/// Uploads device keys for `device` of `user_id`, named by `curve`.
+async fn upload_keys(s: &TestServer, token: &str, user_id: &str, device: &str, curve: &str) {
+    let device_keys = json!({
+        "user_id": user_id, "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+        "keys": { format!("curve25519:{device}"): curve, format!("ed25519:{device}"): "ed" },
+        "signatures": {},
+    });
+    let body = json!({ "device_keys": device_keys });
+    let (status, answer) = s.post("/_matrix/client/v3/keys/upload", Some(token), body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[tokio::test]
+async fn remote_device_lists_and_their_stale_marks_survive_a_restart() {
+    let (_pki, a, b) = pair().await;
+    let (alice_id, alice, first) = a.server.register("alice", "correct horse").await;
+    upload_keys(&a.server, &alice, &alice_id, &first, "curve1").await;
+    let (_, bob, _) = b.server.register("bob", "correct horse").await;
+    let query = json!({ "device_keys": { alice_id.as_str(): [] } });
+    let devices_of = |answer: &Value| {
+        let mut ids: Vec<String> =
+            answer["device_keys"][&alice_id].as_object().unwrap().keys().cloned().collect();
+        ids.sort();
+        ids
+    };
+    let path = "/_matrix/client/v3/keys/query";
+    let (status, answer) = b.server.post(path, Some(&bob), query.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(devices_of(&answer), vec![first.clone()]);
+
+    // A second device appears on A, but nothing tells B: B keeps its list across a restart.
+    let (status, login) = a.server.login("alice", "correct horse").await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let second = login["device_id"].as_str().unwrap().to_owned();
+    let second_token = login["access_token"].as_str().unwrap().to_owned();
+    upload_keys(&a.server, &second_token, &alice_id, &second, "curve2").await;
+    let b = b.restart(|_| {}, |_| {}).await;
+    let (_, answer) = b.server.post(path, Some(&bob), query.clone()).await;
+    assert_eq!(devices_of(&answer), vec![first.clone()], "the stored list is used: {answer}");
+
+    // A says the list changed; the mark outlives another restart and the list is fetched anew.
+    let changed = edu::DeviceState { keys: None, display_name: None };
+    let update = edu::device_list_update(
+        &user(&alice_id),
+        second.as_str().into(),
+        (2, Some(1)),
+        Some(changed),
+    )
+    .unwrap();
+    edu::receive(b.services(), &a.name, update).await;
+    let b = b.restart(|_| {}, |_| {}).await;
+    let (_, answer) = b.server.post(path, Some(&bob), query).await;
+    let mut both = vec![first, second.clone()];
+    both.sort();
+    assert_eq!(devices_of(&answer), both, "{answer}");
+    let keys = &answer["device_keys"][&alice_id][&second]["keys"];
+    assert_eq!(keys[format!("curve25519:{second}")], "curve2", "{answer}");
+}
+
 #[tokio::test]
 async fn openid_tokens_are_checked_on_the_federation_listener() {
     let (_pki, a, _b) = pair().await;
