@@ -5,6 +5,7 @@
 
 pub mod e2ee;
 pub mod harness;
+mod invite_push;
 mod invites;
 mod media;
 mod queries;

@@ -11,13 +11,13 @@ use crate::common::{TestServer, assert_error};
 
 /// A push gateway on loopback that hands every notification it receives to the test and
 /// rejects the pushkeys in `reject`.
-struct Gateway {
+pub(crate) struct Gateway {
     addr: SocketAddr,
     received: mpsc::UnboundedReceiver<Value>,
 }
 
 impl Gateway {
-    async fn start(reject: &'static [&'static str]) -> Self {
+    pub(crate) async fn start(reject: &'static [&'static str]) -> Self {
         Self::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), reject)
     }
 
@@ -40,7 +40,7 @@ impl Gateway {
         Self { addr, received }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/_matrix/push/v1/notify", self.addr)
     }
 
@@ -50,7 +50,7 @@ impl Gateway {
         assert!(push.is_err(), "{why}: {push:?}");
     }
 
-    async fn next(&mut self) -> Value {
+    pub(crate) async fn next(&mut self) -> Value {
         tokio::time::timeout(Duration::from_secs(15), self.received.recv())
             .await
             .expect("the gateway receives a push in time")
@@ -70,7 +70,7 @@ async fn drained(s: &TestServer) {
     panic!("pushes still queued");
 }
 
-fn pusher(url: &str, pushkey: &str, format: Option<&str>) -> Value {
+pub(crate) fn pusher(url: &str, pushkey: &str, format: Option<&str>) -> Value {
     let mut data = json!({ "url": url });
     if let Some(format) = format {
         data["format"] = json!(format);

@@ -30,6 +30,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     service::{
         Services,
+        push::{self, gateway::Delivery, outside::OutsideInvite},
         rooms::{
             ingest::KeyLookup,
             listeners::Countersigner,
@@ -91,12 +92,20 @@ async fn countersign(
         .ok_or_else(|| Error::internal("an invite without an invitee"))?;
     let server = invitee.server_name().to_owned();
     let event_id = event_id_of(&event, &rules)?;
+    let mut invite_room_state = stripped_state(services, room_id)?;
+    // The inviter's membership too, so the invitee's server can name them (as its pushes do).
+    if let Some(sender) = str_field(&event, "sender") {
+        let state = services.rooms.current_state(room_id)?;
+        if let Some(member) = services.rooms.state_event(&state, "m.room.member", sender)? {
+            invite_room_state.push(RawStrippedState::Pdu(raw(&member.wire)?));
+        }
+    }
     let request = create_invite::v2::Request::new(
         room_id.to_owned(),
         event_id.clone(),
         version,
         raw(&event)?,
-        stripped_state(services, room_id)?,
+        invite_room_state,
     );
     let answer = services.federation.send(&server, request).await.map_err(remote_error)?;
     let mut signed: CanonicalJsonObject = serde_json::from_str(answer.event.get())
@@ -216,6 +225,7 @@ pub async fn receive_invite(
         return Ok(wire);
     }
     let stripped = client_stripped(invite_room_state);
+    let pushes = invite_pushes(services, &invitee, (room_id, event_id), &wire, &stripped).await?;
     let mut servers = vec![origin.to_owned()];
     servers.extend(stripped_servers(&stripped));
     servers.extend(room_id.server_name().map(ToOwned::to_owned));
@@ -229,9 +239,33 @@ pub async fn receive_invite(
         event_id: Some(event_id.to_owned()),
         stripped,
     };
-    services.rooms.set_outside(services, &invitee, room_id, record)?;
+    // The pushes are queued in the write that keeps the invite: once acknowledged, neither
+    // is lost.
+    let queue = |batch: &mut _| Ok(services.gateway.queue(batch, pushes));
+    let (_, queued) =
+        services.rooms.set_outside_with(services, &invitee, room_id, record, queue)?;
+    services.gateway.queued_more(queued);
     tracing::info!(%room_id, %invitee, %origin, "invite from another server");
     Ok(wire)
+}
+
+/// The pushes an invite of `invitee` to a room held elsewhere calls for; none when the same
+/// invite is already kept (the inviting server sent it again).
+async fn invite_pushes(
+    services: &Services,
+    invitee: &UserId,
+    (room_id, event_id): (&RoomId, &ruma::EventId),
+    wire: &CanonicalJsonObject,
+    stripped: &[JsonValue],
+) -> Result<Vec<Delivery>> {
+    let kept = services.rooms.outside(invitee, room_id)?;
+    if kept.is_some_and(|kept| {
+        kept.membership == "invite" && kept.event_id.as_deref() == Some(event_id)
+    }) {
+        return Ok(Vec::new());
+    }
+    let invite = OutsideInvite { room_id, event_id, event: wire, stripped };
+    push::outside::deliveries(services, invitee, &invite).await
 }
 
 /// Whether this server holds `room_id` with a local member joined (it then follows the room).

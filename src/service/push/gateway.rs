@@ -14,7 +14,7 @@ use ruma::{
             Device, Notification, NotificationCounts, NotificationPriority, PusherData,
         },
     },
-    push::{Action, PushFormat},
+    push::{Action, HttpPusherData, PushFormat},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -28,6 +28,7 @@ use crate::{
     service::{
         Services, now_ms,
         outbox::{Deliver, Item, KIND_PUSH, Outbox},
+        rooms::outside::OutsideMembership,
     },
     storage::{Batch, Db, Table, tables},
 };
@@ -261,7 +262,7 @@ async fn send(services: &Services, delivery: &Delivery, pusher: &PusherRecord) -
 }
 
 /// The gateway payload for `delivery`: the spec's full form, or ids and counts only for
-/// `event_id_only` pushers.
+/// `event_id_only` pushers. An invite to a room held elsewhere is read from the invite kept.
 fn payload(
     services: &Services,
     delivery: &Delivery,
@@ -292,6 +293,11 @@ fn payload(
     notification.counts =
         NotificationCounts::new(UInt::try_from(unread).unwrap_or_default(), UInt::MIN);
     let event = services.rooms.stored(&delivery.event_id)?;
+    if event.is_none()
+        && let Some(invite) = outside_invite(services, delivery)?
+    {
+        return Ok(outside_payload(notification, http, &delivery.user_id, invite));
+    }
     let encrypted = event
         .as_ref()
         .is_some_and(|e| e.wire.get("type").and_then(|t| t.as_str()) == Some("m.room.encrypted"));
@@ -322,6 +328,48 @@ fn payload(
             member.and_then(|m| m.get("displayname").and_then(|n| n.as_str()).map(str::to_owned));
     }
     Ok(notification)
+}
+
+/// The invite `delivery` is for, when it is one of a room held elsewhere still kept.
+fn outside_invite(services: &Services, delivery: &Delivery) -> Result<Option<OutsideMembership>> {
+    let kept = services.rooms.outside(&delivery.user_id, &delivery.room_id)?;
+    Ok(kept.filter(|kept| {
+        kept.membership == "invite" && kept.event_id.as_ref() == Some(&delivery.event_id)
+    }))
+}
+
+/// `notification` completed for an invite to a room held elsewhere: the event from the invite
+/// kept, the room name and the inviter's display name from the room's stripped state. An
+/// invite is always worth waking the device for.
+fn outside_payload(
+    mut notification: Notification,
+    http: &HttpPusherData,
+    user_id: &UserId,
+    invite: OutsideMembership,
+) -> Notification {
+    notification.prio = NotificationPriority::High;
+    if http.format == Some(PushFormat::EventIdOnly) {
+        return notification;
+    }
+    let Some(event) = &invite.event else { return notification };
+    let field = |name: &str| event.get(name).and_then(|v| v.as_str());
+    notification.event_type = field("type").map(Into::into);
+    notification.sender = Some(invite.sender.clone());
+    notification.content =
+        event.get("content").and_then(|c| serde_json::value::to_raw_value(c).ok());
+    notification.user_is_target = field("state_key") == Some(user_id.as_str());
+    let stripped = |kind: &str, key: &str| {
+        invite.stripped.iter().find(|e| e["type"] == kind && e["state_key"] == key)
+    };
+    let text = |event: Option<&serde_json::Value>, name: &str| {
+        event.and_then(|e| e["content"][name].as_str()).map(str::to_owned)
+    };
+    notification.room_name = text(stripped("m.room.name", ""), "name");
+    notification.room_alias = text(stripped("m.room.canonical_alias", ""), "alias")
+        .and_then(|alias| alias.try_into().ok());
+    notification.sender_display_name =
+        text(stripped("m.room.member", invite.sender.as_str()), "displayname");
+    notification
 }
 
 /// The badge count: the user's recent notifications they have not read yet.

@@ -5,6 +5,7 @@
 pub mod gateway;
 pub mod notifications;
 pub mod notifier;
+pub mod outside;
 pub mod pushers;
 
 use std::sync::Arc;

@@ -316,18 +316,19 @@ struct Audience {
 }
 
 /// A local joined member, with what judging an event for them needs.
-struct Member {
-    user_id: OwnedUserId,
+pub(super) struct Member {
+    pub(super) user_id: OwnedUserId,
     context: PushConditionRoomCtx,
     rules: Arc<Rules>,
     /// The lowercased display name, unless it has wildcards.
     display_name: Option<Box<str>>,
     /// Where their notifications are pushed.
-    pushers: Vec<Arc<PusherRecord>>,
+    pub(super) pushers: Vec<Arc<PusherRecord>>,
 }
 
 impl Member {
-    fn new(
+    /// `user_id` judged in `context` with `rules`, with their pushers.
+    pub(super) fn new(
         services: &Services,
         user_id: OwnedUserId,
         context: PushConditionRoomCtx,
@@ -958,7 +959,7 @@ impl OwnRule {
 
 /// The place and actions of the first of an invitee's rules that applies to the event, if it
 /// notifies (judged alone: their context is not the members').
-async fn judge_invitee<'a>(
+pub(super) async fn judge_invitee<'a>(
     invitee: &'a Member,
     flat: &FlattenedJson,
 ) -> Option<(usize, &'a [Action])> {
@@ -975,6 +976,16 @@ async fn judge_invitee<'a>(
 /// The fields of `event` push rules look at, flattened: its id, room, sender, type, state key,
 /// timestamp and content (not the federation fields, nor the viewer-specific `unsigned`).
 pub(super) fn flattened(event: &StoredPdu) -> Result<FlattenedJson> {
+    flattened_wire(&event.event_id, &event.room_id, &event.wire)
+}
+
+/// [`flattened`] for an event known by its id, room and signed JSON alone (one not stored in
+/// a room held here).
+pub(super) fn flattened_wire(
+    event_id: &ruma::EventId,
+    room_id: &ruma::RoomId,
+    wire: &ruma::CanonicalJsonObject,
+) -> Result<FlattenedJson> {
     #[derive(Serialize)]
     struct Judged<'a> {
         event_id: &'a ruma::EventId,
@@ -990,10 +1001,9 @@ pub(super) fn flattened(event: &StoredPdu) -> Result<FlattenedJson> {
         #[serde(skip_serializing_if = "Option::is_none")]
         content: Option<&'a ruma::CanonicalJsonValue>,
     }
-    let wire = &event.wire;
     let judged = Judged {
-        event_id: &event.event_id,
-        room_id: &event.room_id,
+        event_id,
+        room_id,
         sender: wire.get("sender"),
         r#type: wire.get("type"),
         state_key: wire.get("state_key"),

@@ -87,8 +87,22 @@ impl Rooms {
         services: &Services,
         user_id: &UserId,
         room_id: &RoomId,
-        mut record: OutsideMembership,
+        record: OutsideMembership,
     ) -> Result<u64> {
+        Ok(self.set_outside_with(services, user_id, room_id, record, |_| Ok(()))?.0)
+    }
+
+    /// Like [`Rooms::set_outside`], with what the caller's `contribute` adds to the same write
+    /// batch (a feature's records that must be as durable as the membership); returns the
+    /// position and what `contribute` returned.
+    pub fn set_outside_with<T>(
+        &self,
+        services: &Services,
+        user_id: &UserId,
+        room_id: &RoomId,
+        mut record: OutsideMembership,
+        contribute: impl FnOnce(&mut Batch) -> Result<T>,
+    ) -> Result<(u64, T)> {
         if !matches!(record.membership.as_str(), "invite" | "knock" | "leave") {
             return Err(Error::internal("an outside membership is an invite, knock or leave"));
         }
@@ -103,12 +117,13 @@ impl Rooms {
         self.user_rooms.put(&mut batch, &key, &record.membership);
         self.outside.put(&mut batch, &key, &record);
         services.stream.rooms.mark(room_id, pending.position);
+        let contributed = contribute(&mut batch)?;
         self.db.write(batch)?;
         self.forget_memberships(user_id);
         let position = pending.position;
         drop(pending);
         services.stream.wake_at(position, [user_id]);
-        Ok(position)
+        Ok((position, contributed))
     }
 
     /// Queues the removal of the outside membership of `user_id` in `room_id`, if any: the
