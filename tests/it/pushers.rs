@@ -21,7 +21,10 @@ impl Gateway {
         Self::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), reject)
     }
 
-    fn start_on(listener: tokio::net::TcpListener, reject: &'static [&'static str]) -> Self {
+    pub(crate) fn start_on(
+        listener: tokio::net::TcpListener,
+        reject: &'static [&'static str],
+    ) -> Self {
         let (tx, received) = mpsc::unbounded_channel();
         let app = Router::new()
             .route(

@@ -93,7 +93,7 @@ mod tests {
                     "content": { "membership": membership } })
         };
         let name = json!({ "type": "m.room.name", "state_key": "", "content": { "name": "x" } });
-        assert_eq!(super::joined_count(&[name.clone()]), 1);
+        assert_eq!(super::joined_count(std::slice::from_ref(&name)), 1);
         let shown =
             [name, member("@a:x", "join"), member("@b:x", "join"), member("@c:y", "invite")];
         assert_eq!(super::joined_count(&shown), 2);
