@@ -226,7 +226,8 @@ impl Services {
                 .listener(appservice::Forward)
                 .listener(auto_reply::Listen)
                 .listener(federation::sender::Announce)
-                .contributor(sliding::recency::Bumps),
+                .contributor(sliding::recency::Bumps)
+                .contributor(federation::sender::Queue),
         );
         services.appservices.start(&services).map_err(init)?;
         Ok(services)
