@@ -134,7 +134,8 @@ impl Rooms {
 
         let Checked { stored, pdu } = event;
         let room = Room { record, version: &version, rules: &rules };
-        let candidate = Candidate { stored, pdu, state_before, auth: Vec::new() };
+        let candidate =
+            Candidate { stored, pdu, state_before, auth: Vec::new(), defer_sync: false };
         let (status, _) = self.place(services, room, candidate, None)?;
         Ok((Some(event_id), Outcome::Placed(status)))
     }

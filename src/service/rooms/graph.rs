@@ -76,6 +76,10 @@ pub(super) struct Candidate {
     /// Its auth events with their short ids, when already read (events built here); read
     /// from the database otherwise.
     pub auth: Vec<(u64, Arc<Pdu>)>,
+    /// For a received event: the WAL sync is left to the caller, who awaits
+    /// [`crate::storage::Db::durable`] for everything it placed before answering (events of one
+    /// transaction share one sync). Local events say so in their [`Local`].
+    pub defer_sync: bool,
 }
 
 /// The room an event goes to: its record (absent for a create event) and rules.
@@ -297,7 +301,7 @@ impl Rooms {
         candidate: Candidate,
         local: Option<Local<'_>>,
     ) -> Result<(super::Status, Unsynced<'s>)> {
-        let Candidate { mut stored, pdu, state_before, auth } = candidate;
+        let Candidate { mut stored, pdu, state_before, auth, defer_sync } = candidate;
         let rules = room.rules;
         // Received events are checked against their auth events, with the create event.
         let create = match local {
@@ -330,7 +334,7 @@ impl Rooms {
         stored.status = status;
         stored.state_before = state_before;
         let auth_shorts = auth.iter().map(|(short, _)| *short).collect();
-        self.write(services, room, stored, pdu, local, auth_shorts)
+        self.write(services, room, stored, pdu, local, auth_shorts, defer_sync)
     }
 
     /// Writes a checked event (see [`Rooms::place`]).
@@ -342,6 +346,7 @@ impl Rooms {
         pdu: Pdu,
         local: Option<Local<'_>>,
         mut auth_shorts: Vec<u64>,
+        defer_received: bool,
     ) -> Result<(super::Status, Unsynced<'s>)> {
         let Room { record, version, rules } = room;
         let status = stored.status;
@@ -473,7 +478,7 @@ impl Rooms {
             self.registry().contribute(services, &written, &mut batch)?;
         }
         let mut audit = Vec::new();
-        let mut defer_sync = false;
+        let mut defer_sync = defer_received;
         if let Some(local) = local {
             if let Some((_, key)) = local.txn {
                 self.transactions.put(&mut batch, key, &event_id);

@@ -26,8 +26,8 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    service::Services,
-    storage::{prefix, split_key},
+    service::{Services, stream::Pending},
+    storage::{Ticket, prefix, split_key},
 };
 
 /// Public keys of other servers, for checking their events' signatures. Federation fills it
@@ -139,11 +139,18 @@ impl Rooms {
         // Waiting events placed in this call, bounded: the rest stay in `gaps` until their
         // prev event is received again.
         let mut released = MAX_INGEST;
+        let mut unsynced = Vec::new();
         for event in parents_first(checked) {
             let event_id = event.stored.event_id.clone();
-            let outcome = self.ingest_one(services, event, &mut released)?;
+            let outcome = self.ingest_one(services, event, &mut released, &mut unsynced)?;
             placed.insert(event_id, outcome);
         }
+        // One WAL sync for every event placed (rejected and soft-failed ones too), after the
+        // room's lock is released; their positions show to syncs once it is done.
+        let ticket = self.db.ticket_now();
+        drop(_guard);
+        self.db.durable(ticket).await?;
+        drop(unsynced);
         Ok(outcomes
             .into_iter()
             .map(|(event_id, outcome)| {
@@ -218,12 +225,14 @@ impl Rooms {
     }
 
     /// Places one checked event (under the room lock), then up to `released` of the events
-    /// that were waiting for it (and for them), counting them off.
-    fn ingest_one(
+    /// that were waiting for it (and for them), counting them off. The positions of those
+    /// placed wait in `unsynced` for the caller's WAL sync.
+    fn ingest_one<'s>(
         &self,
-        services: &Services,
+        services: &'s Services,
         event: Checked,
         released: &mut usize,
+        unsynced: &mut Vec<(Pending<'s>, Ticket)>,
     ) -> Result<Outcome> {
         let mut queue = VecDeque::from([event]);
         let mut first = None;
@@ -231,7 +240,7 @@ impl Rooms {
             let event_id = event.stored.event_id.clone();
             let room_id = event.stored.room_id.clone();
             // One event's failure is its own; only a storage failure stops the others.
-            let outcome = match self.place_received(services, event) {
+            let outcome = match self.place_received(services, event, unsynced) {
                 Ok(outcome) => outcome,
                 Err(error) if !error.is_internal() => Outcome::Dropped(error.to_string()),
                 Err(error) => return Err(error),
@@ -256,8 +265,14 @@ impl Rooms {
     }
 
     /// The graph part of receiving an event: outlier while prev events are missing, else
-    /// placed on the state resolved from its prev events.
-    fn place_received(&self, services: &Services, event: Checked) -> Result<Outcome> {
+    /// placed on the state resolved from its prev events. A placed event's WAL sync is left
+    /// to the caller: its position waits in `unsynced` until then.
+    fn place_received<'s>(
+        &self,
+        services: &'s Services,
+        event: Checked,
+        unsynced: &mut Vec<(Pending<'s>, Ticket)>,
+    ) -> Result<Outcome> {
         let Checked { stored, pdu } = event;
         let known = self.stored(&stored.event_id)?;
         if let Some(known) = &known
@@ -283,8 +298,10 @@ impl Rooms {
                 return Ok(Outcome::Dropped("a create event has no prev events".to_owned()));
             }
             let room = Room { record: None, version: &version, rules: &rules };
-            let candidate = Candidate { stored, pdu, state_before: 0, auth: Vec::new() };
-            let (status, _) = self.place(services, room, candidate, None)?;
+            let candidate =
+                Candidate { stored, pdu, state_before: 0, auth: Vec::new(), defer_sync: true };
+            let (status, pending) = self.place(services, room, candidate, None)?;
+            unsynced.extend(pending);
             return Ok(Outcome::Placed(status));
         }
         let mut roots = Vec::with_capacity(pdu.prev_events.len());
@@ -321,8 +338,9 @@ impl Rooms {
         let state_before = self.resolve(&mut batch, &rules, &roots)?;
         // Derived nodes only: the event's own synced batch makes them durable.
         self.db.write_unsynced(batch)?;
-        let candidate = Candidate { stored, pdu, state_before, auth: Vec::new() };
-        let (status, _) = self.place(services, room, candidate, None)?;
+        let candidate = Candidate { stored, pdu, state_before, auth: Vec::new(), defer_sync: true };
+        let (status, pending) = self.place(services, room, candidate, None)?;
+        unsynced.extend(pending);
         Ok(Outcome::Placed(status))
     }
 
