@@ -38,8 +38,12 @@ use crate::{
     storage::{Batch, Db, StorageError},
 };
 
-/// Most items in one transaction: the spec's 50 PDUs (and so at most 100 EDUs).
-pub const MAX_TRANSACTION_ITEMS: usize = 50;
+/// Most PDUs in one transaction (the spec's limit).
+pub const MAX_TRANSACTION_PDUS: usize = 50;
+/// Most EDUs in one transaction (the spec's limit).
+pub const MAX_TRANSACTION_EDUS: usize = 100;
+/// Most items in one transaction.
+pub const MAX_TRANSACTION_ITEMS: usize = MAX_TRANSACTION_PDUS + MAX_TRANSACTION_EDUS;
 /// Most items waiting for one destination; beyond it new items are dropped and said so.
 const MAX_QUEUED: u64 = 1_000_000;
 /// Most destinations named one by one in the metrics.
@@ -54,6 +58,15 @@ pub enum Queued {
     /// An EDU as sent.
     #[serde(rename = "e")]
     Edu(JsonValue),
+}
+
+/// Whether `next` fits a transaction holding `items`: at most 50 PDUs and 100 EDUs.
+fn fits_transaction(items: &[Item<Queued>], next: &Queued) -> bool {
+    let pdus = items.iter().filter(|item| matches!(item.value, Queued::Pdu(_))).count();
+    match next {
+        Queued::Pdu(_) => pdus < MAX_TRANSACTION_PDUS,
+        Queued::Edu(_) => items.len() - pdus < MAX_TRANSACTION_EDUS,
+    }
 }
 
 /// The per-destination queues of outgoing transactions.
@@ -73,7 +86,8 @@ impl Sender {
             "federation_outbox",
             MAX_TRANSACTION_ITEMS,
             MAX_QUEUED,
-        )?;
+        )?
+        .bounded_by(fits_transaction);
         Ok(Self { outbox: Arc::new(outbox), pending: Mutex::default() })
     }
 
