@@ -604,15 +604,34 @@ impl Rooms {
         &self,
         event_id: &EventId,
     ) -> Result<Option<(Vec<OwnedEventId>, Vec<OwnedEventId>)>> {
+        let Some((state, chain)) = self.state_shorts_before(event_id)? else { return Ok(None) };
+        let ids = |shorts: &mut dyn Iterator<Item = u64>| -> Result<Vec<OwnedEventId>> {
+            shorts.map(|short| Ok(self.state_pdu(short)?.event_id.clone())).collect()
+        };
+        Ok(Some((ids(&mut state.into_iter())?, ids(&mut chain.into_iter())?)))
+    }
+
+    /// The stored events of the state before `event_id` and of its auth chain (`send_join`),
+    /// read by short id: `(state, auth chain)`.
+    pub fn state_events_before(
+        &self,
+        event_id: &EventId,
+    ) -> Result<Option<(Vec<StoredPdu>, Vec<StoredPdu>)>> {
+        let Some((state, chain)) = self.state_shorts_before(event_id)? else { return Ok(None) };
+        let events = |shorts: Vec<u64>| -> Result<Vec<StoredPdu>> {
+            shorts.into_iter().map(|short| self.stored_by_short(short)).collect()
+        };
+        Ok(Some((events(state)?, events(chain)?)))
+    }
+
+    /// The short ids of the state before the placed event `event_id` and of its auth chain.
+    fn state_shorts_before(&self, event_id: &EventId) -> Result<Option<(Vec<u64>, Vec<u64>)>> {
         let Some(stored) = self.stored(event_id)? else { return Ok(None) };
         if stored.status == super::Status::Outlier {
             return Ok(None);
         }
         let state: Vec<u64> = self.states.load_short(stored.state_before)?.into_values().collect();
         let chain = self.auth_chain_of_events(&state)?;
-        let ids = |shorts: &mut dyn Iterator<Item = u64>| -> Result<Vec<OwnedEventId>> {
-            shorts.map(|short| Ok(self.state_pdu(short)?.event_id.clone())).collect()
-        };
-        Ok(Some((ids(&mut state.into_iter())?, ids(&mut chain.into_iter())?)))
+        Ok(Some((state, chain)))
     }
 }
