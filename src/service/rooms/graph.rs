@@ -333,21 +333,20 @@ impl Rooms {
         }
         stored.status = status;
         stored.state_before = state_before;
-        let auth_shorts = auth.iter().map(|(short, _)| *short).collect();
-        self.write(services, room, stored, pdu, local, auth_shorts, defer_sync)
+        let candidate = Candidate { stored, pdu, state_before, auth, defer_sync };
+        self.write(services, room, candidate, local)
     }
 
-    /// Writes a checked event (see [`Rooms::place`]).
+    /// Writes a checked event, its status and state before set (see [`Rooms::place`]).
     fn write<'s>(
         &self,
         services: &'s Services,
         room: Room<'_>,
-        mut stored: StoredPdu,
-        pdu: Pdu,
+        candidate: Candidate,
         local: Option<Local<'_>>,
-        mut auth_shorts: Vec<u64>,
-        defer_received: bool,
     ) -> Result<(super::Status, Unsynced<'s>)> {
+        let Candidate { mut stored, pdu, auth, defer_sync: defer_received, .. } = candidate;
+        let mut auth_shorts: Vec<u64> = auth.iter().map(|(short, _)| *short).collect();
         let Room { record, version, rules } = room;
         let status = stored.status;
         let room_id = stored.room_id.clone();
