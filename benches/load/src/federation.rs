@@ -142,7 +142,7 @@ async fn measure(a: &Node, b: &Node) -> Result<Vec<[String; 3]>, Error> {
     let room = a.target.create_room(&alice, json!({ "preset": "public_chat" })).await?;
     let room_id = OwnedRoomId::try_from(room.as_str())?;
     // The first join also fetches each server's keys: the timed ones find them cached.
-    b.target.join(&bob, &room).await?;
+    join_via(b, &bob, &room, &a.name).await?;
     wait_for(|| Ok(a.services().rooms.membership(&room_id, &UserId::parse(&bob.id)?)?.is_some()))
         .await?;
 
@@ -154,6 +154,18 @@ async fn measure(a: &Node, b: &Node) -> Result<Vec<[String; 3]>, Error> {
     eprintln!("federation: joins of rooms of {BIG_ROOM_MEMBERS} members from B");
     rows.push(big_joins(a, b, &alice, &bob).await?);
     Ok(rows)
+}
+
+/// Joins `user` of `node` to `room` of another server through `via`.
+async fn join_via(
+    node: &Node,
+    user: &User,
+    room: &str,
+    via: &OwnedServerName,
+) -> Result<(), Error> {
+    let path = format!("/_matrix/client/v3/join/{room}?via={via}");
+    node.target.call(reqwest::Method::POST, user, &path, Some(json!({}))).await?;
+    Ok(())
 }
 
 /// Waits (polling, up to [`DELIVERY_TIMEOUT`]) until `done` holds.
@@ -314,7 +326,7 @@ async fn big_joins(a: &Node, b: &Node, alice: &User, bob: &User) -> Result<[Stri
             builder.await??;
         }
         let started = Instant::now();
-        b.target.join(bob, &room).await?;
+        join_via(b, bob, &room, &a.name).await?;
         times.push(started.elapsed());
         let joined = b.services().rooms.members(&room_id)?;
         let joined = joined.iter().filter(|(_, m)| m == "join").count();
