@@ -323,3 +323,29 @@ pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
     let deliver = Arc::new(Transactions { services });
     outbox.run(deliver, stopped).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(pdus: usize, edus: usize) -> Vec<Item<Queued>> {
+        let pdu = |n| Queued::Pdu(OwnedEventId::try_from(format!("$e{n}")).unwrap());
+        let edu = |_| Queued::Edu(JsonValue::Null);
+        (0..pdus)
+            .map(pdu)
+            .chain((0..edus).map(edu))
+            .map(|value| Item { sequence: 0, value })
+            .collect()
+    }
+
+    #[test]
+    fn a_transaction_holds_at_most_50_pdus_and_100_edus() {
+        let pdu = Queued::Pdu(OwnedEventId::try_from("$next").unwrap());
+        let edu = Queued::Edu(JsonValue::Null);
+        assert!(fits_transaction(&items(49, 100), &pdu));
+        assert!(!fits_transaction(&items(50, 0), &pdu));
+        assert!(fits_transaction(&items(50, 99), &edu));
+        assert!(!fits_transaction(&items(0, 100), &edu));
+        assert!(fits_transaction(&items(0, 100), &pdu));
+    }
+}
