@@ -170,8 +170,9 @@ pub fn queue_edu(services: &Services, destinations: &[OwnedServerName], edu: Edu
 
 /// The servers `event` goes to: those with joined members in its room, and for a membership
 /// event the target's server (an invite, a kick, a ban reach it), this server left out. Read
-/// while the event's batch is built: the members before it, or for a room new here (joined
-/// through another server) the members of the state the event is placed on.
+/// while the event's batch is built: the members before it, and when the room is new here or
+/// its state moves by more than the event (a join through another server placed on the state
+/// that server vouches for, a branch meeting), also those of the state after the event.
 fn destinations_of(
     services: &Services,
     written: &Written<'_>,
@@ -180,7 +181,7 @@ fn destinations_of(
     let event = written.event;
     let mut servers = BTreeSet::new();
     let members = rooms.members(written.room_id)?;
-    if members.is_empty() {
+    if members.is_empty() || event.room_state.is_some() {
         let state = rooms.states.load(event.state_after_or_before())?;
         for ((kind, user), short) in state.iter() {
             if kind == "m.room.member"
