@@ -230,7 +230,8 @@ impl Services {
             .listener(auto_reply::Listen)
             .listener(federation::sender::Announce)
             .contributor(sliding::recency::Bumps)
-            .listener(federation::updates::RemoteMembers);
+            .listener(federation::updates::RemoteMembers)
+            .contributor(federation::sender::Queue);
         // Invites of other servers' users are signed by those servers, when federating.
         let registry = if services.federation.enabled() {
             registry.countersigner(federation::invite::Countersign)

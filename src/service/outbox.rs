@@ -107,6 +107,8 @@ pub struct Outbox<V> {
     new_targets_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     max_batch: usize,
     max_queued: u64,
+    /// Whether an item still fits a batch holding the items given (besides `max_batch`).
+    fits: fn(&[Item<V>], &V) -> bool,
 }
 
 impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
@@ -132,6 +134,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             new_targets_rx: Mutex::new(Some(rx)),
             max_batch: max_batch.max(1),
             max_queued,
+            fits: |_, _| true,
         };
         let mut counts: HashMap<String, u64> = HashMap::new();
         let raw: Table<Box<serde_json::value::RawValue>> = db.table(tables::OUTBOX);
@@ -145,6 +148,14 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             outbox.target(&target).queued.store(count, Ordering::Relaxed);
         }
         Ok(outbox)
+    }
+
+    /// Bounds batches further: an item goes in a batch (of at most `max_batch`) while `fits`
+    /// says it fits beside the items already in it; the batch ends before the first that
+    /// does not, so the queue's order is kept.
+    pub fn bounded_by(mut self, fits: fn(&[Item<V>], &V) -> bool) -> Self {
+        self.fits = fits;
+        self
     }
 
     /// The state of `target`, created (and its worker asked for) on first use.
@@ -261,6 +272,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         let mut items = Vec::new();
         for entry in self.table.scan_prefix(self.prefix(target)).take(self.max_batch) {
             let (key, value) = entry?;
+            if !items.is_empty() && !(self.fits)(&items, &value) {
+                break;
+            }
             let sequence = key
                 .len()
                 .checked_sub(8)
@@ -499,6 +513,29 @@ mod tests {
         assert!(status.last_success_ms.is_some());
         stop.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn a_bounded_batch_ends_before_the_first_item_that_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        // At most two odd values in a batch of at most five.
+        let outbox: Outbox<u64> =
+            Outbox::new(&db, KIND_APPSERVICE, "t", 5, 100).unwrap().bounded_by(|items, next| {
+                next % 2 == 0 || items.iter().filter(|i| i.value % 2 == 1).count() < 2
+            });
+        outbox.enqueue("a", &[1, 2, 3, 4, 5, 6, 8, 10, 12]).unwrap();
+        let values = |outbox: &Outbox<u64>| -> Vec<u64> {
+            outbox.read("a").unwrap().1.into_iter().map(|i| i.value).collect()
+        };
+        assert_eq!(values(&outbox), [1, 2, 3, 4]);
+        let (keys, _) = outbox.read("a").unwrap();
+        let mut batch = db.batch();
+        for key in &keys {
+            outbox.table.delete_raw(&mut batch, key);
+        }
+        db.write(batch).unwrap();
+        assert_eq!(values(&outbox), [5, 6, 8, 10, 12], "then the next five");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! `-- --only graph` (Plaza only, in-process: big-room joins and state resolution),
 //! `-- --only appservice` (Plaza only: transactions to an application service) or
 //! `-- --only sliding` (the sliding-sync (MSC4186) scenarios) runs just those scenarios.
+//! `-- --only federation` (Plaza only, in-process: two servers federating over TLS on
+//! loopback) runs the federation scenarios.
 
 use std::{
     sync::Arc,
@@ -18,6 +20,7 @@ use serde_json::{Value, json};
 
 mod analytics;
 mod appservice;
+mod federation;
 mod graph;
 mod media;
 mod search;
@@ -488,6 +491,14 @@ fn main() -> Result<(), Error> {
                 std::thread::available_parallelism().map_or(0, |n| n.get())
             );
             print_rows(graph::rows(http).await?, Vec::new());
+            return Ok(());
+        }
+        if arg("--only").as_deref() == Some("federation") {
+            println!(
+                "Federation benchmark, two servers in-process ({} cores)",
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            print_rows(federation::rows(http).await?, Vec::new());
             return Ok(());
         }
         let mut rss: Vec<(String, String)> = Vec::new();

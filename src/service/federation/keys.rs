@@ -7,7 +7,7 @@
 //! old events can still be checked.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -414,6 +414,54 @@ impl KeyLookup for Federation {
                 }
             }
             Ok(map)
+        })
+    }
+
+    fn public_keys_many<'a>(
+        &'a self,
+        wanted: &'a [(BTreeSet<OwnedServerName>, Option<u64>)],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMap>>> + Send + 'a>> {
+        Box::pin(async move {
+            let now = now_ms();
+            // Each server's cache entry, read once; replaced when a fetch was needed.
+            let mut entries: HashMap<&ServerName, Option<CachedKeys>> = HashMap::new();
+            let mut maps = Vec::with_capacity(wanted.len());
+            for (servers, valid_at) in wanted {
+                let mut map = PublicKeyMap::new();
+                for server in servers {
+                    let keys = if *server == self.server_name {
+                        self.own_key_set(*valid_at)?
+                    } else {
+                        let entry = match entries.entry(server) {
+                            Entry::Occupied(entry) => entry.into_mut(),
+                            Entry::Vacant(entry) => {
+                                entry.insert(self.remote_keys.get(server.as_str())?)
+                            }
+                        };
+                        // As `server_keys` judges: known keys usable then, from a document
+                        // still valid now for something signed now.
+                        let cached =
+                            entry.as_ref().map(|known| known.usable(*valid_at)).filter(|usable| {
+                                !usable.is_empty()
+                                    && (valid_at.is_some_and(|t| t < now)
+                                        || entry.as_ref().is_some_and(|e| e.fresh(now)))
+                            });
+                        match cached {
+                            Some(keys) => keys,
+                            None => {
+                                let keys = self.server_keys(server, &[], *valid_at).await?;
+                                *entry = self.remote_keys.get(server.as_str())?;
+                                keys
+                            }
+                        }
+                    };
+                    if !keys.is_empty() {
+                        map.insert(server.to_string(), keys);
+                    }
+                }
+                maps.push(map);
+            }
+            Ok(maps)
         })
     }
 }

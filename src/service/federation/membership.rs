@@ -30,6 +30,7 @@ use crate::{
             from_state::VouchedState,
             ingest::Outcome,
             membership::{member_content, restricted_join_authoriser},
+            pdu::StoredPdu,
         },
     },
 };
@@ -268,16 +269,10 @@ pub fn join_answer(
 ) -> Result<create_join_event::v2::RoomState> {
     let rooms = &services.rooms;
     let (state, chain) = rooms
-        .state_ids_before(event_id)?
+        .state_events_before(event_id)?
         .ok_or_else(|| Error::internal("an accepted join has no state"))?;
-    let wires = |ids: &[OwnedEventId]| -> Result<Vec<Box<RawJsonValue>>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(stored) = rooms.stored(id)? {
-                out.push(raw(&stored.wire)?);
-            }
-        }
-        Ok(out)
+    let wires = |events: &[StoredPdu]| -> Result<Vec<Box<RawJsonValue>>> {
+        events.iter().map(|event| raw(&event.wire)).collect()
     };
     let mut servers = BTreeSet::new();
     for (member, membership) in rooms.members(room_id)?.iter() {

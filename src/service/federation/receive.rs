@@ -200,6 +200,7 @@ async fn receive_pdus(
     let mut results = Results::new();
     let mut by_room: BTreeMap<OwnedRoomId, (Vec<OwnedEventId>, Vec<CanonicalJsonObject>)> =
         BTreeMap::new();
+    let mut rooms_seen: BTreeMap<OwnedRoomId, (bool, RoomVersionId, bool)> = BTreeMap::new();
     for raw in pdus {
         let Ok(wire) = serde_json::from_str::<CanonicalJsonObject>(raw.get()) else {
             tracing::debug!(%origin, "a PDU that is not a JSON object was dropped");
@@ -210,14 +211,25 @@ async fn receive_pdus(
             tracing::debug!(%origin, "a PDU without a room id was dropped");
             continue;
         };
-        let record = services.rooms.room(&room_id)?;
-        let version = record.as_ref().map_or(RoomVersionId::V11, |r| r.version.clone());
+        // What the transaction's PDUs need of their room, read once per room.
+        let (known, version, allowed) = match rooms_seen.get(&room_id) {
+            Some(seen) => seen.clone(),
+            None => {
+                let record = services.rooms.room(&room_id)?;
+                let known = record.is_some();
+                let version = record.map_or(RoomVersionId::V11, |r| r.version);
+                let allowed = known && services.server_allowed_in_room(&room_id, origin)?;
+                let seen = (known, version, allowed);
+                rooms_seen.insert(room_id.clone(), seen.clone());
+                seen
+            }
+        };
         let Some(rules) = version.rules() else { continue };
         let Some(event_id) = event_id_of(&wire, &rules) else {
             tracing::debug!(%origin, "a PDU without an id was dropped");
             continue;
         };
-        if record.is_none() {
+        if !known {
             // An invite withdrawn, or a knock refused, in a room held elsewhere.
             let result = match super::invite::retracted(services, origin, &room_id, &wire).await? {
                 true => Ok(()),
@@ -233,7 +245,7 @@ async fn receive_pdus(
             results.insert(event_id, Err("The sender is not of the sending server".to_owned()));
             continue;
         }
-        if !services.server_allowed_in_room(&room_id, origin)? {
+        if !allowed {
             results.insert(event_id, Err("The room's server ACL denies the server".to_owned()));
             continue;
         }

@@ -5,9 +5,15 @@
 //! (or a restart here) loses nothing: it catches up when it is back, and its backoff ends as
 //! soon as it contacts us.
 //!
-//! The event core never calls in here: [`Announce`] is an after-durable listener.
+//! The event core never calls in here: [`Queue`] is a batch contributor (an event and its
+//! queue entries are written together, so a crash never keeps one without the other) and
+//! [`Announce`] the after-durable listener that wakes the destinations' workers.
 
-use std::{collections::BTreeSet, fmt::Write as _, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+};
 
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName, ServerName, UserId,
@@ -24,13 +30,20 @@ use crate::{
     service::{
         Services,
         outbox::{Deliver, Item, KIND_FEDERATION, Outbox, TargetStatus},
-        rooms::{listeners::Listener, pdu::StoredPdu},
+        rooms::{
+            listeners::{Contributor, Listener, Written},
+            pdu::StoredPdu,
+        },
     },
-    storage::{Db, StorageError},
+    storage::{Batch, Db, StorageError},
 };
 
-/// Most items in one transaction: the spec's 50 PDUs (and so at most 100 EDUs).
-pub const MAX_TRANSACTION_ITEMS: usize = 50;
+/// Most PDUs in one transaction (the spec's limit).
+pub const MAX_TRANSACTION_PDUS: usize = 50;
+/// Most EDUs in one transaction (the spec's limit).
+pub const MAX_TRANSACTION_EDUS: usize = 100;
+/// Most items in one transaction.
+pub const MAX_TRANSACTION_ITEMS: usize = MAX_TRANSACTION_PDUS + MAX_TRANSACTION_EDUS;
 /// Most items waiting for one destination; beyond it new items are dropped and said so.
 const MAX_QUEUED: u64 = 1_000_000;
 /// Most destinations named one by one in the metrics.
@@ -47,9 +60,21 @@ pub enum Queued {
     Edu(JsonValue),
 }
 
+/// Whether `next` fits a transaction holding `items`: at most 50 PDUs and 100 EDUs.
+fn fits_transaction(items: &[Item<Queued>], next: &Queued) -> bool {
+    let pdus = items.iter().filter(|item| matches!(item.value, Queued::Pdu(_))).count();
+    match next {
+        Queued::Pdu(_) => pdus < MAX_TRANSACTION_PDUS,
+        Queued::Edu(_) => items.len() - pdus < MAX_TRANSACTION_EDUS,
+    }
+}
+
 /// The per-destination queues of outgoing transactions.
 pub struct Sender {
     outbox: Arc<Outbox<Queued>>,
+    /// Queue entries written in an event's batch, by event, until the event is durable and
+    /// the destinations' workers may be woken.
+    pending: Mutex<HashMap<OwnedEventId, Vec<(OwnedServerName, u64)>>>,
 }
 
 impl Sender {
@@ -61,8 +86,9 @@ impl Sender {
             "federation_outbox",
             MAX_TRANSACTION_ITEMS,
             MAX_QUEUED,
-        )?;
-        Ok(Self { outbox: Arc::new(outbox) })
+        )?
+        .bounded_by(fits_transaction);
+        Ok(Self { outbox: Arc::new(outbox), pending: Mutex::default() })
     }
 
     /// Queues `items` for `destination`.
@@ -143,10 +169,30 @@ pub fn queue_edu(services: &Services, destinations: &[OwnedServerName], edu: Edu
 }
 
 /// The servers `event` goes to: those with joined members in its room, and for a membership
-/// event the target's server (an invite, a kick, a ban reach it), this server left out.
-fn destinations_of(services: &Services, event: &StoredPdu) -> Result<BTreeSet<OwnedServerName>> {
+/// event the target's server (an invite, a kick, a ban reach it), this server left out. Read
+/// while the event's batch is built: the members before it, and when the room is new here or
+/// its state moves by more than the event (a join through another server placed on the state
+/// that server vouches for, a branch meeting), also those of the state after the event.
+fn destinations_of(
+    services: &Services,
+    written: &Written<'_>,
+) -> Result<BTreeSet<OwnedServerName>> {
+    let rooms = &services.rooms;
+    let event = written.event;
     let mut servers = BTreeSet::new();
-    for (user, membership) in services.rooms.members(&event.room_id)?.iter() {
+    let members = rooms.members(written.room_id)?;
+    if members.is_empty() || event.room_state.is_some() {
+        let state = rooms.states.load(event.state_after_or_before())?;
+        for ((kind, user), short) in state.iter() {
+            if kind == "m.room.member"
+                && let Ok(user) = <&UserId>::try_from(user.as_str())
+                && rooms.state_pdu(*short)?.membership() == Some("join")
+            {
+                servers.insert(user.server_name().to_owned());
+            }
+        }
+    }
+    for (user, membership) in members.iter() {
         if membership == "join" {
             servers.insert(user.server_name().to_owned());
         }
@@ -160,31 +206,60 @@ fn destinations_of(services: &Services, event: &StoredPdu) -> Result<BTreeSet<Ow
     Ok(servers)
 }
 
-/// Queues each accepted event sent by one of our users for the other servers of its room.
+/// Queues each accepted event sent by one of our users for the other servers of its room, in
+/// the event's own batch.
+pub struct Queue;
+
+impl Contributor for Queue {
+    fn contribute(
+        &self,
+        services: &Services,
+        written: &Written<'_>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        if !services.federation.enabled() {
+            return Ok(());
+        }
+        let event = written.event;
+        let ours = <&UserId>::try_from(event.sender())
+            .is_ok_and(|sender| sender.server_name() == services.server_name());
+        if !ours {
+            return Ok(());
+        }
+        let destinations = destinations_of(services, written)?;
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        let sender = &services.federation_sender;
+        let item = [Queued::Pdu(event.event_id.clone())];
+        let queued: Vec<_> = destinations
+            .into_iter()
+            .map(|destination| {
+                let count = sender.outbox.push(batch, destination.as_str(), &item);
+                (destination, count)
+            })
+            .collect();
+        let mut pending = sender.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.insert(event.event_id.clone(), queued);
+        Ok(())
+    }
+
+    fn abandoned(&self, services: &Services, written: &Written<'_>) {
+        let sender = &services.federation_sender;
+        sender.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&written.event.event_id);
+    }
+}
+
+/// Wakes the workers of the destinations an event was queued for, once it is written.
 pub struct Announce;
 
 impl Listener for Announce {
     fn persisted(&self, services: &Services, _short: u64, event: &Arc<StoredPdu>) {
-        if !services.federation.enabled() {
-            return;
-        }
-        let ours = <&UserId>::try_from(event.sender())
-            .is_ok_and(|sender| sender.server_name() == services.server_name());
-        if !ours {
-            return;
-        }
-        let destinations = match destinations_of(services, event) {
-            Ok(destinations) => destinations,
-            Err(err) => {
-                tracing::warn!(%err, event_id = %event.event_id, "event not sent: members unreadable");
-                return;
-            }
-        };
-        let item = [Queued::Pdu(event.event_id.clone())];
-        for destination in destinations {
-            if let Err(err) = services.federation_sender.enqueue(&destination, &item) {
-                tracing::warn!(%err, %destination, "event not queued for the destination");
-            }
+        let sender = &services.federation_sender;
+        let queued =
+            sender.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&event.event_id);
+        for (destination, count) in queued.into_iter().flatten() {
+            sender.outbox.queued_more(destination.as_str(), count);
         }
     }
 }
@@ -248,4 +323,30 @@ pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
     let outbox = services.federation_sender.outbox.clone();
     let deliver = Arc::new(Transactions { services });
     outbox.run(deliver, stopped).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(pdus: usize, edus: usize) -> Vec<Item<Queued>> {
+        let pdu = |n| Queued::Pdu(OwnedEventId::try_from(format!("$e{n}")).unwrap());
+        let edu = |_| Queued::Edu(JsonValue::Null);
+        (0..pdus)
+            .map(pdu)
+            .chain((0..edus).map(edu))
+            .map(|value| Item { sequence: 0, value })
+            .collect()
+    }
+
+    #[test]
+    fn a_transaction_holds_at_most_50_pdus_and_100_edus() {
+        let pdu = Queued::Pdu(OwnedEventId::try_from("$next").unwrap());
+        let edu = Queued::Edu(JsonValue::Null);
+        assert!(fits_transaction(&items(49, 100), &pdu));
+        assert!(!fits_transaction(&items(50, 0), &pdu));
+        assert!(fits_transaction(&items(50, 99), &edu));
+        assert!(!fits_transaction(&items(0, 100), &edu));
+        assert!(fits_transaction(&items(0, 100), &pdu));
+    }
 }

@@ -62,16 +62,24 @@ impl Rooms {
                 format!("Room version {version} is not supported"),
             )
         })?;
-        let event = match self.check_received(room_id, Some(&version), pdu, keys).await? {
-            Ok(event) => event,
-            Err((event_id, reason)) => return Ok((event_id, Outcome::Dropped(reason))),
+        // The event, its state and its auth chain are checked as one lot.
+        let state_len = state.len();
+        let mut wires = Vec::with_capacity(1 + state_len + auth_chain.len());
+        wires.push(pdu);
+        wires.extend(state);
+        wires.extend(auth_chain);
+        let mut received =
+            self.check_received_many(room_id, Some(&version), wires, keys).await?.into_iter();
+        let event = match received.next() {
+            Some(Ok(event)) => event,
+            Some(Err((event_id, reason))) => return Ok((event_id, Outcome::Dropped(reason))),
+            None => return Err(Error::internal("no check for the event")),
         };
         let mut seen = HashSet::new();
-        let mut state_ids = Vec::with_capacity(state.len());
-        let mut checked = Vec::with_capacity(state.len() + auth_chain.len());
-        let state_len = state.len();
-        for (index, wire) in state.into_iter().chain(auth_chain).enumerate() {
-            match self.check_received(room_id, Some(&version), wire, keys).await? {
+        let mut state_ids = Vec::with_capacity(state_len);
+        let mut checked = Vec::with_capacity(received.len());
+        for (index, received) in received.enumerate() {
+            match received {
                 Ok(received) => {
                     let id = received.stored.event_id.clone();
                     if index < state_len && received.pdu.state_key.is_some() {
@@ -96,10 +104,12 @@ impl Rooms {
         {
             return Ok((Some(event_id), Outcome::Known(known.status)));
         }
+        // Outliers written without waiting for the log sync: the event's own synced batch
+        // makes them durable with it.
         for Checked { stored, pdu } in parents_first(checked) {
             if self.stored(&stored.event_id)?.is_none() {
                 let room = Room { record: record.clone(), version: &version, rules: &rules };
-                self.store_waiting(&room, stored, &pdu, &[])?;
+                self.store_waiting(&room, stored, &pdu, &[], false)?;
             }
         }
 
@@ -124,7 +134,8 @@ impl Rooms {
 
         let Checked { stored, pdu } = event;
         let room = Room { record, version: &version, rules: &rules };
-        let candidate = Candidate { stored, pdu, state_before, auth: Vec::new() };
+        let candidate =
+            Candidate { stored, pdu, state_before, auth: Vec::new(), defer_sync: false };
         let (status, _) = self.place(services, room, candidate, None)?;
         Ok((Some(event_id), Outcome::Placed(status)))
     }

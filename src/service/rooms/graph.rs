@@ -76,6 +76,10 @@ pub(super) struct Candidate {
     /// Its auth events with their short ids, when already read (events built here); read
     /// from the database otherwise.
     pub auth: Vec<(u64, Arc<Pdu>)>,
+    /// For a received event: the WAL sync is left to the caller, who awaits
+    /// [`crate::storage::Db::durable`] for everything it placed before answering (events of one
+    /// transaction share one sync). Local events say so in their [`Local`].
+    pub defer_sync: bool,
 }
 
 /// The room an event goes to: its record (absent for a create event) and rules.
@@ -297,7 +301,7 @@ impl Rooms {
         candidate: Candidate,
         local: Option<Local<'_>>,
     ) -> Result<(super::Status, Unsynced<'s>)> {
-        let Candidate { mut stored, pdu, state_before, auth } = candidate;
+        let Candidate { mut stored, pdu, state_before, auth, defer_sync } = candidate;
         let rules = room.rules;
         // Received events are checked against their auth events, with the create event.
         let create = match local {
@@ -329,20 +333,20 @@ impl Rooms {
         }
         stored.status = status;
         stored.state_before = state_before;
-        let auth_shorts = auth.iter().map(|(short, _)| *short).collect();
-        self.write(services, room, stored, pdu, local, auth_shorts)
+        let candidate = Candidate { stored, pdu, state_before, auth, defer_sync };
+        self.write(services, room, candidate, local)
     }
 
-    /// Writes a checked event (see [`Rooms::place`]).
+    /// Writes a checked event, its status and state before set (see [`Rooms::place`]).
     fn write<'s>(
         &self,
         services: &'s Services,
         room: Room<'_>,
-        mut stored: StoredPdu,
-        pdu: Pdu,
+        candidate: Candidate,
         local: Option<Local<'_>>,
-        mut auth_shorts: Vec<u64>,
     ) -> Result<(super::Status, Unsynced<'s>)> {
+        let Candidate { mut stored, pdu, auth, defer_sync: defer_received, .. } = candidate;
+        let mut auth_shorts: Vec<u64> = auth.iter().map(|(short, _)| *short).collect();
         let Room { record, version, rules } = room;
         let status = stored.status;
         let room_id = stored.room_id.clone();
@@ -473,7 +477,7 @@ impl Rooms {
             self.registry().contribute(services, &written, &mut batch)?;
         }
         let mut audit = Vec::new();
-        let mut defer_sync = false;
+        let mut defer_sync = defer_received;
         if let Some(local) = local {
             if let Some((_, key)) = local.txn {
                 self.transactions.put(&mut batch, key, &event_id);
@@ -602,15 +606,34 @@ impl Rooms {
         &self,
         event_id: &EventId,
     ) -> Result<Option<(Vec<OwnedEventId>, Vec<OwnedEventId>)>> {
+        let Some((state, chain)) = self.state_shorts_before(event_id)? else { return Ok(None) };
+        let ids = |shorts: &mut dyn Iterator<Item = u64>| -> Result<Vec<OwnedEventId>> {
+            shorts.map(|short| Ok(self.state_pdu(short)?.event_id.clone())).collect()
+        };
+        Ok(Some((ids(&mut state.into_iter())?, ids(&mut chain.into_iter())?)))
+    }
+
+    /// The stored events of the state before `event_id` and of its auth chain (`send_join`),
+    /// read by short id: `(state, auth chain)`.
+    pub fn state_events_before(
+        &self,
+        event_id: &EventId,
+    ) -> Result<Option<(Vec<StoredPdu>, Vec<StoredPdu>)>> {
+        let Some((state, chain)) = self.state_shorts_before(event_id)? else { return Ok(None) };
+        let events = |shorts: Vec<u64>| -> Result<Vec<StoredPdu>> {
+            shorts.into_iter().map(|short| self.stored_by_short(short)).collect()
+        };
+        Ok(Some((events(state)?, events(chain)?)))
+    }
+
+    /// The short ids of the state before the placed event `event_id` and of its auth chain.
+    fn state_shorts_before(&self, event_id: &EventId) -> Result<Option<(Vec<u64>, Vec<u64>)>> {
         let Some(stored) = self.stored(event_id)? else { return Ok(None) };
         if stored.status == super::Status::Outlier {
             return Ok(None);
         }
         let state: Vec<u64> = self.states.load_short(stored.state_before)?.into_values().collect();
         let chain = self.auth_chain_of_events(&state)?;
-        let ids = |shorts: &mut dyn Iterator<Item = u64>| -> Result<Vec<OwnedEventId>> {
-            shorts.map(|short| Ok(self.state_pdu(short)?.event_id.clone())).collect()
-        };
-        Ok(Some((ids(&mut state.into_iter())?, ids(&mut chain.into_iter())?)))
+        Ok(Some((state, chain)))
     }
 }

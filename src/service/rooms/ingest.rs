@@ -26,8 +26,8 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    service::Services,
-    storage::{prefix, split_key},
+    service::{Services, stream::Pending},
+    storage::{Ticket, prefix, split_key},
 };
 
 /// Public keys of other servers, for checking their events' signatures. Federation fills it
@@ -50,6 +50,21 @@ pub trait KeyLookup: Send + Sync {
         let _ = valid_at;
         self.public_keys(servers)
     }
+
+    /// The verify keys for many events at once, one map per `(servers, valid_at)` asked, in
+    /// order: an implementation reads each server's keys once for the lot.
+    fn public_keys_many<'a>(
+        &'a self,
+        wanted: &'a [(BTreeSet<OwnedServerName>, Option<u64>)],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMap>>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut maps = Vec::with_capacity(wanted.len());
+            for (servers, valid_at) in wanted {
+                maps.push(self.public_keys_at(servers, *valid_at).await?);
+            }
+            Ok(maps)
+        })
+    }
 }
 
 /// What became of an event given to [`Rooms::ingest`].
@@ -69,6 +84,12 @@ const MAX_PREV_EVENTS: usize = 20;
 const MAX_AUTH_EVENTS: usize = 10;
 /// Most events taken in one call (a federation transaction carries at most 50).
 pub const MAX_INGEST: usize = 1_000;
+
+/// Least events one thread verifies when a batch is split between threads.
+const VERIFY_CHUNK: usize = 32;
+
+/// What [`Rooms::check_received_many`] says of one event.
+pub(super) type Received = std::result::Result<Checked, (Option<OwnedEventId>, String)>;
 
 /// An event that passed the checks needing no room state.
 pub(super) struct Checked {
@@ -99,8 +120,10 @@ impl Rooms {
         };
         let mut outcomes = Vec::with_capacity(pdus.len());
         let mut checked = Vec::new();
-        for wire in pdus {
-            match self.check_received(room_id, known_version.as_ref(), wire, keys).await? {
+        let received =
+            self.check_received_many(room_id, known_version.as_ref(), pdus, keys).await?;
+        for received in received {
+            match received {
                 Ok(event) => {
                     outcomes.push((Some(event.stored.event_id.clone()), None));
                     checked.push(event);
@@ -116,11 +139,18 @@ impl Rooms {
         // Waiting events placed in this call, bounded: the rest stay in `gaps` until their
         // prev event is received again.
         let mut released = MAX_INGEST;
+        let mut unsynced = Vec::new();
         for event in parents_first(checked) {
             let event_id = event.stored.event_id.clone();
-            let outcome = self.ingest_one(services, event, &mut released)?;
+            let outcome = self.ingest_one(services, event, &mut released, &mut unsynced)?;
             placed.insert(event_id, outcome);
         }
+        // One WAL sync for every event placed (rejected and soft-failed ones too), after the
+        // room's lock is released; their positions show to syncs once it is done.
+        let ticket = self.db.ticket_now();
+        drop(_guard);
+        self.db.durable(ticket).await?;
+        drop(unsynced);
         Ok(outcomes
             .into_iter()
             .map(|(event_id, outcome)| {
@@ -132,86 +162,77 @@ impl Rooms {
             .collect())
     }
 
-    /// Format, size, signatures and content hash of a received event; `Ok(Err(..))` drops it
-    /// with its id (when known) and the reason.
-    pub(super) async fn check_received(
+    /// Format, size, signatures and content hash of received events, in order: each event's
+    /// `Err` drops it with its id (when known) and the reason. The keys of every server that
+    /// signed are read once for the lot, and the signatures and hashes (the costly part) are
+    /// checked on blocking threads, the events split between them.
+    pub(super) async fn check_received_many(
         &self,
         room_id: &RoomId,
         known_version: Option<&RoomVersionId>,
-        mut wire: CanonicalJsonObject,
+        wires: Vec<CanonicalJsonObject>,
         keys: &dyn KeyLookup,
-    ) -> Result<std::result::Result<Checked, (Option<OwnedEventId>, String)>> {
-        // Events carry nothing of the receiving side.
-        wire.remove("unsigned");
-        let version = match known_version {
-            Some(version) => version.clone(),
-            None => match create_version(&wire) {
-                Some(version) => version,
-                None => return Ok(Err((None, "the room is unknown here".to_owned()))),
-            },
-        };
-        let Some(rules) = version.rules() else {
-            return Ok(Err((None, format!("room version {version} is not supported"))));
-        };
-        if !resolvable(&rules) {
-            return Ok(Err((None, format!("room version {version} is not supported"))));
-        }
-        if let Err(reason) = check_format(&wire, &rules) {
-            return Ok(Err((None, reason)));
-        }
-        let event_id = match event_id_of(&wire, &rules) {
-            Ok(event_id) => event_id,
-            Err(reason) => return Ok(Err((None, reason))),
-        };
-        let drop = |reason: String| Ok(Err((Some(event_id.clone()), reason)));
-        let servers = match ruma::signatures::required_server_signatures_to_verify_event(
-            &wire,
-            &rules.signatures,
-        ) {
-            Ok(servers) => servers,
-            Err(e) => return drop(format!("cannot check signatures: {e}")),
-        };
-        // From room version 5, a key must have been valid when the event was sent.
-        let valid_at = match wire.get("origin_server_ts") {
-            Some(CanonicalJsonValue::Integer(ts)) if rules.enforce_key_validity => {
-                Some(u64::try_from(i64::from(*ts)).unwrap_or(0))
-            }
-            _ => None,
-        };
-        let public_keys = keys.public_keys_at(&servers, valid_at).await?;
-        match ruma::signatures::verify_event(&public_keys, &wire, &rules) {
-            Ok(Verified::All) => {}
-            Ok(Verified::Signatures) => {
-                tracing::info!(%event_id, "content hash mismatch: keeping the event redacted");
-                match ruma::canonical_json::redact(wire, &rules.redaction, None) {
-                    Ok(redacted) => wire = redacted,
-                    Err(e) => return drop(format!("cannot redact: {e}")),
+    ) -> Result<Vec<Received>> {
+        let mut results: Vec<Option<Received>> = Vec::with_capacity(wires.len());
+        let mut prepared = Vec::with_capacity(wires.len());
+        let mut wanted = Vec::with_capacity(wires.len());
+        for wire in wires {
+            match prepare(known_version, wire) {
+                Ok(event) => {
+                    wanted.push((event.servers, event.valid_at));
+                    prepared.push((results.len(), event.wire, event.rules));
+                    results.push(None);
                 }
+                Err(dropped) => results.push(Some(Err(dropped))),
             }
-            Err(e) => return drop(format!("bad signature: {e}")),
         }
-        let named_room = match wire.get("room_id") {
-            Some(CanonicalJsonValue::String(id)) => id.clone(),
-            // A room version 12 create event: the room is named after it.
-            _ => format!("!{}", &event_id.as_str()[1..]),
-        };
-        if named_room != room_id.as_str() {
-            return drop("the event is of another room".to_owned());
+        let public_keys = keys.public_keys_many(&wanted).await?;
+        if public_keys.len() != prepared.len() {
+            return Err(Error::internal("the key lookup answered for other events"));
         }
-        let stored = StoredPdu::received(event_id.clone(), room_id.to_owned(), wire);
-        match Pdu::from_stored(&stored) {
-            Ok(pdu) => Ok(Ok(Checked { stored, pdu })),
-            Err(e) => drop(format!("malformed event: {e}")),
+        let jobs: Vec<_> = prepared
+            .into_iter()
+            .zip(public_keys)
+            .map(|((index, wire, rules), keys)| (index, wire, rules, keys))
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = jobs.len().div_ceil(threads).max(VERIFY_CHUNK);
+        let mut tasks = Vec::with_capacity(threads);
+        let mut jobs = jobs.into_iter();
+        loop {
+            let part: Vec<_> = jobs.by_ref().take(chunk).collect();
+            if part.is_empty() {
+                break;
+            }
+            let room_id = room_id.to_owned();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|(index, wire, rules, keys)| {
+                        (index, verify(&room_id, wire, &rules, &keys))
+                    })
+                    .collect::<Vec<_>>()
+            }));
         }
+        for task in tasks {
+            for (index, received) in task.await.map_err(Error::internal)? {
+                results[index] = Some(received);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err((None, "not checked".to_owned()))))
+            .collect())
     }
 
     /// Places one checked event (under the room lock), then up to `released` of the events
-    /// that were waiting for it (and for them), counting them off.
-    fn ingest_one(
+    /// that were waiting for it (and for them), counting them off. The positions of those
+    /// placed wait in `unsynced` for the caller's WAL sync.
+    fn ingest_one<'s>(
         &self,
-        services: &Services,
+        services: &'s Services,
         event: Checked,
         released: &mut usize,
+        unsynced: &mut Vec<(Pending<'s>, Ticket)>,
     ) -> Result<Outcome> {
         let mut queue = VecDeque::from([event]);
         let mut first = None;
@@ -219,7 +240,7 @@ impl Rooms {
             let event_id = event.stored.event_id.clone();
             let room_id = event.stored.room_id.clone();
             // One event's failure is its own; only a storage failure stops the others.
-            let outcome = match self.place_received(services, event) {
+            let outcome = match self.place_received(services, event, unsynced) {
                 Ok(outcome) => outcome,
                 Err(error) if !error.is_internal() => Outcome::Dropped(error.to_string()),
                 Err(error) => return Err(error),
@@ -244,8 +265,14 @@ impl Rooms {
     }
 
     /// The graph part of receiving an event: outlier while prev events are missing, else
-    /// placed on the state resolved from its prev events.
-    fn place_received(&self, services: &Services, event: Checked) -> Result<Outcome> {
+    /// placed on the state resolved from its prev events. A placed event's WAL sync is left
+    /// to the caller: its position waits in `unsynced` until then.
+    fn place_received<'s>(
+        &self,
+        services: &'s Services,
+        event: Checked,
+        unsynced: &mut Vec<(Pending<'s>, Ticket)>,
+    ) -> Result<Outcome> {
         let Checked { stored, pdu } = event;
         let known = self.stored(&stored.event_id)?;
         if let Some(known) = &known
@@ -271,8 +298,10 @@ impl Rooms {
                 return Ok(Outcome::Dropped("a create event has no prev events".to_owned()));
             }
             let room = Room { record: None, version: &version, rules: &rules };
-            let candidate = Candidate { stored, pdu, state_before: 0, auth: Vec::new() };
-            let (status, _) = self.place(services, room, candidate, None)?;
+            let candidate =
+                Candidate { stored, pdu, state_before: 0, auth: Vec::new(), defer_sync: true };
+            let (status, pending) = self.place(services, room, candidate, None)?;
+            unsynced.extend(pending);
             return Ok(Outcome::Placed(status));
         }
         let mut roots = Vec::with_capacity(pdu.prev_events.len());
@@ -296,7 +325,7 @@ impl Rooms {
         }
         let room = Room { record, version: &version, rules: &rules };
         if !missing.is_empty() {
-            let outcome = self.store_waiting(&room, stored, &pdu, &missing)?;
+            let outcome = self.store_waiting(&room, stored, &pdu, &missing, true)?;
             // An outlier delivered again while it still waits was known already.
             return Ok(match outcome {
                 Outcome::Placed(Status::Outlier) if known.is_some() => {
@@ -309,21 +338,24 @@ impl Rooms {
         let state_before = self.resolve(&mut batch, &rules, &roots)?;
         // Derived nodes only: the event's own synced batch makes them durable.
         self.db.write_unsynced(batch)?;
-        let candidate = Candidate { stored, pdu, state_before, auth: Vec::new() };
-        let (status, _) = self.place(services, room, candidate, None)?;
+        let candidate = Candidate { stored, pdu, state_before, auth: Vec::new(), defer_sync: true };
+        let (status, pending) = self.place(services, room, candidate, None)?;
+        unsynced.extend(pending);
         Ok(Outcome::Placed(status))
     }
 
     /// Stores an event whose prev events are missing as an outlier and records the gap it
     /// waits on. An event waiting for nothing (an auth event fetched on its own) is rejected
     /// if its own auth events refuse it; one that waits is judged when it is placed, since its
-    /// auth events may be among what it waits for.
+    /// auth events may be among what it waits for. `synced`: the write waits for the log
+    /// sync (else a later synced write makes it durable).
     pub(super) fn store_waiting(
         &self,
         room: &Room<'_>,
         mut stored: StoredPdu,
         pdu: &Pdu,
         missing: &[OwnedEventId],
+        synced: bool,
     ) -> Result<Outcome> {
         let create = self.create_for(room, pdu)?;
         let judged = if missing.is_empty() {
@@ -359,7 +391,11 @@ impl Rooms {
         }
         self.pdus.put(&mut batch, &short, &stored);
         self.event_ids.put(&mut batch, stored.event_id.as_str(), &short);
-        self.db.write(batch)?;
+        if synced {
+            self.db.write(batch)?;
+        } else {
+            self.db.write_unsynced(batch)?;
+        }
         self.forget_state_pdu(short);
         Ok(Outcome::Placed(status))
     }
@@ -426,8 +462,9 @@ impl Rooms {
         let version = record.as_ref().map(|r| r.version.clone());
         let mut checked = Vec::new();
         let mut outcomes = Vec::new();
-        for wire in pdus.into_iter().take(MAX_INGEST) {
-            match self.check_received(room_id, version.as_ref(), wire, keys).await? {
+        let pdus: Vec<_> = pdus.into_iter().take(MAX_INGEST).collect();
+        for received in self.check_received_many(room_id, version.as_ref(), pdus, keys).await? {
+            match received {
                 Ok(event) => checked.push(event),
                 Err((id, reason)) => outcomes.push((id, Outcome::Dropped(reason))),
             }
@@ -449,10 +486,90 @@ impl Rooms {
             };
             let rules = version.rules().ok_or_else(|| Error::internal("room version lost"))?;
             let room = Room { record: record.clone(), version: &version, rules: &rules };
-            let outcome = self.store_waiting(&room, stored, &pdu, &[])?;
+            let outcome = self.store_waiting(&room, stored, &pdu, &[], true)?;
             outcomes.push((Some(event_id), outcome));
         }
         Ok(outcomes)
+    }
+}
+
+/// A received event ready for its signatures to be checked.
+struct Prepared {
+    wire: CanonicalJsonObject,
+    rules: RoomVersionRules,
+    /// The servers whose signatures it needs.
+    servers: BTreeSet<OwnedServerName>,
+    /// When their keys must have been valid (room versions that enforce key validity).
+    valid_at: Option<u64>,
+}
+
+/// The checks of a received event that need no keys: its room version, format and size, and
+/// the servers that must have signed it.
+fn prepare(
+    known_version: Option<&RoomVersionId>,
+    mut wire: CanonicalJsonObject,
+) -> std::result::Result<Prepared, (Option<OwnedEventId>, String)> {
+    // Events carry nothing of the receiving side.
+    wire.remove("unsigned");
+    let version = match known_version {
+        Some(version) => version.clone(),
+        None => match create_version(&wire) {
+            Some(version) => version,
+            None => return Err((None, "the room is unknown here".to_owned())),
+        },
+    };
+    let Some(rules) = version.rules().filter(resolvable) else {
+        return Err((None, format!("room version {version} is not supported")));
+    };
+    check_format(&wire, &rules).map_err(|reason| (None, reason))?;
+    let servers =
+        ruma::signatures::required_server_signatures_to_verify_event(&wire, &rules.signatures)
+            .map_err(|e| {
+                (event_id_of(&wire, &rules).ok(), format!("cannot check signatures: {e}"))
+            })?;
+    // From room version 5, a key must have been valid when the event was sent.
+    let valid_at = match wire.get("origin_server_ts") {
+        Some(CanonicalJsonValue::Integer(ts)) if rules.enforce_key_validity => {
+            Some(u64::try_from(i64::from(*ts)).unwrap_or(0))
+        }
+        _ => None,
+    };
+    Ok(Prepared { wire, rules, servers, valid_at })
+}
+
+/// The signature and content hash checks of a prepared event with its servers' `keys`, then
+/// its room and shape. An event whose content hash does not match is kept redacted.
+fn verify(
+    room_id: &RoomId,
+    mut wire: CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    keys: &PublicKeyMap,
+) -> Received {
+    let event_id = event_id_of(&wire, rules).map_err(|reason| (None, reason))?;
+    let drop = |reason: String| Err((Some(event_id.clone()), reason));
+    match ruma::signatures::verify_event(keys, &wire, rules) {
+        Ok(Verified::All) => {}
+        Ok(Verified::Signatures) => {
+            tracing::info!(%event_id, "content hash mismatch: keeping the event redacted");
+            match ruma::canonical_json::redact(wire, &rules.redaction, None) {
+                Ok(redacted) => wire = redacted,
+                Err(e) => return drop(format!("cannot redact: {e}")),
+            }
+        }
+        Err(e) => return drop(format!("bad signature: {e}")),
+    }
+    let named_room = match wire.get("room_id") {
+        Some(CanonicalJsonValue::String(id)) => id.clone(),
+        // A room version 12 create event: the room is named after it.
+        _ => format!("!{}", &event_id.as_str()[1..]),
+    };
+    if named_room != room_id.as_str() {
+        return drop("the event is of another room".to_owned());
+    }
+    let stored = StoredPdu::received(event_id.clone(), room_id.to_owned(), wire);
+    match Pdu::from_stored(&stored) {
+        Ok(pdu) => Ok(Checked { stored, pdu }),
+        Err(e) => drop(format!("malformed event: {e}")),
     }
 }
 

@@ -373,7 +373,7 @@ impl Rooms {
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;
         let mut audit = self.audit_entries(&room_id, sender, event, pdu.redacts.as_deref())?;
         audit.extend(event.audit.iter().cloned());
-        let candidate = Candidate { stored, pdu, state_before: current, auth };
+        let candidate = Candidate { stored, pdu, state_before: current, auth, defer_sync: false };
         Ok(Built { candidate, event_id, record, version, rules, audit })
     }
 

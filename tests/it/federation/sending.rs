@@ -658,3 +658,43 @@ async fn typing_and_receipts_reach_the_other_server() {
     assert!(seen_typing, "Bob's typing never reached A");
     assert!(seen_receipt, "Bob's read receipt never reached A");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_queued_for_a_server_down_survive_a_restart_of_the_sender() {
+    let (_pki, a, b, alice, bob, bob_id, room) = shared_room("shared").await;
+    let room_id = RoomId::parse(&room).unwrap();
+    join_remote(&a, &b, &room_id, &bob_id).await;
+    send(&a, &alice, &room, "m0", text("m0")).await;
+    until_bodies(&b, &bob, &room, &["m0"]).await;
+
+    // While B is down, A's users send and A restarts right after: the queue entries written
+    // with the events are there after the restart.
+    let handle = tokio::runtime::Handle::current();
+    let b_name = b.name.clone();
+    let mut slot = Some(a);
+    let b = b
+        .restart(
+            |_| {
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async {
+                        let a = slot.take().unwrap();
+                        for n in 1..=5 {
+                            send(&a, &alice, &room, &format!("m{n}"), text(&format!("m{n}"))).await;
+                        }
+                        let a = a.restart(|_| {}, |_| {}).await;
+                        assert_eq!(a.services().federation_sender.depth(b_name.as_str()), 5);
+                        slot = Some(a);
+                    })
+                });
+            },
+            |_| {},
+        )
+        .await;
+    let a = slot.unwrap();
+    a.services().federation_sender.reset(b.name.as_str());
+    until_bodies(&b, &bob, &room, &["m0", "m1", "m2", "m3", "m4", "m5"]).await;
+    eventually("A's queue to B is empty", || {
+        a.services().federation_sender.depth(b.name.as_str()) == 0
+    })
+    .await;
+}
