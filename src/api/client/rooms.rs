@@ -223,7 +223,7 @@ pub async fn knock(
     let (room_id, servers) =
         resolve_with_servers(&services, &body.room_id_or_alias, body.via).await?;
     let reason = body.reason.as_deref();
-    if services.rooms.room(&room_id)?.is_none() && services.federation.enabled() {
+    if held_elsewhere(&services, &caller.user_id, &room_id)? && services.federation.enabled() {
         if caller.guest {
             return Err(Error::new(
                 ErrorKind::GuestAccessForbidden,

@@ -68,12 +68,16 @@ fn edu_kind(edu: &Edu) -> &'static str {
 /// Whether `origin` may send ephemeral data for `room_id`: it has a joined member there and
 /// the room's server ACL lets it in.
 pub fn origin_in_room(services: &Services, origin: &ServerName, room_id: &RoomId) -> Result<bool> {
-    let joined = services
-        .rooms
-        .members(room_id)?
+    Ok(server_joined(services, origin, room_id)?
+        && services.server_allowed_in_room(room_id, origin)?)
+}
+
+/// Whether `server` has a joined member in `room_id` (false for a room not held here).
+pub fn server_joined(services: &Services, server: &ServerName, room_id: &RoomId) -> Result<bool> {
+    let members = services.rooms.members(room_id)?;
+    Ok(members
         .iter()
-        .any(|(user, membership)| membership == "join" && user.server_name() == origin);
-    Ok(joined && services.server_allowed_in_room(room_id, origin)?)
+        .any(|(user, membership)| membership == "join" && user.server_name() == server))
 }
 
 fn typing_received(services: &Services, origin: &ServerName, content: TypingContent) -> Result<()> {

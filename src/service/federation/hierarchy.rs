@@ -95,27 +95,16 @@ fn server_may_see(
     }
     let rule = rooms.join_rule(state)?;
     if matches!(rule, JoinRule::Public | JoinRule::Knock)
-        || server_in_room(services, server, room_id)?
+        || super::edu::server_joined(services, server, room_id)?
     {
         return Ok(true);
     }
     for allowed in allowed_rooms(&rule) {
-        if server_in_room(services, server, &allowed)? {
+        if super::edu::server_joined(services, server, &allowed)? {
             return Ok(true);
         }
     }
     Ok(false)
-}
-
-/// Whether a user of `server` is joined to `room_id` (held here).
-fn server_in_room(services: &Services, server: &ServerName, room_id: &RoomId) -> Result<bool> {
-    if services.rooms.room(room_id)?.is_none() {
-        return Ok(false);
-    }
-    let members = services.rooms.members(room_id)?;
-    Ok(members
-        .iter()
-        .any(|(user, membership)| membership == "join" && user.server_name() == server))
 }
 
 /// A description asked of another server, or the failure to get one, and when.

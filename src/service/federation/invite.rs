@@ -214,7 +214,7 @@ pub async fn receive_invite(
     )
     .map_err(|e| Error::bad_json(format!("Cannot sign the invite: {e}")))?;
 
-    if resident(services, room_id)? {
+    if super::edu::server_joined(services, services.server_name(), room_id)? {
         // The room is held and followed here: the invite takes the room's own path (it
         // also comes in the inviting server's transaction).
         let keys: &dyn KeyLookup = &services.federation;
@@ -266,17 +266,6 @@ async fn invite_pushes(
     }
     let invite = OutsideInvite { room_id, event_id, event: wire, stripped };
     push::outside::deliveries(services, invitee, &invite).await
-}
-
-/// Whether this server holds `room_id` with a local member joined (it then follows the room).
-fn resident(services: &Services, room_id: &RoomId) -> Result<bool> {
-    if services.rooms.room(room_id)?.is_none() {
-        return Ok(false);
-    }
-    let members = services.rooms.members(room_id)?;
-    Ok(members.iter().any(|(user, membership)| {
-        membership == "join" && user.server_name() == services.server_name()
-    }))
 }
 
 /// Stripped state as clients are shown it (`type`, `state_key`, `sender`, `content`), from
@@ -483,7 +472,8 @@ pub async fn retracted(
         return Ok(false);
     }
     let Some(mut record) = services.rooms.outside(&user_id, room_id)? else { return Ok(false) };
-    if record.membership == "leave" {
+    // Only a server the invite came from or the knock went through speaks for the room here.
+    if record.membership == "leave" || !record.servers.iter().any(|server| server == origin) {
         return Ok(false);
     }
     let rules = version_rules(&record.version)?;

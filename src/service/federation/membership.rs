@@ -467,12 +467,3 @@ pub(super) fn sign_template(
     let event_id = event_id_of(&wire, &rules)?;
     Ok((wire, event_id))
 }
-
-/// The servers to try for a join of `room_id`: those given, then the room id's own server.
-pub fn join_servers(room_id: &RoomId, given: &[OwnedServerName]) -> Vec<OwnedServerName> {
-    let mut servers = given.to_vec();
-    if let Some(server) = room_id.server_name() {
-        servers.push(server.to_owned());
-    }
-    servers
-}

@@ -67,6 +67,9 @@ pub struct RemoteQueries {
     devices_cached: AtomicUsize,
     /// Counts stale marks, so a fetch that raced one is answered but not cached.
     stale_marks: AtomicU64,
+    /// Held while a stale mark is written and while a fetch is cached, so neither overtakes
+    /// the other.
+    marking: Mutex<()>,
     /// Other servers' media fetched for local clients.
     pub media: super::media::RemoteMedia,
     /// Other servers' descriptions of rooms in spaces.
@@ -130,6 +133,7 @@ impl RemoteQueries {
             devices,
             devices_cached: AtomicUsize::new(cached),
             stale_marks: AtomicU64::new(0),
+            marking: Mutex::new(()),
             media: super::media::RemoteMedia::default(),
             spaces: super::hierarchy::RemoteSpaces::default(),
         })
@@ -186,12 +190,19 @@ impl RemoteQueries {
         self.mark_all_stale(std::iter::once(user_id));
     }
 
-    /// Forgets the cached keys of every user in `users`, in one write.
+    /// Forgets the cached keys of every user in `users`, in one write (none when none of them
+    /// is cached, the usual case for membership changes).
     pub fn mark_all_stale<'a>(&self, users: impl IntoIterator<Item = &'a UserId>) {
+        let _marking = self.marking.lock().unwrap_or_else(|e| e.into_inner());
         self.stale_marks.fetch_add(1, Ordering::SeqCst);
         let mut batch = self.db.batch();
         for user_id in users {
-            self.devices.delete(&mut batch, user_id.as_str());
+            if self.devices.contains(user_id.as_str()).unwrap_or(true) {
+                self.devices.delete(&mut batch, user_id.as_str());
+            }
+        }
+        if batch.is_empty() {
+            return;
         }
         if let Err(err) = self.db.write(batch) {
             tracing::error!(%err, "stale device lists could not be dropped");
@@ -227,7 +238,8 @@ impl RemoteQueries {
         for (user_id, cached) in fetched {
             self.devices.put(&mut batch, user_id.as_str(), cached);
         }
-        // Re-checked under the write: a mark that came meanwhile wins.
+        // Re-checked with marking held: a mark that came meanwhile wins.
+        let _marking = self.marking.lock().unwrap_or_else(|e| e.into_inner());
         if self.stale_marks.load(Ordering::SeqCst) != marks {
             return;
         }

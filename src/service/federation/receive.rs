@@ -231,9 +231,10 @@ async fn receive_pdus(
         };
         if !known {
             // An invite withdrawn, or a knock refused, in a room held elsewhere.
-            let result = match super::invite::retracted(services, origin, &room_id, &wire).await? {
-                true => Ok(()),
-                false => Err(format!("Room {room_id} is not known here")),
+            let result = match super::invite::retracted(services, origin, &room_id, &wire).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!("Room {room_id} is not known here")),
+                Err(err) => Err(err.to_string()),
             };
             results.insert(event_id, result);
             continue;

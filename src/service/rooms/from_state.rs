@@ -109,7 +109,7 @@ impl Rooms {
         for Checked { stored, pdu } in parents_first(checked) {
             if self.stored(&stored.event_id)?.is_none() {
                 let room = Room { record: record.clone(), version: &version, rules: &rules };
-                self.store_waiting(&room, stored, &pdu, &[], false)?;
+                self.store_waiting(&room, stored, &pdu, &[])?;
             }
         }
 

@@ -325,7 +325,7 @@ impl Rooms {
         }
         let room = Room { record, version: &version, rules: &rules };
         if !missing.is_empty() {
-            let outcome = self.store_waiting(&room, stored, &pdu, &missing, true)?;
+            let outcome = self.store_waiting(&room, stored, &pdu, &missing)?;
             // An outlier delivered again while it still waits was known already.
             return Ok(match outcome {
                 Outcome::Placed(Status::Outlier) if known.is_some() => {
@@ -347,15 +347,14 @@ impl Rooms {
     /// Stores an event whose prev events are missing as an outlier and records the gap it
     /// waits on. An event waiting for nothing (an auth event fetched on its own) is rejected
     /// if its own auth events refuse it; one that waits is judged when it is placed, since its
-    /// auth events may be among what it waits for. `synced`: the write waits for the log
-    /// sync (else a later synced write makes it durable).
+    /// auth events may be among what it waits for. The write does not wait for the log sync:
+    /// the caller awaits [`crate::storage::Db::durable`] (or a synced write) before answering.
     pub(super) fn store_waiting(
         &self,
         room: &Room<'_>,
         mut stored: StoredPdu,
         pdu: &Pdu,
         missing: &[OwnedEventId],
-        synced: bool,
     ) -> Result<Outcome> {
         let create = self.create_for(room, pdu)?;
         let judged = if missing.is_empty() {
@@ -391,11 +390,8 @@ impl Rooms {
         }
         self.pdus.put(&mut batch, &short, &stored);
         self.event_ids.put(&mut batch, stored.event_id.as_str(), &short);
-        if synced {
-            self.db.write(batch)?;
-        } else {
-            self.db.write_unsynced(batch)?;
-        }
+        // The caller's later wait on `ticket_now` covers this write.
+        let _covered = self.db.write_deferred(batch)?;
         self.forget_state_pdu(short);
         Ok(Outcome::Placed(status))
     }
@@ -486,9 +482,13 @@ impl Rooms {
             };
             let rules = version.rules().ok_or_else(|| Error::internal("room version lost"))?;
             let room = Room { record: record.clone(), version: &version, rules: &rules };
-            let outcome = self.store_waiting(&room, stored, &pdu, &[], true)?;
+            let outcome = self.store_waiting(&room, stored, &pdu, &[])?;
             outcomes.push((Some(event_id), outcome));
         }
+        // One log sync for them all, after the room's lock is released.
+        let ticket = self.db.ticket_now();
+        drop(_guard);
+        self.db.durable(ticket).await?;
         Ok(outcomes)
     }
 }

@@ -121,7 +121,7 @@ async fn an_invite_from_another_server_is_seen_accepted_and_messages_flow_both_w
 
 #[tokio::test]
 async fn a_rejected_invite_is_left_on_both_sides_and_a_pending_one_survives_a_restart() {
-    let (_pki, a, b) = pair().await;
+    let (pki, a, b) = pair().await;
     let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
     let (bob, bob_token, _) = b.server.register("bob", "secret-pass-1").await;
     let room = a.server.create_room(&alice_token, json!({ "name": "No thanks" })).await;
@@ -191,6 +191,47 @@ async fn a_rejected_invite_is_left_on_both_sides_and_a_pending_one_survives_a_re
     let initial = sync(&b.server, bob_token, None).await;
     let invited = &initial["rooms"]["invite"][&second]["invite_state"];
     assert_eq!(stripped(invited, "m.room.name", "").unwrap()["content"]["name"], "Later");
+
+    // A server the invite did not come from cannot withdraw it, however well it signs.
+    let c = FedServer::start(&pki, 3, |_| {}).await;
+    let mut leave = invite_event(&c, &second, &format!("@mallory:{}", c.name), &bob);
+    leave.insert(
+        "content".into(),
+        CanonicalJsonValue::Object(
+            serde_json::from_value(json!({ "membership": "leave" })).unwrap(),
+        ),
+    );
+    leave.remove("signatures");
+    leave.remove("hashes");
+    let bob_id: &UserId = bob.as_str().try_into().unwrap();
+    let room_id: &RoomId = second.as_str().try_into().unwrap();
+    let version = b.services().rooms.outside(bob_id, room_id).unwrap().unwrap().version;
+    let rules = version.rules().unwrap();
+    ruma::signatures::hash_and_sign_event(c.name.as_str(), c.key(), &mut leave, &rules.redaction)
+        .unwrap();
+    let txn = json!({
+        "origin": c.name.as_str(),
+        "origin_server_ts": 1_700_000_000_000u64,
+        "pdus": [leave],
+    });
+    let path = "/_matrix/federation/v1/send/forged-withdrawal";
+    let (status, body) = b
+        .signed(
+            Method::PUT,
+            path,
+            c.name.as_str(),
+            None,
+            c.key(),
+            &c.key_id(),
+            Some(&txn),
+            Some(&txn),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["pdus"].as_object().unwrap();
+    assert_eq!(results.len(), 1, "{body}");
+    assert!(results.values().all(|result| result["error"].is_string()), "{body}");
+    assert_eq!(outside_on(&b, &second, &bob).as_deref(), Some("invite"));
 }
 
 #[tokio::test]
