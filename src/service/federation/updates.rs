@@ -128,11 +128,22 @@ impl PresenceOutbox {
     /// with it, at most [`MAX_PRESENCE_PER_EDU`] to an EDU.
     fn flush(&self, services: &Services) -> Result<()> {
         let users = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let queued = self.queue(services, &users);
+        if queued.is_err() {
+            // Tried again with the next change: presence is current state, sending it late is
+            // better than never.
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).extend(users);
+        }
+        queued
+    }
+
+    /// Queues the presence of `users` for the servers sharing a room with each.
+    fn queue(&self, services: &Services, users: &BTreeSet<OwnedUserId>) -> Result<()> {
         let mut by_server: BTreeMap<OwnedServerName, Vec<PresenceUpdate>> = BTreeMap::new();
         for user_id in users {
-            let Some(presence) = services.presence.get(&user_id) else { continue };
-            let Edu::Presence(content) = edu::presence(&user_id, &presence) else { continue };
-            for server in servers_sharing(services, &user_id)? {
+            let Some(presence) = services.presence.get(user_id) else { continue };
+            let Edu::Presence(content) = edu::presence(user_id, &presence) else { continue };
+            for server in servers_sharing(services, user_id)? {
                 by_server.entry(server).or_default().extend(content.push.iter().cloned());
             }
         }
