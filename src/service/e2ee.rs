@@ -220,7 +220,8 @@ impl E2ee {
         self.db.write(batch)?;
         let position = pending.position;
         drop(pending);
-        // Queued under the lock, so each server gets a user's updates in stream id order.
+        // Queued under the lock, so each server gets a user's updates in stream id order; read
+        // from the devices as written, and durable before the change is acknowledged.
         if !device_updates.is_empty() {
             updates::announce_devices(services, user_id, &device_updates);
         }

@@ -154,6 +154,44 @@ impl Sender {
 
 /// Queues `edu` for each of `destinations` (this server left out), after the PDUs and EDUs
 /// queued for them before.
+/// EDUs added to a write batch by [`queue_edu_in`], to announce with [`EdusQueued::written`]
+/// once the batch is written.
+#[must_use = "the destinations' workers are woken only once the batch is written"]
+#[derive(Default)]
+pub struct EdusQueued(Vec<(OwnedServerName, u64)>);
+
+impl EdusQueued {
+    /// The batch holding the EDUs is written: their destinations' workers may send them.
+    pub fn written(self, services: &Services) {
+        for (destination, count) in self.0 {
+            services.federation_sender.outbox.queued_more(destination.as_str(), count);
+        }
+    }
+}
+
+/// Adds `edu` for each of `destinations` (this server left out) to `batch`, so it is durable
+/// exactly when the change it tells of is.
+pub fn queue_edu_in(
+    services: &Services,
+    batch: &mut Batch,
+    destinations: &[OwnedServerName],
+    edu: &Edu,
+    queued: &mut EdusQueued,
+) -> Result<()> {
+    if !services.federation.enabled() {
+        return Ok(());
+    }
+    let item = [Queued::Edu(serde_json::to_value(edu).map_err(Error::internal)?)];
+    for destination in destinations {
+        if destination != services.server_name() {
+            let count = services.federation_sender.outbox.push(batch, destination.as_str(), &item);
+            queued.0.push((destination.clone(), count));
+        }
+    }
+    Ok(())
+}
+
+/// Queues `edu` for each of `destinations` in a write of its own.
 pub fn queue_edu(services: &Services, destinations: &[OwnedServerName], edu: Edu) -> Result<()> {
     if !services.federation.enabled() {
         return Ok(());

@@ -25,7 +25,7 @@ use tokio::sync::{Notify, watch};
 
 use super::{
     edu::{self, servers_sharing},
-    sender::queue_edu,
+    sender::{EdusQueued, queue_edu, queue_edu_in},
 };
 use crate::{
     error::Result,
@@ -34,6 +34,7 @@ use crate::{
         e2ee::DeviceUpdate,
         rooms::{listeners::Listener, pdu::StoredPdu},
     },
+    storage::Batch,
 };
 
 /// Most users whose presence waits to be sent; changes past it are dropped (and logged).
@@ -44,21 +45,34 @@ const MAX_PRESENCE_PER_EDU: usize = 100;
 const PRESENCE_GATHER: Duration = Duration::from_millis(250);
 
 /// Tells the servers sharing a room with local user `user_id` of each device change in
-/// `updates`, as the device stands now (its keys and name, or deleted). A failure is logged:
-/// the change is made already, and the next one names this one so they ask again.
+/// `updates`, as the device stands now (its keys and name, or deleted), in one synced write so
+/// the updates are durable before the change is acknowledged. A failure is logged: the change
+/// is made already, and the next one names this one so they ask again.
 pub fn announce_devices(services: &Services, user_id: &UserId, updates: &[DeviceUpdate]) {
-    if let Err(err) = queue_devices(services, user_id, updates) {
-        tracing::warn!(%err, %user_id, "could not queue device list updates for other servers");
+    let mut batch = services.db.batch();
+    let queued = queue_devices(services, &mut batch, user_id, updates)
+        .and_then(|queued| Ok(services.db.write(batch).map(|()| queued)?));
+    match queued {
+        Ok(queued) => queued.written(services),
+        Err(err) => {
+            tracing::warn!(%err, %user_id, "could not queue device list updates for other servers");
+        }
     }
 }
 
-fn queue_devices(services: &Services, user_id: &UserId, updates: &[DeviceUpdate]) -> Result<()> {
-    if !services.federation.enabled() {
-        return Ok(());
+fn queue_devices(
+    services: &Services,
+    batch: &mut Batch,
+    user_id: &UserId,
+    updates: &[DeviceUpdate],
+) -> Result<EdusQueued> {
+    let mut queued = EdusQueued::default();
+    if !services.federation.enabled() || updates.is_empty() {
+        return Ok(queued);
     }
     let servers = servers_sharing(services, user_id)?;
     if servers.is_empty() {
-        return Ok(());
+        return Ok(queued);
     }
     for update in updates {
         let device = match services.sessions.device(user_id, &update.device_id)? {
@@ -70,9 +84,9 @@ fn queue_devices(services: &Services, user_id: &UserId, updates: &[DeviceUpdate]
         };
         let ids = (update.stream_id, update.prev_id);
         let edu = edu::device_list_update(user_id, &update.device_id, ids, device)?;
-        queue_edu(services, &servers, edu)?;
+        queue_edu_in(services, batch, &servers, &edu, &mut queued)?;
     }
-    Ok(())
+    Ok(queued)
 }
 
 /// Tells the servers sharing a room with local user `user_id` of its master and
