@@ -90,23 +90,31 @@ fn queue_devices(
 }
 
 /// Tells the servers sharing a room with local user `user_id` of its master and
-/// self-signing keys as they stand now (user-signing keys stay private).
+/// self-signing keys as they stand now (user-signing keys stay private), durable before the
+/// change is acknowledged.
 pub fn announce_cross_signing(services: &Services, user_id: &UserId) {
-    let queued = (|| -> Result<()> {
+    let queued = (|| -> Result<EdusQueued> {
+        let mut queued = EdusQueued::default();
         if !services.federation.enabled() {
-            return Ok(());
+            return Ok(queued);
         }
         let servers = servers_sharing(services, user_id)?;
         if servers.is_empty() {
-            return Ok(());
+            return Ok(queued);
         }
         let master = services.e2ee.cross_signing(user_id, "master")?;
         let self_signing = services.e2ee.cross_signing(user_id, "self_signing")?;
         let edu = edu::signing_key_update(user_id, master.as_ref(), self_signing.as_ref())?;
-        queue_edu(services, &servers, edu)
+        let mut batch = services.db.batch();
+        queue_edu_in(services, &mut batch, &servers, &edu, &mut queued)?;
+        services.db.write(batch)?;
+        Ok(queued)
     })();
-    if let Err(err) = queued {
-        tracing::warn!(%err, %user_id, "could not queue a signing key update for other servers");
+    match queued {
+        Ok(queued) => queued.written(services),
+        Err(err) => {
+            tracing::warn!(%err, %user_id, "could not queue a signing key update for other servers");
+        }
     }
 }
 
