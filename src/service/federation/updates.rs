@@ -17,7 +17,7 @@ use std::{
 };
 
 use ruma::{
-    OwnedServerName, OwnedUserId, UserId,
+    OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId,
     api::federation::transactions::edu::{Edu, PresenceContent, PresenceUpdate},
     canonical_json::CanonicalJsonValue,
 };
@@ -122,6 +122,8 @@ pub fn announce_cross_signing(services: &Services, user_id: &UserId) {
 #[derive(Default)]
 pub struct PresenceOutbox {
     pending: Mutex<BTreeSet<OwnedUserId>>,
+    /// Servers a user of which joined a room: they are told our members' presence there.
+    introductions: Mutex<BTreeSet<(OwnedServerName, OwnedRoomId)>>,
     wake: Notify,
 }
 
@@ -146,8 +148,25 @@ impl PresenceOutbox {
         self.wake.notify_one();
     }
 
+    /// A user of `server` joined `room_id`: the server is told our joined members' current
+    /// presence there, since it heard none of their earlier changes.
+    pub fn introduce(&self, services: &Services, server: &ServerName, room_id: &RoomId) {
+        if !services.config.federation.presence || !services.federation.enabled() {
+            return;
+        }
+        {
+            let mut introductions = self.introductions.lock().unwrap_or_else(|e| e.into_inner());
+            if introductions.len() >= MAX_PENDING_PRESENCE {
+                tracing::warn!(%server, %room_id, "too many presence introductions waiting");
+                return;
+            }
+            introductions.insert((server.to_owned(), room_id.to_owned()));
+        }
+        self.wake.notify_one();
+    }
+
     /// Queues `m.presence` EDUs for the users waiting: per server, the users sharing a room
-    /// with it, at most [`MAX_PRESENCE_PER_EDU`] to an EDU.
+    /// with it, at most [`MAX_PRESENCE_PER_EDU`] to an EDU; then the introductions.
     fn flush(&self, services: &Services) -> Result<()> {
         let users = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let queued = self.queue(services, &users);
@@ -156,7 +175,25 @@ impl PresenceOutbox {
             // better than never.
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).extend(users);
         }
-        queued
+        queued?;
+        let introductions =
+            std::mem::take(&mut *self.introductions.lock().unwrap_or_else(|e| e.into_inner()));
+        for (server, room_id) in introductions {
+            let members = services.rooms.members(&room_id)?;
+            let ours = services.server_name();
+            let updates: Vec<PresenceUpdate> = members
+                .iter()
+                .filter(|(user, membership)| membership == "join" && user.server_name() == ours)
+                .filter_map(|(user, _)| services.presence.get(user).map(|p| (user, p)))
+                .filter_map(|(user, presence)| match edu::presence(user, &presence) {
+                    Edu::Presence(content) => Some(content.push),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            queue_presence(services, server, updates)?;
+        }
+        Ok(())
     }
 
     /// Queues the presence of `users` for the servers sharing a room with each.
@@ -170,14 +207,24 @@ impl PresenceOutbox {
             }
         }
         for (server, updates) in by_server {
-            let destination = [server];
-            for chunk in updates.chunks(MAX_PRESENCE_PER_EDU) {
-                let edu = Edu::Presence(PresenceContent::new(chunk.to_vec()));
-                queue_edu(services, &destination, edu)?;
-            }
+            queue_presence(services, server, updates)?;
         }
         Ok(())
     }
+}
+
+/// Queues `updates` for `server`, at most [`MAX_PRESENCE_PER_EDU`] to an EDU.
+fn queue_presence(
+    services: &Services,
+    server: OwnedServerName,
+    updates: Vec<PresenceUpdate>,
+) -> Result<()> {
+    let destination = [server];
+    for chunk in updates.chunks(MAX_PRESENCE_PER_EDU) {
+        let edu = Edu::Presence(PresenceContent::new(chunk.to_vec()));
+        queue_edu(services, &destination, edu)?;
+    }
+    Ok(())
 }
 
 /// Sends local users' presence changes to other servers until the server stops.
@@ -212,10 +259,6 @@ impl Listener for RemoteMembers {
         let Some(target) = event.state_key().and_then(|key| <&UserId>::try_from(key).ok()) else {
             return;
         };
-        if target.server_name() != services.server_name() {
-            services.remote.mark_stale(target);
-            return;
-        }
         let joined = match event.wire.get("content") {
             Some(CanonicalJsonValue::Object(content)) => matches!(
                 content.get("membership"),
@@ -223,9 +266,19 @@ impl Listener for RemoteMembers {
             ),
             _ => false,
         };
+        if target.server_name() != services.server_name() {
+            services.remote.mark_stale(target);
+            if joined {
+                let presence = &services.federation_presence;
+                presence.introduce(services, target.server_name(), &event.room_id);
+            }
+            return;
+        }
         if !joined {
             return;
         }
+        // Servers already in the room learn of our user's presence.
+        services.federation_presence.changed(services, target);
         // One of ours joined: the room's remote members may be new to us.
         match services.rooms.members(&event.room_id) {
             Ok(members) => {

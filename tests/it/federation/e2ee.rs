@@ -321,6 +321,40 @@ async fn presence_goes_to_other_servers_only_when_enabled() {
     let (_pki, a, b) = pair().await;
     assert!(presence_across(&a, &b).await, "presence never reached the other server");
 
+    // Presence set before any other server shared a room reaches a server once its user joins.
+    let (carol, carol_token, _) = a.server.register("carol", PASSWORD).await;
+    let (_dave, dave_token, _) = b.server.register("dave", PASSWORD).await;
+    let path = format!("/_matrix/client/v3/presence/{}/status", enc(&carol));
+    let away = json!({ "presence": "unavailable", "status_msg": "in a meeting" });
+    let (status, body) = a.server.put(&path, Some(&carol_token), away).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let since = sync_token(&b.server, &dave_token).await;
+    let room_id = a.server.create_room(&carol_token, json!({ "preset": "public_chat" })).await;
+    // Her own join's presence goes out to nobody: B has no user in the room yet.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let path = format!("/_matrix/client/v3/join/{}?via={}", enc(&room_id), a.name);
+    let (status, body) = b.server.post(&path, Some(&dave_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Longer than presence is gathered for: the introduction is queued before the message.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body) = a.server.send_text(&carol_token, &room_id, "c1", "hello dave").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let synced = eventually(
+        "Carol's message at Dave's",
+        || sync_since(&b.server, &dave_token, &since),
+        |sync| {
+            sync["rooms"]["join"][&room_id]["timeline"]["events"]
+                .as_array()
+                .is_some_and(|events| events.iter().any(|e| e["content"]["body"] == "hello dave"))
+        },
+    )
+    .await;
+    let events = synced["presence"]["events"].as_array().cloned().unwrap_or_default();
+    let seen = events.iter().find(|e| e["sender"] == carol.as_str());
+    let seen = seen.unwrap_or_else(|| panic!("Carol's presence never reached B: {synced}"));
+    assert_eq!(seen["content"]["presence"], "unavailable", "{seen}");
+    assert_eq!(seen["content"]["status_msg"], "in a meeting", "{seen}");
+
     let pki = Pki::new();
     let quiet = FedServer::start(&pki, 1, |c| c.federation.presence = false).await;
     let b = FedServer::start(&pki, 2, |_| {}).await;
