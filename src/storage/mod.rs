@@ -99,7 +99,10 @@ fn start_syncer(
     std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
         while let Ok(reply) = inbox.recv() {
             let Some(db) = db.upgrade() else { return };
-            let _ = reply.send(db.flush_wal(true));
+            let synced = db.flush_wal(true);
+            // Let go before answering: the answer may be the last thing a closing owner awaits.
+            drop(db);
+            let _ = reply.send(synced);
         }
     })?;
     Ok(requests)
