@@ -5,8 +5,13 @@
 set -eu
 
 : "${SERVER_NAME:?SERVER_NAME must be set}"
-CA_DIR=/complement/ca
-DATA=/data
+# The paths and addresses can be moved (the test suite runs this script outside a container);
+# these names avoid the PLAZA_ prefix, which the server reads as configuration.
+CA_DIR="${COMPLEMENT_CA_DIR:-/complement/ca}"
+DATA="${DATA_DIR:-/data}"
+PLAZA="${SERVER_BINARY:-/usr/local/bin/plaza}"
+CLIENT_LISTEN="${CLIENT_LISTEN:-0.0.0.0:8008}"
+FEDERATION_LISTEN="${FEDERATION_LISTEN:-0.0.0.0:8448}"
 mkdir -p "$DATA/tls"
 
 # A key and a certificate for SERVER_NAME (a host name, possibly with a port), signed by
@@ -21,7 +26,7 @@ openssl x509 -req -in "$DATA/tls/server.csr" -CA "$CA_DIR/ca.crt" -CAkey "$CA_DI
 
 cat > "$DATA/plaza.toml" <<CONFIG
 server_name = "$SERVER_NAME"
-listen = ["0.0.0.0:8008"]
+listen = ["$CLIENT_LISTEN"]
 
 [database]
 path = "$DATA/db"
@@ -37,7 +42,7 @@ allow_private_addresses = true
 
 [federation]
 enabled = true
-listen = ["0.0.0.0:8448"]
+listen = ["$FEDERATION_LISTEN"]
 tls_cert = "$DATA/tls/server.crt"
 tls_key = "$DATA/tls/server.key"
 extra_ca_file = "$CA_DIR/ca.crt"
@@ -63,4 +68,4 @@ filter = "info"
 CONFIG
 
 export PLAZA_CONFIG="$DATA/plaza.toml"
-exec /usr/local/bin/plaza serve
+exec "$PLAZA" serve

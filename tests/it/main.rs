@@ -12,6 +12,7 @@ mod audit;
 mod auto_reply;
 mod client_spec;
 mod common;
+mod complement;
 mod connections;
 mod correctness;
 mod delayed;

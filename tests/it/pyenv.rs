@@ -1,14 +1,9 @@
 //! Python virtual environments for tests that run a real Python program against the server
 //! (an application service built with mautrix, later Synapse): created once per package set
-//! under `$HOME/.cache/plaza-py`, under a lock file so parallel tests and CI share one, with
-//! pinned versions so every machine runs the same code.
+//! under `$HOME/.cache/plaza-py`, under a lock file so parallel tests and CI share one, from a
+//! requirements file under `tests/py/` pinning every package, so every machine runs the same code.
 
-use std::{
-    io::Write,
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{io::Write, os::fd::AsRawFd, path::PathBuf, process::Command};
 
 /// The root of the shared environments.
 pub fn root() -> PathBuf {
@@ -16,16 +11,18 @@ pub fn root() -> PathBuf {
     home.join(".cache").join("plaza-py")
 }
 
-/// The Python interpreter of the environment `name`, with exactly `packages` (pinned
-/// `name==version` requirements) installed. The first caller creates it; the others wait on
-/// the lock and reuse it.
-pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
+/// The Python interpreter of the environment `name`, with exactly the packages of
+/// `tests/py/{name}.txt` installed. The first caller creates it; the others wait on the lock and
+/// reuse it. The environment is rebuilt when the requirements file changes.
+pub fn venv(name: &str) -> PathBuf {
     let root = root();
     std::fs::create_dir_all(&root).expect("create the Python cache directory");
     let dir = root.join(name);
     let python = dir.join("bin").join("python");
     let marker = dir.join(".plaza-packages");
-    let wanted = packages.join("\n");
+    let requirements = dir_of_scripts().join(format!("{name}.txt"));
+    let wanted = std::fs::read_to_string(&requirements)
+        .unwrap_or_else(|e| panic!("read {}: {e}", requirements.display()));
     if std::fs::read_to_string(&marker).is_ok_and(|have| have == wanted) {
         return python;
     }
@@ -42,8 +39,8 @@ pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
     run(Command::new("python3").args(["-m", "venv"]).arg(&dir), "python3 -m venv");
     run(
         Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-            .args(packages),
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
         "pip install",
     );
     let mut file = std::fs::File::create(&marker).expect("write the marker");
@@ -63,5 +60,14 @@ fn run(command: &mut Command, what: &str) {
 
 /// A script under `tests/py/`.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("py").join(name)
+    dir_of_scripts().join(name)
+}
+
+/// `tests/py/` of the checkout being tested: read when the tests run, so a build shared between
+/// checkouts in different places still finds the files of its own.
+fn dir_of_scripts() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("tests")
+        .join("py")
 }

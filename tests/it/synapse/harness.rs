@@ -26,11 +26,9 @@ use crate::{
     pyenv,
 };
 
-/// The pinned Synapse release the tests run against.
-pub const PACKAGES: &[&str] = &["matrix-synapse==1.163.2"];
-
-/// The name of its environment under `$HOME/.cache/plaza-py`.
-pub const VENV: &str = "synapse-1.163.2";
+/// The environment of the pinned Synapse release the tests run against, under
+/// `$HOME/.cache/plaza-py`; its packages are listed in `tests/py/synapse.txt`.
+pub const VENV: &str = "synapse";
 
 /// The shared secret for registering users through the admin API.
 const SHARED_SECRET: &str = "plaza-interop-secret";
@@ -66,7 +64,7 @@ impl Synapse {
     /// Starts Synapse on `127.0.0.<n>` (use 3 and up; Plaza servers take 1 and 2), trusting
     /// `pki` and with a certificate from it.
     pub async fn start(pki: &Arc<Pki>, n: u8) -> Self {
-        let python = tokio::task::spawn_blocking(|| pyenv::venv(VENV, PACKAGES)).await.unwrap();
+        let python = tokio::task::spawn_blocking(|| pyenv::venv(VENV)).await.unwrap();
         let ip = Ipv4Addr::new(127, 0, 0, n);
         let federation = SocketAddr::new(IpAddr::V4(ip), free_port_on(ip));
         let client = SocketAddr::new(IpAddr::V4(ip), free_port_on(ip));
