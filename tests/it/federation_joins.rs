@@ -1,6 +1,7 @@
 //! Joins and leaves across two Plaza servers over TLS: a user of B joins A's rooms by id and by
 //! a remote alias (through `/query/directory`), a restricted join authorised and signed by A,
-//! `make_leave`/`send_leave`, and the refusals of `make_join` and `send_join`.
+//! `make_leave`/`send_leave`, the refusals of `make_join` and `send_join`, and a `send_join`
+//! naming one of A's members for a user the join rules do not allow.
 
 use reqwest::{Method, StatusCode};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomVersionId};
@@ -177,6 +178,73 @@ async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
     let b_state = b.services().rooms.current_state(room_ref).unwrap();
     let b_join = b.services().rooms.state_event(&b_state, "m.room.member", &bob).unwrap().unwrap();
     assert_eq!(b_join.event_id, join.event_id);
+}
+
+#[tokio::test]
+async fn a_send_join_naming_our_member_is_checked_against_the_allow_rules() {
+    let (_pki, a, b) = pair().await;
+    let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
+    let (_dave, _, _) = a.server.register("dave", "secret-pass-1").await;
+    let space = a.server.create_room(&alice_token, json!({ "preset": "public_chat" })).await;
+    let restricted = a
+        .server
+        .create_room(
+            &alice_token,
+            json!({
+                "room_version": "10",
+                "initial_state": [{
+                    "type": "m.room.join_rules", "state_key": "",
+                    "content": { "join_rule": "restricted",
+                                 "allow": [{ "type": "m.room_membership", "room_id": space }] }
+                }]
+            }),
+        )
+        .await;
+    // Carol of B is in the space, bob of B is not.
+    let (carol, carol_token, _) = b.server.register("carol", "secret-pass-1").await;
+    let bob = format!("@bob:{}", b.name);
+    let path_space = format!("/_matrix/client/v3/join/{}?via={}", enc(&space), a.name);
+    let (status, body) = b.server.post(&path_space, Some(&carol_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let make =
+        format!("/_matrix/federation/v1/make_join/{}/{}?ver=10", enc(&restricted), enc(&carol));
+    let (status, body) = fed(&a, &b, Method::GET, &make, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let template = body["event"].clone();
+    let alice = format!("@alice:{}", a.name);
+    assert_eq!(template["content"]["join_authorised_via_users_server"], alice.as_str());
+    let send =
+        |id: &str| format!("/_matrix/federation/v2/send_join/{}/{}", enc(&restricted), enc(id));
+    let room_ref: &ruma::RoomId = restricted.as_str().try_into().unwrap();
+
+    // Bob's join built by hand from carol's template, never asked of make_join: refused.
+    let mut forged = template.clone();
+    forged["sender"] = json!(bob);
+    forged["state_key"] = json!(bob);
+    let (id, forged) = complete(&b, &forged, "10");
+    let (status, body) = fed(&a, &b, Method::PUT, &send(&id), Some(&forged)).await;
+    assert_error(&(status, body), StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let bob_ref: &ruma::UserId = bob.as_str().try_into().unwrap();
+    assert_eq!(a.services().rooms.membership(room_ref, bob_ref).unwrap(), None);
+
+    // Carol's join naming a member of A who is not in the room: refused.
+    let mut wrong_via = template.clone();
+    wrong_via["content"]["join_authorised_via_users_server"] = json!(format!("@dave:{}", a.name));
+    let (id, wrong_via) = complete(&b, &wrong_via, "10");
+    let (status, body) = fed(&a, &b, Method::PUT, &send(&id), Some(&wrong_via)).await;
+    assert_error(&(status, body), StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let carol_ref: &ruma::UserId = carol.as_str().try_into().unwrap();
+    assert_eq!(a.services().rooms.membership(room_ref, carol_ref).unwrap(), None);
+
+    // The honest join: signed by A and accepted.
+    let (id, event) = complete(&b, &template, "10");
+    let (status, body) = fed(&a, &b, Method::PUT, &send(&id), Some(&event)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["event"]["signatures"][a.name.as_str()].is_object(), "{body}");
+    assert_eq!(
+        a.services().rooms.membership(room_ref, carol_ref).unwrap().as_deref(),
+        Some("join")
+    );
 }
 
 #[tokio::test]

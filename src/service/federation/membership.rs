@@ -29,7 +29,7 @@ use crate::{
             Status,
             from_state::VouchedState,
             ingest::Outcome,
-            membership::{member_content, restricted_join_authoriser},
+            membership::{member_content, restricted_join_authoriser, vouch_for_join},
             pdu::StoredPdu,
         },
     },
@@ -228,9 +228,15 @@ pub async fn send_membership(
     if event_id_of(&wire, &rules)? != event_id {
         return Err(Error::bad_json("The event id does not match the event"));
     }
-    if membership == Membership::Join
-        && let Some(via) = content_str(&wire, "join_authorised_via_users_server")
-        && UserId::parse(via).is_ok_and(|via| via.server_name() == services.server_name())
+    // A restricted join naming one of our members is signed only once the join rules' allow
+    // conditions are checked again here: the joining server may never have asked `make_join`.
+    let via = match content_str(&wire, "join_authorised_via_users_server") {
+        Some(via) if membership == Membership::Join => UserId::parse(via).ok(),
+        _ => None,
+    };
+    if let Some(via) = via
+        && via.server_name() == services.server_name()
+        && vouch_for_join(services, room_id, &sender, &via)?
     {
         // Event signatures cover the redacted event; the hashes it carries stay the same.
         ruma::signatures::hash_and_sign_event(

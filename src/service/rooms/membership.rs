@@ -140,6 +140,43 @@ pub fn restricted_join_authoriser(
     Ok(None)
 }
 
+/// Whether this server must vouch for `user_id`'s join of `room_id` as local member `via`, as a
+/// `send_join` naming `via` asks: `false` when the room's join rule needs no vouching (not
+/// restricted, or the user is already invited or joined), `true` when the user is in one of
+/// the allowed rooms and `via` is joined here with the power to invite. Anything else is
+/// refused: a joining server cannot skip `make_join`'s checks by naming one of our members.
+pub fn vouch_for_join(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+    via: &UserId,
+) -> Result<bool> {
+    let rooms = &services.rooms;
+    let record = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let join_rule = rooms.join_rule_at(record.current_state)?;
+    if !matches!(join_rule, JoinRule::Restricted(_) | JoinRule::KnockRestricted(_)) {
+        return Ok(false);
+    }
+    let state = rooms.states.load(record.current_state)?;
+    if matches!(rooms.membership_in(&state, user_id)?.as_str(), "join" | "invite") {
+        return Ok(false);
+    }
+    if !rooms.in_allowed_room(&join_rule, user_id)? {
+        return Err(Error::forbidden(
+            "The user is in none of the rooms the join rules allow, as far as this server knows",
+        ));
+    }
+    if via.server_name() != services.server_name()
+        || rooms.membership_in(&state, via)? != "join"
+        || !rooms.power_levels(&state, &record.version)?.user_can_invite(via)
+    {
+        return Err(Error::forbidden(
+            "The authorising user is not a member of this server who may invite to the room",
+        ));
+    }
+    Ok(true)
+}
+
 /// `user_id` asks to be let in (rooms whose join rule is `knock` or `knock_restricted`).
 pub async fn knock(
     services: &Services,
