@@ -184,8 +184,8 @@ pub(super) fn content_str<'a>(wire: &'a CanonicalJsonObject, name: &str) -> Opti
 
 /// Takes the membership event of `send_join`, `send_leave` or `send_knock` (`event_id`, from
 /// `origin`): checks it is the membership asked for of a user of `origin` about itself, signs a
-/// restricted join one of our users authorised, and ingests it. Returns the event as accepted
-/// (with our signature when we added one).
+/// restricted join one of our users authorised, and ingests it, passing it on to the room's
+/// other servers. Returns the event as accepted (with our signature when we added one).
 pub async fn send_membership(
     services: &Services,
     origin: &ServerName,
@@ -247,8 +247,11 @@ pub async fn send_membership(
         )
         .map_err(|e| Error::bad_json(format!("Cannot sign the event: {e}")))?;
     }
-    let outcomes =
-        rooms.ingest(services, room_id, vec![wire.clone()], &services.federation).await?;
+    // Accepted, the event goes on to the room's other servers, in its own batch.
+    let relay = services.federation_sender.relay(event_id, origin);
+    let outcomes = rooms.ingest(services, room_id, vec![wire.clone()], &services.federation).await;
+    drop(relay);
+    let outcomes = outcomes?;
     match outcomes.into_iter().next().map(|(_, outcome)| outcome) {
         Some(Outcome::Placed(Status::Accepted) | Outcome::Known(Status::Accepted)) => Ok(wire),
         Some(Outcome::Dropped(reason)) => {

@@ -365,7 +365,7 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
     forged_pdu.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(1u32.into()));
     let rules = version_of(&a, &room_id).rules().unwrap();
     let forged = format!("${}", ruma::signatures::reference_hash(&forged_pdu, &rules).unwrap());
-    // A user of A sent by B.
+    // A user of A sent by B, signed by B only: A's signature is missing.
     let alice_id = format!("@alice:{}", a.name);
     let (spoofed, spoofed_pdu) =
         build_pdu(&a, &b, &room_id, &alice_id, "m.room.message", None, msg("spoofed"), None);
@@ -398,7 +398,8 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
     for bad in [forged.as_str(), spoofed.as_str(), unauthorised.as_str()] {
         assert!(results[bad]["error"].is_string(), "{bad}: {answer}");
     }
-    assert!(results[spoofed.as_str()]["error"].as_str().unwrap().contains("sender"), "{answer}");
+    let why = results[spoofed.as_str()]["error"].as_str().unwrap();
+    assert!(why.contains("signature") && why.contains(a.name.as_str()), "{answer}");
     assert_eq!(results.len(), 5, "the stray room's event is answered too: {answer}");
     assert_eq!(a.services().rooms.status_of(&unauthorised).unwrap(), Some(Status::Rejected));
     until_bodies(&a, &alice, &room, &["good"]).await;
