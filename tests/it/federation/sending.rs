@@ -380,15 +380,26 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
         json!({ "users": { bob_id.clone(): 100 } }),
         None,
     );
-    // A room A does not know.
-    let mut stray = value(&good_pdu);
-    stray["room_id"] = json!(format!("!nowhere:{}", b.name));
+    // A validly signed event of a room A does not know.
+    let nowhere = format!("!nowhere:{}", b.name);
+    let mut stray_pdu = good_pdu.clone();
+    stray_pdu.insert("room_id".into(), CanonicalJsonValue::String(nowhere.clone()));
+    stray_pdu.remove("signatures");
+    stray_pdu.remove("hashes");
+    ruma::signatures::hash_and_sign_event(
+        b.name.as_str(),
+        b.key(),
+        &mut stray_pdu,
+        &rules.redaction,
+    )
+    .unwrap();
+    let stray = format!("${}", ruma::signatures::reference_hash(&stray_pdu, &rules).unwrap());
     let pdus = [
         value(&good_pdu),
         value(&forged_pdu),
         value(&spoofed_pdu),
         value(&unauthorised_pdu),
-        stray,
+        value(&stray_pdu),
         json!("not an event"),
     ];
     let (status, answer) = put_txn(&a, &b, "t1", &pdus).await;
@@ -400,7 +411,9 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
     }
     let why = results[spoofed.as_str()]["error"].as_str().unwrap();
     assert!(why.contains("signature") && why.contains(a.name.as_str()), "{answer}");
-    assert_eq!(results.len(), 5, "the stray room's event is answered too: {answer}");
+    let why = results[stray.as_str()]["error"].as_str().unwrap();
+    assert!(why.contains(&nowhere) && why.contains("not known"), "{answer}");
+    assert_eq!(results.len(), 5, "{answer}");
     assert_eq!(a.services().rooms.status_of(&unauthorised).unwrap(), Some(Status::Rejected));
     until_bodies(&a, &alice, &room, &["good"]).await;
 
