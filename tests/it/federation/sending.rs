@@ -817,3 +817,57 @@ async fn a_server_the_room_acl_denies_is_refused_until_allowed_again() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body["pdus"].as_array().is_some_and(|pdus| !pdus.is_empty()), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gap_too_large_to_fetch_is_bridged_with_the_sending_servers_state() {
+    let (pki, a, b, alice, bob, bob_id, room) = shared_room("shared").await;
+    let c = FedServer::start(&pki, 3, |_| {}).await;
+    let room_id = RoomId::parse(&room).unwrap();
+    join_remote(&a, &b, &room_id, &bob_id).await;
+    send(&a, &alice, &room, "before", text("before")).await;
+    until_bodies(&b, &bob, &room, &["before"]).await;
+
+    // B alone learns of carol of C joining and sending more events than A fetches with
+    // `/get_missing_events` (nobody passes them on to A).
+    let carol = format!("@carol:{}", c.name);
+    let sb = b.services();
+    let (carol_join, join) = build_pdu(
+        &b,
+        &c,
+        &room_id,
+        &carol,
+        "m.room.member",
+        Some(&carol),
+        json!({ "membership": "join" }),
+        None,
+    );
+    let ingest_on_b = async |wire: CanonicalJsonObject| {
+        let outcomes = sb.rooms.ingest(sb, &room_id, vec![wire], &sb.federation).await.unwrap();
+        assert_eq!(outcomes[0].1, Outcome::Placed(Status::Accepted), "{outcomes:?}");
+    };
+    ingest_on_b(join).await;
+    // Each event follows the one before: built from B's extremities once the last is placed.
+    for n in 0..110 {
+        let body = text(&format!("g{n}"));
+        let (_, pdu) = build_pdu(&b, &c, &room_id, &carol, "m.room.message", None, body, None);
+        ingest_on_b(pdu).await;
+    }
+    let carol_ref = ruma::UserId::parse(&carol).unwrap();
+    assert_eq!(a.services().rooms.membership(&room_id, &carol_ref).unwrap(), None);
+
+    // Bob's next event reaches A on top of the gap: A places it on the state B gives.
+    let after = send(&b, &bob, &room, "after", text("after")).await;
+    until_bodies(&a, &alice, &room, &["before", "after"]).await;
+    let after = OwnedEventId::try_from(after).unwrap();
+    assert_eq!(a.services().rooms.status_of(&after).unwrap(), Some(Status::Accepted));
+    // The state change inside the gap is part of A's state now.
+    assert_eq!(
+        a.services().rooms.membership(&room_id, &carol_ref).unwrap().as_deref(),
+        Some("join")
+    );
+    let state = a.services().rooms.current_state(&room_id).unwrap();
+    let member = a.services().rooms.state_event(&state, "m.room.member", &carol).unwrap();
+    assert_eq!(member.map(|e| e.event_id), Some(carol_join));
+    // The gap's messages were never placed in A's timeline: no gap filling did it.
+    assert_eq!(bodies(&a, &alice, &room).await, ["before", "after"]);
+}
