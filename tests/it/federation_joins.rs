@@ -134,15 +134,14 @@ async fn a_remote_user_joins_by_id_and_by_alias_and_sees_the_state() {
     assert!(status.is_client_error() || status.is_server_error(), "{status}");
 }
 
-#[tokio::test]
-async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
-    let (_pki, a, b) = pair().await;
-    let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
-    let space = a.server.create_room(&alice_token, json!({ "preset": "public_chat" })).await;
+/// A public space of `token`'s user on `a` and a restricted room (version 10) its members
+/// may join.
+async fn restricted_room(a: &FedServer, token: &str) -> (String, String) {
+    let space = a.server.create_room(token, json!({ "preset": "public_chat" })).await;
     let restricted = a
         .server
         .create_room(
-            &alice_token,
+            token,
             json!({
                 "room_version": "10",
                 "initial_state": [{
@@ -153,6 +152,14 @@ async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
             }),
         )
         .await;
+    (space, restricted)
+}
+
+#[tokio::test]
+async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
+    let (_pki, a, b) = pair().await;
+    let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
+    let (space, restricted) = restricted_room(&a, &alice_token).await;
     let (bob, bob_token, _) = b.server.register("bob", "secret-pass-1").await;
     // Not yet in the space: refused.
     let path = format!("/_matrix/client/v3/join/{}?via={}", enc(&restricted), a.name);
@@ -186,21 +193,7 @@ async fn a_send_join_naming_our_member_is_checked_against_the_allow_rules() {
     let (_pki, a, b) = pair().await;
     let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
     let (_dave, _, _) = a.server.register("dave", "secret-pass-1").await;
-    let space = a.server.create_room(&alice_token, json!({ "preset": "public_chat" })).await;
-    let restricted = a
-        .server
-        .create_room(
-            &alice_token,
-            json!({
-                "room_version": "10",
-                "initial_state": [{
-                    "type": "m.room.join_rules", "state_key": "",
-                    "content": { "join_rule": "restricted",
-                                 "allow": [{ "type": "m.room_membership", "room_id": space }] }
-                }]
-            }),
-        )
-        .await;
+    let (space, restricted) = restricted_room(&a, &alice_token).await;
     // Carol of B is in the space, bob of B is not.
     let (carol, carol_token, _) = b.server.register("carol", "secret-pass-1").await;
     let bob = format!("@bob:{}", b.name);

@@ -792,7 +792,8 @@ async fn a_server_the_room_acl_denies_is_refused_until_allowed_again() {
     let (denied, denied_pdu) =
         build_pdu(&a, &b, &room_id, &bob_id, "m.room.message", None, text("denied"), None);
     let (status, answer) =
-        put_txn_with_edus(&a, &b, "acl1", &[value(&denied_pdu)], &[typing.clone()]).await;
+        put_txn_with_edus(&a, &b, "acl1", &[value(&denied_pdu)], std::slice::from_ref(&typing))
+            .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let why = answer["pdus"][denied.as_str()]["error"].as_str().unwrap_or_default();
     assert!(why.contains("server ACL"), "{answer}");
