@@ -1,6 +1,8 @@
 //! Joins and leaves across two Plaza servers over TLS: a user of B joins A's rooms by id and by
 //! a remote alias (through `/query/directory`), a restricted join authorised and signed by A,
-//! `make_leave`/`send_leave`, and the refusals of `make_join` and `send_join`.
+//! `make_leave`/`send_leave`, the refusals of `make_join` and `send_join`, and a `send_join`
+//! naming one of A's members for a user the join rules do not allow. With a third server C:
+//! the joins and leaves A takes through `send_*` reach B from A.
 
 use reqwest::{Method, StatusCode};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomVersionId};
@@ -132,15 +134,14 @@ async fn a_remote_user_joins_by_id_and_by_alias_and_sees_the_state() {
     assert!(status.is_client_error() || status.is_server_error(), "{status}");
 }
 
-#[tokio::test]
-async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
-    let (_pki, a, b) = pair().await;
-    let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
-    let space = a.server.create_room(&alice_token, json!({ "preset": "public_chat" })).await;
+/// A public space of `token`'s user on `a` and a restricted room (version 10) its members
+/// may join.
+async fn restricted_room(a: &FedServer, token: &str) -> (String, String) {
+    let space = a.server.create_room(token, json!({ "preset": "public_chat" })).await;
     let restricted = a
         .server
         .create_room(
-            &alice_token,
+            token,
             json!({
                 "room_version": "10",
                 "initial_state": [{
@@ -151,6 +152,14 @@ async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
             }),
         )
         .await;
+    (space, restricted)
+}
+
+#[tokio::test]
+async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
+    let (_pki, a, b) = pair().await;
+    let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
+    let (space, restricted) = restricted_room(&a, &alice_token).await;
     let (bob, bob_token, _) = b.server.register("bob", "secret-pass-1").await;
     // Not yet in the space: refused.
     let path = format!("/_matrix/client/v3/join/{}?via={}", enc(&restricted), a.name);
@@ -177,6 +186,132 @@ async fn a_restricted_join_is_authorised_and_signed_by_the_resident_server() {
     let b_state = b.services().rooms.current_state(room_ref).unwrap();
     let b_join = b.services().rooms.state_event(&b_state, "m.room.member", &bob).unwrap().unwrap();
     assert_eq!(b_join.event_id, join.event_id);
+}
+
+#[tokio::test]
+async fn a_send_join_naming_our_member_is_checked_against_the_allow_rules() {
+    let (_pki, a, b) = pair().await;
+    let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
+    let (_dave, _, _) = a.server.register("dave", "secret-pass-1").await;
+    let (space, restricted) = restricted_room(&a, &alice_token).await;
+    // Carol of B is in the space, bob of B is not.
+    let (carol, carol_token, _) = b.server.register("carol", "secret-pass-1").await;
+    let bob = format!("@bob:{}", b.name);
+    let path_space = format!("/_matrix/client/v3/join/{}?via={}", enc(&space), a.name);
+    let (status, body) = b.server.post(&path_space, Some(&carol_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let make =
+        format!("/_matrix/federation/v1/make_join/{}/{}?ver=10", enc(&restricted), enc(&carol));
+    let (status, body) = fed(&a, &b, Method::GET, &make, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let template = body["event"].clone();
+    let alice = format!("@alice:{}", a.name);
+    assert_eq!(template["content"]["join_authorised_via_users_server"], alice.as_str());
+    let send =
+        |id: &str| format!("/_matrix/federation/v2/send_join/{}/{}", enc(&restricted), enc(id));
+    let room_ref: &ruma::RoomId = restricted.as_str().try_into().unwrap();
+
+    // Bob's join built by hand from carol's template, never asked of make_join: refused.
+    let mut forged = template.clone();
+    forged["sender"] = json!(bob);
+    forged["state_key"] = json!(bob);
+    let (id, forged) = complete(&b, &forged, "10");
+    let (status, body) = fed(&a, &b, Method::PUT, &send(&id), Some(&forged)).await;
+    assert_error(&(status, body), StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let bob_ref: &ruma::UserId = bob.as_str().try_into().unwrap();
+    assert_eq!(a.services().rooms.membership(room_ref, bob_ref).unwrap(), None);
+
+    // Carol's join naming a member of A who is not in the room: refused.
+    let mut wrong_via = template.clone();
+    wrong_via["content"]["join_authorised_via_users_server"] = json!(format!("@dave:{}", a.name));
+    let (id, wrong_via) = complete(&b, &wrong_via, "10");
+    let (status, body) = fed(&a, &b, Method::PUT, &send(&id), Some(&wrong_via)).await;
+    assert_error(&(status, body), StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let carol_ref: &ruma::UserId = carol.as_str().try_into().unwrap();
+    assert_eq!(a.services().rooms.membership(room_ref, carol_ref).unwrap(), None);
+
+    // The honest join: signed by A and accepted.
+    let (id, event) = complete(&b, &template, "10");
+    let (status, body) = fed(&a, &b, Method::PUT, &send(&id), Some(&event)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["event"]["signatures"][a.name.as_str()].is_object(), "{body}");
+    assert_eq!(
+        a.services().rooms.membership(room_ref, carol_ref).unwrap().as_deref(),
+        Some("join")
+    );
+}
+
+/// Waits (up to 10 s) until `user` has `membership` in `room` on `server`.
+async fn until_membership(server: &FedServer, room: &str, user: &str, membership: &str) {
+    let room_ref: &ruma::RoomId = room.try_into().unwrap();
+    let user_ref: &ruma::UserId = user.try_into().unwrap();
+    for _ in 0..200 {
+        let now = server.services().rooms.membership(room_ref, user_ref).unwrap();
+        if now.as_deref() == Some(membership) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{user} never had membership {membership} on {}", server.name);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn joins_and_leaves_a_resident_server_takes_are_passed_on_to_the_other_servers() {
+    let pki = Pki::new();
+    let a = FedServer::start(&pki, 1, |_| {}).await;
+    let b = FedServer::start(&pki, 2, |_| {}).await;
+    let c = FedServer::start(&pki, 3, |_| {}).await;
+    let (_alice, alice_token, _) = a.server.register("alice", "secret-pass-1").await;
+    let room = a
+        .server
+        .create_room(&alice_token, json!({ "preset": "public_chat", "room_version": "10" }))
+        .await;
+    let join = format!("/_matrix/client/v3/join/{}?via={}", enc(&room), a.name);
+    let (_bob, bob_token, _) = b.server.register("bob", "secret-pass-1").await;
+    let (status, body) = b.server.post(&join, Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Carol of C joins through A's make_join and send_join, built as C would (C's server
+    // itself never hears of it, so cannot tell B), and nothing else happens in the room: B
+    // can only learn of the join from A passing it on.
+    let carol = format!("@carol:{}", c.name);
+    let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=10", enc(&room), enc(&carol));
+    let (status, body) = fed(&a, &c, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (join_id, event) = complete(&c, &body["event"], "10");
+    let path = format!("/_matrix/federation/v2/send_join/{}/{}", enc(&room), enc(&join_id));
+    let (status, body) = fed(&a, &c, Method::PUT, &path, Some(&event)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    until_membership(&b, &room, &carol, "join").await;
+    let room_ref: &ruma::RoomId = room.as_str().try_into().unwrap();
+    let b_state = b.services().rooms.current_state(room_ref).unwrap();
+    let b_join = b.services().rooms.state_event(&b_state, "m.room.member", &carol).unwrap();
+    assert_eq!(b_join.unwrap().event_id.as_str(), join_id);
+    // Bob's client sees it (once durable: sync shows no more than that).
+    let mut rooms = Value::Null;
+    for _ in 0..100 {
+        rooms = sync_rooms(&b.server, &bob_token).await;
+        let timeline = rooms["join"][&room]["timeline"]["events"].as_array();
+        if timeline.into_iter().flatten().any(|e| e["event_id"] == join_id.as_str()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let timeline = rooms["join"][&room]["timeline"]["events"].as_array().unwrap();
+    assert!(timeline.iter().any(|e| e["event_id"] == join_id.as_str()), "{rooms}");
+
+    // Carol leaves through make_leave and send_leave on A: B hears of it from A too.
+    let path = format!("/_matrix/federation/v1/make_leave/{}/{}", enc(&room), enc(&carol));
+    let (status, body) = fed(&a, &c, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (id, event) = complete(&c, &body["event"], "10");
+    let path = format!("/_matrix/federation/v2/send_leave/{}/{}", enc(&room), enc(&id));
+    let (status, body) = fed(&a, &c, Method::PUT, &path, Some(&event)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    until_membership(&b, &room, &carol, "leave").await;
+    let b_state = b.services().rooms.current_state(room_ref).unwrap();
+    let b_leave = b.services().rooms.state_event(&b_state, "m.room.member", &carol).unwrap();
+    assert_eq!(b_leave.unwrap().event_id.as_str(), id);
 }
 
 #[tokio::test]

@@ -29,7 +29,7 @@ use crate::{
             Status,
             from_state::VouchedState,
             ingest::Outcome,
-            membership::{member_content, restricted_join_authoriser},
+            membership::{member_content, restricted_join_authoriser, vouch_for_join},
             pdu::StoredPdu,
         },
     },
@@ -184,8 +184,8 @@ pub(super) fn content_str<'a>(wire: &'a CanonicalJsonObject, name: &str) -> Opti
 
 /// Takes the membership event of `send_join`, `send_leave` or `send_knock` (`event_id`, from
 /// `origin`): checks it is the membership asked for of a user of `origin` about itself, signs a
-/// restricted join one of our users authorised, and ingests it. Returns the event as accepted
-/// (with our signature when we added one).
+/// restricted join one of our users authorised, and ingests it, passing it on to the room's
+/// other servers. Returns the event as accepted (with our signature when we added one).
 pub async fn send_membership(
     services: &Services,
     origin: &ServerName,
@@ -228,9 +228,15 @@ pub async fn send_membership(
     if event_id_of(&wire, &rules)? != event_id {
         return Err(Error::bad_json("The event id does not match the event"));
     }
-    if membership == Membership::Join
-        && let Some(via) = content_str(&wire, "join_authorised_via_users_server")
-        && UserId::parse(via).is_ok_and(|via| via.server_name() == services.server_name())
+    // A restricted join naming one of our members is signed only once the join rules' allow
+    // conditions are checked again here: the joining server may never have asked `make_join`.
+    let via = match content_str(&wire, "join_authorised_via_users_server") {
+        Some(via) if membership == Membership::Join => UserId::parse(via).ok(),
+        _ => None,
+    };
+    if let Some(via) = via
+        && via.server_name() == services.server_name()
+        && vouch_for_join(services, room_id, &sender, &via)?
     {
         // Event signatures cover the redacted event; the hashes it carries stay the same.
         ruma::signatures::hash_and_sign_event(
@@ -241,8 +247,11 @@ pub async fn send_membership(
         )
         .map_err(|e| Error::bad_json(format!("Cannot sign the event: {e}")))?;
     }
-    let outcomes =
-        rooms.ingest(services, room_id, vec![wire.clone()], &services.federation).await?;
+    // Accepted, the event goes on to the room's other servers, in its own batch.
+    let relay = services.federation_sender.relay(event_id, origin);
+    let outcomes = rooms.ingest(services, room_id, vec![wire.clone()], &services.federation).await;
+    drop(relay);
+    let outcomes = outcomes?;
     match outcomes.into_iter().next().map(|(_, outcome)| outcome) {
         Some(Outcome::Placed(Status::Accepted) | Outcome::Known(Status::Accepted)) => Ok(wire),
         Some(Outcome::Dropped(reason)) => {

@@ -1,7 +1,9 @@
 //! Transactions other servers send us (`PUT /_matrix/federation/v1/send/{txnId}`): every PDU
 //! through the graph's checks on receipt, grouped by room, each answered on its own; EDUs
 //! handed to [`super::edu::receive`]; the room's `m.room.server_acl` obeyed; a retried
-//! transaction answered from the stored result. Events whose prev events are missing are
+//! transaction answered from the stored result. Events of users of other servers than the
+//! sending one are taken when their own servers signed them (a resident server passing on a
+//! join it took through `send_join`). Events whose prev events are missing are
 //! completed in the background, in order per origin: first with `/get_missing_events`, then,
 //! when the gap is too large, by placing the event on the state the origin gives
 //! (`/state_ids` and `/event`).
@@ -239,15 +241,25 @@ async fn receive_pdus(
             results.insert(event_id, result);
             continue;
         }
-        let sender_server = string_field(&wire, "sender")
-            .and_then(|s| <&UserId>::try_from(s).ok())
-            .map(|s| s.server_name().to_owned());
-        if sender_server.as_deref() != Some(origin) {
-            results.insert(event_id, Err("The sender is not of the sending server".to_owned()));
-            continue;
-        }
         if !allowed {
             results.insert(event_id, Err("The room's server ACL denies the server".to_owned()));
+            continue;
+        }
+        // A resident server passes on events of other servers (joins, leaves and knocks it
+        // took through `send_*`): the checks on receipt want the sender's server's signature,
+        // so only the sending server's own events are taken on its word.
+        let Some(sender_server) =
+            string_field(&wire, "sender").and_then(|s| <&UserId>::try_from(s).ok())
+        else {
+            results.insert(event_id, Err("The event has no valid sender".to_owned()));
+            continue;
+        };
+        let sender_server = sender_server.server_name();
+        if sender_server != origin && !services.server_allowed_in_room(&room_id, sender_server)? {
+            results.insert(
+                event_id,
+                Err("The room's server ACL denies the sender's server".to_owned()),
+            );
             continue;
         }
         let (ids, wires) = by_room.entry(room_id).or_default();

@@ -1,4 +1,5 @@
-//! Sending this server's events and EDUs to the other servers of its rooms: one persistent,
+//! Sending this server's events and EDUs to the other servers of its rooms (and, as the
+//! resident server, the joins, leaves and knocks other servers handed it): one persistent,
 //! ordered queue per destination (an [`Outbox`]), delivered as federation transactions
 //! (`PUT /_matrix/federation/v1/send/{txnId}`) with backoff per destination. Items leave a
 //! queue only once the destination accepted the transaction, so a destination that is down
@@ -16,7 +17,7 @@ use std::{
 };
 
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName, ServerName, UserId,
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName, ServerName, UserId,
     api::federation::transactions::{edu::Edu, send_transaction_message},
     serde::Raw,
 };
@@ -75,6 +76,22 @@ pub struct Sender {
     /// Queue entries written in an event's batch, by event, until the event is durable and
     /// the destinations' workers may be woken.
     pending: Mutex<HashMap<OwnedEventId, Vec<(OwnedServerName, u64)>>>,
+    /// Events of other servers this server passes on to the rooms' other servers once they
+    /// are written, with the server that handed each over (see [`Sender::relay`]).
+    relayed: Mutex<HashMap<OwnedEventId, OwnedServerName>>,
+}
+
+/// While alive, the event it names is passed on when written (see [`Sender::relay`]).
+#[must_use = "the event is passed on only while the mark lives"]
+pub struct Relay<'a> {
+    sender: &'a Sender,
+    event_id: OwnedEventId,
+}
+
+impl Drop for Relay<'_> {
+    fn drop(&mut self) {
+        self.sender.relayed.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.event_id);
+    }
 }
 
 impl Sender {
@@ -88,7 +105,16 @@ impl Sender {
             MAX_QUEUED,
         )?
         .bounded_by(fits_transaction);
-        Ok(Self { outbox: Arc::new(outbox), pending: Mutex::default() })
+        Ok(Self { outbox: Arc::new(outbox), pending: Mutex::default(), relayed: Mutex::default() })
+    }
+
+    /// Marks `event_id`, which `origin` handed us as the resident server (`send_join`,
+    /// `send_leave`, `send_knock`), to be queued for the room's other servers (`origin` left
+    /// out) in its own batch if it is written while the mark lives.
+    pub fn relay(&self, event_id: &EventId, origin: &ServerName) -> Relay<'_> {
+        let mut relayed = self.relayed.lock().unwrap_or_else(|e| e.into_inner());
+        relayed.insert(event_id.to_owned(), origin.to_owned());
+        Relay { sender: self, event_id: event_id.to_owned() }
     }
 
     /// Queues `items` for `destination`.
@@ -244,8 +270,8 @@ fn destinations_of(
     Ok(servers)
 }
 
-/// Queues each accepted event sent by one of our users for the other servers of its room, in
-/// the event's own batch.
+/// Queues each accepted event sent by one of our users, or handed to us to pass on (see
+/// [`Sender::relay`]), for the other servers of its room, in the event's own batch.
 pub struct Queue;
 
 impl Contributor for Queue {
@@ -261,14 +287,23 @@ impl Contributor for Queue {
         let event = written.event;
         let ours = <&UserId>::try_from(event.sender())
             .is_ok_and(|sender| sender.server_name() == services.server_name());
-        if !ours {
-            return Ok(());
+        let sender = &services.federation_sender;
+        let handed_by = if ours {
+            None
+        } else {
+            let relayed = sender.relayed.lock().unwrap_or_else(|e| e.into_inner());
+            match relayed.get(&event.event_id) {
+                Some(origin) => Some(origin.clone()),
+                None => return Ok(()),
+            }
+        };
+        let mut destinations = destinations_of(services, written)?;
+        if let Some(origin) = handed_by {
+            destinations.remove(&origin);
         }
-        let destinations = destinations_of(services, written)?;
         if destinations.is_empty() {
             return Ok(());
         }
-        let sender = &services.federation_sender;
         let item = [Queued::Pdu(event.event_id.clone())];
         let queued: Vec<_> = destinations
             .into_iter()

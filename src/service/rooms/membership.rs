@@ -1,10 +1,12 @@
 //! Membership changes: join, invite, leave, kick, ban, unban. Each is an `m.room.member` event
 //! that the room's auth rules accept or refuse; reasons travel in the content.
 
-use ruma::{OwnedEventId, RoomId, UserId, events::room::join_rules::JoinRule};
+use std::sync::Arc;
+
+use ruma::{OwnedEventId, RoomId, RoomVersionId, UserId, events::room::join_rules::JoinRule};
 use serde_json::{Value as JsonValue, json};
 
-use super::NewEvent;
+use super::{NewEvent, state::StateMap};
 use crate::{
     error::{Error, Result},
     service::{Services, audit::Entry},
@@ -107,13 +109,20 @@ pub async fn join_audited(
     send_member_audited(services, room_id, user_id, user_id, content, audit).await
 }
 
-/// For `restricted` rooms the joining user must be vouched for by a local member who can
-/// invite, once the user belongs to one of the allowed rooms.
-pub fn restricted_join_authoriser(
+/// A restricted room whose rules ask that a join of a user be vouched for.
+struct Restricted {
+    join_rule: JoinRule,
+    state: Arc<StateMap>,
+    version: RoomVersionId,
+}
+
+/// The restricted room `room_id` when `user_id`'s join of it needs a local member to vouch for
+/// it: the join rule is restricted and the user is neither joined nor invited.
+fn needs_vouching(
     services: &Services,
     room_id: &RoomId,
     user_id: &UserId,
-) -> Result<Option<ruma::OwnedUserId>> {
+) -> Result<Option<Restricted>> {
     let rooms = &services.rooms;
     let record = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
     // Most rooms are not restricted: their whole state is never loaded for a join.
@@ -125,10 +134,22 @@ pub fn restricted_join_authoriser(
     if matches!(rooms.membership_in(&state, user_id)?.as_str(), "join" | "invite") {
         return Ok(None);
     }
-    if !rooms.in_allowed_room(&join_rule, user_id)? {
+    Ok(Some(Restricted { join_rule, state, version: record.version }))
+}
+
+/// For `restricted` rooms the joining user must be vouched for by a local member who can
+/// invite, once the user belongs to one of the allowed rooms.
+pub fn restricted_join_authoriser(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+) -> Result<Option<ruma::OwnedUserId>> {
+    let rooms = &services.rooms;
+    let Some(restricted) = needs_vouching(services, room_id, user_id)? else { return Ok(None) };
+    if !rooms.in_allowed_room(&restricted.join_rule, user_id)? {
         return Ok(None);
     }
-    let levels = rooms.power_levels(&state, &record.version)?;
+    let levels = rooms.power_levels(&restricted.state, &restricted.version)?;
     for (member, membership) in rooms.members(room_id)?.iter() {
         if membership != "join" || member.server_name() != services.server_name() {
             continue;
@@ -138,6 +159,35 @@ pub fn restricted_join_authoriser(
         }
     }
     Ok(None)
+}
+
+/// Whether this server must vouch for `user_id`'s join of `room_id` as local member `via`, as a
+/// `send_join` naming `via` asks: `false` when the room's join rule needs no vouching (not
+/// restricted, or the user is already invited or joined), `true` when the user is in one of
+/// the allowed rooms and `via` is joined here with the power to invite. Anything else is
+/// refused: a joining server cannot skip `make_join`'s checks by naming one of our members.
+pub fn vouch_for_join(
+    services: &Services,
+    room_id: &RoomId,
+    user_id: &UserId,
+    via: &UserId,
+) -> Result<bool> {
+    let rooms = &services.rooms;
+    let Some(restricted) = needs_vouching(services, room_id, user_id)? else { return Ok(false) };
+    if !rooms.in_allowed_room(&restricted.join_rule, user_id)? {
+        return Err(Error::forbidden(
+            "The user is in none of the rooms the join rules allow, as far as this server knows",
+        ));
+    }
+    if via.server_name() != services.server_name()
+        || rooms.membership_in(&restricted.state, via)? != "join"
+        || !rooms.power_levels(&restricted.state, &restricted.version)?.user_can_invite(via)
+    {
+        return Err(Error::forbidden(
+            "The authorising user is not a member of this server who may invite to the room",
+        ));
+    }
+    Ok(true)
 }
 
 /// `user_id` asks to be let in (rooms whose join rule is `knock` or `knock_restricted`).

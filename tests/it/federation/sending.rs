@@ -1,7 +1,7 @@
 //! Rooms shared between two Plaza servers over TLS: events both ways through the transaction
 //! queues, a server down then back (nothing lost, order kept), transactions replayed and bad
-//! input, gap filling, the serving endpoints under history visibility, and the admin API of
-//! destinations.
+//! input, gap filling, the serving endpoints under history visibility, the admin API of
+//! destinations, and a server the room's ACL denies.
 //!
 //! A remote user joins with a test-side join: the join event is built and signed as its
 //! server would, placed there on the room's state as the host holds it, and reaches the host
@@ -365,7 +365,7 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
     forged_pdu.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(1u32.into()));
     let rules = version_of(&a, &room_id).rules().unwrap();
     let forged = format!("${}", ruma::signatures::reference_hash(&forged_pdu, &rules).unwrap());
-    // A user of A sent by B.
+    // A user of A sent by B, signed by B only: A's signature is missing.
     let alice_id = format!("@alice:{}", a.name);
     let (spoofed, spoofed_pdu) =
         build_pdu(&a, &b, &room_id, &alice_id, "m.room.message", None, msg("spoofed"), None);
@@ -380,15 +380,26 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
         json!({ "users": { bob_id.clone(): 100 } }),
         None,
     );
-    // A room A does not know.
-    let mut stray = value(&good_pdu);
-    stray["room_id"] = json!(format!("!nowhere:{}", b.name));
+    // A validly signed event of a room A does not know.
+    let nowhere = format!("!nowhere:{}", b.name);
+    let mut stray_pdu = good_pdu.clone();
+    stray_pdu.insert("room_id".into(), CanonicalJsonValue::String(nowhere.clone()));
+    stray_pdu.remove("signatures");
+    stray_pdu.remove("hashes");
+    ruma::signatures::hash_and_sign_event(
+        b.name.as_str(),
+        b.key(),
+        &mut stray_pdu,
+        &rules.redaction,
+    )
+    .unwrap();
+    let stray = format!("${}", ruma::signatures::reference_hash(&stray_pdu, &rules).unwrap());
     let pdus = [
         value(&good_pdu),
         value(&forged_pdu),
         value(&spoofed_pdu),
         value(&unauthorised_pdu),
-        stray,
+        value(&stray_pdu),
         json!("not an event"),
     ];
     let (status, answer) = put_txn(&a, &b, "t1", &pdus).await;
@@ -398,8 +409,11 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
     for bad in [forged.as_str(), spoofed.as_str(), unauthorised.as_str()] {
         assert!(results[bad]["error"].is_string(), "{bad}: {answer}");
     }
-    assert!(results[spoofed.as_str()]["error"].as_str().unwrap().contains("sender"), "{answer}");
-    assert_eq!(results.len(), 5, "the stray room's event is answered too: {answer}");
+    let why = results[spoofed.as_str()]["error"].as_str().unwrap();
+    assert!(why.contains("signature") && why.contains(a.name.as_str()), "{answer}");
+    let why = results[stray.as_str()]["error"].as_str().unwrap();
+    assert!(why.contains(&nowhere) && why.contains("not known"), "{answer}");
+    assert_eq!(results.len(), 5, "{answer}");
     assert_eq!(a.services().rooms.status_of(&unauthorised).unwrap(), Some(Status::Rejected));
     until_bodies(&a, &alice, &room, &["good"]).await;
 
@@ -697,4 +711,164 @@ async fn events_queued_for_a_server_down_survive_a_restart_of_the_sender() {
         a.services().federation_sender.depth(b.name.as_str()) == 0
     })
     .await;
+}
+
+/// Sends a transaction of `pdus` and `edus` to `to` as `from` would.
+async fn put_txn_with_edus(
+    to: &FedServer,
+    from: &FedServer,
+    txn: &str,
+    pdus: &[Value],
+    edus: &[Value],
+) -> (StatusCode, Value) {
+    let body = json!({
+        "origin": from.name, "origin_server_ts": plaza::service::now_ms(),
+        "pdus": pdus, "edus": edus,
+    });
+    let path = format!("/_matrix/federation/v1/send/{txn}");
+    let (origin, key_id) = (from.name.as_str(), from.key_id());
+    let destination = Some(to.name.as_str());
+    to.signed(
+        Method::PUT,
+        &path,
+        origin,
+        destination,
+        from.key(),
+        &key_id,
+        Some(&body),
+        Some(&body),
+    )
+    .await
+}
+
+/// Whether `token`'s sync on `s` shows `user` typing in `room`.
+async fn shows_typing(s: &FedServer, token: &str, room: &str, user: &str) -> bool {
+    let (status, sync) = s.server.get("/_matrix/client/v3/sync?timeout=0", Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{sync}");
+    sync["rooms"]["join"][room]["ephemeral"]["events"].as_array().into_iter().flatten().any(|e| {
+        e["type"] == "m.typing"
+            && e["content"]["user_ids"].as_array().is_some_and(|u| u.iter().any(|u| u == user))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_the_room_acl_denies_is_refused_until_allowed_again() {
+    let (_pki, a, b, alice, _bob, bob_id, room) = shared_room("shared").await;
+    let room_id = RoomId::parse(&room).unwrap();
+    join_remote(&a, &b, &room_id, &bob_id).await;
+    let first = send(&a, &alice, &room, "before", text("before")).await;
+    // The ACL compares the server name without its port: B is `127.0.0.2:<port>`.
+    assert_eq!(b.name.host(), "127.0.0.2");
+    let set_acl = |deny: Value| {
+        let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(&room));
+        let body = json!({ "allow": ["*"], "deny": deny, "allow_ip_literals": true });
+        let server = &a.server;
+        let alice = alice.clone();
+        async move {
+            let (status, body) = server.put(&path, Some(&alice), body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    let typing = json!({
+        "edu_type": "m.typing",
+        "content": { "room_id": room, "user_id": bob_id, "typing": true },
+    });
+    let make_join = format!(
+        "/_matrix/federation/v1/make_join/{}/{}?ver=11",
+        enc(&room),
+        enc(&format!("@carl:{}", b.name))
+    );
+    let backfill =
+        format!("/_matrix/federation/v1/backfill/{}?v={}&limit=10", enc(&room), enc(&first));
+    let fed_get = |path: String| {
+        let (a, b) = (&a, &b);
+        async move {
+            let key_id = b.key_id();
+            a.signed(Method::GET, &path, b.name.as_str(), None, b.key(), &key_id, None, None).await
+        }
+    };
+
+    set_acl(json!(["127.0.0.2"])).await;
+    let (denied, denied_pdu) =
+        build_pdu(&a, &b, &room_id, &bob_id, "m.room.message", None, text("denied"), None);
+    let (status, answer) =
+        put_txn_with_edus(&a, &b, "acl1", &[value(&denied_pdu)], std::slice::from_ref(&typing))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let why = answer["pdus"][denied.as_str()]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("server ACL"), "{answer}");
+    assert_eq!(a.services().rooms.stored(&denied).unwrap().map(|e| e.event_id), None);
+    assert!(!shows_typing(&a, &alice, &room, &bob_id).await);
+    assert_error(&fed_get(make_join.clone()).await, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert_error(&fed_get(backfill.clone()).await, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+
+    // Allowed again: the same requests go through.
+    set_acl(json!([])).await;
+    let (allowed, allowed_pdu) =
+        build_pdu(&a, &b, &room_id, &bob_id, "m.room.message", None, text("allowed"), None);
+    let (status, answer) =
+        put_txn_with_edus(&a, &b, "acl2", &[value(&allowed_pdu)], &[typing]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["pdus"][allowed.as_str()], json!({}), "{answer}");
+    until_bodies(&a, &alice, &room, &["before", "allowed"]).await;
+    assert!(shows_typing(&a, &alice, &room, &bob_id).await);
+    let (status, body) = fed_get(make_join).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = fed_get(backfill).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["pdus"].as_array().is_some_and(|pdus| !pdus.is_empty()), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gap_too_large_to_fetch_is_bridged_with_the_sending_servers_state() {
+    let (pki, a, b, alice, bob, bob_id, room) = shared_room("shared").await;
+    let c = FedServer::start(&pki, 3, |_| {}).await;
+    let room_id = RoomId::parse(&room).unwrap();
+    join_remote(&a, &b, &room_id, &bob_id).await;
+    send(&a, &alice, &room, "before", text("before")).await;
+    until_bodies(&b, &bob, &room, &["before"]).await;
+
+    // B alone learns of carol of C joining and sending more events than A fetches with
+    // `/get_missing_events` (nobody passes them on to A).
+    let carol = format!("@carol:{}", c.name);
+    let sb = b.services();
+    let (carol_join, join) = build_pdu(
+        &b,
+        &c,
+        &room_id,
+        &carol,
+        "m.room.member",
+        Some(&carol),
+        json!({ "membership": "join" }),
+        None,
+    );
+    let ingest_on_b = async |wire: CanonicalJsonObject| {
+        let outcomes = sb.rooms.ingest(sb, &room_id, vec![wire], &sb.federation).await.unwrap();
+        assert_eq!(outcomes[0].1, Outcome::Placed(Status::Accepted), "{outcomes:?}");
+    };
+    ingest_on_b(join).await;
+    // Each event follows the one before: built from B's extremities once the last is placed.
+    for n in 0..110 {
+        let body = text(&format!("g{n}"));
+        let (_, pdu) = build_pdu(&b, &c, &room_id, &carol, "m.room.message", None, body, None);
+        ingest_on_b(pdu).await;
+    }
+    let carol_ref = ruma::UserId::parse(&carol).unwrap();
+    assert_eq!(a.services().rooms.membership(&room_id, &carol_ref).unwrap(), None);
+
+    // Bob's next event reaches A on top of the gap: A places it on the state B gives.
+    let after = send(&b, &bob, &room, "after", text("after")).await;
+    until_bodies(&a, &alice, &room, &["before", "after"]).await;
+    let after = OwnedEventId::try_from(after).unwrap();
+    assert_eq!(a.services().rooms.status_of(&after).unwrap(), Some(Status::Accepted));
+    // The state change inside the gap is part of A's state now.
+    assert_eq!(
+        a.services().rooms.membership(&room_id, &carol_ref).unwrap().as_deref(),
+        Some("join")
+    );
+    let state = a.services().rooms.current_state(&room_id).unwrap();
+    let member = a.services().rooms.state_event(&state, "m.room.member", &carol).unwrap();
+    assert_eq!(member.map(|e| e.event_id), Some(carol_join));
+    // The gap's messages were never placed in A's timeline: no gap filling did it.
+    assert_eq!(bodies(&a, &alice, &room).await, ["before", "after"]);
 }
