@@ -38,6 +38,11 @@ use crate::{
 const MAX_CACHE_MS: u64 = MAX_KEY_VALIDITY_SECS * 1000;
 /// The least time between two fetches of one server's keys.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a lot of events (a received transaction) waits for the keys of servers not known
+/// yet, all asked together: the events of servers still unknown then fail their signature
+/// check instead of holding up the answer to the others.
+const LOT_FETCH_TIME: Duration = Duration::from_secs(15);
 /// Most servers whose last fetch time is remembered.
 const MAX_ATTEMPTS: usize = 10_000;
 /// Most servers in one notary query.
@@ -423,37 +428,58 @@ impl KeyLookup for Federation {
     ) -> Pin<Box<dyn Future<Output = Result<Vec<PublicKeyMap>>> + Send + 'a>> {
         Box::pin(async move {
             let now = now_ms();
-            // Each server's cache entry, read once; replaced when a fetch was needed.
+            // As `server_keys` judges: known keys usable then, from a document still valid now
+            // for something signed now.
+            let usable_cached = |entry: &Option<CachedKeys>, valid_at: Option<u64>| {
+                let known = entry.as_ref()?;
+                let usable = known.usable(valid_at);
+                let in_time = valid_at.is_some_and(|t| t < now) || known.fresh(now);
+                (!usable.is_empty() && in_time).then_some(usable)
+            };
+            // Each server's cache entry, read once.
             let mut entries: HashMap<&ServerName, Option<CachedKeys>> = HashMap::new();
+            let mut missing: HashMap<&ServerName, Option<u64>> = HashMap::new();
+            for (servers, valid_at) in wanted {
+                for server in servers.iter().filter(|server| **server != self.server_name) {
+                    let entry = match entries.entry(server) {
+                        Entry::Occupied(entry) => entry.into_mut(),
+                        Entry::Vacant(entry) => {
+                            entry.insert(self.remote_keys.get(server.as_str())?)
+                        }
+                    };
+                    if usable_cached(entry, *valid_at).is_none() {
+                        missing.entry(server).or_insert(*valid_at);
+                    }
+                }
+            }
+            // The servers whose keys are missing are asked all at once, and for a bounded time:
+            // a lot held up by unreachable servers is still answered promptly, without them.
+            let fetches = missing.iter().map(|(&server, &valid_at)| async move {
+                let fetched =
+                    tokio::time::timeout(LOT_FETCH_TIME, self.server_keys(server, &[], valid_at))
+                        .await;
+                (server, fetched)
+            });
+            for (server, fetched) in futures_util::future::join_all(fetches).await {
+                if let Ok(Err(err)) = fetched {
+                    return Err(err);
+                }
+                entries.insert(server, self.remote_keys.get(server.as_str())?);
+            }
             let mut maps = Vec::with_capacity(wanted.len());
             for (servers, valid_at) in wanted {
                 let mut map = PublicKeyMap::new();
                 for server in servers {
                     let keys = if *server == self.server_name {
                         self.own_key_set(*valid_at)?
+                    } else if missing.contains_key(&**server) {
+                        // Fetched just now (or given up on): what is known, as `server_keys`
+                        // answers after a fetch.
+                        let entry = entries.get(&**server).and_then(Option::as_ref);
+                        entry.map(|known| known.usable(*valid_at)).unwrap_or_default()
                     } else {
-                        let entry = match entries.entry(server) {
-                            Entry::Occupied(entry) => entry.into_mut(),
-                            Entry::Vacant(entry) => {
-                                entry.insert(self.remote_keys.get(server.as_str())?)
-                            }
-                        };
-                        // As `server_keys` judges: known keys usable then, from a document
-                        // still valid now for something signed now.
-                        let cached =
-                            entry.as_ref().map(|known| known.usable(*valid_at)).filter(|usable| {
-                                !usable.is_empty()
-                                    && (valid_at.is_some_and(|t| t < now)
-                                        || entry.as_ref().is_some_and(|e| e.fresh(now)))
-                            });
-                        match cached {
-                            Some(keys) => keys,
-                            None => {
-                                let keys = self.server_keys(server, &[], *valid_at).await?;
-                                *entry = self.remote_keys.get(server.as_str())?;
-                                keys
-                            }
-                        }
+                        let entry = entries.get(&**server).unwrap_or(&None);
+                        usable_cached(entry, *valid_at).unwrap_or_default()
                     };
                     if !keys.is_empty() {
                         map.insert(server.to_string(), keys);

@@ -1,7 +1,8 @@
 //! Rooms shared between two Plaza servers over TLS: events both ways through the transaction
 //! queues, a server down then back (nothing lost, order kept), transactions replayed and bad
 //! input, gap filling, the serving endpoints under history visibility, the admin API of
-//! destinations, and a server the room's ACL denies.
+//! destinations, a server the room's ACL denies, and a transaction answered promptly when
+//! servers whose keys it needs never answer.
 //!
 //! A remote user joins with a test-side join: the join event is built and signed as its
 //! server would, placed there on the room's state as the host holds it, and reaches the host
@@ -871,4 +872,45 @@ async fn a_gap_too_large_to_fetch_is_bridged_with_the_sending_servers_state() {
     assert_eq!(member.map(|e| e.event_id), Some(carol_join));
     // The gap's messages were never placed in A's timeline: no gap filling did it.
     assert_eq!(bodies(&a, &alice, &room).await, ["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_is_answered_promptly_when_a_signing_server_never_answers() {
+    let (_pki, a, b, alice, _bob, bob_id, room) = shared_room("prompt").await;
+    let room_id = RoomId::parse(&room).unwrap();
+    join_remote(&a, &b, &room_id, &bob_id).await;
+
+    let (good, good_pdu) =
+        build_pdu(&a, &b, &room_id, &bob_id, "m.room.message", None, text("good"), None);
+    let mut pdus = vec![value(&good_pdu)];
+    let mut muted = Vec::new();
+    // Servers that take connections and never answer on them, each with a user whose event
+    // B passes on: their keys must be asked for.
+    for n in 0..3 {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mute = format!("@mute:127.0.0.1:{}", silent.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let (id, pdu) =
+            build_pdu(&a, &b, &room_id, &mute, "m.room.message", None, text(&format!("{n}")), None);
+        muted.push(id);
+        pdus.push(value(&pdu));
+    }
+
+    let started = std::time::Instant::now();
+    let (status, answer) = put_txn(&a, &b, "prompt", &pdus).await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // The silent servers are asked together, for a bounded time: one after the other, each
+    // would hold the answer up for the whole connection timeout.
+    assert!(took < Duration::from_secs(20), "answered after {took:?}");
+    assert_eq!(answer["pdus"][good.as_str()], json!({}), "{answer}");
+    for id in &muted {
+        assert!(answer["pdus"][id.as_str()]["error"].is_string(), "{answer}");
+    }
+    until_bodies(&a, &alice, &room, &["good"]).await;
 }
