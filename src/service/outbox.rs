@@ -51,14 +51,15 @@ pub struct Item<V> {
 
 /// Delivers a batch of items to one target.
 pub trait Deliver<V>: Send + Sync + 'static {
-    /// Sends `items` (oldest first) to `target` as the transaction `txn_id`. A retried batch
-    /// keeps its items and its id. `Ok` removes the items from the queue; `Err` (a reason
-    /// for the admin) retries them later with backoff.
+    /// Sends `items` (oldest first) to `target` as the transaction `txn_id`. It may send only
+    /// the first of them (a batch too large in bytes) by cutting `items` to those it sent; the
+    /// rest go in the next batch. A retried batch keeps its items and its id. `Ok` removes the
+    /// items from the queue; `Err` (a reason for the admin) retries them later with backoff.
     fn deliver<'a>(
         &'a self,
         target: &'a str,
         txn_id: &'a str,
-        items: &'a [Item<V>],
+        items: &'a mut Vec<Item<V>>,
     ) -> impl Future<Output = std::result::Result<(), String>> + Send + 'a;
 }
 
@@ -326,11 +327,17 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     ) {
         let mut keys: Vec<Box<[u8]>> = Vec::new();
         let mut items: Vec<Item<V>> = Vec::new();
+        let mut txn_id = String::new();
         let mut failures: u32 = 0;
         loop {
             if items.is_empty() {
                 match self.read(&target) {
-                    Ok((k, i)) => (keys, items) = (k, i),
+                    Ok((k, i)) => {
+                        (keys, items) = (k, i);
+                        let first = items.first().map_or(0, |i| i.sequence);
+                        let last = items.last().map_or(0, |i| i.sequence);
+                        txn_id = format!("{first}-{last}");
+                    }
                     Err(err) => {
                         tracing::warn!(%err, target, "outbox queue could not be read");
                         if pause(&mut stopped, STORAGE_RETRY).await {
@@ -346,13 +353,12 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                     }
                 }
             }
-            let first = items.first().map_or(0, |i| i.sequence);
-            let last = items.last().map_or(0, |i| i.sequence);
-            let txn_id = format!("{first}-{last}");
+            // The id stays the batch's through retries, also when only its first items went.
             let outcome = tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return,
-                outcome = deliver.deliver(&target, &txn_id, &items) => outcome,
+                outcome = deliver.deliver(&target, &txn_id, &mut items) => outcome,
             };
+            keys.truncate(items.len());
             match outcome {
                 Ok(()) => {
                     let mut batch = self.db.batch();
@@ -443,7 +449,7 @@ mod tests {
             &self,
             target: &str,
             txn_id: &str,
-            items: &[Item<u64>],
+            items: &mut Vec<Item<u64>>,
         ) -> std::result::Result<(), String> {
             let down = self.down.load(Ordering::SeqCst);
             if !down {

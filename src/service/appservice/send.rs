@@ -23,7 +23,7 @@ impl Deliver<Queued> for Transactions {
         &self,
         target: &str,
         txn_id: &str,
-        items: &[Item<Queued>],
+        items: &mut Vec<Item<Queued>>,
     ) -> Result<(), String> {
         let services = &self.services;
         let registered = services

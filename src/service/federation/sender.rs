@@ -16,12 +16,12 @@ use std::{
 };
 
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName, ServerName, UserId,
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName, ServerName, UserId,
     api::federation::transactions::{edu::Edu, send_transaction_message},
     serde::Raw,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value as JsonValue;
+use serde_json::{Value as JsonValue, value::RawValue as RawJsonValue};
 use tokio::sync::watch;
 
 use super::SendError;
@@ -44,6 +44,9 @@ pub const MAX_TRANSACTION_PDUS: usize = 50;
 pub const MAX_TRANSACTION_EDUS: usize = 100;
 /// Most items in one transaction.
 pub const MAX_TRANSACTION_ITEMS: usize = MAX_TRANSACTION_PDUS + MAX_TRANSACTION_EDUS;
+/// Most bytes of PDUs and EDUs in one transaction we send, well under what servers accept
+/// (16 MiB here by default); an item larger on its own still goes, alone.
+pub const MAX_TRANSACTION_BYTES: usize = 4 << 20;
 /// Most items waiting for one destination; beyond it new items are dropped and said so.
 const MAX_QUEUED: u64 = 1_000_000;
 /// Most destinations named one by one in the metrics.
@@ -67,6 +70,38 @@ fn fits_transaction(items: &[Item<Queued>], next: &Queued) -> bool {
         Queued::Pdu(_) => pdus < MAX_TRANSACTION_PDUS,
         Queued::Edu(_) => items.len() - pdus < MAX_TRANSACTION_EDUS,
     }
+}
+
+/// Fills `request` with the first of `items`, in order, while their PDUs and EDUs stay within
+/// `max_bytes` (the first always goes), reading each PDU with `pdu` (`None`: gone, skipped).
+/// Returns how many items it took.
+fn fill_transaction(
+    request: &mut send_transaction_message::v1::Request,
+    items: &[Item<Queued>],
+    max_bytes: usize,
+    mut pdu: impl FnMut(&EventId) -> Result<Option<Box<RawJsonValue>>, String>,
+) -> Result<usize, String> {
+    let mut bytes = 0usize;
+    for (taken, item) in items.iter().enumerate() {
+        let raw = match &item.value {
+            Queued::Pdu(event_id) => match pdu(event_id)? {
+                Some(raw) => raw,
+                None => continue,
+            },
+            Queued::Edu(edu) => serde_json::value::to_raw_value(edu).map_err(|e| e.to_string())?,
+        };
+        // The item and the comma before it.
+        let size = raw.get().len() + 1;
+        if taken > 0 && bytes + size > max_bytes {
+            return Ok(taken);
+        }
+        bytes += size;
+        match item.value {
+            Queued::Pdu(_) => request.pdus.push(raw),
+            Queued::Edu(_) => request.edus.push(Raw::from_json(raw)),
+        }
+    }
+    Ok(items.len())
 }
 
 /// The per-destination queues of outgoing transactions.
@@ -312,7 +347,7 @@ impl Deliver<Queued> for Transactions {
         &self,
         target: &str,
         txn_id: &str,
-        items: &[Item<Queued>],
+        items: &mut Vec<Item<Queued>>,
     ) -> Result<(), String> {
         let services = &self.services;
         // A name that does not parse was never queued by us: nothing can be sent to it.
@@ -322,21 +357,17 @@ impl Deliver<Queued> for Transactions {
             services.server_name().to_owned(),
             MilliSecondsSinceUnixEpoch::now(),
         );
-        for item in items {
-            match &item.value {
-                Queued::Pdu(event_id) => match services.rooms.stored(event_id) {
-                    Ok(Some(stored)) => request.pdus.push(
-                        serde_json::value::to_raw_value(&stored.wire).map_err(|e| e.to_string())?,
-                    ),
-                    // Purged meanwhile: nothing to send.
-                    Ok(None) => {}
-                    Err(err) => return Err(format!("event {event_id} unreadable: {err}")),
-                },
-                Queued::Edu(edu) => request.edus.push(Raw::from_json(
-                    serde_json::value::to_raw_value(edu).map_err(|e| e.to_string())?,
-                )),
+        let taken = fill_transaction(&mut request, items, MAX_TRANSACTION_BYTES, |event_id| {
+            match services.rooms.stored(event_id) {
+                Ok(Some(stored)) => serde_json::value::to_raw_value(&stored.wire)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                // Purged meanwhile: nothing to send.
+                Ok(None) => Ok(None),
+                Err(err) => Err(format!("event {event_id} unreadable: {err}")),
             }
-        }
+        })?;
+        items.truncate(taken);
         if request.pdus.is_empty() && request.edus.is_empty() {
             return Ok(());
         }
@@ -365,6 +396,8 @@ pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn items(pdus: usize, edus: usize) -> Vec<Item<Queued>> {
@@ -386,5 +419,58 @@ mod tests {
         assert!(fits_transaction(&items(50, 99), &edu));
         assert!(!fits_transaction(&items(0, 100), &edu));
         assert!(fits_transaction(&items(0, 100), &pdu));
+    }
+
+    /// A transaction request with nothing in it yet.
+    fn empty_request() -> send_transaction_message::v1::Request {
+        send_transaction_message::v1::Request::new(
+            "t".into(),
+            ruma::server_name!("a.example").to_owned(),
+            MilliSecondsSinceUnixEpoch::now(),
+        )
+    }
+
+    /// A PDU of about `size` bytes.
+    fn sized(size: usize) -> Box<RawJsonValue> {
+        serde_json::value::to_raw_value(&json!({ "body": "x".repeat(size) })).unwrap()
+    }
+
+    #[test]
+    fn a_transaction_stops_before_the_item_that_would_pass_its_byte_cap() {
+        // Forty PDUs of about 60 KiB under a 1 MiB cap: the first 17 fit (17 * 60 KiB is
+        // under 1 MiB, 18 are over it).
+        let queued = items(40, 2);
+        let mut request = empty_request();
+        let taken =
+            fill_transaction(&mut request, &queued, 1 << 20, |_| Ok(Some(sized(60 * 1024))))
+                .unwrap();
+        assert_eq!((taken, request.pdus.len(), request.edus.len()), (17, 17, 0));
+        let bytes: usize = request.pdus.iter().map(|p| p.get().len() + 1).sum();
+        assert!(bytes <= 1 << 20, "{bytes}");
+
+        // Under a cap that holds them all, everything goes, EDUs included.
+        let mut request = empty_request();
+        let taken =
+            fill_transaction(&mut request, &queued, 4 << 20, |_| Ok(Some(sized(60 * 1024))))
+                .unwrap();
+        assert_eq!((taken, request.pdus.len(), request.edus.len()), (42, 40, 2));
+
+        // An item larger than the cap goes alone; one that is gone takes no room.
+        let mut request = empty_request();
+        let mut n = 0;
+        let taken = fill_transaction(&mut request, &items(3, 0), 1000, |_| {
+            n += 1;
+            Ok(Some(sized(5000)))
+        })
+        .unwrap();
+        assert_eq!((taken, request.pdus.len()), (1, 1));
+        let mut request = empty_request();
+        let mut n = 0;
+        let taken = fill_transaction(&mut request, &items(3, 0), 1000, |_| {
+            n += 1;
+            Ok((n > 1).then(|| sized(400)))
+        })
+        .unwrap();
+        assert_eq!((taken, request.pdus.len()), (3, 2));
     }
 }

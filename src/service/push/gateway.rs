@@ -186,11 +186,11 @@ impl Deliver<Delivery> for Pushes {
         &self,
         _target: &str,
         _txn_id: &str,
-        items: &[Item<Delivery>],
+        items: &mut Vec<Item<Delivery>>,
     ) -> std::result::Result<(), String> {
         let services = &self.services;
         let max_age = services.config.push.max_delivery_age_secs.saturating_mul(1000);
-        for item in items {
+        for item in items.iter() {
             let delivery = &item.value;
             // A push for a removed pusher, or one past its age, leaves the queue unsent.
             let Some(pusher) = delivery.pusher(&services.pushers) else { continue };

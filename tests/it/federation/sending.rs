@@ -101,7 +101,7 @@ fn build_pdu(
 
 /// Joins `user` (of `b`) to `room` hosted on `a`: the join is placed on `b` on `a`'s state
 /// and reaches `a` through `b`'s transaction queue.
-async fn join_remote(a: &FedServer, b: &FedServer, room: &RoomId, user: &str) {
+pub(super) async fn join_remote(a: &FedServer, b: &FedServer, room: &RoomId, user: &str) {
     let (_, join) = build_pdu(
         a,
         b,
@@ -166,19 +166,25 @@ pub(super) async fn until_bodies(s: &FedServer, token: &str, room: &str, expecte
     panic!("expected {expected:?}, read {seen:?}");
 }
 
-async fn send(s: &FedServer, token: &str, room: &str, txn: &str, content: Value) -> String {
+pub(super) async fn send(
+    s: &FedServer,
+    token: &str,
+    room: &str,
+    txn: &str,
+    content: Value,
+) -> String {
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
     let (status, body) = s.server.put(&path, Some(token), content).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["event_id"].as_str().unwrap().to_owned()
 }
 
-fn text(body: &str) -> Value {
+pub(super) fn text(body: &str) -> Value {
     json!({ "msgtype": "m.text", "body": body })
 }
 
-/// Two servers, alice on A hosting a public room, bob on B joined to it.
-async fn shared_room(
+/// Two servers, alice on A hosting a public room, and bob on B (not joined yet).
+pub(super) async fn shared_room(
     visibility: &str,
 ) -> (std::sync::Arc<Pki>, FedServer, FedServer, String, String, String, String) {
     let (pki, a, b) = pair().await;
