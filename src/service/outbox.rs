@@ -54,13 +54,46 @@ pub trait Deliver<V>: Send + Sync + 'static {
     /// Sends `items` (oldest first) to `target` as the transaction `txn_id`. It may send only
     /// the first of them (a batch too large in bytes) by cutting `items` to those it sent; the
     /// rest go in the next batch. A retried batch keeps its items and its id. `Ok` removes the
-    /// items from the queue; `Err` (a reason for the admin) retries them later with backoff.
+    /// items from the queue; a [`Failure`] retries them later with backoff, or drops them
+    /// once the target refused them often enough.
     fn deliver<'a>(
         &'a self,
         target: &'a str,
         txn_id: &'a str,
         items: &'a mut Vec<Item<V>>,
-    ) -> impl Future<Output = std::result::Result<(), String>> + Send + 'a;
+    ) -> impl Future<Output = std::result::Result<(), Failure>> + Send + 'a;
+}
+
+/// Why a batch was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The target cannot take it now (down, busy, or an error here): retried with backoff
+    /// for as long as it takes.
+    Retry(String),
+    /// The target refused the batch itself: retried with backoff (a refusal may pass) until
+    /// refused `tries` times in a row, then dropped, so the items behind it are not held up
+    /// forever.
+    Refused {
+        /// Why, for the admin.
+        reason: String,
+        /// Attempts in all before the batch is dropped.
+        tries: u32,
+    },
+}
+
+impl Failure {
+    /// Why, for the admin.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Retry(reason) | Self::Refused { reason, .. } => reason,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self::Retry(reason)
+    }
 }
 
 /// How one target is doing, for the admin API.
@@ -82,6 +115,8 @@ pub struct TargetStatus {
     pub failing_since_ms: Option<u64>,
     /// The wait before the next attempt while failing, in milliseconds.
     pub retry_interval_ms: u64,
+    /// Items dropped because the target kept refusing the batch they were in.
+    pub dropped: u64,
 }
 
 /// A batch read from a queue: the raw keys and the items.
@@ -329,11 +364,14 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         let mut items: Vec<Item<V>> = Vec::new();
         let mut txn_id = String::new();
         let mut failures: u32 = 0;
+        // Times the current batch was refused.
+        let mut refusals: u32 = 0;
         loop {
             if items.is_empty() {
                 match self.read(&target) {
                     Ok((k, i)) => {
                         (keys, items) = (k, i);
+                        refusals = 0;
                         let first = items.first().map_or(0, |i| i.sequence);
                         let last = items.last().map_or(0, |i| i.sequence);
                         txn_id = format!("{first}-{last}");
@@ -359,20 +397,16 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                 outcome = deliver.deliver(&target, &txn_id, &mut items) => outcome,
             };
             keys.truncate(items.len());
+            let refused_for_good = match &outcome {
+                Err(Failure::Refused { tries, .. }) => {
+                    refusals = refusals.saturating_add(1);
+                    refusals >= *tries
+                }
+                _ => false,
+            };
             match outcome {
                 Ok(()) => {
-                    let mut batch = self.db.batch();
-                    for key in &keys {
-                        self.table.delete_raw(&mut batch, key);
-                    }
-                    if let Err(err) = self.db.write(batch) {
-                        // Delivered again later under the same transaction id.
-                        tracing::warn!(%err, target, "delivered items could not be removed");
-                    }
-                    let count = items.len() as u64;
-                    let _ = state.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        Some(n.saturating_sub(count))
-                    });
+                    self.remove(&target, &state, &keys);
                     {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
                         status.last_success_ms = Some(now_ms());
@@ -384,9 +418,38 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                     keys.clear();
                     items.clear();
                 }
-                Err(why) => {
+                Err(failure) if refused_for_good => {
+                    let count = items.len() as u64;
+                    tracing::warn!(
+                        target,
+                        reason = failure.reason(),
+                        count,
+                        refusals,
+                        "the target keeps refusing a batch; its items are dropped"
+                    );
+                    self.remove(&target, &state, &keys);
+                    {
+                        let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+                        status.last_error = Some(format!(
+                            "{}; {count} items dropped after {refusals} refusals",
+                            failure.reason()
+                        ));
+                        status.last_error_ms = Some(now_ms());
+                        status.dropped = status.dropped.saturating_add(count);
+                        status.failures = 0;
+                        status.failing_since_ms = None;
+                        status.retry_interval_ms = 0;
+                    }
+                    failures = 0;
+                    keys.clear();
+                    items.clear();
+                }
+                Err(failure) => {
                     failures = failures.saturating_add(1);
                     let wait = backoff(failures);
+                    let why = match failure {
+                        Failure::Retry(reason) | Failure::Refused { reason, .. } => reason,
+                    };
                     tracing::debug!(target, %why, ?wait, "outbox delivery failed; retrying later");
                     {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -405,6 +468,24 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                 }
             }
         }
+    }
+}
+
+impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
+    /// Removes the items under `keys` (delivered or dropped) from `target`'s queue.
+    fn remove(&self, target: &str, state: &Target, keys: &[Box<[u8]>]) {
+        let mut batch = self.db.batch();
+        for key in keys {
+            self.table.delete_raw(&mut batch, key);
+        }
+        if let Err(err) = self.db.write(batch) {
+            // Delivered again later under the same transaction id.
+            tracing::warn!(%err, target, "delivered items could not be removed");
+        }
+        let count = keys.len() as u64;
+        let _ = state
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(count)));
     }
 }
 
@@ -441,6 +522,7 @@ mod tests {
     struct Recorder {
         down: AtomicBool,
         seen: Mutex<Vec<(String, String, Vec<u64>)>>,
+        refused: Mutex<Vec<Vec<u64>>>,
         calls: Notify,
     }
 
@@ -450,14 +532,20 @@ mod tests {
             target: &str,
             txn_id: &str,
             items: &mut Vec<Item<u64>>,
-        ) -> std::result::Result<(), String> {
+        ) -> std::result::Result<(), Failure> {
             let down = self.down.load(Ordering::SeqCst);
-            if !down {
-                let values = items.iter().map(|i| i.value).collect();
-                self.seen.lock().unwrap().push((target.into(), txn_id.into(), values));
-            }
+            let values: Vec<u64> = items.iter().map(|i| i.value).collect();
             self.calls.notify_one();
-            if down { Err("down".into()) } else { Ok(()) }
+            if down {
+                return Err(Failure::Retry("down".into()));
+            }
+            // A batch holding a value of 10_000 or more is refused, twice before it is dropped.
+            if values.iter().any(|v| *v >= 10_000) {
+                self.refused.lock().unwrap().push(values);
+                return Err(Failure::Refused { reason: "refused".into(), tries: 2 });
+            }
+            self.seen.lock().unwrap().push((target.into(), txn_id.into(), values));
+            Ok(())
         }
     }
 
@@ -517,6 +605,28 @@ mod tests {
         let status = outbox.status("a");
         assert_eq!(status.failures, 0);
         assert!(status.last_success_ms.is_some());
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_batch_refused_often_enough_is_dropped_and_the_rest_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let outbox = Arc::new(Outbox::<u64>::new(&db, KIND_FEDERATION, "t", 1, 100).unwrap());
+        outbox.enqueue("a", &[1, 10_000, 2]).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        until(|| outbox.depth("a") == 0).await;
+        let seen: Vec<Vec<u64>> =
+            recorder.seen.lock().unwrap().iter().map(|(_, _, v)| v.clone()).collect();
+        assert_eq!(seen, [vec![1], vec![2]], "what follows the refused batch still goes");
+        assert_eq!(*recorder.refused.lock().unwrap(), [vec![10_000], vec![10_000]]);
+        let status = outbox.status("a");
+        assert_eq!((status.dropped, status.failures, status.retry_interval_ms), (1, 0, 0));
+        let error = status.last_error.unwrap();
+        assert_eq!(error, "refused; 1 items dropped after 2 refusals");
         stop.send(true).unwrap();
         task.await.unwrap();
     }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use super::Queued;
 use crate::service::{
     Services,
-    outbox::{Deliver, Item},
+    outbox::{Deliver, Failure, Item},
     rooms::pdu::client_event,
 };
 
@@ -24,7 +24,7 @@ impl Deliver<Queued> for Transactions {
         target: &str,
         txn_id: &str,
         items: &mut Vec<Item<Queued>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let services = &self.services;
         let registered = services
             .appservices
@@ -50,7 +50,11 @@ impl Deliver<Queued> for Transactions {
             .await
             .map_err(|e| format!("request failed: {e}"))?;
         let status = response.status();
-        if status.is_success() { Ok(()) } else { Err(format!("the service answered {status}")) }
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(Failure::Retry(format!("the service answered {status}")))
+        }
     }
 }
 

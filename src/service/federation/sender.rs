@@ -29,7 +29,7 @@ use crate::{
     error::{Error, Result},
     service::{
         Services,
-        outbox::{Deliver, Item, KIND_FEDERATION, Outbox, TargetStatus},
+        outbox::{Deliver, Failure, Item, KIND_FEDERATION, Outbox, TargetStatus},
         rooms::{
             listeners::{Contributor, Listener, Written},
             pdu::StoredPdu,
@@ -157,22 +157,37 @@ impl Sender {
         self.outbox.depth(destination)
     }
 
-    /// Queue depths and failures per destination in the Prometheus text format.
+    /// Queue depths, failures and dropped items per destination in the Prometheus text
+    /// format.
     pub fn render_metrics(&self, out: &mut String) {
+        enum Field {
+            Queued,
+            Failures,
+            Dropped,
+        }
         let statuses = self.outbox.statuses();
         let families = [
-            ("plaza_federation_queue_depth", "Items waiting for each destination.", false),
+            ("plaza_federation_queue_depth", "Items waiting for each destination.", Field::Queued),
             (
                 "plaza_federation_destination_failures",
                 "Failed transactions in a row for each destination.",
-                true,
+                Field::Failures,
+            ),
+            (
+                "plaza_federation_dropped_items",
+                "Items dropped because the destination kept refusing their transaction.",
+                Field::Dropped,
             ),
         ];
-        for (name, help, failures) in families {
+        for (name, help, field) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             let mut other = 0u64;
             for (n, status) in statuses.iter().enumerate() {
-                let value = if failures { u64::from(status.failures) } else { status.queued };
+                let value = match field {
+                    Field::Queued => status.queued,
+                    Field::Failures => u64::from(status.failures),
+                    Field::Dropped => status.dropped,
+                };
                 if n >= MAX_METRIC_DESTINATIONS {
                     other += value;
                     continue;
@@ -348,7 +363,7 @@ impl Deliver<Queued> for Transactions {
         target: &str,
         txn_id: &str,
         items: &mut Vec<Item<Queued>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let services = &self.services;
         // A name that does not parse was never queued by us: nothing can be sent to it.
         let Ok(destination) = <&ServerName>::try_from(target) else { return Ok(()) };
@@ -382,8 +397,30 @@ impl Deliver<Queued> for Transactions {
             }
             // The lists refuse it, or federation is off: the items can never go.
             Err(SendError::Forbidden(_) | SendError::Disabled) => Ok(()),
-            Err(err) => Err(err.to_string()),
+            Err(err) => Err(failure_of(&err)),
         }
+    }
+}
+
+/// Attempts at a transaction the destination refused with 401 before it is dropped: the
+/// refusal may come from an outdated copy of our keys, which it fetches again.
+const TRIES_UNAUTHORIZED: u32 = 5;
+/// Attempts at a transaction the destination refused with another 4xx before it is dropped.
+const TRIES_REFUSED: u32 = 3;
+
+/// What a failed transaction means: a destination that is down, busy (429) or failing (5xx)
+/// is retried for as long as it takes; any other 4xx refuses the transaction itself, which
+/// is tried a few times, then dropped so what follows it is not held up forever.
+fn failure_of(err: &SendError) -> Failure {
+    let reason = err.to_string();
+    match err {
+        SendError::Remote { status: 401, .. } => {
+            Failure::Refused { reason, tries: TRIES_UNAUTHORIZED }
+        }
+        SendError::Remote { status, .. } if (400..500).contains(status) && *status != 429 => {
+            Failure::Refused { reason, tries: TRIES_REFUSED }
+        }
+        _ => Failure::Retry(reason),
     }
 }
 
