@@ -1244,6 +1244,11 @@ pub struct FederationConfig {
     /// bytes: room for 50 PDUs of 64 KiB and 100 EDUs. Other federation requests keep
     /// `limits.max_request_bytes`.
     pub max_transaction_bytes: usize,
+    /// The wait after a destination first fails, in milliseconds; each further failure
+    /// doubles it up to `destination_retry_max_secs`. Contact from it ends the wait.
+    pub destination_retry_first_ms: u64,
+    /// The longest wait between two attempts at a failing destination, in seconds.
+    pub destination_retry_max_secs: u64,
 }
 
 /// A notary server, with the keys its answers must be signed with (fetched from it when
@@ -1280,6 +1285,8 @@ impl Default for FederationConfig {
             key_validity_secs: MAX_KEY_VALIDITY_SECS,
             presence: true,
             max_transaction_bytes: 16 * 1024 * 1024,
+            destination_retry_first_ms: 500,
+            destination_retry_max_secs: 300,
         }
     }
 }
@@ -1319,6 +1326,17 @@ impl FederationConfig {
             return fail(
                 "federation.max_transaction_bytes",
                 "must be 4194304 (4 MiB) to 1073741824 (1 GiB)",
+            );
+        }
+        if !(1..=3_600_000).contains(&self.destination_retry_first_ms) {
+            return fail("federation.destination_retry_first_ms", "must be 1 to 3600000 (an hour)");
+        }
+        let max_ms = self.destination_retry_max_secs.saturating_mul(1000);
+        if self.destination_retry_max_secs > 7 * 86_400 || max_ms < self.destination_retry_first_ms
+        {
+            return fail(
+                "federation.destination_retry_max_secs",
+                "must be at least destination_retry_first_ms and at most 604800 (seven days)",
             );
         }
         Ok(())
@@ -1368,5 +1386,13 @@ mod federation_tests {
         config.federation.key_validity_secs = 60;
         config.federation.max_transaction_bytes = 1024 * 1024;
         assert_eq!(key_of(&config), Some("federation.max_transaction_bytes"));
+        config.federation.max_transaction_bytes = 4 << 20;
+        config.federation.destination_retry_first_ms = 0;
+        assert_eq!(key_of(&config), Some("federation.destination_retry_first_ms"));
+        config.federation.destination_retry_first_ms = 20_000;
+        config.federation.destination_retry_max_secs = 10;
+        assert_eq!(key_of(&config), Some("federation.destination_retry_max_secs"));
+        config.federation.destination_retry_max_secs = 20;
+        assert_eq!(key_of(&config), None);
     }
 }

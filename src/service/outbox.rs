@@ -33,9 +33,10 @@ pub const KIND_FEDERATION: u8 = 2;
 /// The kind byte reserved for push gateways.
 pub const KIND_PUSH: u8 = 3;
 
-/// The first wait after a failure; each further failure doubles it.
+/// The first wait after a failure, unless the outbox is given another; each further failure
+/// doubles it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// The longest wait between two attempts.
+/// The longest wait between two attempts, unless the outbox is given another.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The wait after the queue itself could not be read.
 const STORAGE_RETRY: Duration = Duration::from_secs(5);
@@ -145,6 +146,8 @@ pub struct Outbox<V> {
     max_queued: u64,
     /// Whether an item still fits a batch holding the items given (besides `max_batch`).
     fits: fn(&[Item<V>], &V) -> bool,
+    /// The wait after a first failure, and the longest.
+    backoff: (Duration, Duration),
 }
 
 impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
@@ -171,6 +174,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             max_batch: max_batch.max(1),
             max_queued,
             fits: |_, _| true,
+            backoff: (FIRST_BACKOFF, MAX_BACKOFF),
         };
         let mut counts: HashMap<String, u64> = HashMap::new();
         let raw: Table<Box<serde_json::value::RawValue>> = db.table(tables::OUTBOX);
@@ -191,6 +195,13 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     /// does not, so the queue's order is kept.
     pub fn bounded_by(mut self, fits: fn(&[Item<V>], &V) -> bool) -> Self {
         self.fits = fits;
+        self
+    }
+
+    /// Waits `first` after a target's first failure, doubling with each further one up to
+    /// `max`.
+    pub fn with_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = (first, max.max(first));
         self
     }
 
@@ -446,7 +457,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                 }
                 Err(failure) => {
                     failures = failures.saturating_add(1);
-                    let wait = backoff(failures);
+                    let wait = backoff(failures, self.backoff);
                     let why = match failure {
                         Failure::Retry(reason) | Failure::Refused { reason, .. } => reason,
                     };
@@ -489,9 +500,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     }
 }
 
-/// The wait after `failures` failures in a row.
-fn backoff(failures: u32) -> Duration {
-    FIRST_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF)
+/// The wait after `failures` failures in a row, from `first` up to `max`.
+fn backoff(failures: u32, (first, max): (Duration, Duration)) -> Duration {
+    first.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(max)
 }
 
 /// Sleeps `wait`; true when the server stopped meanwhile.
@@ -631,6 +642,35 @@ mod tests {
         task.await.unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn retry_now_ends_a_long_backoff_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let minute = Duration::from_secs(60);
+        let outbox = Outbox::<u64>::new(&db, KIND_FEDERATION, "t", 10, 100).unwrap();
+        let outbox = Arc::new(outbox.with_backoff(minute, minute));
+        // Not failing: nothing to cut short, and no wake-up is kept for later.
+        outbox.retry_now("a");
+        outbox.enqueue("a", &[1]).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        recorder.down.store(true, Ordering::SeqCst);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        until(|| outbox.status("a").failures == 1).await;
+        assert_eq!(outbox.status("a").retry_interval_ms, 60_000);
+        recorder.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(outbox.depth("a"), 1, "the backoff holds");
+        let asked = std::time::Instant::now();
+        outbox.retry_now("a");
+        until(|| outbox.depth("a") == 0).await;
+        assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+        let status = outbox.status("a");
+        assert_eq!((status.failures, status.retry_interval_ms), (0, 0));
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
     #[test]
     fn a_bounded_batch_ends_before_the_first_item_that_does_not_fit() {
         let dir = tempfile::tempdir().unwrap();
@@ -656,10 +696,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {
-        assert_eq!(backoff(1), Duration::from_millis(500));
-        assert_eq!(backoff(2), Duration::from_secs(1));
-        assert_eq!(backoff(4), Duration::from_secs(4));
-        assert_eq!(backoff(40), MAX_BACKOFF);
+        let default = (FIRST_BACKOFF, MAX_BACKOFF);
+        assert_eq!(backoff(1, default), Duration::from_millis(500));
+        assert_eq!(backoff(2, default), Duration::from_secs(1));
+        assert_eq!(backoff(4, default), Duration::from_secs(4));
+        assert_eq!(backoff(40, default), MAX_BACKOFF);
+        let slow = (Duration::from_secs(60), Duration::from_secs(100));
+        assert_eq!((backoff(1, slow), backoff(2, slow)), (slow.0, slow.1));
         assert_eq!(target_of(b"\x01abc\xff12345678"), Some("abc"));
         assert_eq!(target_of(b"\x01abc"), None);
     }

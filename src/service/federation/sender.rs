@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     fmt::Write as _,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use ruma::{
@@ -26,6 +27,7 @@ use tokio::sync::watch;
 
 use super::SendError;
 use crate::{
+    config::FederationConfig,
     error::{Error, Result},
     service::{
         Services,
@@ -113,8 +115,9 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// The queues kept in `db`; those left from before are sent once [`run`] starts.
-    pub fn new(db: &Db) -> Result<Self, StorageError> {
+    /// The queues kept in `db`, retried after failures as `config` says; those left from
+    /// before are sent once [`run`] starts.
+    pub fn new(db: &Db, config: &FederationConfig) -> Result<Self, StorageError> {
         let outbox = Outbox::new(
             db,
             KIND_FEDERATION,
@@ -122,7 +125,11 @@ impl Sender {
             MAX_TRANSACTION_ITEMS,
             MAX_QUEUED,
         )?
-        .bounded_by(fits_transaction);
+        .bounded_by(fits_transaction)
+        .with_backoff(
+            Duration::from_millis(config.destination_retry_first_ms),
+            Duration::from_secs(config.destination_retry_max_secs),
+        );
         Ok(Self { outbox: Arc::new(outbox), pending: Mutex::default() })
     }
 

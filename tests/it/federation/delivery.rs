@@ -2,6 +2,8 @@
 //! events, a destination refusing a transaction (dropped after a few tries so what follows
 //! flows), and a destination's backoff ended by its contacting us.
 
+use std::time::{Duration, Instant};
+
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -17,7 +19,9 @@ use serde_json::{Value, json};
 
 use super::{
     harness::{FedServer, Pki, serve_tls_on},
-    sending::{eventually, join_remote, send, shared_room, text, until_bodies},
+    sending::{
+        bodies, eventually, join_remote, send, shared_room, shared_room_with, text, until_bodies,
+    },
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -60,8 +64,11 @@ async fn a_full_transaction_of_large_events_is_accepted() {
     expected.extend((1..=40).map(large));
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     until_bodies(&b, &bob, &room, &expected).await;
-    let status = a.services().federation_sender.destination(b.name.as_str()).unwrap();
-    assert_eq!((status.queued, status.failures), (0, 0), "{status:?}");
+    eventually("A's queue to B is empty and healthy", || {
+        let status = a.services().federation_sender.destination(b.name.as_str()).unwrap();
+        (status.queued, status.failures) == (0, 0)
+    })
+    .await;
 }
 
 /// A typing EDU of alice of `server` in `!{room}:{server}`.
@@ -125,4 +132,61 @@ async fn a_refused_transaction_is_dropped_after_a_few_tries_and_what_follows_arr
     let metrics = a.services().metrics.render(a.services());
     let dropped = format!("plaza_federation_dropped_items{{destination=\"{other}\"}} 1");
     assert!(metrics.contains(&dropped), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_backoff_ends_as_soon_as_the_destination_contacts_us() {
+    // A waits a minute after B first fails: only B's contact can end the wait in time.
+    let (_pki, a, b, alice, bob, bob_id, room) =
+        shared_room_with("shared", |config| config.federation.destination_retry_first_ms = 60_000)
+            .await;
+    let room_id = RoomId::parse(&room).unwrap();
+    join_remote(&a, &b, &room_id, &bob_id).await;
+    send(&a, &alice, &room, "m0", text("m0")).await;
+    until_bodies(&b, &bob, &room, &["m0"]).await;
+
+    let handle = tokio::runtime::Handle::current();
+    let b_name = b.name.clone();
+    let b = b
+        .restart(
+            |_| {
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async {
+                        for n in 1..=3 {
+                            send(&a, &alice, &room, &format!("m{n}"), text(&format!("m{n}"))).await;
+                        }
+                        eventually("A sees B failing", || {
+                            a.services()
+                                .federation_sender
+                                .destination(b_name.as_str())
+                                .is_some_and(|s| s.failures >= 1)
+                        })
+                        .await;
+                    })
+                });
+            },
+            |_| {},
+        )
+        .await;
+    let status = a.services().federation_sender.destination(b.name.as_str()).unwrap();
+    assert_eq!((status.queued, status.retry_interval_ms), (3, 60_000), "{status:?}");
+    assert_eq!(bodies(&b, &bob, &room).await, ["m0"]);
+
+    // Bob's message reaches A in a transaction of B's: A's wait for B ends there.
+    let contacted = Instant::now();
+    send(&b, &bob, &room, "b1", text("b1")).await;
+    let mut seen = Vec::new();
+    while contacted.elapsed() < Duration::from_secs(5) {
+        seen = bodies(&b, &bob, &room).await;
+        if seen == ["m0", "b1", "m1", "m2", "m3"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, ["m0", "b1", "m1", "m2", "m3"], "after {:?}", contacted.elapsed());
+    eventually("A's queue to B is empty and healthy", || {
+        let status = a.services().federation_sender.destination(b.name.as_str()).unwrap();
+        (status.queued, status.failures, status.retry_interval_ms) == (0, 0, 0)
+    })
+    .await;
 }

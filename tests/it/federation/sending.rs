@@ -187,7 +187,17 @@ pub(super) fn text(body: &str) -> Value {
 pub(super) async fn shared_room(
     visibility: &str,
 ) -> (std::sync::Arc<Pki>, FedServer, FedServer, String, String, String, String) {
-    let (pki, a, b) = pair().await;
+    shared_room_with(visibility, |_| {}).await
+}
+
+/// [`shared_room`] with `adjust` applied to A's configuration.
+pub(super) async fn shared_room_with(
+    visibility: &str,
+    adjust: impl FnOnce(&mut plaza::Config),
+) -> (std::sync::Arc<Pki>, FedServer, FedServer, String, String, String, String) {
+    let pki = Pki::new();
+    let a = FedServer::start(&pki, 1, adjust).await;
+    let b = FedServer::start(&pki, 2, |_| {}).await;
     let (_, alice) = {
         let (id, token, _) = a.server.register("alice", "password-alice").await;
         (id, token)
