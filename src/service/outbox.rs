@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::{Counter, now_ms};
@@ -38,6 +38,9 @@ pub const KIND_PUSH: u8 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// The longest wait between two attempts, unless the outbox is given another.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often a healthy target's last success is written down at most: its status is written
+/// when it changes (a failure, a recovery), not after every batch.
+const SUCCESS_WRITE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 /// The wait after the queue itself could not be read.
 const STORAGE_RETRY: Duration = Duration::from_secs(5);
 
@@ -98,7 +101,8 @@ impl From<String> for Failure {
 }
 
 /// How one target is doing, for the admin API.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TargetStatus {
     /// The target.
     pub target: String,
@@ -148,6 +152,8 @@ pub struct Outbox<V> {
     fits: fn(&[Item<V>], &V) -> bool,
     /// The wait after a first failure, and the longest.
     backoff: (Duration, Duration),
+    /// Where the targets' statuses are kept across restarts, when they are.
+    remembered: Option<Table<TargetStatus>>,
 }
 
 impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
@@ -175,6 +181,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             max_queued,
             fits: |_, _| true,
             backoff: (FIRST_BACKOFF, MAX_BACKOFF),
+            remembered: None,
         };
         let mut counts: HashMap<String, u64> = HashMap::new();
         let raw: Table<Box<serde_json::value::RawValue>> = db.table(tables::OUTBOX);
@@ -203,6 +210,37 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     pub fn with_backoff(mut self, first: Duration, max: Duration) -> Self {
         self.backoff = (first, max.max(first));
         self
+    }
+
+    /// Keeps each target's status (failures, backoff, last success, dropped items) across
+    /// restarts, written when it changes; the targets known from before are listed again and
+    /// a failing one waits out what is left of its backoff.
+    pub fn remembering_targets(mut self) -> Result<Self, StorageError> {
+        let table: Table<TargetStatus> = self.db.table(tables::OUTBOX_TARGETS);
+        for entry in table.scan_prefix(vec![self.kind]) {
+            let (key, mut status) = entry?;
+            let Some(name) = key.get(1..).and_then(|name| std::str::from_utf8(name).ok()) else {
+                continue;
+            };
+            status.target = name.to_owned();
+            status.queued = 0;
+            *self.target(name).status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        }
+        self.remembered = Some(table);
+        Ok(self)
+    }
+
+    /// Writes down `status` of `target`, when statuses are kept.
+    fn remember(&self, target: &str, status: &TargetStatus) {
+        let Some(table) = &self.remembered else { return };
+        let mut key = Vec::with_capacity(target.len() + 1);
+        key.push(self.kind);
+        key.extend_from_slice(target.as_bytes());
+        let mut batch = self.db.batch();
+        table.put(&mut batch, &key[..], status);
+        if let Err(err) = self.db.write_unsynced(batch) {
+            tracing::warn!(%err, target, "an outbox target's status could not be written");
+        }
     }
 
     /// The state of `target`, created (and its worker asked for) on first use.
@@ -313,6 +351,28 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         }
     }
 
+    /// Clears `target`'s failures and backoff (for good, when statuses are kept) and retries
+    /// it now: an admin says it is worth trying again.
+    pub fn reset(&self, target: &str) {
+        let state = {
+            let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(state) = targets.get(target) else { return };
+            state.clone()
+        };
+        let cleared = {
+            let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+            let failing = status.failures > 0;
+            status.failures = 0;
+            status.failing_since_ms = None;
+            status.retry_interval_ms = 0;
+            failing.then(|| status.clone())
+        };
+        if let Some(status) = cleared {
+            self.remember(target, &status);
+            state.retry.notify_one();
+        }
+    }
+
     /// The oldest items of `target`, at most one batch, with their keys.
     fn read(&self, target: &str) -> Result<Read<V>> {
         let mut keys = Vec::new();
@@ -374,7 +434,13 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         let mut keys: Vec<Box<[u8]>> = Vec::new();
         let mut items: Vec<Item<V>> = Vec::new();
         let mut txn_id = String::new();
-        let mut failures: u32 = 0;
+        // Left from before a restart: the failures so far, when the next attempt is due, and
+        // when a success was last written down.
+        let (mut failures, mut not_before, mut success_written) = {
+            let status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+            let due = status.last_error_ms.unwrap_or(0).saturating_add(status.retry_interval_ms);
+            (status.failures, (status.failures > 0).then_some(due), status.last_success_ms)
+        };
         // Times the current batch was refused.
         let mut refusals: u32 = 0;
         loop {
@@ -402,6 +468,15 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                     }
                 }
             }
+            // A target failing before a restart waits out what is left of its backoff.
+            if let Some(due) = not_before.take() {
+                let wait = Duration::from_millis(due.saturating_sub(now_ms())).min(self.backoff.1);
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => return,
+                    () = tokio::time::sleep(wait) => {}
+                    () = state.retry.notified() => failures = 0,
+                }
+            }
             // The id stays the batch's through retries, also when only its first items went.
             let outcome = tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return,
@@ -418,12 +493,21 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             match outcome {
                 Ok(()) => {
                     self.remove(&target, &state, &keys);
-                    {
+                    let now = now_ms();
+                    let changed = {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
-                        status.last_success_ms = Some(now_ms());
+                        let recovered = status.failures > 0 || status.retry_interval_ms > 0;
+                        status.last_success_ms = Some(now);
                         status.failures = 0;
                         status.failing_since_ms = None;
                         status.retry_interval_ms = 0;
+                        let stale = success_written
+                            .is_none_or(|at| now.saturating_sub(at) >= SUCCESS_WRITE_INTERVAL_MS);
+                        (recovered || stale).then(|| status.clone())
+                    };
+                    if let Some(status) = changed {
+                        self.remember(&target, &status);
+                        success_written = Some(now);
                     }
                     failures = 0;
                     keys.clear();
@@ -439,7 +523,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         "the target keeps refusing a batch; its items are dropped"
                     );
                     self.remove(&target, &state, &keys);
-                    {
+                    let status = {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
                         status.last_error = Some(format!(
                             "{}; {count} items dropped after {refusals} refusals",
@@ -450,7 +534,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         status.failures = 0;
                         status.failing_since_ms = None;
                         status.retry_interval_ms = 0;
-                    }
+                        status.clone()
+                    };
+                    self.remember(&target, &status);
                     failures = 0;
                     keys.clear();
                     items.clear();
@@ -462,7 +548,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         Failure::Retry(reason) | Failure::Refused { reason, .. } => reason,
                     };
                     tracing::debug!(target, %why, ?wait, "outbox delivery failed; retrying later");
-                    {
+                    let status = {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
                         let now = now_ms();
                         status.last_error = Some(why);
@@ -470,7 +556,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         status.failures = failures;
                         status.failing_since_ms.get_or_insert(now);
                         status.retry_interval_ms = wait.as_millis() as u64;
-                    }
+                        status.clone()
+                    };
+                    self.remember(&target, &status);
                     tokio::select! {
                         _ = stopped.wait_for(|stop| *stop) => return,
                         () = tokio::time::sleep(wait) => {}
@@ -669,6 +757,55 @@ mod tests {
         assert_eq!((status.failures, status.retry_interval_ms), (0, 0));
         stop.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn remembered_statuses_survive_reopen_until_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let minute = Duration::from_secs(60);
+        let open = |db: &Db| {
+            let outbox = Outbox::<u64>::new(db, KIND_FEDERATION, "t", 10, 100).unwrap();
+            Arc::new(outbox.with_backoff(minute, minute).remembering_targets().unwrap())
+        };
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            let outbox = open(&db);
+            outbox.enqueue("a", &[1]).unwrap();
+            let recorder = Arc::new(Recorder::default());
+            recorder.down.store(true, Ordering::SeqCst);
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(outbox.clone().run(recorder, stopped));
+            until(|| outbox.status("a").failures == 1).await;
+            stop.send(true).unwrap();
+            task.await.unwrap();
+            // Another kind's outbox keeps its own.
+            let other = Outbox::<u64>::new(&db, KIND_APPSERVICE, "u", 10, 100).unwrap();
+            assert!(other.remembering_targets().unwrap().statuses().is_empty());
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        let outbox = open(&db);
+        let status = outbox.status("a");
+        assert_eq!((status.failures, status.retry_interval_ms, status.queued), (1, 60_000, 1));
+        assert_eq!(status.last_error.as_deref(), Some("down"));
+        assert!(status.failing_since_ms.is_some());
+        // Still failing after the restart: what is left of the minute is waited out.
+        let recorder = Arc::new(Recorder::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(outbox.depth("a"), 1, "the backoff holds across the restart");
+        outbox.reset("a");
+        let status = outbox.status("a");
+        assert_eq!((status.failures, status.retry_interval_ms), (0, 0));
+        until(|| outbox.depth("a") == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        drop(outbox);
+        drop(db);
+        let db = Db::open(dir.path(), 8).unwrap();
+        let status = open(&db).status("a");
+        assert_eq!((status.failures, status.retry_interval_ms, status.queued), (0, 0, 0));
+        assert!(status.last_success_ms.is_some() && status.failing_since_ms.is_none());
     }
 
     #[test]

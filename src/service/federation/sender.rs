@@ -129,7 +129,8 @@ impl Sender {
         .with_backoff(
             Duration::from_millis(config.destination_retry_first_ms),
             Duration::from_secs(config.destination_retry_max_secs),
-        );
+        )
+        .remembering_targets()?;
         Ok(Self { outbox: Arc::new(outbox), pending: Mutex::default() })
     }
 
@@ -144,17 +145,17 @@ impl Sender {
         self.outbox.retry_now(origin.as_str());
     }
 
-    /// Ends `destination`'s backoff: its queue is retried now.
+    /// Clears `destination`'s failures and backoff: its queue is retried now.
     pub fn reset(&self, destination: &str) {
-        self.outbox.retry_now(destination);
+        self.outbox.reset(destination);
     }
 
-    /// The state of every destination known since start, ordered by name.
+    /// The state of every destination known (kept across restarts), ordered by name.
     pub fn destinations(&self) -> Vec<TargetStatus> {
         self.outbox.statuses()
     }
 
-    /// The state of `destination`, when anything was ever queued for it since start.
+    /// The state of `destination`, when anything was ever queued for it.
     pub fn destination(&self, destination: &str) -> Option<TargetStatus> {
         self.outbox.statuses().into_iter().find(|s| s.target == destination)
     }
