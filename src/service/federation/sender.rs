@@ -46,9 +46,10 @@ pub const MAX_TRANSACTION_PDUS: usize = 50;
 pub const MAX_TRANSACTION_EDUS: usize = 100;
 /// Most items in one transaction.
 pub const MAX_TRANSACTION_ITEMS: usize = MAX_TRANSACTION_PDUS + MAX_TRANSACTION_EDUS;
-/// Most bytes of PDUs and EDUs in one transaction we send, well under what servers accept
-/// (16 MiB here by default); an item larger on its own still goes, alone.
-pub const MAX_TRANSACTION_BYTES: usize = 4 << 20;
+/// Most bytes of PDUs and EDUs in one transaction we send: 4 MiB less room for the rest of
+/// the body, so even a server accepting no more than 4 MiB (our smallest setting; 16 MiB by
+/// default) takes it. An item larger on its own still goes, alone.
+pub const MAX_TRANSACTION_BYTES: usize = (4 << 20) - (16 << 10);
 /// Most items waiting for one destination; beyond it new items are dropped and said so.
 const MAX_QUEUED: u64 = 1_000_000;
 /// Most destinations named one by one in the metrics.
