@@ -1243,6 +1243,15 @@ pub struct FederationConfig {
     /// Whether presence is exchanged with other servers (sent to and taken from servers
     /// sharing a room with the user).
     pub presence: bool,
+    /// The largest transaction body (`PUT /send/{txnId}`) accepted from another server, in
+    /// bytes: room for 50 PDUs of 64 KiB and 100 EDUs. Other federation requests keep
+    /// `limits.max_request_bytes`.
+    pub max_transaction_bytes: usize,
+    /// The wait after a destination first fails, in milliseconds; each further failure
+    /// doubles it up to `destination_retry_max_secs`. Contact from it ends the wait.
+    pub destination_retry_first_ms: u64,
+    /// The longest wait between two attempts at a failing destination, in seconds.
+    pub destination_retry_max_secs: u64,
 }
 
 /// A notary server, with the keys its answers must be signed with (fetched from it when
@@ -1259,6 +1268,9 @@ pub struct TrustedKeyServer {
 
 /// Longest `federation.key_validity_secs`: the spec's cap of seven days.
 pub const MAX_KEY_VALIDITY_SECS: u64 = 7 * 86_400;
+/// The range of `federation.max_transaction_bytes`: at least what a full transaction of
+/// 50 PDUs of 64 KiB needs, at most 1 GiB.
+pub const TRANSACTION_BYTES_RANGE: std::ops::RangeInclusive<usize> = (4 << 20)..=(1 << 30);
 /// Most entries of `federation.allow`, `federation.deny` and `trusted_key_servers`.
 pub const MAX_FEDERATION_LIST: usize = 1_000;
 
@@ -1275,6 +1287,9 @@ impl Default for FederationConfig {
             trusted_key_servers: Vec::new(),
             key_validity_secs: MAX_KEY_VALIDITY_SECS,
             presence: true,
+            max_transaction_bytes: 16 * 1024 * 1024,
+            destination_retry_first_ms: 500,
+            destination_retry_max_secs: 300,
         }
     }
 }
@@ -1309,6 +1324,23 @@ impl FederationConfig {
         }
         if !(1..=MAX_KEY_VALIDITY_SECS).contains(&self.key_validity_secs) {
             return fail("federation.key_validity_secs", "must be 1 to 604800 (seven days)");
+        }
+        if !TRANSACTION_BYTES_RANGE.contains(&self.max_transaction_bytes) {
+            return fail(
+                "federation.max_transaction_bytes",
+                "must be 4194304 (4 MiB) to 1073741824 (1 GiB)",
+            );
+        }
+        if !(1..=3_600_000).contains(&self.destination_retry_first_ms) {
+            return fail("federation.destination_retry_first_ms", "must be 1 to 3600000 (an hour)");
+        }
+        let max_ms = self.destination_retry_max_secs.saturating_mul(1000);
+        if self.destination_retry_max_secs > 7 * 86_400 || max_ms < self.destination_retry_first_ms
+        {
+            return fail(
+                "federation.destination_retry_max_secs",
+                "must be at least destination_retry_first_ms and at most 604800 (seven days)",
+            );
         }
         Ok(())
     }
@@ -1354,5 +1386,16 @@ mod federation_tests {
         assert_eq!(key_of(&config), Some("federation.key_validity_secs"));
         config.federation.key_validity_secs = 0;
         assert_eq!(key_of(&config), Some("federation.key_validity_secs"));
+        config.federation.key_validity_secs = 60;
+        config.federation.max_transaction_bytes = 1024 * 1024;
+        assert_eq!(key_of(&config), Some("federation.max_transaction_bytes"));
+        config.federation.max_transaction_bytes = 4 << 20;
+        config.federation.destination_retry_first_ms = 0;
+        assert_eq!(key_of(&config), Some("federation.destination_retry_first_ms"));
+        config.federation.destination_retry_first_ms = 20_000;
+        config.federation.destination_retry_max_secs = 10;
+        assert_eq!(key_of(&config), Some("federation.destination_retry_max_secs"));
+        config.federation.destination_retry_max_secs = 20;
+        assert_eq!(key_of(&config), None);
     }
 }

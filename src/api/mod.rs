@@ -59,17 +59,24 @@ pub enum AuthMode {
 }
 
 /// The mode the extractor uses for the ruma request `T`: ruma's, except that the logout
-/// endpoints take expired tokens and locked accounts too.
+/// endpoints take expired tokens and locked accounts too, and the public room list reads a
+/// token when one is given (a query of another server's list needs one).
 fn auth_mode<T: IncomingRequest + 'static>() -> AuthMode
 where
     T::Authentication: AuthKind,
 {
     use std::any::TypeId;
 
-    use ruma::api::client::session::{logout, logout_all};
+    use ruma::api::client::{
+        directory::get_public_rooms,
+        session::{logout, logout_all},
+    };
     let id = TypeId::of::<T>();
     if id == TypeId::of::<logout::v3::Request>() || id == TypeId::of::<logout_all::v3::Request>() {
         return AuthMode::EndSession;
+    }
+    if id == TypeId::of::<get_public_rooms::v3::Request>() {
+        return AuthMode::Optional;
     }
     <T::Authentication as AuthKind>::MODE
 }

@@ -207,7 +207,7 @@ impl Services {
             rate_limiter: ratelimit::RateLimiter::new(&config.limits),
             abuse: abuse::Abuse::new(&config.limits),
             remote: federation::query::RemoteQueries::new(&db)?,
-            federation_sender: federation::sender::Sender::new(&db)?,
+            federation_sender: federation::sender::Sender::new(&db, &config.federation)?,
             federation_receiver: federation::receive::Receiver::new(&db),
             federation_presence: federation::updates::PresenceOutbox::default(),
             stream,

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::{Counter, now_ms};
@@ -33,10 +33,14 @@ pub const KIND_FEDERATION: u8 = 2;
 /// The kind byte reserved for push gateways.
 pub const KIND_PUSH: u8 = 3;
 
-/// The first wait after a failure; each further failure doubles it.
+/// The first wait after a failure, unless the outbox is given another; each further failure
+/// doubles it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// The longest wait between two attempts.
+/// The longest wait between two attempts, unless the outbox is given another.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often a healthy target's last success is written down at most: its status is written
+/// when it changes (a failure, a recovery), not after every batch.
+const SUCCESS_WRITE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 /// The wait after the queue itself could not be read.
 const STORAGE_RETRY: Duration = Duration::from_secs(5);
 
@@ -51,19 +55,54 @@ pub struct Item<V> {
 
 /// Delivers a batch of items to one target.
 pub trait Deliver<V>: Send + Sync + 'static {
-    /// Sends `items` (oldest first) to `target` as the transaction `txn_id`. A retried batch
-    /// keeps its items and its id. `Ok` removes the items from the queue; `Err` (a reason
-    /// for the admin) retries them later with backoff.
+    /// Sends `items` (oldest first) to `target` as the transaction `txn_id`. It may send only
+    /// the first of them (a batch too large in bytes) by cutting `items` to those it sent; the
+    /// rest go in the next batch. A retried batch keeps its items and its id. `Ok` removes the
+    /// items from the queue; a [`Failure`] retries them later with backoff, or drops them
+    /// once the target refused them often enough.
     fn deliver<'a>(
         &'a self,
         target: &'a str,
         txn_id: &'a str,
-        items: &'a [Item<V>],
-    ) -> impl Future<Output = std::result::Result<(), String>> + Send + 'a;
+        items: &'a mut Vec<Item<V>>,
+    ) -> impl Future<Output = std::result::Result<(), Failure>> + Send + 'a;
+}
+
+/// Why a batch was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The target cannot take it now (down, busy, or an error here): retried with backoff
+    /// for as long as it takes.
+    Retry(String),
+    /// The target refused the batch itself: retried with backoff (a refusal may pass) until
+    /// refused `tries` times in a row, then dropped, so the items behind it are not held up
+    /// forever.
+    Refused {
+        /// Why, for the admin.
+        reason: String,
+        /// Attempts in all before the batch is dropped.
+        tries: u32,
+    },
+}
+
+impl Failure {
+    /// Why, for the admin.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Retry(reason) | Self::Refused { reason, .. } => reason,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self::Retry(reason)
+    }
 }
 
 /// How one target is doing, for the admin API.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TargetStatus {
     /// The target.
     pub target: String,
@@ -81,6 +120,8 @@ pub struct TargetStatus {
     pub failing_since_ms: Option<u64>,
     /// The wait before the next attempt while failing, in milliseconds.
     pub retry_interval_ms: u64,
+    /// Items dropped because the target kept refusing the batch they were in.
+    pub dropped: u64,
 }
 
 /// A batch read from a queue: the raw keys and the items.
@@ -109,6 +150,10 @@ pub struct Outbox<V> {
     max_queued: u64,
     /// Whether an item still fits a batch holding the items given (besides `max_batch`).
     fits: fn(&[Item<V>], &V) -> bool,
+    /// The wait after a first failure, and the longest.
+    backoff: (Duration, Duration),
+    /// Where the targets' statuses are kept across restarts, when they are.
+    remembered: Option<Table<TargetStatus>>,
 }
 
 impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
@@ -135,6 +180,8 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             max_batch: max_batch.max(1),
             max_queued,
             fits: |_, _| true,
+            backoff: (FIRST_BACKOFF, MAX_BACKOFF),
+            remembered: None,
         };
         let mut counts: HashMap<String, u64> = HashMap::new();
         let raw: Table<Box<serde_json::value::RawValue>> = db.table(tables::OUTBOX);
@@ -156,6 +203,44 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     pub fn bounded_by(mut self, fits: fn(&[Item<V>], &V) -> bool) -> Self {
         self.fits = fits;
         self
+    }
+
+    /// Waits `first` after a target's first failure, doubling with each further one up to
+    /// `max`.
+    pub fn with_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = (first, max.max(first));
+        self
+    }
+
+    /// Keeps each target's status (failures, backoff, last success, dropped items) across
+    /// restarts, written when it changes; the targets known from before are listed again and
+    /// a failing one waits out what is left of its backoff.
+    pub fn remembering_targets(mut self) -> Result<Self, StorageError> {
+        let table: Table<TargetStatus> = self.db.table(tables::OUTBOX_TARGETS);
+        for entry in table.scan_prefix(vec![self.kind]) {
+            let (key, mut status) = entry?;
+            let Some(name) = key.get(1..).and_then(|name| std::str::from_utf8(name).ok()) else {
+                continue;
+            };
+            status.target = name.to_owned();
+            status.queued = 0;
+            *self.target(name).status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        }
+        self.remembered = Some(table);
+        Ok(self)
+    }
+
+    /// Writes down `status` of `target`, when statuses are kept.
+    fn remember(&self, target: &str, status: &TargetStatus) {
+        let Some(table) = &self.remembered else { return };
+        let mut key = Vec::with_capacity(target.len() + 1);
+        key.push(self.kind);
+        key.extend_from_slice(target.as_bytes());
+        let mut batch = self.db.batch();
+        table.put(&mut batch, &key[..], status);
+        if let Err(err) = self.db.write_unsynced(batch) {
+            tracing::warn!(%err, target, "an outbox target's status could not be written");
+        }
     }
 
     /// The state of `target`, created (and its worker asked for) on first use.
@@ -266,6 +351,28 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         }
     }
 
+    /// Clears `target`'s failures and backoff (for good, when statuses are kept) and retries
+    /// it now: an admin says it is worth trying again.
+    pub fn reset(&self, target: &str) {
+        let state = {
+            let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(state) = targets.get(target) else { return };
+            state.clone()
+        };
+        let cleared = {
+            let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+            let failing = status.failures > 0;
+            status.failures = 0;
+            status.failing_since_ms = None;
+            status.retry_interval_ms = 0;
+            failing.then(|| status.clone())
+        };
+        if let Some(status) = cleared {
+            self.remember(target, &status);
+            state.retry.notify_one();
+        }
+    }
+
     /// The oldest items of `target`, at most one batch, with their keys.
     fn read(&self, target: &str) -> Result<Read<V>> {
         let mut keys = Vec::new();
@@ -326,11 +433,26 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     ) {
         let mut keys: Vec<Box<[u8]>> = Vec::new();
         let mut items: Vec<Item<V>> = Vec::new();
-        let mut failures: u32 = 0;
+        let mut txn_id = String::new();
+        // Left from before a restart: the failures so far, when the next attempt is due, and
+        // when a success was last written down.
+        let (mut failures, mut not_before, mut success_written) = {
+            let status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+            let due = status.last_error_ms.unwrap_or(0).saturating_add(status.retry_interval_ms);
+            (status.failures, (status.failures > 0).then_some(due), status.last_success_ms)
+        };
+        // Times the current batch was refused.
+        let mut refusals: u32 = 0;
         loop {
             if items.is_empty() {
                 match self.read(&target) {
-                    Ok((k, i)) => (keys, items) = (k, i),
+                    Ok((k, i)) => {
+                        (keys, items) = (k, i);
+                        refusals = 0;
+                        let first = items.first().map_or(0, |i| i.sequence);
+                        let last = items.last().map_or(0, |i| i.sequence);
+                        txn_id = format!("{first}-{last}");
+                    }
                     Err(err) => {
                         tracing::warn!(%err, target, "outbox queue could not be read");
                         if pause(&mut stopped, STORAGE_RETRY).await {
@@ -346,43 +468,87 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                     }
                 }
             }
-            let first = items.first().map_or(0, |i| i.sequence);
-            let last = items.last().map_or(0, |i| i.sequence);
-            let txn_id = format!("{first}-{last}");
+            // A target failing before a restart waits out what is left of its backoff.
+            if let Some(due) = not_before.take() {
+                let wait = Duration::from_millis(due.saturating_sub(now_ms())).min(self.backoff.1);
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => return,
+                    () = tokio::time::sleep(wait) => {}
+                    () = state.retry.notified() => failures = 0,
+                }
+            }
+            // The id stays the batch's through retries, also when only its first items went.
             let outcome = tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return,
-                outcome = deliver.deliver(&target, &txn_id, &items) => outcome,
+                outcome = deliver.deliver(&target, &txn_id, &mut items) => outcome,
+            };
+            keys.truncate(items.len());
+            let refused_for_good = match &outcome {
+                Err(Failure::Refused { tries, .. }) => {
+                    refusals = refusals.saturating_add(1);
+                    refusals >= *tries
+                }
+                _ => false,
             };
             match outcome {
                 Ok(()) => {
-                    let mut batch = self.db.batch();
-                    for key in &keys {
-                        self.table.delete_raw(&mut batch, key);
-                    }
-                    if let Err(err) = self.db.write(batch) {
-                        // Delivered again later under the same transaction id.
-                        tracing::warn!(%err, target, "delivered items could not be removed");
-                    }
-                    let count = items.len() as u64;
-                    let _ = state.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        Some(n.saturating_sub(count))
-                    });
-                    {
+                    self.remove(&target, &state, &keys);
+                    let now = now_ms();
+                    let changed = {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
-                        status.last_success_ms = Some(now_ms());
+                        let recovered = status.failures > 0 || status.retry_interval_ms > 0;
+                        status.last_success_ms = Some(now);
                         status.failures = 0;
                         status.failing_since_ms = None;
                         status.retry_interval_ms = 0;
+                        let stale = success_written
+                            .is_none_or(|at| now.saturating_sub(at) >= SUCCESS_WRITE_INTERVAL_MS);
+                        (recovered || stale).then(|| status.clone())
+                    };
+                    if let Some(status) = changed {
+                        self.remember(&target, &status);
+                        success_written = Some(now);
                     }
                     failures = 0;
                     keys.clear();
                     items.clear();
                 }
-                Err(why) => {
+                Err(failure) if refused_for_good => {
+                    let count = items.len() as u64;
+                    tracing::warn!(
+                        target,
+                        reason = failure.reason(),
+                        count,
+                        refusals,
+                        "the target keeps refusing a batch; its items are dropped"
+                    );
+                    self.remove(&target, &state, &keys);
+                    let status = {
+                        let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+                        status.last_error = Some(format!(
+                            "{}; {count} items dropped after {refusals} refusals",
+                            failure.reason()
+                        ));
+                        status.last_error_ms = Some(now_ms());
+                        status.dropped = status.dropped.saturating_add(count);
+                        status.failures = 0;
+                        status.failing_since_ms = None;
+                        status.retry_interval_ms = 0;
+                        status.clone()
+                    };
+                    self.remember(&target, &status);
+                    failures = 0;
+                    keys.clear();
+                    items.clear();
+                }
+                Err(failure) => {
                     failures = failures.saturating_add(1);
-                    let wait = backoff(failures);
+                    let wait = backoff(failures, self.backoff);
+                    let why = match failure {
+                        Failure::Retry(reason) | Failure::Refused { reason, .. } => reason,
+                    };
                     tracing::debug!(target, %why, ?wait, "outbox delivery failed; retrying later");
-                    {
+                    let status = {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
                         let now = now_ms();
                         status.last_error = Some(why);
@@ -390,7 +556,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         status.failures = failures;
                         status.failing_since_ms.get_or_insert(now);
                         status.retry_interval_ms = wait.as_millis() as u64;
-                    }
+                        status.clone()
+                    };
+                    self.remember(&target, &status);
                     tokio::select! {
                         _ = stopped.wait_for(|stop| *stop) => return,
                         () = tokio::time::sleep(wait) => {}
@@ -402,9 +570,27 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     }
 }
 
-/// The wait after `failures` failures in a row.
-fn backoff(failures: u32) -> Duration {
-    FIRST_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF)
+impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
+    /// Removes the items under `keys` (delivered or dropped) from `target`'s queue.
+    fn remove(&self, target: &str, state: &Target, keys: &[Box<[u8]>]) {
+        let mut batch = self.db.batch();
+        for key in keys {
+            self.table.delete_raw(&mut batch, key);
+        }
+        if let Err(err) = self.db.write(batch) {
+            // Delivered again later under the same transaction id.
+            tracing::warn!(%err, target, "delivered items could not be removed");
+        }
+        let count = keys.len() as u64;
+        let _ = state
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(count)));
+    }
+}
+
+/// The wait after `failures` failures in a row, from `first` up to `max`.
+fn backoff(failures: u32, (first, max): (Duration, Duration)) -> Duration {
+    first.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(max)
 }
 
 /// Sleeps `wait`; true when the server stopped meanwhile.
@@ -435,6 +621,7 @@ mod tests {
     struct Recorder {
         down: AtomicBool,
         seen: Mutex<Vec<(String, String, Vec<u64>)>>,
+        refused: Mutex<Vec<Vec<u64>>>,
         calls: Notify,
     }
 
@@ -443,15 +630,21 @@ mod tests {
             &self,
             target: &str,
             txn_id: &str,
-            items: &[Item<u64>],
-        ) -> std::result::Result<(), String> {
+            items: &mut Vec<Item<u64>>,
+        ) -> std::result::Result<(), Failure> {
             let down = self.down.load(Ordering::SeqCst);
-            if !down {
-                let values = items.iter().map(|i| i.value).collect();
-                self.seen.lock().unwrap().push((target.into(), txn_id.into(), values));
-            }
+            let values: Vec<u64> = items.iter().map(|i| i.value).collect();
             self.calls.notify_one();
-            if down { Err("down".into()) } else { Ok(()) }
+            if down {
+                return Err(Failure::Retry("down".into()));
+            }
+            // A batch holding a value of 10_000 or more is refused, twice before it is dropped.
+            if values.iter().any(|v| *v >= 10_000) {
+                self.refused.lock().unwrap().push(values);
+                return Err(Failure::Refused { reason: "refused".into(), tries: 2 });
+            }
+            self.seen.lock().unwrap().push((target.into(), txn_id.into(), values));
+            Ok(())
         }
     }
 
@@ -515,6 +708,106 @@ mod tests {
         task.await.unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_batch_refused_often_enough_is_dropped_and_the_rest_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let outbox = Arc::new(Outbox::<u64>::new(&db, KIND_FEDERATION, "t", 1, 100).unwrap());
+        outbox.enqueue("a", &[1, 10_000, 2]).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        until(|| outbox.depth("a") == 0).await;
+        let seen: Vec<Vec<u64>> =
+            recorder.seen.lock().unwrap().iter().map(|(_, _, v)| v.clone()).collect();
+        assert_eq!(seen, [vec![1], vec![2]], "what follows the refused batch still goes");
+        assert_eq!(*recorder.refused.lock().unwrap(), [vec![10_000], vec![10_000]]);
+        let status = outbox.status("a");
+        assert_eq!((status.dropped, status.failures, status.retry_interval_ms), (1, 0, 0));
+        let error = status.last_error.unwrap();
+        assert_eq!(error, "refused; 1 items dropped after 2 refusals");
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn retry_now_ends_a_long_backoff_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let minute = Duration::from_secs(60);
+        let outbox = Outbox::<u64>::new(&db, KIND_FEDERATION, "t", 10, 100).unwrap();
+        let outbox = Arc::new(outbox.with_backoff(minute, minute));
+        // Not failing: nothing to cut short, and no wake-up is kept for later.
+        outbox.retry_now("a");
+        outbox.enqueue("a", &[1]).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        recorder.down.store(true, Ordering::SeqCst);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        until(|| outbox.status("a").failures == 1).await;
+        assert_eq!(outbox.status("a").retry_interval_ms, 60_000);
+        recorder.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(outbox.depth("a"), 1, "the backoff holds");
+        let asked = std::time::Instant::now();
+        outbox.retry_now("a");
+        until(|| outbox.depth("a") == 0).await;
+        assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+        let status = outbox.status("a");
+        assert_eq!((status.failures, status.retry_interval_ms), (0, 0));
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn remembered_statuses_survive_reopen_until_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let minute = Duration::from_secs(60);
+        let open = |db: &Db| {
+            let outbox = Outbox::<u64>::new(db, KIND_FEDERATION, "t", 10, 100).unwrap();
+            Arc::new(outbox.with_backoff(minute, minute).remembering_targets().unwrap())
+        };
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            let outbox = open(&db);
+            outbox.enqueue("a", &[1]).unwrap();
+            let recorder = Arc::new(Recorder::default());
+            recorder.down.store(true, Ordering::SeqCst);
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(outbox.clone().run(recorder, stopped));
+            until(|| outbox.status("a").failures == 1).await;
+            stop.send(true).unwrap();
+            task.await.unwrap();
+            // Another kind's outbox keeps its own.
+            let other = Outbox::<u64>::new(&db, KIND_APPSERVICE, "u", 10, 100).unwrap();
+            assert!(other.remembering_targets().unwrap().statuses().is_empty());
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        let outbox = open(&db);
+        let status = outbox.status("a");
+        assert_eq!((status.failures, status.retry_interval_ms, status.queued), (1, 60_000, 1));
+        assert_eq!(status.last_error.as_deref(), Some("down"));
+        assert!(status.failing_since_ms.is_some());
+        // Still failing after the restart: what is left of the minute is waited out.
+        let recorder = Arc::new(Recorder::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(outbox.depth("a"), 1, "the backoff holds across the restart");
+        outbox.reset("a");
+        let status = outbox.status("a");
+        assert_eq!((status.failures, status.retry_interval_ms), (0, 0));
+        until(|| outbox.depth("a") == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        drop(outbox);
+        drop(db);
+        let db = Db::open(dir.path(), 8).unwrap();
+        let status = open(&db).status("a");
+        assert_eq!((status.failures, status.retry_interval_ms, status.queued), (0, 0, 0));
+        assert!(status.last_success_ms.is_some() && status.failing_since_ms.is_none());
+    }
+
     #[test]
     fn a_bounded_batch_ends_before_the_first_item_that_does_not_fit() {
         let dir = tempfile::tempdir().unwrap();
@@ -540,10 +833,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {
-        assert_eq!(backoff(1), Duration::from_millis(500));
-        assert_eq!(backoff(2), Duration::from_secs(1));
-        assert_eq!(backoff(4), Duration::from_secs(4));
-        assert_eq!(backoff(40), MAX_BACKOFF);
+        let default = (FIRST_BACKOFF, MAX_BACKOFF);
+        assert_eq!(backoff(1, default), Duration::from_millis(500));
+        assert_eq!(backoff(2, default), Duration::from_secs(1));
+        assert_eq!(backoff(4, default), Duration::from_secs(4));
+        assert_eq!(backoff(40, default), MAX_BACKOFF);
+        let slow = (Duration::from_secs(60), Duration::from_secs(100));
+        assert_eq!((backoff(1, slow), backoff(2, slow)), (slow.0, slow.1));
         assert_eq!(target_of(b"\x01abc\xff12345678"), Some("abc"));
         assert_eq!(target_of(b"\x01abc"), None);
     }

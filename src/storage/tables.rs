@@ -230,6 +230,9 @@ pub const OUTSIDE_MEMBERSHIPS: &str = "outside_memberships";
 /// `user id` -> `CachedDevices`: other servers' users' device and cross-signing keys as last
 /// fetched; a row is dropped when their server says they changed.
 pub const REMOTE_DEVICE_LISTS: &str = "remote_device_lists";
+/// `kind byte, target` -> `TargetStatus`: how an outbox's target was last doing (failures,
+/// backoff, last success, dropped items), so it is listed and its backoff kept after a restart.
+pub const OUTBOX_TARGETS: &str = "outbox_targets";
 
 /// All column families, opened together at start.
 pub const ALL: &[&str] = &[
@@ -323,4 +326,5 @@ pub const ALL: &[&str] = &[
     DEVICE_LIST_STREAMS,
     OUTSIDE_MEMBERSHIPS,
     REMOTE_DEVICE_LISTS,
+    OUTBOX_TARGETS,
 ];

@@ -33,6 +33,7 @@ fn destination_json(status: &TargetStatus) -> JsonValue {
         "last_success_ts": status.last_success_ms,
         "last_error": status.last_error,
         "queued": status.queued,
+        "dropped": status.dropped,
     })
 }
 

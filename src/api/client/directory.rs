@@ -196,13 +196,15 @@ pub(crate) fn page(
     })
 }
 
-/// `GET /_matrix/client/v3/publicRooms`
+/// `GET /_matrix/client/v3/publicRooms`: this server's directory for anyone; another
+/// server's (`server=`) only for a signed-in user, so nobody can make us query servers.
 pub async fn public(
     services: State,
     req: Ruma<public_rooms::Request>,
 ) -> Result<public_rooms::Response> {
-    let body = req.body;
+    let body = &req.body;
     if let Some(server) = body.server.as_deref().filter(|s| *s != services.server_name()) {
+        req.caller()?;
         let mut request = ruma::api::federation::directory::get_public_rooms::v1::Request::new();
         request.limit = body.limit;
         request.since = body.since.clone();

@@ -10,7 +10,7 @@ pub mod membership;
 pub mod query;
 pub mod space;
 
-use std::future::Future;
+use std::{any::TypeId, future::Future};
 
 use axum::{
     Router,
@@ -23,7 +23,10 @@ use ruma::{
     OwnedServerName,
     api::{
         IncomingRequest, OutgoingResponse,
-        federation::authentication::{ServerSignatures, XMatrix},
+        federation::{
+            authentication::{ServerSignatures, XMatrix},
+            transactions::send_transaction_message,
+        },
     },
     signatures::PublicKeyMap,
 };
@@ -77,7 +80,7 @@ where
             .map_err(|_| Error::invalid_param("Invalid path parameter encoding"))?;
         check_id_lengths(&raw_params)?;
         let path_args: Vec<String> = raw_params.iter().map(|(_, value)| value.to_owned()).collect();
-        let bytes = read_body(body, services.config.limits.max_request_bytes).await?;
+        let bytes = read_body(body, body_limit::<T>(services)).await?;
         let body_is_json =
             bytes.is_empty() || serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
         if !body_is_json {
@@ -105,6 +108,16 @@ where
         services.federation_sender.contacted(&x_matrix.origin);
         let body = T::try_from_http_request(request, &path_args).map_err(map_parse_error)?;
         Ok(Self { origin: x_matrix.origin, body })
+    }
+}
+
+/// The largest body accepted for a request of type `T`: a transaction may hold 50 PDUs of
+/// 64 KiB and 100 EDUs, so it has a bound of its own; every other request has the usual one.
+fn body_limit<T: 'static>(services: &State) -> usize {
+    if TypeId::of::<T>() == TypeId::of::<send_transaction_message::v1::Request>() {
+        services.config.federation.max_transaction_bytes
+    } else {
+        services.config.limits.max_request_bytes
     }
 }
 

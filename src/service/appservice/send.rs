@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use super::Queued;
 use crate::service::{
     Services,
-    outbox::{Deliver, Item},
+    outbox::{Deliver, Failure, Item},
     rooms::pdu::client_event,
 };
 
@@ -23,8 +23,8 @@ impl Deliver<Queued> for Transactions {
         &self,
         target: &str,
         txn_id: &str,
-        items: &[Item<Queued>],
-    ) -> Result<(), String> {
+        items: &mut Vec<Item<Queued>>,
+    ) -> Result<(), Failure> {
         let services = &self.services;
         let registered = services
             .appservices
@@ -50,7 +50,11 @@ impl Deliver<Queued> for Transactions {
             .await
             .map_err(|e| format!("request failed: {e}"))?;
         let status = response.status();
-        if status.is_success() { Ok(()) } else { Err(format!("the service answered {status}")) }
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(Failure::Retry(format!("the service answered {status}")))
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     fmt::Write as _,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use ruma::{
@@ -22,15 +23,16 @@ use ruma::{
     serde::Raw,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value as JsonValue;
+use serde_json::{Value as JsonValue, value::RawValue as RawJsonValue};
 use tokio::sync::watch;
 
 use super::SendError;
 use crate::{
+    config::FederationConfig,
     error::{Error, Result},
     service::{
         Services,
-        outbox::{Deliver, Item, KIND_FEDERATION, Outbox, TargetStatus},
+        outbox::{Deliver, Failure, Item, KIND_FEDERATION, Outbox, TargetStatus},
         rooms::{
             listeners::{Contributor, Listener, Written},
             pdu::StoredPdu,
@@ -45,6 +47,10 @@ pub const MAX_TRANSACTION_PDUS: usize = 50;
 pub const MAX_TRANSACTION_EDUS: usize = 100;
 /// Most items in one transaction.
 pub const MAX_TRANSACTION_ITEMS: usize = MAX_TRANSACTION_PDUS + MAX_TRANSACTION_EDUS;
+/// Most bytes of PDUs and EDUs in one transaction we send: 4 MiB less room for the rest of
+/// the body, so even a server accepting no more than 4 MiB (our smallest setting; 16 MiB by
+/// default) takes it. An item larger on its own still goes, alone.
+pub const MAX_TRANSACTION_BYTES: usize = (4 << 20) - (16 << 10);
 /// Most items waiting for one destination; beyond it new items are dropped and said so.
 const MAX_QUEUED: u64 = 1_000_000;
 /// Most destinations named one by one in the metrics.
@@ -68,6 +74,38 @@ fn fits_transaction(items: &[Item<Queued>], next: &Queued) -> bool {
         Queued::Pdu(_) => pdus < MAX_TRANSACTION_PDUS,
         Queued::Edu(_) => items.len() - pdus < MAX_TRANSACTION_EDUS,
     }
+}
+
+/// Fills `request` with the first of `items`, in order, while their PDUs and EDUs stay within
+/// `max_bytes` (the first always goes), reading each PDU with `pdu` (`None`: gone, skipped).
+/// Returns how many items it took.
+fn fill_transaction(
+    request: &mut send_transaction_message::v1::Request,
+    items: &[Item<Queued>],
+    max_bytes: usize,
+    mut pdu: impl FnMut(&EventId) -> Result<Option<Box<RawJsonValue>>, String>,
+) -> Result<usize, String> {
+    let mut bytes = 0usize;
+    for (taken, item) in items.iter().enumerate() {
+        let raw = match &item.value {
+            Queued::Pdu(event_id) => match pdu(event_id)? {
+                Some(raw) => raw,
+                None => continue,
+            },
+            Queued::Edu(edu) => serde_json::value::to_raw_value(edu).map_err(|e| e.to_string())?,
+        };
+        // The item and the comma before it.
+        let size = raw.get().len() + 1;
+        if taken > 0 && bytes + size > max_bytes {
+            return Ok(taken);
+        }
+        bytes += size;
+        match item.value {
+            Queued::Pdu(_) => request.pdus.push(raw),
+            Queued::Edu(_) => request.edus.push(Raw::from_json(raw)),
+        }
+    }
+    Ok(items.len())
 }
 
 /// The per-destination queues of outgoing transactions.
@@ -95,8 +133,9 @@ impl Drop for Relay<'_> {
 }
 
 impl Sender {
-    /// The queues kept in `db`; those left from before are sent once [`run`] starts.
-    pub fn new(db: &Db) -> Result<Self, StorageError> {
+    /// The queues kept in `db`, retried after failures as `config` says; those left from
+    /// before are sent once [`run`] starts.
+    pub fn new(db: &Db, config: &FederationConfig) -> Result<Self, StorageError> {
         let outbox = Outbox::new(
             db,
             KIND_FEDERATION,
@@ -104,7 +143,12 @@ impl Sender {
             MAX_TRANSACTION_ITEMS,
             MAX_QUEUED,
         )?
-        .bounded_by(fits_transaction);
+        .bounded_by(fits_transaction)
+        .with_backoff(
+            Duration::from_millis(config.destination_retry_first_ms),
+            Duration::from_secs(config.destination_retry_max_secs),
+        )
+        .remembering_targets()?;
         Ok(Self { outbox: Arc::new(outbox), pending: Mutex::default(), relayed: Mutex::default() })
     }
 
@@ -128,17 +172,17 @@ impl Sender {
         self.outbox.retry_now(origin.as_str());
     }
 
-    /// Ends `destination`'s backoff: its queue is retried now.
+    /// Clears `destination`'s failures and backoff: its queue is retried now.
     pub fn reset(&self, destination: &str) {
-        self.outbox.retry_now(destination);
+        self.outbox.reset(destination);
     }
 
-    /// The state of every destination known since start, ordered by name.
+    /// The state of every destination known (kept across restarts), ordered by name.
     pub fn destinations(&self) -> Vec<TargetStatus> {
         self.outbox.statuses()
     }
 
-    /// The state of `destination`, when anything was ever queued for it since start.
+    /// The state of `destination`, when anything was ever queued for it.
     pub fn destination(&self, destination: &str) -> Option<TargetStatus> {
         self.outbox.statuses().into_iter().find(|s| s.target == destination)
     }
@@ -148,22 +192,37 @@ impl Sender {
         self.outbox.depth(destination)
     }
 
-    /// Queue depths and failures per destination in the Prometheus text format.
+    /// Queue depths, failures and dropped items per destination in the Prometheus text
+    /// format.
     pub fn render_metrics(&self, out: &mut String) {
+        enum Field {
+            Queued,
+            Failures,
+            Dropped,
+        }
         let statuses = self.outbox.statuses();
         let families = [
-            ("plaza_federation_queue_depth", "Items waiting for each destination.", false),
+            ("plaza_federation_queue_depth", "Items waiting for each destination.", Field::Queued),
             (
                 "plaza_federation_destination_failures",
                 "Failed transactions in a row for each destination.",
-                true,
+                Field::Failures,
+            ),
+            (
+                "plaza_federation_dropped_items",
+                "Items dropped because the destination kept refusing their transaction.",
+                Field::Dropped,
             ),
         ];
-        for (name, help, failures) in families {
+        for (name, help, field) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             let mut other = 0u64;
             for (n, status) in statuses.iter().enumerate() {
-                let value = if failures { u64::from(status.failures) } else { status.queued };
+                let value = match field {
+                    Field::Queued => status.queued,
+                    Field::Failures => u64::from(status.failures),
+                    Field::Dropped => status.dropped,
+                };
                 if n >= MAX_METRIC_DESTINATIONS {
                     other += value;
                     continue;
@@ -347,8 +406,8 @@ impl Deliver<Queued> for Transactions {
         &self,
         target: &str,
         txn_id: &str,
-        items: &[Item<Queued>],
-    ) -> Result<(), String> {
+        items: &mut Vec<Item<Queued>>,
+    ) -> Result<(), Failure> {
         let services = &self.services;
         // A name that does not parse was never queued by us: nothing can be sent to it.
         let Ok(destination) = <&ServerName>::try_from(target) else { return Ok(()) };
@@ -357,21 +416,17 @@ impl Deliver<Queued> for Transactions {
             services.server_name().to_owned(),
             MilliSecondsSinceUnixEpoch::now(),
         );
-        for item in items {
-            match &item.value {
-                Queued::Pdu(event_id) => match services.rooms.stored(event_id) {
-                    Ok(Some(stored)) => request.pdus.push(
-                        serde_json::value::to_raw_value(&stored.wire).map_err(|e| e.to_string())?,
-                    ),
-                    // Purged meanwhile: nothing to send.
-                    Ok(None) => {}
-                    Err(err) => return Err(format!("event {event_id} unreadable: {err}")),
-                },
-                Queued::Edu(edu) => request.edus.push(Raw::from_json(
-                    serde_json::value::to_raw_value(edu).map_err(|e| e.to_string())?,
-                )),
+        let taken = fill_transaction(&mut request, items, MAX_TRANSACTION_BYTES, |event_id| {
+            match services.rooms.stored(event_id) {
+                Ok(Some(stored)) => serde_json::value::to_raw_value(&stored.wire)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                // Purged meanwhile: nothing to send.
+                Ok(None) => Ok(None),
+                Err(err) => Err(format!("event {event_id} unreadable: {err}")),
             }
-        }
+        })?;
+        items.truncate(taken);
         if request.pdus.is_empty() && request.edus.is_empty() {
             return Ok(());
         }
@@ -386,8 +441,30 @@ impl Deliver<Queued> for Transactions {
             }
             // The lists refuse it, or federation is off: the items can never go.
             Err(SendError::Forbidden(_) | SendError::Disabled) => Ok(()),
-            Err(err) => Err(err.to_string()),
+            Err(err) => Err(failure_of(&err)),
         }
+    }
+}
+
+/// Attempts at a transaction the destination refused with 401 before it is dropped: the
+/// refusal may come from an outdated copy of our keys, which it fetches again.
+const TRIES_UNAUTHORIZED: u32 = 5;
+/// Attempts at a transaction the destination refused with another 4xx before it is dropped.
+const TRIES_REFUSED: u32 = 3;
+
+/// What a failed transaction means: a destination that is down, busy (429) or failing (5xx)
+/// is retried for as long as it takes; any other 4xx refuses the transaction itself, which
+/// is tried a few times, then dropped so what follows it is not held up forever.
+fn failure_of(err: &SendError) -> Failure {
+    let reason = err.to_string();
+    match err {
+        SendError::Remote { status: 401, .. } => {
+            Failure::Refused { reason, tries: TRIES_UNAUTHORIZED }
+        }
+        SendError::Remote { status, .. } if (400..500).contains(status) && *status != 429 => {
+            Failure::Refused { reason, tries: TRIES_REFUSED }
+        }
+        _ => Failure::Retry(reason),
     }
 }
 
@@ -400,6 +477,8 @@ pub async fn run(services: Arc<Services>, stopped: watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn items(pdus: usize, edus: usize) -> Vec<Item<Queued>> {
@@ -421,5 +500,58 @@ mod tests {
         assert!(fits_transaction(&items(50, 99), &edu));
         assert!(!fits_transaction(&items(0, 100), &edu));
         assert!(fits_transaction(&items(0, 100), &pdu));
+    }
+
+    /// A transaction request with nothing in it yet.
+    fn empty_request() -> send_transaction_message::v1::Request {
+        send_transaction_message::v1::Request::new(
+            "t".into(),
+            ruma::server_name!("a.example").to_owned(),
+            MilliSecondsSinceUnixEpoch::now(),
+        )
+    }
+
+    /// A PDU of about `size` bytes.
+    fn sized(size: usize) -> Box<RawJsonValue> {
+        serde_json::value::to_raw_value(&json!({ "body": "x".repeat(size) })).unwrap()
+    }
+
+    #[test]
+    fn a_transaction_stops_before_the_item_that_would_pass_its_byte_cap() {
+        // Forty PDUs of about 60 KiB under a 1 MiB cap: the first 17 fit (17 * 60 KiB is
+        // under 1 MiB, 18 are over it).
+        let queued = items(40, 2);
+        let mut request = empty_request();
+        let taken =
+            fill_transaction(&mut request, &queued, 1 << 20, |_| Ok(Some(sized(60 * 1024))))
+                .unwrap();
+        assert_eq!((taken, request.pdus.len(), request.edus.len()), (17, 17, 0));
+        let bytes: usize = request.pdus.iter().map(|p| p.get().len() + 1).sum();
+        assert!(bytes <= 1 << 20, "{bytes}");
+
+        // Under a cap that holds them all, everything goes, EDUs included.
+        let mut request = empty_request();
+        let taken =
+            fill_transaction(&mut request, &queued, 4 << 20, |_| Ok(Some(sized(60 * 1024))))
+                .unwrap();
+        assert_eq!((taken, request.pdus.len(), request.edus.len()), (42, 40, 2));
+
+        // An item larger than the cap goes alone; one that is gone takes no room.
+        let mut request = empty_request();
+        let mut n = 0;
+        let taken = fill_transaction(&mut request, &items(3, 0), 1000, |_| {
+            n += 1;
+            Ok(Some(sized(5000)))
+        })
+        .unwrap();
+        assert_eq!((taken, request.pdus.len()), (1, 1));
+        let mut request = empty_request();
+        let mut n = 0;
+        let taken = fill_transaction(&mut request, &items(3, 0), 1000, |_| {
+            n += 1;
+            Ok((n > 1).then(|| sized(400)))
+        })
+        .unwrap();
+        assert_eq!((taken, request.pdus.len()), (3, 2));
     }
 }

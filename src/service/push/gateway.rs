@@ -27,7 +27,7 @@ use crate::{
     error::{Error, Result},
     service::{
         Services, now_ms,
-        outbox::{Deliver, Item, KIND_PUSH, Outbox},
+        outbox::{Deliver, Failure, Item, KIND_PUSH, Outbox},
         rooms::outside::OutsideMembership,
     },
     storage::{Batch, Db, Table, tables},
@@ -186,11 +186,11 @@ impl Deliver<Delivery> for Pushes {
         &self,
         _target: &str,
         _txn_id: &str,
-        items: &[Item<Delivery>],
-    ) -> std::result::Result<(), String> {
+        items: &mut Vec<Item<Delivery>>,
+    ) -> std::result::Result<(), Failure> {
         let services = &self.services;
         let max_age = services.config.push.max_delivery_age_secs.saturating_mul(1000);
-        for item in items {
+        for item in items.iter() {
             let delivery = &item.value;
             // A push for a removed pusher, or one past its age, leaves the queue unsent.
             let Some(pusher) = delivery.pusher(&services.pushers) else { continue };
@@ -211,7 +211,7 @@ impl Deliver<Delivery> for Pushes {
                         tracing::warn!(%err, "rejected pusher could not be removed");
                     }
                 }
-                Outcome::Retry(why) => return Err(why),
+                Outcome::Retry(why) => return Err(Failure::Retry(why)),
                 Outcome::Drop(why) => {
                     tracing::warn!(user = %delivery.user_id, %why, "gateway refused a push");
                 }

@@ -225,3 +225,40 @@ pub async fn pair() -> (Arc<Pki>, FedServer, FedServer) {
     let b = FedServer::start(&pki, 2, |_| {}).await;
     (pki, a, b)
 }
+
+/// Serves `app` over TLS on `ip` with a certificate of `pki` (another server, as another
+/// implementation would answer); returns its address.
+pub async fn serve_tls_on(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    app: axum::Router,
+) -> std::net::SocketAddr {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use tower::ServiceExt;
+    let (cert, key) = pki.issue(&[&addr.ip().to_string()]);
+    let chain = CertificateDer::pem_file_iter(&cert).unwrap().collect::<Result<Vec<_>, _>>();
+    let config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain.unwrap(), PrivateKeyDer::from_pem_file(&key).unwrap())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = builder.serve_connection(io, service).await;
+            });
+        }
+    });
+    addr
+}

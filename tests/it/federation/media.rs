@@ -6,7 +6,7 @@
 use reqwest::{StatusCode, header};
 use serde_json::Value;
 
-use super::harness::{FedServer, Pki};
+use super::harness::{FedServer, Pki, serve_tls_on};
 use crate::common::{TestServer, assert_error};
 
 async fn upload(s: &TestServer, token: &str, bytes: Vec<u8>) -> String {
@@ -71,43 +71,6 @@ async fn remote_media_is_fetched_once_cached_and_bounded() {
     let answer =
         b.server.get(&format!("/_matrix/client/v1/media/download/{path}"), Some(&bob)).await;
     assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
-}
-
-/// Serves `app` over TLS on `ip` with a certificate of `pki` (another server, as another
-/// implementation would answer); returns its address.
-async fn serve_tls_on(
-    pki: &Pki,
-    addr: std::net::SocketAddr,
-    app: axum::Router,
-) -> std::net::SocketAddr {
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    use tower::ServiceExt;
-    let (cert, key) = pki.issue(&[&addr.ip().to_string()]);
-    let chain = CertificateDer::pem_file_iter(&cert).unwrap().collect::<Result<Vec<_>, _>>();
-    let config = tokio_rustls::rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain.unwrap(), PrivateKeyDer::from_pem_file(&key).unwrap())
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else { return };
-                let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = builder.serve_connection(io, service).await;
-            });
-        }
-    });
-    addr
 }
 
 /// A server that answers the federation media endpoint the older way (`M_UNRECOGNIZED`, for

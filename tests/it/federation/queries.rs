@@ -82,6 +82,28 @@ async fn profiles_aliases_and_public_rooms_of_the_other_server() {
         .await;
     assert_eq!(status, StatusCode::OK, "{rooms}");
     assert_eq!(rooms["chunk"], json!([]));
+
+    // Without a token nobody makes B ask another server; B's own directory stays open.
+    let requests_to_a = || {
+        let mut metrics = String::new();
+        b.services().federation.render_metrics(&mut metrics);
+        let name = format!("plaza_federation_requests_total{{destination=\"{}\"}} ", a.name);
+        metrics.lines().find_map(|l| l.strip_prefix(name.as_str())).unwrap_or("0").to_owned()
+    };
+    let before = requests_to_a();
+    let remote = format!("/_matrix/client/v3/publicRooms?server={}", a.name);
+    let anonymous = b.server.get(&remote, None).await;
+    assert_error(&anonymous, StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN");
+    let anonymous = b.server.post(&remote, None, json!({})).await;
+    assert_error(&anonymous, StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN");
+    assert_eq!(requests_to_a(), before);
+    for local in [
+        "/_matrix/client/v3/publicRooms".to_owned(),
+        format!("/_matrix/client/v3/publicRooms?server={}", b.name),
+    ] {
+        let (status, rooms) = b.server.get(&local, None).await;
+        assert_eq!((status, &rooms["chunk"]), (StatusCode::OK, &json!([])), "{rooms}");
+    }
 }
 
 #[tokio::test]

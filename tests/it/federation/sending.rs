@@ -102,7 +102,7 @@ fn build_pdu(
 
 /// Joins `user` (of `b`) to `room` hosted on `a`: the join is placed on `b` on `a`'s state
 /// and reaches `a` through `b`'s transaction queue.
-async fn join_remote(a: &FedServer, b: &FedServer, room: &RoomId, user: &str) {
+pub(super) async fn join_remote(a: &FedServer, b: &FedServer, room: &RoomId, user: &str) {
     let (_, join) = build_pdu(
         a,
         b,
@@ -167,22 +167,38 @@ pub(super) async fn until_bodies(s: &FedServer, token: &str, room: &str, expecte
     panic!("expected {expected:?}, read {seen:?}");
 }
 
-async fn send(s: &FedServer, token: &str, room: &str, txn: &str, content: Value) -> String {
+pub(super) async fn send(
+    s: &FedServer,
+    token: &str,
+    room: &str,
+    txn: &str,
+    content: Value,
+) -> String {
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
     let (status, body) = s.server.put(&path, Some(token), content).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["event_id"].as_str().unwrap().to_owned()
 }
 
-fn text(body: &str) -> Value {
+pub(super) fn text(body: &str) -> Value {
     json!({ "msgtype": "m.text", "body": body })
 }
 
-/// Two servers, alice on A hosting a public room, bob on B joined to it.
-async fn shared_room(
+/// Two servers, alice on A hosting a public room, and bob on B (not joined yet).
+pub(super) async fn shared_room(
     visibility: &str,
 ) -> (std::sync::Arc<Pki>, FedServer, FedServer, String, String, String, String) {
-    let (pki, a, b) = pair().await;
+    shared_room_with(visibility, |_| {}).await
+}
+
+/// [`shared_room`] with `adjust` applied to A's configuration.
+pub(super) async fn shared_room_with(
+    visibility: &str,
+    adjust: impl FnOnce(&mut plaza::Config),
+) -> (std::sync::Arc<Pki>, FedServer, FedServer, String, String, String, String) {
+    let pki = Pki::new();
+    let a = FedServer::start(&pki, 1, adjust).await;
+    let b = FedServer::start(&pki, 2, |_| {}).await;
     let (_, alice) = {
         let (id, token, _) = a.server.register("alice", "password-alice").await;
         (id, token)
@@ -576,9 +592,25 @@ async fn serving_honours_membership_and_history_visibility() {
     assert_error(&result, StatusCode::FORBIDDEN, "M_FORBIDDEN");
 }
 
+/// A waits a minute after B first fails, so only a reset ends the wait in a test's time.
+fn slow_retries(config: &mut plaza::Config) {
+    config.federation.destination_retry_first_ms = 60_000;
+}
+
+/// The admin's list of A's destinations (exactly one, B): that entry.
+async fn only_destination(a: &FedServer, admin: &str, b: &FedServer) -> Value {
+    let (status, list) =
+        a.server.get("/_synapse/admin/v1/federation/destinations", Some(admin)).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["total"], 1, "{list}");
+    let entry = list["destinations"][0].clone();
+    assert_eq!(entry["destination"], b.name.as_str(), "{list}");
+    entry
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn admins_list_destinations_and_reset_them() {
-    let (_pki, a, b, alice, _bob, bob_id, room) = shared_room("shared").await;
+    let (_pki, a, b, alice, bob, bob_id, room) = shared_room_with("shared", slow_retries).await;
     let room_id = RoomId::parse(&room).unwrap();
     join_remote(&a, &b, &room_id, &bob_id).await;
     send(&a, &alice, &room, "d1", text("d1")).await;
@@ -586,24 +618,95 @@ async fn admins_list_destinations_and_reset_them() {
 
     let (admin_id, admin, _) = a.server.register("admin", "password-admin").await;
     a.server.set_role(&admin_id, "admin");
-    let (status, list) =
-        a.server.get("/_synapse/admin/v1/federation/destinations", Some(&admin)).await;
-    assert_eq!(status, StatusCode::OK, "{list}");
-    assert_eq!(list["total"], 1, "{list}");
-    let entry = &list["destinations"][0];
-    assert_eq!(entry["destination"], b.name.as_str());
+    let entry = only_destination(&a, &admin, &b).await;
     assert_eq!(
         (entry["retry_last_ts"].clone(), entry["retry_interval"].clone()),
         (json!(0), json!(0))
     );
     assert_eq!(entry["failure_ts"], Value::Null);
 
+    // B goes down and A's transaction to it fails; A restarts meanwhile and still knows.
+    let handle = tokio::runtime::Handle::current();
+    let (b_name, admin_token) = (b.name.clone(), admin.clone());
+    let mut slot = Some(a);
+    let b = b
+        .restart(
+            |_| {
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async {
+                        let a = slot.take().unwrap();
+                        send(&a, &alice, &room, "d2", text("d2")).await;
+                        eventually("A sees B failing", || {
+                            a.services()
+                                .federation_sender
+                                .destination(b_name.as_str())
+                                .is_some_and(|s| s.failures == 1)
+                        })
+                        .await;
+                        let (status, entry) = a
+                            .server
+                            .get(
+                                &format!("/_synapse/admin/v1/federation/destinations/{b_name}"),
+                                Some(&admin_token),
+                            )
+                            .await;
+                        assert_eq!(status, StatusCode::OK, "{entry}");
+                        assert_eq!(entry["retry_interval"], 60_000, "{entry}");
+                        assert_eq!(entry["queued"], 1, "{entry}");
+                        assert!(entry["retry_last_ts"].as_u64().unwrap() > 0, "{entry}");
+                        assert!(entry["failure_ts"].as_u64().unwrap() > 0, "{entry}");
+                        assert!(entry["last_error"].as_str().unwrap().contains("cannot reach"));
+                        let a = a.restart(|_| {}, slow_retries).await;
+                        let (status, after) = a
+                            .server
+                            .get(
+                                &format!("/_synapse/admin/v1/federation/destinations/{b_name}"),
+                                Some(&admin_token),
+                            )
+                            .await;
+                        assert_eq!(status, StatusCode::OK, "{after}");
+                        for field in ["retry_interval", "retry_last_ts", "failure_ts", "queued"] {
+                            assert_eq!(after[field], entry[field], "{field}: {after}");
+                        }
+                        slot = Some(a);
+                    })
+                });
+            },
+            |_| {},
+        )
+        .await;
+    let a = slot.unwrap();
+
+    // B is back, but A would wait a minute: the admin resets it and it goes now.
     let path = format!("/_synapse/admin/v1/federation/destinations/{}", b.name);
-    let (status, one) = a.server.get(&path, Some(&admin)).await;
-    assert_eq!((status, &one["destination"]), (StatusCode::OK, &json!(b.name.as_str())));
+    assert_eq!(only_destination(&a, &admin, &b).await["retry_interval"], 60_000);
     let (status, body) =
         a.server.post(&format!("{path}/reset_connection"), Some(&admin), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    let entry = only_destination(&a, &admin, &b).await;
+    assert_eq!(
+        (&entry["retry_last_ts"], &entry["retry_interval"], &entry["failure_ts"]),
+        (&json!(0), &json!(0), &Value::Null),
+        "{entry}"
+    );
+    until_bodies(&b, &bob, &room, &["d1", "d2"]).await;
+    eventually("A's queue to B is empty", || {
+        a.services().federation_sender.depth(b.name.as_str()) == 0
+    })
+    .await;
+
+    // A destination with nothing queued is still listed after a restart, healthy.
+    let a = a.restart(|_| {}, slow_retries).await;
+    let entry = only_destination(&a, &admin, &b).await;
+    assert_eq!(
+        (&entry["retry_last_ts"], &entry["retry_interval"], &entry["failure_ts"], &entry["queued"]),
+        (&json!(0), &json!(0), &Value::Null, &json!(0)),
+        "{entry}"
+    );
+    assert!(entry["last_success_ts"].as_u64().unwrap() > 0, "{entry}");
+
+    let (status, one) = a.server.get(&path, Some(&admin)).await;
+    assert_eq!((status, &one["destination"]), (StatusCode::OK, &json!(b.name.as_str())));
     let unknown = a
         .server
         .get("/_synapse/admin/v1/federation/destinations/nowhere.example", Some(&admin))
