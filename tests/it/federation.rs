@@ -3,6 +3,7 @@
 //! expiry, X-Matrix signing and its verification, the allow and deny lists both ways, key
 //! rotation, the version endpoint, and serving behind a reverse proxy.
 
+mod both_ways;
 pub mod e2ee;
 pub mod harness;
 mod invite_push;
