@@ -448,14 +448,11 @@ fn wanted(headers: &http::HeaderMap, etag: &HeaderValue, size: u64) -> Wanted {
     }
 }
 
-/// The blob's bytes (or the part a `Range` asks for), streamed from disk in pooled blocks.
-async fn body_response(
+/// The blob `sha256`'s file, opened off the async workers, with its metadata.
+pub(super) async fn open_blob(
     state: &State,
-    headers: &http::HeaderMap,
     sha256: &str,
-    content_type: &str,
-    etag: &HeaderValue,
-) -> Result<Response> {
+) -> Result<(std::fs::File, std::fs::Metadata)> {
     let path = state.media.blob_path(sha256);
     let opened = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(path)?;
@@ -464,14 +461,25 @@ async fn body_response(
     })
     .await
     .map_err(Error::internal)?;
-    let (file, metadata) = match opened {
-        Ok(opened) => opened,
+    match opened {
+        Ok(opened) => Ok(opened),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             tracing::error!(%sha256, "media body missing from disk");
-            return Err(Error::not_found("The media's content is missing"));
+            Err(Error::not_found("The media's content is missing"))
         }
-        Err(err) => return Err(Error::internal(err)),
-    };
+        Err(err) => Err(Error::internal(err)),
+    }
+}
+
+/// The blob's bytes (or the part a `Range` asks for), streamed from disk in pooled blocks.
+async fn body_response(
+    state: &State,
+    headers: &http::HeaderMap,
+    sha256: &str,
+    content_type: &str,
+    etag: &HeaderValue,
+) -> Result<Response> {
+    let (file, metadata) = open_blob(state, sha256).await?;
     let size = metadata.len();
     let modified = metadata.modified().ok().map(httpdate::HttpDate::from);
     // `If-Modified-Since` counts only without `If-None-Match`, which `serve` has answered.

@@ -415,6 +415,12 @@ impl Media {
             .filter(|r| r.sha256.is_some() && !r.quarantined))
     }
 
+    /// Whether an admin withheld `origin`'s `media_id` here: it is then neither served nor
+    /// fetched again.
+    pub fn is_quarantined(&self, origin: &ServerName, media_id: &str) -> Result<bool> {
+        Ok(self.records.get(&(origin.as_str(), media_id))?.is_some_and(|r| r.quarantined))
+    }
+
     /// Records the local copy of another server's media, stored as `blob`; `@media:origin`
     /// stands as its uploader (it counts against no quota here).
     pub fn store_remote(
@@ -709,6 +715,18 @@ impl Media {
             width: thumbnail.width,
             height: thumbnail.height,
         };
+        self.record_thumbnail(origin, media_id, spec, &record)?;
+        Ok(record)
+    }
+
+    /// Writes `record` as the thumbnail `spec` of `origin`'s `media_id`.
+    fn record_thumbnail(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        spec: Spec,
+        record: &ThumbnailRecord,
+    ) -> Result<()> {
         let mut batch = self.db.batch();
         let thumb_key = format!("{media_id}/{}", spec.key());
         self.by_hash.put(
@@ -716,9 +734,9 @@ impl Media {
             &(record.sha256.as_str(), (origin.as_str(), thumb_key.as_str())),
             &(),
         );
-        self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), &record);
+        self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), record);
         self.db.write(batch)?;
-        Ok(record)
+        Ok(())
     }
 
     /// Renders the common thumbnail sizes of a new image in the background, so the first client

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::{
     harness::*,
-    sending::{bodies, eventually, until_bodies},
+    sending::{bodies, eventually, send, text, until_bodies},
 };
 use crate::common::enc;
 
@@ -34,17 +34,6 @@ async fn join(s: &FedServer, token: &str, room: &str, via: &FedServer) {
     let path = format!("/_matrix/client/v3/join/{}?via={}", enc(room), via.name);
     let (status, body) = s.server.post(&path, Some(token), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-}
-
-async fn send(s: &FedServer, token: &str, room: &str, txn: &str, content: Value) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
-    let (status, body) = s.server.put(&path, Some(token), content).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body["event_id"].as_str().unwrap().to_owned()
-}
-
-fn text(body: &str) -> Value {
-    json!({ "msgtype": "m.text", "body": body })
 }
 
 fn in_thread(body: &str, root: &str) -> Value {

@@ -166,14 +166,20 @@ pub(super) async fn until_bodies(s: &FedServer, token: &str, room: &str, expecte
     panic!("expected {expected:?}, read {seen:?}");
 }
 
-async fn send(s: &FedServer, token: &str, room: &str, txn: &str, content: Value) -> String {
+pub(super) async fn send(
+    s: &FedServer,
+    token: &str,
+    room: &str,
+    txn: &str,
+    content: Value,
+) -> String {
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
     let (status, body) = s.server.put(&path, Some(token), content).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["event_id"].as_str().unwrap().to_owned()
 }
 
-fn text(body: &str) -> Value {
+pub(super) fn text(body: &str) -> Value {
     json!({ "msgtype": "m.text", "body": body })
 }
 
