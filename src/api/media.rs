@@ -360,8 +360,18 @@ async fn thumbnail(
 ) -> Result<Response> {
     let (parts, _) = req.into_parts();
     let spec = thumbnail_spec(&query(&parts))?;
-    let (origin, record) = lookup(state, &parts, server_name, media_id, authenticated).await?;
-    let thumbnail = state.media.thumbnail(&record, &origin, media_id, spec).await?;
+    let origin = parse_origin(server_name)?;
+    let thumbnail = if origin == state.server_name() {
+        let (origin, record) = lookup(state, &parts, server_name, media_id, authenticated).await?;
+        state.media.thumbnail(&record, &origin, media_id, spec).await?
+    } else {
+        // Asked of the origin first: the original need not be fetched for a thumbnail.
+        if authenticated {
+            required_caller(state, &parts)?;
+        }
+        check_media_id(media_id)?;
+        state.remote.media.thumbnail(state, &origin, media_id, spec).await?
+    };
     let extension = thumbnail.content_type.trim_start_matches("image/");
     let name = format!("thumbnail.{extension}");
     serve(state, parts, &thumbnail.sha256, Some(&thumbnail.content_type), Some(&name)).await

@@ -8,7 +8,7 @@ pub mod e2ee;
 pub mod harness;
 mod invite_push;
 mod invites;
-mod media;
+pub mod media;
 mod queries;
 mod sending;
 mod spaces;

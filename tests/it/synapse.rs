@@ -400,6 +400,41 @@ async fn synapse_and_plaza_users_share_rooms() {
         b"synapse bytes"
     );
 
+    // A thumbnail of a Synapse image, asked of Synapse's federation thumbnail endpoint.
+    let image = crate::federation::media::noisy_png(200, 100);
+    let response = synapse
+        .http
+        .post(format!("{}/_matrix/media/v3/upload?filename=noise.png", synapse.client_base))
+        .bearer_auth(&alice_account.token)
+        .header("content-type", "image/png")
+        .body(image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let uploaded: Value = response.json().await.unwrap();
+    let path = uploaded["content_uri"].as_str().unwrap().trim_start_matches("mxc://").to_owned();
+    let response = plaza
+        .server
+        .http
+        .get(format!(
+            "{}/_matrix/client/v1/media/thumbnail/{path}?width=32&height=32&method=crop",
+            plaza.server.base
+        ))
+        .bearer_auth(&bob_token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&bytes));
+    let thumbnail = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((thumbnail.width(), thumbnail.height()), (32, 32));
+    let origin = ServerName::parse(path.split('/').next().unwrap()).unwrap();
+    let media_id = path.split('/').nth(1).unwrap();
+    let fetched = plaza.services().media.cached_remote(&origin, media_id).unwrap();
+    assert!(fetched.is_none(), "the original was fetched for a thumbnail");
+
     // End-to-end encryption with matrix-sdk clients: a Plaza user's encrypted room joined by a
     // Synapse user; keys are queried and claimed, and room keys sent, across the servers.
     let plaza_client = crate::sdk::sdk_client(&plaza.server.base, "erin").await;

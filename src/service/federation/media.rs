@@ -1,14 +1,17 @@
 //! Other servers' media for local clients: fetched once through the origin's federation media
 //! endpoint (following the redirect it may answer with), or the legacy media endpoint of
 //! servers without it, streamed to disk with the upload size limit checked as bytes arrive,
-//! stored in the content-addressed store and served from there afterwards. Concurrent requests
-//! for one item wait for a single fetch. Thumbnails of remote media are made here from the
-//! fetched file.
+//! stored in the content-addressed store and served from there afterwards. Thumbnails are
+//! asked of the origin the same way and cached like local ones; only when it has none is one
+//! made here from the original. Concurrent requests for one item wait for a single fetch.
 
 use std::{collections::HashMap, sync::Arc, sync::Mutex, time::Duration};
 
 use ruma::{
-    ServerName, api::federation::authenticated_media::get_content, http_headers::ContentDisposition,
+    ServerName, UInt,
+    api::federation::authenticated_media::{get_content, get_content_thumbnail},
+    http_headers::ContentDisposition,
+    media::Method,
 };
 
 use super::{
@@ -19,7 +22,10 @@ use crate::{
     error::{Error, ErrorKind, Result},
     service::{
         Services,
-        media::{Blob, MediaRecord, Upload, UploadInfo},
+        media::{
+            Blob, MediaRecord, ThumbnailRecord, Upload, UploadInfo,
+            thumbnail::{self, Spec},
+        },
     },
 };
 
@@ -28,7 +34,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a multipart answer may carry beyond the file itself (delimiters, headers, metadata).
 const MULTIPART_OVERHEAD: u64 = 256 * 1024;
 
-/// One lock per `(origin, media id)` being fetched.
+/// One lock per `(origin, media id or thumbnail key)` being fetched.
 type Fetching = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
 
 /// Fetches in progress.
@@ -49,6 +55,34 @@ impl RemoteMedia {
         let cached = || services.media.cached_remote(origin, media_id);
         let fetch = || timed(origin, fetch_from(services, origin, media_id));
         self.once((origin.to_string(), media_id.to_owned()), cached, fetch).await
+    }
+
+    /// A thumbnail close to `requested` of `origin`'s `media_id`: cached, else asked of the
+    /// origin, else made here from the original (when that is within the size limit).
+    pub async fn thumbnail(
+        &self,
+        services: &Services,
+        origin: &ServerName,
+        media_id: &str,
+        requested: Spec,
+    ) -> Result<ThumbnailRecord> {
+        check_quarantine(services, origin, media_id)?;
+        let spec = thumbnail::choose(requested);
+        let cached = || services.media.cached_thumbnail(origin, media_id, spec);
+        let fetch = || async {
+            match timed(origin, fetch_thumbnail(services, origin, media_id, spec)).await {
+                Ok(Some(record)) => Ok(record),
+                outcome => {
+                    if let Err(err) = outcome {
+                        tracing::debug!(%origin, %media_id, %err, "no thumbnail from the origin");
+                    }
+                    let record = self.get(services, origin, media_id).await?;
+                    services.media.thumbnail(&record, origin, media_id, requested).await
+                }
+            }
+        };
+        let key = (origin.to_string(), format!("{media_id}/{}", spec.key()));
+        self.once(key, cached, fetch).await
     }
 
     /// What `cached` finds, else the outcome of `fetch`, run once however many wait for it.
@@ -138,6 +172,39 @@ async fn fetch_from(
         Err(err) => return Err(fetch_error(err)),
     };
     services.media.store_remote(origin, media_id, info, &blob)
+}
+
+/// Asks the origin for its thumbnail `spec` of `media_id` (the federation endpoint, else the
+/// legacy one) and records it; `None` when what came is not an image.
+async fn fetch_thumbnail(
+    services: &Services,
+    origin: &ServerName,
+    media_id: &str,
+    spec: Spec,
+) -> Result<Option<ThumbnailRecord>> {
+    let mut request = get_content_thumbnail::v1::Request::new(
+        media_id.to_owned(),
+        UInt::from(spec.width),
+        UInt::from(spec.height),
+    );
+    request.method = Some(if spec.crop { Method::Crop } else { Method::Scale });
+    request.animated = Some(spec.animated);
+    let (_, blob) = match services.federation.send_streamed(origin, request).await {
+        Ok(response) => store_multipart(services, origin, response).await?,
+        Err(SendError::Remote { errcode, .. }) if errcode == "M_UNRECOGNIZED" => {
+            let method = if spec.crop { "crop" } else { "scale" };
+            let path = format!(
+                "/_matrix/media/v3/thumbnail/{origin}/{media_id}?width={}&height={}&method={method}\
+                 &animated={}&allow_remote=false&allow_redirect=true",
+                spec.width, spec.height, spec.animated
+            );
+            let response =
+                services.federation.get_unsigned(origin, &path).await.map_err(fetch_error)?;
+            store_streamed(services, origin, response).await?
+        }
+        Err(err) => return Err(fetch_error(err)),
+    };
+    services.media.store_remote_thumbnail(origin, media_id, spec, &blob).await
 }
 
 /// Stores the file of a federation media answer (`multipart/mixed`), streamed to disk under

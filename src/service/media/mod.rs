@@ -739,6 +739,41 @@ impl Media {
         Ok(())
     }
 
+    /// The thumbnail `spec` of `origin`'s `media_id`, when one was made or fetched before.
+    pub fn cached_thumbnail(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        spec: Spec,
+    ) -> Result<Option<ThumbnailRecord>> {
+        Ok(self.thumbnails.get(&(origin.as_str(), (media_id, spec.key())))?)
+    }
+
+    /// Records `blob`, a thumbnail another server made of its `media_id`, as the thumbnail
+    /// `spec`; `None` when the blob is not an image thumbnails are served as.
+    pub async fn store_remote_thumbnail(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        spec: Spec,
+        blob: &Blob,
+    ) -> Result<Option<ThumbnailRecord>> {
+        let path = self.blob_path(&blob.sha256);
+        let probed = tokio::task::spawn_blocking(move || thumbnail::probe(&path))
+            .await
+            .map_err(Error::internal)??;
+        let Some((content_type, width, height)) = probed else { return Ok(None) };
+        let record = ThumbnailRecord {
+            content_type: content_type.to_owned(),
+            sha256: blob.sha256.clone(),
+            size: blob.size,
+            width,
+            height,
+        };
+        self.record_thumbnail(origin, media_id, spec, &record)?;
+        Ok(Some(record))
+    }
+
     /// Renders the common thumbnail sizes of a new image in the background, so the first client
     /// to show it does not wait.
     pub fn pregenerate(

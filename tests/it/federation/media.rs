@@ -232,8 +232,28 @@ async fn upload_as(s: &TestServer, token: &str, content_type: &str, bytes: Vec<u
     body["content_uri"].as_str().unwrap().to_owned()
 }
 
+/// A thumbnail request of `s`'s client: status, content type and body.
+async fn thumbnail(
+    s: &TestServer,
+    token: &str,
+    mxc: &str,
+    query: &str,
+) -> (StatusCode, String, Vec<u8>) {
+    let path = mxc.trim_start_matches("mxc://");
+    let response = s
+        .http
+        .get(format!("{}/_matrix/client/v1/media/thumbnail/{path}?{query}", s.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let content_type = response.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+    (status, content_type, response.bytes().await.unwrap().to_vec())
+}
+
 #[tokio::test]
-async fn remote_files_are_bounded_by_the_media_limit() {
+async fn remote_files_are_bounded_by_the_media_limit_and_thumbnails_come_from_the_origin() {
     const LIMIT: u64 = 100_000;
     let pki = Pki::new();
     let a = FedServer::start(&pki, 1, |config| config.media.max_upload_size = LIMIT).await;
@@ -254,7 +274,32 @@ async fn remote_files_are_bounded_by_the_media_limit() {
         a.server.get(&format!("/_matrix/client/v1/media/download/{path}"), Some(&alice)).await;
     assert_error(&answer, StatusCode::BAD_GATEWAY, "M_TOO_LARGE");
 
-    // Quarantined here, a fetched file is withheld, and not fetched again.
+    // An image larger than A's limit: only its thumbnail, made by B, can be served by A.
+    let image = noisy_png(1200, 100);
+    assert!(image.len() as u64 > LIMIT, "{}", image.len());
+    let mxc = upload_as(&b.server, &bob, "image/png", image).await;
+    let path = mxc.trim_start_matches("mxc://");
+    let answer =
+        a.server.get(&format!("/_matrix/client/v1/media/download/{path}"), Some(&alice)).await;
+    assert_error(&answer, StatusCode::BAD_GATEWAY, "M_TOO_LARGE");
+    let asked = [
+        ("width=32&height=32&method=crop", (32, 32)),
+        ("width=96&height=96&method=crop", (96, 96)),
+        ("width=300&height=200&method=scale", (320, 27)),
+    ];
+    for (query, size) in asked {
+        let (status, content_type, bytes) = thumbnail(&a.server, &alice, &mxc, query).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {}", String::from_utf8_lossy(&bytes));
+        assert!(content_type.starts_with("image/"), "{content_type}");
+        let decoded = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), size, "{query}");
+    }
+    // The thumbnail is kept: asking again sends nothing to B.
+    let before = requests_to(&a, &b);
+    let (status, _, _) = thumbnail(&a.server, &alice, &mxc, "width=32&height=32&method=crop").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(requests_to(&a, &b), before);
+    // Quarantined here, a fetched file and its thumbnails are withheld, and not fetched again.
     let (admin_id, admin, _) = a.server.register("admin", "correct horse").await;
     a.server.set_role(&admin_id, "admin");
     let small = upload_as(&b.server, &bob, "image/png", noisy_png(40, 40)).await;
@@ -271,6 +316,14 @@ async fn remote_files_are_bounded_by_the_media_limit() {
             "M_NOT_FOUND",
         );
     }
+    let (status, _, _) =
+        thumbnail(&a.server, &alice, &small, "width=32&height=32&method=crop").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A file that is no image has no thumbnail, from B or made here.
+    let text = upload_as(&b.server, &bob, "text/plain", b"not an image".to_vec()).await;
+    let (status, _, _) = thumbnail(&a.server, &alice, &text, "width=32&height=32").await;
+    assert!(status.is_client_error(), "{status}");
 }
 
 /// Sends a signed GET from `from` to `to`'s federation listener; returns the raw answer.
