@@ -42,6 +42,8 @@ pub enum ErrorKind {
     Unknown,
     /// `M_TOO_LARGE` (413).
     TooLarge,
+    /// `M_TOO_LARGE` (502): another server's media is larger than this server serves.
+    RemoteTooLarge,
     /// `M_USER_IN_USE` (400).
     UserInUse,
     /// `M_INVALID_USERNAME` (400).
@@ -129,7 +131,7 @@ impl ErrorKind {
             Self::LimitExceeded { .. } => "M_LIMIT_EXCEEDED",
             Self::Unrecognized(_) => "M_UNRECOGNIZED",
             Self::Unknown | Self::Internal => "M_UNKNOWN",
-            Self::TooLarge => "M_TOO_LARGE",
+            Self::TooLarge | Self::RemoteTooLarge => "M_TOO_LARGE",
             Self::UserInUse => "M_USER_IN_USE",
             Self::InvalidUsername => "M_INVALID_USERNAME",
             Self::WeakPassword => "M_WEAK_PASSWORD",
@@ -182,7 +184,9 @@ impl ErrorKind {
             Self::Conflict | Self::CannotOverwriteMedia => StatusCode::CONFLICT,
             Self::NotYetUploaded => StatusCode::GATEWAY_TIMEOUT,
             Self::ServerManaged => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadStatus { .. } | Self::ConnectionFailed => StatusCode::BAD_GATEWAY,
+            Self::BadStatus { .. } | Self::ConnectionFailed | Self::RemoteTooLarge => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::ConnectionTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Exclusive | Self::UrlNotSet => StatusCode::BAD_REQUEST,
             Self::IncompatibleRoomVersion { .. } => StatusCode::BAD_REQUEST,

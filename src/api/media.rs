@@ -360,8 +360,18 @@ async fn thumbnail(
 ) -> Result<Response> {
     let (parts, _) = req.into_parts();
     let spec = thumbnail_spec(&query(&parts))?;
-    let (origin, record) = lookup(state, &parts, server_name, media_id, authenticated).await?;
-    let thumbnail = state.media.thumbnail(&record, &origin, media_id, spec).await?;
+    let origin = parse_origin(server_name)?;
+    let thumbnail = if origin == state.server_name() {
+        let (origin, record) = lookup(state, &parts, server_name, media_id, authenticated).await?;
+        state.media.thumbnail(&record, &origin, media_id, spec).await?
+    } else {
+        // Asked of the origin first: the original need not be fetched for a thumbnail.
+        if authenticated {
+            required_caller(state, &parts)?;
+        }
+        check_media_id(media_id)?;
+        state.remote.media.thumbnail(state, &origin, media_id, spec).await?
+    };
     let extension = thumbnail.content_type.trim_start_matches("image/");
     let name = format!("thumbnail.{extension}");
     serve(state, parts, &thumbnail.sha256, Some(&thumbnail.content_type), Some(&name)).await
@@ -448,14 +458,11 @@ fn wanted(headers: &http::HeaderMap, etag: &HeaderValue, size: u64) -> Wanted {
     }
 }
 
-/// The blob's bytes (or the part a `Range` asks for), streamed from disk in pooled blocks.
-async fn body_response(
+/// The blob `sha256`'s file, opened off the async workers, with its metadata.
+pub(super) async fn open_blob(
     state: &State,
-    headers: &http::HeaderMap,
     sha256: &str,
-    content_type: &str,
-    etag: &HeaderValue,
-) -> Result<Response> {
+) -> Result<(std::fs::File, std::fs::Metadata)> {
     let path = state.media.blob_path(sha256);
     let opened = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(path)?;
@@ -464,14 +471,25 @@ async fn body_response(
     })
     .await
     .map_err(Error::internal)?;
-    let (file, metadata) = match opened {
-        Ok(opened) => opened,
+    match opened {
+        Ok(opened) => Ok(opened),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             tracing::error!(%sha256, "media body missing from disk");
-            return Err(Error::not_found("The media's content is missing"));
+            Err(Error::not_found("The media's content is missing"))
         }
-        Err(err) => return Err(Error::internal(err)),
-    };
+        Err(err) => Err(Error::internal(err)),
+    }
+}
+
+/// The blob's bytes (or the part a `Range` asks for), streamed from disk in pooled blocks.
+async fn body_response(
+    state: &State,
+    headers: &http::HeaderMap,
+    sha256: &str,
+    content_type: &str,
+    etag: &HeaderValue,
+) -> Result<Response> {
+    let (file, metadata) = open_blob(state, sha256).await?;
     let size = metadata.len();
     let modified = metadata.modified().ok().map(httpdate::HttpDate::from);
     // `If-Modified-Since` counts only without `If-None-Match`, which `serve` has answered.

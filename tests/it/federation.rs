@@ -3,12 +3,13 @@
 //! expiry, X-Matrix signing and its verification, the allow and deny lists both ways, key
 //! rotation, the version endpoint, and serving behind a reverse proxy.
 
+mod both_ways;
 mod delivery;
 pub mod e2ee;
 pub mod harness;
 mod invite_push;
 mod invites;
-mod media;
+pub mod media;
 mod queries;
 mod sending;
 mod spaces;

@@ -1,9 +1,10 @@
 //! Interoperability with a real Synapse (the pinned release from PyPI) over TLS on loopback:
 //! each side fetches the other's keys, directly and through a notary, signed requests pass
 //! both ways and each client API answers for the other's users; users of each share rooms
-//! created on either side (messages, edits, threads, invites both ways, aliases, leaving and
-//! rejoining), fetch each other's media and exchange end-to-end encrypted messages. Synapse
-//! takes seconds to start, so there are few tests and each covers much.
+//! created on either side (messages, edits and threads both ways, invites both ways, aliases,
+//! leaving and rejoining on either side), fetch each other's media and exchange end-to-end
+//! encrypted messages. Synapse takes seconds to start, so there are few tests and each covers
+//! much.
 
 pub mod harness;
 
@@ -203,6 +204,23 @@ impl Side<'_> {
     }
 }
 
+/// Waits up to 30 s for the relations at `path` to list `event_id`; returns them.
+async fn eventually_relations(side: Side<'_>, path: &str, event_id: &str, what: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, relations) = side.call(Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::OK, "{relations}");
+        if relations["chunk"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|e| e["event_id"] == event_id))
+        {
+            return relations;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {relations}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 fn text(body: &str) -> Value {
     json!({ "msgtype": "m.text", "body": body })
 }
@@ -262,19 +280,7 @@ async fn synapse_and_plaza_users_share_rooms() {
         enc(&synapse_room),
         enc(&hello)
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (status, relations) = alice.call(Method::GET, &path, None).await;
-        assert_eq!(status, StatusCode::OK, "{relations}");
-        if relations["chunk"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|e| e["event_id"] == reply_id.as_str()))
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "Synapse never threaded the reply");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    eventually_relations(alice, &path, &reply_id, "Synapse never threaded the reply").await;
 
     // Leave and rejoin.
     let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&synapse_room));
@@ -301,6 +307,84 @@ async fn synapse_and_plaza_users_share_rooms() {
     bob.sees_membership(&public_room, alice_id, "join").await;
     bob.send(&public_room, "m.room.message", text("welcome")).await;
     alice.sees(&public_room, "Bob's welcome", |e| has_body(e, "welcome")).await;
+    let welcome = bob.send(&public_room, "m.room.message", text("welcome, Synapse")).await;
+    alice.sees(&public_room, "Bob's second welcome", |e| has_body(e, "welcome, Synapse")).await;
+
+    // An edit from Plaza: Synapse relates it to the original.
+    let edit = json!({
+        "msgtype": "m.text", "body": "* welcome, everyone",
+        "m.new_content": { "msgtype": "m.text", "body": "welcome, everyone" },
+        "m.relates_to": { "rel_type": "m.replace", "event_id": welcome },
+    });
+    let edit_id = bob.send(&public_room, "m.room.message", edit).await;
+    let path = format!(
+        "/_matrix/client/v1/rooms/{}/relations/{}/m.replace",
+        enc(&public_room),
+        enc(&welcome)
+    );
+    let edits =
+        eventually_relations(alice, &path, &edit_id, "Synapse never related the edit").await;
+    assert_eq!(edits["chunk"][0]["content"]["m.new_content"]["body"], "welcome, everyone");
+    let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&public_room), enc(&welcome));
+    let (status, original) = alice.call(Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{original}");
+    assert_eq!(
+        original["unsigned"]["m.relations"]["m.replace"]["event_id"],
+        edit_id.as_str(),
+        "{original}"
+    );
+
+    // A thread reply from Synapse on Plaza's message: Plaza lists and summarises the thread.
+    let reply = json!({
+        "msgtype": "m.text", "body": "threaded from Synapse",
+        "m.relates_to": { "rel_type": "m.thread", "event_id": welcome },
+    });
+    let reply_id = alice.send(&public_room, "m.room.message", reply).await;
+    bob.sees(&public_room, "Alice's thread reply", |e| e["event_id"] == reply_id.as_str()).await;
+    let path = format!("/_matrix/client/v1/rooms/{}/threads", enc(&public_room));
+    let (status, threads) = bob.call(Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{threads}");
+    let chunk = threads["chunk"].as_array().unwrap();
+    assert_eq!(chunk.len(), 1, "{threads}");
+    assert_eq!(chunk[0]["event_id"], welcome.as_str(), "{threads}");
+    let summary = &chunk[0]["unsigned"]["m.relations"]["m.thread"];
+    assert_eq!(summary["count"], 1, "{threads}");
+    assert_eq!(summary["latest_event"]["event_id"], reply_id.as_str(), "{threads}");
+    assert_eq!(summary["latest_event"]["sender"], alice_id, "{threads}");
+    let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&public_room), enc(&welcome));
+    let (status, root) = bob.call(Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{root}");
+    assert_eq!(root["unsigned"]["m.relations"]["m.thread"]["count"], 1, "{root}");
+
+    // The Synapse user leaves the Plaza room (make_leave/send_leave served by Plaza) and
+    // rejoins (a second make_join/send_join); messages flow after.
+    let first_join = bob
+        .sees(&public_room, "Alice's join", |e| {
+            e["type"] == "m.room.member" && e["state_key"] == alice_id
+        })
+        .await;
+    let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&public_room));
+    let (status, body) = alice.call(Method::POST, &path, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", synapse.log());
+    bob.sees_membership(&public_room, alice_id, "leave").await;
+    bob.send(&public_room, "m.room.message", text("while away")).await;
+    assert_eq!(alice.join(&public_room, Some(&plaza.name)).await, public_room);
+    let rejoined = bob
+        .sees(&public_room, "Alice back", |e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == alice_id
+                && e["content"]["membership"] == "join"
+        })
+        .await;
+    assert_ne!(rejoined["event_id"], first_join["event_id"], "{rejoined}");
+    let path = format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&public_room));
+    let (status, members) = bob.call(Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{members}");
+    assert!(members["joined"][alice_id].is_object(), "{members}");
+    bob.send(&public_room, "m.room.message", text("welcome back")).await;
+    alice.sees(&public_room, "Bob after the rejoin", |e| has_body(e, "welcome back")).await;
+    alice.send(&public_room, "m.room.message", text("glad to be back")).await;
+    bob.sees(&public_room, "Alice after the rejoin", |e| has_body(e, "glad to be back")).await;
 
     // Media both ways: a file uploaded on one side is downloaded through the other.
     let from_plaza =
@@ -315,6 +399,41 @@ async fn synapse_and_plaza_users_share_rooms() {
         download(&plaza.server.http, &plaza.server.base, &bob_token, &from_synapse).await,
         b"synapse bytes"
     );
+
+    // A thumbnail of a Synapse image, asked of Synapse's federation thumbnail endpoint.
+    let image = crate::federation::media::noisy_png(200, 100);
+    let response = synapse
+        .http
+        .post(format!("{}/_matrix/media/v3/upload?filename=noise.png", synapse.client_base))
+        .bearer_auth(&alice_account.token)
+        .header("content-type", "image/png")
+        .body(image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let uploaded: Value = response.json().await.unwrap();
+    let path = uploaded["content_uri"].as_str().unwrap().trim_start_matches("mxc://").to_owned();
+    let response = plaza
+        .server
+        .http
+        .get(format!(
+            "{}/_matrix/client/v1/media/thumbnail/{path}?width=32&height=32&method=crop",
+            plaza.server.base
+        ))
+        .bearer_auth(&bob_token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&bytes));
+    let thumbnail = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((thumbnail.width(), thumbnail.height()), (32, 32));
+    let origin = ServerName::parse(path.split('/').next().unwrap()).unwrap();
+    let media_id = path.split('/').nth(1).unwrap();
+    let fetched = plaza.services().media.cached_remote(&origin, media_id).unwrap();
+    assert!(fetched.is_none(), "the original was fetched for a thumbnail");
 
     // End-to-end encryption with matrix-sdk clients: a Plaza user's encrypted room joined by a
     // Synapse user; keys are queried and claimed, and room keys sent, across the servers.

@@ -20,7 +20,7 @@ use crate::{
     api::{Caller, Ruma, State},
     error::{Error, ErrorKind, Result},
     service::{
-        federation::{invite as fed_invite, membership as fed_membership},
+        federation::{edu as fed_edu, invite as fed_invite, membership as fed_membership},
         rooms::{
             create::{self, CreateRoom, Preset},
             membership::{self, Moderation},
@@ -155,7 +155,9 @@ async fn join_room(
     servers: &[OwnedServerName],
     reason: Option<&str>,
 ) -> Result<()> {
-    if held_elsewhere(services, &caller.user_id, room_id)? && services.federation.enabled() {
+    let elsewhere = held_elsewhere(services, &caller.user_id, room_id)?;
+    let rejoin = !elsewhere && !resident(services, room_id)?;
+    if (elsewhere || rejoin) && services.federation.enabled() {
         if caller.guest {
             return Err(Error::new(
                 ErrorKind::GuestAccessForbidden,
@@ -163,7 +165,10 @@ async fn join_room(
             ));
         }
         // The inviting server and those of the invite's stripped state come after `via`.
-        let servers = fed_invite::outside_servers(services, &caller.user_id, room_id, servers)?;
+        let mut servers = fed_invite::outside_servers(services, &caller.user_id, room_id, servers)?;
+        if rejoin {
+            servers.extend(fed_edu::servers_in_room(services, room_id)?);
+        }
         fed_membership::join_remote(
             services,
             &caller.user_id,
@@ -178,6 +183,24 @@ async fn join_room(
     check_guest_join(services, caller, room_id)?;
     membership::join(services, room_id, &caller.user_id, reason, None).await?;
     Ok(())
+}
+
+/// Whether this server may join its users to `room_id`, a room it holds, by itself: one of its
+/// users is joined there, or no other server's is (a room only this server has). Otherwise its
+/// copy stopped following the room when its last member left, and a join goes through a
+/// server still in it.
+fn resident(services: &State, room_id: &RoomId) -> Result<bool> {
+    let ours = services.server_name();
+    let mut others = false;
+    for (user, membership) in services.rooms.members(room_id)?.iter() {
+        if membership == "join" {
+            if user.server_name() == ours {
+                return Ok(true);
+            }
+            others = true;
+        }
+    }
+    Ok(!others)
 }
 
 /// Whether `room_id` is to be reached through other servers for `user_id`: not held here, or

@@ -1,10 +1,19 @@
 //! `/_matrix/federation/v1/media/download` and `/thumbnail`: this server's media for other
-//! servers, answered as `multipart/mixed` (a JSON part, then the bytes).
+//! servers, answered as `multipart/mixed` (a JSON part, then the bytes), the file streamed
+//! from disk as the client download path does.
 
+use axum::{
+    Router,
+    body::Body,
+    response::{IntoResponse, Response},
+    routing::on,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderValue, header};
 use ruma::{
     api::federation::authenticated_media::{
-        Content, ContentMetadata, FileOrLocation, get_content::v1 as get_content,
-        get_content_thumbnail::v1 as get_thumbnail,
+        get_content::v1 as get_content, get_content_thumbnail::v1 as get_thumbnail,
     },
     http_headers::{ContentDisposition, ContentDispositionType},
     media::Method,
@@ -14,11 +23,27 @@ use super::Federated;
 use crate::{
     api::State,
     error::{Error, Result},
-    service::media::{MediaRecord, thumbnail::Spec, valid_media_id},
+    service::{
+        media::{MediaRecord, blocks, thumbnail::Spec, valid_media_id},
+        random_string,
+    },
 };
 
 /// Largest thumbnail edge another server may ask for.
 const MAX_THUMBNAIL_EDGE: u32 = 10_000;
+
+/// The two media routes, at every path ruma knows for them.
+pub fn routes(mut router: Router<State>) -> Router<State> {
+    let (filter, paths) = crate::api::router::routes_of::<get_content::Request>();
+    for path in paths {
+        router = router.route(path, on(filter, download));
+    }
+    let (filter, paths) = crate::api::router::routes_of::<get_thumbnail::Request>();
+    for path in paths {
+        router = router.route(path, on(filter, thumbnail));
+    }
+    router
+}
 
 /// The local media record of `media_id`, refusing ids that cannot exist.
 async fn record(services: &State, media_id: &str) -> Result<MediaRecord> {
@@ -29,36 +54,52 @@ async fn record(services: &State, media_id: &str) -> Result<MediaRecord> {
     services.media.get(services.server_name(), media_id, wait).await
 }
 
+/// The blob `sha256` as the file part of a `multipart/mixed` answer, streamed from disk.
 async fn file(
     services: &State,
     sha256: &str,
     content_type: Option<&str>,
     filename: Option<String>,
-) -> Result<FileOrLocation> {
-    let bytes = tokio::fs::read(services.media.blob_path(sha256)).await.map_err(Error::internal)?;
+) -> Result<Response> {
+    let (file, metadata) = crate::api::media::open_blob(services, sha256).await?;
+    let size = metadata.len();
     let disposition =
         ContentDisposition::new(ContentDispositionType::Attachment).with_filename(filename);
-    let content_type = content_type.unwrap_or("application/octet-stream").to_owned();
-    Ok(FileOrLocation::File(Content::new(bytes, content_type, disposition)))
+    let content_type = content_type.unwrap_or("application/octet-stream");
+    let boundary = random_string(32);
+    let head = format!(
+        "\r\n--{boundary}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{boundary}\r\n\
+         Content-Type: {content_type}\r\nContent-Disposition: {disposition}\r\n\r\n"
+    );
+    let tail = format!("\r\n--{boundary}--");
+    let length = head.len() as u64 + size + tail.len() as u64;
+    let body = futures_util::stream::once(async move { Ok(Bytes::from(head)) })
+        .chain(blocks::read(file, 0, size))
+        .chain(futures_util::stream::once(async move { Ok(Bytes::from(tail)) }));
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    let multipart = format!("multipart/mixed; boundary={boundary}");
+    headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_str(&multipart).map_err(Error::internal)?);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    Ok(response)
 }
 
 /// `GET /_matrix/federation/v1/media/download/{mediaId}`
-pub async fn download(
-    services: State,
+async fn download(
+    axum::extract::State(services): axum::extract::State<State>,
     req: Federated<get_content::Request>,
-) -> Result<get_content::Response> {
+) -> Result<Response> {
     let record = record(&services, &req.body.media_id).await?;
     let sha256 = record.sha256.as_deref().ok_or_else(|| Error::not_found("Not uploaded"))?;
-    let content =
-        file(&services, sha256, record.content_type.as_deref(), record.filename.clone()).await?;
-    Ok(get_content::Response::new(ContentMetadata::new(), content))
+    file(&services, sha256, record.content_type.as_deref(), record.filename.clone()).await
 }
 
 /// `GET /_matrix/federation/v1/media/thumbnail/{mediaId}`
-pub async fn thumbnail(
-    services: State,
+async fn thumbnail(
+    axum::extract::State(services): axum::extract::State<State>,
     req: Federated<get_thumbnail::Request>,
-) -> Result<get_thumbnail::Response> {
+) -> Result<Response> {
     let body = req.body;
     let edge = |value: ruma::UInt| {
         u32::try_from(value)
@@ -76,7 +117,5 @@ pub async fn thumbnail(
     let thumbnail =
         services.media.thumbnail(&record, services.server_name(), &body.media_id, spec).await?;
     let name = format!("thumbnail.{}", thumbnail.content_type.trim_start_matches("image/"));
-    let content =
-        file(&services, &thumbnail.sha256, Some(&thumbnail.content_type), Some(name)).await?;
-    Ok(get_thumbnail::Response::new(ContentMetadata::new(), content))
+    file(&services, &thumbnail.sha256, Some(&thumbnail.content_type), Some(name)).await
 }

@@ -168,8 +168,7 @@ pub fn routes() -> Router<State> {
     let router = FederatedHandler::add_to(query::devices, router);
     let router = FederatedHandler::add_to(query::keys_query, router);
     let router = FederatedHandler::add_to(query::keys_claim, router);
-    let router = FederatedHandler::add_to(media::download, router);
-    let router = FederatedHandler::add_to(media::thumbnail, router);
+    let router = media::routes(router);
     let router = FederatedHandler::add_to(events::send, router);
     let router = FederatedHandler::add_to(events::event, router);
     let router = FederatedHandler::add_to(events::state, router);

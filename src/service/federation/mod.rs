@@ -10,6 +10,7 @@ pub mod invite;
 pub mod keys;
 pub mod media;
 pub mod membership;
+pub mod multipart;
 pub mod policy;
 pub mod query;
 pub mod receive;
@@ -47,6 +48,8 @@ use crate::{
 
 /// Largest answer read from another server, in bytes.
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+/// Largest error answer read from another server, in bytes.
+const MAX_ERROR_BYTES: usize = 64 * 1024;
 /// Most destinations counted one by one in the metrics; the rest count as `other`.
 const MAX_COUNTED_DESTINATIONS: usize = 1_000;
 /// Most SRV-resolved clients kept.
@@ -217,6 +220,17 @@ impl Federation {
         }
     }
 
+    /// Refuses `destination` when federation is off or the lists refuse it.
+    fn check_destination(&self, destination: &ServerName) -> Result<(), SendError> {
+        if !self.enabled {
+            return Err(SendError::Disabled);
+        }
+        if !self.policy.allows(destination) {
+            return Err(SendError::Forbidden(destination.to_owned()));
+        }
+        Ok(())
+    }
+
     /// Sends `request` to `destination` and returns its parsed answer: the destination is
     /// checked against the allow and deny lists before any connection, resolved as the spec
     /// says, and the request signed with X-Matrix when the endpoint asks for it.
@@ -230,12 +244,7 @@ impl Federation {
         T::Authentication: SignWith,
         T::PathBuilder: FederationPath,
     {
-        if !self.enabled {
-            return Err(SendError::Disabled);
-        }
-        if !self.policy.allows(destination) {
-            return Err(SendError::Forbidden(destination.to_owned()));
-        }
+        self.check_destination(destination)?;
         let result = self.send_unchecked(destination, request).await;
         self.count(destination, result.is_err());
         result
@@ -246,6 +255,60 @@ impl Federation {
         destination: &ServerName,
         request: T,
     ) -> Result<T::IncomingResponse, SendError>
+    where
+        T: OutgoingRequest,
+        T::Authentication: SignWith,
+        T::PathBuilder: FederationPath,
+    {
+        let mut response = self.execute(destination, request).await?;
+        let unreachable =
+            |reason: String| SendError::Unreachable { destination: destination.to_owned(), reason };
+        let mut builder = http::Response::builder().status(response.status());
+        if let Some(headers) = builder.headers_mut() {
+            headers.extend(response.headers().iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(e.to_string()))? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(SendError::BadResponse {
+                    destination: destination.to_owned(),
+                    reason: format!("the answer is too large (over {MAX_RESPONSE_BYTES} bytes)"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let response = builder.body(body).map_err(|e| unreachable(e.to_string()))?;
+        T::IncomingResponse::try_from_http_response(response).map_err(|e| SendError::BadResponse {
+            destination: destination.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Sends `request` as [`Federation::send`] does but returns a successful answer unread,
+    /// for bodies (media) that are streamed rather than parsed whole.
+    pub async fn send_streamed<T>(
+        &self,
+        destination: &ServerName,
+        request: T,
+    ) -> Result<reqwest::Response, SendError>
+    where
+        T: OutgoingRequest,
+        T::Authentication: SignWith,
+        T::PathBuilder: FederationPath,
+    {
+        self.check_destination(destination)?;
+        let result = self.execute(destination, request).await;
+        self.count(destination, result.is_err());
+        result
+    }
+
+    /// Resolves, signs and sends `request`; a successful answer comes back unread, an error
+    /// answer as [`SendError::Remote`].
+    async fn execute<T>(
+        &self,
+        destination: &ServerName,
+        request: T,
+    ) -> Result<reqwest::Response, SendError>
     where
         T: OutgoingRequest,
         T::Authentication: SignWith,
@@ -269,31 +332,24 @@ impl Federation {
         }
         let mut response = client.execute(request).await.map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
-        let mut builder = http::Response::builder().status(status);
-        if let Some(headers) = builder.headers_mut() {
-            headers.extend(response.headers().iter().map(|(k, v)| (k.clone(), v.clone())));
+        if status.is_success() {
+            return Ok(response);
         }
+        // An error answer is small; more than this is not read.
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(e.to_string()))? {
-            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(unreachable("the answer is too large".to_owned()));
+            if body.len() + chunk.len() > MAX_ERROR_BYTES {
+                break;
             }
             body.extend_from_slice(&chunk);
         }
-        if !status.is_success() {
-            let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let text = |field: &str| error[field].as_str().unwrap_or_default().to_owned();
-            return Err(SendError::Remote {
-                destination: destination.to_owned(),
-                status: status.as_u16(),
-                errcode: text("errcode"),
-                message: text("error"),
-            });
-        }
-        let response = builder.body(body).map_err(|e| unreachable(e.to_string()))?;
-        T::IncomingResponse::try_from_http_response(response).map_err(|e| SendError::BadResponse {
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let text = |field: &str| error[field].as_str().unwrap_or_default().to_owned();
+        Err(SendError::Remote {
             destination: destination.to_owned(),
-            reason: e.to_string(),
+            status: status.as_u16(),
+            errcode: text("errcode"),
+            message: text("error"),
         })
     }
 
@@ -306,12 +362,7 @@ impl Federation {
         destination: &ServerName,
         path_and_query: &str,
     ) -> Result<reqwest::Response, SendError> {
-        if !self.enabled {
-            return Err(SendError::Disabled);
-        }
-        if !self.policy.allows(destination) {
-            return Err(SendError::Forbidden(destination.to_owned()));
-        }
+        self.check_destination(destination)?;
         let unreachable =
             |reason: String| SendError::Unreachable { destination: destination.to_owned(), reason };
         let resolved = self.discovery.resolve(&self.outbound, destination).await;

@@ -415,6 +415,12 @@ impl Media {
             .filter(|r| r.sha256.is_some() && !r.quarantined))
     }
 
+    /// Whether an admin withheld `origin`'s `media_id` here: it is then neither served nor
+    /// fetched again.
+    pub fn is_quarantined(&self, origin: &ServerName, media_id: &str) -> Result<bool> {
+        Ok(self.records.get(&(origin.as_str(), media_id))?.is_some_and(|r| r.quarantined))
+    }
+
     /// Records the local copy of another server's media, stored as `blob`; `@media:origin`
     /// stands as its uploader (it counts against no quota here).
     pub fn store_remote(
@@ -709,6 +715,18 @@ impl Media {
             width: thumbnail.width,
             height: thumbnail.height,
         };
+        self.record_thumbnail(origin, media_id, spec, &record)?;
+        Ok(record)
+    }
+
+    /// Writes `record` as the thumbnail `spec` of `origin`'s `media_id`.
+    fn record_thumbnail(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        spec: Spec,
+        record: &ThumbnailRecord,
+    ) -> Result<()> {
         let mut batch = self.db.batch();
         let thumb_key = format!("{media_id}/{}", spec.key());
         self.by_hash.put(
@@ -716,9 +734,44 @@ impl Media {
             &(record.sha256.as_str(), (origin.as_str(), thumb_key.as_str())),
             &(),
         );
-        self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), &record);
+        self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), record);
         self.db.write(batch)?;
-        Ok(record)
+        Ok(())
+    }
+
+    /// The thumbnail `spec` of `origin`'s `media_id`, when one was made or fetched before.
+    pub fn cached_thumbnail(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        spec: Spec,
+    ) -> Result<Option<ThumbnailRecord>> {
+        Ok(self.thumbnails.get(&(origin.as_str(), (media_id, spec.key())))?)
+    }
+
+    /// Records `blob`, a thumbnail another server made of its `media_id`, as the thumbnail
+    /// `spec`; `None` when the blob is not an image thumbnails are served as.
+    pub async fn store_remote_thumbnail(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        spec: Spec,
+        blob: &Blob,
+    ) -> Result<Option<ThumbnailRecord>> {
+        let path = self.blob_path(&blob.sha256);
+        let probed = tokio::task::spawn_blocking(move || thumbnail::probe(&path))
+            .await
+            .map_err(Error::internal)??;
+        let Some((content_type, width, height)) = probed else { return Ok(None) };
+        let record = ThumbnailRecord {
+            content_type: content_type.to_owned(),
+            sha256: blob.sha256.clone(),
+            size: blob.size,
+            width,
+            height,
+        };
+        self.record_thumbnail(origin, media_id, spec, &record)?;
+        Ok(Some(record))
     }
 
     /// Renders the common thumbnail sizes of a new image in the background, so the first client

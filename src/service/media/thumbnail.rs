@@ -117,6 +117,20 @@ fn reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>>
     Ok(reader)
 }
 
+/// The content type and pixel size of the image at `path`, read from its header: `None`
+/// unless it is a format thumbnails are served in (for thumbnails other servers made).
+pub fn probe(path: &Path) -> Result<Option<(&'static str, u32, u32)>> {
+    let reader = reader(path)?;
+    let content_type = match reader.format() {
+        Some(ImageFormat::Jpeg) => "image/jpeg",
+        Some(ImageFormat::Png) => "image/png",
+        Some(ImageFormat::Gif) => "image/gif",
+        Some(ImageFormat::WebP) => "image/webp",
+        _ => return Ok(None),
+    };
+    Ok(reader.into_dimensions().ok().map(|(width, height)| (content_type, width, height)))
+}
+
 /// Decodes the image at `path` once and renders every spec from it.
 pub fn render(
     path: &Path,

@@ -4,24 +4,13 @@
 //! the older way (legacy endpoint) or with redirects, within the size and address rules.
 
 use reqwest::{StatusCode, header};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::harness::{FedServer, Pki, serve_tls_on};
 use crate::common::{TestServer, assert_error};
 
 async fn upload(s: &TestServer, token: &str, bytes: Vec<u8>) -> String {
-    let response = s
-        .http
-        .post(format!("{}/_matrix/media/v3/upload?filename=notes.txt", s.base))
-        .bearer_auth(token)
-        .header(header::CONTENT_TYPE, "text/plain")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
-    body["content_uri"].as_str().unwrap().to_owned()
+    upload_as(s, token, "text/plain", bytes).await
 }
 
 async fn download(s: &TestServer, token: &str, mxc: &str) -> (StatusCode, Vec<u8>) {
@@ -70,7 +59,7 @@ async fn remote_media_is_fetched_once_cached_and_bounded() {
     let path = big.trim_start_matches("mxc://");
     let answer =
         b.server.get(&format!("/_matrix/client/v1/media/download/{path}"), Some(&bob)).await;
-    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
+    assert_error(&answer, StatusCode::BAD_GATEWAY, "M_TOO_LARGE");
 }
 
 /// A server that answers the federation media endpoint the older way (`M_UNRECOGNIZED`, for
@@ -164,7 +153,7 @@ async fn media_of_older_servers_and_redirects_are_fetched_within_the_rules() {
         let path = format!("/_matrix/client/v1/media/download/{addr}/{id}");
         assert_error(
             &b.server.get(&path, Some(&bob)).await,
-            StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::BAD_GATEWAY,
             "M_TOO_LARGE",
         );
     }
@@ -174,4 +163,216 @@ async fn media_of_older_servers_and_redirects_are_fetched_within_the_rules() {
     let error = answer.1["error"].as_str().unwrap();
     assert!(error.contains("127.0.0.4 is not an allowed address"), "{answer:?}");
     assert_error(&answer, StatusCode::BAD_REQUEST, "M_UNKNOWN");
+}
+
+/// A PNG of `width` x `height` noise, which does not compress.
+pub fn noisy_png(width: u32, height: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32;
+    let image = image::RgbImage::from_fn(width, height, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let [r, g, b, _] = state.to_le_bytes();
+        image::Rgb([r, g, b])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+async fn upload_as(s: &TestServer, token: &str, content_type: &str, bytes: Vec<u8>) -> String {
+    let response = s
+        .http
+        .post(format!("{}/_matrix/media/v3/upload?filename=notes.txt", s.base))
+        .bearer_auth(token)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["content_uri"].as_str().unwrap().to_owned()
+}
+
+/// A thumbnail request of `s`'s client: status, content type and body.
+async fn thumbnail(
+    s: &TestServer,
+    token: &str,
+    mxc: &str,
+    query: &str,
+) -> (StatusCode, String, Vec<u8>) {
+    let path = mxc.trim_start_matches("mxc://");
+    let response = s
+        .http
+        .get(format!("{}/_matrix/client/v1/media/thumbnail/{path}?{query}", s.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let content_type = response.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+    (status, content_type, response.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn remote_files_are_bounded_by_the_media_limit_and_thumbnails_come_from_the_origin() {
+    const LIMIT: u64 = 100_000;
+    let pki = Pki::new();
+    let a = FedServer::start(&pki, 1, |config| config.media.max_upload_size = LIMIT).await;
+    let b = FedServer::start(&pki, 2, |_| {}).await;
+    let (_, alice, _) = a.server.register("alice", "correct horse").await;
+    let (_, bob, _) = b.server.register("bob", "correct horse").await;
+
+    // A file of exactly A's limit comes through whole; one byte more is refused as the spec
+    // says for content too large to serve.
+    let fits: Vec<u8> = (0..LIMIT).map(|n| (n % 251) as u8).collect();
+    let fits_mxc = upload_as(&b.server, &bob, "application/octet-stream", fits.clone()).await;
+    let (status, bytes) = download(&a.server, &alice, &fits_mxc).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(bytes == fits, "{} bytes came", bytes.len());
+    let over = upload_as(&b.server, &bob, "application/octet-stream", vec![7; LIMIT as usize + 1]);
+    let path = over.await.trim_start_matches("mxc://").to_owned();
+    let answer =
+        a.server.get(&format!("/_matrix/client/v1/media/download/{path}"), Some(&alice)).await;
+    assert_error(&answer, StatusCode::BAD_GATEWAY, "M_TOO_LARGE");
+
+    // An image larger than A's limit: only its thumbnail, made by B, can be served by A.
+    let image = noisy_png(1200, 100);
+    assert!(image.len() as u64 > LIMIT, "{}", image.len());
+    let mxc = upload_as(&b.server, &bob, "image/png", image).await;
+    let path = mxc.trim_start_matches("mxc://");
+    let answer =
+        a.server.get(&format!("/_matrix/client/v1/media/download/{path}"), Some(&alice)).await;
+    assert_error(&answer, StatusCode::BAD_GATEWAY, "M_TOO_LARGE");
+    let asked = [
+        ("width=32&height=32&method=crop", (32, 32)),
+        ("width=96&height=96&method=crop", (96, 96)),
+        ("width=300&height=200&method=scale", (320, 27)),
+    ];
+    for (query, size) in asked {
+        let (status, content_type, bytes) = thumbnail(&a.server, &alice, &mxc, query).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {}", String::from_utf8_lossy(&bytes));
+        assert!(content_type.starts_with("image/"), "{content_type}");
+        let decoded = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), size, "{query}");
+    }
+    // The thumbnail is kept: asking again sends nothing to B.
+    let before = requests_to(&a, &b);
+    let (status, _, _) = thumbnail(&a.server, &alice, &mxc, "width=32&height=32&method=crop").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(requests_to(&a, &b), before);
+    // Quarantined here, a fetched file and its thumbnails are withheld, and not fetched again.
+    let (admin_id, admin, _) = a.server.register("admin", "correct horse").await;
+    a.server.set_role(&admin_id, "admin");
+    let small = upload_as(&b.server, &bob, "image/png", noisy_png(40, 40)).await;
+    assert_eq!(download(&a.server, &alice, &small).await.0, StatusCode::OK);
+    for withheld in [&small, &fits_mxc] {
+        let path = withheld.trim_start_matches("mxc://");
+        let quarantine = format!("/_synapse/admin/v1/media/quarantine/{path}");
+        let (status, body) = a.server.post(&quarantine, Some(&admin), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let download = format!("/_matrix/client/v1/media/download/{path}");
+        assert_error(
+            &a.server.get(&download, Some(&alice)).await,
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+        );
+    }
+    let (status, _, _) =
+        thumbnail(&a.server, &alice, &small, "width=32&height=32&method=crop").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A file that is no image has no thumbnail, from B or made here.
+    let text = upload_as(&b.server, &bob, "text/plain", b"not an image".to_vec()).await;
+    let (status, _, _) = thumbnail(&a.server, &alice, &text, "width=32&height=32").await;
+    assert!(status.is_client_error(), "{status}");
+}
+
+/// Sends a signed GET from `from` to `to`'s federation listener; returns the raw answer.
+async fn federation_get(
+    pki: &Pki,
+    to: &FedServer,
+    from: &FedServer,
+    path: &str,
+) -> http::Response<Vec<u8>> {
+    let header = super::harness::x_matrix(
+        "GET",
+        path,
+        from.name.as_str(),
+        to.name.as_str(),
+        from.key(),
+        &from.key_id(),
+        None,
+    );
+    let response = pki
+        .client()
+        .get(format!("{}{path}", to.base))
+        .header(header::AUTHORIZATION, header)
+        .send()
+        .await
+        .unwrap();
+    let mut answer = http::Response::builder().status(response.status());
+    for (name, value) in response.headers() {
+        answer = answer.header(name, value);
+    }
+    answer.body(response.bytes().await.unwrap().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn the_federation_media_endpoints_stream_files_and_thumbnails() {
+    use ruma::api::{
+        IncomingResponse,
+        federation::authenticated_media::{FileOrLocation, get_content, get_content_thumbnail},
+    };
+    let pki = Pki::new();
+    let a = FedServer::start(&pki, 1, |_| {}).await;
+    let b = FedServer::start(&pki, 2, |_| {}).await;
+    let (_, alice, _) = a.server.register("alice", "correct horse").await;
+    let image = noisy_png(120, 80);
+    let mxc = upload_as(&a.server, &alice, "image/png", image.clone()).await;
+    let media_id = mxc.rsplit('/').next().unwrap();
+
+    let answer =
+        federation_get(&pki, &a, &b, &format!("/_matrix/federation/v1/media/download/{media_id}"))
+            .await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    let content_type = answer.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("multipart/mixed; boundary="), "{content_type}");
+    let length: usize = answer.headers()[header::CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
+    assert_eq!(length, answer.body().len());
+    let parsed = get_content::v1::Response::try_from_http_response(answer).unwrap();
+    let FileOrLocation::File(file) = parsed.content else { panic!("a location") };
+    assert_eq!(file.file, image);
+    assert_eq!(file.content_type.as_deref(), Some("image/png"));
+    assert_eq!(file.content_disposition.unwrap().filename.as_deref(), Some("notes.txt"));
+
+    let path = format!(
+        "/_matrix/federation/v1/media/thumbnail/{media_id}?width=32&height=32&method=crop&animated=false"
+    );
+    let answer = federation_get(&pki, &a, &b, &path).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    let parsed = get_content_thumbnail::v1::Response::try_from_http_response(answer).unwrap();
+    let FileOrLocation::File(file) = parsed.content else { panic!("a location") };
+    let content_type = file.content_type.unwrap();
+    assert!(["image/png", "image/jpeg"].contains(&content_type.as_str()), "{content_type}");
+    let decoded = image::load_from_memory(&file.file).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (32, 32));
+
+    // A file larger than any answer read whole from another server (32 MiB) comes through
+    // another server's client download, streamed.
+    let big: Vec<u8> = (0..40u32 << 20).map(|n| (n % 253) as u8).collect();
+    let mxc = upload_as(&a.server, &alice, "application/octet-stream", big.clone()).await;
+    let (_, bob, _) = b.server.register("bob", "correct horse").await;
+    let (status, bytes) = download(&b.server, &bob, &mxc).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(bytes == big, "{} bytes came", bytes.len());
+
+    // Unknown ids and bad sizes.
+    let answer =
+        federation_get(&pki, &a, &b, "/_matrix/federation/v1/media/download/nothing").await;
+    assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+    let path = format!("/_matrix/federation/v1/media/thumbnail/{media_id}?width=0&height=32");
+    let answer = federation_get(&pki, &a, &b, &path).await;
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
 }
