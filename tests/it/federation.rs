@@ -1,7 +1,8 @@
 //! Federation's identity and transport between two (or three) real Plaza servers on loopback
 //! over TLS: key publication, fetching (direct, through a notary), caching across restarts and
 //! expiry, X-Matrix signing and its verification, the allow and deny lists both ways, key
-//! rotation, the version endpoint, and serving behind a reverse proxy.
+//! rotation, the version endpoint, and serving behind a reverse proxy (rooms shared through a
+//! TLS-terminating proxy included).
 
 mod both_ways;
 mod delivery;
@@ -490,6 +491,57 @@ async fn behind_a_reverse_proxy_federation_is_on_the_main_listener() {
         )
         .await;
     assert!(matches!(refused, Err(SendError::Disabled)), "{refused:?}");
+}
+
+/// An HTTP reverse proxy terminating TLS on `at` and passing every request on to `to` over
+/// plain HTTP, as a company's proxy in front of Plaza would.
+async fn reverse_proxy(pki: &Pki, at: std::net::SocketAddr, to: String) {
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (http, to) = (http.clone(), to.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 64 << 20).await.unwrap();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut forwarded = http.request(parts.method, format!("{to}{path}")).body(body);
+            for (name, value) in &parts.headers {
+                if name != http::header::HOST {
+                    forwarded = forwarded.header(name, value);
+                }
+            }
+            let answer = forwarded.header("x-forwarded-proto", "https").send().await.unwrap();
+            let mut response = axum::response::Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                response = response.header(name, value);
+            }
+            response.body(axum::body::Body::from(answer.bytes().await.unwrap())).unwrap()
+        }
+    });
+    serve_tls_on(pki, at, app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_tls_terminating_proxy_rooms_are_shared_both_ways() {
+    let pki = Pki::new();
+    // A serves federation on its client listener only; the proxy stands on its federation
+    // address, which is what its server name points to.
+    let a = FedServer::start(&pki, 1, |c| c.federation.listen = Vec::new()).await;
+    assert!(a.server.server().federation_addrs().is_empty());
+    reverse_proxy(&pki, a.addr, a.server.base.clone()).await;
+    let b = FedServer::start(&pki, 2, |_| {}).await;
+
+    let (_, alice, _) = a.server.register("alice", "password-alice").await;
+    let (_, bob, _) = b.server.register("bob", "password-bob").await;
+    let room = a.server.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    // B joins through the proxy (`make_join`, `send_join`, signed requests checked by A).
+    let path = format!("/_matrix/client/v3/join/{}?via={}", crate::common::enc(&room), a.name);
+    let (status, body) = b.server.post(&path, Some(&bob), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Messages both ways: B's transactions pass the proxy, A's go to B directly.
+    sending::send(&b, &bob, &room, "b1", sending::text("from B")).await;
+    sending::until_bodies(&a, &alice, &room, &["from B"]).await;
+    sending::send(&a, &alice, &room, "a1", sending::text("from A")).await;
+    sending::until_bodies(&b, &bob, &room, &["from B", "from A"]).await;
 }
 
 #[tokio::test]
