@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use super::{
     harness::{FedServer, Pki, serve_tls_on},
     sending::{
-        bodies, eventually, join_remote, send, shared_room, shared_room_with, text, until_bodies,
+        bodies, eventually, join_remote, numbered, send, sent_while_down, shared_room,
+        shared_room_with, text, until_bodies,
     },
 };
 
@@ -35,29 +36,8 @@ async fn a_full_transaction_of_large_events_is_accepted() {
     // While B is down, A's users send 40 events of about 60 KiB: about 2.4 MiB that leave
     // in one transaction once B is back.
     let large = |n: usize| format!("{n:02}{}", "x".repeat(60 * 1024));
-    let handle = tokio::runtime::Handle::current();
-    let b_name = b.name.clone();
-    let b = b
-        .restart(
-            |_| {
-                tokio::task::block_in_place(|| {
-                    handle.block_on(async {
-                        for n in 1..=40 {
-                            send(&a, &alice, &room, &format!("l{n}"), text(&large(n))).await;
-                        }
-                        eventually("A sees B failing", || {
-                            a.services()
-                                .federation_sender
-                                .destination(b_name.as_str())
-                                .is_some_and(|s| s.failures >= 1)
-                        })
-                        .await;
-                    })
-                });
-            },
-            |_| {},
-        )
-        .await;
+    let messages: Vec<(String, String)> = (1..=40).map(|n| (format!("l{n}"), large(n))).collect();
+    let b = sent_while_down(&a, b, &alice, &room, &messages, 1).await;
     assert_eq!(a.services().federation_sender.depth(b.name.as_str()), 40);
     a.services().federation_sender.reset(b.name.as_str());
     let mut expected = vec!["m0".to_owned()];
@@ -145,29 +125,7 @@ async fn a_long_backoff_ends_as_soon_as_the_destination_contacts_us() {
     send(&a, &alice, &room, "m0", text("m0")).await;
     until_bodies(&b, &bob, &room, &["m0"]).await;
 
-    let handle = tokio::runtime::Handle::current();
-    let b_name = b.name.clone();
-    let b = b
-        .restart(
-            |_| {
-                tokio::task::block_in_place(|| {
-                    handle.block_on(async {
-                        for n in 1..=3 {
-                            send(&a, &alice, &room, &format!("m{n}"), text(&format!("m{n}"))).await;
-                        }
-                        eventually("A sees B failing", || {
-                            a.services()
-                                .federation_sender
-                                .destination(b_name.as_str())
-                                .is_some_and(|s| s.failures >= 1)
-                        })
-                        .await;
-                    })
-                });
-            },
-            |_| {},
-        )
-        .await;
+    let b = sent_while_down(&a, b, &alice, &room, &numbered(1, 3), 1).await;
     let status = a.services().federation_sender.destination(b.name.as_str()).unwrap();
     assert_eq!((status.queued, status.retry_interval_ms), (3, 60_000), "{status:?}");
     assert_eq!(bodies(&b, &bob, &room).await, ["m0"]);

@@ -167,6 +167,45 @@ pub(super) async fn until_bodies(s: &FedServer, token: &str, room: &str, expecte
     panic!("expected {expected:?}, read {seen:?}");
 }
 
+/// Stops `b` and starts it again; while it is down, `alice` sends `messages` (transaction id,
+/// body) in `room` on `a` until A's queue to B has failed `failures` times.
+pub(super) async fn sent_while_down(
+    a: &FedServer,
+    b: FedServer,
+    alice: &str,
+    room: &str,
+    messages: &[(String, String)],
+    failures: u32,
+) -> FedServer {
+    let handle = tokio::runtime::Handle::current();
+    let b_name = b.name.clone();
+    b.restart(
+        |_| {
+            tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    for (txn, body) in messages {
+                        send(a, alice, room, txn, text(body)).await;
+                    }
+                    eventually("A sees B failing", || {
+                        a.services()
+                            .federation_sender
+                            .destination(b_name.as_str())
+                            .is_some_and(|s| s.failures >= failures)
+                    })
+                    .await;
+                })
+            });
+        },
+        |_| {},
+    )
+    .await
+}
+
+/// Messages `m{from}` to `m{to}`, each with its name as transaction id and body.
+pub(super) fn numbered(from: usize, to: usize) -> Vec<(String, String)> {
+    (from..=to).map(|n| (format!("m{n}"), format!("m{n}"))).collect()
+}
+
 pub(super) async fn send(
     s: &FedServer,
     token: &str,
@@ -285,30 +324,8 @@ async fn a_server_down_for_a_while_catches_up_in_order() {
     let first = send(&a, &alice, &room, "m0", text("m0")).await;
     until_bodies(&b, &bob, &room, &["m0"]).await;
 
-    let handle = tokio::runtime::Handle::current();
-    let b_name = b.name.clone();
-    let b = b
-        .restart(
-            |_| {
-                // While B is down, A's users keep talking and A's queue to B fails.
-                tokio::task::block_in_place(|| {
-                    handle.block_on(async {
-                        for n in 1..=60 {
-                            send(&a, &alice, &room, &format!("m{n}"), text(&format!("m{n}"))).await;
-                        }
-                        eventually("A sees B failing", || {
-                            a.services()
-                                .federation_sender
-                                .destination(b_name.as_str())
-                                .is_some_and(|s| s.failures >= 2)
-                        })
-                        .await;
-                    })
-                });
-            },
-            |_| {},
-        )
-        .await;
+    // While B is down, A's users keep talking and A's queue to B fails.
+    let b = sent_while_down(&a, b, &alice, &room, &numbered(1, 60), 2).await;
     let status = a.services().federation_sender.destination(b.name.as_str()).unwrap();
     assert!(status.retry_interval_ms >= 1_000, "{status:?}");
     assert_eq!(status.queued, 60);
