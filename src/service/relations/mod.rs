@@ -479,6 +479,20 @@ pub fn serve(
     Ok(json)
 }
 
+/// `events` as [`serve`] serves each, with what each state event replaced (read in one
+/// batch).
+pub fn serve_all(
+    services: &Services,
+    viewer: &UserId,
+    device: Option<&str>,
+    events: &[StoredPdu],
+) -> Result<Vec<JsonValue>> {
+    let mut served =
+        events.iter().map(|e| serve(services, viewer, device, e)).collect::<Result<Vec<_>>>()?;
+    services.rooms.add_replaced(served.iter_mut().zip(events))?;
+    Ok(served)
+}
+
 /// `event` in the client format as `viewer` is served it: redacted when its sender is erased
 /// and `viewer` was not there (see [`Services::erased_view`]).
 pub fn viewed(services: &Services, viewer: &UserId, event: &StoredPdu) -> Result<JsonValue> {
