@@ -104,6 +104,16 @@ async fn a_display_name_change_carries_the_join_it_replaced_everywhere() {
     let (status, context) = s.get(&path, Some(&alice)).await;
     assert_eq!(status, StatusCode::OK, "{context}");
     assert_replaced(&context["event"], &join_id, &alice_id, &join_content);
+    // Sliding sync: timeline and required state.
+    let path = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=0";
+    let request = json!({ "lists": { "all": {
+        "ranges": [[0, 10]], "timeline_limit": 50, "required_state": [["m.room.member", "$ME"]],
+    } } });
+    let (status, slid) = s.post(path, Some(&alice), request).await;
+    assert_eq!(status, StatusCode::OK, "{slid}");
+    let slid = &slid["rooms"][&room];
+    assert_replaced(find(&slid["timeline"], &rename_id), &join_id, &alice_id, &join_content);
+    assert_replaced(find(&slid["required_state"], &rename_id), &join_id, &alice_id, &join_content);
 }
 
 #[tokio::test(flavor = "multi_thread")]
