@@ -149,3 +149,35 @@ async fn a_topic_shows_the_one_before_it_redacted_once_that_is_redacted_and_afte
     let served = event(&s, &alice, &room, &second).await;
     assert_replaced(&served, &first, &alice_id, &json!({ "topic": "first" }));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_erased_senders_replaced_event_is_redacted_for_those_who_were_not_there() {
+    let s = TestServer::start().await;
+    let (admin_id, admin, _) = s.register("root", "root password").await;
+    s.set_role(&admin_id, "admin");
+    let (hank_id, hank, _) = s.register("hank", "hank password").await;
+    let (_, bob, _) = s.register("bob", "bob password").await;
+    let (_, ivy, _) = s.register("ivy", "ivy password").await;
+    let room = s.create_room(&bob, json!({ "preset": "public_chat" })).await;
+    assert_eq!(s.membership(&hank, &room, "join", json!({})).await.0, StatusCode::OK);
+    let secret = json!({ "membership": "join", "displayname": "Hank Secret" });
+    let first = put_state(&s, &hank, &room, "m.room.member", &hank_id, secret.clone()).await;
+    let renamed = json!({ "membership": "join", "displayname": "Hank Two" });
+    let rename = put_state(&s, &hank, &room, "m.room.member", &hank_id, renamed).await;
+
+    let path = format!("/_synapse/admin/v1/deactivate/{}", enc(&hank_id));
+    let (status, body) = s.post(&path, Some(&admin), json!({ "erase": true })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(s.membership(&ivy, &room, "join", json!({})).await.0, StatusCode::OK);
+
+    // Bob was there: he is shown the old display name.
+    let served = event(&s, &bob, &room, &rename).await;
+    assert_replaced(&served, &first, &hank_id, &secret);
+    // Ivy was not: the rename and the join it replaced reach her redacted.
+    let messages = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room));
+    let (status, page) = s.get(&messages, Some(&ivy)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let served = find(&page["chunk"], &rename);
+    assert_replaced(served, &first, &hank_id, &json!({ "membership": "join" }));
+    assert!(!page.to_string().contains("Hank Secret"), "{page}");
+}

@@ -480,7 +480,7 @@ pub fn serve(
 }
 
 /// `events` as [`serve`] serves each, with what each state event replaced (read in one
-/// batch).
+/// batch, redacted where an erased sender hides it from `viewer`).
 pub fn serve_all(
     services: &Services,
     viewer: &UserId,
@@ -489,7 +489,8 @@ pub fn serve_all(
 ) -> Result<Vec<JsonValue>> {
     let mut served =
         events.iter().map(|e| serve(services, viewer, device, e)).collect::<Result<Vec<_>>>()?;
-    services.rooms.add_replaced(served.iter_mut().zip(events))?;
+    let view = |replaced: &StoredPdu| services.erased_view(viewer, replaced);
+    services.rooms.add_replaced(served.iter_mut().zip(events), view)?;
     Ok(served)
 }
 

@@ -306,17 +306,19 @@ impl super::Rooms {
     /// `events` in the client format (no viewer), with what each state event replaced.
     pub fn client_events(&self, events: &[StoredPdu]) -> crate::Result<Vec<JsonValue>> {
         let mut served: Vec<JsonValue> = events.iter().map(|e| client_event(e, None)).collect();
-        self.add_replaced(served.iter_mut().zip(events))?;
+        self.add_replaced(served.iter_mut().zip(events), |_| Ok(None))?;
         Ok(served)
     }
 
     /// Adds to each client event `unsigned.prev_content`, `prev_sender` and `replaces_state`
     /// from the state event its stored form replaced (see [`StoredPdu::replaces`]), reading
     /// the replaced events in one batch. The replaced event is read as it is now, so a later
-    /// redaction of it shows in `prev_content`.
+    /// redaction of it shows in `prev_content`; `view` gives the copy of a replaced event the
+    /// reader is shown instead, if any (redacted for a reader its erased sender hides it from).
     pub fn add_replaced<'a>(
         &self,
         served: impl IntoIterator<Item = (&'a mut JsonValue, &'a StoredPdu)>,
+        view: impl Fn(&StoredPdu) -> crate::Result<Option<StoredPdu>>,
     ) -> crate::Result<()> {
         let served: Vec<(&mut JsonValue, u64)> = served
             .into_iter()
@@ -330,7 +332,12 @@ impl super::Rooms {
         shorts.sort_unstable();
         shorts.dedup();
         let keys: Vec<&u64> = shorts.iter().collect();
-        let replaced = self.pdus.get_many(&keys)?;
+        let mut replaced = self.pdus.get_many(&keys)?;
+        for event in replaced.iter_mut().flatten() {
+            if let Some(shown) = view(event)? {
+                *event = shown;
+            }
+        }
         for (json, short) in served {
             let Ok(index) = shorts.binary_search(&short) else { continue };
             let Some(replaced) = &replaced[index] else { continue };
