@@ -133,6 +133,23 @@ async fn a_topic_shows_the_one_before_it_redacted_once_that_is_redacted_and_afte
     let served = event(&s, &alice, &room, &third).await;
     assert_replaced(&served, &second, &alice_id, &json!({ "topic": "second" }));
 
+    // Search serves it the same (once indexed).
+    let search = json!({ "search_categories": { "room_events": {
+        "search_term": "third", "keys": ["content.topic"],
+    } } });
+    let mut found = Value::Null;
+    for _ in 0..100 {
+        let (status, body) =
+            s.post("/_matrix/client/v3/search", Some(&alice), search.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        found = body["search_categories"]["room_events"]["results"][0]["result"].clone();
+        if !found.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_replaced(&found, &second, &alice_id, &json!({ "topic": "second" }));
+
     // Redacting the middle topic: the last one's prev_content is the redacted content.
     let path = format!("/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room), enc(&second));
     let (status, body) = s.put(&path, Some(&alice), json!({ "reason": "oops" })).await;

@@ -298,8 +298,8 @@ pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> Json
     event
 }
 
-/// The most replaced events one answer reads for `unsigned.prev_content`: past it, the rest
-/// go without (every serving path already bounds its events well below this).
+/// The most replaced events one answer reads for `unsigned.prev_content`: past it (only the
+/// full state of a very large room gets there), the rest go without.
 const MAX_REPLACED_READS: usize = 10_000;
 
 impl super::Rooms {
