@@ -30,6 +30,7 @@ mod media;
 mod metrics;
 mod offboarding;
 mod operators;
+mod prev_content;
 mod process;
 mod push;
 mod pushers;

@@ -27,11 +27,7 @@ use serde_json::{Value as JsonValue, json, value::to_raw_value};
 use crate::{
     api::{Ruma, State},
     error::{Error, Result},
-    service::rooms::{
-        NewEvent, Txn, TxnEndpoint,
-        pdu::{StoredPdu, client_event},
-        reports::Report,
-    },
+    service::rooms::{NewEvent, Txn, TxnEndpoint, pdu::StoredPdu, reports::Report},
 };
 
 /// The event content of a send: a JSON object, else `M_BAD_JSON`.
@@ -121,7 +117,9 @@ pub async fn state_for_key(
         .state_event(&state, &body.event_type.to_string(), &body.state_key)?
         .ok_or_else(|| Error::not_found("State event not found"))?;
     let value = match body.format {
-        StateEventFormat::Event => client_event(&event, None),
+        StateEventFormat::Event => {
+            services.rooms.client_events(std::slice::from_ref(&event))?.pop().unwrap_or_default()
+        }
         _ => event.wire.get("content").map(|c| c.clone().into()).unwrap_or_else(|| json!({})),
     };
     Ok(get_state_for_key::Response::new(to_raw_value(&value).map_err(Error::internal)?))
@@ -132,7 +130,7 @@ pub async fn state(services: State, req: Ruma<get_state::Request>) -> Result<get
     let caller = req.caller()?.clone();
     let state = services.rooms.readable_state(&req.body.room_id, &caller.user_id)?;
     let events = services.rooms.state_events(&state)?;
-    let events = events.iter().map(|e| raw(&client_event(e, None))).collect::<Result<_>>()?;
+    let events = services.rooms.client_events(&events)?.iter().map(raw).collect::<Result<_>>()?;
     Ok(get_state::Response::new(events))
 }
 
@@ -179,8 +177,9 @@ pub async fn members(
         if body.not_membership.as_ref().is_some_and(|m| m.as_str() == membership) {
             continue;
         }
-        chunk.push(raw(&client_event(&event, None))?);
+        chunk.push(event);
     }
+    let chunk = services.rooms.client_events(&chunk)?.iter().map(raw).collect::<Result<_>>()?;
     Ok(get_members::Response::new(chunk))
 }
 
@@ -224,8 +223,14 @@ pub async fn event(services: State, req: Ruma<get_event::Request>) -> Result<get
         return Err(not_found());
     }
     let device = Some(caller.device_id.as_str());
-    let event = crate::service::relations::serve(&services, &caller.user_id, device, &stored)?;
-    Ok(get_event::Response::new(raw(&event)?))
+    let served = crate::service::relations::serve_all(
+        &services,
+        &caller.user_id,
+        device,
+        std::slice::from_ref(&stored),
+    )?;
+    let event = served.first().ok_or_else(not_found)?;
+    Ok(get_event::Response::new(raw(event)?))
 }
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}`: one's own events, or

@@ -21,18 +21,15 @@ use crate::{
     error::{Error, Result},
     service::relations::{
         listing::{self, Page, RECURSION_DEPTH, RelationsQuery},
-        serve,
+        serve_all,
     },
 };
 
 /// The events of a page, each with its bundled aggregations.
 fn events<T>(services: &State, caller: &Caller, page: &Page) -> Result<Vec<Raw<T>>> {
-    page.chunk
+    serve_all(services, &caller.user_id, Some(caller.device_id.as_str()), &page.chunk)?
         .iter()
-        .map(|event| {
-            let json = serve(services, &caller.user_id, Some(caller.device_id.as_str()), event)?;
-            Ok(Raw::from_json(to_raw_value(&json).map_err(Error::internal)?))
-        })
+        .map(|json| Ok(Raw::from_json(to_raw_value(json).map_err(Error::internal)?)))
         .collect()
 }
 

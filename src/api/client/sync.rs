@@ -21,7 +21,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     service::{
         history, relations,
-        rooms::pdu::{StoredPdu, client_event},
+        rooms::pdu::StoredPdu,
         sync::{SyncRequest, sync as build_sync},
     },
 };
@@ -154,7 +154,7 @@ pub async fn get(services: State, req: Ruma<get_filter::Request>) -> Result<get_
 /// `events` in the client format for the caller, with bundled aggregations.
 fn served(services: &State, caller: &Caller, events: &[StoredPdu]) -> Result<Vec<JsonValue>> {
     let device = Some(caller.device_id.as_str());
-    events.iter().map(|e| relations::serve(services, &caller.user_id, device, e)).collect()
+    relations::serve_all(services, &caller.user_id, device, events)
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/messages`: a page of history in either direction,
@@ -187,7 +187,7 @@ pub async fn messages(services: State, req: Ruma<messages::Request>) -> Result<J
     let mut response = json!({
         "start": format!("s{from}"),
         "chunk": served(&services, &caller, &page.chunk)?,
-        "state": page.members.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
+        "state": services.rooms.client_events(&page.members)?,
     });
     if let Some(end) = page.end {
         response["end"] = json!(format!("s{end}"));
@@ -209,13 +209,12 @@ pub async fn context(services: State, req: Ruma<get_context::Request>) -> Result
         limit,
         &body.filter,
     )?;
-    let device = Some(caller.device_id.as_str());
     Ok(JsonResponse(json!({
         "start": format!("s{}", ctx.start),
         "end": format!("s{}", ctx.end),
-        "event": relations::serve(&services, &caller.user_id, device, &ctx.event)?,
+        "event": served(&services, &caller, std::slice::from_ref(&ctx.event))?.pop(),
         "events_before": served(&services, &caller, &ctx.before)?,
         "events_after": served(&services, &caller, &ctx.after)?,
-        "state": ctx.state.iter().map(|e| client_event(e, None)).collect::<Vec<_>>(),
+        "state": services.rooms.client_events(&ctx.state)?,
     })))
 }

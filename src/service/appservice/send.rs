@@ -10,7 +10,6 @@ use super::Queued;
 use crate::service::{
     Services,
     outbox::{Deliver, Failure, Item},
-    rooms::pdu::client_event,
 };
 
 /// Delivers the application service outbox.
@@ -70,7 +69,7 @@ fn transaction(
         match &item.value {
             Queued::Pdu(short) => {
                 match services.rooms.stored_by_short_public(*short) {
-                    Ok(Some(stored)) => events.push(client_event(&stored, None)),
+                    Ok(Some(stored)) => events.push(stored),
                     // Purged meanwhile: nothing to send.
                     Ok(None) => {}
                     Err(err) => return Err(format!("event {short} unreadable: {err}")),
@@ -80,6 +79,7 @@ fn transaction(
             Queued::Ephemeral(_) => {}
         }
     }
+    let events = services.rooms.client_events(&events).map_err(|err| err.to_string())?;
     let mut body = json!({ "events": events });
     if ephemeral_wanted {
         let ephemeral = JsonValue::from(ephemeral.into_iter().cloned().collect::<Vec<_>>());

@@ -235,6 +235,7 @@ pub fn list(
     let from = from.map(str::parse::<Token>).transpose()?;
     let limit = limit.clamp(1, MAX_LIMIT);
     let mut page = Vec::new();
+    let mut events = Vec::new();
     let mut next = None;
     let mut skipped = 0;
     let mut reads = ReadPositions::default();
@@ -260,8 +261,11 @@ pub fn list(
         let read_upto = reads.of(services, &record.room_id, user_id)?;
         let json = crate::service::relations::serve(services, user_id, None, &event)?;
         page.push(Listed { record, event: json, read: position <= read_upto });
+        events.push(event);
         last_listed = Some(after);
     }
+    let served = page.iter_mut().map(|listed| &mut listed.event);
+    crate::service::relations::add_replaced(services, user_id, served.zip(&events))?;
     Ok((page, next))
 }
 

@@ -479,6 +479,31 @@ pub fn serve(
     Ok(json)
 }
 
+/// `events` as [`serve`] serves each, with what each state event replaced (read in one
+/// batch, redacted where an erased sender hides it from `viewer`).
+pub fn serve_all(
+    services: &Services,
+    viewer: &UserId,
+    device: Option<&str>,
+    events: &[StoredPdu],
+) -> Result<Vec<JsonValue>> {
+    let mut served =
+        events.iter().map(|e| serve(services, viewer, device, e)).collect::<Result<Vec<_>>>()?;
+    add_replaced(services, viewer, served.iter_mut().zip(events))?;
+    Ok(served)
+}
+
+/// Adds to each served event what its stored form replaced, as `viewer` is shown it (see
+/// [`crate::service::rooms::Rooms::add_replaced`]).
+pub fn add_replaced<'a>(
+    services: &Services,
+    viewer: &UserId,
+    served: impl IntoIterator<Item = (&'a mut JsonValue, &'a StoredPdu)>,
+) -> Result<()> {
+    let view = |replaced: &StoredPdu| services.erased_view(viewer, replaced);
+    services.rooms.add_replaced(served, view)
+}
+
 /// `event` in the client format as `viewer` is served it: redacted when its sender is erased
 /// and `viewer` was not there (see [`Services::erased_view`]).
 pub fn viewed(services: &Services, viewer: &UserId, event: &StoredPdu) -> Result<JsonValue> {

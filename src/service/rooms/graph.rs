@@ -383,6 +383,10 @@ impl Rooms {
                     }
                 }
                 let key = self.states.intern(&pdu.kind.to_string(), state_key)?;
+                stored.replaces = self
+                    .states
+                    .get_short(stored.state_before, key)?
+                    .filter(|replaced| *replaced != short);
                 stored.state_after =
                     self.states.apply(&mut batch, stored.state_before, &[(key, Some(short))])?;
                 self.index_auth_chain(&mut batch, short, &auth_shorts)?;

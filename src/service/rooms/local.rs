@@ -368,6 +368,7 @@ impl Rooms {
                 .map(|(txn, _)| (txn.device.to_owned(), txn.id.to_owned())),
             room_state: None,
             status: super::Status::Accepted,
+            replaces: None,
         };
         let pdu = Pdu::from_stored(&stored)
             .map_err(|e| Error::bad_json(format!("Invalid event: {e}")))?;

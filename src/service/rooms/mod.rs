@@ -830,6 +830,7 @@ mod tests {
             transaction: None,
             room_state: None,
             status: Default::default(),
+            replaces: None,
         })
     }
 

@@ -42,6 +42,12 @@ pub struct StoredPdu {
     /// Where it stands in the graph (accepted unless stored otherwise).
     #[serde(default, skip_serializing_if = "super::Status::is_accepted")]
     pub status: super::Status,
+    /// For an accepted state event, the short id of the event it replaced at its
+    /// `(type, state_key)` in its own state before: served as `unsigned.prev_content`,
+    /// `prev_sender` and `replaces_state`, read when served so a later redaction shows.
+    /// Events stored before it was kept have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<u64>,
 }
 
 impl StoredPdu {
@@ -64,6 +70,7 @@ impl StoredPdu {
             transaction: None,
             room_state: None,
             status: super::Status::Outlier,
+            replaces: None,
         }
     }
 
@@ -289,6 +296,65 @@ pub fn client_event(stored: &StoredPdu, viewer: Option<(&UserId, &str)>) -> Json
     }
     event["unsigned"] = JsonValue::Object(unsigned);
     event
+}
+
+/// The most replaced events one answer reads for `unsigned.prev_content`: past it (only the
+/// full state of a very large room gets there), the rest go without.
+const MAX_REPLACED_READS: usize = 10_000;
+
+impl super::Rooms {
+    /// `events` in the client format (no viewer), with what each state event replaced.
+    pub fn client_events(&self, events: &[StoredPdu]) -> crate::Result<Vec<JsonValue>> {
+        let mut served: Vec<JsonValue> = events.iter().map(|e| client_event(e, None)).collect();
+        self.add_replaced(served.iter_mut().zip(events), |_| Ok(None))?;
+        Ok(served)
+    }
+
+    /// Adds to each client event `unsigned.prev_content`, `prev_sender` and `replaces_state`
+    /// from the state event its stored form replaced (see [`StoredPdu::replaces`]), reading
+    /// the replaced events in one batch. The replaced event is read as it is now, so a later
+    /// redaction of it shows in `prev_content`; `view` gives the copy of a replaced event the
+    /// reader is shown instead, if any (redacted for a reader its erased sender hides it from).
+    pub fn add_replaced<'a>(
+        &self,
+        served: impl IntoIterator<Item = (&'a mut JsonValue, &'a StoredPdu)>,
+        view: impl Fn(&StoredPdu) -> crate::Result<Option<StoredPdu>>,
+    ) -> crate::Result<()> {
+        let served: Vec<(&mut JsonValue, u64)> = served
+            .into_iter()
+            .filter_map(|(json, stored)| Some((json, stored.replaces?)))
+            .take(MAX_REPLACED_READS)
+            .collect();
+        if served.is_empty() {
+            return Ok(());
+        }
+        let mut shorts: Vec<u64> = served.iter().map(|(_, short)| *short).collect();
+        shorts.sort_unstable();
+        shorts.dedup();
+        let keys: Vec<&u64> = shorts.iter().collect();
+        let mut replaced = self.pdus.get_many(&keys)?;
+        for event in replaced.iter_mut().flatten() {
+            if let Some(shown) = view(event)? {
+                *event = shown;
+            }
+        }
+        for (json, short) in served {
+            let Ok(index) = shorts.binary_search(&short) else { continue };
+            let Some(replaced) = &replaced[index] else { continue };
+            let Some(unsigned) = json.get_mut("unsigned").and_then(JsonValue::as_object_mut) else {
+                continue;
+            };
+            let wire = &replaced.wire;
+            if let Some(content) = wire.get("content") {
+                unsigned.insert("prev_content".into(), content.clone().into());
+            }
+            if let Some(sender) = wire.get("sender") {
+                unsigned.insert("prev_sender".into(), sender.clone().into());
+            }
+            unsigned.insert("replaces_state".into(), json!(replaced.event_id));
+        }
+        Ok(())
+    }
 }
 
 /// The client-server form of the redaction `stored`, as kept with the event it redacts (its

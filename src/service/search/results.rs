@@ -122,6 +122,13 @@ pub async fn room_events(
         }));
     }
 
+    let hits = page.hits.iter().map(|(_, event)| event);
+    relations::add_replaced(
+        services,
+        user_id,
+        results.iter_mut().map(|r| &mut r["result"]).zip(hits),
+    )?;
+
     let mut room_events = json!({
         "count": page.count,
         "highlights": highlights(&criteria.search_term),

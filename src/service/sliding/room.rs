@@ -19,7 +19,7 @@ use crate::{
     service::{
         Services,
         push::{Counting, unread_counts},
-        rooms::{pdu::client_event, state::StateMap},
+        rooms::state::StateMap,
         sync::{Invited, Summary, Viewer, room_timeline, serve_events, stripped_state},
     },
 };
@@ -299,7 +299,7 @@ fn required_state(
     let mut events = Vec::with_capacity(picked.len().min(MAX_STATE_EVENTS));
     for short in picked.into_iter().take(MAX_STATE_EVENTS) {
         let Some(event) = services.rooms.stored_by_short_public(short)? else { continue };
-        events.push(client_event(&event, None));
+        events.push(event);
     }
-    Ok(events)
+    services.rooms.client_events(&events)
 }

@@ -23,11 +23,7 @@ pub use pieces::{
 
 use super::{
     Services, filters,
-    rooms::{
-        RoomRecord,
-        pdu::{StoredPdu, client_event},
-        state::StateMap,
-    },
+    rooms::{RoomRecord, pdu::StoredPdu, state::StateMap},
 };
 use crate::error::{Error, Result};
 
@@ -300,11 +296,11 @@ fn state_section(
                 if !in_timeline.contains(event.event_id.as_str())
                     && filters::matches(&req.filter.room.state, &event)
                 {
-                    events.push(client_event(&event, None));
+                    events.push(event);
                 }
             }
         }
-        return Ok(events);
+        return services.rooms.client_events(&events);
     }
     for ((kind, key), short) in at_start {
         let is_member = kind == "m.room.member";
@@ -323,9 +319,9 @@ fn state_section(
         {
             continue;
         }
-        events.push(client_event(&event, None));
+        events.push(event);
     }
-    Ok(events)
+    services.rooms.client_events(&events)
 }
 
 /// The users whose member events lazy loading sends: the timeline's senders and the syncer.
@@ -352,10 +348,10 @@ fn hero_members(
         if !timeline.iter().any(|e| e.event_id == event.event_id)
             && filters::matches(&req.filter.room.state, &event)
         {
-            events.push(client_event(&event, None));
+            events.push(event);
         }
     }
-    Ok(events)
+    services.rooms.client_events(&events)
 }
 
 /// The room state at the sync token, as the state section compares with it.
@@ -449,10 +445,7 @@ async fn joined_room(
         state.extend(hero_members(services, req, &at_start, &events, &heroes)?);
     }
     let prev_batch = events.first().map_or(upto, |e| e.position.saturating_sub(1));
-    let timeline: Vec<JsonValue> = events
-        .iter()
-        .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
-        .collect::<Result<_>>()?;
+    let timeline = serve_events(services, req.user_id, req.device_id, &events)?;
 
     let joined = summary["m.joined_member_count"].as_u64().unwrap_or_default();
     let by_thread = req.filter.room.timeline.unread_thread_notifications;
@@ -504,10 +497,7 @@ fn left_room(
     let Window { events, limited, .. } =
         timeline(services, req, &viewer.ignored, record, since, left.position)?;
     let prev_batch = events.first().map_or(left.position, |e| e.position.saturating_sub(1));
-    let timeline: Vec<JsonValue> = events
-        .iter()
-        .map(|e| super::relations::serve(services, req.user_id, Some(req.device_id.as_str()), e))
-        .collect::<Result<_>>()?;
+    let timeline = serve_events(services, req.user_id, req.device_id, &events)?;
     Ok(Some(json!({
         "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{prev_batch}") },
         "state": { "events": [] },

@@ -140,10 +140,7 @@ pub fn serve_events(
     device_id: &ruma::DeviceId,
     events: &[StoredPdu],
 ) -> Result<Vec<JsonValue>> {
-    events
-        .iter()
-        .map(|e| crate::service::relations::serve(services, user_id, Some(device_id.as_str()), e))
-        .collect()
+    crate::service::relations::serve_all(services, user_id, Some(device_id.as_str()), events)
 }
 
 /// Member counts and, for a room without a name, the members to name it after.

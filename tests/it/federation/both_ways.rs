@@ -253,3 +253,55 @@ async fn a_remote_user_leaves_hears_nothing_more_and_rejoins() {
     assert!(ends_with(&seen, &["welcome back", "thanks"]), "{seen:?}");
     assert_eq!(seen.first().map(String::as_str), Some("before"), "{seen:?}");
 }
+
+/// The event `event_id` of `room` as `token` reads it on `s`, once `s` has it.
+async fn event_once_there(s: &FedServer, token: &str, room: &str, event_id: &str) -> Value {
+    let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room), enc(event_id));
+    for _ in 0..300 {
+        let (status, body) = s.server.get(&path, Some(token)).await;
+        if status == StatusCode::OK {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{event_id} never reached {}", s.name);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_events_received_over_federation_carry_what_they_replaced() {
+    let (_pki, a, b, alice, bob, bob_id, room) = joined_room().await;
+    // Bob's join, as B holds it, is what his rename on B replaces.
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/state/m.room.member/{}?format=event",
+        enc(&room),
+        enc(&bob_id)
+    );
+    let (status, join) = b.server.get(&path, Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK, "{join}");
+    let path =
+        format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&bob_id));
+    let (status, body) = b
+        .server
+        .put(&path, Some(&bob), json!({ "membership": "join", "displayname": "Bob Renamed" }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let rename = body["event_id"].as_str().unwrap();
+
+    // A received the rename and serves what it replaced, from its own copy of the join.
+    let served = event_once_there(&a, &alice, &room, rename).await;
+    assert_eq!(served["unsigned"]["prev_content"], join["content"], "{served}");
+    assert_eq!(served["unsigned"]["prev_content"]["membership"], "join");
+    assert_eq!(served["unsigned"]["prev_sender"], bob_id.as_str());
+    assert_eq!(served["unsigned"]["replaces_state"], join["event_id"]);
+
+    // A topic set twice on A reaches B, the second naming the first.
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room));
+    let (status, first) = a.server.put(&path, Some(&alice), json!({ "topic": "one" })).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, second) = a.server.put(&path, Some(&alice), json!({ "topic": "two" })).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let served = event_once_there(&b, &bob, &room, second["event_id"].as_str().unwrap()).await;
+    assert_eq!(served["unsigned"]["prev_content"], json!({ "topic": "one" }), "{served}");
+    assert_eq!(served["unsigned"]["replaces_state"], first["event_id"]);
+    assert_eq!(served["unsigned"]["prev_sender"], served["sender"]);
+}
