@@ -76,7 +76,8 @@ pub enum Failure {
     Retry(String),
     /// The target refused the batch itself: retried with backoff (a refusal may pass) until
     /// refused `tries` times in a row, then dropped, so the items behind it are not held up
-    /// forever.
+    /// forever. After a drop, refusals count as [`Failure::Retry`] until a batch goes through:
+    /// one bad batch is dropped, a target refusing everything loses nothing more.
     Refused {
         /// Why, for the admin.
         reason: String,
@@ -327,8 +328,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         }
     }
 
-    /// The status of every target known since start (those with items left from before
-    /// included), ordered by target.
+    /// The status of every target known: used since start, with items left from before, or
+    /// (when statuses are kept, see [`Outbox::remembering_targets`]) ever used; ordered by
+    /// target.
     pub fn statuses(&self) -> Vec<TargetStatus> {
         let names: Vec<String> = {
             let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
@@ -443,6 +445,10 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         };
         // Times the current batch was refused.
         let mut refusals: u32 = 0;
+        // A batch was dropped and nothing went through since: the next refusals are retried
+        // like any failure, so a target refusing everything (a proxy answering in its place)
+        // costs at most one batch, never the whole queue.
+        let mut dropped_last = false;
         loop {
             if items.is_empty() {
                 match self.read(&target) {
@@ -484,7 +490,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             };
             keys.truncate(items.len());
             let refused_for_good = match &outcome {
-                Err(Failure::Refused { tries, .. }) => {
+                Err(Failure::Refused { tries, .. }) if !dropped_last => {
                     refusals = refusals.saturating_add(1);
                     refusals >= *tries
                 }
@@ -510,6 +516,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         success_written = Some(now);
                     }
                     failures = 0;
+                    dropped_last = false;
                     keys.clear();
                     items.clear();
                 }
@@ -538,6 +545,7 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                     };
                     self.remember(&target, &status);
                     failures = 0;
+                    dropped_last = true;
                     keys.clear();
                     items.clear();
                 }
@@ -704,6 +712,28 @@ mod tests {
         let status = outbox.status("a");
         assert_eq!(status.failures, 0);
         assert!(status.last_success_ms.is_some());
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_target_refusing_everything_loses_one_batch_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let outbox = Arc::new(Outbox::<u64>::new(&db, KIND_FEDERATION, "t", 1, 100).unwrap());
+        outbox.enqueue("a", &[10_000, 10_001, 1]).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(outbox.clone().run(recorder.clone(), stopped));
+        // The first batch goes after its two refusals; the next is refused more often than
+        // that and still waits, with what follows it.
+        let refusals_of = |value: u64| {
+            recorder.refused.lock().unwrap().iter().filter(|v| v.as_slice() == [value]).count()
+        };
+        until(|| refusals_of(10_001) >= 3).await;
+        assert_eq!(refusals_of(10_000), 2);
+        assert_eq!((outbox.depth("a"), outbox.status("a").dropped), (2, 1));
+        assert!(recorder.seen.lock().unwrap().is_empty());
         stop.send(true).unwrap();
         task.await.unwrap();
     }

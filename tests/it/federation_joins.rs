@@ -239,6 +239,25 @@ async fn a_send_join_naming_our_member_is_checked_against_the_allow_rules() {
         a.services().rooms.membership(room_ref, carol_ref).unwrap().as_deref(),
         Some("join")
     );
+
+    // Bob, invited meanwhile, needs nobody to vouch for him; a join of his that still names
+    // alice is signed all the same, since it cannot be accepted without A's signature.
+    b.server.register("bob", "secret-pass-1").await;
+    let invite = format!("/_matrix/client/v3/rooms/{}/invite", enc(&restricted));
+    let (status, body) =
+        a.server.post(&invite, Some(&alice_token), json!({ "user_id": bob })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let make =
+        format!("/_matrix/federation/v1/make_join/{}/{}?ver=10", enc(&restricted), enc(&bob));
+    let (status, body) = fed(&a, &b, Method::GET, &make, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut naming = body["event"].clone();
+    naming["content"]["join_authorised_via_users_server"] = json!(alice);
+    let (id, naming) = complete(&b, &naming, "10");
+    let (status, body) = fed(&a, &b, Method::PUT, &send(&id), Some(&naming)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["event"]["signatures"][a.name.as_str()].is_object(), "{body}");
+    assert_eq!(a.services().rooms.membership(room_ref, bob_ref).unwrap().as_deref(), Some("join"));
 }
 
 /// Waits (up to 10 s) until `user` has `membership` in `room` on `server`.

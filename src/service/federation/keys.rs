@@ -43,6 +43,27 @@ const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 /// yet, all asked together: the events of servers still unknown then fail their signature
 /// check instead of holding up the answer to the others.
 const LOT_FETCH_TIME: Duration = Duration::from_secs(15);
+
+/// The most key fetches one lot runs at once (a transaction's events may name many servers).
+const LOT_FETCHES_AT_ONCE: usize = 8;
+
+/// A caller's hold on a server's fetch lock: dropped, it forgets the lock once nobody else
+/// holds it, whether the caller finished or was given up on.
+struct FetchLock<'a> {
+    federation: &'a Federation,
+    server: &'a ServerName,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for FetchLock<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.federation.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and this one.
+        if Arc::strong_count(&self.lock) <= 2 {
+            locks.remove(self.server);
+        }
+    }
+}
 /// Most servers whose last fetch time is remembered.
 const MAX_ATTEMPTS: usize = 10_000;
 /// Most servers in one notary query.
@@ -150,9 +171,10 @@ impl Federation {
         if let Some(usable) = cached.as_ref().and_then(enough) {
             return Ok(usable);
         }
-        // One fetch per server at a time: callers arriving meanwhile wait for its result.
-        let lock = self.fetch_lock(server);
-        let guard = lock.lock().await;
+        // One fetch per server at a time: callers arriving meanwhile wait for its result. The
+        // lock is forgotten when the last caller is done, also one given up on mid-fetch.
+        let lock = FetchLock { federation: self, server, lock: self.fetch_lock(server) };
+        let guard = lock.lock.lock().await;
         let mut known = self.remote_keys.get(server.as_str())?;
         if known.as_ref().and_then(enough).is_none() && self.may_fetch(server) {
             match self.fetch_keys(server).await {
@@ -161,7 +183,7 @@ impl Federation {
             }
         }
         drop(guard);
-        self.release_fetch_lock(server, lock);
+        drop(lock);
         // What is known, for a caller that checks what it got.
         Ok(known.map(|entry| entry.usable(valid_at)).unwrap_or_default())
     }
@@ -170,15 +192,6 @@ impl Federation {
     fn fetch_lock(&self, server: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
         locks.entry(server.to_owned()).or_default().clone()
-    }
-
-    /// Forgets `server`'s fetch lock once nobody else holds it.
-    fn release_fetch_lock(&self, server: &ServerName, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut locks = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-        // The map's reference and this one.
-        if Arc::strong_count(&lock) <= 2 {
-            locks.remove(server);
-        }
     }
 
     /// What is cached of `server`'s keys.
@@ -452,19 +465,24 @@ impl KeyLookup for Federation {
                     }
                 }
             }
-            // The servers whose keys are missing are asked all at once, and for a bounded time:
-            // a lot held up by unreachable servers is still answered promptly, without them.
-            let fetches = missing.iter().map(|(&server, &valid_at)| async move {
-                let fetched =
-                    tokio::time::timeout(LOT_FETCH_TIME, self.server_keys(server, &[], valid_at))
-                        .await;
-                (server, fetched)
-            });
-            for (server, fetched) in futures_util::future::join_all(fetches).await {
-                if let Ok(Err(err)) = fetched {
-                    return Err(err);
+            // The servers whose keys are missing are asked together (a few at a time), and for
+            // a bounded time: a lot held up by unreachable servers is still answered promptly,
+            // without them.
+            let deadline = tokio::time::Instant::now() + LOT_FETCH_TIME;
+            let missing_list: Vec<(&ServerName, Option<u64>)> =
+                missing.iter().map(|(&server, &valid_at)| (server, valid_at)).collect();
+            for group in missing_list.chunks(LOT_FETCHES_AT_ONCE) {
+                let fetches = group.iter().map(|&(server, valid_at)| {
+                    tokio::time::timeout_at(deadline, self.server_keys(server, &[], valid_at))
+                });
+                for (&(server, _), fetched) in
+                    group.iter().zip(futures_util::future::join_all(fetches).await)
+                {
+                    if let Ok(Err(err)) = fetched {
+                        return Err(err);
+                    }
+                    entries.insert(server, self.remote_keys.get(server.as_str())?);
                 }
-                entries.insert(server, self.remote_keys.get(server.as_str())?);
             }
             let mut maps = Vec::with_capacity(wanted.len());
             for (servers, valid_at) in wanted {

@@ -72,6 +72,9 @@ impl RemoteMedia {
         let fetch = || async {
             match timed(origin, fetch_thumbnail(services, origin, media_id, spec)).await {
                 Ok(Some(record)) => Ok(record),
+                // The origin kept us waiting: asking it for the whole file would fare no better.
+                // (A 404 may only mean it made no thumbnail of that size: the file is fetched.)
+                Err(err) if matches!(err.kind(), Some(ErrorKind::ConnectionTimeout)) => Err(err),
                 outcome => {
                     if let Err(err) = outcome {
                         tracing::debug!(%origin, %media_id, %err, "no thumbnail from the origin");
@@ -127,9 +130,9 @@ fn check_quarantine(services: &Services, origin: &ServerName, media_id: &str) ->
 
 /// `work` under the fetch timeout.
 async fn timed<T>(origin: &ServerName, work: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(FETCH_TIMEOUT, work)
-        .await
-        .map_err(|_| Error::new(ErrorKind::Unknown, format!("{origin} sent no media in time")))?
+    tokio::time::timeout(FETCH_TIMEOUT, work).await.map_err(|_| {
+        Error::new(ErrorKind::ConnectionTimeout, format!("{origin} sent no media in time"))
+    })?
 }
 
 /// The error a local client gets when the origin's media is over the local size limit.
@@ -148,7 +151,10 @@ fn fetch_error(err: SendError) -> Error {
 }
 
 fn bad_answer(origin: &ServerName, err: MultipartError) -> Error {
-    Error::new(ErrorKind::Unknown, format!("{origin} sent media in an unreadable form: {err}"))
+    Error::new(
+        ErrorKind::ConnectionFailed,
+        format!("{origin} sent media in an unreadable form: {err}"),
+    )
 }
 
 /// Fetches through the federation media endpoint, or through the legacy media endpoint of
@@ -220,7 +226,10 @@ async fn store_multipart(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let boundary = multipart::boundary(content_type).ok_or_else(|| {
-        Error::new(ErrorKind::Unknown, format!("{origin} answered media without multipart"))
+        Error::new(
+            ErrorKind::ConnectionFailed,
+            format!("{origin} answered media without multipart"),
+        )
     })?;
     let max = services.config.media.max_upload_size;
     if response.content_length().is_some_and(|len| len > max.saturating_add(MULTIPART_OVERHEAD)) {
@@ -263,7 +272,7 @@ async fn store_streamed(
         return Err(Error::not_found("Unknown media id"));
     }
     if !status.is_success() {
-        return Err(Error::new(ErrorKind::Unknown, format!("{origin} answered {status}")));
+        return Err(Error::new(ErrorKind::ConnectionFailed, format!("{origin} answered {status}")));
     }
     let max = services.config.media.max_upload_size;
     if response.content_length().is_some_and(|len| len > max) {
@@ -280,7 +289,10 @@ async fn store_streamed(
     let mut size = 0u64;
     loop {
         let chunk = response.chunk().await.map_err(|e| {
-            Error::new(ErrorKind::Unknown, format!("{origin} broke off sending media: {e}"))
+            Error::new(
+                ErrorKind::ConnectionFailed,
+                format!("{origin} broke off sending media: {e}"),
+            )
         })?;
         let Some(chunk) = chunk else { break };
         absorb(&mut upload, &mut size, max, chunk).await?;

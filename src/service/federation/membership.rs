@@ -236,8 +236,8 @@ pub async fn send_membership(
     };
     if let Some(via) = via
         && via.server_name() == services.server_name()
-        && vouch_for_join(services, room_id, &sender, &via)?
     {
+        vouch_for_join(services, room_id, &sender, &via)?;
         // Event signatures cover the redacted event; the hashes it carries stay the same.
         ruma::signatures::hash_and_sign_event(
             services.server_name().as_str(),

@@ -116,7 +116,8 @@ pub struct Sender {
     pending: Mutex<HashMap<OwnedEventId, Vec<(OwnedServerName, u64)>>>,
     /// Events of other servers this server passes on to the rooms' other servers once they
     /// are written, with the server that handed each over (see [`Sender::relay`]).
-    relayed: Mutex<HashMap<OwnedEventId, OwnedServerName>>,
+    /// Each with how many marks name it: a retried `send_join` may overlap the first.
+    relayed: Mutex<HashMap<OwnedEventId, (OwnedServerName, usize)>>,
 }
 
 /// While alive, the event it names is passed on when written (see [`Sender::relay`]).
@@ -128,7 +129,13 @@ pub struct Relay<'a> {
 
 impl Drop for Relay<'_> {
     fn drop(&mut self) {
-        self.sender.relayed.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.event_id);
+        let mut relayed = self.sender.relayed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, marks)) = relayed.get_mut(&self.event_id) {
+            *marks -= 1;
+            if *marks == 0 {
+                relayed.remove(&self.event_id);
+            }
+        }
     }
 }
 
@@ -157,7 +164,7 @@ impl Sender {
     /// out) in its own batch if it is written while the mark lives.
     pub fn relay(&self, event_id: &EventId, origin: &ServerName) -> Relay<'_> {
         let mut relayed = self.relayed.lock().unwrap_or_else(|e| e.into_inner());
-        relayed.insert(event_id.to_owned(), origin.to_owned());
+        relayed.entry(event_id.to_owned()).or_insert_with(|| (origin.to_owned(), 0)).1 += 1;
         Relay { sender: self, event_id: event_id.to_owned() }
     }
 
@@ -352,7 +359,7 @@ impl Contributor for Queue {
         } else {
             let relayed = sender.relayed.lock().unwrap_or_else(|e| e.into_inner());
             match relayed.get(&event.event_id) {
-                Some(origin) => Some(origin.clone()),
+                Some((origin, _)) => Some(origin.clone()),
                 None => return Ok(()),
             }
         };
@@ -452,16 +459,21 @@ const TRIES_UNAUTHORIZED: u32 = 5;
 /// Attempts at a transaction the destination refused with another 4xx before it is dropped.
 const TRIES_REFUSED: u32 = 3;
 
-/// What a failed transaction means: a destination that is down, busy (429) or failing (5xx)
-/// is retried for as long as it takes; any other 4xx refuses the transaction itself, which
-/// is tried a few times, then dropped so what follows it is not held up forever.
+/// What a failed transaction means: a destination that is down, busy (429), slow (408) or
+/// failing (5xx) is retried for as long as it takes; a 4xx carrying a Matrix error refuses
+/// the transaction itself, which is tried a few times, then dropped so what follows it is not
+/// held up forever. A 4xx without a Matrix error (a proxy answering in the server's place) is
+/// retried like an outage.
 fn failure_of(err: &SendError) -> Failure {
     let reason = err.to_string();
     match err {
+        SendError::Remote { errcode, .. } if errcode.is_empty() => Failure::Retry(reason),
         SendError::Remote { status: 401, .. } => {
             Failure::Refused { reason, tries: TRIES_UNAUTHORIZED }
         }
-        SendError::Remote { status, .. } if (400..500).contains(status) && *status != 429 => {
+        SendError::Remote { status, .. }
+            if (400..500).contains(status) && !matches!(status, 408 | 429) =>
+        {
             Failure::Refused { reason, tries: TRIES_REFUSED }
         }
         _ => Failure::Retry(reason),
@@ -480,6 +492,31 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn only_a_matrix_refusal_counts_against_a_transaction() {
+        let remote = |status: u16, errcode: &str| SendError::Remote {
+            destination: OwnedServerName::try_from("other.example").unwrap(),
+            status,
+            errcode: errcode.to_owned(),
+            message: String::new(),
+        };
+        let refused = |err: SendError| match failure_of(&err) {
+            Failure::Refused { tries, .. } => Some(tries),
+            Failure::Retry(_) => None,
+        };
+        assert_eq!(refused(remote(400, "M_BAD_JSON")), Some(TRIES_REFUSED));
+        assert_eq!(refused(remote(403, "M_FORBIDDEN")), Some(TRIES_REFUSED));
+        assert_eq!(refused(remote(401, "M_UNAUTHORIZED")), Some(TRIES_UNAUTHORIZED));
+        // Busy, slow, failing, or not a homeserver's answer at all: retried for as long as it
+        // takes.
+        for (status, errcode) in [(429, "M_LIMIT_EXCEEDED"), (408, "M_UNKNOWN"), (502, "M_UNKNOWN")]
+        {
+            assert_eq!(refused(remote(status, errcode)), None, "{status}");
+        }
+        assert_eq!(refused(remote(404, "")), None);
+        assert_eq!(refused(remote(403, "")), None);
+    }
 
     fn items(pdus: usize, edus: usize) -> Vec<Item<Queued>> {
         let pdu = |n| Queued::Pdu(OwnedEventId::try_from(format!("$e{n}")).unwrap());

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{Media, MediaRecord};
 use crate::{
-    error::{Error, Result},
+    error::Result,
     service::audit::{Audit, Entry},
     storage::{prefix, split_key},
 };
@@ -117,13 +117,7 @@ impl Media {
             .details(serde_json::json!({ "uploader": record.uploader, "size": record.size }));
         audit.commit(batch, [entry])?;
         for sha256 in hashes {
-            if self.by_hash.scan_prefix(prefix(sha256.as_str())).next().is_none() {
-                match std::fs::remove_file(self.blob_path(&sha256)) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(err) => return Err(Error::internal(err)),
-                }
-            }
+            self.remove_if_unreferenced(&sha256)?;
         }
         Ok(true)
     }

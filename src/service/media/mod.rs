@@ -749,6 +749,18 @@ impl Media {
         Ok(self.thumbnails.get(&(origin.as_str(), (media_id, spec.key())))?)
     }
 
+    /// Removes the file of `sha256` when no media or thumbnail record refers to it any more.
+    pub(crate) fn remove_if_unreferenced(&self, sha256: &str) -> Result<()> {
+        if self.by_hash.scan_prefix(prefix(sha256)).next().is_some() {
+            return Ok(());
+        }
+        match std::fs::remove_file(self.blob_path(sha256)) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(Error::internal(err)),
+        }
+    }
+
     /// Records `blob`, a thumbnail another server made of its `media_id`, as the thumbnail
     /// `spec`; `None` when the blob is not an image thumbnails are served as.
     pub async fn store_remote_thumbnail(
@@ -762,7 +774,11 @@ impl Media {
         let probed = tokio::task::spawn_blocking(move || thumbnail::probe(&path))
             .await
             .map_err(Error::internal)??;
-        let Some((content_type, width, height)) = probed else { return Ok(None) };
+        let Some((content_type, width, height)) = probed else {
+            // Not kept: the file goes unless an upload of the same bytes holds it.
+            self.remove_if_unreferenced(&blob.sha256)?;
+            return Ok(None);
+        };
         let record = ThumbnailRecord {
             content_type: content_type.to_owned(),
             sha256: blob.sha256.clone(),

@@ -161,19 +161,20 @@ pub fn restricted_join_authoriser(
     Ok(None)
 }
 
-/// Whether this server must vouch for `user_id`'s join of `room_id` as local member `via`, as a
-/// `send_join` naming `via` asks: `false` when the room's join rule needs no vouching (not
-/// restricted, or the user is already invited or joined), `true` when the user is in one of
-/// the allowed rooms and `via` is joined here with the power to invite. Anything else is
-/// refused: a joining server cannot skip `make_join`'s checks by naming one of our members.
+/// Checks that this server may vouch for `user_id`'s join of `room_id` as local member `via`,
+/// as a `send_join` naming `via` asks before we sign it. A join that needs no vouching (the
+/// room is not restricted, or the user is already invited or joined) passes: the field then
+/// plays no part in authorisation, but the event still needs our signature to be accepted.
+/// Otherwise the user must be in one of the allowed rooms and `via` joined here with the power
+/// to invite: a joining server cannot skip `make_join`'s checks by naming one of our members.
 pub fn vouch_for_join(
     services: &Services,
     room_id: &RoomId,
     user_id: &UserId,
     via: &UserId,
-) -> Result<bool> {
+) -> Result<()> {
     let rooms = &services.rooms;
-    let Some(restricted) = needs_vouching(services, room_id, user_id)? else { return Ok(false) };
+    let Some(restricted) = needs_vouching(services, room_id, user_id)? else { return Ok(()) };
     if !rooms.in_allowed_room(&restricted.join_rule, user_id)? {
         return Err(Error::forbidden(
             "The user is in none of the rooms the join rules allow, as far as this server knows",
@@ -187,7 +188,7 @@ pub fn vouch_for_join(
             "The authorising user is not a member of this server who may invite to the room",
         ));
     }
-    Ok(true)
+    Ok(())
 }
 
 /// `user_id` asks to be let in (rooms whose join rule is `knock` or `knock_restricted`).
