@@ -231,14 +231,22 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
         Ok(self)
     }
 
-    /// Writes down `status` of `target`, when statuses are kept.
-    fn remember(&self, target: &str, status: &TargetStatus) {
+    /// Adds `status` of `target` to `batch`, when statuses are kept.
+    fn put_status(&self, batch: &mut Batch, target: &str, status: &TargetStatus) {
         let Some(table) = &self.remembered else { return };
         let mut key = Vec::with_capacity(target.len() + 1);
         key.push(self.kind);
         key.extend_from_slice(target.as_bytes());
+        table.put(batch, &key[..], status);
+    }
+
+    /// Writes down `status` of `target`, when statuses are kept.
+    fn remember(&self, target: &str, status: &TargetStatus) {
+        if self.remembered.is_none() {
+            return;
+        }
         let mut batch = self.db.batch();
-        table.put(&mut batch, &key[..], status);
+        self.put_status(&mut batch, target, status);
         if let Err(err) = self.db.write_unsynced(batch) {
             tracing::warn!(%err, target, "an outbox target's status could not be written");
         }
@@ -498,7 +506,6 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
             };
             match outcome {
                 Ok(()) => {
-                    self.remove(&target, &state, &keys);
                     let now = now_ms();
                     let changed = {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -511,8 +518,9 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                             .is_none_or(|at| now.saturating_sub(at) >= SUCCESS_WRITE_INTERVAL_MS);
                         (recovered || stale).then(|| status.clone())
                     };
-                    if let Some(status) = changed {
-                        self.remember(&target, &status);
+                    // What changed is written with the removal of the delivered items.
+                    self.remove(&target, &state, &keys, changed.as_ref());
+                    if changed.is_some() {
                         success_written = Some(now);
                     }
                     failures = 0;
@@ -529,7 +537,6 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         refusals,
                         "the target keeps refusing a batch; its items are dropped"
                     );
-                    self.remove(&target, &state, &keys);
                     let status = {
                         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
                         status.last_error = Some(format!(
@@ -543,7 +550,8 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
                         status.retry_interval_ms = 0;
                         status.clone()
                     };
-                    self.remember(&target, &status);
+                    // The dropped count is written with the deletion it counts.
+                    self.remove(&target, &state, &keys, Some(&status));
                     failures = 0;
                     dropped_last = true;
                     keys.clear();
@@ -580,10 +588,19 @@ impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
 
 impl<V: Serialize + DeserializeOwned + Send + Sync + 'static> Outbox<V> {
     /// Removes the items under `keys` (delivered or dropped) from `target`'s queue.
-    fn remove(&self, target: &str, state: &Target, keys: &[Box<[u8]>]) {
+    fn remove(
+        &self,
+        target: &str,
+        state: &Target,
+        keys: &[Box<[u8]>],
+        status: Option<&TargetStatus>,
+    ) {
         let mut batch = self.db.batch();
         for key in keys {
             self.table.delete_raw(&mut batch, key);
+        }
+        if let Some(status) = status {
+            self.put_status(&mut batch, target, status);
         }
         if let Err(err) = self.db.write(batch) {
             // Delivered again later under the same transaction id.

@@ -275,7 +275,7 @@ async fn until_membership(server: &FedServer, room: &str, user: &str, membership
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn joins_and_leaves_a_resident_server_takes_are_passed_on_to_the_other_servers() {
+async fn joins_leaves_and_knocks_a_resident_server_takes_are_passed_on_to_the_other_servers() {
     let pki = Pki::new();
     let a = FedServer::start(&pki, 1, |_| {}).await;
     let b = FedServer::start(&pki, 2, |_| {}).await;
@@ -331,6 +331,24 @@ async fn joins_and_leaves_a_resident_server_takes_are_passed_on_to_the_other_ser
     let b_state = b.services().rooms.current_state(room_ref).unwrap();
     let b_leave = b.services().rooms.state_event(&b_state, "m.room.member", &carol).unwrap();
     assert_eq!(b_leave.unwrap().event_id.as_str(), id);
+
+    // The room now asks to knock; carol knocks through make_knock and send_knock on A, and B
+    // hears of the knock from A as well.
+    let rules = format!("/_matrix/client/v3/rooms/{}/state/m.room.join_rules/", enc(&room));
+    let (status, body) =
+        a.server.put(&rules, Some(&alice_token), json!({ "join_rule": "knock" })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let path = format!("/_matrix/federation/v1/make_knock/{}/{}?ver=10", enc(&room), enc(&carol));
+    let (status, body) = fed(&a, &c, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (id, event) = complete(&c, &body["event"], "10");
+    let path = format!("/_matrix/federation/v1/send_knock/{}/{}", enc(&room), enc(&id));
+    let (status, body) = fed(&a, &c, Method::PUT, &path, Some(&event)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    until_membership(&b, &room, &carol, "knock").await;
+    let b_state = b.services().rooms.current_state(room_ref).unwrap();
+    let b_knock = b.services().rooms.state_event(&b_state, "m.room.member", &carol).unwrap();
+    assert_eq!(b_knock.unwrap().event_id.as_str(), id);
 }
 
 #[tokio::test]
