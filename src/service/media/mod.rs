@@ -735,6 +735,25 @@ impl Media {
             &(),
         );
         self.thumbnails.put(&mut batch, &(origin.as_str(), (media_id, spec.key())), record);
+        // A thumbnail of another server's media fetched before (or without) the file itself:
+        // a record without a file stands for the media, so admins can quarantine or delete
+        // it (a later fetch of the file replaces it).
+        let key = (origin.as_str(), media_id);
+        if *origin != *self.server_name && self.records.get(&key)?.is_none() {
+            let uploader = UserId::parse(format!("@media:{origin}")).map_err(Error::internal)?;
+            let stub = MediaRecord {
+                uploader,
+                content_type: None,
+                filename: None,
+                size: 0,
+                sha256: None,
+                created_ms: now_ms(),
+                expires_ms: None,
+                quarantined: false,
+                authenticated_only: false,
+            };
+            self.records.put(&mut batch, &key, &stub);
+        }
         self.db.write(batch)?;
         Ok(())
     }
