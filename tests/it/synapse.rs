@@ -562,6 +562,44 @@ async fn a_synapse_user_joins_a_plaza_room_by_invite() {
     bob.sees(&synapse_room, "Alice's welcome", |e| has_body(e, "welcome over")).await;
     bob.send(&synapse_room, "m.room.message", text("glad to be here")).await;
     alice.sees(&synapse_room, "Bob's answer", |e| has_body(e, "glad to be here")).await;
+
+    // Invites turned down, each way: Synapse leaves through Plaza's make_leave and
+    // send_leave, Plaza through Synapse's.
+    let declined = plaza.server.create_room(&bob_token, json!({ "preset": "private_chat" })).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&declined));
+    let (status, body) = bob.call(Method::POST, &path, Some(json!({ "user_id": alice_id }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&declined));
+    let (status, body) = alice.call(Method::POST, &path, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", synapse.log());
+    bob.sees_membership(&declined, alice_id, "leave").await;
+
+    let (status, body) = alice
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(json!({ "preset": "private_chat" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", synapse.log());
+    let turned_down = body["room_id"].as_str().unwrap().to_owned();
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&turned_down));
+    let (status, body) = alice.call(Method::POST, &path, Some(json!({ "user_id": bob_id }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", synapse.log());
+    let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&turned_down));
+    for _ in 0..100 {
+        // The invite arrives over federation: until then there is nothing to turn down.
+        let (status, _) = bob.call(Method::POST, &path, Some(json!({}))).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    alice.sees_membership(&turned_down, &bob_id, "leave").await;
+    let (status, sync) =
+        plaza.server.get("/_matrix/client/v3/sync?timeout=0", Some(&bob_token)).await;
+    assert_eq!(status, StatusCode::OK, "{sync}");
+    assert!(sync["rooms"]["invite"].get(&turned_down).is_none(), "{sync}");
 }
 
 /// Uploads `bytes` to the server at `base`; returns the `mxc://` URI.
