@@ -359,6 +359,10 @@ async fn presence_goes_to_other_servers_only_when_enabled() {
     let quiet = FedServer::start(&pki, 1, |c| c.federation.presence = false).await;
     let b = FedServer::start(&pki, 2, |_| {}).await;
     assert!(!presence_across(&quiet, &b).await, "presence went out while switched off");
+    // Switched off on the receiving side, presence sent to it is not taken.
+    let sender = FedServer::start(&pki, 3, |_| {}).await;
+    let deaf = FedServer::start(&pki, 4, |c| c.federation.presence = false).await;
+    assert!(!presence_across(&sender, &deaf).await, "presence taken while switched off");
 }
 
 /// Syncs `client` until the event `event_id` of `room_id` decrypts; returns its body.
