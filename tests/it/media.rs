@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use crate::common::{TestServer, assert_error};
 
 /// Uploads `bytes`; returns status and JSON body.
-async fn upload(
+pub(crate) async fn upload(
     s: &TestServer,
     token: &str,
     content_type: &str,

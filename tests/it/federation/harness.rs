@@ -150,6 +150,24 @@ impl FedServer {
         self.services().keys.key_id()
     }
 
+    /// Hashes and signs `wire` (an event without hashes or signatures) as this server would
+    /// under `rules`; returns its event id.
+    pub fn sign_pdu(
+        &self,
+        wire: &mut ruma::CanonicalJsonObject,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+    ) -> ruma::OwnedEventId {
+        ruma::signatures::hash_and_sign_event(
+            self.name.as_str(),
+            self.key(),
+            wire,
+            &rules.redaction,
+        )
+        .unwrap();
+        let id = format!("${}", ruma::signatures::reference_hash(wire, rules).unwrap());
+        ruma::OwnedEventId::try_from(id).unwrap()
+    }
+
     /// GETs `path` on the federation listener; returns status and JSON.
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         let response = self.pki.client().get(format!("{}{path}", self.base)).send().await.unwrap();

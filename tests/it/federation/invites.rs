@@ -207,8 +207,7 @@ async fn a_rejected_invite_is_left_on_both_sides_and_a_pending_one_survives_a_re
     let room_id: &RoomId = second.as_str().try_into().unwrap();
     let version = b.services().rooms.outside(bob_id, room_id).unwrap().unwrap().version;
     let rules = version.rules().unwrap();
-    ruma::signatures::hash_and_sign_event(c.name.as_str(), c.key(), &mut leave, &rules.redaction)
-        .unwrap();
+    c.sign_pdu(&mut leave, &rules);
     let txn = json!({
         "origin": c.name.as_str(),
         "origin_server_ts": 1_700_000_000_000u64,
@@ -341,8 +340,7 @@ fn invite_event(by: &FedServer, room: &str, sender: &str, invitee: &str) -> Cano
     });
     let mut wire: CanonicalJsonObject = serde_json::from_value(event).unwrap();
     let rules = RoomVersionId::V10.rules().unwrap();
-    ruma::signatures::hash_and_sign_event(by.name.as_str(), by.key(), &mut wire, &rules.redaction)
-        .unwrap();
+    by.sign_pdu(&mut wire, &rules);
     wire
 }
 

@@ -4,7 +4,7 @@
 //! the older way (legacy endpoint) or with redirects, within the size and address rules.
 
 use reqwest::{StatusCode, header};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::harness::{FedServer, Pki, serve_tls_on};
 use crate::common::{TestServer, assert_error};
@@ -181,17 +181,9 @@ pub fn noisy_png(width: u32, height: u32) -> Vec<u8> {
 }
 
 async fn upload_as(s: &TestServer, token: &str, content_type: &str, bytes: Vec<u8>) -> String {
-    let response = s
-        .http
-        .post(format!("{}/_matrix/media/v3/upload?filename=notes.txt", s.base))
-        .bearer_auth(token)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) =
+        crate::media::upload(s, token, content_type, Some("notes.txt"), bytes).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     body["content_uri"].as_str().unwrap().to_owned()
 }
 

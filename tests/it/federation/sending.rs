@@ -89,15 +89,8 @@ fn build_pdu(
         event["state_key"] = json!(key);
     }
     let mut wire: CanonicalJsonObject = serde_json::from_value(event).unwrap();
-    ruma::signatures::hash_and_sign_event(
-        signer.name.as_str(),
-        signer.key(),
-        &mut wire,
-        &rules.redaction,
-    )
-    .unwrap();
-    let id = format!("${}", ruma::signatures::reference_hash(&wire, &rules).unwrap());
-    (OwnedEventId::try_from(id).unwrap(), wire)
+    let id = signer.sign_pdu(&mut wire, &rules);
+    (id, wire)
 }
 
 /// Joins `user` (of `b`) to `room` hosted on `a`: the join is placed on `b` on `a`'s state
@@ -420,14 +413,7 @@ async fn transactions_answer_per_pdu_and_replays_change_nothing() {
     stray_pdu.insert("room_id".into(), CanonicalJsonValue::String(nowhere.clone()));
     stray_pdu.remove("signatures");
     stray_pdu.remove("hashes");
-    ruma::signatures::hash_and_sign_event(
-        b.name.as_str(),
-        b.key(),
-        &mut stray_pdu,
-        &rules.redaction,
-    )
-    .unwrap();
-    let stray = format!("${}", ruma::signatures::reference_hash(&stray_pdu, &rules).unwrap());
+    let stray = b.sign_pdu(&mut stray_pdu, &rules);
     let pdus = [
         value(&good_pdu),
         value(&forged_pdu),
