@@ -155,9 +155,11 @@ async fn join_room(
     servers: &[OwnedServerName],
     reason: Option<&str>,
 ) -> Result<()> {
-    let elsewhere = held_elsewhere(services, &caller.user_id, room_id)?;
-    let rejoin = !elsewhere && !resident(services, room_id)?;
-    if (elsewhere || rejoin) && services.federation.enabled() {
+    let federated = services.federation.enabled();
+    let elsewhere = federated && held_elsewhere(services, &caller.user_id, room_id)?;
+    // Only a federating server's copy of a room can have stopped following it.
+    let rejoin = federated && !elsewhere && !resident(services, room_id)?;
+    if elsewhere || rejoin {
         if caller.guest {
             return Err(Error::new(
                 ErrorKind::GuestAccessForbidden,
